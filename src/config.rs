@@ -1,0 +1,472 @@
+//! Typed configuration.
+//!
+//! Layers, lowest first: built-in defaults < the YAML file < `STATESHIFT__SECTION__KEY`
+//! environment variables (double underscore between levels, so snake_case keys survive).
+//! The merged tree is deserialized into raw structs that refuse unknown keys, then a pure
+//! [`validate`] turns them into [`Config`]; secrets are read from their files last.
+//! Every error names the file and the key path: `cfg.yaml: source.ssh.port: ...`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::util::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("{file}: {key}: {msg}")]
+    Invalid {
+        file: String,
+        key: String,
+        msg: String,
+    },
+    #[error("{file}: {key}: cannot read secret file {path}: {source}")]
+    SecretFile {
+        file: String,
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+// ---------------------------------------------------------------- raw (as written)
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source: Option<RawInstance>,
+    target: Option<RawInstance>,
+    #[serde(default)]
+    capture: RawCapture,
+    #[serde(default)]
+    cutover: RawCutover,
+    #[serde(default)]
+    verify: RawVerify,
+    #[serde(default)]
+    migration: RawMigration,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    name: Option<String>,
+    influx_url: Option<String>,
+    rpc_address: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    ssh: Option<RawSsh>,
+    work_dir: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSsh {
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    identity_file: Option<PathBuf>,
+    known_hosts_file: Option<PathBuf>,
+    host_key_check: Option<String>,
+    connect_timeout: Option<String>,
+    ready_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCapture {
+    listen: Option<String>,
+    advertise_url: Option<String>,
+    spool_dir: Option<PathBuf>,
+    quiet_period: Option<String>,
+    quiet_timeout: Option<String>,
+    live_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCutover {
+    command: Option<String>,
+    ssh: Option<RawSsh>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    content: Option<String>,
+    sample_series: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMigration {
+    work_dir: Option<PathBuf>,
+    user_passwords_file: Option<PathBuf>,
+    existing_databases: Option<String>,
+}
+
+// ---------------------------------------------------------------- typed
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: InstanceConfig,
+    /// A static target host (issue 2's operator-named target). `None` when the target is
+    /// created by a stack provider.
+    pub target: Option<InstanceConfig>,
+    pub capture: CaptureConfig,
+    pub cutover: CutoverConfig,
+    pub verify: VerifyConfig,
+    pub migration: MigrationConfig,
+}
+
+/// One InfluxDB host: where its HTTP API answers and how to run commands on it.
+#[derive(Debug, Clone)]
+pub struct InstanceConfig {
+    pub name: String,
+    pub influx_url: String,
+    /// The RPC (backup/restore) address as seen from the host itself.
+    pub rpc_address: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// `None`: commands run on the orchestrator's own machine.
+    pub ssh: Option<SshConfig>,
+    /// Scratch directory on the host for dumps and restores.
+    pub work_dir: String,
+    /// Timeout of one HTTP request to this InfluxDB.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKeyCheck {
+    /// Refuse unknown and changed host keys (the default).
+    Strict,
+    /// Accept and record a key never seen before; refuse a changed one.
+    AcceptNew,
+    /// No checking at all. Only for throwaway test hosts.
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub identity_file: Option<PathBuf>,
+    pub known_hosts_file: Option<PathBuf>,
+    pub host_key_check: HostKeyCheck,
+    pub connect_timeout: Duration,
+    /// How long to keep retrying a host that does not accept SSH yet (fresh boot).
+    pub ready_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// Where the capture receiver listens (port 0: any free port).
+    pub listen: SocketAddr,
+    /// The URL the source InfluxDB forwards writes to; default `http://{listen}`.
+    pub advertise_url: Option<String>,
+    pub spool_dir: PathBuf,
+    /// The old instance must have received no write for this long before the drain.
+    pub quiet_period: Duration,
+    /// Give up waiting for quiet after this long (the migration then fails safely).
+    pub quiet_timeout: Duration,
+    /// How long to wait for a new subscription to become live.
+    pub live_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CutoverConfig {
+    /// Command that repoints the writers; `{target_url}` is replaced by the target's
+    /// InfluxDB URL (shell-quoted). `None`: nothing to repoint (writers follow by other means).
+    pub command: Option<String>,
+    /// Where the command runs; `None`: on the orchestrator's machine.
+    pub ssh: Option<SshConfig>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentCheck {
+    /// Per-series aggregates for every series, point-by-point where they differ, plus a sample.
+    Full,
+    /// Counts only (fast; for very large data sets).
+    Counts,
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    pub content: ContentCheck,
+    /// Series per measurement compared point by point even when their aggregates agree.
+    pub sample_series: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExistingDatabases {
+    /// A database that already exists on the target stops the migration before any change.
+    Refuse,
+}
+
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    /// Orchestrator-side state: journal, reports.
+    pub work_dir: PathBuf,
+    /// Passwords for the source's InfluxDB users (InfluxDB never exports password hashes).
+    pub user_passwords: BTreeMap<String, Secret>,
+    pub existing_databases: ExistingDatabases,
+    pub(crate) user_passwords_file: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------- loading
+
+impl Config {
+    /// Load `file`, apply `STATESHIFT__*` environment overrides, validate, read secrets.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("STATESHIFT__"))
+            .collect();
+        Self::load_with_env(file, env)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests).
+    pub fn load_with_env(
+        file: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let fname = file.display().to_string();
+        let env_map: std::collections::HashMap<String, String> = env.into_iter().collect();
+        let merged = config::Config::builder()
+            .add_source(
+                config::File::from(file)
+                    .format(config::FileFormat::Yaml)
+                    .required(true),
+            )
+            .add_source(
+                config::Environment::with_prefix("STATESHIFT")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(env_map)),
+            )
+            .build()
+            .map_err(|source| ConfigError::Read {
+                file: fname.clone(),
+                source,
+            })?;
+        let tree: serde_json::Value =
+            merged
+                .try_deserialize()
+                .map_err(|source| ConfigError::Read {
+                    file: fname.clone(),
+                    source,
+                })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid {
+                file: fname.clone(),
+                key: if key == "." { "(top level)".into() } else { key },
+                msg: e.into_inner().to_string(),
+            }
+        })?;
+        let mut cfg = validate(&fname, raw)?;
+        cfg.resolve_secrets(&fname)?;
+        Ok(cfg)
+    }
+
+    fn resolve_secrets(&mut self, fname: &str) -> Result<(), ConfigError> {
+        for (section, inst) in [
+            ("source", Some(&mut self.source)),
+            ("target", self.target.as_mut()),
+        ] {
+            let Some(inst) = inst else { continue };
+            if let Some(p) = inst.password_file.take() {
+                let key = format!("{section}.password_file");
+                inst.password = Some(Secret::new(read_secret(fname, &key, &p)?));
+            }
+        }
+        if let Some(p) = self.migration.user_passwords_file.take() {
+            let key = "migration.user_passwords_file";
+            let text = read_secret(fname, key, &p)?;
+            let map: BTreeMap<String, String> =
+                serde_yaml::from_str(&text).map_err(|e| ConfigError::Invalid {
+                    file: fname.into(),
+                    key: key.into(),
+                    msg: format!(
+                        "{}: expected a YAML map of user name to password ({})",
+                        p.display(),
+                        e
+                    ),
+                })?;
+            self.migration.user_passwords =
+                map.into_iter().map(|(k, v)| (k, Secret::new(v))).collect();
+        }
+        Ok(())
+    }
+}
+
+fn read_secret(fname: &str, key: &str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+        .map_err(|source| ConfigError::SecretFile {
+            file: fname.into(),
+            key: key.into(),
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+// ---------------------------------------------------------------- validation (pure)
+
+struct V<'a> {
+    file: &'a str,
+}
+
+impl V<'_> {
+    fn err(&self, key: &str, msg: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.into(),
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+
+    fn duration(&self, key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s.trim()).map_err(|_| {
+                self.err(key, format!("expected a duration like \"500ms\", \"10s\" or \"5m\", got {s:?}"))
+            }),
+        }
+    }
+
+    fn url(&self, key: &str, v: Option<&str>) -> Result<String, ConfigError> {
+        let s = v.ok_or_else(|| self.err(key, "missing; expected an http(s) URL like \"http://10.0.0.5:8086\""))?;
+        let s = s.trim().trim_end_matches('/');
+        let rest = s
+            .strip_prefix("http://")
+            .or_else(|| s.strip_prefix("https://"))
+            .ok_or_else(|| self.err(key, format!("expected http(s) URL, got {s:?}")))?;
+        if rest.is_empty() || rest.contains(char::is_whitespace) {
+            return Err(self.err(key, format!("expected http(s) URL with a host, got {s:?}")));
+        }
+        Ok(s.to_string())
+    }
+
+    fn instance(&self, section: &str, r: RawInstance) -> Result<InstanceConfig, ConfigError> {
+        let k = |f: &str| format!("{section}.{f}");
+        let influx_url = self.url(&k("influx_url"), r.influx_url.as_deref())?;
+        if r.password.is_some() && r.password_file.is_some() {
+            return Err(self.err(&k("password"), "give either password (environment) or password_file, not both"));
+        }
+        if (r.password.is_some() || r.password_file.is_some()) && r.username.is_none() {
+            return Err(self.err(&k("username"), "a password is set but no username"));
+        }
+        let rpc_address = r.rpc_address.unwrap_or_else(|| "127.0.0.1:8088".into());
+        if !rpc_address.contains(':') {
+            return Err(self.err(&k("rpc_address"), format!("expected host:port, got {rpc_address:?}")));
+        }
+        let ssh = r.ssh.map(|s| self.ssh(&k("ssh"), s)).transpose()?;
+        Ok(InstanceConfig {
+            name: r.name.unwrap_or_else(|| section.to_string()),
+            influx_url,
+            rpc_address,
+            username: r.username,
+            password: r.password.map(Secret::new),
+            password_file: r.password_file,
+            ssh,
+            work_dir: r.work_dir.unwrap_or_else(|| "/var/tmp/stateshift".into()),
+            timeout: self.duration(&k("timeout"), r.timeout.as_deref(), Duration::from_secs(30))?,
+        })
+    }
+
+    fn ssh(&self, section: &str, r: RawSsh) -> Result<SshConfig, ConfigError> {
+        let k = |f: &str| format!("{section}.{f}");
+        let host = r.host.filter(|h| !h.trim().is_empty()).ok_or_else(|| self.err(&k("host"), "missing; expected the host name or address to reach over SSH"))?;
+        let host_key_check = match r.host_key_check.as_deref().unwrap_or("strict") {
+            "strict" => HostKeyCheck::Strict,
+            "accept-new" => HostKeyCheck::AcceptNew,
+            "off" => HostKeyCheck::Off,
+            other => {
+                return Err(self.err(&k("host_key_check"), format!("expected strict, accept-new or off, got {other:?}")))
+            }
+        };
+        Ok(SshConfig {
+            host,
+            port: r.port.unwrap_or(22),
+            user: r.user.unwrap_or_else(|| "root".into()),
+            identity_file: r.identity_file,
+            known_hosts_file: r.known_hosts_file,
+            host_key_check,
+            connect_timeout: self.duration(&k("connect_timeout"), r.connect_timeout.as_deref(), Duration::from_secs(10))?,
+            ready_timeout: self.duration(&k("ready_timeout"), r.ready_timeout.as_deref(), Duration::from_secs(300))?,
+        })
+    }
+}
+
+/// Pure validation of the raw tree: no filesystem, network or process.
+fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
+    let v = V { file };
+    let source = v.instance("source", raw.source.ok_or_else(|| v.err("source", "missing; the InfluxDB instance to migrate from"))?)?;
+    let target = raw.target.map(|t| v.instance("target", t)).transpose()?;
+
+    let c = raw.capture;
+    let listen_s = c.listen.unwrap_or_else(|| "127.0.0.1:0".into());
+    let listen: SocketAddr = listen_s
+        .parse()
+        .map_err(|_| v.err("capture.listen", format!("expected ip:port like \"0.0.0.0:8899\", got {listen_s:?}")))?;
+    let advertise_url = match c.advertise_url {
+        Some(u) => Some(v.url("capture.advertise_url", Some(&u))?),
+        None => None,
+    };
+    if advertise_url.is_none() && listen.ip().is_unspecified() {
+        return Err(v.err("capture.advertise_url", "capture.listen binds every address; say which URL the source InfluxDB should forward writes to"));
+    }
+    let capture = CaptureConfig {
+        listen,
+        advertise_url,
+        spool_dir: c.spool_dir.unwrap_or_else(|| PathBuf::from("/var/lib/stateshift/spool")),
+        quiet_period: v.duration("capture.quiet_period", c.quiet_period.as_deref(), Duration::from_secs(3))?,
+        quiet_timeout: v.duration("capture.quiet_timeout", c.quiet_timeout.as_deref(), Duration::from_secs(120))?,
+        live_timeout: v.duration("capture.live_timeout", c.live_timeout.as_deref(), Duration::from_secs(10))?,
+    };
+
+    let cutover = CutoverConfig {
+        command: raw.cutover.command.filter(|c| !c.trim().is_empty()),
+        ssh: raw.cutover.ssh.map(|s| v.ssh("cutover.ssh", s)).transpose()?,
+        timeout: v.duration("cutover.timeout", raw.cutover.timeout.as_deref(), Duration::from_secs(120))?,
+    };
+
+    let verify = VerifyConfig {
+        content: match raw.verify.content.as_deref().unwrap_or("full") {
+            "full" => ContentCheck::Full,
+            "counts" => ContentCheck::Counts,
+            other => return Err(v.err("verify.content", format!("expected full or counts, got {other:?}"))),
+        },
+        sample_series: raw.verify.sample_series.unwrap_or(3),
+    };
+
+    let m = raw.migration;
+    let migration = MigrationConfig {
+        work_dir: m.work_dir.unwrap_or_else(|| PathBuf::from("/var/lib/stateshift")),
+        user_passwords: BTreeMap::new(),
+        user_passwords_file: m.user_passwords_file,
+        existing_databases: match m.existing_databases.as_deref().unwrap_or("refuse") {
+            "refuse" => ExistingDatabases::Refuse,
+            other => return Err(v.err("migration.existing_databases", format!("expected refuse, got {other:?} (merging into an existing database is not supported: InfluxDB's restore refuses it)"))),
+        },
+    };
+
+    Ok(Config { source, target, capture, cutover, verify, migration })
+}

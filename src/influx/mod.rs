@@ -1,0 +1,587 @@
+//! InfluxDB 1.x HTTP client: ping, queries (plain and chunked/streaming), line-protocol
+//! writes, and the metadata a migration must carry (databases, retention policies,
+//! measurements, field types, users, grants, continuous queries, subscriptions).
+//!
+//! Credentials travel in an `Authorization: Basic` header, never in the URL, so no
+//! request log or error message can show them.
+
+pub mod lineproto;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::InstanceConfig;
+use crate::util::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InfluxError {
+    #[error("InfluxDB {url}: unreachable: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("InfluxDB {url}: authentication failed (HTTP {status}): check the username and password configured for this instance")]
+    Auth { url: String, status: u16 },
+    #[error("InfluxDB {url}: database {db:?} not found")]
+    DatabaseNotFound { url: String, db: String },
+    #[error("InfluxDB {url}: HTTP {status} for {what}: {body}")]
+    Http {
+        url: String,
+        status: u16,
+        what: String,
+        body: String,
+    },
+    #[error("InfluxDB {url}: query {query:?} failed: {msg}")]
+    Query {
+        url: String,
+        query: String,
+        msg: String,
+    },
+    #[error("InfluxDB {url}: unexpected response to {what}: {msg}")]
+    Decode {
+        url: String,
+        what: String,
+        msg: String,
+    },
+}
+
+impl InfluxError {
+    /// True when retrying later may succeed (network trouble, 5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            InfluxError::Unreachable { .. } => true,
+            InfluxError::Http { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// One series of a query result.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct Series {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub tags: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    pub columns: Vec<String>,
+    #[serde(default)]
+    pub values: Vec<Vec<Value>>,
+}
+
+#[derive(Deserialize)]
+struct Response {
+    #[serde(default)]
+    results: Vec<StatementResult>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StatementResult {
+    #[serde(default)]
+    series: Vec<Series>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    pub name: String,
+    pub duration: String,
+    pub shard_group_duration: String,
+    pub replication: u64,
+    pub default: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct User {
+    pub name: String,
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Grant {
+    pub database: String,
+    /// `READ`, `WRITE` or `ALL PRIVILEGES`.
+    pub privilege: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ContinuousQuery {
+    pub database: String,
+    pub name: String,
+    pub query: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub database: String,
+    pub retention_policy: String,
+    pub name: String,
+    pub mode: String,
+    pub destinations: Vec<String>,
+}
+
+/// A field's type as InfluxDB stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FieldType {
+    Float,
+    Integer,
+    String,
+    Boolean,
+    Unsigned,
+}
+
+impl FieldType {
+    fn parse(s: &str) -> Option<FieldType> {
+        Some(match s {
+            "float" => FieldType::Float,
+            "integer" => FieldType::Integer,
+            "string" => FieldType::String,
+            "boolean" => FieldType::Boolean,
+            "unsigned" => FieldType::Unsigned,
+            _ => return None,
+        })
+    }
+    pub fn is_numeric(self) -> bool {
+        matches!(
+            self,
+            FieldType::Float | FieldType::Integer | FieldType::Unsigned
+        )
+    }
+}
+
+/// Client for one InfluxDB 1.x server.
+#[derive(Clone)]
+pub struct Influx {
+    base: String,
+    http: reqwest::Client,
+    auth: Option<(String, Secret)>,
+}
+
+impl std::fmt::Debug for Influx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Influx").field("url", &self.base).finish()
+    }
+}
+
+/// Quote an identifier for InfluxQL.
+pub fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Quote a string literal for InfluxQL.
+pub fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+impl Influx {
+    pub fn new(url: &str, username: Option<&str>, password: Option<&Secret>, timeout: Duration) -> Influx {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        Influx {
+            base: url.trim_end_matches('/').to_string(),
+            http,
+            auth: username.map(|u| {
+                (
+                    u.to_string(),
+                    password.cloned().unwrap_or_else(|| Secret::new("")),
+                )
+            }),
+        }
+    }
+
+    pub fn from_config(c: &InstanceConfig) -> Influx {
+        Influx::new(&c.influx_url, c.username.as_deref(), c.password.as_ref(), c.timeout)
+    }
+
+    /// A client for the same server without a request timeout (long streaming queries).
+    fn streaming_http(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default()
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            Some((u, p)) => rb.basic_auth(u, Some(p.expose())),
+            None => rb,
+        }
+    }
+
+    fn unreachable(&self) -> impl Fn(reqwest::Error) -> InfluxError + '_ {
+        move |source| InfluxError::Unreachable {
+            url: self.base.clone(),
+            source: source.without_url(),
+        }
+    }
+
+    /// `/ping`: 204 when the server is up.
+    pub async fn ping(&self) -> Result<(), InfluxError> {
+        let r = self
+            .http
+            .get(format!("{}/ping", self.base))
+            .send()
+            .await
+            .map_err(self.unreachable())?;
+        match r.status().as_u16() {
+            204 | 200 => Ok(()),
+            s => Err(InfluxError::Http {
+                url: self.base.clone(),
+                status: s,
+                what: "ping".into(),
+                body: String::new(),
+            }),
+        }
+    }
+
+    /// Wait until `/ping` answers, up to `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), InfluxError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.ping().await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                    tracing::debug!(url = %self.base, error = %e, "InfluxDB not ready yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn check(&self, r: reqwest::Response, what: &str) -> Result<reqwest::Response, InfluxError> {
+        let status = r.status().as_u16();
+        if r.status().is_success() {
+            return Ok(r);
+        }
+        let body = r.text().await.unwrap_or_default();
+        let body = body.chars().take(500).collect::<String>();
+        Err(match status {
+            401 | 403 => InfluxError::Auth {
+                url: self.base.clone(),
+                status,
+            },
+            _ => InfluxError::Http {
+                url: self.base.clone(),
+                status,
+                what: what.into(),
+                body: body.trim().to_string(),
+            },
+        })
+    }
+
+    /// Run one InfluxQL statement (POST, so writes like CREATE work too) and return its series.
+    pub async fn query(&self, db: Option<&str>, q: &str) -> Result<Vec<Series>, InfluxError> {
+        let mut form = vec![("q", q), ("epoch", "ns")];
+        if let Some(db) = db {
+            form.push(("db", db));
+        }
+        let r = self
+            .authed(self.http.post(format!("{}/query", self.base)))
+            .form(&form)
+            .send()
+            .await
+            .map_err(self.unreachable())?;
+        let r = self.check(r, "query").await?;
+        let bytes = r.bytes().await.map_err(self.unreachable())?;
+        let resp: Response = serde_json::from_slice(&bytes).map_err(|e| InfluxError::Decode {
+            url: self.base.clone(),
+            what: format!("query {q:?}"),
+            msg: e.to_string(),
+        })?;
+        self.first_result(q, resp)
+    }
+
+    fn first_result(&self, q: &str, resp: Response) -> Result<Vec<Series>, InfluxError> {
+        let qerr = |msg: String| InfluxError::Query {
+            url: self.base.clone(),
+            query: q.to_string(),
+            msg,
+        };
+        if let Some(e) = resp.error {
+            return Err(qerr(e));
+        }
+        let mut out = Vec::new();
+        for r in resp.results {
+            if let Some(e) = r.error {
+                return Err(qerr(e));
+            }
+            out.extend(r.series);
+        }
+        Ok(out)
+    }
+
+    /// Stream a query's series chunk by chunk (`chunked=true`): memory stays bounded by the
+    /// chunk size whatever the result size. `f` is called for each chunk of each series.
+    pub async fn query_chunked<F>(&self, db: &str, q: &str, chunk_size: usize, mut f: F) -> Result<(), InfluxError>
+    where
+        F: FnMut(Series) -> Result<(), InfluxError>,
+    {
+        let size = chunk_size.to_string();
+        let form = [
+            ("q", q),
+            ("db", db),
+            ("epoch", "ns"),
+            ("chunked", "true"),
+            ("chunk_size", size.as_str()),
+        ];
+        let r = self
+            .authed(self.streaming_http().post(format!("{}/query", self.base)))
+            .form(&form)
+            .send()
+            .await
+            .map_err(self.unreachable())?;
+        let r = self.check(r, "query").await?;
+        let mut stream = r.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut handle = |line: &[u8]| -> Result<(), InfluxError> {
+            if line.iter().all(|b| b.is_ascii_whitespace()) {
+                return Ok(());
+            }
+            let resp: Response = serde_json::from_slice(line).map_err(|e| InfluxError::Decode {
+                url: self.base.clone(),
+                what: format!("chunked query {q:?}"),
+                msg: e.to_string(),
+            })?;
+            for s in self.first_result(q, resp)? {
+                f(s)?;
+            }
+            Ok(())
+        };
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(self.unreachable())?;
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                handle(&buf[..pos])?;
+                buf.drain(..=pos);
+            }
+        }
+        handle(&buf)
+    }
+
+    /// Write a line-protocol body. `precision` is one of `ns`, `u`, `ms`, `s`, `m`, `h`.
+    pub async fn write(&self, db: &str, rp: Option<&str>, precision: &str, body: Bytes) -> Result<(), InfluxError> {
+        let mut params = vec![("db", db), ("precision", precision)];
+        if let Some(rp) = rp.filter(|r| !r.is_empty()) {
+            params.push(("rp", rp));
+        }
+        let r = self
+            .authed(self.http.post(format!("{}/write", self.base)))
+            .query(&params)
+            .body(body)
+            .send()
+            .await
+            .map_err(self.unreachable())?;
+        let status = r.status().as_u16();
+        if status == 404 {
+            let body = r.text().await.unwrap_or_default();
+            if body.contains("database not found") {
+                return Err(InfluxError::DatabaseNotFound {
+                    url: self.base.clone(),
+                    db: db.to_string(),
+                });
+            }
+            return Err(InfluxError::Http {
+                url: self.base.clone(),
+                status,
+                what: format!("write to {db}"),
+                body,
+            });
+        }
+        self.check(r, &format!("write to {db}")).await.map(|_| ())
+    }
+
+    /// `/debug/vars`, the server's internal statistics.
+    pub async fn debug_vars(&self) -> Result<Value, InfluxError> {
+        let r = self
+            .authed(self.http.get(format!("{}/debug/vars", self.base)))
+            .send()
+            .await
+            .map_err(self.unreachable())?;
+        let r = self.check(r, "/debug/vars").await?;
+        r.json().await.map_err(|e| InfluxError::Decode {
+            url: self.base.clone(),
+            what: "/debug/vars".into(),
+            msg: e.to_string(),
+        })
+    }
+
+    fn decode_err(&self, what: &str, msg: impl Into<String>) -> InfluxError {
+        InfluxError::Decode {
+            url: self.base.clone(),
+            what: what.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// User databases (without `_internal`).
+    pub async fn databases(&self) -> Result<Vec<String>, InfluxError> {
+        let series = self.query(None, "SHOW DATABASES").await?;
+        let mut out = Vec::new();
+        for s in series {
+            for row in s.values {
+                match row.first().and_then(Value::as_str) {
+                    Some(n) if n != "_internal" => out.push(n.to_string()),
+                    Some(_) => {}
+                    None => return Err(self.decode_err("SHOW DATABASES", "a row without a name")),
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn retention_policies(&self, db: &str) -> Result<Vec<RetentionPolicy>, InfluxError> {
+        let q = format!("SHOW RETENTION POLICIES ON {}", ident(db));
+        let mut out = Vec::new();
+        for s in self.query(None, &q).await? {
+            for row in &s.values {
+                let get = |c: &str| col(&s.columns, row, c);
+                out.push(RetentionPolicy {
+                    name: str_of(get("name")).ok_or_else(|| self.decode_err(&q, "no name"))?,
+                    duration: str_of(get("duration")).unwrap_or_default(),
+                    shard_group_duration: str_of(get("shardGroupDuration")).unwrap_or_default(),
+                    replication: get("replicaN").and_then(Value::as_u64).unwrap_or(1),
+                    default: get("default").and_then(Value::as_bool).unwrap_or(false),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn measurements(&self, db: &str) -> Result<Vec<String>, InfluxError> {
+        let mut out = Vec::new();
+        for s in self.query(Some(db), "SHOW MEASUREMENTS").await? {
+            for row in s.values {
+                if let Some(n) = row.first().and_then(Value::as_str) {
+                    out.push(n.to_string());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `(measurement, field, type)` for every field of `db`.
+    pub async fn field_keys(&self, db: &str) -> Result<Vec<(String, String, FieldType)>, InfluxError> {
+        let mut out = Vec::new();
+        for s in self.query(Some(db), "SHOW FIELD KEYS").await? {
+            for row in s.values {
+                let (Some(k), Some(t)) = (
+                    row.first().and_then(Value::as_str),
+                    row.get(1).and_then(Value::as_str),
+                ) else {
+                    return Err(self.decode_err("SHOW FIELD KEYS", "a row without key or type"));
+                };
+                let ty = FieldType::parse(t)
+                    .ok_or_else(|| self.decode_err("SHOW FIELD KEYS", format!("unknown field type {t:?}")))?;
+                out.push((s.name.clone(), k.to_string(), ty));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn users(&self) -> Result<Vec<User>, InfluxError> {
+        let mut out = Vec::new();
+        for s in self.query(None, "SHOW USERS").await? {
+            for row in &s.values {
+                let name = str_of(col(&s.columns, row, "user"))
+                    .ok_or_else(|| self.decode_err("SHOW USERS", "a row without user"))?;
+                let admin = col(&s.columns, row, "admin")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                out.push(User { name, admin });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn grants(&self, user: &str) -> Result<Vec<Grant>, InfluxError> {
+        let q = format!("SHOW GRANTS FOR {}", ident(user));
+        let mut out = Vec::new();
+        for s in self.query(None, &q).await? {
+            for row in &s.values {
+                let database = str_of(col(&s.columns, row, "database"))
+                    .ok_or_else(|| self.decode_err(&q, "a row without database"))?;
+                let privilege = str_of(col(&s.columns, row, "privilege"))
+                    .ok_or_else(|| self.decode_err(&q, "a row without privilege"))?;
+                if privilege != "NO PRIVILEGES" {
+                    out.push(Grant { database, privilege });
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn continuous_queries(&self) -> Result<Vec<ContinuousQuery>, InfluxError> {
+        let mut out = Vec::new();
+        for s in self.query(None, "SHOW CONTINUOUS QUERIES").await? {
+            if s.name == "_internal" {
+                continue;
+            }
+            for row in &s.values {
+                let (Some(name), Some(query)) = (
+                    str_of(col(&s.columns, row, "name")),
+                    str_of(col(&s.columns, row, "query")),
+                ) else {
+                    return Err(self.decode_err("SHOW CONTINUOUS QUERIES", "a row without name or query"));
+                };
+                out.push(ContinuousQuery {
+                    database: s.name.clone(),
+                    name,
+                    query,
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn subscriptions(&self) -> Result<Vec<Subscription>, InfluxError> {
+        let mut out = Vec::new();
+        for s in self.query(None, "SHOW SUBSCRIPTIONS").await? {
+            for row in &s.values {
+                let get = |c: &str| str_of(col(&s.columns, row, c));
+                let destinations = col(&s.columns, row, "destinations")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(|d| d.as_str().map(String::from)).collect())
+                    .unwrap_or_default();
+                out.push(Subscription {
+                    database: s.name.clone(),
+                    retention_policy: get("retention_policy").unwrap_or_default(),
+                    name: get("name").unwrap_or_default(),
+                    mode: get("mode").unwrap_or_default(),
+                    destinations,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn col<'a>(columns: &[String], row: &'a [Value], name: &str) -> Option<&'a Value> {
+    columns.iter().position(|c| c == name).and_then(|i| row.get(i))
+}
+
+fn str_of(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str).map(String::from)
+}

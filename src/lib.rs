@@ -1,0 +1,24 @@
+//! stateshift — a service orchestrator that moves the whole live state of a running
+//! InfluxDB 1.x service instance to a freshly created one, losing nothing.
+//!
+//! Map of the crate (see `ARCHITECTURE.md` for the invariants):
+//!
+//! - [`config`]: the typed configuration: YAML file + `STATESHIFT__SECTION__KEY`
+//!   environment overrides, validated purely into [`config::Config`].
+//! - [`influx`]: InfluxDB 1.x HTTP client (ping, chunked queries, writes, metadata)
+//!   and line-protocol helpers.
+//! - [`remote`]: running commands on a host, locally or over SSH, with streamed stdio.
+//! - [`stack`]: hosts and stacks; `local` starts "VMs" as processes on loopback addresses.
+//! - [`migrate`]: the data phases — capture, dump, transfer, restore, delta, cutover,
+//!   verify — and the capture receiver and spool.
+//! - [`predict`]: GM(1,1) and baseline predictors, trigger policy, trace evaluation.
+//! - [`bench`]: the data-engine benchmark behind `stateshift bench`.
+
+pub mod bench;
+pub mod config;
+pub mod influx;
+pub mod migrate;
+pub mod predict;
+pub mod remote;
+pub mod stack;
+pub mod util;

@@ -1,0 +1,230 @@
+//! The capture receiver: an HTTP endpoint that speaks InfluxDB's `/write` API, to which
+//! the old InfluxDB forwards every write through a subscription
+//! (`CREATE SUBSCRIPTION ... DESTINATIONS ALL 'http://receiver'`).
+//!
+//! Two sinks: [`Sink::Spool`] appends each forwarded write to the on-disk spool (the
+//! delta to replay); [`Sink::Keys`] only remembers which points were touched (used on the
+//! target after cutover, so verification can tell a legitimate overwrite from a
+//! corruption). The receiver answers 204 only after the sink has taken the write; if it
+//! cannot, it answers 500, InfluxDB counts a `writeFailure`, and the migration sees it.
+
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::spool::SpoolWriter;
+use crate::influx::lineproto;
+
+/// Where forwarded writes go.
+#[derive(Clone)]
+pub enum Sink {
+    Spool(Arc<SpoolWriter>),
+    /// Hashes of (measurement, tags, timestamp) of every point seen, up to a cap.
+    Keys(Arc<Mutex<KeySet>>),
+}
+
+/// A bounded set of point keys.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    pub keys: HashSet<u64>,
+    pub cap: usize,
+    /// Set when more distinct points arrived than `cap`: membership is then unknown.
+    pub overflowed: bool,
+}
+
+impl KeySet {
+    pub fn with_cap(cap: usize) -> KeySet {
+        KeySet {
+            keys: HashSet::new(),
+            cap,
+            overflowed: false,
+        }
+    }
+}
+
+/// The key of one point: measurement, non-empty tags sorted by key, timestamp in ns.
+pub fn point_key<'a>(measurement: &str, tags: impl Iterator<Item = (&'a str, &'a str)>, time_ns: i64) -> u64 {
+    let mut t: Vec<(&str, &str)> = tags.filter(|(_, v)| !v.is_empty()).collect();
+    t.sort_unstable();
+    let mut h = DefaultHasher::new();
+    measurement.hash(&mut h);
+    t.hash(&mut h);
+    time_ns.hash(&mut h);
+    h.finish()
+}
+
+fn precision_factor(p: &str) -> Option<i64> {
+    Some(match p {
+        "" | "n" | "ns" => 1,
+        "u" | "us" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        _ => return None,
+    })
+}
+
+/// Counters of one receiver.
+#[derive(Debug, Default)]
+pub struct ReceiverStats {
+    pub requests: AtomicU64,
+    pub points: AtomicU64,
+    pub rejected: AtomicU64,
+    last_write: Mutex<Option<Instant>>,
+}
+
+impl ReceiverStats {
+    pub fn points(&self) -> u64 {
+        self.points.load(Ordering::SeqCst)
+    }
+    /// When the last write arrived.
+    pub fn last_write(&self) -> Option<Instant> {
+        *self.last_write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    sink: Sink,
+    stats: Arc<ReceiverStats>,
+}
+
+#[derive(Deserialize)]
+struct WriteParams {
+    db: Option<String>,
+    #[serde(default)]
+    rp: String,
+    #[serde(default)]
+    precision: String,
+}
+
+/// A running receiver; stops when dropped or on [`Receiver::stop`].
+pub struct Receiver {
+    pub addr: SocketAddr,
+    pub stats: Arc<ReceiverStats>,
+    token: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("capture receiver: cannot listen on {addr}: {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+impl Receiver {
+    pub async fn start(listen: SocketAddr, sink: Sink) -> Result<Receiver, BindError> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| BindError { addr: listen, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| BindError { addr: listen, source })?;
+        let stats = Arc::new(ReceiverStats::default());
+        let app = axum::Router::new()
+            .route("/write", post(write))
+            .with_state(AppState {
+                sink,
+                stats: stats.clone(),
+            })
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20));
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let task = tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { t.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "capture receiver stopped");
+            }
+        });
+        Ok(Receiver {
+            addr,
+            stats,
+            token,
+            task: Some(task),
+        })
+    }
+
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+async fn write(State(st): State<AppState>, Query(p): Query<WriteParams>, body: Bytes) -> StatusCode {
+    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let reject = |code| {
+        st.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        code
+    };
+    let Some(db) = p.db.filter(|d| !d.is_empty()) else {
+        return reject(StatusCode::BAD_REQUEST);
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return reject(StatusCode::BAD_REQUEST);
+    };
+    let points = lineproto::count_points(text) as u64;
+    match &st.sink {
+        Sink::Spool(w) => {
+            let w = w.clone();
+            let (rp, prec) = (p.rp.clone(), p.precision.clone());
+            let body = body.clone();
+            let r = tokio::task::spawn_blocking(move || w.append(&db, &rp, &prec, &body)).await;
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "capture: cannot spool a forwarded write");
+                    return reject(StatusCode::INTERNAL_SERVER_ERROR);
+                }
+                Err(_) => return reject(StatusCode::INTERNAL_SERVER_ERROR),
+            }
+        }
+        Sink::Keys(set) => {
+            let Some(f) = precision_factor(&p.precision) else {
+                return reject(StatusCode::BAD_REQUEST);
+            };
+            let mut g = set.lock().unwrap_or_else(|p| p.into_inner());
+            for line in influxdb_line_protocol::parse_lines(text) {
+                let Ok(line) = line else { continue };
+                let Some(ts) = line.timestamp else { continue };
+                let tags = line
+                    .series
+                    .tag_set
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.as_str(), v.as_str()));
+                let k = point_key(line.series.measurement.as_str(), tags, ts.saturating_mul(f));
+                if g.keys.len() < g.cap {
+                    g.keys.insert(k);
+                } else if !g.keys.contains(&k) {
+                    g.overflowed = true;
+                }
+            }
+        }
+    }
+    st.stats.points.fetch_add(points, Ordering::SeqCst);
+    *st.stats.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    StatusCode::NO_CONTENT
+}

@@ -1,0 +1,759 @@
+//! The data migration from a source InfluxDB host to a target host, phase by phase:
+//! prepare → capture → dump → transfer → restore → delta → cutover → verify → dispose.
+//!
+//! Safety rules enforced here:
+//! - nothing on the source is ever deleted (only our own subscription is dropped);
+//! - any failure before cutover rolls back: our subscriptions are dropped, every database
+//!   and user this migration created on the target is removed, scratch files are deleted;
+//! - after cutover, a failure leaves both sides as they are and says where writers point;
+//! - success is reported only after verification passed.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::capture::{KeySet, Receiver, Sink};
+use super::spool::{SpoolError, SpoolReader, SpoolWriter};
+use super::verify::{self, VerifyReport};
+use crate::config::{Config, InstanceConfig};
+use crate::influx::{ident, lineproto, literal, Influx, InfluxError};
+use crate::remote::{Host, Pipes, Remote, RemoteError};
+use crate::util::shell_quote;
+
+/// Phases in order (DESIGN.md §3; stack creation, disposal of the old stack and the
+/// window reset belong to the orchestrator around this engine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Prepare,
+    Capture,
+    Dump,
+    Transfer,
+    Restore,
+    Delta,
+    Cutover,
+    Verify,
+    Dispose,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("{phase}: {source}")]
+    Influx {
+        phase: Phase,
+        #[source]
+        source: InfluxError,
+    },
+    #[error("{phase}: {source}")]
+    Remote {
+        phase: Phase,
+        #[source]
+        source: RemoteError,
+    },
+    #[error("{phase}: {source}")]
+    Spool {
+        phase: Phase,
+        #[source]
+        source: SpoolError,
+    },
+    #[error("prepare: target {target} already has database {db:?}; InfluxDB cannot restore into an existing database and stateshift never merges silently: drop it on the target or pick an empty target")]
+    TargetNotEmpty { target: String, db: String },
+    #[error("prepare: source user {user:?} has no password in migration.user_passwords_file; InfluxDB never exports password hashes, so the user cannot be recreated on the target without it")]
+    MissingPassword { user: String },
+    #[error("{phase}: {msg}")]
+    Failed { phase: Phase, msg: String },
+    #[error("verify: the target is missing data; nothing was deleted, the source keeps everything. {summary}")]
+    VerifyFailed { summary: String, report: Box<VerifyReport> },
+}
+
+impl MigrateError {
+    pub fn phase(&self) -> Phase {
+        match self {
+            MigrateError::Influx { phase, .. }
+            | MigrateError::Remote { phase, .. }
+            | MigrateError::Spool { phase, .. }
+            | MigrateError::Failed { phase, .. } => *phase,
+            MigrateError::TargetNotEmpty { .. } | MigrateError::MissingPassword { .. } => Phase::Prepare,
+            MigrateError::VerifyFailed { .. } => Phase::Verify,
+        }
+    }
+}
+
+/// Timing of one phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTiming {
+    pub phase: Phase,
+    pub seconds: f64,
+}
+
+/// What a migration did; written as JSON by `--report`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub migration_id: String,
+    pub source: String,
+    pub target: String,
+    pub phases: Vec<PhaseTiming>,
+    pub total_seconds: f64,
+    pub databases: Vec<String>,
+    pub dump_bytes: u64,
+    pub points_captured: u64,
+    pub points_replayed: u64,
+    pub replay_points_per_second: f64,
+    pub replay_seconds: f64,
+    pub cutover_done: bool,
+    pub verify: Option<VerifyReport>,
+}
+
+impl Report {
+    pub fn phase_seconds(&self, p: Phase) -> f64 {
+        self.phases.iter().filter(|t| t.phase == p).map(|t| t.seconds).sum()
+    }
+}
+
+/// Progress callbacks (the CLI prints them; tests ignore them).
+pub trait Progress: Send + Sync {
+    fn phase_started(&self, _phase: Phase) {}
+    fn phase_done(&self, _phase: Phase, _took: Duration) {}
+    fn note(&self, _msg: &str) {}
+}
+
+/// Progress that only logs.
+pub struct LogProgress;
+impl Progress for LogProgress {
+    fn phase_started(&self, phase: Phase) {
+        tracing::info!(%phase, "phase started");
+    }
+    fn phase_done(&self, phase: Phase, took: Duration) {
+        tracing::info!(%phase, seconds = took.as_secs_f64(), "phase done");
+    }
+    fn note(&self, msg: &str) {
+        tracing::info!("{msg}");
+    }
+}
+
+struct Side {
+    cfg: InstanceConfig,
+    influx: Influx,
+    host: Host,
+}
+
+/// Everything this migration created, so a rollback removes exactly that.
+#[derive(Default)]
+struct Created {
+    source_subscriptions: Vec<(String, String)>,
+    target_subscriptions: Vec<(String, String)>,
+    target_databases: Vec<String>,
+    target_users: Vec<String>,
+    source_dirs: Vec<String>,
+    target_dirs: Vec<String>,
+}
+
+/// Run a whole data migration from `cfg.source` to `target`.
+pub async fn run(cfg: &Config, target: &InstanceConfig, progress: &dyn Progress) -> Result<Report, MigrateError> {
+    let id = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0));
+    let mut m = Migration {
+        id: id.clone(),
+        cfg,
+        progress,
+        report: Report {
+            migration_id: id,
+            source: cfg.source.influx_url.clone(),
+            target: target.influx_url.clone(),
+            ..Report::default()
+        },
+        created: Created::default(),
+        source: None,
+        target_cfg: target.clone(),
+        target: None,
+        receiver: None,
+        spool: None,
+        touched: None,
+        touched_receiver: None,
+    };
+    let start = Instant::now();
+    let r = m.run_phases().await;
+    m.report.total_seconds = start.elapsed().as_secs_f64();
+    match r {
+        Ok(()) => Ok(m.report),
+        Err(e) => {
+            m.on_failure(&e).await;
+            Err(e)
+        }
+    }
+}
+
+struct Migration<'a> {
+    id: String,
+    cfg: &'a Config,
+    progress: &'a dyn Progress,
+    report: Report,
+    created: Created,
+    source: Option<Side>,
+    target_cfg: InstanceConfig,
+    target: Option<Side>,
+    receiver: Option<Receiver>,
+    spool: Option<Arc<SpoolWriter>>,
+    touched: Option<Arc<Mutex<KeySet>>>,
+    touched_receiver: Option<Receiver>,
+}
+
+fn sub_name(id: &str) -> String {
+    format!("stateshift_{id}")
+}
+
+impl Migration<'_> {
+    fn src(&self) -> &Side {
+        self.source.as_ref().expect("source connected in prepare")
+    }
+    fn dst(&self) -> &Side {
+        self.target.as_ref().expect("target connected in prepare")
+    }
+
+    async fn run_phases(&mut self) -> Result<(), MigrateError> {
+        let t = Instant::now();
+        self.progress.phase_started(Phase::Prepare);
+        let r = self.prepare().await;
+        self.report.phases.push(PhaseTiming { phase: Phase::Prepare, seconds: t.elapsed().as_secs_f64() });
+        r?;
+        self.progress.phase_done(Phase::Prepare, t.elapsed());
+
+        macro_rules! phase {
+            ($p:expr, $f:ident) => {{
+                let t = Instant::now();
+                self.progress.phase_started($p);
+                let r = self.$f().await;
+                self.report.phases.push(PhaseTiming { phase: $p, seconds: t.elapsed().as_secs_f64() });
+                let v = r?;
+                self.progress.phase_done($p, t.elapsed());
+                v
+            }};
+        }
+        phase!(Phase::Capture, capture);
+        phase!(Phase::Dump, dump);
+        phase!(Phase::Transfer, transfer);
+        phase!(Phase::Restore, restore);
+        let mut reader = phase!(Phase::Delta, delta);
+        self.report.cutover_done = false;
+        let t = Instant::now();
+        self.progress.phase_started(Phase::Cutover);
+        let r = self.cutover(&mut reader).await;
+        self.report.phases.push(PhaseTiming { phase: Phase::Cutover, seconds: t.elapsed().as_secs_f64() });
+        r?;
+        self.progress.phase_done(Phase::Cutover, t.elapsed());
+        phase!(Phase::Verify, verify);
+        phase!(Phase::Dispose, dispose);
+        Ok(())
+    }
+
+    fn influx_err(phase: Phase) -> impl Fn(InfluxError) -> MigrateError {
+        move |source| MigrateError::Influx { phase, source }
+    }
+    fn remote_err(phase: Phase) -> impl Fn(RemoteError) -> MigrateError {
+        move |source| MigrateError::Remote { phase, source }
+    }
+
+    // ------------------------------------------------------------------ prepare
+
+    async fn prepare(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Prepare;
+        let src_cfg = self.cfg.source.clone();
+        let dst_cfg = self.target_cfg.clone();
+        let src_influx = Influx::from_config(&src_cfg);
+        let dst_influx = Influx::from_config(&dst_cfg);
+        let (a, b) = tokio::join!(src_influx.ping(), dst_influx.ping());
+        a.map_err(Self::influx_err(p))?;
+        b.map_err(Self::influx_err(p))?;
+        // Authentication is checked by a real query on both sides.
+        let dbs = src_influx.databases().await.map_err(Self::influx_err(p))?;
+        let dst_dbs = dst_influx.databases().await.map_err(Self::influx_err(p))?;
+        for db in &dbs {
+            if dst_dbs.contains(db) {
+                return Err(MigrateError::TargetNotEmpty { target: dst_cfg.name.clone(), db: db.clone() });
+            }
+        }
+        let users = src_influx.users().await.map_err(Self::influx_err(p))?;
+        let dst_users: BTreeSet<String> = dst_influx.users().await.map_err(Self::influx_err(p))?.into_iter().map(|u| u.name).collect();
+        for u in &users {
+            let known = self.cfg.migration.user_passwords.contains_key(&u.name) || (src_cfg.username.as_deref() == Some(&u.name) && src_cfg.password.is_some());
+            if !dst_users.contains(&u.name) && !known {
+                return Err(MigrateError::MissingPassword { user: u.name.clone() });
+            }
+        }
+        let (sh, th) = tokio::join!(Host::connect(src_cfg.ssh.as_ref()), Host::connect(dst_cfg.ssh.as_ref()));
+        let sh = sh.map_err(Self::remote_err(p))?;
+        let th = th.map_err(Self::remote_err(p))?;
+        for (h, name) in [(&sh, &src_cfg.name), (&th, &dst_cfg.name)] {
+            h.run("influxd version").await.map_err(|e| MigrateError::Failed {
+                phase: p,
+                msg: format!("{name}: influxd is not runnable on the host ({e})"),
+            })?;
+        }
+        if let Some(c) = &self.cfg.cutover.command {
+            if c.trim().is_empty() {
+                return Err(MigrateError::Failed { phase: p, msg: "cutover.command is empty".into() });
+            }
+        }
+        self.report.databases = dbs;
+        self.source = Some(Side { cfg: src_cfg, influx: src_influx, host: sh });
+        self.target = Some(Side { cfg: dst_cfg, influx: dst_influx, host: th });
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ capture
+
+    async fn capture(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Capture;
+        let spool_dir = &self.cfg.capture.spool_dir;
+        std::fs::create_dir_all(spool_dir).map_err(|e| MigrateError::Failed {
+            phase: p,
+            msg: format!("cannot create capture.spool_dir {}: {e}", spool_dir.display()),
+        })?;
+        let spool = Arc::new(SpoolWriter::create(&spool_dir.join(format!("{}.spool", self.id))).map_err(|source| MigrateError::Spool { phase: p, source })?);
+        let receiver = Receiver::start(self.cfg.capture.listen, Sink::Spool(spool.clone()))
+            .await
+            .map_err(|e| MigrateError::Failed { phase: p, msg: e.to_string() })?;
+        let url = self.advertise(receiver.addr);
+        self.spool = Some(spool);
+        self.receiver = Some(receiver);
+        let name = sub_name(&self.id);
+        let subs = self.subscribe(Phase::Capture, true, &name, &url).await?;
+        self.progress.note(&format!("capturing writes of {} retention policies into {url}", subs));
+        Ok(())
+    }
+
+    fn advertise(&self, addr: std::net::SocketAddr) -> String {
+        match &self.cfg.capture.advertise_url {
+            Some(u) if self.cfg.capture.listen.port() != 0 => u.clone(),
+            Some(u) => {
+                // An advertised URL with the port chosen at bind time.
+                let base = u.rsplit_once(':').map(|(b, _)| b).unwrap_or(u);
+                format!("{base}:{}", addr.port())
+            }
+            None => format!("http://{addr}"),
+        }
+    }
+
+    /// Subscribe every retention policy of every user database (source or target side)
+    /// and wait until InfluxDB shows the subscriptions live in `/debug/vars`.
+    async fn subscribe(&mut self, phase: Phase, on_source: bool, name: &str, url: &str) -> Result<usize, MigrateError> {
+        let side = if on_source { self.src() } else { self.dst() };
+        let influx = side.influx.clone();
+        let mut made = Vec::new();
+        for db in influx.databases().await.map_err(Self::influx_err(phase))? {
+            for rp in influx.retention_policies(&db).await.map_err(Self::influx_err(phase))? {
+                let q = format!("CREATE SUBSCRIPTION {} ON {}.{} DESTINATIONS ALL {}", ident(name), ident(&db), ident(&rp.name), literal(url));
+                influx.query(None, &q).await.map_err(Self::influx_err(phase))?;
+                made.push((db.clone(), rp.name.clone()));
+                if on_source {
+                    self.created.source_subscriptions.push((db.clone(), rp.name.clone()));
+                } else {
+                    self.created.target_subscriptions.push((db.clone(), rp.name.clone()));
+                }
+            }
+        }
+        let deadline = Instant::now() + self.cfg.capture.live_timeout;
+        loop {
+            let vars = influx.debug_vars().await.map_err(Self::influx_err(phase))?;
+            let live = made.iter().filter(|(db, rp)| vars.get(format!("subscriber:{db}:{rp}:{name}:{url}")).is_some()).count();
+            if live == made.len() {
+                return Ok(made.len());
+            }
+            if Instant::now() > deadline {
+                return Err(MigrateError::Failed {
+                    phase,
+                    msg: format!("{}: only {live} of {} subscriptions became live within {:?}", influx.url(), made.len(), self.cfg.capture.live_timeout),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sum of (pointsWritten, writeFailures) of our subscriptions, from `/debug/vars`.
+    async fn subscriber_stats(influx: &Influx, name: &str, phase: Phase) -> Result<(u64, u64), MigrateError> {
+        let vars = influx.debug_vars().await.map_err(Self::influx_err(phase))?;
+        let mut written = 0;
+        let mut failed = 0;
+        if let Some(obj) = vars.as_object() {
+            for (k, v) in obj {
+                if k.starts_with("subscriber:") && v.pointer("/tags/name").and_then(|n| n.as_str()) == Some(name) {
+                    written += v.pointer("/values/pointsWritten").and_then(|n| n.as_u64()).unwrap_or(0);
+                    failed += v.pointer("/values/writeFailures").and_then(|n| n.as_u64()).unwrap_or(0);
+                }
+            }
+        }
+        Ok((written, failed))
+    }
+
+    /// Fail if the source reports forwarded writes that did not reach the receiver.
+    async fn check_capture_complete(&self, phase: Phase) -> Result<(), MigrateError> {
+        let (_, failed) = Self::subscriber_stats(&self.src().influx, &sub_name(&self.id), phase).await?;
+        if failed > 0 {
+            return Err(MigrateError::Failed {
+                phase,
+                msg: format!("the source failed to forward {failed} captured writes to the capture receiver (receiver unreachable or too slow); the capture is incomplete"),
+            });
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ dump / transfer / restore
+
+    fn scratch(cfg: &InstanceConfig, id: &str, what: &str) -> String {
+        format!("{}/{}-{}", cfg.work_dir.trim_end_matches('/'), what, id)
+    }
+
+    async fn dump(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Dump;
+        let dir = Self::scratch(&self.src().cfg, &self.id, "dump");
+        self.created.source_dirs.push(dir.clone());
+        let q = shell_quote(&dir);
+        let cmd = format!(
+            "rm -rf {q} && mkdir -p {q} && influxd backup -portable -host {} {q} 2>&1 && du -sb {q}",
+            shell_quote(&self.src().cfg.rpc_address)
+        );
+        let out = self.src().host.run(&cmd).await.map_err(Self::remote_err(p))?;
+        self.report.dump_bytes = out.lines().last().and_then(|l| l.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+        Ok(())
+    }
+
+    async fn transfer(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Transfer;
+        let from = Self::scratch(&self.src().cfg, &self.id, "dump");
+        let to = Self::scratch(&self.dst().cfg, &self.id, "restore");
+        self.created.target_dirs.push(to.clone());
+        // The shards are already gzip-compressed: plain tar, streamed through this process.
+        let send = format!("tar -C {} -cf - .", shell_quote(&from));
+        let recv = format!("rm -rf {to} && mkdir -p {to} && tar -C {to} -xf -", to = shell_quote(&to));
+        let mut tx = self.src().host.spawn(&send, Pipes { stdin: false, stdout: true }).await.map_err(Self::remote_err(p))?;
+        let mut rx = self.dst().host.spawn(&recv, Pipes { stdin: true, stdout: false }).await.map_err(Self::remote_err(p))?;
+        let (Some(mut out), Some(mut inp)) = (tx.stdout.take(), rx.stdin.take()) else {
+            return Err(MigrateError::Failed { phase: p, msg: "transfer pipes were not opened".into() });
+        };
+        let copied = tokio::io::copy(&mut out, &mut inp).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut inp).await;
+        drop(inp);
+        drop(out);
+        let (a, b) = tokio::join!(tx.finish(), rx.finish());
+        a.map_err(Self::remote_err(p))?;
+        b.map_err(Self::remote_err(p))?;
+        let n = copied.map_err(|e| MigrateError::Failed { phase: p, msg: format!("streaming the dump: {e}") })?;
+        self.progress.note(&format!("transferred {n} bytes"));
+        // The dump on the source is no longer needed.
+        let _ = self.src().host.run(&format!("rm -rf {}", shell_quote(&from))).await;
+        Ok(())
+    }
+
+    async fn restore(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Restore;
+        let dir = Self::scratch(&self.dst().cfg, &self.id, "restore");
+        let rpc = self.dst().cfg.rpc_address.clone();
+        for db in self.report.databases.clone() {
+            // Recorded before the side effect: a half-restored database is ours to remove.
+            self.created.target_databases.push(db.clone());
+            let cmd = format!("influxd restore -portable -db {} -host {} {} 2>&1", shell_quote(&db), shell_quote(&rpc), shell_quote(&dir));
+            let out = self.dst().host.run(&cmd).await.map_err(Self::remote_err(p))?;
+            if out.contains("error") || out.contains("restore:") {
+                return Err(MigrateError::Failed { phase: p, msg: format!("restore of database {db:?} on {}: {}", self.dst().cfg.name, out.trim()) });
+            }
+        }
+        let _ = self.dst().host.run(&format!("rm -rf {}", shell_quote(&dir))).await;
+        let src = self.src().influx.clone();
+        let dst = self.dst().influx.clone();
+        let err = Self::influx_err(p);
+        // Portable restore carries subscriptions over: ours must not forward from the target.
+        for s in dst.subscriptions().await.map_err(&err)? {
+            if s.name.starts_with("stateshift_") {
+                let q = format!("DROP SUBSCRIPTION {} ON {}.{}", ident(&s.name), ident(&s.database), ident(&s.retention_policy));
+                dst.query(None, &q).await.map_err(&err)?;
+            }
+        }
+        // Retention policies: restore brings them; make sure defaults and any missing agree.
+        for db in &self.report.databases {
+            let srps = src.retention_policies(db).await.map_err(&err)?;
+            let drps = dst.retention_policies(db).await.map_err(&err)?;
+            for rp in &srps {
+                let q = match drps.iter().find(|d| d.name == rp.name) {
+                    None => format!("CREATE RETENTION POLICY {} ON {} DURATION {} REPLICATION {} SHARD DURATION {}{}", ident(&rp.name), ident(db), rp.duration, rp.replication, rp.shard_group_duration, if rp.default { " DEFAULT" } else { "" }),
+                    Some(d) if d != rp => format!("ALTER RETENTION POLICY {} ON {} DURATION {} REPLICATION {} SHARD DURATION {}{}", ident(&rp.name), ident(db), rp.duration, rp.replication, rp.shard_group_duration, if rp.default { " DEFAULT" } else { "" }),
+                    Some(_) => continue,
+                };
+                dst.query(None, &q).await.map_err(&err)?;
+            }
+        }
+        // Users and grants (portable restore drops them).
+        let dst_users: BTreeSet<String> = dst.users().await.map_err(&err)?.into_iter().map(|u| u.name).collect();
+        for u in src.users().await.map_err(&err)? {
+            if !dst_users.contains(&u.name) {
+                let pw = self.cfg.migration.user_passwords.get(&u.name).or(if self.src().cfg.username.as_deref() == Some(&u.name) { self.src().cfg.password.as_ref() } else { None }).cloned();
+                let Some(pw) = pw else {
+                    return Err(MigrateError::MissingPassword { user: u.name.clone() });
+                };
+                let q = format!("CREATE USER {} WITH PASSWORD {}{}", ident(&u.name), literal(pw.expose()), if u.admin { " WITH ALL PRIVILEGES" } else { "" });
+                self.created.target_users.push(u.name.clone());
+                // The statement holds the password: its error must not echo it.
+                dst.query(None, &q).await.map_err(|e| MigrateError::Failed { phase: p, msg: format!("cannot create user {:?} on the target: {}", u.name, redact_statement(&e.to_string(), pw.expose())) })?;
+            } else if u.admin {
+                dst.query(None, &format!("GRANT ALL PRIVILEGES TO {}", ident(&u.name))).await.map_err(&err)?;
+            }
+            for g in src.grants(&u.name).await.map_err(&err)? {
+                let privilege = if g.privilege == "ALL PRIVILEGES" { "ALL" } else { g.privilege.as_str() };
+                dst.query(None, &format!("GRANT {privilege} ON {} TO {}", ident(&g.database), ident(&u.name))).await.map_err(&err)?;
+            }
+        }
+        // Continuous queries.
+        let have: BTreeSet<(String, String)> = dst.continuous_queries().await.map_err(&err)?.into_iter().map(|c| (c.database, c.name)).collect();
+        for cq in src.continuous_queries().await.map_err(&err)? {
+            if !have.contains(&(cq.database.clone(), cq.name.clone())) {
+                dst.query(None, &cq.query).await.map_err(&err)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ delta / cutover
+
+    async fn delta(&mut self) -> Result<SpoolReader, MigrateError> {
+        let p = Phase::Delta;
+        let spool = self.spool.clone().ok_or_else(|| MigrateError::Failed { phase: p, msg: "no capture spool".into() })?;
+        spool.sync().map_err(|source| MigrateError::Spool { phase: p, source })?;
+        let mut reader = spool.reader().map_err(|source| MigrateError::Spool { phase: p, source })?;
+        // Catch up with what was captured so far; writers keep writing to the source.
+        let dst = self.dst().influx.clone();
+        let t = Instant::now();
+        let n = replay_ready(&mut reader, &dst, p).await?;
+        self.report.points_replayed += n;
+        self.report.replay_seconds += t.elapsed().as_secs_f64();
+        self.check_capture_complete(p).await?;
+        Ok(reader)
+    }
+
+    async fn cutover(&mut self, reader: &mut SpoolReader) -> Result<(), MigrateError> {
+        let p = Phase::Cutover;
+        let dst = self.dst().influx.clone();
+        // Catch up once more so the lag at the switch is as small as possible.
+        let t = Instant::now();
+        self.report.points_replayed += replay_ready(reader, &dst, p).await?;
+        self.report.replay_seconds += t.elapsed().as_secs_f64();
+        self.check_capture_complete(p).await?;
+        // Watch the target from now on: points written there after cutover may
+        // legitimately differ from the source's old values.
+        let touched = Arc::new(Mutex::new(KeySet::with_cap(5_000_000)));
+        let tr = Receiver::start(self.cfg.capture.listen, Sink::Keys(touched.clone()))
+            .await
+            .map_err(|e| MigrateError::Failed { phase: p, msg: e.to_string() })?;
+        let turl = self.advertise(tr.addr);
+        self.touched = Some(touched);
+        self.touched_receiver = Some(tr);
+        self.subscribe(p, false, &format!("{}_t", sub_name(&self.id)), &turl).await?;
+
+        if let Some(cmd) = &self.cfg.cutover.command {
+            let cmd = cmd.replace("{target_url}", &shell_quote(&self.dst().cfg.influx_url));
+            let host = Host::connect(self.cfg.cutover.ssh.as_ref()).await.map_err(Self::remote_err(p))?;
+            let r = tokio::time::timeout(self.cfg.cutover.timeout, host.run(&cmd)).await;
+            match r {
+                Ok(Ok(out)) => self.progress.note(&format!("writers repointed to {} ({})", self.dst().cfg.influx_url, out.trim())),
+                Ok(Err(e)) => return Err(MigrateError::Remote { phase: p, source: e }),
+                Err(_) => return Err(MigrateError::Failed { phase: p, msg: format!("cutover command did not finish within {:?}", self.cfg.cutover.timeout) }),
+            }
+        }
+        self.report.cutover_done = true;
+        // Keep replaying until the source has been quiet for the grace period and every
+        // point it forwarded has reached the receiver.
+        let quiet = self.cfg.capture.quiet_period;
+        let deadline = Instant::now() + self.cfg.capture.quiet_timeout;
+        let name = sub_name(&self.id);
+        let stats = self.receiver.as_ref().map(|r| r.stats.clone()).ok_or_else(|| MigrateError::Failed { phase: p, msg: "no receiver".into() })?;
+        let switched = Instant::now();
+        loop {
+            let t = Instant::now();
+            self.report.points_replayed += replay_ready(reader, &dst, p).await?;
+            self.report.replay_seconds += t.elapsed().as_secs_f64();
+            let last = stats.last_write().unwrap_or(switched).max(switched);
+            if last.elapsed() >= quiet {
+                let (forwarded, failed) = Self::subscriber_stats(&self.src().influx, &name, p).await?;
+                if failed > 0 {
+                    return Err(MigrateError::Failed { phase: p, msg: format!("the source failed to forward {failed} captured writes; the capture is incomplete") });
+                }
+                let received = stats.points();
+                if forwarded == received && reader.lag() == 0 {
+                    break;
+                }
+                tracing::debug!(forwarded, received, "source quiet but forwarding not settled yet");
+            }
+            if Instant::now() > deadline {
+                return Err(MigrateError::Failed {
+                    phase: p,
+                    msg: format!("the source kept receiving writes for {:?} after cutover (capture.quiet_timeout); are all writers repointed?", self.cfg.capture.quiet_timeout),
+                });
+            }
+            tokio::select! {
+                _ = reader.wait_for_more() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        self.report.points_captured = stats.points();
+        self.report.replay_points_per_second = if self.report.replay_seconds > 0.0 { self.report.points_replayed as f64 / self.report.replay_seconds } else { 0.0 };
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ verify / dispose
+
+    async fn verify(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Verify;
+        let touched = self.touched.as_ref().map(|t| {
+            let g = t.lock().unwrap_or_else(|e| e.into_inner());
+            KeySet { keys: g.keys.clone(), cap: g.cap, overflowed: g.overflowed }
+        });
+        let rep = verify::verify(&self.src().influx, &self.dst().influx, &self.cfg.verify, touched.as_ref()).await.map_err(Self::influx_err(p))?;
+        self.report.verify = Some(rep.clone());
+        if !rep.ok() {
+            let mut summary = rep.problems.iter().take(10).cloned().collect::<Vec<_>>().join("; ");
+            if rep.problems.len() > 10 || rep.problems_truncated {
+                summary.push_str(&format!("; and more ({} shown of at least {})", 10, rep.problems.len()));
+            }
+            return Err(MigrateError::VerifyFailed { summary, report: Box::new(rep) });
+        }
+        self.progress.note(&format!(
+            "verified: {} databases, {} series, {} values on the source, {} on the target, {} series compared point by point, {} points overwritten after cutover",
+            rep.databases, rep.series, rep.source_values, rep.target_values, rep.series_compared_point_by_point, rep.overwritten_after_cutover
+        ));
+        Ok(())
+    }
+
+    async fn dispose(&mut self) -> Result<(), MigrateError> {
+        self.drop_subscriptions().await;
+        if let Some(s) = self.spool.take() {
+            let _ = std::fs::remove_file(s.path());
+        }
+        Ok(())
+    }
+
+    async fn drop_subscriptions(&mut self) {
+        let name = sub_name(&self.id);
+        let tname = format!("{name}_t");
+        if let Some(src) = &self.source {
+            for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
+                let q = format!("DROP SUBSCRIPTION {} ON {}.{}", ident(&name), ident(&db), ident(&rp));
+                if let Err(e) = src.influx.query(None, &q).await {
+                    tracing::warn!(error = %e, db, rp, "could not drop the capture subscription on the source");
+                }
+            }
+        }
+        if let Some(dst) = &self.target {
+            for (db, rp) in std::mem::take(&mut self.created.target_subscriptions) {
+                let q = format!("DROP SUBSCRIPTION {} ON {}.{}", ident(&tname), ident(&db), ident(&rp));
+                if let Err(e) = dst.influx.query(None, &q).await {
+                    tracing::warn!(error = %e, db, rp, "could not drop the watch subscription on the target");
+                }
+            }
+        }
+        if let Some(r) = self.receiver.take() {
+            r.stop().await;
+        }
+        if let Some(r) = self.touched_receiver.take() {
+            r.stop().await;
+        }
+    }
+
+    /// Undo what can be undone. Before cutover: everything this migration created on the
+    /// target goes, the source is as before. After cutover: nothing is deleted anywhere.
+    async fn on_failure(&mut self, e: &MigrateError) {
+        tracing::error!(phase = %e.phase(), error = %e, "migration failed");
+        self.drop_subscriptions().await;
+        if let Some(src) = &self.source {
+            for d in std::mem::take(&mut self.created.source_dirs) {
+                let _ = src.host.run(&format!("rm -rf {}", shell_quote(&d))).await;
+            }
+        }
+        if self.report.cutover_done {
+            self.progress.note(&format!(
+                "writers already point at the target {}; the source {} is untouched and keeps all its data; the capture spool is kept",
+                self.target_cfg.influx_url, self.cfg.source.influx_url
+            ));
+            return;
+        }
+        if let Some(dst) = &self.target {
+            for d in std::mem::take(&mut self.created.target_dirs) {
+                let _ = dst.host.run(&format!("rm -rf {}", shell_quote(&d))).await;
+            }
+            for db in std::mem::take(&mut self.created.target_databases) {
+                if let Err(e) = dst.influx.query(None, &format!("DROP DATABASE {}", ident(&db))).await {
+                    tracing::warn!(error = %e, db, "rollback: could not drop the half-made database on the target");
+                }
+            }
+            for u in std::mem::take(&mut self.created.target_users) {
+                let _ = dst.influx.query(None, &format!("DROP USER {}", ident(&u))).await;
+            }
+        }
+        if let Some(s) = self.spool.take() {
+            let _ = std::fs::remove_file(s.path());
+        }
+        self.progress.note("rolled back: the source is untouched and still serves the writers; what this migration made on the target is removed");
+    }
+}
+
+fn redact_statement(msg: &str, secret: &str) -> String {
+    if secret.is_empty() {
+        msg.to_string()
+    } else {
+        msg.replace(secret, "***")
+    }
+}
+
+/// Largest body sent in one replay request (InfluxDB's default limit is 25 MB).
+const REPLAY_BATCH_BYTES: usize = 4 << 20;
+
+/// Replay every record committed so far, in order, batching consecutive records that
+/// share database, retention policy and precision. Returns the points replayed.
+pub async fn replay_ready(reader: &mut SpoolReader, target: &Influx, phase: Phase) -> Result<u64, MigrateError> {
+    let mut points = 0u64;
+    let mut batch: Vec<u8> = Vec::with_capacity(REPLAY_BATCH_BYTES);
+    let mut key: Option<(String, String, String)> = None;
+    loop {
+        let rec = reader.next_ready().map_err(|source| MigrateError::Spool { phase, source })?;
+        let flush = match (&rec, &key) {
+            (None, _) => true,
+            (Some(r), Some((d, rp, pr))) => &r.db != d || &r.rp != rp || &r.precision != pr || batch.len() + r.body.len() > REPLAY_BATCH_BYTES,
+            (Some(_), None) => false,
+        };
+        if flush && !batch.is_empty() {
+            if let Some((d, rp, pr)) = &key {
+                points += write_with_retry(target, d, rp, pr, Bytes::from(std::mem::take(&mut batch)), phase).await?;
+                batch.reserve(REPLAY_BATCH_BYTES);
+            }
+        }
+        let Some(r) = rec else { return Ok(points) };
+        key = Some((r.db, r.rp, r.precision));
+        batch.extend_from_slice(&r.body);
+        if !r.body.ends_with(b"\n") {
+            batch.push(b'\n');
+        }
+    }
+}
+
+async fn write_with_retry(target: &Influx, db: &str, rp: &str, precision: &str, body: Bytes, phase: Phase) -> Result<u64, MigrateError> {
+    let n = lineproto::count_points(std::str::from_utf8(&body).unwrap_or("")) as u64;
+    let mut delay = Duration::from_millis(50);
+    let start = Instant::now();
+    loop {
+        match target.write(db, Some(rp), precision, body.clone()).await {
+            Ok(()) => return Ok(n),
+            Err(e) if e.is_transient() && start.elapsed() < Duration::from_secs(60) => {
+                tracing::warn!(error = %e, "replay write failed, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(source) => return Err(MigrateError::Influx { phase, source }),
+        }
+    }
+}

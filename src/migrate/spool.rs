@@ -1,0 +1,300 @@
+//! The capture spool: an append-only file of the writes forwarded by the old InfluxDB,
+//! in arrival order. One record = one forwarded write request:
+//!
+//! ```text
+//! u8 magic 0xC5 | u16 db_len | db | u16 rp_len | rp | u8 prec_len | precision | u32 body_len | body
+//! ```
+//!
+//! The writer publishes the length of complete records through a `watch` channel; a
+//! reader follows the file while it grows and never reads past that length, so it never
+//! sees half a record. The spool lives on disk: the delta is never held in memory.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+
+const MAGIC: u8 = 0xC5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool {path}: corrupt record at byte {offset}: {what}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        what: String,
+    },
+    #[error("spool {path}: field too long for a record: {what}")]
+    TooLong { path: PathBuf, what: &'static str },
+}
+
+/// One captured write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub db: String,
+    pub rp: String,
+    pub precision: String,
+    pub body: Vec<u8>,
+}
+
+/// The appending side.
+pub struct SpoolWriter {
+    path: PathBuf,
+    file: Mutex<(File, u64)>,
+    committed: watch::Sender<u64>,
+}
+
+impl SpoolWriter {
+    /// Create a new, empty spool (an existing file is an error: a spool is never reused).
+    pub fn create(path: &Path) -> Result<SpoolWriter, SpoolError> {
+        let file = File::options()
+            .create_new(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| SpoolError::Io {
+                path: path.into(),
+                what: "create",
+                source,
+            })?;
+        let (tx, _) = watch::channel(0);
+        Ok(SpoolWriter {
+            path: path.into(),
+            file: Mutex::new((file, 0)),
+            committed: tx,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append one record; readers see it once this returns.
+    pub fn append(&self, db: &str, rp: &str, precision: &str, body: &[u8]) -> Result<u64, SpoolError> {
+        let too_long = |what| SpoolError::TooLong {
+            path: self.path.clone(),
+            what,
+        };
+        let dbl = u16::try_from(db.len()).map_err(|_| too_long("database name"))?;
+        let rpl = u16::try_from(rp.len()).map_err(|_| too_long("retention policy"))?;
+        let pl = u8::try_from(precision.len()).map_err(|_| too_long("precision"))?;
+        let bl = u32::try_from(body.len()).map_err(|_| too_long("body"))?;
+        let mut rec = Vec::with_capacity(10 + db.len() + rp.len() + precision.len() + body.len());
+        rec.push(MAGIC);
+        rec.extend_from_slice(&dbl.to_le_bytes());
+        rec.extend_from_slice(db.as_bytes());
+        rec.extend_from_slice(&rpl.to_le_bytes());
+        rec.extend_from_slice(rp.as_bytes());
+        rec.push(pl);
+        rec.extend_from_slice(precision.as_bytes());
+        rec.extend_from_slice(&bl.to_le_bytes());
+        rec.extend_from_slice(body);
+        let mut g = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.write_all(&rec).map_err(|source| SpoolError::Io {
+            path: self.path.clone(),
+            what: "append",
+            source,
+        })?;
+        g.1 += rec.len() as u64;
+        let end = g.1;
+        self.committed.send_replace(end);
+        Ok(end)
+    }
+
+    /// Bytes of complete records so far.
+    pub fn len(&self) -> u64 {
+        *self.committed.borrow()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// fsync the spool (at phase boundaries).
+    pub fn sync(&self) -> Result<(), SpoolError> {
+        let g = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.sync_data().map_err(|source| SpoolError::Io {
+            path: self.path.clone(),
+            what: "fsync",
+            source,
+        })
+    }
+
+    /// A reader from the start of the spool.
+    pub fn reader(&self) -> Result<SpoolReader, SpoolError> {
+        SpoolReader::open(&self.path, self.committed.subscribe())
+    }
+}
+
+/// The reading side: follows the spool as it grows.
+pub struct SpoolReader {
+    path: PathBuf,
+    file: BufReader<File>,
+    offset: u64,
+    committed: watch::Receiver<u64>,
+}
+
+impl SpoolReader {
+    fn open(path: &Path, committed: watch::Receiver<u64>) -> Result<SpoolReader, SpoolError> {
+        let file = File::open(path).map_err(|source| SpoolError::Io {
+            path: path.into(),
+            what: "open for reading",
+            source,
+        })?;
+        Ok(SpoolReader {
+            path: path.into(),
+            file: BufReader::with_capacity(1 << 20, file),
+            offset: 0,
+            committed,
+        })
+    }
+
+    /// Open a finished spool file on its own (no writer): everything in it is committed.
+    pub fn open_finished(path: &Path) -> Result<SpoolReader, SpoolError> {
+        let len = std::fs::metadata(path)
+            .map_err(|source| SpoolError::Io {
+                path: path.into(),
+                what: "stat",
+                source,
+            })?
+            .len();
+        let (_tx, rx) = watch::channel(len);
+        SpoolReader::open(path, rx)
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Bytes committed by the writer but not read yet.
+    pub fn lag(&self) -> u64 {
+        self.committed.borrow().saturating_sub(self.offset)
+    }
+
+    /// The next complete record, or `None` if the reader has caught up with the writer.
+    pub fn next_ready(&mut self) -> Result<Option<Record>, SpoolError> {
+        if *self.committed.borrow() <= self.offset {
+            return Ok(None);
+        }
+        self.read_record().map(Some)
+    }
+
+    /// Wait until the writer commits more than has been read (or it is dropped).
+    pub async fn wait_for_more(&mut self) -> bool {
+        let off = self.offset;
+        self.committed.wait_for(|&c| c > off).await.is_ok()
+    }
+
+    fn read_record(&mut self) -> Result<Record, SpoolError> {
+        let start = self.offset;
+        let path = self.path.clone();
+        let corrupt = |what: String| SpoolError::Corrupt {
+            path: path.clone(),
+            offset: start,
+            what,
+        };
+        let io = |source| SpoolError::Io {
+            path: path.clone(),
+            what: "read",
+            source,
+        };
+        let mut b1 = [0u8; 1];
+        self.file.read_exact(&mut b1).map_err(io)?;
+        if b1[0] != MAGIC {
+            return Err(corrupt(format!("bad magic byte {:#x}", b1[0])));
+        }
+        let mut b2 = [0u8; 2];
+        self.file.read_exact(&mut b2).map_err(io)?;
+        let db = read_string(&mut self.file, u16::from_le_bytes(b2) as usize).map_err(io)?;
+        self.file.read_exact(&mut b2).map_err(io)?;
+        let rp = read_string(&mut self.file, u16::from_le_bytes(b2) as usize).map_err(io)?;
+        self.file.read_exact(&mut b1).map_err(io)?;
+        let precision = read_string(&mut self.file, b1[0] as usize).map_err(io)?;
+        let mut b4 = [0u8; 4];
+        self.file.read_exact(&mut b4).map_err(io)?;
+        let n = u32::from_le_bytes(b4) as usize;
+        let mut body = vec![0u8; n];
+        self.file.read_exact(&mut body).map_err(io)?;
+        self.offset += (1 + 2 + db.len() + 2 + rp.len() + 1 + precision.len() + 4 + n) as u64;
+        let (Ok(db), Ok(rp), Ok(precision)) = (String::from_utf8(db), String::from_utf8(rp), String::from_utf8(precision)) else {
+            return Err(corrupt("a name is not UTF-8".into()));
+        };
+        Ok(Record { db, rp, precision, body })
+    }
+
+    /// Skip to a byte offset previously returned by [`SpoolReader::offset`].
+    pub fn seek(&mut self, offset: u64) -> Result<(), SpoolError> {
+        self.file.seek(SeekFrom::Start(offset)).map_err(|source| SpoolError::Io {
+            path: self.path.clone(),
+            what: "seek",
+            source,
+        })?;
+        self.offset = offset;
+        Ok(())
+    }
+}
+
+fn read_string(r: &mut impl Read, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut v = vec![0u8; n];
+    r.read_exact(&mut v)?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_come_back_in_order_and_only_when_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = SpoolWriter::create(&dir.path().join("s")).unwrap();
+        let mut r = w.reader().unwrap();
+        assert_eq!(r.next_ready().unwrap(), None);
+        w.append("db 1", "autogen", "ns", b"m v=1 1\n").unwrap();
+        w.append("db2", "", "s", b"m v=2 2").unwrap();
+        let a = r.next_ready().unwrap().unwrap();
+        assert_eq!((a.db.as_str(), a.rp.as_str(), a.precision.as_str()), ("db 1", "autogen", "ns"));
+        assert_eq!(a.body, b"m v=1 1\n");
+        let b = r.next_ready().unwrap().unwrap();
+        assert_eq!((b.db.as_str(), b.body.as_slice()), ("db2", &b"m v=2 2"[..]));
+        assert_eq!(r.next_ready().unwrap(), None);
+        assert_eq!(r.lag(), 0);
+    }
+
+    #[test]
+    fn an_existing_spool_is_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let _w = SpoolWriter::create(&p).unwrap();
+        assert!(matches!(SpoolWriter::create(&p), Err(SpoolError::Io { what: "create", .. })));
+    }
+
+    #[test]
+    fn a_corrupt_spool_names_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        {
+            let w = SpoolWriter::create(&p).unwrap();
+            w.append("d", "r", "ns", b"x").unwrap();
+        }
+        let mut bytes = std::fs::read(&p).unwrap();
+        let first_len = bytes.len() as u64;
+        bytes.push(0x00);
+        bytes.extend_from_slice(&[0; 16]);
+        std::fs::write(&p, &bytes).unwrap();
+        let mut r = SpoolReader::open_finished(&p).unwrap();
+        r.next_ready().unwrap().unwrap();
+        match r.next_ready() {
+            Err(SpoolError::Corrupt { offset, .. }) => assert_eq!(offset, first_len),
+            other => panic!("expected corrupt, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Verification: prove that every point of the old instance is on the target before
+//! anything is deleted.
+//!
+//! 1. Databases, retention policies and field types of the source exist on the target.
+//! 2. Per retention policy, measurement, series and field: the target holds at least as
+//!    many points as the source (the target may hold more: writes after cutover).
+//! 3. Content: per series, the sums of numeric fields must agree; a series whose counts
+//!    or sums differ, and a sample of the others, is compared point by point, page by
+//!    page (bounded memory). A value that differs is accepted only when the target
+//!    received a write for that very point after cutover (the `touched` key set);
+//!    anything else is a corruption.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use serde_json::Value;
+
+use super::capture::{point_key, KeySet};
+use crate::config::{ContentCheck, VerifyConfig};
+use crate::influx::{ident, literal, FieldType, Influx, InfluxError, Series};
+
+/// InfluxDB's own time bounds (`models.MinNanoTime`/`MaxNanoTime`): a query over all time.
+const ALL_TIME: &str = "time >= -9223372036854775806 AND time <= 9223372036854775806";
+const PAGE: usize = 10_000;
+const MAX_PROBLEMS: usize = 50;
+
+/// What verification found.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    pub databases: usize,
+    pub series: usize,
+    /// Field values counted on the source (a point with 3 fields counts 3).
+    pub source_values: u64,
+    pub target_values: u64,
+    pub series_compared_point_by_point: usize,
+    pub points_compared: u64,
+    /// Points whose value differs because the target received a newer write after cutover.
+    pub overwritten_after_cutover: u64,
+    pub problems: Vec<String>,
+    pub problems_truncated: bool,
+}
+
+impl VerifyReport {
+    fn problem(&mut self, p: String) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(p);
+        } else {
+            self.problems_truncated = true;
+        }
+    }
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Series identity inside one retention policy and measurement: sorted non-empty tags.
+type Tags = BTreeMap<String, String>;
+
+fn tags_of(s: &Series) -> Tags {
+    s.tags
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect()
+}
+
+fn show_tags(t: &Tags) -> String {
+    if t.is_empty() {
+        return "(no tags)".into();
+    }
+    t.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// `field -> value` of one aggregate row (`count_f` / `sum_f` columns).
+fn agg_row(s: &Series, prefix: &str) -> HashMap<String, Value> {
+    let mut out = HashMap::new();
+    if let Some(row) = s.values.first() {
+        for (c, v) in s.columns.iter().zip(row) {
+            if let Some(f) = c.strip_prefix(prefix) {
+                out.insert(f.to_string(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+async fn per_series(influx: &Influx, db: &str, q: &str, prefix: &str) -> Result<HashMap<Tags, HashMap<String, Value>>, InfluxError> {
+    let mut out = HashMap::new();
+    for s in influx.query(Some(db), q).await? {
+        out.insert(tags_of(&s), agg_row(&s, prefix));
+    }
+    Ok(out)
+}
+
+fn same_number(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-9 * x.abs().max(y.abs()),
+        _ => a == b,
+    }
+}
+
+fn sampled(t: &Tags, n: usize, total: usize) -> bool {
+    if n == 0 {
+        return false;
+    }
+    if total <= n {
+        return true;
+    }
+    let mut h = DefaultHasher::new();
+    t.hash(&mut h);
+    (h.finish() % total as u64) < n as u64
+}
+
+/// Compare `source` and `target`; problems are collected in the report, I/O errors returned.
+pub async fn verify(source: &Influx, target: &Influx, cfg: &VerifyConfig, touched: Option<&KeySet>) -> Result<VerifyReport, InfluxError> {
+    let mut rep = VerifyReport::default();
+    let target_dbs = target.databases().await?;
+    for db in source.databases().await? {
+        rep.databases += 1;
+        if !target_dbs.contains(&db) {
+            rep.problem(format!("database {db:?} is missing on the target"));
+            continue;
+        }
+        let src_rps = source.retention_policies(&db).await?;
+        let dst_rps = target.retention_policies(&db).await?;
+        for rp in &src_rps {
+            match dst_rps.iter().find(|r| r.name == rp.name) {
+                None => rep.problem(format!("{db}: retention policy {:?} is missing on the target", rp.name)),
+                Some(d) if d != rp => rep.problem(format!("{db}: retention policy {:?} differs: source {rp:?}, target {d:?}", rp.name)),
+                Some(_) => {}
+            }
+        }
+        let src_fields = source.field_keys(&db).await?;
+        let dst_fields = target.field_keys(&db).await?;
+        for f in &src_fields {
+            if !dst_fields.contains(f) {
+                let other = dst_fields.iter().find(|d| d.0 == f.0 && d.1 == f.1);
+                rep.problem(match other {
+                    Some(o) => format!("{db}.{}: field {:?} is {:?} on the source but {:?} on the target", f.0, f.1, f.2, o.2),
+                    None => format!("{db}.{}: field {:?} ({:?}) is missing on the target", f.0, f.1, f.2),
+                });
+            }
+        }
+        for m in source.measurements(&db).await? {
+            let numeric: Vec<&str> = src_fields
+                .iter()
+                .filter(|(mm, _, t)| *mm == m && t.is_numeric())
+                .map(|(_, f, _)| f.as_str())
+                .collect();
+            for rp in &src_rps {
+                let from = format!("{}.{}.{}", ident(&db), ident(&rp.name), ident(&m));
+                verify_measurement(source, target, cfg, touched, &db, &rp.name, &m, &from, &numeric, &mut rep).await?;
+            }
+        }
+    }
+    Ok(rep)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn verify_measurement(
+    source: &Influx,
+    target: &Influx,
+    cfg: &VerifyConfig,
+    touched: Option<&KeySet>,
+    db: &str,
+    rp: &str,
+    m: &str,
+    from: &str,
+    numeric: &[&str],
+    rep: &mut VerifyReport,
+) -> Result<(), InfluxError> {
+    let q = format!("SELECT COUNT(*) FROM {from} WHERE {ALL_TIME} GROUP BY *");
+    let (sc, tc) = tokio::try_join!(per_series(source, db, &q, "count_"), per_series(target, db, &q, "count_"))?;
+    let sums = if cfg.content == ContentCheck::Full && !numeric.is_empty() {
+        let sel: Vec<String> = numeric.iter().map(|f| format!("SUM({}) AS {}", ident(f), ident(&format!("sum_{f}")))).collect();
+        let q = format!("SELECT {} FROM {from} WHERE {ALL_TIME} GROUP BY *", sel.join(", "));
+        Some(tokio::try_join!(per_series(source, db, &q, "sum_"), per_series(target, db, &q, "sum_"))?)
+    } else {
+        None
+    };
+    let total = sc.len();
+    for (tags, counts) in &sc {
+        rep.series += 1;
+        let where_ = format!("{db}.{rp}.{m} [{}]", show_tags(tags));
+        let Some(tcounts) = tc.get(tags) else {
+            rep.problem(format!("{where_}: series is missing on the target"));
+            continue;
+        };
+        let mut suspicious = false;
+        for (f, v) in counts {
+            let s = v.as_u64().unwrap_or(0);
+            let t = tcounts.get(f).and_then(Value::as_u64).unwrap_or(0);
+            rep.source_values += s;
+            rep.target_values += t;
+            if t < s {
+                rep.problem(format!("{where_}: field {f:?}: {s} points on the source, only {t} on the target ({} missing)", s - t));
+            } else if t > s {
+                suspicious = true;
+            }
+        }
+        if let Some((ss, ts)) = &sums {
+            if let (Some(a), Some(b)) = (ss.get(tags), ts.get(tags)) {
+                suspicious |= a.iter().any(|(f, v)| !b.get(f).is_some_and(|w| same_number(v, w)));
+            }
+        }
+        if cfg.content == ContentCheck::Full && (suspicious || sampled(tags, cfg.sample_series, total)) {
+            compare_points(source, target, touched, db, from, m, tags, &where_, rep).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Point-by-point comparison of one series, page by page.
+#[allow(clippy::too_many_arguments)]
+async fn compare_points(
+    source: &Influx,
+    target: &Influx,
+    touched: Option<&KeySet>,
+    db: &str,
+    from: &str,
+    m: &str,
+    tags: &Tags,
+    where_: &str,
+    rep: &mut VerifyReport,
+) -> Result<(), InfluxError> {
+    rep.series_compared_point_by_point += 1;
+    // Tag conditions must name every tag key of the measurement: a missing tag is ''.
+    let mut conds: Vec<String> = tags.iter().map(|(k, v)| format!("{} = {}", ident(k), literal(v))).collect();
+    let tag_keys = source.query(Some(db), &format!("SHOW TAG KEYS FROM {}", ident(m))).await?;
+    for s in tag_keys {
+        for row in s.values {
+            if let Some(k) = row.first().and_then(Value::as_str) {
+                if !tags.contains_key(k) {
+                    conds.push(format!("{} = ''", ident(k)));
+                }
+            }
+        }
+    }
+    let tag_cond = if conds.is_empty() { String::new() } else { format!(" AND {}", conds.join(" AND ")) };
+    let mut after: i64 = -9_223_372_036_854_775_806;
+    loop {
+        let q = format!("SELECT * FROM {from} WHERE time > {after} AND time <= 9223372036854775806{tag_cond} ORDER BY time ASC LIMIT {PAGE}");
+        let src = source.query(Some(db), &q).await?;
+        let Some(sp) = src.into_iter().next().filter(|s| !s.values.is_empty()) else {
+            return Ok(());
+        };
+        let first = sp.values.first().and_then(|r| r.first()).and_then(Value::as_i64).unwrap_or(after);
+        let last = sp.values.last().and_then(|r| r.first()).and_then(Value::as_i64).unwrap_or(after);
+        let tq = format!("SELECT * FROM {from} WHERE time >= {first} AND time <= {last}{tag_cond} ORDER BY time ASC");
+        let tp = target.query(Some(db), &tq).await?.into_iter().next().unwrap_or_default();
+        let mut trows: HashMap<i64, &Vec<Value>> = HashMap::with_capacity(tp.values.len());
+        for r in &tp.values {
+            if let Some(t) = r.first().and_then(Value::as_i64) {
+                trows.insert(t, r);
+            }
+        }
+        let tcol: HashMap<&str, usize> = tp.columns.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+        for row in &sp.values {
+            rep.points_compared += 1;
+            let Some(t) = row.first().and_then(Value::as_i64) else { continue };
+            let Some(trow) = trows.get(&t) else {
+                rep.problem(format!("{where_}: point at {t} is missing on the target"));
+                continue;
+            };
+            let differs = sp.columns.iter().zip(row).skip(1).any(|(c, v)| {
+                let w = tcol.get(c.as_str()).and_then(|&i| trow.get(i)).unwrap_or(&Value::Null);
+                !(v == w || same_number(v, w))
+            });
+            if differs {
+                let key = point_key(m, tags.iter().map(|(k, v)| (k.as_str(), v.as_str())), t);
+                match touched {
+                    Some(ks) if ks.keys.contains(&key) || ks.overflowed => rep.overwritten_after_cutover += 1,
+                    _ => rep.problem(format!("{where_}: point at {t} differs: source {row:?}, target {trow:?}")),
+                }
+            }
+        }
+        if sp.values.len() < PAGE {
+            return Ok(());
+        }
+        after = last;
+    }
+}
+
+/// Field type of a measurement's field on a server, for the type-survival checks.
+pub async fn field_type(influx: &Influx, db: &str, m: &str, f: &str) -> Result<Option<FieldType>, InfluxError> {
+    Ok(influx
+        .field_keys(db)
+        .await?
+        .into_iter()
+        .find(|(mm, ff, _)| mm == m && ff == f)
+        .map(|(_, _, t)| t))
+}

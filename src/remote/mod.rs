@@ -1,0 +1,239 @@
+//! Running commands on a host: [`Remote`] is the capability (run a command, stream its
+//! stdin/stdout, copy a file); [`LocalRemote`] runs on this machine, [`SshRemote`] on
+//! another one over SSH (the `openssh` crate, host-key checking on by default).
+//! [`Host`] picks one of the two from the configuration.
+
+mod ssh;
+
+use std::path::Path;
+use std::pin::Pin;
+use std::process::Stdio;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+pub use ssh::SshRemote;
+
+use crate::config::SshConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("{host}: cannot start `{cmd}`: {source}")]
+    Spawn {
+        host: String,
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{host}: `{cmd}` failed ({status}): {stderr}")]
+    Failed {
+        host: String,
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{host}: SSH host key verification failed: the key offered by {host} is unknown or has changed; check it and add the right key to the known-hosts file ({known_hosts}), or set host_key_check: accept-new for a host never seen before")]
+    HostKey { host: String, known_hosts: String },
+    #[error("{host}: SSH authentication refused for user {user}: check the identity file and the host's authorized_keys")]
+    AuthRefused { host: String, user: String },
+    #[error("{host}: SSH did not answer within {waited:?} ({attempts} attempts); last error: {last}")]
+    NotReady {
+        host: String,
+        waited: std::time::Duration,
+        attempts: u32,
+        last: String,
+    },
+    #[error("{host}: SSH: {msg}")]
+    Ssh { host: String, msg: String },
+    #[error("{host}: I/O while streaming `{cmd}`: {source}")]
+    Io {
+        host: String,
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RemoteError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RemoteError::NotReady { .. } | RemoteError::Ssh { .. })
+    }
+}
+
+pub type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
+pub type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// Which standard streams of a spawned command the caller wants.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pipes {
+    pub stdin: bool,
+    pub stdout: bool,
+}
+
+/// A running command. Take its pipes, then call [`RemoteProcess::finish`].
+pub struct RemoteProcess {
+    pub stdin: Option<BoxWrite>,
+    pub stdout: Option<BoxRead>,
+    inner: ProcessInner,
+    host: String,
+    cmd: String,
+}
+
+enum ProcessInner {
+    Local(tokio::process::Child),
+    Ssh(openssh::Child<std::sync::Arc<openssh::Session>>),
+}
+
+impl RemoteProcess {
+    /// Wait for the command; an exit status other than 0 is an error carrying its stderr.
+    pub async fn finish(mut self) -> Result<(), RemoteError> {
+        drop(self.stdin.take());
+        drop(self.stdout.take());
+        let (status, stderr) = match self.inner {
+            ProcessInner::Local(child) => {
+                let out = child.wait_with_output().await.map_err(|source| RemoteError::Io {
+                    host: self.host.clone(),
+                    cmd: self.cmd.clone(),
+                    source,
+                })?;
+                (
+                    out.status.success().then_some(()).ok_or(out.status.to_string()),
+                    out.stderr,
+                )
+            }
+            ProcessInner::Ssh(mut child) => {
+                let mut stderr = Vec::new();
+                if let Some(mut e) = child.stderr().take() {
+                    let _ = e.read_to_end(&mut stderr).await;
+                }
+                let st = child.wait().await.map_err(|e| RemoteError::Ssh {
+                    host: self.host.clone(),
+                    msg: format!("`{}`: {}", self.cmd, ssh::error_chain(&e)),
+                })?;
+                (st.success().then_some(()).ok_or(st.to_string()), stderr)
+            }
+        };
+        status.map_err(|status| RemoteError::Failed {
+            host: self.host,
+            cmd: self.cmd,
+            status,
+            stderr: tail(&stderr),
+        })
+    }
+}
+
+/// The last lines of a command's stderr, for an error message.
+fn tail(stderr: &[u8]) -> String {
+    let s = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(5);
+    lines[start..].join(" | ")
+}
+
+/// Run commands on a host.
+#[allow(async_fn_in_trait)]
+pub trait Remote {
+    /// A name for messages: `local` or `user@host:port`.
+    fn describe(&self) -> String;
+
+    /// Start `cmd` (a POSIX shell command line) with the asked-for pipes; stderr is kept
+    /// for the error message.
+    async fn spawn(&self, cmd: &str, pipes: Pipes) -> Result<RemoteProcess, RemoteError>;
+
+    /// Run `cmd` to completion and return its stdout.
+    async fn run(&self, cmd: &str) -> Result<String, RemoteError> {
+        let mut p = self.spawn(cmd, Pipes { stdin: false, stdout: true }).await?;
+        let mut out = Vec::new();
+        if let Some(mut o) = p.stdout.take() {
+            o.read_to_end(&mut out).await.map_err(|source| RemoteError::Io {
+                host: self.describe(),
+                cmd: cmd.to_string(),
+                source,
+            })?;
+        }
+        p.finish().await?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Copy a local file to `dest` on the host (streamed through the command's stdin).
+    async fn copy_to(&self, local: &Path, dest: &str) -> Result<u64, RemoteError> {
+        let cmd = format!("cat > {}", crate::util::shell_quote(dest));
+        let io_err = |source| RemoteError::Io {
+            host: self.describe(),
+            cmd: cmd.clone(),
+            source,
+        };
+        let mut file = tokio::fs::File::open(local).await.map_err(io_err)?;
+        let mut p = self.spawn(&cmd, Pipes { stdin: true, stdout: false }).await?;
+        let mut stdin = p.stdin.take().ok_or_else(|| io_err(std::io::Error::other("no stdin")))?;
+        let n = tokio::io::copy(&mut file, &mut stdin).await.map_err(io_err)?;
+        tokio::io::AsyncWriteExt::shutdown(&mut stdin).await.map_err(io_err)?;
+        drop(stdin);
+        p.finish().await?;
+        Ok(n)
+    }
+}
+
+/// Commands on the orchestrator's own machine.
+#[derive(Debug, Clone, Default)]
+pub struct LocalRemote;
+
+impl Remote for LocalRemote {
+    fn describe(&self) -> String {
+        "local".into()
+    }
+
+    async fn spawn(&self, cmd: &str, pipes: Pipes) -> Result<RemoteProcess, RemoteError> {
+        let mut c = tokio::process::Command::new("sh");
+        c.arg("-c")
+            .arg(cmd)
+            .stdin(if pipes.stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(if pipes.stdout { Stdio::piped() } else { Stdio::null() })
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = c.spawn().map_err(|source| RemoteError::Spawn {
+            host: self.describe(),
+            cmd: cmd.to_string(),
+            source,
+        })?;
+        Ok(RemoteProcess {
+            stdin: child.stdin.take().map(|s| Box::pin(s) as BoxWrite),
+            stdout: child.stdout.take().map(|s| Box::pin(s) as BoxRead),
+            inner: ProcessInner::Local(child),
+            host: self.describe(),
+            cmd: cmd.to_string(),
+        })
+    }
+}
+
+/// A host as the configuration names it: local, or reached over SSH.
+pub enum Host {
+    Local(LocalRemote),
+    Ssh(SshRemote),
+}
+
+impl Host {
+    /// Connect as configured (`None`: local). SSH waits until the host accepts connections,
+    /// up to the configured `ready_timeout`.
+    pub async fn connect(ssh: Option<&SshConfig>) -> Result<Host, RemoteError> {
+        match ssh {
+            None => Ok(Host::Local(LocalRemote)),
+            Some(c) => Ok(Host::Ssh(SshRemote::connect(c).await?)),
+        }
+    }
+}
+
+impl Remote for Host {
+    fn describe(&self) -> String {
+        match self {
+            Host::Local(l) => l.describe(),
+            Host::Ssh(s) => s.describe(),
+        }
+    }
+
+    async fn spawn(&self, cmd: &str, pipes: Pipes) -> Result<RemoteProcess, RemoteError> {
+        match self {
+            Host::Local(l) => l.spawn(cmd, pipes).await,
+            Host::Ssh(s) => s.spawn(cmd, pipes).await,
+        }
+    }
+}

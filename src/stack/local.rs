@@ -1,0 +1,386 @@
+//! Local "VMs": an `influxd` with its own config, data and loopback address
+//! (`127.0.X.N`), and optionally an `sshd` on the same address with keys generated here.
+//! Used by the demo, the benchmark and the tests; the local stack provider builds on it.
+//!
+//! Addresses are leased with a lock file (`/tmp/stateshift-addr/<ip>.lock`, held by an
+//! `flock` for the VM's lifetime), so concurrent test processes never collide and a
+//! crashed holder frees its address automatically.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::config::{HostKeyCheck, InstanceConfig, SshConfig};
+use crate::influx::Influx;
+use crate::util::Secret;
+
+pub const HTTP_PORT: u16 = 8086;
+pub const RPC_PORT: u16 = 8088;
+pub const SSH_PORT: u16 = 2222;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("local VM {addr}: {what}: {source}")]
+    Io {
+        addr: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("local VM {addr}: {what}")]
+    Start { addr: String, what: String },
+    #[error("no free loopback address in 127.0.{subnet}.1-250 (all leased)")]
+    NoAddress { subnet: u8 },
+}
+
+/// Lease a free loopback address `127.0.subnet.N`.
+pub fn lease_address(subnet: u8) -> Result<(Ipv4Addr, File), LocalError> {
+    let dir = Path::new("/tmp/stateshift-addr");
+    let io = |what: &str, source| LocalError::Io {
+        addr: format!("127.0.{subnet}.*"),
+        what: what.into(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io("create lease dir", e))?;
+    for n in 1..=250u8 {
+        let ip = Ipv4Addr::new(127, 0, subnet, n);
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{ip}.lock")))
+            .map_err(|e| io("open lease file", e))?;
+        if f.try_lock().is_ok() {
+            // Leased; but a process from outside our leasing may still hold the port.
+            if std::net::TcpListener::bind((ip, HTTP_PORT)).is_ok() {
+                return Ok((ip, f));
+            }
+        }
+    }
+    Err(LocalError::NoAddress { subnet })
+}
+
+/// SSH key material for local VMs: a client key authorized on every VM and one host key.
+#[derive(Debug, Clone)]
+pub struct SshKeys {
+    pub dir: PathBuf,
+    pub client_key: PathBuf,
+    pub host_key: PathBuf,
+    pub known_hosts: PathBuf,
+}
+
+impl SshKeys {
+    /// Generate (or reuse) keys under `dir`.
+    pub fn ensure(dir: &Path) -> Result<SshKeys, LocalError> {
+        let io = |what: &str, source| LocalError::Io {
+            addr: "ssh-keys".into(),
+            what: what.into(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io("create key dir", e))?;
+        let keys = SshKeys {
+            dir: dir.to_path_buf(),
+            client_key: dir.join("client_ed25519"),
+            host_key: dir.join("host_ed25519"),
+            known_hosts: dir.join("known_hosts"),
+        };
+        for k in [&keys.client_key, &keys.host_key] {
+            if !k.exists() {
+                let st = std::process::Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-C", "stateshift-local", "-f"])
+                    .arg(k)
+                    .stdin(Stdio::null())
+                    .status()
+                    .map_err(|e| io("run ssh-keygen (is openssh-client installed?)", e))?;
+                if !st.success() {
+                    return Err(LocalError::Start {
+                        addr: "ssh-keys".into(),
+                        what: format!("ssh-keygen failed: {st}"),
+                    });
+                }
+            }
+        }
+        if !keys.known_hosts.exists() {
+            std::fs::write(&keys.known_hosts, "").map_err(|e| io("write known_hosts", e))?;
+        }
+        Ok(keys)
+    }
+
+    fn host_pub(&self) -> Result<String, LocalError> {
+        std::fs::read_to_string(self.host_key.with_extension("pub"))
+            .map(|s| s.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .map_err(|source| LocalError::Io {
+                addr: "ssh-keys".into(),
+                what: "read host public key".into(),
+                source,
+            })
+    }
+
+    /// Record the host key for `addr:port` in the known-hosts file (idempotent).
+    pub fn trust(&self, addr: Ipv4Addr, port: u16) -> Result<(), LocalError> {
+        let line = format!("[{addr}]:{port} {}\n", self.host_pub()?);
+        let cur = std::fs::read_to_string(&self.known_hosts).unwrap_or_default();
+        if !cur.contains(line.trim_end()) {
+            let mut s = cur;
+            s.push_str(&line);
+            std::fs::write(&self.known_hosts, s).map_err(|source| LocalError::Io {
+                addr: addr.to_string(),
+                what: "write known_hosts".into(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Options for one local VM.
+#[derive(Debug, Clone, Default)]
+pub struct VmOptions {
+    /// Start an `sshd` on the VM's address (port [`SSH_PORT`]).
+    pub ssh: Option<SshKeys>,
+    /// Enable InfluxDB authentication with this admin user.
+    pub admin: Option<(String, Secret)>,
+    /// Subnet for the address lease (`127.0.subnet.N`); default 10.
+    pub subnet: Option<u8>,
+}
+
+/// A running local VM. Dropping it kills its processes; [`LocalVm::destroy`] also
+/// removes its directory.
+pub struct LocalVm {
+    pub addr: Ipv4Addr,
+    pub dir: PathBuf,
+    opts: VmOptions,
+    influxd: Option<tokio::process::Child>,
+    sshd: Option<tokio::process::Child>,
+    _lease: File,
+}
+
+impl LocalVm {
+    /// Start a VM with its files under `dir` (created). Ready when InfluxDB answers `/ping`
+    /// and, with SSH, when sshd accepts TCP connections.
+    pub async fn start(dir: &Path, opts: VmOptions) -> Result<LocalVm, LocalError> {
+        let (addr, lease) = lease_address(opts.subnet.unwrap_or(10))?;
+        let dir = dir.to_path_buf();
+        let a = addr.to_string();
+        let io = |what: &str, source| LocalError::Io {
+            addr: a.clone(),
+            what: what.into(),
+            source,
+        };
+        for d in ["meta", "data", "wal", "work"] {
+            std::fs::create_dir_all(dir.join(d)).map_err(|e| io("create directories", e))?;
+        }
+        let mut vm = LocalVm {
+            addr,
+            dir: dir.clone(),
+            opts: opts.clone(),
+            influxd: None,
+            sshd: None,
+            _lease: lease,
+        };
+        vm.start_influxd().await?;
+        if let Some(keys) = &opts.ssh {
+            vm.start_sshd(keys)?;
+        }
+        if let Some((user, pass)) = &opts.admin {
+            let anon = Influx::new(&vm.influx_url(), None, None, Duration::from_secs(10));
+            let q = format!(
+                "CREATE USER {} WITH PASSWORD {} WITH ALL PRIVILEGES",
+                crate::influx::ident(user),
+                crate::influx::literal(pass.expose())
+            );
+            anon.query(None, &q).await.map_err(|e| LocalError::Start {
+                addr: a.clone(),
+                what: format!("create admin user: {e}"),
+            })?;
+        }
+        if opts.ssh.is_some() {
+            vm.wait_ssh().await?;
+        }
+        Ok(vm)
+    }
+
+    fn influxd_config(&self) -> String {
+        let d = self.dir.display();
+        let auth = self.opts.admin.is_some();
+        format!(
+            r#"reporting-disabled = true
+bind-address = "{a}:{RPC_PORT}"
+[meta]
+  dir = "{d}/meta"
+[data]
+  dir = "{d}/data"
+  wal-dir = "{d}/wal"
+  query-log-enabled = false
+[http]
+  bind-address = "{a}:{HTTP_PORT}"
+  auth-enabled = {auth}
+  log-enabled = false
+  pprof-enabled = false
+[subscriber]
+  # one forwarding goroutine per subscription keeps captured writes in arrival order
+  write-concurrency = 1
+  write-buffer-size = 10000
+[logging]
+  level = "warn"
+[monitor]
+  store-enabled = false
+[continuous_queries]
+  log-enabled = false
+"#,
+            a = self.addr
+        )
+    }
+
+    /// (Re)start `influxd` and wait for `/ping`.
+    pub async fn start_influxd(&mut self) -> Result<(), LocalError> {
+        let a = self.addr.to_string();
+        let io = |what: &str, source| LocalError::Io {
+            addr: a.clone(),
+            what: what.into(),
+            source,
+        };
+        let conf = self.dir.join("influxdb.conf");
+        std::fs::write(&conf, self.influxd_config()).map_err(|e| io("write influxdb.conf", e))?;
+        let log = File::create(self.dir.join("influxd.log")).map_err(|e| io("create influxd.log", e))?;
+        let log2 = log.try_clone().map_err(|e| io("dup log", e))?;
+        let child = tokio::process::Command::new("influxd")
+            .arg("run")
+            .arg("-config")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| io("start influxd (is the Debian package influxdb installed?)", e))?;
+        self.influxd = Some(child);
+        let client = Influx::new(&self.influx_url(), None, None, Duration::from_secs(2));
+        client
+            .wait_ready(Duration::from_secs(30))
+            .await
+            .map_err(|e| LocalError::Start {
+                addr: a.clone(),
+                what: format!("influxd did not answer /ping: {e} (log: {}/influxd.log)", self.dir.display()),
+            })
+    }
+
+    /// Kill `influxd` (SIGKILL) without removing its data: a crash, for fault tests.
+    pub async fn kill_influxd(&mut self) {
+        if let Some(mut c) = self.influxd.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    fn start_sshd(&mut self, keys: &SshKeys) -> Result<(), LocalError> {
+        let a = self.addr.to_string();
+        let io = |what: &str, source| LocalError::Io {
+            addr: a.clone(),
+            what: what.into(),
+            source,
+        };
+        std::fs::create_dir_all("/run/sshd").map_err(|e| io("create /run/sshd", e))?;
+        let auth = self.dir.join("authorized_keys");
+        let client_pub = std::fs::read_to_string(keys.client_key.with_extension("pub"))
+            .map_err(|e| io("read client public key", e))?;
+        std::fs::write(&auth, client_pub).map_err(|e| io("write authorized_keys", e))?;
+        let conf = self.dir.join("sshd_config");
+        std::fs::write(
+            &conf,
+            format!(
+                "ListenAddress {a}:{SSH_PORT}\nHostKey {hk}\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {auth}\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 UsePAM no\nStrictModes no\nLogLevel ERROR\nMaxSessions 50\nMaxStartups 50:30:100\n",
+                hk = keys.host_key.display(),
+                d = self.dir.display(),
+                auth = auth.display()
+            ),
+        )
+        .map_err(|e| io("write sshd_config", e))?;
+        let log = File::create(self.dir.join("sshd.log")).map_err(|e| io("create sshd.log", e))?;
+        let child = tokio::process::Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| io("start sshd (is the Debian package openssh-server installed?)", e))?;
+        self.sshd = Some(child);
+        keys.trust(self.addr, SSH_PORT)?;
+        Ok(())
+    }
+
+    async fn wait_ssh(&self) -> Result<(), LocalError> {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if tokio::net::TcpStream::connect((self.addr, SSH_PORT)).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(LocalError::Start {
+            addr: self.addr.to_string(),
+            what: format!("sshd did not listen on port {SSH_PORT} (log: {}/sshd.log)", self.dir.display()),
+        })
+    }
+
+    pub fn influx_url(&self) -> String {
+        format!("http://{}:{HTTP_PORT}", self.addr)
+    }
+
+    /// A client for this VM's InfluxDB, with the admin credentials if any.
+    pub fn client(&self) -> Influx {
+        let (u, p) = match &self.opts.admin {
+            Some((u, p)) => (Some(u.as_str()), Some(p)),
+            None => (None, None),
+        };
+        Influx::new(&self.influx_url(), u, p, Duration::from_secs(30))
+    }
+
+    /// The configuration block that names this VM as a migration source or target.
+    pub fn instance_config(&self, name: &str) -> InstanceConfig {
+        InstanceConfig {
+            name: name.to_string(),
+            influx_url: self.influx_url(),
+            rpc_address: format!("{}:{RPC_PORT}", self.addr),
+            username: self.opts.admin.as_ref().map(|(u, _)| u.clone()),
+            password: self.opts.admin.as_ref().map(|(_, p)| p.clone()),
+            password_file: None,
+            ssh: self.opts.ssh.as_ref().map(|k| self.ssh_config(k)),
+            work_dir: self.dir.join("work").display().to_string(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn ssh_config(&self, keys: &SshKeys) -> SshConfig {
+        SshConfig {
+            host: self.addr.to_string(),
+            port: SSH_PORT,
+            user: "root".into(),
+            identity_file: Some(keys.client_key.clone()),
+            known_hosts_file: Some(keys.known_hosts.clone()),
+            host_key_check: HostKeyCheck::Strict,
+            connect_timeout: Duration::from_secs(5),
+            ready_timeout: Duration::from_secs(20),
+        }
+    }
+
+    /// Stop every process and remove the VM's directory.
+    pub async fn destroy(mut self) -> Result<(), LocalError> {
+        self.kill_influxd().await;
+        if let Some(mut c) = self.sshd.take() {
+            let _ = c.kill().await;
+        }
+        std::fs::remove_dir_all(&self.dir).map_err(|source| LocalError::Io {
+            addr: self.addr.to_string(),
+            what: "remove directory".into(),
+            source,
+        })
+    }
+}
