@@ -1,1 +1,231 @@
-//! The data-engine benchmark behind `stateshift bench`.
+//! The data-migration demo and the data-engine benchmark (`stateshift demo`,
+//! `stateshift bench`): two local InfluxDB servers, a seeded data set, a live writer,
+//! one migration, and the figures.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::lab::{Lab, LabOptions};
+use crate::migrate::engine::{self, Phase, Progress, Report};
+use crate::stack::local::{LocalVm, VmOptions};
+use crate::workload::{self, Ledger, RunningWriter, SeedSpec, WriterSpec};
+
+/// Progress printed for a person.
+pub struct PrintProgress;
+impl Progress for PrintProgress {
+    fn phase_started(&self, phase: Phase) {
+        println!("  -> {phase}");
+    }
+    fn phase_done(&self, phase: Phase, took: Duration) {
+        println!("     {phase} done in {:.3} s", took.as_secs_f64());
+    }
+    fn note(&self, msg: &str) {
+        println!("     {msg}");
+    }
+}
+
+/// Print the per-phase timings of a report.
+pub fn print_report(r: &Report) {
+    println!("\n  phase        seconds");
+    for p in &r.phases {
+        println!("  {:<12} {:>8.3}", p.phase.to_string(), p.seconds);
+    }
+    println!("  {:<12} {:>8.3}", "total", r.total_seconds);
+    println!(
+        "  dump {} bytes; captured {} points, replayed {} points ({:.0} points/s)",
+        r.dump_bytes, r.points_captured, r.points_replayed, r.replay_points_per_second
+    );
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Peak resident set of this process, in MB (`VmHWM`).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn writer_spec(lab: &Lab, db: &str, rate: u32) -> WriterSpec {
+    WriterSpec {
+        db: db.into(),
+        url_file: lab.url_file.clone(),
+        username: None,
+        password: None,
+        rate,
+        old_fraction: 0.1,
+        overwrite_fraction: 0.1,
+        max_duration: Duration::from_secs(600),
+    }
+}
+
+/// Outcome of a demo run.
+pub struct DemoOutcome {
+    pub report: Report,
+    pub ledger: Ledger,
+    pub seeded: u64,
+    pub seeded_on_target: u64,
+    pub problems: Vec<String>,
+}
+
+/// The data-migration demo: seed, write live, migrate, check independently.
+pub async fn demo(dir: &Path, points: u64) -> anyhow::Result<DemoOutcome> {
+    println!("stateshift demo: moving a live InfluxDB to a new host, losing nothing\n");
+    let lab = Lab::start(dir, LabOptions::default()).await?;
+    let r = demo_in(&lab, points).await;
+    lab.destroy().await;
+    r
+}
+
+async fn demo_in(lab: &Lab, points: u64) -> anyhow::Result<DemoOutcome> {
+    println!("1. started two InfluxDB 1.x servers, each on its own loopback address with its own sshd:");
+    println!("   old (source) {}    new (target) {}", lab.source.influx_url(), lab.target.influx_url());
+    let (_, cfg) = lab.write_config("").map_err(anyhow::Error::msg)?;
+    let db = "cyclops";
+    let spec = SeedSpec { db: db.into(), points, series: 30, days: 30, measurements: 3, end_ns: now_ns() };
+    let seeded = workload::seed(&lab.source.client(), &spec).await?;
+    println!("2. seeded {seeded} usage records (30 series, 30 days, float/int/string/bool fields) on the old server");
+    let writer = RunningWriter::start(writer_spec(lab, db, 1000));
+    println!("3. a Cyclops-like writer sends 1000 points/s to the old server (10% days-old timestamps, 10% overwrites)");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("4. migrating (SSH to both hosts, capture by subscription, portable dump, delta replay, cutover by rewriting the writer's config):");
+    let target = cfg.target.clone().ok_or_else(|| anyhow::anyhow!("lab config has no target"))?;
+    let res = engine::run(&cfg, &target, &PrintProgress).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ledger = writer.finish().await;
+    let report = res?;
+    print_report(&report);
+    let dst = lab.target.client();
+    let mut seeded_on_target = 0;
+    for m in 0..spec.measurements {
+        seeded_on_target += workload::count_points(&dst, db, &format!("usage{m}")).await?;
+    }
+    let problems = workload::check_ledger(&dst, db, &ledger).await?;
+    println!("\n5. independent check (the writer's own ledger, not stateshift's verify):");
+    println!("   seeded points: {seeded}, on the new server: {seeded_on_target}");
+    println!(
+        "   live points acknowledged: {} ({} distinct), on the new server with their latest value: {}",
+        ledger.points_acked,
+        ledger.acked.len(),
+        ledger.acked.len() - problems.len().min(ledger.acked.len())
+    );
+    println!(
+        "   writer: {} failed writes, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; it wrote to {}",
+        ledger.requests_failed,
+        ledger.latency_ms(0.5),
+        ledger.latency_ms(0.99),
+        ledger.latency_ms(1.0),
+        ledger.urls_used.join(" then ")
+    );
+    let lost = (seeded.saturating_sub(seeded_on_target)) + if problems.is_empty() { 0 } else { problems.len() as u64 };
+    println!("   points lost: {lost}");
+    for p in &problems {
+        println!("   ! {p}");
+    }
+    Ok(DemoOutcome { report, ledger, seeded, seeded_on_target, problems })
+}
+
+/// Benchmark options.
+pub struct BenchOptions {
+    pub points: u64,
+    pub rate: u32,
+    pub replay_points: u64,
+}
+
+/// The data-engine benchmark.
+pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
+    let lab = Lab::start(dir, LabOptions::default()).await?;
+    let (_, cfg) = lab.write_config("verify:\n  content: full\n").map_err(anyhow::Error::msg)?;
+    let db = "bench";
+    let spec = SeedSpec { db: db.into(), points: o.points, series: 150, days: 30, measurements: 3, end_ns: now_ns() };
+    let t = Instant::now();
+    let seeded = workload::seed(&lab.source.client(), &spec).await?;
+    println!("seeded {seeded} points (150 series, 30 days, 3 measurements, 4 field types) in {:.1} s", t.elapsed().as_secs_f64());
+
+    // Native baseline on the same data: backup -portable + restore -portable to a fresh server.
+    let native_vm = LocalVm::start(&dir.join("native"), VmOptions::default()).await?;
+    let bdir = dir.join("native-backup");
+    let _ = std::fs::remove_dir_all(&bdir);
+    let t = Instant::now();
+    run_cmd("influxd", &["backup", "-portable", "-host", &format!("{}:8088", lab.source.addr), &bdir.display().to_string()])?;
+    let native_backup = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    run_cmd("influxd", &["restore", "-portable", "-host", &format!("{}:8088", native_vm.addr), &bdir.display().to_string()])?;
+    let native_restore = t.elapsed().as_secs_f64();
+    let native = native_backup + native_restore;
+    let _ = native_vm.destroy().await;
+    let _ = std::fs::remove_dir_all(&bdir);
+
+    let writer = RunningWriter::start(writer_spec(&lab, db, o.rate));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let target = cfg.target.clone().ok_or_else(|| anyhow::anyhow!("lab config has no target"))?;
+    let res = engine::run(&cfg, &target, &PrintProgress).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ledger = writer.finish().await;
+    let report = res?;
+    print_report(&report);
+    let problems = workload::check_ledger(&lab.target.client(), db, &ledger).await?;
+
+    // Replay throughput on a sizeable delta.
+    let replay = replay_throughput(&lab, o.replay_points).await?;
+
+    let data = [Phase::Capture, Phase::Dump, Phase::Transfer, Phase::Restore, Phase::Delta].iter().map(|p| report.phase_seconds(*p)).sum::<f64>();
+    println!("\n== stateshift bench: {seeded} points ==");
+    println!("native backup -portable + restore -portable: {native:.3} s (backup {native_backup:.3} s, restore {native_restore:.3} s)");
+    println!("stateshift data phase (capture+dump+transfer+restore+delta): {data:.3} s  ratio {:.2}x", data / native);
+    println!("stateshift whole migration incl. prepare, cutover (quiet period {:?}) and verify: {:.3} s", cfg.capture.quiet_period, report.total_seconds);
+    println!("  verify: {:.3} s", report.phase_seconds(Phase::Verify));
+    println!("delta replay throughput: {:.0} points/s ({} points); in this migration: {} points at {:.0} points/s", replay.0, replay.1, report.points_replayed, report.replay_points_per_second);
+    println!(
+        "writer ({} points/s target): {} points acked, {} failed writes, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        o.rate,
+        ledger.points_acked,
+        ledger.requests_failed,
+        ledger.latency_ms(0.5),
+        ledger.latency_ms(0.99),
+        ledger.latency_ms(1.0)
+    );
+    println!("independent ledger check: {}", if problems.is_empty() { "0 lost".to_string() } else { problems.join("; ") });
+    println!("stateshift peak RSS (whole bench process, includes seeding and the writer): {:.1} MB", peak_rss_mb());
+    lab.destroy().await;
+    Ok(())
+}
+
+fn run_cmd(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new(cmd).args(args).output()?;
+    if !out.status.success() {
+        anyhow::bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Replay `points` spooled points into a fresh database on the lab's target.
+async fn replay_throughput(lab: &Lab, points: u64) -> anyhow::Result<(f64, u64)> {
+    use crate::migrate::spool::SpoolWriter;
+    use influxdb_line_protocol::LineProtocolBuilder;
+    let dst = lab.target.client();
+    dst.query(None, "CREATE DATABASE replaybench").await?;
+    let path = lab.dir.join("replay.spool");
+    let _ = std::fs::remove_file(&path);
+    let w = SpoolWriter::create(&path)?;
+    let base = now_ns();
+    let mut i = 0u64;
+    while i < points {
+        let mut b = LineProtocolBuilder::new();
+        for _ in 0..100 {
+            b = b.measurement("delta").tag("host", &format!("h{}", i % 150)).field("value", i as f64).field("n", i as i64).timestamp(base - i as i64 * 1000).close_line();
+            i += 1;
+        }
+        w.append("replaybench", "autogen", "ns", &b.build())?;
+    }
+    let mut r = w.reader()?;
+    let t = Instant::now();
+    let n = engine::replay_ready(&mut r, &dst, Phase::Delta).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    Ok((n as f64 / secs, n))
+}

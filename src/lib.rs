@@ -12,13 +12,18 @@
 //! - [`migrate`]: the data phases — capture, dump, transfer, restore, delta, cutover,
 //!   verify — and the capture receiver and spool.
 //! - [`predict`]: GM(1,1) and baseline predictors, trigger policy, trace evaluation.
+//! - [`lab`]: a source and a target local VM with a config naming them (demo, bench, tests).
+//! - [`workload`]: seeded data and a live writer with an independent ledger of acked points.
 //! - [`bench`]: the data-engine benchmark behind `stateshift bench`.
 
 pub mod bench;
 pub mod config;
 pub mod influx;
+
+pub mod lab;
 pub mod migrate;
 pub mod predict;
 pub mod remote;
 pub mod stack;
 pub mod util;
+pub mod workload;

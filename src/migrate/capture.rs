@@ -228,3 +228,21 @@ async fn write(State(st): State<AppState>, Query(p): Query<WriteParams>, body: B
     *st.stats.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     StatusCode::NO_CONTENT
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_sink_records_the_same_key_verification_computes() {
+        let set = Arc::new(Mutex::new(KeySet::with_cap(10)));
+        let r = Receiver::start("127.0.0.1:0".parse().unwrap(), Sink::Keys(set.clone())).await.unwrap();
+        let body = "cyclops_usage,host=w5 value=1,seq=2i,account=\"acme\",billable=true 1795461247919819443\n";
+        let url = format!("http://{}/write?db=d&rp=autogen&precision=ns", r.addr);
+        let resp = reqwest::Client::new().post(url).body(body).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 204);
+        let k = point_key("cyclops_usage", [("host", "w5")].into_iter(), 1795461247919819443);
+        assert!(set.lock().unwrap().keys.contains(&k));
+        r.stop().await;
+    }
+}

@@ -158,13 +158,49 @@ struct Created {
     target_dirs: Vec<String>,
 }
 
+/// Check every dependency of a migration without changing anything: both InfluxDB
+/// servers (reachable, credentials), SSH to both hosts and `influxd` there, the target
+/// free of the source's databases, passwords for every user, the cutover host.
+pub async fn preflight(cfg: &Config, target: &InstanceConfig) -> Result<Vec<String>, MigrateError> {
+    let mut m = Migration::new(cfg, target);
+    m.prepare().await?;
+    let mut lines = vec![
+        format!("source InfluxDB {} answers; databases: {}", cfg.source.influx_url, m.report.databases.join(", ")),
+        format!("target InfluxDB {} answers and holds none of them", target.influx_url),
+        format!("commands run on source host {} and target host {}; influxd present on both", m.src().host.describe(), m.dst().host.describe()),
+        "every source user can be recreated on the target".to_string(),
+    ];
+    if cfg.cutover.command.is_some() {
+        let h = Host::connect(cfg.cutover.ssh.as_ref()).await.map_err(Migration::remote_err(Phase::Prepare))?;
+        h.run("true").await.map_err(Migration::remote_err(Phase::Prepare))?;
+        lines.push(format!("cutover host {} runs commands", h.describe()));
+    }
+    Ok(lines)
+}
+
 /// Run a whole data migration from `cfg.source` to `target`.
 pub async fn run(cfg: &Config, target: &InstanceConfig, progress: &dyn Progress) -> Result<Report, MigrateError> {
-    let id = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0));
-    let mut m = Migration {
+    let mut m = Migration::new(cfg, target);
+    m.progress = progress;
+    let start = Instant::now();
+    let r = m.run_phases().await;
+    m.report.total_seconds = start.elapsed().as_secs_f64();
+    match r {
+        Ok(()) => Ok(m.report),
+        Err(e) => {
+            m.on_failure(&e).await;
+            Err(e)
+        }
+    }
+}
+
+impl<'a> Migration<'a> {
+    fn new(cfg: &'a Config, target: &InstanceConfig) -> Migration<'a> {
+        let id = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0));
+    Migration {
         id: id.clone(),
         cfg,
-        progress,
+        progress: &LogProgress,
         report: Report {
             migration_id: id,
             source: cfg.source.influx_url.clone(),
@@ -179,16 +215,7 @@ pub async fn run(cfg: &Config, target: &InstanceConfig, progress: &dyn Progress)
         spool: None,
         touched: None,
         touched_receiver: None,
-    };
-    let start = Instant::now();
-    let r = m.run_phases().await;
-    m.report.total_seconds = start.elapsed().as_secs_f64();
-    match r {
-        Ok(()) => Ok(m.report),
-        Err(e) => {
-            m.on_failure(&e).await;
-            Err(e)
-        }
+    }
     }
 }
 
@@ -610,11 +637,11 @@ impl Migration<'_> {
 
     async fn verify(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Verify;
-        let touched = self.touched.as_ref().map(|t| {
+        if let (Some(t), Some(r)) = (&self.touched, &self.touched_receiver) {
             let g = t.lock().unwrap_or_else(|e| e.into_inner());
-            KeySet { keys: g.keys.clone(), cap: g.cap, overflowed: g.overflowed }
-        });
-        let rep = verify::verify(&self.src().influx, &self.dst().influx, &self.cfg.verify, touched.as_ref()).await.map_err(Self::influx_err(p))?;
+            tracing::info!(keys = g.keys.len(), overflowed = g.overflowed, points = r.stats.points(), "points written to the target since cutover");
+        }
+        let rep = verify::verify(&self.src().influx, &self.dst().influx, &self.cfg.verify, self.touched.as_deref()).await.map_err(Self::influx_err(p))?;
         self.report.verify = Some(rep.clone());
         if !rep.ok() {
             let mut summary = rep.problems.iter().take(10).cloned().collect::<Vec<_>>().join("; ");
