@@ -274,6 +274,20 @@ bind-address = "{a}:{RPC_PORT}"
         }
     }
 
+    /// Stop the VM's sshd (a host whose SSH is not up yet, or gone).
+    pub async fn stop_sshd(&mut self) {
+        if let Some(mut c) = self.sshd.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Start (or restart) the VM's sshd with `keys` and wait until it listens.
+    pub async fn restart_sshd(&mut self, keys: &SshKeys) -> Result<(), LocalError> {
+        self.stop_sshd().await;
+        self.start_sshd(keys)?;
+        self.wait_ssh().await
+    }
+
     fn start_sshd(&mut self, keys: &SshKeys) -> Result<(), LocalError> {
         let a = self.addr.to_string();
         let io = |what: &str, source| LocalError::Io {
