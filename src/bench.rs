@@ -38,14 +38,22 @@ pub fn print_report(r: &Report) {
 }
 
 fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// Peak resident set of this process, in MB (`VmHWM`).
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
@@ -82,18 +90,34 @@ pub async fn demo(dir: &Path, points: u64) -> anyhow::Result<DemoOutcome> {
 }
 
 async fn demo_in(lab: &Lab, points: u64) -> anyhow::Result<DemoOutcome> {
-    println!("1. started two InfluxDB 1.x servers, each on its own loopback address with its own sshd:");
-    println!("   old (source) {}    new (target) {}", lab.source.influx_url(), lab.target.influx_url());
+    println!(
+        "1. started two InfluxDB 1.x servers, each on its own loopback address with its own sshd:"
+    );
+    println!(
+        "   old (source) {}    new (target) {}",
+        lab.source.influx_url(),
+        lab.target.influx_url()
+    );
     let (_, cfg) = lab.write_config("").map_err(anyhow::Error::msg)?;
     let db = "cyclops";
-    let spec = SeedSpec { db: db.into(), points, series: 30, days: 30, measurements: 3, end_ns: now_ns() };
+    let spec = SeedSpec {
+        db: db.into(),
+        points,
+        series: 30,
+        days: 30,
+        measurements: 3,
+        end_ns: now_ns(),
+    };
     let seeded = workload::seed(&lab.source.client(), &spec).await?;
     println!("2. seeded {seeded} usage records (30 series, 30 days, float/int/string/bool fields) on the old server");
     let writer = RunningWriter::start(writer_spec(lab, db, 1000));
     println!("3. a Cyclops-like writer sends 1000 points/s to the old server (10% days-old timestamps, 10% overwrites)");
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!("4. migrating (SSH to both hosts, capture by subscription, portable dump, delta replay, cutover by rewriting the writer's config):");
-    let target = cfg.target.clone().ok_or_else(|| anyhow::anyhow!("lab config has no target"))?;
+    let target = cfg
+        .target
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("lab config has no target"))?;
     let res = engine::run(&cfg, &target, &PrintProgress).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ledger = writer.finish().await;
@@ -121,12 +145,23 @@ async fn demo_in(lab: &Lab, points: u64) -> anyhow::Result<DemoOutcome> {
         ledger.latency_ms(1.0),
         ledger.urls_used.join(" then ")
     );
-    let lost = (seeded.saturating_sub(seeded_on_target)) + if problems.is_empty() { 0 } else { problems.len() as u64 };
+    let lost = (seeded.saturating_sub(seeded_on_target))
+        + if problems.is_empty() {
+            0
+        } else {
+            problems.len() as u64
+        };
     println!("   points lost: {lost}");
     for p in &problems {
         println!("   ! {p}");
     }
-    Ok(DemoOutcome { report, ledger, seeded, seeded_on_target, problems })
+    Ok(DemoOutcome {
+        report,
+        ledger,
+        seeded,
+        seeded_on_target,
+        problems,
+    })
 }
 
 /// Benchmark options.
@@ -139,22 +174,52 @@ pub struct BenchOptions {
 /// The data-engine benchmark.
 pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     let lab = Lab::start(dir, LabOptions::default()).await?;
-    let (_, cfg) = lab.write_config("verify:\n  content: full\n").map_err(anyhow::Error::msg)?;
+    let (_, cfg) = lab
+        .write_config("verify:\n  content: full\n")
+        .map_err(anyhow::Error::msg)?;
     let db = "bench";
-    let spec = SeedSpec { db: db.into(), points: o.points, series: 150, days: 30, measurements: 3, end_ns: now_ns() };
+    let spec = SeedSpec {
+        db: db.into(),
+        points: o.points,
+        series: 150,
+        days: 30,
+        measurements: 3,
+        end_ns: now_ns(),
+    };
     let t = Instant::now();
     let seeded = workload::seed(&lab.source.client(), &spec).await?;
-    println!("seeded {seeded} points (150 series, 30 days, 3 measurements, 4 field types) in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "seeded {seeded} points (150 series, 30 days, 3 measurements, 4 field types) in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     // Native baseline on the same data: backup -portable + restore -portable to a fresh server.
     let native_vm = LocalVm::start(&dir.join("native"), VmOptions::default()).await?;
     let bdir = dir.join("native-backup");
     let _ = std::fs::remove_dir_all(&bdir);
     let t = Instant::now();
-    run_cmd("influxd", &["backup", "-portable", "-host", &format!("{}:8088", lab.source.addr), &bdir.display().to_string()])?;
+    run_cmd(
+        "influxd",
+        &[
+            "backup",
+            "-portable",
+            "-host",
+            &format!("{}:8088", lab.source.addr),
+            &bdir.display().to_string(),
+        ],
+    )?;
     let native_backup = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    run_cmd("influxd", &["restore", "-portable", "-host", &format!("{}:8088", native_vm.addr), &bdir.display().to_string()])?;
+    run_cmd(
+        "influxd",
+        &[
+            "restore",
+            "-portable",
+            "-host",
+            &format!("{}:8088", native_vm.addr),
+            &bdir.display().to_string(),
+        ],
+    )?;
     let native_restore = t.elapsed().as_secs_f64();
     let native = native_backup + native_restore;
     let _ = native_vm.destroy().await;
@@ -162,7 +227,10 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
 
     let writer = RunningWriter::start(writer_spec(&lab, db, o.rate));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let target = cfg.target.clone().ok_or_else(|| anyhow::anyhow!("lab config has no target"))?;
+    let target = cfg
+        .target
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("lab config has no target"))?;
     let res = engine::run(&cfg, &target, &PrintProgress).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ledger = writer.finish().await;
@@ -173,11 +241,26 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     // Replay throughput on a sizeable delta.
     let replay = replay_throughput(&lab, o.replay_points).await?;
 
-    let data = [Phase::Capture, Phase::Dump, Phase::Transfer, Phase::Restore, Phase::Delta].iter().map(|p| report.phase_seconds(*p)).sum::<f64>();
+    let data = [
+        Phase::Capture,
+        Phase::Dump,
+        Phase::Transfer,
+        Phase::Restore,
+        Phase::Delta,
+    ]
+    .iter()
+    .map(|p| report.phase_seconds(*p))
+    .sum::<f64>();
     println!("\n== stateshift bench: {seeded} points ==");
     println!("native backup -portable + restore -portable: {native:.3} s (backup {native_backup:.3} s, restore {native_restore:.3} s)");
-    println!("stateshift data phase (capture+dump+transfer+restore+delta): {data:.3} s  ratio {:.2}x", data / native);
-    println!("stateshift whole migration incl. prepare, cutover (quiet period {:?}) and verify: {:.3} s", cfg.capture.quiet_period, report.total_seconds);
+    println!(
+        "stateshift data phase (capture+dump+transfer+restore+delta): {data:.3} s  ratio {:.2}x",
+        data / native
+    );
+    println!(
+        "stateshift whole migration incl. prepare, cutover (quiet period {:?}) and verify: {:.3} s",
+        cfg.capture.quiet_period, report.total_seconds
+    );
     println!("  verify: {:.3} s", report.phase_seconds(Phase::Verify));
     println!("delta replay throughput: {:.0} points/s ({} points); in this migration: {} points at {:.0} points/s", replay.0, replay.1, report.points_replayed, report.replay_points_per_second);
     println!(
@@ -189,8 +272,18 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         ledger.latency_ms(0.99),
         ledger.latency_ms(1.0)
     );
-    println!("independent ledger check: {}", if problems.is_empty() { "0 lost".to_string() } else { problems.join("; ") });
-    println!("stateshift peak RSS (whole bench process, includes seeding and the writer): {:.1} MB", peak_rss_mb());
+    println!(
+        "independent ledger check: {}",
+        if problems.is_empty() {
+            "0 lost".to_string()
+        } else {
+            problems.join("; ")
+        }
+    );
+    println!(
+        "stateshift peak RSS (whole bench process, includes seeding and the writer): {:.1} MB",
+        peak_rss_mb()
+    );
     lab.destroy().await;
     Ok(())
 }
@@ -198,7 +291,11 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
 fn run_cmd(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
     let out = std::process::Command::new(cmd).args(args).output()?;
     if !out.status.success() {
-        anyhow::bail!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        anyhow::bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -217,7 +314,13 @@ async fn replay_throughput(lab: &Lab, points: u64) -> anyhow::Result<(f64, u64)>
     while i < points {
         let mut b = LineProtocolBuilder::new();
         for _ in 0..100 {
-            b = b.measurement("delta").tag("host", &format!("h{}", i % 150)).field("value", i as f64).field("n", i as i64).timestamp(base - i as i64 * 1000).close_line();
+            b = b
+                .measurement("delta")
+                .tag("host", &format!("h{}", i % 150))
+                .field("value", i as f64)
+                .field("n", i as i64)
+                .timestamp(base - i as i64 * 1000)
+                .close_line();
             i += 1;
         }
         w.append("replaybench", "autogen", "ns", &b.build())?;

@@ -276,7 +276,11 @@ impl Config {
             let key = e.path().to_string();
             ConfigError::Invalid {
                 file: fname.clone(),
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 msg: e.into_inner().to_string(),
             }
         })?;
@@ -342,17 +346,30 @@ impl V<'_> {
         }
     }
 
-    fn duration(&self, key: &str, v: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        key: &str,
+        v: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(default),
             Some(s) => humantime::parse_duration(s.trim()).map_err(|_| {
-                self.err(key, format!("expected a duration like \"500ms\", \"10s\" or \"5m\", got {s:?}"))
+                self.err(
+                    key,
+                    format!("expected a duration like \"500ms\", \"10s\" or \"5m\", got {s:?}"),
+                )
             }),
         }
     }
 
     fn url(&self, key: &str, v: Option<&str>) -> Result<String, ConfigError> {
-        let s = v.ok_or_else(|| self.err(key, "missing; expected an http(s) URL like \"http://10.0.0.5:8086\""))?;
+        let s = v.ok_or_else(|| {
+            self.err(
+                key,
+                "missing; expected an http(s) URL like \"http://10.0.0.5:8086\"",
+            )
+        })?;
         let s = s.trim().trim_end_matches('/');
         let rest = s
             .strip_prefix("http://")
@@ -368,14 +385,20 @@ impl V<'_> {
         let k = |f: &str| format!("{section}.{f}");
         let influx_url = self.url(&k("influx_url"), r.influx_url.as_deref())?;
         if r.password.is_some() && r.password_file.is_some() {
-            return Err(self.err(&k("password"), "give either password (environment) or password_file, not both"));
+            return Err(self.err(
+                &k("password"),
+                "give either password (environment) or password_file, not both",
+            ));
         }
         if (r.password.is_some() || r.password_file.is_some()) && r.username.is_none() {
             return Err(self.err(&k("username"), "a password is set but no username"));
         }
         let rpc_address = r.rpc_address.unwrap_or_else(|| "127.0.0.1:8088".into());
         if !rpc_address.contains(':') {
-            return Err(self.err(&k("rpc_address"), format!("expected host:port, got {rpc_address:?}")));
+            return Err(self.err(
+                &k("rpc_address"),
+                format!("expected host:port, got {rpc_address:?}"),
+            ));
         }
         let ssh = r.ssh.map(|s| self.ssh(&k("ssh"), s)).transpose()?;
         Ok(InstanceConfig {
@@ -393,13 +416,21 @@ impl V<'_> {
 
     fn ssh(&self, section: &str, r: RawSsh) -> Result<SshConfig, ConfigError> {
         let k = |f: &str| format!("{section}.{f}");
-        let host = r.host.filter(|h| !h.trim().is_empty()).ok_or_else(|| self.err(&k("host"), "missing; expected the host name or address to reach over SSH"))?;
+        let host = r.host.filter(|h| !h.trim().is_empty()).ok_or_else(|| {
+            self.err(
+                &k("host"),
+                "missing; expected the host name or address to reach over SSH",
+            )
+        })?;
         let host_key_check = match r.host_key_check.as_deref().unwrap_or("strict") {
             "strict" => HostKeyCheck::Strict,
             "accept-new" => HostKeyCheck::AcceptNew,
             "off" => HostKeyCheck::Off,
             other => {
-                return Err(self.err(&k("host_key_check"), format!("expected strict, accept-new or off, got {other:?}")))
+                return Err(self.err(
+                    &k("host_key_check"),
+                    format!("expected strict, accept-new or off, got {other:?}"),
+                ))
             }
         };
         Ok(SshConfig {
@@ -409,8 +440,16 @@ impl V<'_> {
             identity_file: r.identity_file,
             known_hosts_file: r.known_hosts_file,
             host_key_check,
-            connect_timeout: self.duration(&k("connect_timeout"), r.connect_timeout.as_deref(), Duration::from_secs(10))?,
-            ready_timeout: self.duration(&k("ready_timeout"), r.ready_timeout.as_deref(), Duration::from_secs(300))?,
+            connect_timeout: self.duration(
+                &k("connect_timeout"),
+                r.connect_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            ready_timeout: self.duration(
+                &k("ready_timeout"),
+                r.ready_timeout.as_deref(),
+                Duration::from_secs(300),
+            )?,
         })
     }
 }
@@ -418,14 +457,21 @@ impl V<'_> {
 /// Pure validation of the raw tree: no filesystem, network or process.
 fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     let v = V { file };
-    let source = v.instance("source", raw.source.ok_or_else(|| v.err("source", "missing; the InfluxDB instance to migrate from"))?)?;
+    let source = v.instance(
+        "source",
+        raw.source
+            .ok_or_else(|| v.err("source", "missing; the InfluxDB instance to migrate from"))?,
+    )?;
     let target = raw.target.map(|t| v.instance("target", t)).transpose()?;
 
     let c = raw.capture;
     let listen_s = c.listen.unwrap_or_else(|| "127.0.0.1:0".into());
-    let listen: SocketAddr = listen_s
-        .parse()
-        .map_err(|_| v.err("capture.listen", format!("expected ip:port like \"0.0.0.0:8899\", got {listen_s:?}")))?;
+    let listen: SocketAddr = listen_s.parse().map_err(|_| {
+        v.err(
+            "capture.listen",
+            format!("expected ip:port like \"0.0.0.0:8899\", got {listen_s:?}"),
+        )
+    })?;
     let advertise_url = match c.advertise_url {
         Some(u) => Some(v.url("capture.advertise_url", Some(&u))?),
         None => None,
@@ -436,23 +482,50 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     let capture = CaptureConfig {
         listen,
         advertise_url,
-        spool_dir: c.spool_dir.unwrap_or_else(|| PathBuf::from("/var/lib/stateshift/spool")),
-        quiet_period: v.duration("capture.quiet_period", c.quiet_period.as_deref(), Duration::from_secs(3))?,
-        quiet_timeout: v.duration("capture.quiet_timeout", c.quiet_timeout.as_deref(), Duration::from_secs(120))?,
-        live_timeout: v.duration("capture.live_timeout", c.live_timeout.as_deref(), Duration::from_secs(10))?,
+        spool_dir: c
+            .spool_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/stateshift/spool")),
+        quiet_period: v.duration(
+            "capture.quiet_period",
+            c.quiet_period.as_deref(),
+            Duration::from_secs(3),
+        )?,
+        quiet_timeout: v.duration(
+            "capture.quiet_timeout",
+            c.quiet_timeout.as_deref(),
+            Duration::from_secs(120),
+        )?,
+        live_timeout: v.duration(
+            "capture.live_timeout",
+            c.live_timeout.as_deref(),
+            Duration::from_secs(10),
+        )?,
     };
 
     let cutover = CutoverConfig {
         command: raw.cutover.command.filter(|c| !c.trim().is_empty()),
-        ssh: raw.cutover.ssh.map(|s| v.ssh("cutover.ssh", s)).transpose()?,
-        timeout: v.duration("cutover.timeout", raw.cutover.timeout.as_deref(), Duration::from_secs(120))?,
+        ssh: raw
+            .cutover
+            .ssh
+            .map(|s| v.ssh("cutover.ssh", s))
+            .transpose()?,
+        timeout: v.duration(
+            "cutover.timeout",
+            raw.cutover.timeout.as_deref(),
+            Duration::from_secs(120),
+        )?,
     };
 
     let verify = VerifyConfig {
         content: match raw.verify.content.as_deref().unwrap_or("full") {
             "full" => ContentCheck::Full,
             "counts" => ContentCheck::Counts,
-            other => return Err(v.err("verify.content", format!("expected full or counts, got {other:?}"))),
+            other => {
+                return Err(v.err(
+                    "verify.content",
+                    format!("expected full or counts, got {other:?}"),
+                ))
+            }
         },
         sample_series: raw.verify.sample_series.unwrap_or(3),
     };
@@ -468,5 +541,12 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         },
     };
 
-    Ok(Config { source, target, capture, cutover, verify, migration })
+    Ok(Config {
+        source,
+        target,
+        capture,
+        cutover,
+        verify,
+        migration,
+    })
 }

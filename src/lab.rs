@@ -30,18 +30,36 @@ impl Lab {
         for sub in ["source", "target", "spool", "state"] {
             let _ = std::fs::remove_dir_all(dir.join(sub));
         }
-        std::fs::create_dir_all(dir).map_err(|source| LocalError::Io { addr: "lab".into(), what: format!("create {}", dir.display()), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| LocalError::Io {
+            addr: "lab".into(),
+            what: format!("create {}", dir.display()),
+            source,
+        })?;
         let keys = SshKeys::ensure(&dir.join("keys"))?;
         let vm = |name: &str| {
             let d = dir.join(name);
-            let o = VmOptions { ssh: Some(keys.clone()), admin: opts.admin.clone(), subnet: None };
+            let o = VmOptions {
+                ssh: Some(keys.clone()),
+                admin: opts.admin.clone(),
+                subnet: None,
+            };
             async move { LocalVm::start(&d, o).await }
         };
         let (source, target) = tokio::join!(vm("source"), vm("target"));
         let (source, target) = (source?, target?);
         let url_file = dir.join("writer-url");
-        std::fs::write(&url_file, source.influx_url()).map_err(|e| LocalError::Io { addr: "lab".into(), what: "write writer-url".into(), source: e })?;
-        Ok(Lab { dir: dir.to_path_buf(), keys, source, target, url_file })
+        std::fs::write(&url_file, source.influx_url()).map_err(|e| LocalError::Io {
+            addr: "lab".into(),
+            what: "write writer-url".into(),
+            source: e,
+        })?;
+        Ok(Lab {
+            dir: dir.to_path_buf(),
+            keys,
+            source,
+            target,
+            url_file,
+        })
     }
 
     /// The YAML an operator would write for this lab. `extra` is appended verbatim.
@@ -57,7 +75,16 @@ impl Lab {
                     self.keys.known_hosts.display()
                 )
             });
-            let user = c.username.as_ref().map(|u| format!("  username: \"{u}\"\n  password_file: \"{}/{name}.password\"\n", self.dir.display())).unwrap_or_default();
+            let user = c
+                .username
+                .as_ref()
+                .map(|u| {
+                    format!(
+                        "  username: \"{u}\"\n  password_file: \"{}/{name}.password\"\n",
+                        self.dir.display()
+                    )
+                })
+                .unwrap_or_default();
             format!(
                 "{name}:\n  name: {name}\n  influx_url: \"{}\"\n  rpc_address: \"{}\"\n  work_dir: \"{}\"\n{user}{}",
                 c.influx_url,
@@ -77,7 +104,8 @@ impl Lab {
     /// Write the config (and password files, 0600) and load it back as the CLI would.
     pub fn write_config(&self, extra: &str) -> Result<(PathBuf, Config), String> {
         let path = self.dir.join("stateshift.yaml");
-        std::fs::write(&path, self.config_yaml(extra)).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(&path, self.config_yaml(extra))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         for (name, vm) in [("source", &self.source), ("target", &self.target)] {
             if let Some(p) = vm.instance_config(name).password {
                 let f = self.dir.join(format!("{name}.password"));
@@ -99,6 +127,11 @@ impl Lab {
 pub fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(secret.as_bytes())
 }

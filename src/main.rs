@@ -10,7 +10,11 @@ use stateshift::config::Config;
 use stateshift::migrate::engine;
 
 #[derive(Parser)]
-#[command(name = "stateshift", version, about = "Move a live InfluxDB service to a fresh instance, losing nothing")]
+#[command(
+    name = "stateshift",
+    version,
+    about = "Move a live InfluxDB service to a fresh instance, losing nothing"
+)]
 struct Cli {
     /// Log filter (also RUST_LOG), e.g. info, debug, stateshift=debug.
     #[arg(long, global = true, default_value = "warn")]
@@ -45,6 +49,27 @@ enum Cmd {
         #[arg(long, default_value_t = 200_000)]
         points: u64,
     },
+    /// Predict the next load value, or evaluate the predictors on a trace.
+    Predict {
+        /// Sliding window length.
+        #[arg(long, default_value_t = 5)]
+        window: usize,
+        /// Fewer readings than this: no prediction.
+        #[arg(long, default_value_t = 3)]
+        min: usize,
+        /// guarded (the trigger's predictor), gm11, last or ewma.
+        #[arg(long, default_value = "guarded")]
+        model: String,
+        /// Evaluate every model on a `timestamp,value` CSV trace instead.
+        #[arg(long, conflicts_with = "values")]
+        eval: Option<PathBuf>,
+        /// Threshold for the trigger-quality figures (default: the trace's 90th percentile).
+        #[arg(long, requires = "eval")]
+        threshold: Option<f64>,
+        /// The readings, oldest first; `-` reads them from stdin.
+        #[arg(allow_negative_numbers = true)]
+        values: Vec<String>,
+    },
     /// Benchmark the data engine against native backup + restore.
     Bench {
         #[arg(long, default_value = "/tmp/stateshift-bench")]
@@ -62,8 +87,12 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -76,7 +105,12 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> ExitCode {
     match cmd {
-        Cmd::Migrate { config, yes, dry_run, report } => {
+        Cmd::Migrate {
+            config,
+            yes,
+            dry_run,
+            report,
+        } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -88,7 +122,10 @@ async fn run(cmd: Cmd) -> ExitCode {
                 eprintln!("stateshift: {}: target: missing; name the target InfluxDB host (stack creation is not wired to `migrate` yet)", config.display());
                 return ExitCode::from(2);
             };
-            println!("plan: migrate {} ({}) -> {} ({})", cfg.source.name, cfg.source.influx_url, target.name, target.influx_url);
+            println!(
+                "plan: migrate {} ({}) -> {} ({})",
+                cfg.source.name, cfg.source.influx_url, target.name, target.influx_url
+            );
             println!("      capture -> dump -> transfer -> restore -> delta -> cutover{} -> verify -> dispose", cfg.cutover.command.as_ref().map(|c| format!(" (`{c}`)")).unwrap_or_default());
             if dry_run {
                 return match engine::preflight(&cfg, &target).await {
@@ -113,12 +150,20 @@ async fn run(cmd: Cmd) -> ExitCode {
             let (code, rep) = match res {
                 Ok(r) => {
                     bench::print_report(&r);
-                    println!("migration {} succeeded: verified, writers on {}", r.migration_id, target.influx_url);
+                    println!(
+                        "migration {} succeeded: verified, writers on {}",
+                        r.migration_id, target.influx_url
+                    );
                     (ExitCode::SUCCESS, serde_json::to_string_pretty(&r))
                 }
                 Err(e) => {
                     eprintln!("stateshift: migration failed in {}: {e}", e.phase());
-                    (ExitCode::from(1), serde_json::to_string_pretty(&serde_json::json!({"error": e.to_string(), "phase": e.phase()})))
+                    (
+                        ExitCode::from(1),
+                        serde_json::to_string_pretty(
+                            &serde_json::json!({"error": e.to_string(), "phase": e.phase()}),
+                        ),
+                    )
                 }
             };
             if let (Some(path), Ok(json)) = (report, rep) {
@@ -129,8 +174,20 @@ async fn run(cmd: Cmd) -> ExitCode {
             }
             code
         }
+        Cmd::Predict {
+            window,
+            min,
+            model,
+            eval,
+            threshold,
+            values,
+        } => predict(window, min, &model, eval, threshold, values),
         Cmd::Demo { dir, points } => match bench::demo(&dir, points).await {
-            Ok(o) if o.problems.is_empty() && o.seeded == o.seeded_on_target && o.ledger.requests_failed == 0 => {
+            Ok(o)
+                if o.problems.is_empty()
+                    && o.seeded == o.seeded_on_target
+                    && o.ledger.requests_failed == 0 =>
+            {
                 println!("\ndemo ok: nothing lost");
                 ExitCode::SUCCESS
             }
@@ -143,12 +200,111 @@ async fn run(cmd: Cmd) -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Cmd::Bench { dir, points, rate, replay_points } => match bench::bench(&dir, &BenchOptions { points, rate, replay_points }).await {
+        Cmd::Bench {
+            dir,
+            points,
+            rate,
+            replay_points,
+        } => match bench::bench(
+            &dir,
+            &BenchOptions {
+                points,
+                rate,
+                replay_points,
+            },
+        )
+        .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("stateshift bench: {e:#}");
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+fn predict(
+    window: usize,
+    min: usize,
+    model: &str,
+    eval: Option<PathBuf>,
+    threshold: Option<f64>,
+    values: Vec<String>,
+) -> ExitCode {
+    use stateshift::predict::{self, eval as ev, Model};
+    if window == 0 || min == 0 || min > window {
+        eprintln!("stateshift predict: --window and --min must be at least 1, with --min <= --window (got {window} and {min})");
+        return ExitCode::from(2);
+    }
+    if let Some(path) = eval {
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("stateshift predict: {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        };
+        return match ev::parse_trace(&text) {
+            Ok(trace) => {
+                println!(
+                    "{}: {} readings, window {window}, min {min}",
+                    path.display(),
+                    trace.len()
+                );
+                println!("{}", ev::evaluate(&trace, window, min, threshold));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("stateshift predict: {}: {e}", path.display());
+                ExitCode::from(2)
+            }
+        };
+    }
+    let model: Model = match model.parse() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("stateshift predict: --model: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut words = values;
+    if words.len() == 1 && words[0] == "-" {
+        let mut s = String::new();
+        if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+            eprintln!("stateshift predict: stdin: {e}");
+            return ExitCode::from(2);
+        }
+        words = s
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty())
+            .map(String::from)
+            .collect();
+    }
+    let mut xs = Vec::with_capacity(words.len());
+    for (i, w) in words.iter().enumerate() {
+        match w.parse::<f64>() {
+            Ok(v) if v.is_finite() => xs.push(v),
+            _ => {
+                eprintln!(
+                    "stateshift predict: value {} ({w:?}) is not a finite number",
+                    i + 1
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match predict::predict_series(model, &xs, window, min) {
+        Some(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!(
+                "stateshift predict: no prediction: {} readings, at least {min} needed",
+                xs.len().min(window)
+            );
+            ExitCode::from(1)
+        }
     }
 }

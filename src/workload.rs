@@ -36,7 +36,12 @@ pub fn seed_value(series: u32, i: u64) -> f64 {
 /// of `measurements` measurements, evenly over `days` days, with float, integer, string
 /// and boolean fields. Returns points written.
 pub async fn seed(influx: &Influx, spec: &SeedSpec) -> Result<u64, InfluxError> {
-    influx.query(None, &format!("CREATE DATABASE {}", crate::influx::ident(&spec.db))).await?;
+    influx
+        .query(
+            None,
+            &format!("CREATE DATABASE {}", crate::influx::ident(&spec.db)),
+        )
+        .await?;
     let per_series = spec.points.div_ceil(spec.series as u64).max(1);
     let span = spec.days as i64 * DAY_NS;
     let step = (span / per_series as i64).max(1);
@@ -65,13 +70,17 @@ pub async fn seed(influx: &Influx, spec: &SeedSpec) -> Result<u64, InfluxError> 
             in_buf += 1;
             if in_buf == 10_000 {
                 let body = std::mem::take(&mut buf).build();
-                influx.write(&spec.db, None, "ns", Bytes::from(body)).await?;
+                influx
+                    .write(&spec.db, None, "ns", Bytes::from(body))
+                    .await?;
                 in_buf = 0;
             }
         }
     }
     if in_buf > 0 {
-        influx.write(&spec.db, None, "ns", Bytes::from(buf.build())).await?;
+        influx
+            .write(&spec.db, None, "ns", Bytes::from(buf.build()))
+            .await?;
     }
     Ok(written)
 }
@@ -151,13 +160,21 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
         if let Ok(u) = std::fs::read_to_string(&spec.url_file) {
             let u = u.trim().to_string();
             if !u.is_empty() && u != url {
-                client = Some(Influx::new(&u, spec.username.as_deref(), spec.password.as_ref(), Duration::from_secs(10)));
+                client = Some(Influx::new(
+                    &u,
+                    spec.username.as_deref(),
+                    spec.password.as_ref(),
+                    Duration::from_secs(10),
+                ));
                 ledger.urls_used.push(u.clone());
                 url = u;
             }
         }
         let Some(c) = &client else { continue };
-        let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0);
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
         let mut b = LineProtocolBuilder::new();
         let mut batch: Vec<((String, i64), f64)> = Vec::with_capacity(per_batch as usize);
         for _ in 0..per_batch {
@@ -175,7 +192,10 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
                 }
             } else if r < spec.overwrite_fraction + spec.old_fraction {
                 let days = 1 + (next() % 5) as i64;
-                (format!("w{}", seq % 20), now_ns - days * DAY_NS + seq as i64)
+                (
+                    format!("w{}", seq % 20),
+                    now_ns - days * DAY_NS + seq as i64,
+                )
             } else {
                 (format!("w{}", seq % 20), now_ns + seq as i64)
             };
@@ -192,7 +212,9 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
         }
         let t = Instant::now();
         let r = c.write(&spec.db, None, "ns", Bytes::from(b.build())).await;
-        ledger.latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        ledger
+            .latencies_us
+            .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
         match r {
             Ok(()) => {
                 ledger.max_stall = ledger.max_stall.max(last_ok.elapsed());
@@ -217,15 +239,27 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
 
 /// Independent check: every point in the ledger is on `target` with its latest
 /// acknowledged value. Returns the list of problems (empty: nothing lost).
-pub async fn check_ledger(target: &Influx, db: &str, ledger: &Ledger) -> Result<Vec<String>, InfluxError> {
+pub async fn check_ledger(
+    target: &Influx,
+    db: &str,
+    ledger: &Ledger,
+) -> Result<Vec<String>, InfluxError> {
     let mut on_target: HashMap<(String, i64), f64> = HashMap::with_capacity(ledger.acked.len());
     let q = format!("SELECT value FROM {} WHERE time >= -9223372036854775806 AND time <= 9223372036854775806 GROUP BY host", LIVE_MEASUREMENT);
     let mut err = None;
     target
         .query_chunked(db, &q, 10_000, |s| {
-            let host = s.tags.as_ref().and_then(|t| t.get("host")).cloned().unwrap_or_default();
+            let host = s
+                .tags
+                .as_ref()
+                .and_then(|t| t.get("host"))
+                .cloned()
+                .unwrap_or_default();
             for row in s.values {
-                match (row.first().and_then(|v| v.as_i64()), row.get(1).and_then(|v| v.as_f64())) {
+                match (
+                    row.first().and_then(|v| v.as_i64()),
+                    row.get(1).and_then(|v| v.as_f64()),
+                ) {
                     (Some(t), Some(v)) => {
                         on_target.insert((host.clone(), t), v);
                     }
@@ -243,20 +277,29 @@ pub async fn check_ledger(target: &Influx, db: &str, ledger: &Ledger) -> Result<
             None => {
                 lost += 1;
                 if problems.len() < 20 {
-                    problems.push(format!("acknowledged point host={} time={} is missing on the target", k.0, k.1));
+                    problems.push(format!(
+                        "acknowledged point host={} time={} is missing on the target",
+                        k.0, k.1
+                    ));
                 }
             }
             Some(w) if w != v => {
                 stale += 1;
                 if problems.len() < 20 {
-                    problems.push(format!("point host={} time={} has value {w} on the target, last acknowledged {v}", k.0, k.1));
+                    problems.push(format!(
+                        "point host={} time={} has value {w} on the target, last acknowledged {v}",
+                        k.0, k.1
+                    ));
                 }
             }
             Some(_) => {}
         }
     }
     if lost + stale > 0 {
-        problems.push(format!("{lost} acknowledged points lost, {stale} with a stale value, of {}", ledger.acked.len()));
+        problems.push(format!(
+            "{lost} acknowledged points lost, {stale} with a stale value, of {}",
+            ledger.acked.len()
+        ));
     }
     Ok(problems)
 }
@@ -280,9 +323,16 @@ impl RunningWriter {
 }
 
 /// Count the points of every seeded measurement on a server (independent of verify).
-pub async fn count_points(influx: &Influx, db: &str, measurement: &str) -> Result<u64, InfluxError> {
+pub async fn count_points(
+    influx: &Influx,
+    db: &str,
+    measurement: &str,
+) -> Result<u64, InfluxError> {
     let q = format!("SELECT COUNT(value) FROM {} WHERE time >= -9223372036854775806 AND time <= 9223372036854775806", crate::influx::ident(measurement));
     let s = influx.query(Some(db), &q).await?;
-    Ok(s.first().and_then(|s| s.values.first()).and_then(|r| r.get(1)).and_then(|v| v.as_u64()).unwrap_or(0))
+    Ok(s.first()
+        .and_then(|s| s.values.first())
+        .and_then(|r| r.get(1))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0))
 }
-

@@ -182,7 +182,12 @@ pub fn literal(s: &str) -> String {
 }
 
 impl Influx {
-    pub fn new(url: &str, username: Option<&str>, password: Option<&Secret>, timeout: Duration) -> Influx {
+    pub fn new(
+        url: &str,
+        username: Option<&str>,
+        password: Option<&Secret>,
+        timeout: Duration,
+    ) -> Influx {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(timeout)
@@ -201,7 +206,12 @@ impl Influx {
     }
 
     pub fn from_config(c: &InstanceConfig) -> Influx {
-        Influx::new(&c.influx_url, c.username.as_deref(), c.password.as_ref(), c.timeout)
+        Influx::new(
+            &c.influx_url,
+            c.username.as_deref(),
+            c.password.as_ref(),
+            c.timeout,
+        )
     }
 
     /// A client for the same server without a request timeout (long streaming queries).
@@ -266,7 +276,11 @@ impl Influx {
         }
     }
 
-    async fn check(&self, r: reqwest::Response, what: &str) -> Result<reqwest::Response, InfluxError> {
+    async fn check(
+        &self,
+        r: reqwest::Response,
+        what: &str,
+    ) -> Result<reqwest::Response, InfluxError> {
         let status = r.status().as_u16();
         if r.status().is_success() {
             return Ok(r);
@@ -330,7 +344,13 @@ impl Influx {
 
     /// Stream a query's series chunk by chunk (`chunked=true`): memory stays bounded by the
     /// chunk size whatever the result size. `f` is called for each chunk of each series.
-    pub async fn query_chunked<F>(&self, db: &str, q: &str, chunk_size: usize, mut f: F) -> Result<(), InfluxError>
+    pub async fn query_chunked<F>(
+        &self,
+        db: &str,
+        q: &str,
+        chunk_size: usize,
+        mut f: F,
+    ) -> Result<(), InfluxError>
     where
         F: FnMut(Series) -> Result<(), InfluxError>,
     {
@@ -377,7 +397,13 @@ impl Influx {
     }
 
     /// Write a line-protocol body. `precision` is one of `ns`, `u`, `ms`, `s`, `m`, `h`.
-    pub async fn write(&self, db: &str, rp: Option<&str>, precision: &str, body: Bytes) -> Result<(), InfluxError> {
+    pub async fn write(
+        &self,
+        db: &str,
+        rp: Option<&str>,
+        precision: &str,
+        body: Bytes,
+    ) -> Result<(), InfluxError> {
         let mut params = vec![("db", db), ("precision", precision)];
         if let Some(rp) = rp.filter(|r| !r.is_empty()) {
             params.push(("rp", rp));
@@ -479,7 +505,10 @@ impl Influx {
     }
 
     /// `(measurement, field, type)` for every field of `db`.
-    pub async fn field_keys(&self, db: &str) -> Result<Vec<(String, String, FieldType)>, InfluxError> {
+    pub async fn field_keys(
+        &self,
+        db: &str,
+    ) -> Result<Vec<(String, String, FieldType)>, InfluxError> {
         let mut out = Vec::new();
         for s in self.query(Some(db), "SHOW FIELD KEYS").await? {
             for row in s.values {
@@ -489,8 +518,9 @@ impl Influx {
                 ) else {
                     return Err(self.decode_err("SHOW FIELD KEYS", "a row without key or type"));
                 };
-                let ty = FieldType::parse(t)
-                    .ok_or_else(|| self.decode_err("SHOW FIELD KEYS", format!("unknown field type {t:?}")))?;
+                let ty = FieldType::parse(t).ok_or_else(|| {
+                    self.decode_err("SHOW FIELD KEYS", format!("unknown field type {t:?}"))
+                })?;
                 out.push((s.name.clone(), k.to_string(), ty));
             }
         }
@@ -524,7 +554,10 @@ impl Influx {
                 let privilege = str_of(col(&s.columns, row, "privilege"))
                     .ok_or_else(|| self.decode_err(&q, "a row without privilege"))?;
                 if privilege != "NO PRIVILEGES" {
-                    out.push(Grant { database, privilege });
+                    out.push(Grant {
+                        database,
+                        privilege,
+                    });
                 }
             }
         }
@@ -543,7 +576,9 @@ impl Influx {
                     str_of(col(&s.columns, row, "name")),
                     str_of(col(&s.columns, row, "query")),
                 ) else {
-                    return Err(self.decode_err("SHOW CONTINUOUS QUERIES", "a row without name or query"));
+                    return Err(
+                        self.decode_err("SHOW CONTINUOUS QUERIES", "a row without name or query")
+                    );
                 };
                 out.push(ContinuousQuery {
                     database: s.name.clone(),
@@ -563,7 +598,11 @@ impl Influx {
                 let get = |c: &str| str_of(col(&s.columns, row, c));
                 let destinations = col(&s.columns, row, "destinations")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(|d| d.as_str().map(String::from)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|d| d.as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 out.push(Subscription {
                     database: s.name.clone(),
@@ -579,7 +618,10 @@ impl Influx {
 }
 
 fn col<'a>(columns: &[String], row: &'a [Value], name: &str) -> Option<&'a Value> {
-    columns.iter().position(|c| c == name).and_then(|i| row.get(i))
+    columns
+        .iter()
+        .position(|c| c == name)
+        .and_then(|i| row.get(i))
 }
 
 fn str_of(v: Option<&Value>) -> Option<String> {

@@ -53,7 +53,11 @@ impl KeySet {
 }
 
 /// The key of one point: measurement, non-empty tags sorted by key, timestamp in ns.
-pub fn point_key<'a>(measurement: &str, tags: impl Iterator<Item = (&'a str, &'a str)>, time_ns: i64) -> u64 {
+pub fn point_key<'a>(
+    measurement: &str,
+    tags: impl Iterator<Item = (&'a str, &'a str)>,
+    time_ns: i64,
+) -> u64 {
     let mut t: Vec<(&str, &str)> = tags.filter(|(_, v)| !v.is_empty()).collect();
     t.sort_unstable();
     let mut h = DefaultHasher::new();
@@ -129,10 +133,14 @@ impl Receiver {
     pub async fn start(listen: SocketAddr, sink: Sink) -> Result<Receiver, BindError> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .map_err(|source| BindError { addr: listen, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| BindError { addr: listen, source })?;
+            .map_err(|source| BindError {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| BindError {
+            addr: listen,
+            source,
+        })?;
         let stats = Arc::new(ReceiverStats::default());
         let app = axum::Router::new()
             .route("/write", post(write))
@@ -173,7 +181,11 @@ impl Drop for Receiver {
     }
 }
 
-async fn write(State(st): State<AppState>, Query(p): Query<WriteParams>, body: Bytes) -> StatusCode {
+async fn write(
+    State(st): State<AppState>,
+    Query(p): Query<WriteParams>,
+    body: Bytes,
+) -> StatusCode {
     st.stats.requests.fetch_add(1, Ordering::Relaxed);
     let reject = |code| {
         st.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -225,7 +237,10 @@ async fn write(State(st): State<AppState>, Query(p): Query<WriteParams>, body: B
         }
     }
     st.stats.points.fetch_add(points, Ordering::SeqCst);
-    *st.stats.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    *st.stats
+        .last_write
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     StatusCode::NO_CONTENT
 }
 
@@ -236,12 +251,23 @@ mod tests {
     #[tokio::test]
     async fn keys_sink_records_the_same_key_verification_computes() {
         let set = Arc::new(Mutex::new(KeySet::with_cap(10)));
-        let r = Receiver::start("127.0.0.1:0".parse().unwrap(), Sink::Keys(set.clone())).await.unwrap();
+        let r = Receiver::start("127.0.0.1:0".parse().unwrap(), Sink::Keys(set.clone()))
+            .await
+            .unwrap();
         let body = "cyclops_usage,host=w5 value=1,seq=2i,account=\"acme\",billable=true 1795461247919819443\n";
         let url = format!("http://{}/write?db=d&rp=autogen&precision=ns", r.addr);
-        let resp = reqwest::Client::new().post(url).body(body).send().await.unwrap();
+        let resp = reqwest::Client::new()
+            .post(url)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 204);
-        let k = point_key("cyclops_usage", [("host", "w5")].into_iter(), 1795461247919819443);
+        let k = point_key(
+            "cyclops_usage",
+            [("host", "w5")].into_iter(),
+            1795461247919819443,
+        );
         assert!(set.lock().unwrap().keys.contains(&k));
         r.stop().await;
     }

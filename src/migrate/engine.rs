@@ -41,7 +41,10 @@ pub enum Phase {
 
 impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
         f.write_str(&s)
     }
 }
@@ -73,7 +76,10 @@ pub enum MigrateError {
     #[error("{phase}: {msg}")]
     Failed { phase: Phase, msg: String },
     #[error("verify: the target is missing data; nothing was deleted, the source keeps everything. {summary}")]
-    VerifyFailed { summary: String, report: Box<VerifyReport> },
+    VerifyFailed {
+        summary: String,
+        report: Box<VerifyReport>,
+    },
 }
 
 impl MigrateError {
@@ -83,7 +89,9 @@ impl MigrateError {
             | MigrateError::Remote { phase, .. }
             | MigrateError::Spool { phase, .. }
             | MigrateError::Failed { phase, .. } => *phase,
-            MigrateError::TargetNotEmpty { .. } | MigrateError::MissingPassword { .. } => Phase::Prepare,
+            MigrateError::TargetNotEmpty { .. } | MigrateError::MissingPassword { .. } => {
+                Phase::Prepare
+            }
             MigrateError::VerifyFailed { .. } => Phase::Verify,
         }
     }
@@ -116,7 +124,11 @@ pub struct Report {
 
 impl Report {
     pub fn phase_seconds(&self, p: Phase) -> f64 {
-        self.phases.iter().filter(|t| t.phase == p).map(|t| t.seconds).sum()
+        self.phases
+            .iter()
+            .filter(|t| t.phase == p)
+            .map(|t| t.seconds)
+            .sum()
     }
 }
 
@@ -165,21 +177,40 @@ pub async fn preflight(cfg: &Config, target: &InstanceConfig) -> Result<Vec<Stri
     let mut m = Migration::new(cfg, target);
     m.prepare().await?;
     let mut lines = vec![
-        format!("source InfluxDB {} answers; databases: {}", cfg.source.influx_url, m.report.databases.join(", ")),
-        format!("target InfluxDB {} answers and holds none of them", target.influx_url),
-        format!("commands run on source host {} and target host {}; influxd present on both", m.src().host.describe(), m.dst().host.describe()),
+        format!(
+            "source InfluxDB {} answers; databases: {}",
+            cfg.source.influx_url,
+            m.report.databases.join(", ")
+        ),
+        format!(
+            "target InfluxDB {} answers and holds none of them",
+            target.influx_url
+        ),
+        format!(
+            "commands run on source host {} and target host {}; influxd present on both",
+            m.src().host.describe(),
+            m.dst().host.describe()
+        ),
         "every source user can be recreated on the target".to_string(),
     ];
     if cfg.cutover.command.is_some() {
-        let h = Host::connect(cfg.cutover.ssh.as_ref()).await.map_err(Migration::remote_err(Phase::Prepare))?;
-        h.run("true").await.map_err(Migration::remote_err(Phase::Prepare))?;
+        let h = Host::connect(cfg.cutover.ssh.as_ref())
+            .await
+            .map_err(Migration::remote_err(Phase::Prepare))?;
+        h.run("true")
+            .await
+            .map_err(Migration::remote_err(Phase::Prepare))?;
         lines.push(format!("cutover host {} runs commands", h.describe()));
     }
     Ok(lines)
 }
 
 /// Run a whole data migration from `cfg.source` to `target`.
-pub async fn run(cfg: &Config, target: &InstanceConfig, progress: &dyn Progress) -> Result<Report, MigrateError> {
+pub async fn run(
+    cfg: &Config,
+    target: &InstanceConfig,
+    progress: &dyn Progress,
+) -> Result<Report, MigrateError> {
     let mut m = Migration::new(cfg, target);
     m.progress = progress;
     let start = Instant::now();
@@ -196,26 +227,32 @@ pub async fn run(cfg: &Config, target: &InstanceConfig, progress: &dyn Progress)
 
 impl<'a> Migration<'a> {
     fn new(cfg: &'a Config, target: &InstanceConfig) -> Migration<'a> {
-        let id = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0));
-    Migration {
-        id: id.clone(),
-        cfg,
-        progress: &LogProgress,
-        report: Report {
-            migration_id: id,
-            source: cfg.source.influx_url.clone(),
-            target: target.influx_url.clone(),
-            ..Report::default()
-        },
-        created: Created::default(),
-        source: None,
-        target_cfg: target.clone(),
-        target: None,
-        receiver: None,
-        spool: None,
-        touched: None,
-        touched_receiver: None,
-    }
+        let id = format!(
+            "{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        );
+        Migration {
+            id: id.clone(),
+            cfg,
+            progress: &LogProgress,
+            report: Report {
+                migration_id: id,
+                source: cfg.source.influx_url.clone(),
+                target: target.influx_url.clone(),
+                ..Report::default()
+            },
+            created: Created::default(),
+            source: None,
+            target_cfg: target.clone(),
+            target: None,
+            receiver: None,
+            spool: None,
+            touched: None,
+            touched_receiver: None,
+        }
     }
 }
 
@@ -250,7 +287,10 @@ impl Migration<'_> {
         let t = Instant::now();
         self.progress.phase_started(Phase::Prepare);
         let r = self.prepare().await;
-        self.report.phases.push(PhaseTiming { phase: Phase::Prepare, seconds: t.elapsed().as_secs_f64() });
+        self.report.phases.push(PhaseTiming {
+            phase: Phase::Prepare,
+            seconds: t.elapsed().as_secs_f64(),
+        });
         r?;
         self.progress.phase_done(Phase::Prepare, t.elapsed());
 
@@ -259,7 +299,10 @@ impl Migration<'_> {
                 let t = Instant::now();
                 self.progress.phase_started($p);
                 let r = self.$f().await;
-                self.report.phases.push(PhaseTiming { phase: $p, seconds: t.elapsed().as_secs_f64() });
+                self.report.phases.push(PhaseTiming {
+                    phase: $p,
+                    seconds: t.elapsed().as_secs_f64(),
+                });
                 let v = r?;
                 self.progress.phase_done($p, t.elapsed());
                 v
@@ -274,7 +317,10 @@ impl Migration<'_> {
         let t = Instant::now();
         self.progress.phase_started(Phase::Cutover);
         let r = self.cutover(&mut reader).await;
-        self.report.phases.push(PhaseTiming { phase: Phase::Cutover, seconds: t.elapsed().as_secs_f64() });
+        self.report.phases.push(PhaseTiming {
+            phase: Phase::Cutover,
+            seconds: t.elapsed().as_secs_f64(),
+        });
         r?;
         self.progress.phase_done(Phase::Cutover, t.elapsed());
         phase!(Phase::Verify, verify);
@@ -305,34 +351,62 @@ impl Migration<'_> {
         let dst_dbs = dst_influx.databases().await.map_err(Self::influx_err(p))?;
         for db in &dbs {
             if dst_dbs.contains(db) {
-                return Err(MigrateError::TargetNotEmpty { target: dst_cfg.name.clone(), db: db.clone() });
+                return Err(MigrateError::TargetNotEmpty {
+                    target: dst_cfg.name.clone(),
+                    db: db.clone(),
+                });
             }
         }
         let users = src_influx.users().await.map_err(Self::influx_err(p))?;
-        let dst_users: BTreeSet<String> = dst_influx.users().await.map_err(Self::influx_err(p))?.into_iter().map(|u| u.name).collect();
+        let dst_users: BTreeSet<String> = dst_influx
+            .users()
+            .await
+            .map_err(Self::influx_err(p))?
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
         for u in &users {
-            let known = self.cfg.migration.user_passwords.contains_key(&u.name) || (src_cfg.username.as_deref() == Some(&u.name) && src_cfg.password.is_some());
+            let known = self.cfg.migration.user_passwords.contains_key(&u.name)
+                || (src_cfg.username.as_deref() == Some(&u.name) && src_cfg.password.is_some());
             if !dst_users.contains(&u.name) && !known {
-                return Err(MigrateError::MissingPassword { user: u.name.clone() });
+                return Err(MigrateError::MissingPassword {
+                    user: u.name.clone(),
+                });
             }
         }
-        let (sh, th) = tokio::join!(Host::connect(src_cfg.ssh.as_ref()), Host::connect(dst_cfg.ssh.as_ref()));
+        let (sh, th) = tokio::join!(
+            Host::connect(src_cfg.ssh.as_ref()),
+            Host::connect(dst_cfg.ssh.as_ref())
+        );
         let sh = sh.map_err(Self::remote_err(p))?;
         let th = th.map_err(Self::remote_err(p))?;
         for (h, name) in [(&sh, &src_cfg.name), (&th, &dst_cfg.name)] {
-            h.run("influxd version").await.map_err(|e| MigrateError::Failed {
-                phase: p,
-                msg: format!("{name}: influxd is not runnable on the host ({e})"),
-            })?;
+            h.run("influxd version")
+                .await
+                .map_err(|e| MigrateError::Failed {
+                    phase: p,
+                    msg: format!("{name}: influxd is not runnable on the host ({e})"),
+                })?;
         }
         if let Some(c) = &self.cfg.cutover.command {
             if c.trim().is_empty() {
-                return Err(MigrateError::Failed { phase: p, msg: "cutover.command is empty".into() });
+                return Err(MigrateError::Failed {
+                    phase: p,
+                    msg: "cutover.command is empty".into(),
+                });
             }
         }
         self.report.databases = dbs;
-        self.source = Some(Side { cfg: src_cfg, influx: src_influx, host: sh });
-        self.target = Some(Side { cfg: dst_cfg, influx: dst_influx, host: th });
+        self.source = Some(Side {
+            cfg: src_cfg,
+            influx: src_influx,
+            host: sh,
+        });
+        self.target = Some(Side {
+            cfg: dst_cfg,
+            influx: dst_influx,
+            host: th,
+        });
         Ok(())
     }
 
@@ -343,18 +417,30 @@ impl Migration<'_> {
         let spool_dir = &self.cfg.capture.spool_dir;
         std::fs::create_dir_all(spool_dir).map_err(|e| MigrateError::Failed {
             phase: p,
-            msg: format!("cannot create capture.spool_dir {}: {e}", spool_dir.display()),
+            msg: format!(
+                "cannot create capture.spool_dir {}: {e}",
+                spool_dir.display()
+            ),
         })?;
-        let spool = Arc::new(SpoolWriter::create(&spool_dir.join(format!("{}.spool", self.id))).map_err(|source| MigrateError::Spool { phase: p, source })?);
+        let spool = Arc::new(
+            SpoolWriter::create(&spool_dir.join(format!("{}.spool", self.id)))
+                .map_err(|source| MigrateError::Spool { phase: p, source })?,
+        );
         let receiver = Receiver::start(self.cfg.capture.listen, Sink::Spool(spool.clone()))
             .await
-            .map_err(|e| MigrateError::Failed { phase: p, msg: e.to_string() })?;
+            .map_err(|e| MigrateError::Failed {
+                phase: p,
+                msg: e.to_string(),
+            })?;
         let url = self.advertise(receiver.addr);
         self.spool = Some(spool);
         self.receiver = Some(receiver);
         let name = sub_name(&self.id);
         let subs = self.subscribe(Phase::Capture, true, &name, &url).await?;
-        self.progress.note(&format!("capturing writes of {} retention policies into {url}", subs));
+        self.progress.note(&format!(
+            "capturing writes of {} retention policies into {url}",
+            subs
+        ));
         Ok(())
     }
 
@@ -372,33 +458,67 @@ impl Migration<'_> {
 
     /// Subscribe every retention policy of every user database (source or target side)
     /// and wait until InfluxDB shows the subscriptions live in `/debug/vars`.
-    async fn subscribe(&mut self, phase: Phase, on_source: bool, name: &str, url: &str) -> Result<usize, MigrateError> {
+    async fn subscribe(
+        &mut self,
+        phase: Phase,
+        on_source: bool,
+        name: &str,
+        url: &str,
+    ) -> Result<usize, MigrateError> {
         let side = if on_source { self.src() } else { self.dst() };
         let influx = side.influx.clone();
         let mut made = Vec::new();
         for db in influx.databases().await.map_err(Self::influx_err(phase))? {
-            for rp in influx.retention_policies(&db).await.map_err(Self::influx_err(phase))? {
-                let q = format!("CREATE SUBSCRIPTION {} ON {}.{} DESTINATIONS ALL {}", ident(name), ident(&db), ident(&rp.name), literal(url));
-                influx.query(None, &q).await.map_err(Self::influx_err(phase))?;
+            for rp in influx
+                .retention_policies(&db)
+                .await
+                .map_err(Self::influx_err(phase))?
+            {
+                let q = format!(
+                    "CREATE SUBSCRIPTION {} ON {}.{} DESTINATIONS ALL {}",
+                    ident(name),
+                    ident(&db),
+                    ident(&rp.name),
+                    literal(url)
+                );
+                influx
+                    .query(None, &q)
+                    .await
+                    .map_err(Self::influx_err(phase))?;
                 made.push((db.clone(), rp.name.clone()));
                 if on_source {
-                    self.created.source_subscriptions.push((db.clone(), rp.name.clone()));
+                    self.created
+                        .source_subscriptions
+                        .push((db.clone(), rp.name.clone()));
                 } else {
-                    self.created.target_subscriptions.push((db.clone(), rp.name.clone()));
+                    self.created
+                        .target_subscriptions
+                        .push((db.clone(), rp.name.clone()));
                 }
             }
         }
         let deadline = Instant::now() + self.cfg.capture.live_timeout;
         loop {
             let vars = influx.debug_vars().await.map_err(Self::influx_err(phase))?;
-            let live = made.iter().filter(|(db, rp)| vars.get(format!("subscriber:{db}:{rp}:{name}:{url}")).is_some()).count();
+            let live = made
+                .iter()
+                .filter(|(db, rp)| {
+                    vars.get(format!("subscriber:{db}:{rp}:{name}:{url}"))
+                        .is_some()
+                })
+                .count();
             if live == made.len() {
                 return Ok(made.len());
             }
             if Instant::now() > deadline {
                 return Err(MigrateError::Failed {
                     phase,
-                    msg: format!("{}: only {live} of {} subscriptions became live within {:?}", influx.url(), made.len(), self.cfg.capture.live_timeout),
+                    msg: format!(
+                        "{}: only {live} of {} subscriptions became live within {:?}",
+                        influx.url(),
+                        made.len(),
+                        self.cfg.capture.live_timeout
+                    ),
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -406,15 +526,27 @@ impl Migration<'_> {
     }
 
     /// Sum of (pointsWritten, writeFailures) of our subscriptions, from `/debug/vars`.
-    async fn subscriber_stats(influx: &Influx, name: &str, phase: Phase) -> Result<(u64, u64), MigrateError> {
+    async fn subscriber_stats(
+        influx: &Influx,
+        name: &str,
+        phase: Phase,
+    ) -> Result<(u64, u64), MigrateError> {
         let vars = influx.debug_vars().await.map_err(Self::influx_err(phase))?;
         let mut written = 0;
         let mut failed = 0;
         if let Some(obj) = vars.as_object() {
             for (k, v) in obj {
-                if k.starts_with("subscriber:") && v.pointer("/tags/name").and_then(|n| n.as_str()) == Some(name) {
-                    written += v.pointer("/values/pointsWritten").and_then(|n| n.as_u64()).unwrap_or(0);
-                    failed += v.pointer("/values/writeFailures").and_then(|n| n.as_u64()).unwrap_or(0);
+                if k.starts_with("subscriber:")
+                    && v.pointer("/tags/name").and_then(|n| n.as_str()) == Some(name)
+                {
+                    written += v
+                        .pointer("/values/pointsWritten")
+                        .and_then(|n| n.as_u64())
+                        .unwrap_or(0);
+                    failed += v
+                        .pointer("/values/writeFailures")
+                        .and_then(|n| n.as_u64())
+                        .unwrap_or(0);
                 }
             }
         }
@@ -423,7 +555,8 @@ impl Migration<'_> {
 
     /// Fail if the source reports forwarded writes that did not reach the receiver.
     async fn check_capture_complete(&self, phase: Phase) -> Result<(), MigrateError> {
-        let (_, failed) = Self::subscriber_stats(&self.src().influx, &sub_name(&self.id), phase).await?;
+        let (_, failed) =
+            Self::subscriber_stats(&self.src().influx, &sub_name(&self.id), phase).await?;
         if failed > 0 {
             return Err(MigrateError::Failed {
                 phase,
@@ -448,8 +581,18 @@ impl Migration<'_> {
             "rm -rf {q} && mkdir -p {q} && influxd backup -portable -host {} {q} 2>&1 && du -sb {q}",
             shell_quote(&self.src().cfg.rpc_address)
         );
-        let out = self.src().host.run(&cmd).await.map_err(Self::remote_err(p))?;
-        self.report.dump_bytes = out.lines().last().and_then(|l| l.split_whitespace().next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+        let out = self
+            .src()
+            .host
+            .run(&cmd)
+            .await
+            .map_err(Self::remote_err(p))?;
+        self.report.dump_bytes = out
+            .lines()
+            .last()
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
         Ok(())
     }
 
@@ -460,11 +603,39 @@ impl Migration<'_> {
         self.created.target_dirs.push(to.clone());
         // The shards are already gzip-compressed: plain tar, streamed through this process.
         let send = format!("tar -C {} -cf - .", shell_quote(&from));
-        let recv = format!("rm -rf {to} && mkdir -p {to} && tar -C {to} -xf -", to = shell_quote(&to));
-        let mut tx = self.src().host.spawn(&send, Pipes { stdin: false, stdout: true }).await.map_err(Self::remote_err(p))?;
-        let mut rx = self.dst().host.spawn(&recv, Pipes { stdin: true, stdout: false }).await.map_err(Self::remote_err(p))?;
+        let recv = format!(
+            "rm -rf {to} && mkdir -p {to} && tar -C {to} -xf -",
+            to = shell_quote(&to)
+        );
+        let mut tx = self
+            .src()
+            .host
+            .spawn(
+                &send,
+                Pipes {
+                    stdin: false,
+                    stdout: true,
+                },
+            )
+            .await
+            .map_err(Self::remote_err(p))?;
+        let mut rx = self
+            .dst()
+            .host
+            .spawn(
+                &recv,
+                Pipes {
+                    stdin: true,
+                    stdout: false,
+                },
+            )
+            .await
+            .map_err(Self::remote_err(p))?;
         let (Some(mut out), Some(mut inp)) = (tx.stdout.take(), rx.stdin.take()) else {
-            return Err(MigrateError::Failed { phase: p, msg: "transfer pipes were not opened".into() });
+            return Err(MigrateError::Failed {
+                phase: p,
+                msg: "transfer pipes were not opened".into(),
+            });
         };
         let copied = tokio::io::copy(&mut out, &mut inp).await;
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut inp).await;
@@ -473,10 +644,17 @@ impl Migration<'_> {
         let (a, b) = tokio::join!(tx.finish(), rx.finish());
         a.map_err(Self::remote_err(p))?;
         b.map_err(Self::remote_err(p))?;
-        let n = copied.map_err(|e| MigrateError::Failed { phase: p, msg: format!("streaming the dump: {e}") })?;
+        let n = copied.map_err(|e| MigrateError::Failed {
+            phase: p,
+            msg: format!("streaming the dump: {e}"),
+        })?;
         self.progress.note(&format!("transferred {n} bytes"));
         // The dump on the source is no longer needed.
-        let _ = self.src().host.run(&format!("rm -rf {}", shell_quote(&from))).await;
+        let _ = self
+            .src()
+            .host
+            .run(&format!("rm -rf {}", shell_quote(&from)))
+            .await;
         Ok(())
     }
 
@@ -487,20 +665,46 @@ impl Migration<'_> {
         for db in self.report.databases.clone() {
             // Recorded before the side effect: a half-restored database is ours to remove.
             self.created.target_databases.push(db.clone());
-            let cmd = format!("influxd restore -portable -db {} -host {} {} 2>&1", shell_quote(&db), shell_quote(&rpc), shell_quote(&dir));
-            let out = self.dst().host.run(&cmd).await.map_err(Self::remote_err(p))?;
+            let cmd = format!(
+                "influxd restore -portable -db {} -host {} {} 2>&1",
+                shell_quote(&db),
+                shell_quote(&rpc),
+                shell_quote(&dir)
+            );
+            let out = self
+                .dst()
+                .host
+                .run(&cmd)
+                .await
+                .map_err(Self::remote_err(p))?;
             if out.contains("error") || out.contains("restore:") {
-                return Err(MigrateError::Failed { phase: p, msg: format!("restore of database {db:?} on {}: {}", self.dst().cfg.name, out.trim()) });
+                return Err(MigrateError::Failed {
+                    phase: p,
+                    msg: format!(
+                        "restore of database {db:?} on {}: {}",
+                        self.dst().cfg.name,
+                        out.trim()
+                    ),
+                });
             }
         }
-        let _ = self.dst().host.run(&format!("rm -rf {}", shell_quote(&dir))).await;
+        let _ = self
+            .dst()
+            .host
+            .run(&format!("rm -rf {}", shell_quote(&dir)))
+            .await;
         let src = self.src().influx.clone();
         let dst = self.dst().influx.clone();
         let err = Self::influx_err(p);
         // Portable restore carries subscriptions over: ours must not forward from the target.
         for s in dst.subscriptions().await.map_err(&err)? {
             if s.name.starts_with("stateshift_") {
-                let q = format!("DROP SUBSCRIPTION {} ON {}.{}", ident(&s.name), ident(&s.database), ident(&s.retention_policy));
+                let q = format!(
+                    "DROP SUBSCRIPTION {} ON {}.{}",
+                    ident(&s.name),
+                    ident(&s.database),
+                    ident(&s.retention_policy)
+                );
                 dst.query(None, &q).await.map_err(&err)?;
             }
         }
@@ -518,27 +722,80 @@ impl Migration<'_> {
             }
         }
         // Users and grants (portable restore drops them).
-        let dst_users: BTreeSet<String> = dst.users().await.map_err(&err)?.into_iter().map(|u| u.name).collect();
+        let dst_users: BTreeSet<String> = dst
+            .users()
+            .await
+            .map_err(&err)?
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
         for u in src.users().await.map_err(&err)? {
             if !dst_users.contains(&u.name) {
-                let pw = self.cfg.migration.user_passwords.get(&u.name).or(if self.src().cfg.username.as_deref() == Some(&u.name) { self.src().cfg.password.as_ref() } else { None }).cloned();
+                let pw = self
+                    .cfg
+                    .migration
+                    .user_passwords
+                    .get(&u.name)
+                    .or(if self.src().cfg.username.as_deref() == Some(&u.name) {
+                        self.src().cfg.password.as_ref()
+                    } else {
+                        None
+                    })
+                    .cloned();
                 let Some(pw) = pw else {
-                    return Err(MigrateError::MissingPassword { user: u.name.clone() });
+                    return Err(MigrateError::MissingPassword {
+                        user: u.name.clone(),
+                    });
                 };
-                let q = format!("CREATE USER {} WITH PASSWORD {}{}", ident(&u.name), literal(pw.expose()), if u.admin { " WITH ALL PRIVILEGES" } else { "" });
+                let q = format!(
+                    "CREATE USER {} WITH PASSWORD {}{}",
+                    ident(&u.name),
+                    literal(pw.expose()),
+                    if u.admin { " WITH ALL PRIVILEGES" } else { "" }
+                );
                 self.created.target_users.push(u.name.clone());
                 // The statement holds the password: its error must not echo it.
-                dst.query(None, &q).await.map_err(|e| MigrateError::Failed { phase: p, msg: format!("cannot create user {:?} on the target: {}", u.name, redact_statement(&e.to_string(), pw.expose())) })?;
+                dst.query(None, &q)
+                    .await
+                    .map_err(|e| MigrateError::Failed {
+                        phase: p,
+                        msg: format!(
+                            "cannot create user {:?} on the target: {}",
+                            u.name,
+                            redact_statement(&e.to_string(), pw.expose())
+                        ),
+                    })?;
             } else if u.admin {
-                dst.query(None, &format!("GRANT ALL PRIVILEGES TO {}", ident(&u.name))).await.map_err(&err)?;
+                dst.query(None, &format!("GRANT ALL PRIVILEGES TO {}", ident(&u.name)))
+                    .await
+                    .map_err(&err)?;
             }
             for g in src.grants(&u.name).await.map_err(&err)? {
-                let privilege = if g.privilege == "ALL PRIVILEGES" { "ALL" } else { g.privilege.as_str() };
-                dst.query(None, &format!("GRANT {privilege} ON {} TO {}", ident(&g.database), ident(&u.name))).await.map_err(&err)?;
+                let privilege = if g.privilege == "ALL PRIVILEGES" {
+                    "ALL"
+                } else {
+                    g.privilege.as_str()
+                };
+                dst.query(
+                    None,
+                    &format!(
+                        "GRANT {privilege} ON {} TO {}",
+                        ident(&g.database),
+                        ident(&u.name)
+                    ),
+                )
+                .await
+                .map_err(&err)?;
             }
         }
         // Continuous queries.
-        let have: BTreeSet<(String, String)> = dst.continuous_queries().await.map_err(&err)?.into_iter().map(|c| (c.database, c.name)).collect();
+        let have: BTreeSet<(String, String)> = dst
+            .continuous_queries()
+            .await
+            .map_err(&err)?
+            .into_iter()
+            .map(|c| (c.database, c.name))
+            .collect();
         for cq in src.continuous_queries().await.map_err(&err)? {
             if !have.contains(&(cq.database.clone(), cq.name.clone())) {
                 dst.query(None, &cq.query).await.map_err(&err)?;
@@ -551,9 +808,16 @@ impl Migration<'_> {
 
     async fn delta(&mut self) -> Result<SpoolReader, MigrateError> {
         let p = Phase::Delta;
-        let spool = self.spool.clone().ok_or_else(|| MigrateError::Failed { phase: p, msg: "no capture spool".into() })?;
-        spool.sync().map_err(|source| MigrateError::Spool { phase: p, source })?;
-        let mut reader = spool.reader().map_err(|source| MigrateError::Spool { phase: p, source })?;
+        let spool = self.spool.clone().ok_or_else(|| MigrateError::Failed {
+            phase: p,
+            msg: "no capture spool".into(),
+        })?;
+        spool
+            .sync()
+            .map_err(|source| MigrateError::Spool { phase: p, source })?;
+        let mut reader = spool
+            .reader()
+            .map_err(|source| MigrateError::Spool { phase: p, source })?;
         // Catch up with what was captured so far; writers keep writing to the source.
         let dst = self.dst().influx.clone();
         let t = Instant::now();
@@ -577,20 +841,43 @@ impl Migration<'_> {
         let touched = Arc::new(Mutex::new(KeySet::with_cap(5_000_000)));
         let tr = Receiver::start(self.cfg.capture.listen, Sink::Keys(touched.clone()))
             .await
-            .map_err(|e| MigrateError::Failed { phase: p, msg: e.to_string() })?;
+            .map_err(|e| MigrateError::Failed {
+                phase: p,
+                msg: e.to_string(),
+            })?;
         let turl = self.advertise(tr.addr);
         self.touched = Some(touched);
         self.touched_receiver = Some(tr);
-        self.subscribe(p, false, &format!("{}_t", sub_name(&self.id)), &turl).await?;
+        self.subscribe(p, false, &format!("{}_t", sub_name(&self.id)), &turl)
+            .await?;
 
         if let Some(cmd) = &self.cfg.cutover.command {
             let cmd = cmd.replace("{target_url}", &shell_quote(&self.dst().cfg.influx_url));
-            let host = Host::connect(self.cfg.cutover.ssh.as_ref()).await.map_err(Self::remote_err(p))?;
+            let host = Host::connect(self.cfg.cutover.ssh.as_ref())
+                .await
+                .map_err(Self::remote_err(p))?;
             let r = tokio::time::timeout(self.cfg.cutover.timeout, host.run(&cmd)).await;
             match r {
-                Ok(Ok(out)) => self.progress.note(&format!("writers repointed to {} ({})", self.dst().cfg.influx_url, out.trim())),
-                Ok(Err(e)) => return Err(MigrateError::Remote { phase: p, source: e }),
-                Err(_) => return Err(MigrateError::Failed { phase: p, msg: format!("cutover command did not finish within {:?}", self.cfg.cutover.timeout) }),
+                Ok(Ok(out)) => self.progress.note(&format!(
+                    "writers repointed to {} ({})",
+                    self.dst().cfg.influx_url,
+                    out.trim()
+                )),
+                Ok(Err(e)) => {
+                    return Err(MigrateError::Remote {
+                        phase: p,
+                        source: e,
+                    })
+                }
+                Err(_) => {
+                    return Err(MigrateError::Failed {
+                        phase: p,
+                        msg: format!(
+                            "cutover command did not finish within {:?}",
+                            self.cfg.cutover.timeout
+                        ),
+                    })
+                }
             }
         }
         self.report.cutover_done = true;
@@ -599,7 +886,14 @@ impl Migration<'_> {
         let quiet = self.cfg.capture.quiet_period;
         let deadline = Instant::now() + self.cfg.capture.quiet_timeout;
         let name = sub_name(&self.id);
-        let stats = self.receiver.as_ref().map(|r| r.stats.clone()).ok_or_else(|| MigrateError::Failed { phase: p, msg: "no receiver".into() })?;
+        let stats = self
+            .receiver
+            .as_ref()
+            .map(|r| r.stats.clone())
+            .ok_or_else(|| MigrateError::Failed {
+                phase: p,
+                msg: "no receiver".into(),
+            })?;
         let switched = Instant::now();
         loop {
             let t = Instant::now();
@@ -607,7 +901,8 @@ impl Migration<'_> {
             self.report.replay_seconds += t.elapsed().as_secs_f64();
             let last = stats.last_write().unwrap_or(switched).max(switched);
             if last.elapsed() >= quiet {
-                let (forwarded, failed) = Self::subscriber_stats(&self.src().influx, &name, p).await?;
+                let (forwarded, failed) =
+                    Self::subscriber_stats(&self.src().influx, &name, p).await?;
                 if failed > 0 {
                     return Err(MigrateError::Failed { phase: p, msg: format!("the source failed to forward {failed} captured writes; the capture is incomplete") });
                 }
@@ -615,7 +910,11 @@ impl Migration<'_> {
                 if forwarded == received && reader.lag() == 0 {
                     break;
                 }
-                tracing::debug!(forwarded, received, "source quiet but forwarding not settled yet");
+                tracing::debug!(
+                    forwarded,
+                    received,
+                    "source quiet but forwarding not settled yet"
+                );
             }
             if Instant::now() > deadline {
                 return Err(MigrateError::Failed {
@@ -629,7 +928,11 @@ impl Migration<'_> {
             }
         }
         self.report.points_captured = stats.points();
-        self.report.replay_points_per_second = if self.report.replay_seconds > 0.0 { self.report.points_replayed as f64 / self.report.replay_seconds } else { 0.0 };
+        self.report.replay_points_per_second = if self.report.replay_seconds > 0.0 {
+            self.report.points_replayed as f64 / self.report.replay_seconds
+        } else {
+            0.0
+        };
         Ok(())
     }
 
@@ -639,16 +942,41 @@ impl Migration<'_> {
         let p = Phase::Verify;
         if let (Some(t), Some(r)) = (&self.touched, &self.touched_receiver) {
             let g = t.lock().unwrap_or_else(|e| e.into_inner());
-            tracing::info!(keys = g.keys.len(), overflowed = g.overflowed, points = r.stats.points(), "points written to the target since cutover");
+            tracing::info!(
+                keys = g.keys.len(),
+                overflowed = g.overflowed,
+                points = r.stats.points(),
+                "points written to the target since cutover"
+            );
         }
-        let rep = verify::verify(&self.src().influx, &self.dst().influx, &self.cfg.verify, self.touched.as_deref()).await.map_err(Self::influx_err(p))?;
+        let rep = verify::verify(
+            &self.src().influx,
+            &self.dst().influx,
+            &self.cfg.verify,
+            self.touched.as_deref(),
+        )
+        .await
+        .map_err(Self::influx_err(p))?;
         self.report.verify = Some(rep.clone());
         if !rep.ok() {
-            let mut summary = rep.problems.iter().take(10).cloned().collect::<Vec<_>>().join("; ");
+            let mut summary = rep
+                .problems
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ");
             if rep.problems.len() > 10 || rep.problems_truncated {
-                summary.push_str(&format!("; and more ({} shown of at least {})", 10, rep.problems.len()));
+                summary.push_str(&format!(
+                    "; and more ({} shown of at least {})",
+                    10,
+                    rep.problems.len()
+                ));
             }
-            return Err(MigrateError::VerifyFailed { summary, report: Box::new(rep) });
+            return Err(MigrateError::VerifyFailed {
+                summary,
+                report: Box::new(rep),
+            });
         }
         self.progress.note(&format!(
             "verified: {} databases, {} series, {} values on the source, {} on the target, {} series compared point by point, {} points overwritten after cutover",
@@ -670,7 +998,12 @@ impl Migration<'_> {
         let tname = format!("{name}_t");
         if let Some(src) = &self.source {
             for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
-                let q = format!("DROP SUBSCRIPTION {} ON {}.{}", ident(&name), ident(&db), ident(&rp));
+                let q = format!(
+                    "DROP SUBSCRIPTION {} ON {}.{}",
+                    ident(&name),
+                    ident(&db),
+                    ident(&rp)
+                );
                 if let Err(e) = src.influx.query(None, &q).await {
                     tracing::warn!(error = %e, db, rp, "could not drop the capture subscription on the source");
                 }
@@ -678,7 +1011,12 @@ impl Migration<'_> {
         }
         if let Some(dst) = &self.target {
             for (db, rp) in std::mem::take(&mut self.created.target_subscriptions) {
-                let q = format!("DROP SUBSCRIPTION {} ON {}.{}", ident(&tname), ident(&db), ident(&rp));
+                let q = format!(
+                    "DROP SUBSCRIPTION {} ON {}.{}",
+                    ident(&tname),
+                    ident(&db),
+                    ident(&rp)
+                );
                 if let Err(e) = dst.influx.query(None, &q).await {
                     tracing::warn!(error = %e, db, rp, "could not drop the watch subscription on the target");
                 }
@@ -714,12 +1052,19 @@ impl Migration<'_> {
                 let _ = dst.host.run(&format!("rm -rf {}", shell_quote(&d))).await;
             }
             for db in std::mem::take(&mut self.created.target_databases) {
-                if let Err(e) = dst.influx.query(None, &format!("DROP DATABASE {}", ident(&db))).await {
+                if let Err(e) = dst
+                    .influx
+                    .query(None, &format!("DROP DATABASE {}", ident(&db)))
+                    .await
+                {
                     tracing::warn!(error = %e, db, "rollback: could not drop the half-made database on the target");
                 }
             }
             for u in std::mem::take(&mut self.created.target_users) {
-                let _ = dst.influx.query(None, &format!("DROP USER {}", ident(&u))).await;
+                let _ = dst
+                    .influx
+                    .query(None, &format!("DROP USER {}", ident(&u)))
+                    .await;
             }
         }
         if let Some(s) = self.spool.take() {
@@ -742,20 +1087,39 @@ const REPLAY_BATCH_BYTES: usize = 4 << 20;
 
 /// Replay every record committed so far, in order, batching consecutive records that
 /// share database, retention policy and precision. Returns the points replayed.
-pub async fn replay_ready(reader: &mut SpoolReader, target: &Influx, phase: Phase) -> Result<u64, MigrateError> {
+pub async fn replay_ready(
+    reader: &mut SpoolReader,
+    target: &Influx,
+    phase: Phase,
+) -> Result<u64, MigrateError> {
     let mut points = 0u64;
     let mut batch: Vec<u8> = Vec::with_capacity(REPLAY_BATCH_BYTES);
     let mut key: Option<(String, String, String)> = None;
     loop {
-        let rec = reader.next_ready().map_err(|source| MigrateError::Spool { phase, source })?;
+        let rec = reader
+            .next_ready()
+            .map_err(|source| MigrateError::Spool { phase, source })?;
         let flush = match (&rec, &key) {
             (None, _) => true,
-            (Some(r), Some((d, rp, pr))) => &r.db != d || &r.rp != rp || &r.precision != pr || batch.len() + r.body.len() > REPLAY_BATCH_BYTES,
+            (Some(r), Some((d, rp, pr))) => {
+                &r.db != d
+                    || &r.rp != rp
+                    || &r.precision != pr
+                    || batch.len() + r.body.len() > REPLAY_BATCH_BYTES
+            }
             (Some(_), None) => false,
         };
         if flush && !batch.is_empty() {
             if let Some((d, rp, pr)) = &key {
-                points += write_with_retry(target, d, rp, pr, Bytes::from(std::mem::take(&mut batch)), phase).await?;
+                points += write_with_retry(
+                    target,
+                    d,
+                    rp,
+                    pr,
+                    Bytes::from(std::mem::take(&mut batch)),
+                    phase,
+                )
+                .await?;
                 batch.reserve(REPLAY_BATCH_BYTES);
             }
         }
@@ -768,7 +1132,14 @@ pub async fn replay_ready(reader: &mut SpoolReader, target: &Influx, phase: Phas
     }
 }
 
-async fn write_with_retry(target: &Influx, db: &str, rp: &str, precision: &str, body: Bytes, phase: Phase) -> Result<u64, MigrateError> {
+async fn write_with_retry(
+    target: &Influx,
+    db: &str,
+    rp: &str,
+    precision: &str,
+    body: Bytes,
+    phase: Phase,
+) -> Result<u64, MigrateError> {
     let n = lineproto::count_points(std::str::from_utf8(&body).unwrap_or("")) as u64;
     let mut delay = Duration::from_millis(50);
     let start = Instant::now();

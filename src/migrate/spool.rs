@@ -78,7 +78,13 @@ impl SpoolWriter {
     }
 
     /// Append one record; readers see it once this returns.
-    pub fn append(&self, db: &str, rp: &str, precision: &str, body: &[u8]) -> Result<u64, SpoolError> {
+    pub fn append(
+        &self,
+        db: &str,
+        rp: &str,
+        precision: &str,
+        body: &[u8],
+    ) -> Result<u64, SpoolError> {
         let too_long = |what| SpoolError::TooLong {
             path: self.path.clone(),
             what,
@@ -224,19 +230,30 @@ impl SpoolReader {
         let mut body = vec![0u8; n];
         self.file.read_exact(&mut body).map_err(io)?;
         self.offset += (1 + 2 + db.len() + 2 + rp.len() + 1 + precision.len() + 4 + n) as u64;
-        let (Ok(db), Ok(rp), Ok(precision)) = (String::from_utf8(db), String::from_utf8(rp), String::from_utf8(precision)) else {
+        let (Ok(db), Ok(rp), Ok(precision)) = (
+            String::from_utf8(db),
+            String::from_utf8(rp),
+            String::from_utf8(precision),
+        ) else {
             return Err(corrupt("a name is not UTF-8".into()));
         };
-        Ok(Record { db, rp, precision, body })
+        Ok(Record {
+            db,
+            rp,
+            precision,
+            body,
+        })
     }
 
     /// Skip to a byte offset previously returned by [`SpoolReader::offset`].
     pub fn seek(&mut self, offset: u64) -> Result<(), SpoolError> {
-        self.file.seek(SeekFrom::Start(offset)).map_err(|source| SpoolError::Io {
-            path: self.path.clone(),
-            what: "seek",
-            source,
-        })?;
+        self.file
+            .seek(SeekFrom::Start(offset))
+            .map_err(|source| SpoolError::Io {
+                path: self.path.clone(),
+                what: "seek",
+                source,
+            })?;
         self.offset = offset;
         Ok(())
     }
@@ -261,7 +278,10 @@ mod tests {
         w.append("db 1", "autogen", "ns", b"m v=1 1\n").unwrap();
         w.append("db2", "", "s", b"m v=2 2").unwrap();
         let a = r.next_ready().unwrap().unwrap();
-        assert_eq!((a.db.as_str(), a.rp.as_str(), a.precision.as_str()), ("db 1", "autogen", "ns"));
+        assert_eq!(
+            (a.db.as_str(), a.rp.as_str(), a.precision.as_str()),
+            ("db 1", "autogen", "ns")
+        );
         assert_eq!(a.body, b"m v=1 1\n");
         let b = r.next_ready().unwrap().unwrap();
         assert_eq!((b.db.as_str(), b.body.as_slice()), ("db2", &b"m v=2 2"[..]));
@@ -274,7 +294,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
         let _w = SpoolWriter::create(&p).unwrap();
-        assert!(matches!(SpoolWriter::create(&p), Err(SpoolError::Io { what: "create", .. })));
+        assert!(matches!(
+            SpoolWriter::create(&p),
+            Err(SpoolError::Io { what: "create", .. })
+        ));
     }
 
     #[test]

@@ -75,7 +75,10 @@ fn show_tags(t: &Tags) -> String {
     if t.is_empty() {
         return "(no tags)".into();
     }
-    t.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    t.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `field -> value` of one aggregate row (`count_f` / `sum_f` columns).
@@ -91,7 +94,12 @@ fn agg_row(s: &Series, prefix: &str) -> HashMap<String, Value> {
     out
 }
 
-async fn per_series(influx: &Influx, db: &str, q: &str, prefix: &str) -> Result<HashMap<Tags, HashMap<String, Value>>, InfluxError> {
+async fn per_series(
+    influx: &Influx,
+    db: &str,
+    q: &str,
+    prefix: &str,
+) -> Result<HashMap<Tags, HashMap<String, Value>>, InfluxError> {
     let mut out = HashMap::new();
     for s in influx.query(Some(db), q).await? {
         out.insert(tags_of(&s), agg_row(&s, prefix));
@@ -119,7 +127,12 @@ fn sampled(t: &Tags, n: usize, total: usize) -> bool {
 }
 
 /// Compare `source` and `target`; problems are collected in the report, I/O errors returned.
-pub async fn verify(source: &Influx, target: &Influx, cfg: &VerifyConfig, touched: Option<&Mutex<KeySet>>) -> Result<VerifyReport, InfluxError> {
+pub async fn verify(
+    source: &Influx,
+    target: &Influx,
+    cfg: &VerifyConfig,
+    touched: Option<&Mutex<KeySet>>,
+) -> Result<VerifyReport, InfluxError> {
     let mut rep = VerifyReport::default();
     let target_dbs = target.databases().await?;
     for db in source.databases().await? {
@@ -132,8 +145,14 @@ pub async fn verify(source: &Influx, target: &Influx, cfg: &VerifyConfig, touche
         let dst_rps = target.retention_policies(&db).await?;
         for rp in &src_rps {
             match dst_rps.iter().find(|r| r.name == rp.name) {
-                None => rep.problem(format!("{db}: retention policy {:?} is missing on the target", rp.name)),
-                Some(d) if d != rp => rep.problem(format!("{db}: retention policy {:?} differs: source {rp:?}, target {d:?}", rp.name)),
+                None => rep.problem(format!(
+                    "{db}: retention policy {:?} is missing on the target",
+                    rp.name
+                )),
+                Some(d) if d != rp => rep.problem(format!(
+                    "{db}: retention policy {:?} differs: source {rp:?}, target {d:?}",
+                    rp.name
+                )),
                 Some(_) => {}
             }
         }
@@ -143,8 +162,14 @@ pub async fn verify(source: &Influx, target: &Influx, cfg: &VerifyConfig, touche
             if !dst_fields.contains(f) {
                 let other = dst_fields.iter().find(|d| d.0 == f.0 && d.1 == f.1);
                 rep.problem(match other {
-                    Some(o) => format!("{db}.{}: field {:?} is {:?} on the source but {:?} on the target", f.0, f.1, f.2, o.2),
-                    None => format!("{db}.{}: field {:?} ({:?}) is missing on the target", f.0, f.1, f.2),
+                    Some(o) => format!(
+                        "{db}.{}: field {:?} is {:?} on the source but {:?} on the target",
+                        f.0, f.1, f.2, o.2
+                    ),
+                    None => format!(
+                        "{db}.{}: field {:?} ({:?}) is missing on the target",
+                        f.0, f.1, f.2
+                    ),
                 });
             }
         }
@@ -156,7 +181,10 @@ pub async fn verify(source: &Influx, target: &Influx, cfg: &VerifyConfig, touche
                 .collect();
             for rp in &src_rps {
                 let from = format!("{}.{}.{}", ident(&db), ident(&rp.name), ident(&m));
-                verify_measurement(source, target, cfg, touched, &db, &rp.name, &m, &from, &numeric, &mut rep).await?;
+                verify_measurement(
+                    source, target, cfg, touched, &db, &rp.name, &m, &from, &numeric, &mut rep,
+                )
+                .await?;
             }
         }
     }
@@ -198,11 +226,23 @@ async fn verify_measurement(
     rep: &mut VerifyReport,
 ) -> Result<(), InfluxError> {
     let q = format!("SELECT COUNT(*) FROM {from} WHERE {ALL_TIME} GROUP BY *");
-    let (sc, tc) = tokio::try_join!(per_series(source, db, &q, "count_"), per_series(target, db, &q, "count_"))?;
+    let (sc, tc) = tokio::try_join!(
+        per_series(source, db, &q, "count_"),
+        per_series(target, db, &q, "count_")
+    )?;
     let sums = if cfg.content == ContentCheck::Full && !numeric.is_empty() {
-        let sel: Vec<String> = numeric.iter().map(|f| format!("SUM({}) AS {}", ident(f), ident(&format!("sum_{f}")))).collect();
-        let q = format!("SELECT {} FROM {from} WHERE {ALL_TIME} GROUP BY *", sel.join(", "));
-        Some(tokio::try_join!(per_series(source, db, &q, "sum_"), per_series(target, db, &q, "sum_"))?)
+        let sel: Vec<String> = numeric
+            .iter()
+            .map(|f| format!("SUM({}) AS {}", ident(f), ident(&format!("sum_{f}"))))
+            .collect();
+        let q = format!(
+            "SELECT {} FROM {from} WHERE {ALL_TIME} GROUP BY *",
+            sel.join(", ")
+        );
+        Some(tokio::try_join!(
+            per_series(source, db, &q, "sum_"),
+            per_series(target, db, &q, "sum_")
+        )?)
     } else {
         None
     };
@@ -228,10 +268,14 @@ async fn verify_measurement(
         }
         if let Some((ss, ts)) = &sums {
             if let (Some(a), Some(b)) = (ss.get(tags), ts.get(tags)) {
-                suspicious |= a.iter().any(|(f, v)| !b.get(f).is_some_and(|w| same_number(v, w)));
+                suspicious |= a
+                    .iter()
+                    .any(|(f, v)| !b.get(f).is_some_and(|w| same_number(v, w)));
             }
         }
-        if cfg.content == ContentCheck::Full && (suspicious || sampled(tags, cfg.sample_series, total)) {
+        if cfg.content == ContentCheck::Full
+            && (suspicious || sampled(tags, cfg.sample_series, total))
+        {
             compare_points(source, target, touched, db, from, m, tags, &where_, rep).await?;
         }
     }
@@ -253,8 +297,13 @@ async fn compare_points(
 ) -> Result<(), InfluxError> {
     rep.series_compared_point_by_point += 1;
     // Tag conditions must name every tag key of the measurement: a missing tag is ''.
-    let mut conds: Vec<String> = tags.iter().map(|(k, v)| format!("{} = {}", ident(k), literal(v))).collect();
-    let tag_keys = source.query(Some(db), &format!("SHOW TAG KEYS FROM {}", ident(m))).await?;
+    let mut conds: Vec<String> = tags
+        .iter()
+        .map(|(k, v)| format!("{} = {}", ident(k), literal(v)))
+        .collect();
+    let tag_keys = source
+        .query(Some(db), &format!("SHOW TAG KEYS FROM {}", ident(m)))
+        .await?;
     for s in tag_keys {
         for row in s.values {
             if let Some(k) = row.first().and_then(Value::as_str) {
@@ -264,7 +313,11 @@ async fn compare_points(
             }
         }
     }
-    let tag_cond = if conds.is_empty() { String::new() } else { format!(" AND {}", conds.join(" AND ")) };
+    let tag_cond = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" AND {}", conds.join(" AND "))
+    };
     let mut after: i64 = -9_223_372_036_854_775_806;
     loop {
         let q = format!("SELECT * FROM {from} WHERE time > {after} AND time <= 9223372036854775806{tag_cond} ORDER BY time ASC LIMIT {PAGE}");
@@ -272,26 +325,51 @@ async fn compare_points(
         let Some(sp) = src.into_iter().next().filter(|s| !s.values.is_empty()) else {
             return Ok(());
         };
-        let first = sp.values.first().and_then(|r| r.first()).and_then(Value::as_i64).unwrap_or(after);
-        let last = sp.values.last().and_then(|r| r.first()).and_then(Value::as_i64).unwrap_or(after);
+        let first = sp
+            .values
+            .first()
+            .and_then(|r| r.first())
+            .and_then(Value::as_i64)
+            .unwrap_or(after);
+        let last = sp
+            .values
+            .last()
+            .and_then(|r| r.first())
+            .and_then(Value::as_i64)
+            .unwrap_or(after);
         let tq = format!("SELECT * FROM {from} WHERE time >= {first} AND time <= {last}{tag_cond} ORDER BY time ASC");
-        let tp = target.query(Some(db), &tq).await?.into_iter().next().unwrap_or_default();
+        let tp = target
+            .query(Some(db), &tq)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
         let mut trows: HashMap<i64, &Vec<Value>> = HashMap::with_capacity(tp.values.len());
         for r in &tp.values {
             if let Some(t) = r.first().and_then(Value::as_i64) {
                 trows.insert(t, r);
             }
         }
-        let tcol: HashMap<&str, usize> = tp.columns.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+        let tcol: HashMap<&str, usize> = tp
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i))
+            .collect();
         for row in &sp.values {
             rep.points_compared += 1;
-            let Some(t) = row.first().and_then(Value::as_i64) else { continue };
+            let Some(t) = row.first().and_then(Value::as_i64) else {
+                continue;
+            };
             let Some(trow) = trows.get(&t) else {
                 rep.problem(format!("{where_}: point at {t} is missing on the target"));
                 continue;
             };
             let differs = sp.columns.iter().zip(row).skip(1).any(|(c, v)| {
-                let w = tcol.get(c.as_str()).and_then(|&i| trow.get(i)).unwrap_or(&Value::Null);
+                let w = tcol
+                    .get(c.as_str())
+                    .and_then(|&i| trow.get(i))
+                    .unwrap_or(&Value::Null);
                 !(v == w || same_number(v, w))
             });
             if differs {
@@ -299,7 +377,10 @@ async fn compare_points(
                 if is_touched(touched, key) {
                     rep.overwritten_after_cutover += 1;
                 } else {
-                    rep.pending.push((key, format!("{where_}: point at {t} differs: source {row:?}, target {trow:?}")));
+                    rep.pending.push((
+                        key,
+                        format!("{where_}: point at {t} differs: source {row:?}, target {trow:?}"),
+                    ));
                 }
             }
         }
@@ -311,7 +392,12 @@ async fn compare_points(
 }
 
 /// Field type of a measurement's field on a server, for the type-survival checks.
-pub async fn field_type(influx: &Influx, db: &str, m: &str, f: &str) -> Result<Option<FieldType>, InfluxError> {
+pub async fn field_type(
+    influx: &Influx,
+    db: &str,
+    m: &str,
+    f: &str,
+) -> Result<Option<FieldType>, InfluxError> {
     Ok(influx
         .field_keys(db)
         .await?

@@ -35,7 +35,9 @@ pub enum RemoteError {
     HostKey { host: String, known_hosts: String },
     #[error("{host}: SSH authentication refused for user {user}: check the identity file and the host's authorized_keys")]
     AuthRefused { host: String, user: String },
-    #[error("{host}: SSH did not answer within {waited:?} ({attempts} attempts); last error: {last}")]
+    #[error(
+        "{host}: SSH did not answer within {waited:?} ({attempts} attempts); last error: {last}"
+    )]
     NotReady {
         host: String,
         waited: std::time::Duration,
@@ -90,13 +92,19 @@ impl RemoteProcess {
         drop(self.stdout.take());
         let (status, stderr) = match self.inner {
             ProcessInner::Local(child) => {
-                let out = child.wait_with_output().await.map_err(|source| RemoteError::Io {
-                    host: self.host.clone(),
-                    cmd: self.cmd.clone(),
-                    source,
-                })?;
+                let out = child
+                    .wait_with_output()
+                    .await
+                    .map_err(|source| RemoteError::Io {
+                        host: self.host.clone(),
+                        cmd: self.cmd.clone(),
+                        source,
+                    })?;
                 (
-                    out.status.success().then_some(()).ok_or(out.status.to_string()),
+                    out.status
+                        .success()
+                        .then_some(())
+                        .ok_or(out.status.to_string()),
                     out.stderr,
                 )
             }
@@ -141,14 +149,24 @@ pub trait Remote {
 
     /// Run `cmd` to completion and return its stdout.
     async fn run(&self, cmd: &str) -> Result<String, RemoteError> {
-        let mut p = self.spawn(cmd, Pipes { stdin: false, stdout: true }).await?;
+        let mut p = self
+            .spawn(
+                cmd,
+                Pipes {
+                    stdin: false,
+                    stdout: true,
+                },
+            )
+            .await?;
         let mut out = Vec::new();
         if let Some(mut o) = p.stdout.take() {
-            o.read_to_end(&mut out).await.map_err(|source| RemoteError::Io {
-                host: self.describe(),
-                cmd: cmd.to_string(),
-                source,
-            })?;
+            o.read_to_end(&mut out)
+                .await
+                .map_err(|source| RemoteError::Io {
+                    host: self.describe(),
+                    cmd: cmd.to_string(),
+                    source,
+                })?;
         }
         p.finish().await?;
         Ok(String::from_utf8_lossy(&out).into_owned())
@@ -163,10 +181,25 @@ pub trait Remote {
             source,
         };
         let mut file = tokio::fs::File::open(local).await.map_err(io_err)?;
-        let mut p = self.spawn(&cmd, Pipes { stdin: true, stdout: false }).await?;
-        let mut stdin = p.stdin.take().ok_or_else(|| io_err(std::io::Error::other("no stdin")))?;
-        let n = tokio::io::copy(&mut file, &mut stdin).await.map_err(io_err)?;
-        tokio::io::AsyncWriteExt::shutdown(&mut stdin).await.map_err(io_err)?;
+        let mut p = self
+            .spawn(
+                &cmd,
+                Pipes {
+                    stdin: true,
+                    stdout: false,
+                },
+            )
+            .await?;
+        let mut stdin = p
+            .stdin
+            .take()
+            .ok_or_else(|| io_err(std::io::Error::other("no stdin")))?;
+        let n = tokio::io::copy(&mut file, &mut stdin)
+            .await
+            .map_err(io_err)?;
+        tokio::io::AsyncWriteExt::shutdown(&mut stdin)
+            .await
+            .map_err(io_err)?;
         drop(stdin);
         p.finish().await?;
         Ok(n)
@@ -186,8 +219,16 @@ impl Remote for LocalRemote {
         let mut c = tokio::process::Command::new("sh");
         c.arg("-c")
             .arg(cmd)
-            .stdin(if pipes.stdin { Stdio::piped() } else { Stdio::null() })
-            .stdout(if pipes.stdout { Stdio::piped() } else { Stdio::null() })
+            .stdin(if pipes.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(if pipes.stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = c.spawn().map_err(|source| RemoteError::Spawn {

@@ -110,9 +110,17 @@ impl Remote for SshRemote {
 
     async fn spawn(&self, cmd: &str, pipes: Pipes) -> Result<RemoteProcess, RemoteError> {
         let mut c = Session::arc_raw_command(self.session.clone(), cmd);
-        c.stdin(if pipes.stdin { Stdio::piped() } else { Stdio::null() })
-            .stdout(if pipes.stdout { Stdio::piped() } else { Stdio::null() })
-            .stderr(Stdio::piped());
+        c.stdin(if pipes.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(if pipes.stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(Stdio::piped());
         let mut child = c.spawn().await.map_err(|e| RemoteError::Ssh {
             host: self.name.clone(),
             msg: format!("cannot start `{cmd}`: {}", error_chain(&e)),

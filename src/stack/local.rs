@@ -89,7 +89,16 @@ impl SshKeys {
         for k in [&keys.client_key, &keys.host_key] {
             if !k.exists() {
                 let st = std::process::Command::new("ssh-keygen")
-                    .args(["-q", "-t", "ed25519", "-N", "", "-C", "stateshift-local", "-f"])
+                    .args([
+                        "-q",
+                        "-t",
+                        "ed25519",
+                        "-N",
+                        "",
+                        "-C",
+                        "stateshift-local",
+                        "-f",
+                    ])
                     .arg(k)
                     .stdin(Stdio::null())
                     .status()
@@ -244,7 +253,8 @@ bind-address = "{a}:{RPC_PORT}"
         };
         let conf = self.dir.join("influxdb.conf");
         std::fs::write(&conf, self.influxd_config()).map_err(|e| io("write influxdb.conf", e))?;
-        let log = File::create(self.dir.join("influxd.log")).map_err(|e| io("create influxd.log", e))?;
+        let log =
+            File::create(self.dir.join("influxd.log")).map_err(|e| io("create influxd.log", e))?;
         let log2 = log.try_clone().map_err(|e| io("dup log", e))?;
         let child = tokio::process::Command::new("influxd")
             .arg("run")
@@ -255,7 +265,12 @@ bind-address = "{a}:{RPC_PORT}"
             .stderr(log2)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| io("start influxd (is the Debian package influxdb installed?)", e))?;
+            .map_err(|e| {
+                io(
+                    "start influxd (is the Debian package influxdb installed?)",
+                    e,
+                )
+            })?;
         self.influxd = Some(child);
         let client = Influx::new(&self.influx_url(), None, None, Duration::from_secs(2));
         client
@@ -263,7 +278,10 @@ bind-address = "{a}:{RPC_PORT}"
             .await
             .map_err(|e| LocalError::Start {
                 addr: a.clone(),
-                what: format!("influxd did not answer /ping: {e} (log: {}/influxd.log)", self.dir.display()),
+                what: format!(
+                    "influxd did not answer /ping: {e} (log: {}/influxd.log)",
+                    self.dir.display()
+                ),
             })
     }
 
@@ -324,7 +342,12 @@ bind-address = "{a}:{RPC_PORT}"
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| io("start sshd (is the Debian package openssh-server installed?)", e))?;
+            .map_err(|e| {
+                io(
+                    "start sshd (is the Debian package openssh-server installed?)",
+                    e,
+                )
+            })?;
         self.sshd = Some(child);
         keys.trust(self.addr, SSH_PORT)?;
         Ok(())
@@ -333,14 +356,20 @@ bind-address = "{a}:{RPC_PORT}"
     async fn wait_ssh(&self) -> Result<(), LocalError> {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
-            if tokio::net::TcpStream::connect((self.addr, SSH_PORT)).await.is_ok() {
+            if tokio::net::TcpStream::connect((self.addr, SSH_PORT))
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Err(LocalError::Start {
             addr: self.addr.to_string(),
-            what: format!("sshd did not listen on port {SSH_PORT} (log: {}/sshd.log)", self.dir.display()),
+            what: format!(
+                "sshd did not listen on port {SSH_PORT} (log: {}/sshd.log)",
+                self.dir.display()
+            ),
         })
     }
 

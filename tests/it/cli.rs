@@ -5,8 +5,16 @@ use stateshift::lab::LabOptions;
 use crate::common::*;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(bin()).args(args).envs(env.iter().copied()).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn write(dir: &std::path::Path, yaml: &str) -> String {
@@ -18,17 +26,31 @@ fn write(dir: &std::path::Path, yaml: &str) -> String {
 #[test]
 fn an_unknown_config_key_exits_2_and_names_the_key_path() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "source:\n  influx_url: http://127.0.0.1:8086\n  ssh:\n    host: h\n    prot: 22\n");
+    let p = write(
+        d.path(),
+        "source:\n  influx_url: http://127.0.0.1:8086\n  ssh:\n    host: h\n    prot: 22\n",
+    );
     let (code, _, err) = run(&["migrate", "-c", &p, "--yes"], &[]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("c.yaml") && err.contains("source.ssh") && err.contains("unknown field `prot`"), "{err}");
+    assert!(
+        err.contains("c.yaml")
+            && err.contains("source.ssh")
+            && err.contains("unknown field `prot`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn an_ill_typed_value_from_the_environment_exits_2_and_names_the_key_path() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "source:\n  influx_url: http://127.0.0.1:8086\n  ssh:\n    host: h\n");
-    let (code, _, err) = run(&["migrate", "-c", &p, "--yes"], &[("STATESHIFT__SOURCE__SSH__PORT", "twenty-two")]);
+    let p = write(
+        d.path(),
+        "source:\n  influx_url: http://127.0.0.1:8086\n  ssh:\n    host: h\n",
+    );
+    let (code, _, err) = run(
+        &["migrate", "-c", &p, "--yes"],
+        &[("STATESHIFT__SOURCE__SSH__PORT", "twenty-two")],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("source.ssh.port"), "{err}");
 }
@@ -39,27 +61,48 @@ fn a_bad_url_exits_2_with_the_expected_form() {
     let p = write(d.path(), "source:\n  influx_url: \"influx:8086\"\n");
     let (code, _, err) = run(&["migrate", "-c", &p, "--yes"], &[]);
     assert_eq!(code, 2);
-    assert!(err.contains("source.influx_url: expected http(s) URL, got \"influx:8086\""), "{err}");
+    assert!(
+        err.contains("source.influx_url: expected http(s) URL, got \"influx:8086\""),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_missing_config_file_exits_2_naming_it() {
-    let (code, _, err) = run(&["migrate", "-c", "/nonexistent/stateshift.yaml", "--yes"], &[]);
+    let (code, _, err) = run(
+        &["migrate", "-c", "/nonexistent/stateshift.yaml", "--yes"],
+        &[],
+    );
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/stateshift.yaml"), "{err}");
 }
 
 #[test]
 fn the_example_config_is_valid() {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/config/stateshift.example.yaml");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/stateshift.example.yaml"
+    );
     let d = tempfile::tempdir().unwrap();
     // Its secret files are referenced by path; point them at files that exist here.
     let pw = d.path().join("pw");
     let users = d.path().join("users.yaml");
     std::fs::write(&pw, "x").unwrap();
     std::fs::write(&users, "bob: pass\n").unwrap();
-    let env = [("STATESHIFT__SOURCE__PASSWORD_FILE", pw.display().to_string()), ("STATESHIFT__MIGRATION__USER_PASSWORDS_FILE", users.display().to_string())];
-    let cfg = stateshift::config::Config::load_with_env(std::path::Path::new(p), env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let env = [
+        (
+            "STATESHIFT__SOURCE__PASSWORD_FILE",
+            pw.display().to_string(),
+        ),
+        (
+            "STATESHIFT__MIGRATION__USER_PASSWORDS_FILE",
+            users.display().to_string(),
+        ),
+    ];
+    let cfg = stateshift::config::Config::load_with_env(
+        std::path::Path::new(p),
+        env.iter().map(|(k, v)| (k.to_string(), v.clone())),
+    );
     assert!(cfg.is_ok(), "{:?}", cfg.err().map(|e| e.to_string()));
 }
 
@@ -73,16 +116,36 @@ async fn migrate_cli_refuses_a_target_damaged_before_verify_and_exits_1() {
         d = lab.dir.display(),
         u = lab.target.influx_url()
     );
-    let yaml = lab.config_yaml("").replace(&format!("cutover:\n  command: \"printf '%s' {{target_url}} > {}/writer-url\"\n", lab.dir.display()), &sabotage);
+    let yaml = lab.config_yaml("").replace(
+        &format!(
+            "cutover:\n  command: \"printf '%s' {{target_url}} > {}/writer-url\"\n",
+            lab.dir.display()
+        ),
+        &sabotage,
+    );
     let p = lab.dir.join("sabotage.yaml");
     std::fs::write(&p, yaml).unwrap();
     let before = counts(&lab.source.client(), "cyclops").await;
     let report = lab.dir.join("report.json");
-    let (code, out, err) = run(&["migrate", "-c", p.to_str().unwrap(), "--yes", "--report", report.to_str().unwrap()], &[]);
+    let (code, out, err) = run(
+        &[
+            "migrate",
+            "-c",
+            p.to_str().unwrap(),
+            "--yes",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(code, 1, "{out}\n{err}");
-    assert!(err.contains("verify") && err.contains("usage2") && err.contains("host=h002"), "{err}");
+    assert!(
+        err.contains("verify") && err.contains("usage2") && err.contains("host=h002"),
+        "{err}"
+    );
     assert_eq!(counts(&lab.source.client(), "cyclops").await, before);
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(json["phase"], "verify");
 }
 
@@ -94,43 +157,105 @@ async fn migrate_cli_moves_the_data_and_writes_a_timing_report() {
     let (code, out, err) = run(&["migrate", "-c", p.to_str().unwrap(), "--dry-run"], &[]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("nothing was changed"));
-    assert!(lab.target.client().databases().await.unwrap().is_empty(), "dry run changes nothing");
+    assert!(
+        lab.target.client().databases().await.unwrap().is_empty(),
+        "dry run changes nothing"
+    );
     let report = lab.dir.join("report.json");
-    let (code, out, err) = run(&["migrate", "-c", p.to_str().unwrap(), "--yes", "--report", report.to_str().unwrap()], &[]);
+    let (code, out, err) = run(
+        &[
+            "migrate",
+            "-c",
+            p.to_str().unwrap(),
+            "--yes",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(code, 0, "{out}\n{err}");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let phases: Vec<&str> = json["phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
-    for p in ["capture", "dump", "transfer", "restore", "delta", "cutover", "verify"] {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let phases: Vec<&str> = json["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    for p in [
+        "capture", "dump", "transfer", "restore", "delta", "cutover", "verify",
+    ] {
         assert!(phases.contains(&p), "{p} timed in {phases:?}");
         assert!(out.contains(p), "{p} printed");
     }
-    assert_eq!(std::fs::read_to_string(&lab.url_file).unwrap(), lab.target.influx_url());
-    assert_eq!(counts(&lab.target.client(), "cyclops").await, counts(&lab.source.client(), "cyclops").await);
+    assert_eq!(
+        std::fs::read_to_string(&lab.url_file).unwrap(),
+        lab.target.influx_url()
+    );
+    assert_eq!(
+        counts(&lab.target.client(), "cyclops").await,
+        counts(&lab.source.client(), "cyclops").await
+    );
 }
 
 #[test]
 fn configure_cyclops_rewrites_the_three_files_and_keeps_the_rest() {
     let d = tempfile::tempdir().unwrap();
     let fx = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cyclops");
-    let st = Command::new("cp").arg("-r").arg(format!("{fx}/.")).arg(d.path()).status().unwrap();
+    let st = Command::new("cp")
+        .arg("-r")
+        .arg(format!("{fx}/."))
+        .arg(d.path())
+        .status()
+        .unwrap();
     assert!(st.success());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/configure-cyclops.sh");
     for _ in 0..2 {
-        let out = Command::new(script).arg("http://127.0.10.9:8086").arg(d.path()).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(script)
+            .arg("http://127.0.10.9:8086")
+            .arg(d.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let udr = std::fs::read_to_string(d.path().join("udr/configuration.txt")).unwrap();
     let rc = std::fs::read_to_string(d.path().join("rc/configuration.txt")).unwrap();
     let js = std::fs::read_to_string(d.path().join("udr/config.js")).unwrap();
-    assert!(udr.contains("\nInfluxDBURL=http://127.0.10.9:8086\n") && udr.contains("InfluxDBUsername=cyclops"), "{udr}");
-    assert!(rc.contains("  InfluxDBURL = http://127.0.10.9:8086\n"), "{rc}");
-    assert!(js.contains("url: 'http://127.0.10.9:8086',") && js.contains("url: \"http://127.0.10.9:8086/write\","), "{js}");
+    assert!(
+        udr.contains("\nInfluxDBURL=http://127.0.10.9:8086\n")
+            && udr.contains("InfluxDBUsername=cyclops"),
+        "{udr}"
+    );
+    assert!(
+        rc.contains("  InfluxDBURL = http://127.0.10.9:8086\n"),
+        "{rc}"
+    );
+    assert!(
+        js.contains("url: 'http://127.0.10.9:8086',")
+            && js.contains("url: \"http://127.0.10.9:8086/write\","),
+        "{js}"
+    );
     assert!(!udr.contains("10.0.0.12") && !rc.contains("10.0.0.12") && !js.contains("10.0.0.12"));
     // Bad input: a non-URL is refused and nothing changes.
-    let out = Command::new(script).arg("zabbix:80").arg(d.path()).output().unwrap();
+    let out = Command::new(script)
+        .arg("zabbix:80")
+        .arg(d.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(std::fs::read_to_string(d.path().join("udr/config.js")).unwrap(), js);
-    let out = Command::new(script).arg("http://x:1").arg(d.path().join("nope")).output().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("udr/config.js")).unwrap(),
+        js
+    );
+    let out = Command::new(script)
+        .arg("http://x:1")
+        .arg(d.path().join("nope"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
 }

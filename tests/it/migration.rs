@@ -22,7 +22,13 @@ fn writer(lab: &stateshift::lab::Lab, db: &str, rate: u32) -> WriterSpec {
 }
 
 async fn source_subscriptions(influx: &Influx) -> usize {
-    influx.subscriptions().await.unwrap().iter().filter(|s| s.name.starts_with("stateshift_")).count()
+    influx
+        .subscriptions()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|s| s.name.starts_with("stateshift_"))
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,33 +39,72 @@ async fn every_acknowledged_point_survives_a_migration_under_a_live_writer() {
     let before = counts(&lab.source.client(), "cyclops").await;
     let w = RunningWriter::start(writer(&lab, "cyclops", 1200));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet).await.expect("migration succeeds");
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
+        .await
+        .expect("migration succeeds");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ledger = w.finish().await;
 
     // The test's own count and comparison, not the product's verify.
     assert_eq!(ledger.requests_failed, 0, "writers never see errors");
-    assert!(ledger.points_acked > 3_000, "the writer ran through the migration: {}", ledger.points_acked);
-    assert_eq!(ledger.urls_used.len(), 2, "the writer moved to the target: {:?}", ledger.urls_used);
+    assert!(
+        ledger.points_acked > 3_000,
+        "the writer ran through the migration: {}",
+        ledger.points_acked
+    );
+    assert_eq!(
+        ledger.urls_used.len(),
+        2,
+        "the writer moved to the target: {:?}",
+        ledger.urls_used
+    );
     let dst = lab.target.client();
-    let problems = workload::check_ledger(&dst, "cyclops", &ledger).await.unwrap();
+    let problems = workload::check_ledger(&dst, "cyclops", &ledger)
+        .await
+        .unwrap();
     assert!(problems.is_empty(), "{problems:#?}");
     let after = counts(&dst, "cyclops").await;
     for (m, n) in &before {
         if m.starts_with("usage") {
-            assert!(after.contains(&(m.clone(), *n)), "{m}: {n} seeded points on the source, target has {after:?}");
+            assert!(
+                after.contains(&(m.clone(), *n)),
+                "{m}: {n} seeded points on the source, target has {after:?}"
+            );
         }
     }
-    assert_eq!(before.iter().filter(|(m, _)| m.starts_with("usage")).map(|(_, n)| n).sum::<u64>(), seeded);
+    assert_eq!(
+        before
+            .iter()
+            .filter(|(m, _)| m.starts_with("usage"))
+            .map(|(_, n)| n)
+            .sum::<u64>(),
+        seeded
+    );
     // Field types survive: integer stays integer, bool stays bool.
     let fields = dst.field_keys("cyclops").await.unwrap();
-    assert_eq!(fields, lab.source.client().field_keys("cyclops").await.unwrap());
+    assert_eq!(
+        fields,
+        lab.source.client().field_keys("cyclops").await.unwrap()
+    );
     assert!(report.points_captured > 0 && report.points_replayed >= report.points_captured);
     // Capture is stopped: no subscription of ours is left on either side.
     assert_eq!(source_subscriptions(&lab.source.client()).await, 0);
     assert_eq!(source_subscriptions(&dst).await, 0);
     let phases: Vec<Phase> = report.phases.iter().map(|p| p.phase).collect();
-    assert_eq!(phases, [Phase::Prepare, Phase::Capture, Phase::Dump, Phase::Transfer, Phase::Restore, Phase::Delta, Phase::Cutover, Phase::Verify, Phase::Dispose]);
+    assert_eq!(
+        phases,
+        [
+            Phase::Prepare,
+            Phase::Capture,
+            Phase::Dump,
+            Phase::Transfer,
+            Phase::Restore,
+            Phase::Delta,
+            Phase::Cutover,
+            Phase::Verify,
+            Phase::Dispose
+        ]
+    );
 }
 
 /// Deletes a series on the target when verification starts.
@@ -72,7 +117,12 @@ impl Progress for Saboteur {
             let t = self.target.clone();
             tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(async move {
-                    t.query(Some("cyclops"), "DROP SERIES FROM \"usage1\" WHERE \"host\" = 'h001'").await.unwrap();
+                    t.query(
+                        Some("cyclops"),
+                        "DROP SERIES FROM \"usage1\" WHERE \"host\" = 'h001'",
+                    )
+                    .await
+                    .unwrap();
                 })
             });
         }
@@ -85,11 +135,26 @@ async fn a_sabotaged_target_is_refused_and_the_source_keeps_everything() {
     let (_, cfg) = lab.write_config("").unwrap();
     seed(&lab, "cyclops", 12_000).await;
     let before = counts(&lab.source.client(), "cyclops").await;
-    let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Saboteur { target: lab.target.client() }).await.unwrap_err();
+    let err = engine::run(
+        &cfg,
+        cfg.target.as_ref().unwrap(),
+        &Saboteur {
+            target: lab.target.client(),
+        },
+    )
+    .await
+    .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, MigrateError::VerifyFailed { .. }), "{msg}");
-    assert!(msg.contains("usage1") && msg.contains("host=h001") && msg.contains("missing"), "the error names what is missing: {msg}");
-    assert_eq!(counts(&lab.source.client(), "cyclops").await, before, "the source keeps everything");
+    assert!(
+        msg.contains("usage1") && msg.contains("host=h001") && msg.contains("missing"),
+        "the error names what is missing: {msg}"
+    );
+    assert_eq!(
+        counts(&lab.source.client(), "cyclops").await,
+        before,
+        "the source keeps everything"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,24 +164,45 @@ async fn a_target_that_already_has_the_database_is_refused_before_any_change() {
     seed(&lab, "cyclops", 1_000).await;
     let dst = lab.target.client();
     dst.query(None, "CREATE DATABASE cyclops").await.unwrap();
-    dst.write("cyclops", None, "s", "mine v=42 1000".into()).await.unwrap();
-    let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet).await.unwrap_err();
-    assert!(matches!(&err, MigrateError::TargetNotEmpty { db, .. } if db == "cyclops"), "{err}");
+    dst.write("cyclops", None, "s", "mine v=42 1000".into())
+        .await
+        .unwrap();
+    let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, MigrateError::TargetNotEmpty { db, .. } if db == "cyclops"),
+        "{err}"
+    );
     assert!(err.to_string().contains("already has database \"cyclops\""));
     // Nothing changed on either side.
-    let r = dst.query(Some("cyclops"), "SELECT v FROM mine").await.unwrap();
+    let r = dst
+        .query(Some("cyclops"), "SELECT v FROM mine")
+        .await
+        .unwrap();
     assert_eq!(r[0].values.len(), 1, "the target's own data is untouched");
     assert_eq!(source_subscriptions(&lab.source.client()).await, 0);
-    assert_eq!(dst.measurements("cyclops").await.unwrap(), vec!["mine".to_string()]);
+    assert_eq!(
+        dst.measurements("cyclops").await.unwrap(),
+        vec!["mine".to_string()]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_grants_continuous_queries_and_retention_policies_arrive_on_the_target() {
     let admin = ("admin".to_string(), Secret::new("s3cret-admin"));
-    let lab = lab(LabOptions { admin: Some(admin.clone()) }).await;
+    let lab = lab(LabOptions {
+        admin: Some(admin.clone()),
+    })
+    .await;
     let pwfile = lab.dir.join("users.yaml");
     stateshift::lab::write_secret(&pwfile, "bob: b0b-pass\n").unwrap();
-    let (_, cfg) = lab.write_config(&format!("  user_passwords_file: \"{}\"\n", pwfile.display())).unwrap();
+    let (_, cfg) = lab
+        .write_config(&format!(
+            "  user_passwords_file: \"{}\"\n",
+            pwfile.display()
+        ))
+        .unwrap();
     let src = lab.source.client();
     seed(&lab, "cyclops", 2_000).await;
     for q in [
@@ -130,34 +216,82 @@ async fn users_grants_continuous_queries_and_retention_policies_arrive_on_the_ta
     ] {
         src.query(None, q).await.unwrap();
     }
-    src.write("billing", None, "s", format!("invoice,acct=a1 total=12.5,n=3i,paid=false,cur=\"EUR\" {}", now_ns() / 1_000_000_000).into()).await.unwrap();
-    engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet).await.expect("migration succeeds");
+    src.write(
+        "billing",
+        None,
+        "s",
+        format!(
+            "invoice,acct=a1 total=12.5,n=3i,paid=false,cur=\"EUR\" {}",
+            now_ns() / 1_000_000_000
+        )
+        .into(),
+    )
+    .await
+    .unwrap();
+    engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
+        .await
+        .expect("migration succeeds");
     let dst = lab.target.client();
-    assert_eq!(dst.databases().await.unwrap(), vec!["billing".to_string(), "cyclops".to_string()]);
+    assert_eq!(
+        dst.databases().await.unwrap(),
+        vec!["billing".to_string(), "cyclops".to_string()]
+    );
     for db in ["cyclops", "billing"] {
-        assert_eq!(dst.retention_policies(db).await.unwrap(), src.retention_policies(db).await.unwrap(), "{db}");
+        assert_eq!(
+            dst.retention_policies(db).await.unwrap(),
+            src.retention_policies(db).await.unwrap(),
+            "{db}"
+        );
     }
     assert_eq!(dst.users().await.unwrap(), src.users().await.unwrap());
-    assert_eq!(dst.grants("bob").await.unwrap(), src.grants("bob").await.unwrap());
-    assert_eq!(dst.continuous_queries().await.unwrap(), src.continuous_queries().await.unwrap());
+    assert_eq!(
+        dst.grants("bob").await.unwrap(),
+        src.grants("bob").await.unwrap()
+    );
+    assert_eq!(
+        dst.continuous_queries().await.unwrap(),
+        src.continuous_queries().await.unwrap()
+    );
     // bob logs in on the target with his own password and reads.
-    let bob = Influx::new(&lab.target.influx_url(), Some("bob"), Some(&Secret::new("b0b-pass")), Duration::from_secs(5));
-    let r = bob.query(Some("billing"), "SELECT * FROM invoice").await.unwrap();
+    let bob = Influx::new(
+        &lab.target.influx_url(),
+        Some("bob"),
+        Some(&Secret::new("b0b-pass")),
+        Duration::from_secs(5),
+    );
+    let r = bob
+        .query(Some("billing"), "SELECT * FROM invoice")
+        .await
+        .unwrap();
     assert_eq!(r[0].values.len(), 1);
-    assert_eq!(dst.field_keys("billing").await.unwrap(), src.field_keys("billing").await.unwrap());
+    assert_eq!(
+        dst.field_keys("billing").await.unwrap(),
+        src.field_keys("billing").await.unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_influx_credentials_are_named_and_nothing_changes() {
-    let lab = lab(LabOptions { admin: Some(("admin".into(), Secret::new("right-pass"))) }).await;
+    let lab = lab(LabOptions {
+        admin: Some(("admin".into(), Secret::new("right-pass"))),
+    })
+    .await;
     let (path, _) = lab.write_config("").unwrap();
     seed(&lab, "cyclops", 500).await;
     stateshift::lab::write_secret(&lab.dir.join("target.password"), "wrong-pass").unwrap();
     let cfg = stateshift::config::Config::load(&path).unwrap();
-    let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet).await.unwrap_err();
+    let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
+        .await
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("authentication failed") && msg.contains(&lab.target.influx_url()), "{msg}");
-    assert!(!msg.contains("wrong-pass") && !msg.contains("right-pass"), "no secret in errors: {msg}");
+    assert!(
+        msg.contains("authentication failed") && msg.contains(&lab.target.influx_url()),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("wrong-pass") && !msg.contains("right-pass"),
+        "no secret in errors: {msg}"
+    );
     assert_eq!(err.phase(), Phase::Prepare);
     assert_eq!(source_subscriptions(&lab.source.client()).await, 0);
     assert!(lab.target.client().databases().await.unwrap().is_empty());
@@ -167,11 +301,23 @@ async fn wrong_influx_credentials_are_named_and_nothing_changes() {
 async fn an_unreachable_source_or_target_is_named() {
     let lab = lab(LabOptions::default()).await;
     let (path, _) = lab.write_config("").unwrap();
-    for (var, side) in [("STATESHIFT__SOURCE__INFLUX_URL", "source"), ("STATESHIFT__TARGET__INFLUX_URL", "target")] {
-        let cfg = stateshift::config::Config::load_with_env(&path, [(var.to_string(), "http://127.0.0.1:1".to_string())]).unwrap();
-        let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet).await.unwrap_err();
+    for (var, side) in [
+        ("STATESHIFT__SOURCE__INFLUX_URL", "source"),
+        ("STATESHIFT__TARGET__INFLUX_URL", "target"),
+    ] {
+        let cfg = stateshift::config::Config::load_with_env(
+            &path,
+            [(var.to_string(), "http://127.0.0.1:1".to_string())],
+        )
+        .unwrap();
+        let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
+            .await
+            .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("http://127.0.0.1:1") && msg.contains("unreachable"), "{side}: {msg}");
+        assert!(
+            msg.contains("http://127.0.0.1:1") && msg.contains("unreachable"),
+            "{side}: {msg}"
+        );
     }
 }
 
@@ -182,20 +328,39 @@ async fn an_ssh_host_key_mismatch_refuses_with_a_clear_message() {
     seed(&lab, "cyclops", 500).await;
     // Replace the recorded host key by another one.
     let other = lab.dir.join("other_host_key");
-    std::process::Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&other).status().unwrap();
+    std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
     let pubkey = std::fs::read_to_string(other.with_extension("pub")).unwrap();
-    let fake: String = pubkey.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    let fake: String = pubkey
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
     let kh = std::fs::read_to_string(&lab.keys.known_hosts).unwrap();
     let tampered: String = kh
         .lines()
-        .map(|l| if l.starts_with(&format!("[{}]", lab.target.addr)) { format!("[{}]:2222 {fake}", lab.target.addr) } else { l.to_string() })
+        .map(|l| {
+            if l.starts_with(&format!("[{}]", lab.target.addr)) {
+                format!("[{}]:2222 {fake}", lab.target.addr)
+            } else {
+                l.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n");
     std::fs::write(&lab.keys.known_hosts, tampered + "\n").unwrap();
     let cfg = stateshift::config::Config::load(&path).unwrap();
-    let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet).await.unwrap_err();
+    let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
+        .await
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("host key verification failed") && msg.contains(&lab.target.addr.to_string()), "{msg}");
+    assert!(
+        msg.contains("host key verification failed") && msg.contains(&lab.target.addr.to_string()),
+        "{msg}"
+    );
     assert_eq!(source_subscriptions(&lab.source.client()).await, 0);
     assert!(lab.target.client().databases().await.unwrap().is_empty());
 }

@@ -11,10 +11,24 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_runs_commands_streams_stdio_and_copies_files() {
     let lab = lab(LabOptions::default()).await;
-    let ssh = SshRemote::connect(&lab.source.ssh_config(&lab.keys)).await.unwrap();
-    assert_eq!(ssh.run("echo hello; hostname >/dev/null").await.unwrap(), "hello\n");
+    let ssh = SshRemote::connect(&lab.source.ssh_config(&lab.keys))
+        .await
+        .unwrap();
+    assert_eq!(
+        ssh.run("echo hello; hostname >/dev/null").await.unwrap(),
+        "hello\n"
+    );
     // Stream 4 MB through stdin and back out of stdout.
-    let mut p = ssh.spawn("cat", Pipes { stdin: true, stdout: true }).await.unwrap();
+    let mut p = ssh
+        .spawn(
+            "cat",
+            Pipes {
+                stdin: true,
+                stdout: true,
+            },
+        )
+        .await
+        .unwrap();
     let mut stdin = p.stdin.take().unwrap();
     let mut stdout = p.stdout.take().unwrap();
     let data: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
@@ -37,7 +51,10 @@ async fn ssh_runs_commands_streams_stdio_and_copies_files() {
     // A failing command reports its status and stderr.
     match ssh.run("echo oops >&2; exit 3").await {
         Err(RemoteError::Failed { status, stderr, .. }) => {
-            assert!(status.contains('3') && stderr.contains("oops"), "{status} {stderr}");
+            assert!(
+                status.contains('3') && stderr.contains("oops"),
+                "{status} {stderr}"
+            );
         }
         other => panic!("expected Failed, got {other:?}", other = other.map(|_| ())),
     }
@@ -45,9 +62,20 @@ async fn ssh_runs_commands_streams_stdio_and_copies_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_waits_for_a_host_that_is_still_booting() {
-    let tmp = tempfile::Builder::new().prefix("ss-it").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("ss-it")
+        .tempdir_in("/tmp")
+        .unwrap();
     let keys = SshKeys::ensure(&tmp.path().join("keys")).unwrap();
-    let mut vm = LocalVm::start(&tmp.path().join("vm"), VmOptions { ssh: Some(keys.clone()), ..Default::default() }).await.unwrap();
+    let mut vm = LocalVm::start(
+        &tmp.path().join("vm"),
+        VmOptions {
+            ssh: Some(keys.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let cfg = vm.ssh_config(&keys);
     vm.stop_sshd().await;
     let started = Instant::now();
@@ -56,23 +84,40 @@ async fn ssh_waits_for_a_host_that_is_still_booting() {
         vm.restart_sshd(&keys).await.unwrap();
         vm
     });
-    let ssh = SshRemote::connect(&cfg).await.expect("connects once sshd is up");
+    let ssh = SshRemote::connect(&cfg)
+        .await
+        .expect("connects once sshd is up");
     let _vm = booter.await.unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(1500), "it did wait");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "it did wait"
+    );
     assert_eq!(ssh.run("echo up").await.unwrap(), "up\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_to_a_host_that_never_answers_gives_up_with_a_clear_error() {
-    let tmp = tempfile::Builder::new().prefix("ss-it").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("ss-it")
+        .tempdir_in("/tmp")
+        .unwrap();
     let keys = SshKeys::ensure(&tmp.path().join("keys")).unwrap();
-    let vm = LocalVm::start(&tmp.path().join("vm"), VmOptions::default()).await.unwrap();
+    let vm = LocalVm::start(&tmp.path().join("vm"), VmOptions::default())
+        .await
+        .unwrap();
     let mut cfg = vm.ssh_config(&keys);
     cfg.ready_timeout = Duration::from_secs(2);
     cfg.host_key_check = HostKeyCheck::Strict;
     let t = Instant::now();
-    let err = SshRemote::connect(&cfg).await.err().expect("no sshd: must fail");
+    let err = SshRemote::connect(&cfg)
+        .await
+        .err()
+        .expect("no sshd: must fail");
     assert!(matches!(err, RemoteError::NotReady { .. }), "{err}");
-    assert!(err.to_string().contains(&vm.addr.to_string()) && err.to_string().contains("did not answer"), "{err}");
+    assert!(
+        err.to_string().contains(&vm.addr.to_string())
+            && err.to_string().contains("did not answer"),
+        "{err}"
+    );
     assert!(t.elapsed() < Duration::from_secs(10));
 }
