@@ -174,8 +174,12 @@ pub struct BenchOptions {
 /// The data-engine benchmark.
 pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     let lab = Lab::start(dir, LabOptions::default()).await?;
-    let (_, cfg) = lab
-        .write_config("verify:\n  content: full\n")
+    let (cfg_path, cfg) = lab
+        .write_config(
+            "verify:
+  content: full
+",
+        )
         .map_err(anyhow::Error::msg)?;
     let db = "bench";
     let spec = SeedSpec {
@@ -196,6 +200,19 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     // Native baseline on the same data: backup -portable + restore -portable to a fresh server.
     let native_vm = LocalVm::start(&dir.join("native"), VmOptions::default()).await?;
     let bdir = dir.join("native-backup");
+    // A first backup flushes the source's cache; time the second, as the migration will
+    // find the cache flushed too.
+    let _ = std::fs::remove_dir_all(&bdir);
+    run_cmd(
+        "influxd",
+        &[
+            "backup",
+            "-portable",
+            "-host",
+            &format!("{}:8088", lab.source.addr),
+            &bdir.display().to_string(),
+        ],
+    )?;
     let _ = std::fs::remove_dir_all(&bdir);
     let t = Instant::now();
     run_cmd(
@@ -227,14 +244,11 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
 
     let writer = RunningWriter::start(writer_spec(&lab, db, o.rate));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let target = cfg
-        .target
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("lab config has no target"))?;
-    let res = engine::run(&cfg, &target, &PrintProgress).await;
+    // The migration runs as its own `stateshift migrate` process, so its peak RSS is its own.
+    let (report, migrate_rss_mb) = migrate_subprocess(&cfg_path, &dir.join("report.json")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ledger = writer.finish().await;
-    let report = res?;
+    let report = report?;
     print_report(&report);
     let problems = workload::check_ledger(&lab.target.client(), db, &ledger).await?;
 
@@ -280,12 +294,56 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
             problems.join("; ")
         }
     );
-    println!(
-        "stateshift peak RSS (whole bench process, includes seeding and the writer): {:.1} MB",
-        peak_rss_mb()
-    );
+    println!("stateshift migrate peak RSS: {migrate_rss_mb:.1} MB (bench process incl. seeding and writer: {:.1} MB)", peak_rss_mb());
     lab.destroy().await;
     Ok(())
+}
+
+/// Run `stateshift migrate -c CFG --yes --report R` as a child process; return its report
+/// and its peak RSS (VmHWM, polled until it exits).
+async fn migrate_subprocess(cfg: &Path, report: &Path) -> (anyhow::Result<Report>, f64) {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return (Err(e.into()), 0.0),
+    };
+    let mut child = match tokio::process::Command::new(exe)
+        .args(["migrate", "--yes", "-c"])
+        .arg(cfg)
+        .arg("--report")
+        .arg(report)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return (Err(e.into()), 0.0),
+    };
+    let status_file = child.id().map(|pid| format!("/proc/{pid}/status"));
+    let mut peak_kb = 0f64;
+    let status = loop {
+        if let Some(f) = &status_file {
+            let hwm = std::fs::read_to_string(f).ok().and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|k| k.parse::<f64>().ok())
+            });
+            if let Some(kb) = hwm {
+                peak_kb = peak_kb.max(kb);
+            }
+        }
+        tokio::select! {
+            st = child.wait() => break st,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    };
+    let r = (|| -> anyhow::Result<Report> {
+        let st = status?;
+        let text = std::fs::read_to_string(report)?;
+        if !st.success() {
+            anyhow::bail!("stateshift migrate failed: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    })();
+    (r, peak_kb / 1024.0)
 }
 
 fn run_cmd(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
@@ -327,7 +385,7 @@ async fn replay_throughput(lab: &Lab, points: u64) -> anyhow::Result<(f64, u64)>
     }
     let mut r = w.reader()?;
     let t = Instant::now();
-    let n = engine::replay_ready(&mut r, &dst, Phase::Delta).await?;
+    let n = engine::replay_ready(&mut r, &dst, Phase::Delta, None).await?;
     let secs = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&path);
     Ok((n as f64 / secs, n))

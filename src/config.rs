@@ -63,6 +63,7 @@ struct RawInstance {
     influx_url: Option<String>,
     rpc_address: Option<String>,
     username: Option<String>,
+    #[serde(default, deserialize_with = "de_secret")]
     password: Option<String>,
     password_file: Option<PathBuf>,
     ssh: Option<RawSsh>,
@@ -115,6 +116,30 @@ struct RawMigration {
     work_dir: Option<PathBuf>,
     user_passwords_file: Option<PathBuf>,
     existing_databases: Option<String>,
+}
+
+/// A secret given as a scalar: `STATESHIFT__SOURCE__PASSWORD=12345` arrives as a number
+/// once the environment is parsed; it is still a password. Never echoes the value.
+fn de_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        B(bool),
+    }
+    match Option::<Scalar>::deserialize(d) {
+        Ok(v) => Ok(v.map(|v| match v {
+            Scalar::S(s) => s,
+            Scalar::I(i) => i.to_string(),
+            Scalar::U(u) => u.to_string(),
+            Scalar::B(b) => b.to_string(),
+        })),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a string (value not shown: it is a secret)",
+        )),
+    }
 }
 
 // ---------------------------------------------------------------- typed
@@ -307,10 +332,11 @@ impl Config {
                 serde_yaml::from_str(&text).map_err(|e| ConfigError::Invalid {
                     file: fname.into(),
                     key: key.into(),
+                    // The parser's message may quote a password: give the place only.
                     msg: format!(
-                        "{}: expected a YAML map of user name to password ({})",
+                        "{}{}: expected a YAML map of user name to password (quote numeric passwords)",
                         p.display(),
-                        e
+                        e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default()
                     ),
                 })?;
             self.migration.user_passwords =
@@ -375,6 +401,10 @@ impl V<'_> {
             .strip_prefix("http://")
             .or_else(|| s.strip_prefix("https://"))
             .ok_or_else(|| self.err(key, format!("expected http(s) URL, got {s:?}")))?;
+        let authority = rest.split('/').next().unwrap_or("");
+        if authority.contains('@') {
+            return Err(self.err(key, "credentials in the URL are not accepted (they would show in logs); use username and password_file"));
+        }
         if rest.is_empty() || rest.contains(char::is_whitespace) {
             return Err(self.err(key, format!("expected http(s) URL with a host, got {s:?}")));
         }
@@ -549,4 +579,75 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         verify,
         migration,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.yaml");
+        std::fs::write(&p, yaml).unwrap();
+        Config::load_with_env(&p, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    const MIN: &str = "source:\n  influx_url: http://127.0.0.1:8086\n  username: admin\n";
+
+    #[test]
+    fn environment_overrides_the_file_with_double_underscores() {
+        let c = load(
+            MIN,
+            &[
+                ("STATESHIFT__CAPTURE__QUIET_PERIOD", "7s"),
+                ("STATESHIFT__SOURCE__INFLUX_URL", "http://10.1.2.3:8086"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.capture.quiet_period, Duration::from_secs(7));
+        assert_eq!(c.source.influx_url, "http://10.1.2.3:8086");
+    }
+
+    #[test]
+    fn a_numeric_password_from_the_environment_is_a_password_and_never_printed() {
+        let c = load(MIN, &[("STATESHIFT__SOURCE__PASSWORD", "123456")]).unwrap();
+        assert_eq!(
+            c.source.password.as_ref().map(|p| p.expose()),
+            Some("123456")
+        );
+        assert!(!format!("{c:?}").contains("123456"));
+        let e = load(&format!("{MIN}  password: [1, 2]\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("source.password") && e.contains("not shown"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn credentials_in_a_url_are_refused_without_echoing_them() {
+        let e = load(
+            "source:\n  influx_url: http://admin:hunter2@10.0.0.1:8086\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("source.influx_url") && e.contains("credentials"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_key_and_the_expected_form() {
+        let e = load(&format!("{MIN}capture:\n  quiet_period: soon\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("capture.quiet_period") && e.contains("\"10s\""),
+            "{e}"
+        );
+    }
 }

@@ -182,7 +182,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             threshold,
             values,
         } => predict(window, min, &model, eval, threshold, values),
-        Cmd::Demo { dir, points } => match bench::demo(&dir, points).await {
+        Cmd::Demo { dir, points } => match interruptible(bench::demo(&dir, points)).await {
             Ok(o)
                 if o.problems.is_empty()
                     && o.seeded == o.seeded_on_target
@@ -205,14 +205,14 @@ async fn run(cmd: Cmd) -> ExitCode {
             points,
             rate,
             replay_points,
-        } => match bench::bench(
+        } => match interruptible(bench::bench(
             &dir,
             &BenchOptions {
                 points,
                 rate,
                 replay_points,
             },
-        )
+        ))
         .await
         {
             Ok(()) => ExitCode::SUCCESS,
@@ -306,5 +306,25 @@ fn predict(
             );
             ExitCode::from(1)
         }
+    }
+}
+
+/// Run `fut` until it ends or SIGINT/SIGTERM arrives; on a signal the future is dropped,
+/// which stops the local servers it started (their processes are killed on drop).
+async fn interruptible<T>(
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        r = fut => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; the local servers were stopped")),
+        _ = term => Err(anyhow::anyhow!("terminated; the local servers were stopped")),
     }
 }

@@ -27,9 +27,18 @@ pub struct SeedSpec {
     pub end_ns: i64,
 }
 
-/// The deterministic float value of a seeded point, so a check can recompute it.
+/// A deterministic pseudo-random 64-bit mix of (series, i) (splitmix64), so seeded data
+/// compresses like real measurements, not like a pattern, and a check can recompute it.
+pub fn seed_mix(series: u32, i: u64) -> u64 {
+    let mut z = (series as u64) << 40 ^ i ^ 0x9E37_79B9_7F4A_7C15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The deterministic float value of a seeded point.
 pub fn seed_value(series: u32, i: u64) -> f64 {
-    (series as f64) * 1000.0 + (i % 1000) as f64 / 8.0
+    (seed_mix(series, i) % 10_000_000) as f64 / 1000.0
 }
 
 /// Write the seed: `points` points spread over `series` series (tags `host`, `region`)
@@ -61,10 +70,14 @@ pub async fn seed(influx: &Influx, spec: &SeedSpec) -> Result<u64, InfluxError> 
                 .tag("host", &format!("h{s:03}"))
                 .tag("region", if s % 2 == 0 { "eu" } else { "us" })
                 .field("value", seed_value(s, i))
-                .field("count", i as i64)
-                .field("unit", "kWh")
-                .field("ok", i % 3 != 0)
-                .timestamp(start + i as i64 * step)
+                .field("count", (seed_mix(s, i) >> 24) as i64 % 100_000)
+                .field(
+                    "unit",
+                    ["kWh", "GB", "s", "req"][(seed_mix(s, i) >> 8) as usize % 4],
+                )
+                .field("ok", seed_mix(s, i) & 1 == 0)
+                // Jitter within the step, as real usage records arrive.
+                .timestamp(start + i as i64 * step + (seed_mix(s, i) >> 16) as i64 % step.max(1))
                 .close_line();
             written += 1;
             in_buf += 1;

@@ -88,6 +88,10 @@ struct StatementResult {
     series: Vec<Series>,
     #[serde(default)]
     error: Option<String>,
+    /// Set on a truncated result (e.g. the server's `max-row-limit`); in a chunked
+    /// response, on every chunk but the last.
+    #[serde(default)]
+    partial: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,9 +180,14 @@ pub fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// Quote a string literal for InfluxQL.
+/// Quote a string literal for InfluxQL (backslash, quote and newline escaped).
 pub fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+    format!(
+        "'{}'",
+        s.replace('\\', "\\\\")
+            .replace('\'', "\\'")
+            .replace('\n', "\\n")
+    )
 }
 
 impl Influx {
@@ -320,6 +329,13 @@ impl Influx {
             what: format!("query {q:?}"),
             msg: e.to_string(),
         })?;
+        if resp.results.iter().any(|r| r.partial) {
+            return Err(InfluxError::Query {
+                url: self.base.clone(),
+                query: q.to_string(),
+                msg: "the result was truncated by the server (max-row-limit?); refusing to use a partial result".into(),
+            });
+        }
         self.first_result(q, resp)
     }
 

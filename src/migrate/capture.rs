@@ -3,12 +3,11 @@
 //! (`CREATE SUBSCRIPTION ... DESTINATIONS ALL 'http://receiver'`).
 //!
 //! Two sinks: [`Sink::Spool`] appends each forwarded write to the on-disk spool (the
-//! delta to replay); [`Sink::Keys`] only remembers which points were touched (used on the
-//! target after cutover, so verification can tell a legitimate overwrite from a
-//! corruption). The receiver answers 204 only after the sink has taken the write; if it
+//! delta to replay); [`Sink::Keys`] only counts writes per point (used on the target after
+//! cutover, so verification can tell a writer's legitimate overwrite from a corruption). The receiver answers 204 only after the sink has taken the write; if it
 //! cannot, it answers 500, InfluxDB counts a `writeFailure`, and the migration sees it.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,10 +32,16 @@ pub enum Sink {
     Keys(Arc<Mutex<KeySet>>),
 }
 
-/// A bounded set of point keys.
-#[derive(Debug, Default)]
+/// Point keys seen on the target after cutover, bounded.
+///
+/// `arrivals` counts every write the target received for a key (forwarded by the watch
+/// subscription); `replayed` counts the writes stateshift itself replayed for that key
+/// after the watch started. A key was written *directly* to the target (by a repointed
+/// writer) exactly when it arrived more often than it was replayed.
+#[derive(Debug, Default, Clone)]
 pub struct KeySet {
-    pub keys: HashSet<u64>,
+    pub arrivals: HashMap<u64, u32>,
+    pub replayed: HashMap<u64, u32>,
     pub cap: usize,
     /// Set when more distinct points arrived than `cap`: membership is then unknown.
     pub overflowed: bool,
@@ -45,10 +50,55 @@ pub struct KeySet {
 impl KeySet {
     pub fn with_cap(cap: usize) -> KeySet {
         KeySet {
-            keys: HashSet::new(),
             cap,
-            overflowed: false,
+            ..KeySet::default()
         }
+    }
+
+    fn bump(map: &mut HashMap<u64, u32>, cap: usize, overflowed: &mut bool, k: u64) {
+        if let Some(n) = map.get_mut(&k) {
+            *n = n.saturating_add(1);
+        } else if map.len() < cap {
+            map.insert(k, 1);
+        } else {
+            *overflowed = true;
+        }
+    }
+
+    pub fn arrived(&mut self, k: u64) {
+        Self::bump(&mut self.arrivals, self.cap, &mut self.overflowed, k);
+    }
+
+    pub fn replayed(&mut self, k: u64) {
+        Self::bump(&mut self.replayed, self.cap, &mut self.overflowed, k);
+    }
+
+    /// Whether the target received a write for `k` that stateshift did not replay.
+    pub fn written_directly(&self, k: u64) -> bool {
+        self.arrivals.get(&k).copied().unwrap_or(0) > self.replayed.get(&k).copied().unwrap_or(0)
+    }
+
+    /// Record the keys of every point of a line-protocol body, with `f` per key.
+    pub fn for_each_key(body: &str, precision: &str, mut f: impl FnMut(u64)) -> bool {
+        let Some(factor) = precision_factor(precision) else {
+            return false;
+        };
+        for line in influxdb_line_protocol::parse_lines(body) {
+            let Ok(line) = line else { continue };
+            let Some(ts) = line.timestamp else { continue };
+            let tags = line
+                .series
+                .tag_set
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str(), v.as_str()));
+            f(point_key(
+                line.series.measurement.as_str(),
+                tags,
+                ts.saturating_mul(factor),
+            ));
+        }
+        true
     }
 }
 
@@ -214,25 +264,9 @@ async fn write(
             }
         }
         Sink::Keys(set) => {
-            let Some(f) = precision_factor(&p.precision) else {
-                return reject(StatusCode::BAD_REQUEST);
-            };
             let mut g = set.lock().unwrap_or_else(|p| p.into_inner());
-            for line in influxdb_line_protocol::parse_lines(text) {
-                let Ok(line) = line else { continue };
-                let Some(ts) = line.timestamp else { continue };
-                let tags = line
-                    .series
-                    .tag_set
-                    .iter()
-                    .flatten()
-                    .map(|(k, v)| (k.as_str(), v.as_str()));
-                let k = point_key(line.series.measurement.as_str(), tags, ts.saturating_mul(f));
-                if g.keys.len() < g.cap {
-                    g.keys.insert(k);
-                } else if !g.keys.contains(&k) {
-                    g.overflowed = true;
-                }
+            if !KeySet::for_each_key(text, &p.precision, |k| g.arrived(k)) {
+                return reject(StatusCode::BAD_REQUEST);
             }
         }
     }
@@ -268,7 +302,13 @@ mod tests {
             [("host", "w5")].into_iter(),
             1795461247919819443,
         );
-        assert!(set.lock().unwrap().keys.contains(&k));
+        let mut g = set.lock().unwrap();
+        assert!(g.written_directly(k));
+        g.replayed(k);
+        assert!(
+            !g.written_directly(k),
+            "a write stateshift replayed itself is not a direct write"
+        );
         r.stop().await;
     }
 }

@@ -76,8 +76,33 @@ pub struct RemoteProcess {
     pub stdin: Option<BoxWrite>,
     pub stdout: Option<BoxRead>,
     inner: ProcessInner,
+    /// Drains stderr from the start (a command that writes a lot to stderr must never
+    /// block on a full pipe while we read its stdout); yields the last bytes.
+    stderr: Option<tokio::task::JoinHandle<Vec<u8>>>,
     host: String,
     cmd: String,
+}
+
+/// Keep at most this much of a command's stderr for its error message.
+const STDERR_KEEP: usize = 64 << 10;
+
+fn drain_stderr(
+    mut r: impl AsyncRead + Unpin + Send + 'static,
+) -> tokio::task::JoinHandle<Vec<u8>> {
+    tokio::spawn(async move {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            kept.extend_from_slice(&buf[..n]);
+            if kept.len() > 2 * STDERR_KEEP {
+                kept.drain(..kept.len() - STDERR_KEEP);
+            }
+        }
+        kept
+    })
 }
 
 enum ProcessInner {
@@ -90,35 +115,26 @@ impl RemoteProcess {
     pub async fn finish(mut self) -> Result<(), RemoteError> {
         drop(self.stdin.take());
         drop(self.stdout.take());
-        let (status, stderr) = match self.inner {
-            ProcessInner::Local(child) => {
-                let out = child
-                    .wait_with_output()
-                    .await
-                    .map_err(|source| RemoteError::Io {
-                        host: self.host.clone(),
-                        cmd: self.cmd.clone(),
-                        source,
-                    })?;
-                (
-                    out.status
-                        .success()
-                        .then_some(())
-                        .ok_or(out.status.to_string()),
-                    out.stderr,
-                )
+        let status = match self.inner {
+            ProcessInner::Local(mut child) => {
+                let st = child.wait().await.map_err(|source| RemoteError::Io {
+                    host: self.host.clone(),
+                    cmd: self.cmd.clone(),
+                    source,
+                })?;
+                st.success().then_some(()).ok_or(st.to_string())
             }
-            ProcessInner::Ssh(mut child) => {
-                let mut stderr = Vec::new();
-                if let Some(mut e) = child.stderr().take() {
-                    let _ = e.read_to_end(&mut stderr).await;
-                }
+            ProcessInner::Ssh(child) => {
                 let st = child.wait().await.map_err(|e| RemoteError::Ssh {
                     host: self.host.clone(),
                     msg: format!("`{}`: {}", self.cmd, ssh::error_chain(&e)),
                 })?;
-                (st.success().then_some(()).ok_or(st.to_string()), stderr)
+                st.success().then_some(()).ok_or(st.to_string())
             }
+        };
+        let stderr = match self.stderr.take() {
+            Some(t) => t.await.unwrap_or_default(),
+            None => Vec::new(),
         };
         status.map_err(|status| RemoteError::Failed {
             host: self.host,
@@ -239,6 +255,7 @@ impl Remote for LocalRemote {
         Ok(RemoteProcess {
             stdin: child.stdin.take().map(|s| Box::pin(s) as BoxWrite),
             stdout: child.stdout.take().map(|s| Box::pin(s) as BoxRead),
+            stderr: child.stderr.take().map(drain_stderr),
             inner: ProcessInner::Local(child),
             host: self.describe(),
             cmd: cmd.to_string(),

@@ -128,6 +128,7 @@ impl Remote for SshRemote {
         Ok(RemoteProcess {
             stdin: child.stdin().take().map(|s| Box::pin(s) as BoxWrite),
             stdout: child.stdout().take().map(|s| Box::pin(s) as BoxRead),
+            stderr: child.stderr().take().map(super::drain_stderr),
             inner: ProcessInner::Ssh(child),
             host: self.name.clone(),
             cmd: cmd.to_string(),

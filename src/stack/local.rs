@@ -53,8 +53,12 @@ pub fn lease_address(subnet: u8) -> Result<(Ipv4Addr, File), LocalError> {
             .open(dir.join(format!("{ip}.lock")))
             .map_err(|e| io("open lease file", e))?;
         if f.try_lock().is_ok() {
-            // Leased; but a process from outside our leasing may still hold the port.
-            if std::net::TcpListener::bind((ip, HTTP_PORT)).is_ok() {
+            // Leased; but a process from outside our leasing (an orphan of a killed
+            // run, say) may still hold one of the VM's ports.
+            let free = [HTTP_PORT, RPC_PORT, SSH_PORT]
+                .iter()
+                .all(|&port| std::net::TcpListener::bind((ip, port)).is_ok());
+            if free {
                 return Ok((ip, f));
             }
         }

@@ -37,13 +37,19 @@ async fn every_acknowledged_point_survives_a_migration_under_a_live_writer() {
     let (_, cfg) = lab.write_config("").unwrap();
     let seeded = seed(&lab, "cyclops", 30_000).await;
     let before = counts(&lab.source.client(), "cyclops").await;
-    let w = RunningWriter::start(writer(&lab, "cyclops", 1200));
+    let started = std::time::Instant::now();
+    let w = RunningWriter::start(writer(&lab, "cyclops", 1500));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
         .await
         .expect("migration succeeds");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ledger = w.finish().await;
+    let rate = ledger.points_acked as f64 / started.elapsed().as_secs_f64();
+    assert!(
+        rate >= 1000.0,
+        "the writer kept at least 1000 points/s through the migration: {rate:.0}"
+    );
 
     // The test's own count and comparison, not the product's verify.
     assert_eq!(ledger.requests_failed, 0, "writers never see errors");
@@ -363,4 +369,38 @@ async fn an_ssh_host_key_mismatch_refuses_with_a_clear_message() {
     );
     assert_eq!(source_subscriptions(&lab.source.client()).await, 0);
     assert!(lab.target.client().databases().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_capture_port_works_for_capture_and_the_target_watch() {
+    let lab = lab(LabOptions::default()).await;
+    let (path, _) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 2_000).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = [
+        (
+            "STATESHIFT__CAPTURE__LISTEN".to_string(),
+            format!("127.0.0.1:{port}"),
+        ),
+        (
+            "STATESHIFT__CAPTURE__ADVERTISE_URL".to_string(),
+            format!("http://127.0.0.1:{port}"),
+        ),
+    ];
+    let cfg = stateshift::config::Config::load_with_env(&path, env).unwrap();
+    let w = RunningWriter::start(writer(&lab, "cyclops", 500));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet).await;
+    let ledger = w.finish().await;
+    r.expect("migration with a fixed capture port succeeds");
+    assert!(
+        workload::check_ledger(&lab.target.client(), "cyclops", &ledger)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -48,6 +48,12 @@ async fn ssh_runs_commands_streams_stdio_and_copies_files() {
     let dest = lab.dir.join("copied").display().to_string();
     assert_eq!(ssh.copy_to(&f, &dest).await.unwrap(), 13);
     assert_eq!(std::fs::read(&dest).unwrap(), b"payload bytes");
+    // A command that floods stderr (far past a pipe's 64 KB) while we read stdout.
+    let out = ssh
+        .run("head -c 300000 /dev/zero | tr '\\0' x >&2; echo done")
+        .await
+        .unwrap();
+    assert_eq!(out, "done\n");
     // A failing command reports its status and stderr.
     match ssh.run("echo oops >&2; exit 3").await {
         Err(RemoteError::Failed { status, stderr, .. }) => {
