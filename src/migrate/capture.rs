@@ -302,6 +302,7 @@ mod tests {
             [("host", "w5")].into_iter(),
             1795461247919819443,
         );
+        r.stop().await;
         let mut g = set.lock().unwrap();
         assert!(g.written_directly(k));
         g.replayed(k);
@@ -309,6 +310,5 @@ mod tests {
             !g.written_directly(k),
             "a write stateshift replayed itself is not a direct write"
         );
-        r.stop().await;
     }
 }
