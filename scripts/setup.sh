@@ -23,9 +23,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   if [ "$had_policy" = 0 ]; then rm -f "$policy"; fi
 fi
-# A package install may have started system services anyway (no systemd here, but be sure).
-pkill -x influxd 2>/dev/null || true
-mkdir -p /run/sshd
+mkdir -p /run/sshd   # sshd's privilege-separation directory
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (https://rustup.rs) and re-run" >&2

@@ -116,6 +116,7 @@ struct RawMigration {
     work_dir: Option<PathBuf>,
     user_passwords_file: Option<PathBuf>,
     existing_databases: Option<String>,
+    transfer: Option<String>,
 }
 
 /// A secret given as a scalar: `STATESHIFT__SOURCE__PASSWORD=12345` arrives as a number
@@ -244,6 +245,17 @@ pub enum ExistingDatabases {
     Refuse,
 }
 
+/// How the dump reaches the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferMode {
+    /// `forward` when the SSH servers allow TCP forwarding, else `stream`.
+    Auto,
+    /// The target runs `influxd backup` against the source through SSH forwards: one pass.
+    Forward,
+    /// Dump on the source, then stream a tar archive through the orchestrator.
+    Stream,
+}
+
 #[derive(Debug, Clone)]
 pub struct MigrationConfig {
     /// Orchestrator-side state: journal, reports.
@@ -251,6 +263,7 @@ pub struct MigrationConfig {
     /// Passwords for the source's InfluxDB users (InfluxDB never exports password hashes).
     pub user_passwords: BTreeMap<String, Secret>,
     pub existing_databases: ExistingDatabases,
+    pub transfer: TransferMode,
     pub(crate) user_passwords_file: Option<PathBuf>,
 }
 
@@ -565,6 +578,12 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         work_dir: m.work_dir.unwrap_or_else(|| PathBuf::from("/var/lib/stateshift")),
         user_passwords: BTreeMap::new(),
         user_passwords_file: m.user_passwords_file,
+        transfer: match m.transfer.as_deref().unwrap_or("auto") {
+            "auto" => TransferMode::Auto,
+            "forward" => TransferMode::Forward,
+            "stream" => TransferMode::Stream,
+            other => return Err(v.err("migration.transfer", format!("expected auto, forward or stream, got {other:?}"))),
+        },
         existing_databases: match m.existing_databases.as_deref().unwrap_or("refuse") {
             "refuse" => ExistingDatabases::Refuse,
             other => return Err(v.err("migration.existing_databases", format!("expected refuse, got {other:?} (merging into an existing database is not supported: InfluxDB's restore refuses it)"))),

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::capture::{KeySet, Receiver, Sink};
 use super::spool::{SpoolError, SpoolReader, SpoolWriter};
 use super::verify::{self, VerifyReport};
-use crate::config::{Config, InstanceConfig};
+use crate::config::{Config, InstanceConfig, TransferMode};
 use crate::influx::{ident, lineproto, literal, Influx, InfluxError};
 use crate::remote::{Host, Pipes, Remote, RemoteError};
 use crate::util::shell_quote;
@@ -265,6 +265,7 @@ impl<'a> Migration<'a> {
             touched_receiver: None,
             drops_at_start: 0,
             reader: None,
+            pulled: false,
         }
     }
 }
@@ -286,6 +287,8 @@ struct Migration<'a> {
     drops_at_start: u64,
     /// The replay's position in the spool, kept for the tail after verify.
     reader: Option<SpoolReader>,
+    /// The target pulled the dump itself: nothing to transfer.
+    pulled: bool,
 }
 
 fn sub_name(id: &str) -> String {
@@ -595,31 +598,137 @@ impl Migration<'_> {
     }
 
     async fn dump(&mut self) -> Result<(), MigrateError> {
+        if self.cfg.migration.transfer != TransferMode::Stream {
+            match self.pull_dump().await {
+                Ok(r) => {
+                    r?;
+                    self.pulled = true;
+                    self.progress.note("the target pulled the dump from the source's RPC port through SSH forwards (dump and transfer in one pass)");
+                    return Ok(());
+                }
+                Err(why) if self.cfg.migration.transfer == TransferMode::Auto => {
+                    tracing::warn!(reason = %why, "SSH forwarding unavailable; dumping on the source and streaming the archive instead");
+                    self.progress.note(&format!(
+                        "SSH forwarding unavailable ({why}); falling back to dump + tar stream"
+                    ));
+                }
+                Err(why) => {
+                    return Err(MigrateError::Failed {
+                        phase: Phase::Dump,
+                        msg: format!("migration.transfer is forward, but {why}"),
+                    })
+                }
+            }
+        }
         let p = Phase::Dump;
         let dir = Self::scratch(&self.src().cfg, &self.id, "dump");
         self.created.source_dirs.push(dir.clone());
-        let q = shell_quote(&dir);
-        let cmd = format!(
-            "rm -rf {q} && mkdir -p {q} && influxd backup -portable -host {} {q} 2>&1 && du -sb {q}",
-            shell_quote(&self.src().cfg.rpc_address)
-        );
         let out = self
             .src()
             .host
-            .run(&cmd)
+            .run(&backup_cmd(&self.src().cfg.rpc_address, &dir))
             .await
             .map_err(Self::remote_err(p))?;
-        self.report.dump_bytes = out
-            .lines()
-            .last()
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+        self.report.dump_bytes = du_bytes(&out);
         Ok(())
+    }
+
+    /// Run `influxd backup` on the target host against the source's RPC port, reached
+    /// through a local forward into the source and a remote forward out of the target,
+    /// both through this process: no VM-to-VM keys, no copy on the source's disk.
+    /// `Err` means the forwards could not be set up (the caller may fall back);
+    /// `Ok(Err)` is a failure of the backup itself.
+    async fn pull_dump(&mut self) -> Result<Result<(), MigrateError>, String> {
+        let p = Phase::Dump;
+        let rpc = self.src().cfg.rpc_address.clone();
+        let (rpc_host, rpc_port) = rpc
+            .rsplit_once(':')
+            .and_then(|(h, port)| {
+                port.parse::<u16>()
+                    .ok()
+                    .map(|port| (h.trim_matches(['[', ']']).to_string(), port))
+            })
+            .ok_or_else(|| format!("source.rpc_address {rpc:?} is not host:port"))?;
+        // 1. The source's RPC port, as this process reaches it.
+        let mut local_fwd = None;
+        let src_rpc: std::net::SocketAddr = match &self.src().host {
+            Host::Ssh(s) => {
+                let listen = free_local_port().map_err(|e| format!("no free local port: {e}"))?;
+                s.forward_local(listen, &rpc_host, rpc_port)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                local_fwd = Some(listen);
+                listen
+            }
+            Host::Local(_) => tokio::net::lookup_host(rpc.as_str())
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("cannot resolve source.rpc_address {rpc:?}"))?,
+        };
+        // 2. The target reaches it.
+        let mut remote_fwd = None;
+        let backup_from = match &self.dst().host {
+            Host::Ssh(t) => {
+                let mut last = String::new();
+                for attempt in 0..8u64 {
+                    let port = 20_000
+                        + ((self.id.parse::<u64>().unwrap_or(0).wrapping_mul(7919)
+                            + attempt * 104_729)
+                            % 40_000) as u16;
+                    match t.forward_remote(port, src_rpc).await {
+                        Ok(()) => {
+                            remote_fwd = Some(port);
+                            break;
+                        }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                match remote_fwd {
+                    Some(port) => format!("127.0.0.1:{port}"),
+                    None => {
+                        self.close_forwards(local_fwd, None, &rpc_host, rpc_port, src_rpc)
+                            .await;
+                        return Err(last);
+                    }
+                }
+            }
+            Host::Local(_) => src_rpc.to_string(),
+        };
+        let dir = Self::scratch(&self.dst().cfg, &self.id, "restore");
+        self.created.target_dirs.push(dir.clone());
+        let r = self
+            .dst()
+            .host
+            .run(&backup_cmd(&backup_from, &dir))
+            .await
+            .map_err(Self::remote_err(p));
+        self.close_forwards(local_fwd, remote_fwd, &rpc_host, rpc_port, src_rpc)
+            .await;
+        Ok(r.map(|out| self.report.dump_bytes = du_bytes(&out)))
+    }
+
+    async fn close_forwards(
+        &self,
+        local: Option<std::net::SocketAddr>,
+        remote: Option<u16>,
+        rpc_host: &str,
+        rpc_port: u16,
+        src_rpc: std::net::SocketAddr,
+    ) {
+        if let (Some(port), Host::Ssh(t)) = (remote, &self.dst().host) {
+            t.close_remote(port, src_rpc).await;
+        }
+        if let (Some(listen), Host::Ssh(s)) = (local, &self.src().host) {
+            s.close_local(listen, rpc_host, rpc_port).await;
+        }
     }
 
     async fn transfer(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Transfer;
+        if self.pulled {
+            return Ok(()); // the target already holds the dump
+        }
         let from = Self::scratch(&self.src().cfg, &self.id, "dump");
         let to = Self::scratch(&self.dst().cfg, &self.id, "restore");
         self.created.target_dirs.push(to.clone());
@@ -1264,6 +1373,30 @@ async fn write_with_retry(
             Err(source) => return Err(MigrateError::Influx { phase, source }),
         }
     }
+}
+
+/// The shell command that makes a fresh portable backup of `rpc` into `dir` and prints
+/// its size last (`du -sb`).
+fn backup_cmd(rpc: &str, dir: &str) -> String {
+    let q = shell_quote(dir);
+    format!(
+        "rm -rf {q} && mkdir -p {q} && influxd backup -portable -host {} {q} 2>&1 && du -sb {q}",
+        shell_quote(rpc)
+    )
+}
+
+fn du_bytes(out: &str) -> u64 {
+    out.lines()
+        .last()
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: another process could take it
+/// first, in which case the forward request fails and the caller falls back).
+fn free_local_port() -> std::io::Result<std::net::SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
 /// `url` with its port replaced (or added): `http://h:1/x` + 9 → `http://h:9/x`.

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use openssh::{ForwardType, KnownHosts, Session, SessionBuilder, Socket, Stdio};
 
 use super::{BoxRead, BoxWrite, Pipes, ProcessInner, Remote, RemoteError, RemoteProcess};
 use crate::config::{HostKeyCheck, SshConfig};
@@ -100,6 +100,89 @@ impl SshRemote {
                 }
             }
         }
+    }
+}
+
+impl SshRemote {
+    /// Forward `listen` on this machine to `host:port` as seen from the remote host.
+    pub async fn forward_local(
+        &self,
+        listen: std::net::SocketAddr,
+        host: &str,
+        port: u16,
+    ) -> Result<(), RemoteError> {
+        self.session
+            .request_port_forward(
+                ForwardType::Local,
+                listen,
+                Socket::TcpSocket {
+                    host: host.into(),
+                    port,
+                },
+            )
+            .await
+            .map_err(|e| RemoteError::Ssh {
+                host: self.name.clone(),
+                msg: format!(
+                    "local forward {listen} -> {host}:{port} refused: {}",
+                    error_chain(&e)
+                ),
+            })
+    }
+
+    /// Forward `127.0.0.1:port` on the remote host to `connect` on this machine.
+    pub async fn forward_remote(
+        &self,
+        port: u16,
+        connect: std::net::SocketAddr,
+    ) -> Result<(), RemoteError> {
+        self.session
+            .request_port_forward(
+                ForwardType::Remote,
+                Socket::TcpSocket {
+                    host: "127.0.0.1".into(),
+                    port,
+                },
+                connect,
+            )
+            .await
+            .map_err(|e| RemoteError::Ssh {
+                host: self.name.clone(),
+                msg: format!(
+                    "remote forward 127.0.0.1:{port} -> {connect} refused: {}",
+                    error_chain(&e)
+                ),
+            })
+    }
+
+    /// Close a forward opened by [`SshRemote::forward_local`].
+    pub async fn close_local(&self, listen: std::net::SocketAddr, host: &str, port: u16) {
+        let _ = self
+            .session
+            .close_port_forward(
+                ForwardType::Local,
+                listen,
+                Socket::TcpSocket {
+                    host: host.into(),
+                    port,
+                },
+            )
+            .await;
+    }
+
+    /// Close a forward opened by [`SshRemote::forward_remote`].
+    pub async fn close_remote(&self, port: u16, connect: std::net::SocketAddr) {
+        let _ = self
+            .session
+            .close_port_forward(
+                ForwardType::Remote,
+                Socket::TcpSocket {
+                    host: "127.0.0.1".into(),
+                    port,
+                },
+                connect,
+            )
+            .await;
     }
 }
 

@@ -372,7 +372,7 @@ async fn an_ssh_host_key_mismatch_refuses_with_a_clear_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fixed_capture_port_works_for_capture_and_the_target_watch() {
+async fn a_fixed_capture_port_and_the_streamed_transfer_work_together() {
     let lab = lab(LabOptions::default()).await;
     let (path, _) = lab.write_config("").unwrap();
     seed(&lab, "cyclops", 2_000).await;
