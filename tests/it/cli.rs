@@ -182,6 +182,10 @@ async fn migrate_cli_moves_the_data_and_writes_a_timing_report() {
         .iter()
         .map(|p| p["phase"].as_str().unwrap())
         .collect();
+    assert!(
+        out.contains("pulled the dump"),
+        "the forward transfer is the default: {out}"
+    );
     for p in [
         "capture", "dump", "transfer", "restore", "delta", "cutover", "verify",
     ] {
