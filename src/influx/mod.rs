@@ -520,13 +520,32 @@ impl Influx {
         Ok(out)
     }
 
-    /// `(measurement, field, type)` for every field of `db`.
+    /// `(measurement, field, type)` for every field of `db` in retention policy `rp`.
+    pub async fn field_keys_in(
+        &self,
+        db: &str,
+        rp: &str,
+    ) -> Result<Vec<(String, String, FieldType)>, InfluxError> {
+        self.field_keys_query(db, &format!("SHOW FIELD KEYS FROM {}./.*/", ident(rp)))
+            .await
+    }
+
+    /// `(measurement, field, type)` for every field of `db` (InfluxDB answers for the
+    /// database's default retention policy only; see [`Influx::field_keys_in`]).
     pub async fn field_keys(
         &self,
         db: &str,
     ) -> Result<Vec<(String, String, FieldType)>, InfluxError> {
+        self.field_keys_query(db, "SHOW FIELD KEYS").await
+    }
+
+    async fn field_keys_query(
+        &self,
+        db: &str,
+        q: &str,
+    ) -> Result<Vec<(String, String, FieldType)>, InfluxError> {
         let mut out = Vec::new();
-        for s in self.query(Some(db), "SHOW FIELD KEYS").await? {
+        for s in self.query(Some(db), q).await? {
             for row in s.values {
                 let (Some(k), Some(t)) = (
                     row.first().and_then(Value::as_str),

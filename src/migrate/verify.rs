@@ -163,33 +163,36 @@ pub async fn verify(
                 Some(_) => {}
             }
         }
-        let src_fields = source.field_keys(&db).await?;
-        let dst_fields = target.field_keys(&db).await?;
-        for f in &src_fields {
-            if !dst_fields.contains(f) {
-                let other = dst_fields.iter().find(|d| d.0 == f.0 && d.1 == f.1);
-                rep.problem(match other {
-                    Some(o) => format!(
-                        "{db}.{}: field {:?} is {:?} on the source but {:?} on the target",
-                        f.0, f.1, f.2, o.2
-                    ),
-                    None => format!(
-                        "{db}.{}: field {:?} ({:?}) is missing on the target",
-                        f.0, f.1, f.2
-                    ),
-                });
+        let measurements = source.measurements(&db).await?;
+        // Field keys per retention policy: a bare SHOW FIELD KEYS sees the default one only,
+        // and continuous-query outputs often live in another.
+        for rp in &src_rps {
+            let src_fields = source.field_keys_in(&db, &rp.name).await?;
+            let dst_fields = target.field_keys_in(&db, &rp.name).await?;
+            for f in &src_fields {
+                if !dst_fields.contains(f) {
+                    let other = dst_fields.iter().find(|d| d.0 == f.0 && d.1 == f.1);
+                    rep.problem(match other {
+                        Some(o) => format!(
+                            "{db}.{}.{}: field {:?} is {:?} on the source but {:?} on the target",
+                            rp.name, f.0, f.1, f.2, o.2
+                        ),
+                        None => format!(
+                            "{db}.{}.{}: field {:?} ({:?}) is missing on the target",
+                            rp.name, f.0, f.1, f.2
+                        ),
+                    });
+                }
             }
-        }
-        for m in source.measurements(&db).await? {
-            let numeric: Vec<&str> = src_fields
-                .iter()
-                .filter(|(mm, _, t)| *mm == m && t.is_numeric())
-                .map(|(_, f, _)| f.as_str())
-                .collect();
-            for rp in &src_rps {
-                let from = format!("{}.{}.{}", ident(&db), ident(&rp.name), ident(&m));
+            for m in &measurements {
+                let numeric: Vec<&str> = src_fields
+                    .iter()
+                    .filter(|(mm, _, t)| mm == m && t.is_numeric())
+                    .map(|(_, f, _)| f.as_str())
+                    .collect();
+                let from = format!("{}.{}.{}", ident(&db), ident(&rp.name), ident(m));
                 verify_measurement(
-                    source, target, cfg, touched, &db, &rp.name, &m, &from, &numeric, &mut rep,
+                    source, target, cfg, touched, &db, &rp.name, m, &from, &numeric, &mut rep,
                 )
                 .await?;
             }

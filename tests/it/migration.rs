@@ -129,6 +129,10 @@ impl Progress for Saboteur {
                     )
                     .await
                     .unwrap();
+                    // And a measurement that lives only in a non-default retention policy.
+                    t.query(Some("cyclops"), "DROP MEASUREMENT \"usage_hourly\"")
+                        .await
+                        .unwrap();
                 })
             });
         }
@@ -140,6 +144,25 @@ async fn a_sabotaged_target_is_refused_and_the_source_keeps_everything() {
     let lab = lab(LabOptions::default()).await;
     let (_, cfg) = lab.write_config("").unwrap();
     seed(&lab, "cyclops", 12_000).await;
+    let src = lab.source.client();
+    src.query(
+        None,
+        "CREATE RETENTION POLICY \"year\" ON \"cyclops\" DURATION 52w REPLICATION 1",
+    )
+    .await
+    .unwrap();
+    let t = now_ns() / 1_000_000_000;
+    let lines: Vec<String> = (0..10)
+        .map(|i| {
+            format!(
+                "usage_hourly,host=h00{i} mean={i}.5,n={i}i {}",
+                t - i * 3600
+            )
+        })
+        .collect();
+    src.write("cyclops", Some("year"), "s", lines.join("\n").into())
+        .await
+        .unwrap();
     let before = counts(&lab.source.client(), "cyclops").await;
     let err = engine::run(
         &cfg,
@@ -155,6 +178,10 @@ async fn a_sabotaged_target_is_refused_and_the_source_keeps_everything() {
     assert!(
         msg.contains("usage1") && msg.contains("host=h001") && msg.contains("missing"),
         "the error names what is missing: {msg}"
+    );
+    assert!(
+        msg.contains("cyclops.year.usage_hourly"),
+        "a non-default retention policy is verified too: {msg}"
     );
     assert_eq!(
         counts(&lab.source.client(), "cyclops").await,
