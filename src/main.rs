@@ -66,6 +66,9 @@ enum Cmd {
         /// Threshold for the trigger-quality figures (default: the trace's 90th percentile).
         #[arg(long, requires = "eval")]
         threshold: Option<f64>,
+        /// Time N predictions of every model (the cost of one prediction) and exit.
+        #[arg(long, value_name = "N", conflicts_with_all = ["eval", "values"])]
+        bench: Option<u64>,
         /// The readings, oldest first; `-` reads them from stdin.
         #[arg(allow_negative_numbers = true)]
         values: Vec<String>,
@@ -181,7 +184,11 @@ async fn run(cmd: Cmd) -> ExitCode {
             eval,
             threshold,
             values,
-        } => predict(window, min, &model, eval, threshold, values),
+            bench,
+        } => match bench {
+            Some(n) => predict_bench(window, min, n),
+            None => predict(window, min, &model, eval, threshold, values),
+        },
         Cmd::Demo { dir, points } => match interruptible(bench::demo(&dir, points)).await {
             Ok(o)
                 if o.problems.is_empty()
@@ -327,4 +334,37 @@ async fn interruptible<T>(
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; the local servers were stopped")),
         _ = term => Err(anyhow::anyhow!("terminated; the local servers were stopped")),
     }
+}
+
+/// The cost of one prediction per model: a stateful predictor (as the daemon keeps one)
+/// fed a deterministic load series, `n` predictions, wall time per prediction.
+fn predict_bench(window: usize, min: usize, n: u64) -> ExitCode {
+    use stateshift::predict::{Model, Predictor};
+    let n = n.max(1);
+    // A load that wanders and bursts, so every guard path is taken.
+    let series: Vec<f64> = (0..1024u64)
+        .map(|i| {
+            5.0 + 4.0 * ((i as f64) * 0.07).sin()
+                + if i % 97 < 6 { 20.0 } else { 0.0 }
+                + (i % 7) as f64 * 0.1
+        })
+        .collect();
+    println!("model     ns/prediction  ({n} predictions, window {window}, min {min})");
+    for model in Model::ALL {
+        let mut p = Predictor::new(model);
+        let mut sink = 0.0;
+        let t = std::time::Instant::now();
+        for i in 0..n {
+            let end = (i as usize % (series.len() - window)) + window;
+            let w = &series[end - window..end];
+            if let Some(v) = p.predict(std::hint::black_box(w), min) {
+                sink += v;
+            }
+            p.observe(series[end]);
+        }
+        let ns = t.elapsed().as_nanos() as f64 / n as f64;
+        std::hint::black_box(sink);
+        println!("{:<9} {ns:>13.1}", model.name());
+    }
+    ExitCode::SUCCESS
 }

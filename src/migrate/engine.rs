@@ -1380,7 +1380,7 @@ async fn write_with_retry(
 fn backup_cmd(rpc: &str, dir: &str) -> String {
     let q = shell_quote(dir);
     format!(
-        "rm -rf {q} && mkdir -p {q} && influxd backup -portable -host {} {q} 2>&1 && du -sb {q}",
+        "rm -rf {q} && mkdir -p {q} && nice -n 10 influxd backup -portable -host {} {q} 2>&1 && du -sb {q}",
         shell_quote(rpc)
     )
 }
