@@ -42,6 +42,7 @@ impl Lab {
                 ssh: Some(keys.clone()),
                 admin: opts.admin.clone(),
                 subnet: None,
+                detached: false,
             };
             async move { LocalVm::start(&d, o).await }
         };

@@ -157,6 +157,9 @@ pub struct VmOptions {
     pub admin: Option<(String, Secret)>,
     /// Subnet for the address lease (`127.0.subnet.N`); default 10.
     pub subnet: Option<u8>,
+    /// Processes outlive this `LocalVm` (own process group, not killed on drop): for
+    /// stacks that must survive an orchestrator restart. Stop them with [`stop_pids`].
+    pub detached: bool,
 }
 
 /// A running local VM. Dropping it kills its processes; [`LocalVm::destroy`] also
@@ -267,7 +270,8 @@ bind-address = "{a}:{RPC_PORT}"
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .kill_on_drop(true)
+            .kill_on_drop(!self.opts.detached)
+            .process_group(0)
             .spawn()
             .map_err(|e| {
                 io(
@@ -344,7 +348,8 @@ bind-address = "{a}:{RPC_PORT}"
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .kill_on_drop(true)
+            .kill_on_drop(!self.opts.detached)
+            .process_group(0)
             .spawn()
             .map_err(|e| {
                 io(
@@ -375,6 +380,15 @@ bind-address = "{a}:{RPC_PORT}"
                 self.dir.display()
             ),
         })
+    }
+
+    /// Process ids of the VM's `influxd` and `sshd`.
+    pub fn pids(&self) -> Vec<u32> {
+        [&self.influxd, &self.sshd]
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.id())
+            .collect()
     }
 
     pub fn influx_url(&self) -> String {
@@ -429,5 +443,305 @@ bind-address = "{a}:{RPC_PORT}"
             what: "remove directory".into(),
             source,
         })
+    }
+}
+
+/// Whether process `pid` is alive and its command line names a path under `dir`
+/// (pids are recycled; `dir/` with the slash, so `stacks/a` never matches `stacks/ab`).
+fn pid_under(pid: u32, dir: &Path) -> bool {
+    let needle = format!("{}/", dir.display());
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+        .unwrap_or(false)
+}
+
+/// Every live process whose command line names a path under `dir`.
+fn pids_under(dir: &Path) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid_under(pid, dir))
+        .collect()
+}
+
+/// Stop the processes of a VM whose files are under `dir`: SIGTERM, then SIGKILL after
+/// 5 s. Only pids whose command line still names `dir` are signalled.
+pub async fn stop_pids(pids: &[u32], dir: &Path) {
+    let signal = |sig: &str, pid: u32| {
+        let _ = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    };
+    let live: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|&p| pid_under(p, dir))
+        .collect();
+    for &p in &live {
+        signal("-TERM", p);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while live.iter().any(|&p| pid_under(p, dir)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for &p in live.iter().filter(|&&p| pid_under(p, dir)) {
+        signal("-KILL", p);
+    }
+}
+
+// ---------------------------------------------------------------- the local provider
+
+use super::{StackError, StackOutputs, StackProvider, StackRef, StackSpec, StackStatus};
+
+/// The state of one local stack, on disk (`<dir>/stacks/<name>/stack.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StackState {
+    version: u32,
+    id: String,
+    name: String,
+    addr: Ipv4Addr,
+    pids: Vec<u32>,
+    outputs: StackOutputs,
+}
+
+/// The embedded stack provider: each stack is one local VM (an `influxd` and an `sshd`
+/// on its own loopback address) whose processes outlive the orchestrator. Its state is
+/// on disk, so a restarted orchestrator finds its stacks again.
+pub struct LocalStacks {
+    dir: PathBuf,
+    keys: SshKeys,
+    subnet: u8,
+}
+
+impl LocalStacks {
+    /// Stacks under `dir` (created), reached with the SSH keys under `dir/keys`.
+    pub fn new(dir: &Path, subnet: u8) -> Result<LocalStacks, LocalError> {
+        std::fs::create_dir_all(dir.join("stacks")).map_err(|source| LocalError::Io {
+            addr: "local stacks".into(),
+            what: format!("create {}", dir.display()),
+            source,
+        })?;
+        Ok(LocalStacks {
+            dir: dir.to_path_buf(),
+            keys: SshKeys::ensure(&dir.join("keys"))?,
+            subnet,
+        })
+    }
+
+    pub fn keys(&self) -> &SshKeys {
+        &self.keys
+    }
+
+    fn stack_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("stacks").join(name)
+    }
+
+    fn err(&self, msg: impl Into<String>) -> StackError {
+        StackError::Other {
+            provider: self.describe(),
+            msg: msg.into(),
+        }
+    }
+
+    fn load(&self, name: &str) -> Result<Option<StackState>, StackError> {
+        let p = self.stack_dir(name).join("stack.json");
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| self.err(format!("{}: unreadable stack state: {e}", p.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err(format!("{}: {e}", p.display()))),
+        }
+    }
+
+    fn alive(st: &StackState, dir: &Path) -> bool {
+        !st.pids.is_empty() && st.pids.iter().all(|&pid| pid_under(pid, dir))
+    }
+
+    /// The instance config that names a local stack as a migration source or target.
+    pub fn instance_config(&self, name: &str, outputs: &StackOutputs) -> InstanceConfig {
+        InstanceConfig {
+            name: name.to_string(),
+            influx_url: outputs.influxdb_url.clone(),
+            rpc_address: format!("{}:{RPC_PORT}", outputs.influxdb_host),
+            username: None,
+            password: None,
+            password_file: None,
+            ssh: Some(SshConfig {
+                host: outputs.ssh_host.clone(),
+                port: outputs.ssh_port,
+                user: "root".into(),
+                identity_file: Some(self.keys.client_key.clone()),
+                known_hosts_file: Some(self.keys.known_hosts.clone()),
+                host_key_check: HostKeyCheck::Strict,
+                connect_timeout: Duration::from_secs(5),
+                ready_timeout: Duration::from_secs(30),
+            }),
+            work_dir: self.stack_dir(name).join("vm/work").display().to_string(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl StackProvider for LocalStacks {
+    fn describe(&self) -> String {
+        format!("local stacks in {}", self.dir.display())
+    }
+
+    async fn create(&self, spec: &StackSpec) -> Result<(StackRef, StackOutputs), StackError> {
+        if !valid_name(&spec.name) {
+            return Err(StackError::Invalid {
+                provider: self.describe(),
+                msg: format!(
+                    "stack name {:?}: use 1-64 letters, digits, '-' or '_'",
+                    spec.name
+                ),
+            });
+        }
+        let sdir = self.stack_dir(&spec.name);
+        // Claim the name atomically: a second create with the same name fails here.
+        if let Err(e) = std::fs::create_dir(&sdir) {
+            return Err(match e.kind() {
+                std::io::ErrorKind::AlreadyExists => StackError::Duplicate {
+                    name: spec.name.clone(),
+                },
+                _ => self.err(format!("{}: {e}", sdir.display())),
+            });
+        }
+        let opts = VmOptions {
+            ssh: Some(self.keys.clone()),
+            admin: None,
+            subnet: Some(self.subnet),
+            detached: true,
+        };
+        let started =
+            tokio::time::timeout(spec.timeout, LocalVm::start(&sdir.join("vm"), opts)).await;
+        let vm = match started {
+            Ok(Ok(vm)) => vm,
+            other => {
+                // Nothing half-made is left behind.
+                let _ = std::fs::remove_dir_all(&sdir);
+                return Err(match other {
+                    Ok(Err(e)) => StackError::CreateFailed {
+                        name: spec.name.clone(),
+                        reason: e.to_string(),
+                    },
+                    _ => StackError::Timeout {
+                        name: spec.name.clone(),
+                        timeout: spec.timeout,
+                        cleanup: "its processes were stopped and its directory removed".into(),
+                    },
+                });
+            }
+        };
+        let mut raw = std::collections::BTreeMap::new();
+        raw.insert(
+            "influxdb_host".into(),
+            serde_json::json!(vm.addr.to_string()),
+        );
+        raw.insert("influxdb_url".into(), serde_json::json!(vm.influx_url()));
+        raw.insert("ssh_host".into(), serde_json::json!(vm.addr.to_string()));
+        raw.insert("ssh_port".into(), serde_json::json!(SSH_PORT));
+        let outputs = StackOutputs::from_raw(&spec.name, raw)?;
+        let id = format!(
+            "local-{}-{}",
+            spec.name,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        );
+        let st = StackState {
+            version: 1,
+            id: id.clone(),
+            name: spec.name.clone(),
+            addr: vm.addr,
+            pids: vm.pids(),
+            outputs: outputs.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&st).map_err(|e| self.err(e.to_string()))?;
+        if let Err(e) = crate::util::write_atomic(&sdir.join("stack.json"), &json) {
+            stop_pids(&st.pids, &sdir).await;
+            let _ = std::fs::remove_dir_all(&sdir);
+            return Err(self.err(format!("cannot record stack state: {e}")));
+        }
+        Ok((
+            StackRef {
+                id,
+                name: spec.name.clone(),
+            },
+            outputs,
+        ))
+    }
+
+    async fn status(&self, stack: &StackRef) -> Result<StackStatus, StackError> {
+        Ok(match self.load(&stack.name)? {
+            Some(st) if st.id == stack.id => {
+                if Self::alive(&st, &self.stack_dir(&stack.name)) {
+                    StackStatus::Complete
+                } else {
+                    StackStatus::Failed("its influxd or sshd is not running".into())
+                }
+            }
+            _ => StackStatus::Gone,
+        })
+    }
+
+    async fn outputs(&self, stack: &StackRef) -> Result<StackOutputs, StackError> {
+        match self.load(&stack.name)? {
+            Some(st) if st.id == stack.id => Ok(st.outputs),
+            _ => Err(self.err(format!(
+                "stack {} ({}) does not exist",
+                stack.name, stack.id
+            ))),
+        }
+    }
+
+    async fn delete(&self, stack: &StackRef, timeout: Duration) -> Result<(), StackError> {
+        let sdir = self.stack_dir(&stack.name);
+        let Some(st) = self.load(&stack.name)? else {
+            // No state: gone, or an orchestrator crashed mid-create. Whatever runs from
+            // the stack's directory is stopped and the directory removed.
+            if sdir.exists() {
+                stop_pids(&pids_under(&sdir), &sdir).await;
+                std::fs::remove_dir_all(&sdir)
+                    .map_err(|e| self.err(format!("{}: {e}", sdir.display())))?;
+            }
+            return Ok(());
+        };
+        if st.id != stack.id {
+            return Err(self.err(format!(
+                "stack {} is now a different stack ({}), not deleting it",
+                stack.name, st.id
+            )));
+        }
+        if tokio::time::timeout(timeout, stop_pids(&st.pids, &sdir))
+            .await
+            .is_err()
+        {
+            return Err(StackError::Timeout {
+                name: stack.name.clone(),
+                timeout,
+                cleanup: "its processes did not stop; the directory is kept".into(),
+            });
+        }
+        std::fs::remove_dir_all(&sdir).map_err(|e| self.err(format!("{}: {e}", sdir.display())))
+    }
+
+    async fn find(&self, name: &str) -> Result<Option<StackRef>, StackError> {
+        Ok(self.load(name)?.map(|st| StackRef {
+            id: st.id,
+            name: st.name,
+        }))
     }
 }

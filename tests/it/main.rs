@@ -5,3 +5,4 @@ mod cli;
 mod common;
 mod migration;
 mod remote;
+mod stacks;
