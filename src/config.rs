@@ -54,6 +54,56 @@ struct RawConfig {
     verify: RawVerify,
     #[serde(default)]
     migration: RawMigration,
+    #[serde(default)]
+    service: RawService,
+    #[serde(default)]
+    provider: RawProvider,
+    #[serde(default)]
+    monitor: RawMonitor,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<String>,
+    stack: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    kind: Option<String>,
+    local_dir: Option<PathBuf>,
+    local_subnet: Option<u8>,
+    template: Option<PathBuf>,
+    parameters: Option<BTreeMap<String, String>>,
+    environment_files: Option<Vec<PathBuf>>,
+    create_timeout: Option<String>,
+    delete_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMonitor {
+    kind: Option<String>,
+    poll_interval: Option<String>,
+    window: Option<usize>,
+    min_readings: Option<usize>,
+    threshold: Option<f64>,
+    cooldown: Option<String>,
+    consecutive: Option<u32>,
+    model: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_secret")]
+    token: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -156,6 +206,67 @@ pub struct Config {
     pub cutover: CutoverConfig,
     pub verify: VerifyConfig,
     pub migration: MigrationConfig,
+    pub service: ServiceConfig,
+    pub provider: ProviderConfig,
+    pub monitor: MonitorConfig,
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Names the target stacks: `<name>-influx-<migration id>`.
+    pub name: String,
+    /// The provider's stack that holds the configured source (deleted after a verified
+    /// migration away from it). `None`: the source is not a stack of ours; never deleted.
+    pub stack: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// No stacks: migrate to the configured `target`.
+    Static,
+    /// Local "VMs" on loopback addresses (the embedded default).
+    Local,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    pub local_dir: PathBuf,
+    pub local_subnet: u8,
+    pub template: PathBuf,
+    pub parameters: BTreeMap<String, String>,
+    pub environment_files: Vec<PathBuf>,
+    pub create_timeout: Duration,
+    pub delete_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorKind {
+    /// No automatic trigger: migrations start by hand only.
+    None,
+    /// CPU use of a local process (the local provider's `influxd`), in percent.
+    Process,
+}
+
+#[derive(Debug, Clone)]
+pub struct MonitorConfig {
+    pub kind: MonitorKind,
+    pub poll_interval: Duration,
+    pub window: usize,
+    pub min_readings: usize,
+    pub threshold: f64,
+    pub cooldown: Duration,
+    pub consecutive: u32,
+    pub model: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for `POST /migrate`; `None`: the endpoint refuses every request.
+    pub token: Option<Secret>,
+    pub(crate) token_file: Option<PathBuf>,
 }
 
 /// One InfluxDB host: where its HTTP API answers and how to run commands on it.
@@ -337,6 +448,9 @@ impl Config {
                 let key = format!("{section}.password_file");
                 inst.password = Some(Secret::new(read_secret(fname, &key, &p)?));
             }
+        }
+        if let Some(p) = self.api.token_file.take() {
+            self.api.token = Some(Secret::new(read_secret(fname, "api.token_file", &p)?));
         }
         if let Some(p) = self.migration.user_passwords_file.take() {
             let key = "migration.user_passwords_file";
@@ -590,6 +704,129 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         },
     };
 
+    let svc = raw.service;
+    let service = ServiceConfig {
+        name: svc.name.unwrap_or_else(|| "service".into()),
+        stack: svc.stack.filter(|s| !s.is_empty()),
+    };
+    if !service
+        .name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        || service.name.is_empty()
+        || service.name.len() > 40
+    {
+        return Err(v.err(
+            "service.name",
+            format!(
+                "use 1-40 letters, digits, '-' or '_', got {:?}",
+                service.name
+            ),
+        ));
+    }
+    let pr = raw.provider;
+    let provider = ProviderConfig {
+        kind: match pr
+            .kind
+            .as_deref()
+            .unwrap_or(if target.is_some() { "static" } else { "local" })
+        {
+            "static" => ProviderKind::Static,
+            "local" => ProviderKind::Local,
+            other => {
+                return Err(v.err(
+                    "provider.kind",
+                    format!("expected static or local, got {other:?} (heat is being wired in)"),
+                ))
+            }
+        },
+        local_dir: pr
+            .local_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/stateshift/local")),
+        local_subnet: pr.local_subnet.unwrap_or(10),
+        template: pr
+            .template
+            .unwrap_or_else(|| PathBuf::from("heat-templates/influxdb-target.yaml")),
+        parameters: pr.parameters.unwrap_or_default(),
+        environment_files: pr.environment_files.unwrap_or_default(),
+        create_timeout: v.duration(
+            "provider.create_timeout",
+            pr.create_timeout.as_deref(),
+            Duration::from_secs(600),
+        )?,
+        delete_timeout: v.duration(
+            "provider.delete_timeout",
+            pr.delete_timeout.as_deref(),
+            Duration::from_secs(600),
+        )?,
+    };
+    if provider.kind == ProviderKind::Static && target.is_none() {
+        return Err(v.err(
+            "target",
+            "missing; provider.kind is static, so the target host must be named here",
+        ));
+    }
+    let mo = raw.monitor;
+    let monitor = MonitorConfig {
+        kind: match mo.kind.as_deref().unwrap_or("none") {
+            "none" => MonitorKind::None,
+            "process" => MonitorKind::Process,
+            other => {
+                return Err(v.err(
+                    "monitor.kind",
+                    format!("expected none or process, got {other:?}"),
+                ))
+            }
+        },
+        poll_interval: v.duration(
+            "monitor.poll_interval",
+            mo.poll_interval.as_deref(),
+            Duration::from_secs(60),
+        )?,
+        window: mo.window.unwrap_or(5),
+        min_readings: mo.min_readings.unwrap_or(3),
+        threshold: mo.threshold.unwrap_or(10.0),
+        cooldown: v.duration(
+            "monitor.cooldown",
+            mo.cooldown.as_deref(),
+            Duration::from_secs(900),
+        )?,
+        consecutive: mo.consecutive.unwrap_or(3),
+        model: mo.model.unwrap_or_else(|| "guarded".into()),
+    };
+    if monitor.poll_interval < Duration::from_secs(1) {
+        return Err(v.err("monitor.poll_interval", "must be at least 1s"));
+    }
+    if monitor.window == 0 || monitor.min_readings == 0 || monitor.min_readings > monitor.window {
+        return Err(v.err(
+            "monitor.min_readings",
+            format!(
+                "need 1 <= min_readings <= window, got {} and {}",
+                monitor.min_readings, monitor.window
+            ),
+        ));
+    }
+    if !monitor.threshold.is_finite() {
+        return Err(v.err("monitor.threshold", "must be a finite number"));
+    }
+    if !["guarded", "gm11", "last", "ewma"].contains(&monitor.model.as_str()) {
+        return Err(v.err(
+            "monitor.model",
+            format!(
+                "expected guarded, gm11, last or ewma, got {:?}",
+                monitor.model
+            ),
+        ));
+    }
+    let ap = raw.api;
+    let listen_s = ap.listen.unwrap_or_else(|| "127.0.0.1:9180".into());
+    let api = ApiConfig {
+        listen: listen_s
+            .parse()
+            .map_err(|_| v.err("api.listen", format!("expected ip:port, got {listen_s:?}")))?,
+        token: ap.token.map(Secret::new),
+        token_file: ap.token_file,
+    };
     Ok(Config {
         source,
         target,
@@ -597,6 +834,10 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         cutover,
         verify,
         migration,
+        service,
+        provider,
+        monitor,
+        api,
     })
 }
 

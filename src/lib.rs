@@ -11,6 +11,7 @@
 //! - [`stack`]: hosts and stacks; `local` starts "VMs" as processes on loopback addresses.
 //! - [`migrate`]: the data phases — capture, dump, transfer, restore, delta, cutover,
 //!   verify — and the capture receiver and spool.
+//! - [`monitor`]: the `MetricSource` capability, the Zabbix JSON-RPC client and the poller.
 //! - [`predict`]: GM(1,1) and baseline predictors, trigger policy, trace evaluation.
 //! - [`lab`]: a source and a target local VM with a config naming them (demo, bench, tests).
 //! - [`workload`]: seeded data and a live writer with an independent ledger of acked points.
@@ -18,10 +19,13 @@
 
 pub mod bench;
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod influx;
 
 pub mod lab;
 pub mod migrate;
+pub mod monitor;
 pub mod predict;
 pub mod remote;
 pub mod stack;

@@ -39,6 +39,16 @@ enum Cmd {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Run the service orchestrator: poll, predict, migrate, with its HTTP API.
+    Daemon {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Show the service's state: where it runs, the last migrations, anything to recover.
+    Status {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Run the data-migration demo on this machine: two local InfluxDB servers, a live
     /// writer, one migration, an independent count.
     Demo {
@@ -121,6 +131,13 @@ async fn run(cmd: Cmd) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if cfg.provider.kind != stateshift::config::ProviderKind::Static && !dry_run {
+                if !yes {
+                    eprintln!("stateshift: refusing to migrate without --yes (or use --dry-run to check the plan)");
+                    return ExitCode::from(2);
+                }
+                return machine_migrate(&cfg, report).await;
+            }
             let Some(target) = cfg.target.clone() else {
                 eprintln!("stateshift: {}: target: missing; name the target InfluxDB host (stack creation is not wired to `migrate` yet)", config.display());
                 return ExitCode::from(2);
@@ -189,24 +206,109 @@ async fn run(cmd: Cmd) -> ExitCode {
             Some(n) => predict_bench(window, min, n),
             None => predict(window, min, &model, eval, threshold, values),
         },
-        Cmd::Demo { dir, points } => match interruptible(bench::demo(&dir, points)).await {
-            Ok(o)
-                if o.problems.is_empty()
-                    && o.seeded == o.seeded_on_target
-                    && o.ledger.requests_failed == 0 =>
-            {
-                println!("\ndemo ok: nothing lost");
-                ExitCode::SUCCESS
+        Cmd::Daemon { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("stateshift: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let s2 = shutdown.clone();
+            tokio::spawn(async move {
+                wait_signal().await;
+                eprintln!("stateshift: stopping at the next safe point (a running migration finishes first); signal again to exit now");
+                s2.cancel();
+                wait_signal().await;
+                eprintln!("stateshift: exiting now; the journal lets the next start settle what was interrupted");
+                std::process::exit(130);
+            });
+            match stateshift::daemon::run(cfg, shutdown, &engine::LogProgress, None).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("stateshift daemon: {e:#}");
+                    ExitCode::from(1)
+                }
             }
-            Ok(_) => {
-                eprintln!("demo: points were lost or writes failed (see above)");
-                ExitCode::from(1)
+        }
+        Cmd::Status { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("stateshift: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match stateshift::migrate::machine::state(&cfg) {
+                Ok(st) => {
+                    let cur = stateshift::migrate::machine::current_source(&cfg, &st);
+                    println!(
+                        "service {}: InfluxDB at {}{}",
+                        cfg.service.name,
+                        cur.influx_url,
+                        cur.stack
+                            .as_ref()
+                            .map(|s| format!(" (stack {})", s.name))
+                            .unwrap_or_default()
+                    );
+                    match st.recovery() {
+                        stateshift::migrate::journal::Recovery::Nothing => {
+                            println!("no unfinished migration")
+                        }
+                        r => println!("unfinished migration, settled at the next start: {r:?}"),
+                    }
+                    println!("migrations ({}):", st.migrations.len());
+                    for m in st.migrations.iter().rev().take(20) {
+                        let total: f64 = m.phases.iter().map(|p| p.1).sum();
+                        let phases = m
+                            .phases
+                            .iter()
+                            .map(|(p, s)| format!("{p} {s:.2}s"))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        println!(
+                            "  {}  {:<11} trigger: {}  {:.1}s  [{}]{}",
+                            m.id,
+                            m.outcome
+                                .map(|o| format!("{o:?}").to_lowercase())
+                                .unwrap_or_else(|| format!(
+                                    "running ({})",
+                                    m.current_phase.map(|p| p.to_string()).unwrap_or_default()
+                                )),
+                            m.trigger,
+                            total,
+                            phases,
+                            m.error
+                                .as_ref()
+                                .map(|e| format!("\n      error: {e}"))
+                                .unwrap_or_default()
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("stateshift status: {e}");
+                    ExitCode::from(1)
+                }
             }
-            Err(e) => {
-                eprintln!("stateshift demo: {e:#}");
-                ExitCode::from(1)
+        }
+        Cmd::Demo { dir, points } => {
+            match interruptible(stateshift::demo::run(&dir, points)).await {
+                Ok(o) if o.lost == 0 && o.failed_writes == 0 && o.old_stack_gone => {
+                    println!("\ndemo ok: triggered by the prediction, migrated, old stack disposed of, nothing lost");
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => {
+                    eprintln!("demo: points were lost, writes failed or the old stack remains (see above)");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("stateshift demo: {e:#}");
+                    ExitCode::from(1)
+                }
             }
-        },
+        }
         Cmd::Bench {
             dir,
             points,
@@ -367,4 +469,55 @@ fn predict_bench(window: usize, min: usize, n: u64) -> ExitCode {
         println!("{:<9} {ns:>13.1}", model.name());
     }
     ExitCode::SUCCESS
+}
+
+/// `stateshift migrate` with a stack provider: the journaled machine.
+async fn machine_migrate(cfg: &Config, report: Option<PathBuf>) -> ExitCode {
+    use stateshift::migrate::machine::{self, Provider};
+    let provider = match Provider::from_config(cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("stateshift: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let r = machine::migrate(cfg, &provider, "manual: stateshift migrate", &PrintProgress).await;
+    let (code, json) = match &r {
+        Ok(rep) => {
+            bench::print_report(rep);
+            println!(
+                "migration {} succeeded: verified, old stack disposed of",
+                rep.migration_id
+            );
+            (ExitCode::SUCCESS, serde_json::to_string_pretty(rep))
+        }
+        Err(e) => {
+            eprintln!("stateshift: migration failed: {e}");
+            (
+                ExitCode::from(1),
+                serde_json::to_string_pretty(&serde_json::json!({"error": e.to_string()})),
+            )
+        }
+    };
+    if let (Some(path), Ok(json)) = (report, json) {
+        if let Err(e) = std::fs::write(&path, json) {
+            eprintln!("stateshift: cannot write report {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    }
+    code
+}
+
+async fn wait_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -222,8 +222,37 @@ pub async fn run(
     target: &InstanceConfig,
     progress: &dyn Progress,
 ) -> Result<Report, MigrateError> {
+    run_with(cfg, target, progress, RunOptions::default())
+        .await
+        .map_err(|(e, _)| e)
+}
+
+/// How [`run_with`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Migration id (also names the capture subscription); default: the current time.
+    pub id: Option<String>,
+    /// Resume an interrupted migration whose data is already on the target: capture
+    /// again, repoint the writers again, drain, verify. No dump or restore.
+    pub resume: bool,
+}
+
+/// Run a migration; on failure also return the report so far (its `cutover_done` says
+/// whether writers may already use the target, which decides between rollback and
+/// leaving everything in place).
+pub async fn run_with(
+    cfg: &Config,
+    target: &InstanceConfig,
+    progress: &dyn Progress,
+    opts: RunOptions,
+) -> Result<Report, (MigrateError, Box<Report>)> {
     let mut m = Migration::new(cfg, target);
     m.progress = progress;
+    m.resume = opts.resume;
+    if let Some(id) = opts.id {
+        m.id = id.clone();
+        m.report.migration_id = id;
+    }
     let start = Instant::now();
     let r = m.run_phases().await;
     m.report.total_seconds = start.elapsed().as_secs_f64();
@@ -231,7 +260,7 @@ pub async fn run(
         Ok(()) => Ok(m.report),
         Err(e) => {
             m.on_failure(&e).await;
-            Err(e)
+            Err((e, Box::new(m.report)))
         }
     }
 }
@@ -266,6 +295,7 @@ impl<'a> Migration<'a> {
             drops_at_start: 0,
             reader: None,
             pulled: false,
+            resume: false,
         }
     }
 }
@@ -289,6 +319,8 @@ struct Migration<'a> {
     reader: Option<SpoolReader>,
     /// The target pulled the dump itself: nothing to transfer.
     pulled: bool,
+    /// Resuming after a crash past cutover: the data is already on the target.
+    resume: bool,
 }
 
 fn sub_name(id: &str) -> String {
@@ -329,9 +361,11 @@ impl Migration<'_> {
             }};
         }
         phase!(Phase::Capture, capture);
-        phase!(Phase::Dump, dump);
-        phase!(Phase::Transfer, transfer);
-        phase!(Phase::Restore, restore);
+        if !self.resume {
+            phase!(Phase::Dump, dump);
+            phase!(Phase::Transfer, transfer);
+            phase!(Phase::Restore, restore);
+        }
         phase!(Phase::Delta, delta);
         self.report.cutover_done = false;
         let t = Instant::now();
@@ -369,7 +403,7 @@ impl Migration<'_> {
         // Authentication is checked by a real query on both sides.
         let dbs = src_influx.databases().await.map_err(Self::influx_err(p))?;
         let dst_dbs = dst_influx.databases().await.map_err(Self::influx_err(p))?;
-        for db in &dbs {
+        for db in dbs.iter().filter(|_| !self.resume) {
             if dst_dbs.contains(db) {
                 return Err(MigrateError::TargetNotEmpty {
                     target: dst_cfg.name.clone(),

@@ -6,5 +6,7 @@
 
 pub mod capture;
 pub mod engine;
+pub mod journal;
+pub mod machine;
 pub mod spool;
 pub mod verify;

@@ -1,0 +1,266 @@
+//! The service orchestrator loop (`stateshift daemon`): poll the load → window →
+//! prediction → trigger → journaled migration → dispose → reset → poll the new host; and
+//! its HTTP API ([`api`]). First SIGTERM/SIGINT: stop at the next safe point (a running
+//! migration finishes first); second: exit at once (the journal lets the next start
+//! settle what was interrupted).
+
+pub mod api;
+pub mod procload;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, MonitorKind};
+use crate::migrate::engine::{Phase, Progress};
+use crate::migrate::journal::Placement;
+use crate::migrate::machine::{self, Provider};
+use crate::monitor::{MetricSource, Reading};
+use crate::predict::policy::{PolicyConfig, TriggerPolicy};
+
+/// What `/status` shows.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    pub service: String,
+    /// Where the HTTP API listens.
+    pub api: String,
+    /// `polling` or `migrating`.
+    pub state: String,
+    pub phase: Option<String>,
+    pub source_url: String,
+    pub load_source: String,
+    pub window: Vec<f64>,
+    pub last_reading: Option<f64>,
+    pub last_prediction: Option<f64>,
+    pub last_decision: String,
+    pub threshold: f64,
+    pub migrations: Vec<crate::migrate::journal::MigrationSummary>,
+}
+
+/// State shared between the loop and the API.
+pub struct Shared {
+    pub status: Mutex<Status>,
+    pub running: AtomicBool,
+    pub metrics: api::Metrics,
+    pub trigger: mpsc::Sender<String>,
+    pub token: Option<crate::util::Secret>,
+}
+
+impl Shared {
+    fn set<F: FnOnce(&mut Status)>(&self, f: F) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// Progress of a migration, shown in `/status` and the metrics.
+struct LoopProgress<'a> {
+    shared: &'a Shared,
+    inner: &'a dyn Progress,
+}
+
+impl Progress for LoopProgress<'_> {
+    fn phase_started(&self, phase: Phase) {
+        self.shared.set(|s| s.phase = Some(phase.to_string()));
+        self.inner.phase_started(phase);
+    }
+    fn phase_done(&self, phase: Phase, took: Duration) {
+        self.shared.metrics.phase_seconds(phase, took.as_secs_f64());
+        self.inner.phase_done(phase, took);
+    }
+    fn note(&self, msg: &str) {
+        self.inner.note(msg);
+    }
+}
+
+/// The load source: none (manual only) or a local process.
+enum Load {
+    None,
+    Process(procload::ProcessCpu),
+}
+
+impl Load {
+    fn for_source(cfg: &Config, p: &Placement) -> Load {
+        match cfg.monitor.kind {
+            MonitorKind::None => Load::None,
+            MonitorKind::Process => {
+                let needle = match &p.stack {
+                    Some(s) => format!("/stacks/{}/", s.name),
+                    None => p.influx_url.clone(),
+                };
+                Load::Process(procload::ProcessCpu::new(needle))
+            }
+        }
+    }
+    fn describe(&self) -> String {
+        match self {
+            Load::None => "none (manual trigger only)".into(),
+            Load::Process(p) => p.describe(),
+        }
+    }
+    async fn read(&mut self) -> Option<Result<Reading, String>> {
+        match self {
+            Load::None => None,
+            Load::Process(p) => Some(p.read().await.map_err(|e| e.to_string())),
+        }
+    }
+}
+
+/// Run the daemon until `shutdown` is cancelled. `progress` receives migration progress
+/// (the CLI logs it; the demo prints it). Returns after the loop has stopped at a safe point.
+pub async fn run(
+    cfg: Config,
+    shutdown: CancellationToken,
+    progress: &dyn Progress,
+    ready: Option<tokio::sync::oneshot::Sender<Arc<Shared>>>,
+) -> anyhow::Result<()> {
+    let provider = Provider::from_config(&cfg)?;
+    // Settle whatever a crash left unfinished before anything else.
+    if let Some(outcome) = machine::recover(&cfg, &provider, progress).await? {
+        tracing::warn!(?outcome, "an interrupted migration was settled at start-up");
+    }
+    let model = cfg
+        .monitor
+        .model
+        .parse()
+        .map_err(|e| anyhow::anyhow!("monitor.model: {e}"))?;
+    let mut policy = TriggerPolicy::new(PolicyConfig {
+        threshold: cfg.monitor.threshold,
+        min_readings: cfg.monitor.min_readings,
+        window: cfg.monitor.window,
+        cooldown: cfg.monitor.cooldown,
+        consecutive: cfg.monitor.consecutive as usize,
+        model,
+    })
+    .map_err(|e| anyhow::anyhow!("monitor: {e}"))?;
+    let (tx, mut rx) = mpsc::channel::<String>(4);
+    let st = machine::state(&cfg)?;
+    let mut source = machine::current_source(&cfg, &st);
+    let mut load = Load::for_source(&cfg, &source);
+    let shared = Arc::new(Shared {
+        status: Mutex::new(Status {
+            service: cfg.service.name.clone(),
+            state: "polling".into(),
+            source_url: source.influx_url.clone(),
+            load_source: load.describe(),
+            threshold: cfg.monitor.threshold,
+            migrations: st.migrations.clone(),
+            ..Status::default()
+        }),
+        running: AtomicBool::new(false),
+        metrics: api::Metrics::new(),
+        trigger: tx,
+        token: cfg.api.token.clone(),
+    });
+    let api_token = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("api.listen {}: {e}", cfg.api.listen))?;
+    let api_addr = listener.local_addr()?;
+    tracing::info!(addr = %api_addr, "HTTP API listening");
+    shared.set(|s| s.api = api_addr.to_string());
+    let api_task = tokio::spawn(api::serve(listener, shared.clone(), api_token.clone()));
+    if let Some(r) = ready {
+        let _ = r.send(shared.clone());
+    }
+    let mut tick = tokio::time::interval(cfg.monitor.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = Duration::ZERO;
+    loop {
+        let trigger = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(t) = rx.recv() => Some(t),
+            _ = tick.tick() => {
+                if !backoff.is_zero() {
+                    tokio::time::sleep(backoff).await;
+                }
+                match load.read().await {
+                    None => None,
+                    Some(Err(e)) => {
+                        backoff = (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                        shared.metrics.reading("error");
+                        tracing::warn!(error = %e, backoff = ?backoff, "cannot read the load; backing off");
+                        None
+                    }
+                    Some(Ok(r)) => {
+                        backoff = Duration::ZERO;
+                        shared.metrics.reading(r.freshness().as_str());
+                        match r {
+                            Reading::Fresh(s) => match policy.on_reading(s.value, Instant::now()) {
+                                Ok(d) => {
+                                    tracing::info!(window = ?d.window, prediction = ?d.prediction, threshold = d.threshold, reason = %d.reason, "decision");
+                                    shared.metrics.observe(s.value, d.prediction);
+                                    shared.set(|st| {
+                                        st.window = d.window.clone();
+                                        st.last_reading = Some(s.value);
+                                        st.last_prediction = d.prediction;
+                                        st.last_decision = d.reason.to_string();
+                                    });
+                                    d.trigger().then(|| format!("prediction {:.2} > threshold {}", d.prediction.unwrap_or(f64::NAN), d.threshold))
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "reading refused by the window");
+                                    None
+                                }
+                            },
+                            other => {
+                                tracing::info!(reading = %other, "not a fresh reading; not pushed into the window");
+                                None
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let Some(why) = trigger else { continue };
+        shared.metrics.trigger();
+        tracing::warn!(trigger = %why, "migrating");
+        shared.running.store(true, Ordering::SeqCst);
+        shared.set(|s| s.state = "migrating".into());
+        policy.migration_started(Instant::now());
+        let lp = LoopProgress {
+            shared: &shared,
+            inner: progress,
+        };
+        // A migration is not interrupted by the first signal: it is the safe point.
+        let r = machine::migrate(&cfg, &provider, &why, &lp).await;
+        let ok = r.is_ok();
+        match &r {
+            Ok(rep) => {
+                shared.metrics.migration("succeeded", rep.points_replayed);
+                tracing::warn!(id = %rep.migration_id, "migration succeeded");
+            }
+            Err(e) => {
+                shared.metrics.migration(
+                    if matches!(e, machine::MachineError::Busy(_)) {
+                        "busy"
+                    } else {
+                        "failed"
+                    },
+                    0,
+                );
+                tracing::error!(error = %e, "migration failed");
+            }
+        }
+        policy.migration_finished(Instant::now(), ok);
+        let st = machine::state(&cfg)?;
+        source = machine::current_source(&cfg, &st);
+        load = Load::for_source(&cfg, &source);
+        shared.set(|s| {
+            s.state = "polling".into();
+            s.phase = None;
+            s.source_url = source.influx_url.clone();
+            s.load_source = load.describe();
+            s.migrations = st.migrations.clone();
+            if ok {
+                s.window.clear();
+            }
+        });
+        shared.running.store(false, Ordering::SeqCst);
+    }
+    api_token.cancel();
+    let _ = api_task.await;
+    Ok(())
+}

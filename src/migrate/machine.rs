@@ -1,0 +1,561 @@
+//! The whole migration of a service, journaled (DESIGN.md §3 phases 1–10): create the
+//! target stack, run the data engine (capture … verify), delete the old stack, reset.
+//!
+//! Every step is announced in the journal before its side effect and confirmed after it.
+//! A restart reads the journal and settles an unfinished migration before anything else
+//! ([`recover`]): before cutover it rolls back (the target stack goes, the source never
+//! changed); after verification it finishes the disposal; in between, writers may use the
+//! target, so nothing is deleted and the migration resumes from the cutover.
+//! One migration per service at a time: an `flock`ed lock file, which a crashed holder
+//! releases by dying.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::engine::{self, MigrateError, Phase, Progress, Report, RunOptions};
+use super::journal::{Event, Journal, JournalError, JournalState, Outcome, Placement, Recovery};
+use crate::config::{Config, InstanceConfig, ProviderKind};
+use crate::influx::{ident, Influx};
+use crate::stack::local::LocalStacks;
+use crate::stack::{StackError, StackProvider, StackRef, StackSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("another migration of this service is running (lock {0} is held)")]
+    Busy(PathBuf),
+    #[error("lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("prepare: creating the target stack: {0}")]
+    Stack(#[source] StackError),
+    #[error("rolled back, the service stays on {source_url}: {error}")]
+    RolledBack {
+        source_url: String,
+        error: Box<MigrateError>,
+    },
+    #[error("failed after cutover; nothing was deleted, writers may use {target_url} and the source {source_url} keeps all its data: {error}")]
+    AfterCutover {
+        source_url: String,
+        target_url: String,
+        error: Box<MigrateError>,
+    },
+    #[error(
+        "dispose: the data is verified on {target_url}, but deleting the old stack failed: {error}"
+    )]
+    Dispose {
+        target_url: String,
+        error: StackError,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The configured stack provider.
+pub enum Provider {
+    /// No stacks: the configured `target` is the target.
+    Static,
+    Local(LocalStacks),
+}
+
+impl Provider {
+    pub fn from_config(cfg: &Config) -> Result<Provider, MachineError> {
+        Ok(match cfg.provider.kind {
+            ProviderKind::Static => Provider::Static,
+            ProviderKind::Local => Provider::Local(
+                LocalStacks::new(&cfg.provider.local_dir, cfg.provider.local_subnet)
+                    .map_err(|e| MachineError::Config(e.to_string()))?,
+            ),
+        })
+    }
+
+    async fn create(
+        &self,
+        spec: &StackSpec,
+    ) -> Result<Option<(StackRef, crate::stack::StackOutputs)>, StackError> {
+        match self {
+            Provider::Static => Ok(None),
+            Provider::Local(p) => p.create(spec).await.map(Some),
+        }
+    }
+
+    pub async fn delete(&self, stack: &StackRef, timeout: Duration) -> Result<(), StackError> {
+        match self {
+            Provider::Static => Ok(()),
+            Provider::Local(p) => p.delete(stack, timeout).await,
+        }
+    }
+
+    async fn find(&self, name: &str) -> Result<Option<StackRef>, StackError> {
+        match self {
+            Provider::Static => Ok(None),
+            Provider::Local(p) => p.find(name).await,
+        }
+    }
+
+    /// How to reach the InfluxDB of a placement.
+    pub fn instance(
+        &self,
+        cfg: &Config,
+        p: &Placement,
+        fallback: &InstanceConfig,
+    ) -> InstanceConfig {
+        match (self, &p.stack, &p.outputs) {
+            (Provider::Local(l), Some(s), Some(o)) => l.instance_config(&s.name, o),
+            _ => fallback.clone(),
+        }
+        .with_name_of(cfg, p)
+    }
+}
+
+impl InstanceConfig {
+    fn with_name_of(mut self, _cfg: &Config, p: &Placement) -> InstanceConfig {
+        if let Some(s) = &p.stack {
+            self.name = s.name.clone();
+        }
+        self
+    }
+}
+
+/// The service's paths under `migration.work_dir`.
+pub struct Paths {
+    pub journal: PathBuf,
+    pub lock: PathBuf,
+}
+
+impl Paths {
+    pub fn of(cfg: &Config) -> Paths {
+        let d = &cfg.migration.work_dir;
+        Paths {
+            journal: d.join(format!("{}.journal", cfg.service.name)),
+            lock: d.join(format!("{}.lock", cfg.service.name)),
+        }
+    }
+}
+
+/// The held per-service lock.
+pub struct Lock(#[allow(dead_code)] std::fs::File);
+
+pub fn lock(path: &Path) -> Result<Lock, MachineError> {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(|source| MachineError::Lock {
+            path: path.into(),
+            source,
+        })?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|source| MachineError::Lock {
+            path: path.into(),
+            source,
+        })?;
+    match f.try_lock() {
+        Ok(()) => Ok(Lock(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(MachineError::Busy(path.into())),
+        Err(std::fs::TryLockError::Error(source)) => Err(MachineError::Lock {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// The journal state of the service.
+pub fn state(cfg: &Config) -> Result<JournalState, MachineError> {
+    Ok(JournalState::from_records(&Journal::load(
+        &Paths::of(cfg).journal,
+    )?))
+}
+
+/// Where the service runs now: the last verified target, else the configured source.
+pub fn current_source(cfg: &Config, st: &JournalState) -> Placement {
+    st.current().unwrap_or_else(|| Placement {
+        stack: cfg.service.stack.as_ref().map(|n| StackRef {
+            id: String::new(),
+            name: n.clone(),
+        }),
+        outputs: None,
+        influx_url: cfg.source.influx_url.clone(),
+    })
+}
+
+/// Journals the engine's phases and forwards them to another progress sink.
+struct Journaled<'a> {
+    journal: &'a Mutex<Journal>,
+    id: &'a str,
+    inner: &'a dyn Progress,
+}
+
+impl Journaled<'_> {
+    fn append(&self, e: Event) {
+        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(err) = j.append(self.id, e) {
+            tracing::error!(error = %err, "cannot write the journal");
+        }
+    }
+}
+
+impl Progress for Journaled<'_> {
+    fn phase_started(&self, phase: Phase) {
+        self.append(Event::PhaseStarted { phase });
+        crash_point(&format!("{phase}:started"));
+        self.inner.phase_started(phase);
+    }
+    fn phase_done(&self, phase: Phase, took: Duration) {
+        self.append(Event::PhaseDone {
+            phase,
+            seconds: took.as_secs_f64(),
+        });
+        crash_point(&format!("{phase}:done"));
+        self.inner.phase_done(phase, took);
+    }
+    fn note(&self, msg: &str) {
+        self.inner.note(msg);
+    }
+}
+
+/// Fault injection for the crash tests: with `STATESHIFT_CRASH_AT=<point>` the process
+/// dies at once (SIGKILL-like: no destructor, no cleanup) right after that journal point.
+fn crash_point(point: &str) {
+    if std::env::var("STATESHIFT_CRASH_AT").ok().as_deref() == Some(point) {
+        eprintln!("stateshift: STATESHIFT_CRASH_AT={point}: dying here");
+        std::process::abort();
+    }
+}
+
+fn new_id() -> String {
+    format!("{}", super::journal::now_ms())
+}
+
+/// Migrate the service now: settle any unfinished migration, then run a new one.
+/// Returns the engine's report.
+pub async fn migrate(
+    cfg: &Config,
+    provider: &Provider,
+    trigger: &str,
+    progress: &dyn Progress,
+) -> Result<Report, MachineError> {
+    let paths = Paths::of(cfg);
+    let _lock = lock(&paths.lock)?;
+    recover_locked(cfg, provider, progress).await?;
+    let st = state(cfg)?;
+    let source = current_source(cfg, &st);
+    let source_inst = provider.instance(cfg, &source, &cfg.source);
+    let journal = Mutex::new(Journal::open(&paths.journal)?);
+    let id = new_id();
+    let append = |e: Event| -> Result<(), MachineError> {
+        journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(&id, e)?;
+        Ok(())
+    };
+    append(Event::Started {
+        trigger: trigger.into(),
+        source: source.clone(),
+    })?;
+    crash_point("started");
+
+    // Phase 1: the target stack.
+    let name = format!("{}-influx-{id}", cfg.service.name);
+    append(Event::StackCreating { name: name.clone() })?;
+    progress.note(&format!("creating the target stack {name}"));
+    let spec = StackSpec {
+        name: name.clone(),
+        template: cfg.provider.template.clone(),
+        parameters: cfg.provider.parameters.clone(),
+        environment_files: cfg.provider.environment_files.clone(),
+        timeout: cfg.provider.create_timeout,
+    };
+    let target = match provider.create(&spec).await {
+        Ok(Some((stack, outputs))) => Placement {
+            influx_url: outputs.influxdb_url.clone(),
+            stack: Some(stack),
+            outputs: Some(outputs),
+        },
+        Ok(None) => {
+            let t = cfg.target.as_ref().ok_or_else(|| {
+                MachineError::Config("provider.kind is static but no target is configured".into())
+            })?;
+            Placement {
+                stack: None,
+                outputs: None,
+                influx_url: t.influx_url.clone(),
+            }
+        }
+        Err(e) => {
+            append(Event::Finished {
+                outcome: Outcome::RolledBack,
+                error: Some(e.to_string()),
+                report: None,
+            })?;
+            return Err(MachineError::Stack(e));
+        }
+    };
+    append(Event::StackCreated {
+        target: target.clone(),
+    })?;
+    crash_point("stack_created");
+    progress.note(&format!(
+        "target stack {name} ready at {}",
+        target.influx_url
+    ));
+    let fallback = cfg.target.clone().unwrap_or_else(|| cfg.source.clone());
+    let target_inst = provider.instance(cfg, &target, &fallback);
+
+    // Phases 2–8 (and the capture's end): the data engine, on the current source.
+    let mut ecfg = cfg.clone();
+    ecfg.source = source_inst;
+    let jp = Journaled {
+        journal: &journal,
+        id: &id,
+        inner: progress,
+    };
+    let result = engine::run_with(
+        &ecfg,
+        &target_inst,
+        &jp,
+        RunOptions {
+            id: Some(id.clone()),
+            resume: false,
+        },
+    )
+    .await;
+    finish(
+        cfg, provider, &journal, &id, source, target, result, progress,
+    )
+    .await
+}
+
+/// After the engine: roll back, keep everything, or dispose of the old stack.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    cfg: &Config,
+    provider: &Provider,
+    journal: &Mutex<Journal>,
+    id: &str,
+    source: Placement,
+    target: Placement,
+    result: Result<Report, (MigrateError, Box<Report>)>,
+    progress: &dyn Progress,
+) -> Result<Report, MachineError> {
+    let append = |e: Event| -> Result<(), MachineError> {
+        journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(id, e)?;
+        Ok(())
+    };
+    match result {
+        Err((error, report)) if !report.cutover_done => {
+            if let Some(stack) = &target.stack {
+                if let Err(e) = provider.delete(stack, cfg.provider.delete_timeout).await {
+                    tracing::error!(error = %e, stack = %stack.name, "could not delete the half-made target stack");
+                }
+            }
+            append(Event::Finished {
+                outcome: Outcome::RolledBack,
+                error: Some(error.to_string()),
+                report: Some(report),
+            })?;
+            Err(MachineError::RolledBack {
+                source_url: source.influx_url,
+                error: Box::new(error),
+            })
+        }
+        Err((error, report)) => {
+            append(Event::Finished {
+                outcome: Outcome::Failed,
+                error: Some(error.to_string()),
+                report: Some(report),
+            })?;
+            Err(MachineError::AfterCutover {
+                source_url: source.influx_url,
+                target_url: target.influx_url,
+                error: Box::new(error),
+            })
+        }
+        Ok(report) => {
+            // Phase 9: only now, after verification, the old stack goes.
+            append(Event::OldStackDeleting)?;
+            crash_point("old_stack_deleting");
+            if let Some(old) = &source.stack {
+                let old = match provider.find(&old.name).await {
+                    Ok(Some(found)) => Some(found),
+                    Ok(None) => None,
+                    Err(e) => {
+                        return Err(MachineError::Dispose {
+                            target_url: target.influx_url.clone(),
+                            error: e,
+                        })
+                    }
+                };
+                if let Some(old) = old {
+                    progress.note(&format!("deleting the old stack {}", old.name));
+                    provider
+                        .delete(&old, cfg.provider.delete_timeout)
+                        .await
+                        .map_err(|error| MachineError::Dispose {
+                            target_url: target.influx_url.clone(),
+                            error,
+                        })?;
+                }
+            }
+            append(Event::OldStackDeleted)?;
+            // Phase 10: the caller resets its monitoring window on success.
+            append(Event::WindowReset)?;
+            append(Event::Finished {
+                outcome: Outcome::Succeeded,
+                error: None,
+                report: Some(Box::new(report.clone())),
+            })?;
+            Ok(report)
+        }
+    }
+}
+
+/// Settle an unfinished migration left by a crash (takes the lock).
+pub async fn recover(
+    cfg: &Config,
+    provider: &Provider,
+    progress: &dyn Progress,
+) -> Result<Option<Outcome>, MachineError> {
+    let _lock = lock(&Paths::of(cfg).lock)?;
+    recover_locked(cfg, provider, progress).await
+}
+
+async fn recover_locked(
+    cfg: &Config,
+    provider: &Provider,
+    progress: &dyn Progress,
+) -> Result<Option<Outcome>, MachineError> {
+    let paths = Paths::of(cfg);
+    let st = state(cfg)?;
+    let decision = st.recovery();
+    if decision == Recovery::Nothing {
+        return Ok(None);
+    }
+    let journal = Mutex::new(Journal::open(&paths.journal)?);
+    match decision {
+        Recovery::Nothing => Ok(None),
+        Recovery::RollBack {
+            id,
+            target,
+            creating,
+            source,
+        } => {
+            progress.note(&format!("recovering migration {id}: interrupted before cutover, rolling back (the source never changed)"));
+            // The real world first: the target stack, by reference or by the name it was
+            // being created under.
+            let stack = match (target, creating) {
+                (Some(t), _) => Some(t),
+                (None, Some(name)) => provider.find(&name).await.map_err(MachineError::Stack)?,
+                _ => None,
+            };
+            if let Some(s) = stack {
+                provider
+                    .delete(&s, cfg.provider.delete_timeout)
+                    .await
+                    .map_err(MachineError::Stack)?;
+            }
+            // Our capture subscription on the source, if it was created.
+            let src = provider.instance(cfg, &source, &cfg.source);
+            drop_our_subscriptions(&Influx::from_config(&src), &id).await;
+            journal.lock().unwrap_or_else(|p| p.into_inner()).append(
+                &id,
+                Event::Finished {
+                    outcome: Outcome::RolledBack,
+                    error: Some("interrupted before cutover; rolled back on restart".into()),
+                    report: None,
+                },
+            )?;
+            Ok(Some(Outcome::RolledBack))
+        }
+        Recovery::FinishDispose { id, source, target } => {
+            progress.note(&format!("recovering migration {id}: verified before the interruption, finishing the disposal"));
+            drop_our_subscriptions(
+                &Influx::from_config(&provider.instance(cfg, &source, &cfg.source)),
+                &id,
+            )
+            .await;
+            let r = finish(
+                cfg,
+                provider,
+                &journal,
+                &id,
+                source,
+                target,
+                Ok(Report {
+                    migration_id: id.clone(),
+                    ..Report::default()
+                }),
+                progress,
+            )
+            .await;
+            r.map(|_| Some(Outcome::Succeeded))
+        }
+        Recovery::ResumeCutover { id, source, target } => {
+            progress.note(&format!("recovering migration {id}: interrupted after cutover; resuming from the cutover (nothing is deleted unless verification passes)"));
+            let src = provider.instance(cfg, &source, &cfg.source);
+            drop_our_subscriptions(&Influx::from_config(&src), &id).await;
+            let fallback = cfg.target.clone().unwrap_or_else(|| cfg.source.clone());
+            let target_inst = provider.instance(cfg, &target, &fallback);
+            drop_our_subscriptions(&Influx::from_config(&target_inst), &id).await;
+            let mut ecfg = cfg.clone();
+            ecfg.source = src;
+            let jp = Journaled {
+                journal: &journal,
+                id: &id,
+                inner: progress,
+            };
+            let result = engine::run_with(
+                &ecfg,
+                &target_inst,
+                &jp,
+                RunOptions {
+                    id: Some(format!("{id}r")),
+                    resume: true,
+                },
+            )
+            .await;
+            // Past cutover already: a failure now must not roll the target back.
+            let result = result.map_err(|(e, mut r)| {
+                r.cutover_done = true;
+                (e, r)
+            });
+            finish(
+                cfg, provider, &journal, &id, source, target, result, progress,
+            )
+            .await
+            .map(|_| Some(Outcome::Succeeded))
+        }
+    }
+}
+
+/// Drop every subscription a migration `id` made (`stateshift_<id>`, `_t`), best effort.
+async fn drop_our_subscriptions(influx: &Influx, id: &str) {
+    let Ok(subs) = influx.subscriptions().await else {
+        return;
+    };
+    for s in subs
+        .into_iter()
+        .filter(|s| s.name.starts_with(&format!("stateshift_{id}")))
+    {
+        let q = format!(
+            "DROP SUBSCRIPTION {} ON {}.{}",
+            ident(&s.name),
+            ident(&s.database),
+            ident(&s.retention_policy)
+        );
+        if let Err(e) = influx.query(None, &q).await {
+            tracing::warn!(error = %e, "could not drop a leftover capture subscription");
+        }
+    }
+}
