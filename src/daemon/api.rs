@@ -177,7 +177,11 @@ async fn migrate(State(s): State<Arc<Shared>>, headers: HeaderMap) -> (StatusCod
             "missing or wrong bearer token\n".into(),
         );
     }
-    if s.running.load(Ordering::SeqCst) {
+    // Claimed here, so a second request before the loop picks this one up gets 409 too.
+    if s.running
+        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
         return (
             StatusCode::CONFLICT,
             "a migration is already running\n".into(),
@@ -185,9 +189,12 @@ async fn migrate(State(s): State<Arc<Shared>>, headers: HeaderMap) -> (StatusCod
     }
     match s.trigger.try_send("manual: POST /migrate".into()) {
         Ok(()) => (StatusCode::ACCEPTED, "migration requested\n".into()),
-        Err(_) => (
-            StatusCode::CONFLICT,
-            "a migration is already requested\n".into(),
-        ),
+        Err(_) => {
+            s.running.store(false, Ordering::SeqCst);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the orchestrator is not taking requests\n".into(),
+            )
+        }
     }
 }

@@ -73,6 +73,9 @@ impl Progress for LoopProgress<'_> {
     fn note(&self, msg: &str) {
         self.inner.note(msg);
     }
+    fn writers_repointing(&self) {
+        self.inner.writers_repointing();
+    }
 }
 
 /// The load source: none (manual only) or a local process.

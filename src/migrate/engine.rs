@@ -137,6 +137,11 @@ pub trait Progress: Send + Sync {
     fn phase_started(&self, _phase: Phase) {}
     fn phase_done(&self, _phase: Phase, _took: Duration) {}
     fn note(&self, _msg: &str) {}
+    /// The writers are about to be repointed to the target: from here on a failure or a
+    /// crash must not roll the target back.
+    fn writers_repointing(&self) {}
+    /// The cutover command succeeded.
+    fn writers_repointed(&self) {}
 }
 
 /// Progress that only logs.
@@ -235,6 +240,12 @@ pub struct RunOptions {
     /// Resume an interrupted migration whose data is already on the target: capture
     /// again, repoint the writers again, drain, verify. No dump or restore.
     pub resume: bool,
+    /// With `resume`: the interrupted run's spool, replayed in full before anything new.
+    pub replay_first: Option<std::path::PathBuf>,
+    /// With `resume`: the interrupted run's capture subscription and the points its spool
+    /// holds. Once the new capture is live, every write the old subscription failed to
+    /// forward in between reached the source but no spool: then the run stops, safely.
+    pub interrupted: Option<(String, u64)>,
 }
 
 /// Run a migration; on failure also return the report so far (its `cutover_done` says
@@ -249,6 +260,8 @@ pub async fn run_with(
     let mut m = Migration::new(cfg, target);
     m.progress = progress;
     m.resume = opts.resume;
+    m.replay_first = opts.replay_first;
+    m.interrupted = opts.interrupted;
     if let Some(id) = opts.id {
         m.id = id.clone();
         m.report.migration_id = id;
@@ -296,6 +309,8 @@ impl<'a> Migration<'a> {
             reader: None,
             pulled: false,
             resume: false,
+            replay_first: None,
+            interrupted: None,
         }
     }
 }
@@ -321,6 +336,8 @@ struct Migration<'a> {
     pulled: bool,
     /// Resuming after a crash past cutover: the data is already on the target.
     resume: bool,
+    replay_first: Option<std::path::PathBuf>,
+    interrupted: Option<(String, u64)>,
 }
 
 fn sub_name(id: &str) -> String {
@@ -361,6 +378,9 @@ impl Migration<'_> {
             }};
         }
         phase!(Phase::Capture, capture);
+        if self.interrupted.is_some() {
+            phase!(Phase::Capture, check_interrupted);
+        }
         if !self.resume {
             phase!(Phase::Dump, dump);
             phase!(Phase::Transfer, transfer);
@@ -603,8 +623,15 @@ impl Migration<'_> {
             if let Some(w) = obj.get("write") {
                 st.dropped += num(w, "/values/subWriteDrop");
             }
+            // The service-level failure count includes every subscription's delivery
+            // failures; what exceeds their sum is queue-full drops.
+            let per_sub: u64 = obj
+                .iter()
+                .filter(|(k, _)| k.starts_with("subscriber:"))
+                .map(|(_, v)| num(v, "/values/writeFailures"))
+                .sum();
             if let Some(sv) = obj.get("subscriber") {
-                st.dropped += num(sv, "/values/writeFailures");
+                st.dropped += num(sv, "/values/writeFailures").saturating_sub(per_sub);
             }
         }
         Ok(st)
@@ -623,6 +650,61 @@ impl Migration<'_> {
             });
         }
         Ok(st)
+    }
+
+    /// After a crash past the repoint: with the new capture live, let the old
+    /// subscription's counters settle, then require that it delivered exactly what the
+    /// old spool holds and failed nothing. Then the old subscriptions go.
+    async fn check_interrupted(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Capture;
+        let Some((old, spooled)) = self.interrupted.clone() else {
+            return Ok(());
+        };
+        let src = self.src().influx.clone();
+        let mut last = Self::subscriber_stats(&src, &old, p).await?;
+        let mut stable_since = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stable_since.elapsed() < Duration::from_millis(500) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = Self::subscriber_stats(&src, &old, p).await?;
+            if (now.written, now.failed) != (last.written, last.failed) {
+                stable_since = Instant::now();
+            }
+            last = now;
+        }
+        let q = |name: &str, db: &str, rp: &str| {
+            format!(
+                "DROP SUBSCRIPTION {} ON {}.{}",
+                ident(name),
+                ident(db),
+                ident(rp)
+            )
+        };
+        for s in src.subscriptions().await.map_err(Self::influx_err(p))? {
+            if s.name == old {
+                let _ = src
+                    .query(None, &q(&s.name, &s.database, &s.retention_policy))
+                    .await;
+            }
+        }
+        let dst = self.dst().influx.clone();
+        for s in dst.subscriptions().await.map_err(Self::influx_err(p))? {
+            if s.name.starts_with(&old) {
+                let _ = dst
+                    .query(None, &q(&s.name, &s.database, &s.retention_policy))
+                    .await;
+            }
+        }
+        if last.failed > 0 || last.written != spooled {
+            return Err(MigrateError::Failed {
+                phase: p,
+                msg: format!(
+                    "{} write(s) reached the source while the capture was down (the interrupted capture forwarded {} points, its spool holds {spooled}); they are on the source but not on the target",
+                    last.failed, last.written
+                ),
+            });
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------------ dump / transfer / restore
@@ -989,7 +1071,22 @@ impl Migration<'_> {
         // Catch up with what was captured so far; writers keep writing to the source.
         let dst = self.dst().influx.clone();
         let t = Instant::now();
+        if let Some(old) = self.replay_first.clone() {
+            // An interrupted run's capture, first, in its own order.
+            let mut r = SpoolReader::open_finished(&old)
+                .map_err(|source| MigrateError::Spool { phase: p, source })?;
+            // Only what the interrupted run had not replayed yet: replaying older records
+            // again would put back values that writers have overwritten on the target since.
+            r.seek(replayed_offset(&old))
+                .map_err(|source| MigrateError::Spool { phase: p, source })?;
+            let n = replay_ready(&mut r, &dst, p, None).await?;
+            self.progress.note(&format!(
+                "replayed {n} points captured before the interruption"
+            ));
+            self.report.points_replayed += n;
+        }
         let n = replay_ready(&mut reader, &dst, p, None).await?;
+        record_offset(&self.cfg.capture.spool_dir, &self.id, reader.offset());
         self.report.points_replayed += n;
         self.report.replay_seconds += t.elapsed().as_secs_f64();
         self.reader = Some(reader);
@@ -1004,6 +1101,7 @@ impl Migration<'_> {
         };
         let t = Instant::now();
         let n = replay_ready(reader, &dst.influx, phase, self.touched.as_deref()).await?;
+        record_offset(&self.cfg.capture.spool_dir, &self.id, reader.offset());
         self.report.points_replayed += n;
         self.report.replay_seconds += t.elapsed().as_secs_f64();
         Ok(n)
@@ -1039,13 +1137,20 @@ impl Migration<'_> {
             // From here on some writers may already write to the target: a failure must
             // not roll the target back (it may hold acknowledged writes).
             self.report.cutover_done = true;
+            self.progress.writers_repointing();
             let r = tokio::time::timeout(self.cfg.cutover.timeout, host.run(&cmd)).await;
             match r {
-                Ok(Ok(out)) => self.progress.note(&format!(
-                    "writers repointed to {} ({})",
-                    self.dst().cfg.influx_url,
-                    out.trim()
-                )),
+                Ok(Ok(out)) => {
+                    // Replay at once what arrived during the command, so what a crash right
+                    // now would leave unreplayed is as little as possible.
+                    self.replay_now(p).await?;
+                    self.progress.writers_repointed();
+                    self.progress.note(&format!(
+                        "writers repointed to {} ({})",
+                        self.dst().cfg.influx_url,
+                        out.trim()
+                    ))
+                }
                 Ok(Err(e)) => {
                     return Err(MigrateError::Remote {
                         phase: p,
@@ -1062,6 +1167,10 @@ impl Migration<'_> {
                     })
                 }
             }
+        }
+        if self.cfg.cutover.command.is_none() {
+            // Writers follow by other means (DNS, a proxy): they may use the target now.
+            self.progress.writers_repointing();
         }
         self.report.cutover_done = true;
         // Keep replaying until the source has been quiet for the grace period and every
@@ -1136,6 +1245,7 @@ impl Migration<'_> {
             &self.dst().influx,
             &self.cfg.verify,
             self.touched.as_deref(),
+            self.resume,
         )
         .await
         .map_err(Self::influx_err(p))?;
@@ -1164,6 +1274,12 @@ impl Migration<'_> {
             "verified: {} databases, {} series, {} values on the source, {} on the target, {} series compared point by point, {} points overwritten after cutover",
             rep.databases, rep.series, rep.source_values, rep.target_values, rep.series_compared_point_by_point, rep.overwritten_after_cutover
         ));
+        if rep.values_unverifiable > 0 {
+            self.progress.note(&format!(
+                "{} point values differ and cannot be judged: they changed on the target while stateshift was down after the repoint",
+                rep.values_unverifiable
+            ));
+        }
         Ok(())
     }
 
@@ -1178,6 +1294,7 @@ impl Migration<'_> {
         self.remove_scratch().await;
         if let Some(s) = self.spool.take() {
             let _ = std::fs::remove_file(s.path());
+            let _ = std::fs::remove_file(format!("{}.offset", s.path().display()));
         }
         Ok(())
     }
@@ -1297,6 +1414,7 @@ impl Migration<'_> {
         }
         if let Some(s) = self.spool.take() {
             let _ = std::fs::remove_file(s.path());
+            let _ = std::fs::remove_file(format!("{}.offset", s.path().display()));
         }
         self.progress.note("rolled back: the source is untouched and still serves the writers; what this migration made on the target is removed");
     }
@@ -1407,6 +1525,26 @@ async fn write_with_retry(
             Err(source) => return Err(MigrateError::Influx { phase, source }),
         }
     }
+}
+
+/// Remember how far the spool of migration `id` has been replayed (`<id>.spool.offset`).
+/// Written after every replay; a crash of this process keeps it (page cache), and a
+/// resumed migration starts its replay there.
+fn record_offset(spool_dir: &std::path::Path, id: &str, offset: u64) {
+    let p = spool_dir.join(format!("{id}.spool.offset"));
+    if let Err(e) = std::fs::write(&p, offset.to_string()) {
+        tracing::warn!(error = %e, path = %p.display(), "cannot record the replay offset");
+    }
+}
+
+/// The replayed offset recorded for a spool file (0 when none was recorded).
+fn replayed_offset(spool: &std::path::Path) -> u64 {
+    let mut p = spool.as_os_str().to_owned();
+    p.push(".offset");
+    std::fs::read_to_string(std::path::PathBuf::from(p))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The shell command that makes a fresh portable backup of `rpc` into `dir` and prints

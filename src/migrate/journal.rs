@@ -56,6 +56,10 @@ pub enum Event {
         phase: Phase,
         seconds: f64,
     },
+    /// The cutover command is about to run: writers may use the target from now on.
+    WritersRepointing,
+    /// The cutover command succeeded.
+    WritersRepointed,
     OldStackDeleting,
     OldStackDeleted,
     WindowReset,
@@ -265,12 +269,9 @@ impl JournalState {
                 }
                 Event::StackCreating { name } => m.creating = Some(name.clone()),
                 Event::StackCreated { target } => m.target = Some(target.clone()),
-                Event::PhaseStarted { phase } => {
-                    m.current_phase = Some(*phase);
-                    if *phase == Phase::Cutover {
-                        m.cutover_started = true;
-                    }
-                }
+                Event::PhaseStarted { phase } => m.current_phase = Some(*phase),
+                Event::WritersRepointing => m.cutover_started = true,
+                Event::WritersRepointed => {}
                 Event::PhaseDone { phase, seconds } => {
                     m.phases.push((*phase, *seconds));
                     if *phase == Phase::Verify {
@@ -402,6 +403,15 @@ mod tests {
                 phase: Phase::Cutover,
             },
         ));
+        // The cutover phase began, but the writers were never repointed: roll back.
+        assert!(matches!(
+            JournalState::from_records(&rs).recovery(),
+            Recovery::RollBack {
+                target: Some(_),
+                ..
+            }
+        ));
+        rs.push(rec("1", Event::WritersRepointing));
         assert!(matches!(
             JournalState::from_records(&rs).recovery(),
             Recovery::ResumeCutover { .. }

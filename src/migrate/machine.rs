@@ -219,6 +219,16 @@ impl Progress for Journaled<'_> {
     fn note(&self, msg: &str) {
         self.inner.note(msg);
     }
+    fn writers_repointing(&self) {
+        self.append(Event::WritersRepointing);
+        crash_point("writers_repointing");
+        self.inner.writers_repointing();
+    }
+    fn writers_repointed(&self) {
+        self.append(Event::WritersRepointed);
+        crash_point("writers_repointed");
+        self.inner.writers_repointed();
+    }
 }
 
 /// Fault injection for the crash tests: with `STATESHIFT_CRASH_AT=<point>` the process
@@ -325,6 +335,8 @@ pub async fn migrate(
         RunOptions {
             id: Some(id.clone()),
             resume: false,
+            replay_first: None,
+            interrupted: None,
         },
     )
     .await;
@@ -485,6 +497,12 @@ async fn recover_locked(
                 &id,
             )
             .await;
+            let fallback = cfg.target.clone().unwrap_or_else(|| cfg.source.clone());
+            drop_our_subscriptions(
+                &Influx::from_config(&provider.instance(cfg, &target, &fallback)),
+                &id,
+            )
+            .await;
             let r = finish(
                 cfg,
                 provider,
@@ -504,10 +522,12 @@ async fn recover_locked(
         Recovery::ResumeCutover { id, source, target } => {
             progress.note(&format!("recovering migration {id}: interrupted after cutover; resuming from the cutover (nothing is deleted unless verification passes)"));
             let src = provider.instance(cfg, &source, &cfg.source);
-            drop_our_subscriptions(&Influx::from_config(&src), &id).await;
+            // The interrupted capture's subscription kept forwarding to a dead receiver while
+            // we were down; the resumed engine checks its counters once a new capture is live.
+            let old_spool = cfg.capture.spool_dir.join(format!("{id}.spool"));
+            let spooled = spool_points(&old_spool).unwrap_or(0);
             let fallback = cfg.target.clone().unwrap_or_else(|| cfg.source.clone());
             let target_inst = provider.instance(cfg, &target, &fallback);
-            drop_our_subscriptions(&Influx::from_config(&target_inst), &id).await;
             let mut ecfg = cfg.clone();
             ecfg.source = src;
             let jp = Journaled {
@@ -522,6 +542,8 @@ async fn recover_locked(
                 RunOptions {
                     id: Some(format!("{id}r")),
                     resume: true,
+                    replay_first: Some(old_spool.clone()),
+                    interrupted: Some((format!("stateshift_{id}"), spooled)),
                 },
             )
             .await;
@@ -537,6 +559,16 @@ async fn recover_locked(
             .map(|_| Some(Outcome::Succeeded))
         }
     }
+}
+
+/// Points in a finished spool file (`None`: missing or unreadable).
+fn spool_points(path: &Path) -> Option<u64> {
+    let mut r = super::spool::SpoolReader::open_finished(path).ok()?;
+    let mut n = 0u64;
+    while let Some(rec) = r.next_ready().ok()? {
+        n += crate::influx::lineproto::count_points(std::str::from_utf8(&rec.body).ok()?) as u64;
+    }
+    Some(n)
 }
 
 /// Drop every subscription a migration `id` made (`stateshift_<id>`, `_t`), best effort.

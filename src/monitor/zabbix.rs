@@ -987,7 +987,7 @@ impl Zabbix {
             .map(|r| r.parse(value_type))
             .collect::<Result<Vec<_>, _>>()?;
         // `sortfield: clock` leaves values within one second unordered by ns.
-        out.sort_by(|a, b| b.clock.cmp(&a.clock));
+        out.sort_by_key(|s| std::cmp::Reverse(s.clock));
         Ok(out)
     }
 }
@@ -1145,8 +1145,8 @@ impl ZabbixSource {
     }
 
     async fn current_item(&mut self) -> Result<Item, ZabbixError> {
-        let known = match &self.item {
-            Some(item) => self.client.item_by_id(&item.itemid.clone()).await?,
+        let known = match self.item.as_ref().map(|i| i.itemid.clone()) {
+            Some(itemid) => self.client.item_by_id(&itemid).await?,
             None => None,
         };
         let item = match known {

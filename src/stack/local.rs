@@ -725,7 +725,14 @@ impl StackProvider for LocalStacks {
                 stack.name, st.id
             )));
         }
-        if tokio::time::timeout(timeout, stop_pids(&st.pids, &sdir))
+        // Every process working under the stack's directory goes, not only the recorded
+        // influxd and sshd: a command an interrupted orchestrator started there (a backup,
+        // a `mkdir -p`) would otherwise outlive it and recreate files after the delete.
+        let mut pids = st.pids.clone();
+        pids.extend(pids_under(&sdir));
+        pids.sort_unstable();
+        pids.dedup();
+        if tokio::time::timeout(timeout, stop_pids(&pids, &sdir))
             .await
             .is_err()
         {

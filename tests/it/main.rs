@@ -4,5 +4,7 @@
 mod cli;
 mod common;
 mod migration;
+mod orchestrator;
 mod remote;
 mod stacks;
+mod zabbix;

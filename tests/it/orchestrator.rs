@@ -1,0 +1,423 @@
+//! The service orchestrator end to end: daemon + HTTP API, journaled migrations between
+//! local stacks under a live writer, crash recovery at every journal boundary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use stateshift::config::Config;
+use stateshift::daemon::{self, Shared};
+use stateshift::influx::Influx;
+use stateshift::migrate::journal::Outcome;
+use stateshift::migrate::machine;
+use stateshift::stack::local::LocalStacks;
+use stateshift::stack::{StackOutputs, StackProvider, StackSpec};
+use stateshift::workload::{self, Ledger, RunningWriter, WriterSpec};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::*;
+
+const TOKEN: &str = "s3cret-api-token-value";
+
+struct Svc {
+    tmp: tempfile::TempDir,
+    _stacks: LocalStacks,
+    cfg_path: PathBuf,
+    url_file: PathBuf,
+}
+
+impl Svc {
+    fn cfg(&self) -> Config {
+        Config::load(&self.cfg_path).unwrap()
+    }
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+    /// Where the journal says the service runs now.
+    fn current(&self) -> Influx {
+        let cfg = self.cfg();
+        let st = machine::state(&cfg).unwrap();
+        Influx::new(
+            &machine::current_source(&cfg, &st).influx_url,
+            None,
+            None,
+            Duration::from_secs(30),
+        )
+    }
+    fn stacks_on_disk(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir().join("local/stacks"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        v.sort();
+        v
+    }
+    fn writer(&self, rate: u32) -> RunningWriter {
+        RunningWriter::start(WriterSpec {
+            db: "cyclops".into(),
+            url_file: self.url_file.clone(),
+            username: None,
+            password: None,
+            rate,
+            old_fraction: 0.1,
+            overwrite_fraction: 0.1,
+            max_duration: Duration::from_secs(300),
+        })
+    }
+}
+
+/// A service whose InfluxDB VM is local stack `svc-influx-0`, seeded, with a config.
+async fn service(subnet: u8) -> Svc {
+    let tmp = tempfile::Builder::new()
+        .prefix("ss-o")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
+    let stacks = LocalStacks::new(&dir.join("local"), subnet).unwrap();
+    let spec = StackSpec {
+        name: "svc-influx-0".into(),
+        template: dir.join("none"),
+        parameters: Default::default(),
+        environment_files: vec![],
+        timeout: Duration::from_secs(60),
+    };
+    let (_, out0): (_, StackOutputs) = stacks.create(&spec).await.unwrap();
+    let src = Influx::new(&out0.influxdb_url, None, None, Duration::from_secs(30));
+    workload::seed(&src, &seed_spec("cyclops", 5_000))
+        .await
+        .unwrap();
+    let url_file = dir.join("writer-url");
+    std::fs::write(&url_file, &out0.influxdb_url).unwrap();
+    let inst = stacks.instance_config("svc-influx-0", &out0);
+    let ssh = inst.ssh.clone().unwrap();
+    stateshift::lab::write_secret(&dir.join("api-token"), TOKEN).unwrap();
+    let yaml = format!(
+        "service:\n  name: svc\n  stack: svc-influx-0\nsource:\n  influx_url: \"{}\"\n  rpc_address: \"{}\"\n  work_dir: \"{}\"\n  ssh:\n    host: \"{}\"\n    port: {}\n    identity_file: \"{}\"\n    known_hosts_file: \"{}\"\nprovider:\n  kind: local\n  local_dir: \"{d}/local\"\n  local_subnet: {subnet}\ncapture:\n  spool_dir: \"{d}/spool\"\n  quiet_period: 1s\ncutover:\n  command: \"printf '%s' {{target_url}} > {d}/writer-url\"\nmigration:\n  work_dir: \"{d}/state\"\napi:\n  listen: \"127.0.0.1:0\"\n  token_file: \"{d}/api-token\"\n",
+        inst.influx_url,
+        inst.rpc_address,
+        inst.work_dir,
+        ssh.host,
+        ssh.port,
+        stacks.keys().client_key.display(),
+        stacks.keys().known_hosts.display(),
+        d = dir.display()
+    );
+    let cfg_path = dir.join("stateshift.yaml");
+    std::fs::write(&cfg_path, yaml).unwrap();
+    Svc {
+        tmp,
+        _stacks: stacks,
+        cfg_path,
+        url_file,
+    }
+}
+
+async fn assert_nothing_lost(on: &Influx, ledger: &Ledger, seeded: u64, what: &str) {
+    assert_eq!(
+        ledger.requests_failed, 0,
+        "{what}: writers never see errors"
+    );
+    let problems = workload::check_ledger(on, "cyclops", ledger).await.unwrap();
+    assert!(problems.is_empty(), "{what}: {problems:#?}");
+    let mut n = 0;
+    for m in 0..3 {
+        n += workload::count_points(on, "cyclops", &format!("usage{m}"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(n, seeded, "{what}: every seeded point is there");
+}
+
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn wait_for_outcomes(shared: &Shared, n: usize) -> Vec<Option<Outcome>> {
+    let t = Instant::now();
+    loop {
+        let st = shared.status.lock().unwrap().clone();
+        let done: Vec<Option<Outcome>> = st.migrations.iter().map(|m| m.outcome).collect();
+        if done.len() >= n && done.iter().all(|o| o.is_some()) && st.state == "polling" {
+            return done;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "migrations did not finish: {:?}",
+            st
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_triggers_two_migrations_in_a_row_refuses_bad_tokens_and_concurrent_triggers() {
+    let logs = LogBuf::default();
+    let l2 = logs.clone();
+    let _ = tracing_subscriber::fmt()
+        .with_writer(move || l2.clone())
+        .with_ansi(false)
+        .with_env_filter("stateshift=info")
+        .try_init();
+    let svc = service(20).await;
+    let cfg = svc.cfg();
+    let w = svc.writer(1000);
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (c2, s2) = (cfg.clone(), stop.clone());
+    let d = tokio::spawn(async move {
+        daemon::run(c2, s2, &stateshift::migrate::engine::LogProgress, Some(tx)).await
+    });
+    let shared = rx.await.unwrap();
+    let api = format!("http://{}", shared.status.lock().unwrap().api);
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{api}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let post = |tok: Option<&str>| {
+        let mut r = http.post(format!("{api}/migrate"));
+        if let Some(t) = tok {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(post(None).await.unwrap().status(), 401);
+    assert_eq!(post(Some("wrong-token-value")).await.unwrap().status(), 401);
+    assert_eq!(post(Some(TOKEN)).await.unwrap().status(), 202);
+    assert_eq!(
+        post(Some(TOKEN)).await.unwrap().status(),
+        409,
+        "a second trigger while one runs is refused"
+    );
+    assert_eq!(
+        wait_for_outcomes(&shared, 1).await,
+        vec![Some(Outcome::Succeeded)]
+    );
+    let first = svc.stacks_on_disk();
+    assert_eq!(first.len(), 1, "the old stack is gone: {first:?}");
+    assert!(first[0] != "svc-influx-0");
+    let st = shared.status.lock().unwrap().clone();
+    assert!(st.window.is_empty(), "window reset");
+    assert_eq!(
+        st.source_url,
+        std::fs::read_to_string(&svc.url_file).unwrap(),
+        "polling the new host"
+    );
+    // A later second migration works too.
+    assert_eq!(post(Some(TOKEN)).await.unwrap().status(), 202);
+    assert_eq!(
+        wait_for_outcomes(&shared, 2).await,
+        vec![Some(Outcome::Succeeded), Some(Outcome::Succeeded)]
+    );
+    let second = svc.stacks_on_disk();
+    assert_eq!(second.len(), 1);
+    assert_ne!(second, first, "the first target was disposed of in turn");
+    let metrics = http
+        .get(format!("{api}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("stateshift_migrations_total{outcome=\"succeeded\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("stateshift_triggers_total 2"), "{metrics}");
+    let status: serde_json::Value = http
+        .get(format!("{api}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["migrations"].as_array().unwrap().len(), 2);
+    stop.cancel();
+    d.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = w.finish().await;
+    assert_nothing_lost(&svc.current(), &ledger, 5_000, "api").await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("POST /migrate refused"),
+        "the refusal is logged"
+    );
+    assert!(
+        !text.contains("wrong-token-value") && !text.contains(TOKEN),
+        "no token in the logs"
+    );
+}
+
+fn migrate_cli(svc: &Svc, crash_at: Option<&str>) -> (bool, String) {
+    let mut c = Command::new(bin());
+    c.args(["migrate", "--yes", "-c"]).arg(&svc.cfg_path);
+    if let Some(p) = crash_at {
+        c.env("STATESHIFT_CRASH_AT", p);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Kill the orchestrator at `point`, restart it, and check the service ends either
+/// migrated or rolled back, with nothing lost and the old stack never deleted early.
+async fn crash_then_restart(point: &str, subnet: u8) {
+    let svc = service(subnet).await;
+    let w = svc.writer(800);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, out) = migrate_cli(&svc, Some(point));
+    assert!(
+        !ok && out.contains("dying here"),
+        "{point}: the process must die there: {out}"
+    );
+    let verified = matches!(point, "verify:done" | "old_stack_deleting");
+    if !verified {
+        assert!(
+            svc.stacks_on_disk().contains(&"svc-influx-0".to_string()),
+            "{point}: the old stack is never deleted before verification"
+        );
+    }
+    let (ok, out) = migrate_cli(&svc, None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ledger = w.finish().await;
+    if point == "writers_repointing" || (point == "writers_repointed" && !ok) {
+        // Writers kept writing to the source while nothing captured: the restart refuses
+        // to finish, deletes nothing, and says why.
+        assert!(
+            !ok && out.contains("while the capture was down"),
+            "{point}: {out}"
+        );
+        assert!(svc.stacks_on_disk().contains(&"svc-influx-0".to_string()));
+        let src = Influx::new(
+            &std::fs::read_to_string(&svc.url_file).unwrap(),
+            None,
+            None,
+            Duration::from_secs(30),
+        );
+        assert_nothing_lost(&src, &ledger, 5_000, point).await;
+        return;
+    }
+    assert!(ok, "{point}: the restart settles and migrates: {out}");
+    let stacks = svc.stacks_on_disk();
+    assert_eq!(
+        stacks.len(),
+        1,
+        "{point}: exactly the current stack remains: {stacks:?}"
+    );
+    if point == "writers_repointed" {
+        // The one documented window (ARCHITECTURE.md): a point overwritten on the source
+        // in the instant before the repoint and again on the target while the process was
+        // down may keep the older value. Nothing may be missing, and the window is small.
+        let problems = workload::check_ledger(&svc.current(), "cyclops", &ledger)
+            .await
+            .unwrap();
+        let missing = problems.iter().filter(|p| p.contains("is missing")).count();
+        let stale = problems.iter().filter(|p| p.contains("has value")).count();
+        assert_eq!(missing, 0, "{point}: {problems:#?}");
+        assert!(
+            stale <= 5,
+            "{point}: more stale values than the switch window explains: {problems:#?}"
+        );
+        assert_eq!(ledger.requests_failed, 0);
+        return;
+    }
+    assert_nothing_lost(&svc.current(), &ledger, 5_000, point).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_cutover_rolls_back_and_the_restart_migrates_with_nothing_lost() {
+    for (i, p) in [
+        "started",
+        "stack_created",
+        "capture:started",
+        "dump:done",
+        "restore:done",
+        "delta:done",
+        "cutover:started",
+    ]
+    .iter()
+    .enumerate()
+    {
+        crash_then_restart(p, 21 + i as u8).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_repoint_resumes_or_refuses_safely_and_after_verify_finishes() {
+    for (i, p) in [
+        "writers_repointing",
+        "writers_repointed",
+        "cutover:done",
+        "verify:done",
+        "old_stack_deleting",
+    ]
+    .iter()
+    .enumerate()
+    {
+        crash_then_restart(p, 31 + i as u8).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_during_the_dump_and_during_the_delta_is_settled_on_restart() {
+    for (i, phase) in ["\"phase\":\"dump\"", "\"phase\":\"delta\""]
+        .iter()
+        .enumerate()
+    {
+        let svc = service(40 + i as u8).await;
+        let w = svc.writer(800);
+        let mut child = Command::new(bin())
+            .args(["migrate", "--yes", "-c"])
+            .arg(&svc.cfg_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let journal = svc.dir().join("state/svc.journal");
+        let t = Instant::now();
+        while !std::fs::read_to_string(&journal)
+            .unwrap_or_default()
+            .contains(phase)
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "never reached {phase}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL
+        let _ = child.wait();
+        assert!(svc.stacks_on_disk().contains(&"svc-influx-0".to_string()));
+        let (ok, out) = migrate_cli(&svc, None);
+        assert!(ok, "{phase}: {out}");
+        let ledger = w.finish().await;
+        assert_nothing_lost(&svc.current(), &ledger, 5_000, phase).await;
+        let left = svc.stacks_on_disk();
+        assert_eq!(
+            left.len(),
+            1,
+            "{phase}: exactly the current stack remains: {left:?}\n{out}"
+        );
+    }
+}
