@@ -95,6 +95,21 @@ struct RawMonitor {
     cooldown: Option<String>,
     consecutive: Option<u32>,
     model: Option<String>,
+    zabbix: Option<RawZabbix>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawZabbix {
+    url: Option<String>,
+    username: Option<String>,
+    #[serde(default, deserialize_with = "de_secret")]
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    api_token_file: Option<PathBuf>,
+    host: Option<String>,
+    key: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -247,6 +262,24 @@ pub enum MonitorKind {
     None,
     /// CPU use of a local process (the local provider's `influxd`), in percent.
     Process,
+    /// An item of a Zabbix server (JSON-RPC API).
+    Zabbix,
+}
+
+/// Where the load comes from with `monitor.kind: zabbix`.
+#[derive(Debug, Clone)]
+pub struct ZabbixMonitorConfig {
+    /// The API endpoint, e.g. `http://zabbix.example/api_jsonrpc.php`.
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub api_token: Option<Secret>,
+    /// Host name of the InfluxDB VM (after a migration: the new stack's `zabbix_host` output, if any).
+    pub host: String,
+    pub key: String,
+    pub timeout: Duration,
+    pub(crate) password_file: Option<PathBuf>,
+    pub(crate) api_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -259,6 +292,7 @@ pub struct MonitorConfig {
     pub cooldown: Duration,
     pub consecutive: u32,
     pub model: String,
+    pub zabbix: Option<ZabbixMonitorConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -447,6 +481,22 @@ impl Config {
             if let Some(p) = inst.password_file.take() {
                 let key = format!("{section}.password_file");
                 inst.password = Some(Secret::new(read_secret(fname, &key, &p)?));
+            }
+        }
+        if let Some(z) = self.monitor.zabbix.as_mut() {
+            if let Some(p) = z.password_file.take() {
+                z.password = Some(Secret::new(read_secret(
+                    fname,
+                    "monitor.zabbix.password_file",
+                    &p,
+                )?));
+            }
+            if let Some(p) = z.api_token_file.take() {
+                z.api_token = Some(Secret::new(read_secret(
+                    fname,
+                    "monitor.zabbix.api_token_file",
+                    &p,
+                )?));
             }
         }
         if let Some(p) = self.api.token_file.take() {
@@ -771,10 +821,11 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         kind: match mo.kind.as_deref().unwrap_or("none") {
             "none" => MonitorKind::None,
             "process" => MonitorKind::Process,
+            "zabbix" => MonitorKind::Zabbix,
             other => {
                 return Err(v.err(
                     "monitor.kind",
-                    format!("expected none or process, got {other:?}"),
+                    format!("expected none, process or zabbix, got {other:?}"),
                 ))
             }
         },
@@ -793,7 +844,49 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         )?,
         consecutive: mo.consecutive.unwrap_or(3),
         model: mo.model.unwrap_or_else(|| "guarded".into()),
+        zabbix: match mo.zabbix {
+            None => None,
+            Some(z) => {
+                if z.password.is_some() && z.password_file.is_some() {
+                    return Err(v.err(
+                        "monitor.zabbix.password",
+                        "give either password (environment) or password_file, not both",
+                    ));
+                }
+                let has_password = z.password.is_some() || z.password_file.is_some();
+                if has_password == z.api_token_file.is_some()
+                    || (has_password && z.username.is_none())
+                {
+                    return Err(v.err("monitor.zabbix", "give username + password_file (or STATESHIFT__MONITOR__ZABBIX__PASSWORD), or api_token_file"));
+                }
+                Some(ZabbixMonitorConfig {
+                    url: v.url("monitor.zabbix.url", z.url.as_deref())?,
+                    username: z.username,
+                    password: z.password.map(Secret::new),
+                    api_token: None,
+                    host: z.host.filter(|h| !h.is_empty()).ok_or_else(|| {
+                        v.err(
+                            "monitor.zabbix.host",
+                            "missing; the Zabbix host name of the InfluxDB VM",
+                        )
+                    })?,
+                    key: z
+                        .key
+                        .unwrap_or_else(|| "system.cpu.load[percpu,avg1]".into()),
+                    timeout: v.duration(
+                        "monitor.zabbix.timeout",
+                        z.timeout.as_deref(),
+                        Duration::from_secs(10),
+                    )?,
+                    password_file: z.password_file,
+                    api_token_file: z.api_token_file,
+                })
+            }
+        },
     };
+    if monitor.kind == MonitorKind::Zabbix && monitor.zabbix.is_none() {
+        return Err(v.err("monitor.zabbix", "missing; monitor.kind is zabbix"));
+    }
     if monitor.poll_interval < Duration::from_secs(1) {
         return Err(v.err("monitor.poll_interval", "must be at least 1s"));
     }

@@ -82,6 +82,9 @@ impl Progress for LoopProgress<'_> {
 enum Load {
     None,
     Process(procload::ProcessCpu),
+    Zabbix(Box<crate::monitor::zabbix::ZabbixSource>),
+    /// The configured source could not be built; every read reports why.
+    Broken(String),
 }
 
 impl Load {
@@ -95,18 +98,59 @@ impl Load {
                 };
                 Load::Process(procload::ProcessCpu::new(needle))
             }
+            MonitorKind::Zabbix => {
+                use crate::monitor::zabbix::{Credentials, SourceConfig, Zabbix, ZabbixConfig};
+                let Some(z) = cfg.monitor.zabbix.as_ref() else {
+                    return Load::Broken("monitor.zabbix is missing".into());
+                };
+                let credentials = match (&z.api_token, &z.username, &z.password) {
+                    (Some(t), _, _) => Credentials::ApiToken(t.clone()),
+                    (None, Some(u), Some(pw)) => Credentials::Password {
+                        user: u.clone(),
+                        password: pw.clone(),
+                    },
+                    _ => return Load::Broken("monitor.zabbix: no credentials".into()),
+                };
+                // After a migration the load is that of the new VM, if the template names it.
+                let host = p
+                    .outputs
+                    .as_ref()
+                    .and_then(|o| o.raw.get("zabbix_host"))
+                    .and_then(|h| h.as_str())
+                    .map(String::from)
+                    .unwrap_or_else(|| z.host.clone());
+                match Zabbix::new(ZabbixConfig {
+                    url: z.url.clone(),
+                    credentials,
+                    timeout: z.timeout,
+                }) {
+                    Ok(client) => {
+                        let mut sc = SourceConfig::new(host);
+                        sc.key = z.key.clone();
+                        sc.poll_interval = cfg.monitor.poll_interval;
+                        Load::Zabbix(Box::new(crate::monitor::zabbix::ZabbixSource::new(
+                            client, sc,
+                        )))
+                    }
+                    Err(e) => Load::Broken(format!("monitor.zabbix: {e}")),
+                }
+            }
         }
     }
     fn describe(&self) -> String {
         match self {
             Load::None => "none (manual trigger only)".into(),
             Load::Process(p) => p.describe(),
+            Load::Zabbix(z) => z.describe(),
+            Load::Broken(why) => format!("unavailable: {why}"),
         }
     }
     async fn read(&mut self) -> Option<Result<Reading, String>> {
         match self {
             Load::None => None,
             Load::Process(p) => Some(p.read().await.map_err(|e| e.to_string())),
+            Load::Zabbix(z) => Some(z.read().await.map_err(|e| e.to_string())),
+            Load::Broken(why) => Some(Err(why.clone())),
         }
     }
 }

@@ -490,3 +490,61 @@ async fn the_poller_backs_off_while_the_api_is_down_and_resumes() {
     let mut poller = task.await.expect("the poller never panics");
     poller.source_mut().client().logout().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_fills_its_window_from_the_real_zabbix() {
+    let env = env();
+    let _l = lock(&env, false);
+    let d = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "service:\n  name: zbx\nsource:\n  influx_url: http://127.0.0.1:1\ntarget:\n  influx_url: http://127.0.0.1:2\nmigration:\n  work_dir: \"{}\"\nmonitor:\n  kind: zabbix\n  poll_interval: 1s\n  threshold: 1000000000\n  zabbix:\n    url: \"{}\"\n    username: \"{}\"\n    host: \"{}\"\n    key: \"{}\"\napi:\n  listen: \"127.0.0.1:0\"\n",
+        d.path().display(),
+        env.url,
+        env.user,
+        env.host,
+        env.key
+    );
+    let p = d.path().join("c.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    let cfg = stateshift::config::Config::load_with_env(
+        &p,
+        [(
+            "STATESHIFT__MONITOR__ZABBIX__PASSWORD".to_string(),
+            env.password.expose().to_string(),
+        )],
+    )
+    .unwrap();
+    assert!(
+        !format!("{cfg:?}").contains(env.password.expose()),
+        "the password never prints"
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let s2 = stop.clone();
+    let d2 = tokio::spawn(async move {
+        stateshift::daemon::run(cfg, s2, &stateshift::migrate::engine::LogProgress, Some(tx)).await
+    });
+    let shared = rx.await.unwrap();
+    let t = std::time::Instant::now();
+    let window = loop {
+        let w = shared.status.lock().unwrap().window.clone();
+        if w.len() >= 3 || t.elapsed() > Duration::from_secs(20) {
+            break w;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    stop.cancel();
+    d2.await.unwrap().unwrap();
+    assert!(
+        window.len() >= 3,
+        "fresh Zabbix readings fill the window: {window:?}"
+    );
+    assert!(window.iter().all(|v| v.is_finite() && *v >= 0.0));
+    let st = shared.status.lock().unwrap().clone();
+    assert!(st.load_source.contains(&env.host), "{}", st.load_source);
+    assert_eq!(st.last_decision, "below threshold");
+    assert!(shared
+        .metrics
+        .encode()
+        .contains("stateshift_readings_total{freshness=\"fresh\"}"));
+}
