@@ -98,6 +98,11 @@ fn the_example_config_is_valid() {
             "STATESHIFT__MIGRATION__USER_PASSWORDS_FILE",
             users.display().to_string(),
         ),
+        (
+            "STATESHIFT__MONITOR__ZABBIX__PASSWORD_FILE",
+            pw.display().to_string(),
+        ),
+        ("STATESHIFT__API__TOKEN_FILE", pw.display().to_string()),
     ];
     let cfg = stateshift::config::Config::load_with_env(
         std::path::Path::new(p),
