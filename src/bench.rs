@@ -1,6 +1,6 @@
-//! The data-migration demo and the data-engine benchmark (`stateshift demo`,
-//! `stateshift bench`): two local InfluxDB servers, a seeded data set, a live writer,
-//! one migration, and the figures.
+//! The data-engine benchmark (`stateshift bench`): two local InfluxDB servers, a
+//! seeded data set, a live writer, one migration against native backup + restore, and
+//! the figures. (The demo of the whole loop is `crate::demo`.)
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::lab::{Lab, LabOptions};
 use crate::migrate::engine::{self, Phase, Progress, Report};
 use crate::stack::local::{LocalVm, VmOptions};
-use crate::workload::{self, Ledger, RunningWriter, SeedSpec, WriterSpec};
+use crate::workload::{self, RunningWriter, SeedSpec, WriterSpec};
 
 /// Progress printed for a person.
 pub struct PrintProgress;
@@ -69,99 +69,6 @@ fn writer_spec(lab: &Lab, db: &str, rate: u32) -> WriterSpec {
         overwrite_fraction: 0.1,
         max_duration: Duration::from_secs(600),
     }
-}
-
-/// Outcome of a demo run.
-pub struct DemoOutcome {
-    pub report: Report,
-    pub ledger: Ledger,
-    pub seeded: u64,
-    pub seeded_on_target: u64,
-    pub problems: Vec<String>,
-}
-
-/// The data-migration demo: seed, write live, migrate, check independently.
-pub async fn demo(dir: &Path, points: u64) -> anyhow::Result<DemoOutcome> {
-    println!("stateshift demo: moving a live InfluxDB to a new host, losing nothing\n");
-    let lab = Lab::start(dir, LabOptions::default()).await?;
-    let r = demo_in(&lab, points).await;
-    lab.destroy().await;
-    r
-}
-
-async fn demo_in(lab: &Lab, points: u64) -> anyhow::Result<DemoOutcome> {
-    println!(
-        "1. started two InfluxDB 1.x servers, each on its own loopback address with its own sshd:"
-    );
-    println!(
-        "   old (source) {}    new (target) {}",
-        lab.source.influx_url(),
-        lab.target.influx_url()
-    );
-    let (_, cfg) = lab.write_config("").map_err(anyhow::Error::msg)?;
-    let db = "cyclops";
-    let spec = SeedSpec {
-        db: db.into(),
-        points,
-        series: 30,
-        days: 30,
-        measurements: 3,
-        end_ns: now_ns(),
-    };
-    let seeded = workload::seed(&lab.source.client(), &spec).await?;
-    println!("2. seeded {seeded} usage records (30 series, 30 days, float/int/string/bool fields) on the old server");
-    let writer = RunningWriter::start(writer_spec(lab, db, 1000));
-    println!("3. a Cyclops-like writer sends 1000 points/s to the old server (10% days-old timestamps, 10% overwrites)");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    println!("4. migrating (SSH to both hosts, capture by subscription, portable dump, delta replay, cutover by rewriting the writer's config):");
-    let target = cfg
-        .target
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("lab config has no target"))?;
-    let res = engine::run(&cfg, &target, &PrintProgress).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let ledger = writer.finish().await;
-    let report = res?;
-    print_report(&report);
-    let dst = lab.target.client();
-    let mut seeded_on_target = 0;
-    for m in 0..spec.measurements {
-        seeded_on_target += workload::count_points(&dst, db, &format!("usage{m}")).await?;
-    }
-    let problems = workload::check_ledger(&dst, db, &ledger).await?;
-    println!("\n5. independent check (the writer's own ledger, not stateshift's verify):");
-    println!("   seeded points: {seeded}, on the new server: {seeded_on_target}");
-    println!(
-        "   live points acknowledged: {} ({} distinct), on the new server with their latest value: {}",
-        ledger.points_acked,
-        ledger.acked.len(),
-        ledger.acked.len() - problems.len().min(ledger.acked.len())
-    );
-    println!(
-        "   writer: {} failed writes, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; it wrote to {}",
-        ledger.requests_failed,
-        ledger.latency_ms(0.5),
-        ledger.latency_ms(0.99),
-        ledger.latency_ms(1.0),
-        ledger.urls_used.join(" then ")
-    );
-    let lost = (seeded.saturating_sub(seeded_on_target))
-        + if problems.is_empty() {
-            0
-        } else {
-            problems.len() as u64
-        };
-    println!("   points lost: {lost}");
-    for p in &problems {
-        println!("   ! {p}");
-    }
-    Ok(DemoOutcome {
-        report,
-        ledger,
-        seeded,
-        seeded_on_target,
-        problems,
-    })
 }
 
 /// Benchmark options.
