@@ -27,6 +27,17 @@ struct Svc {
     url_file: PathBuf,
 }
 
+/// Local stacks outlive their creator by design; a test that fails halfway must not
+/// leave them running.
+impl Drop for Svc {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .arg("-f")
+            .arg(format!("{}/", self.tmp.path().display()))
+            .status();
+    }
+}
+
 impl Svc {
     fn cfg(&self) -> Config {
         Config::load(&self.cfg_path).unwrap()

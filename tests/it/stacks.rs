@@ -48,6 +48,17 @@ pub async fn conformance_delete<P: StackProvider>(p: &P, stack: &StackRef) {
     assert_eq!(p.find(&stack.name).await.unwrap(), None);
 }
 
+/// Stops whatever still runs under a test's directory when the test ends, passed or not.
+struct Reap(PathBuf);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .arg("-f")
+            .arg(format!("{}/", self.0.display()))
+            .status();
+    }
+}
+
 fn template() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -74,6 +85,7 @@ async fn local_stacks_pass_the_conformance_suite_and_really_run_influxd_and_sshd
         .prefix("ss-st")
         .tempdir_in("/tmp")
         .unwrap();
+    let _reap = Reap(tmp.path().to_path_buf());
     let p = LocalStacks::new(tmp.path(), 11).unwrap();
     let t = Instant::now();
     let stack = conformance(&p, &spec("influx-a", &template())).await;
@@ -106,6 +118,7 @@ async fn two_local_stacks_side_by_side_never_collide_and_a_restart_finds_them() 
         .prefix("ss-st")
         .tempdir_in("/tmp")
         .unwrap();
+    let _reap = Reap(tmp.path().to_path_buf());
     let p = LocalStacks::new(tmp.path(), 12).unwrap();
     let (s1, s2) = (spec("one", &template()), spec("two", &template()));
     let (a, b) = tokio::join!(p.create(&s1), p.create(&s2));
@@ -141,6 +154,7 @@ async fn a_bad_stack_name_is_refused_and_a_crash_mid_create_is_cleaned_by_delete
         .prefix("ss-st")
         .tempdir_in("/tmp")
         .unwrap();
+    let _reap = Reap(tmp.path().to_path_buf());
     let p = LocalStacks::new(tmp.path(), 13).unwrap();
     match p.create(&spec("../escape", &template())).await {
         Err(StackError::Invalid { msg, .. }) => assert!(msg.contains("../escape"), "{msg}"),
