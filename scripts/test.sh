@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/zabbix.sh up      # a real Zabbix 6.0 on loopback, for the monitor's tests
+scripts/openstack.sh up   # real Keystone + Heat (Zed) on loopback, for the Heat provider's tests
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 if command -v cargo-nextest >/dev/null 2>&1; then

@@ -82,6 +82,8 @@ struct RawProvider {
     environment_files: Option<Vec<PathBuf>>,
     create_timeout: Option<String>,
     delete_timeout: Option<String>,
+    heat: Option<crate::stack::heat::HeatConfig>,
+    ssh: Option<RawSsh>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -242,6 +244,8 @@ pub enum ProviderKind {
     Static,
     /// Local "VMs" on loopback addresses (the embedded default).
     Local,
+    /// OpenStack Heat (Keystone v3).
+    Heat,
 }
 
 #[derive(Debug, Clone)]
@@ -254,6 +258,10 @@ pub struct ProviderConfig {
     pub environment_files: Vec<PathBuf>,
     pub create_timeout: Duration,
     pub delete_timeout: Duration,
+    pub heat: Option<crate::stack::heat::HeatConfig>,
+    /// How to reach the VMs of created stacks over SSH (host and port come from the
+    /// stack's outputs).
+    pub ssh: Option<SshConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -783,10 +791,11 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         {
             "static" => ProviderKind::Static,
             "local" => ProviderKind::Local,
+            "heat" => ProviderKind::Heat,
             other => {
                 return Err(v.err(
                     "provider.kind",
-                    format!("expected static or local, got {other:?} (heat is being wired in)"),
+                    format!("expected static, local or heat, got {other:?}"),
                 ))
             }
         },
@@ -809,7 +818,19 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             pr.delete_timeout.as_deref(),
             Duration::from_secs(600),
         )?,
+        heat: pr.heat,
+        ssh: match pr.ssh {
+            None => None,
+            Some(mut r) => {
+                // The host comes from each stack's outputs.
+                r.host.get_or_insert_with(|| "from-stack-outputs".into());
+                Some(v.ssh("provider.ssh", r)?)
+            }
+        },
     };
+    if provider.kind == ProviderKind::Heat && provider.heat.is_none() {
+        return Err(v.err("provider.heat", "missing; provider.kind is heat"));
+    }
     if provider.kind == ProviderKind::Static && target.is_none() {
         return Err(v.err(
             "target",

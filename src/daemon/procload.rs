@@ -36,18 +36,26 @@ impl ProcessCpu {
         }
     }
 
+    fn matches(&self, pid: u32) -> bool {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.starts_with("influxd") && c.contains(&self.needle)
+            })
+            .unwrap_or(false)
+    }
+
+    /// The process: the one read last time while it still matches, else a scan of /proc.
     fn find(&self) -> Option<u32> {
+        if let Some((pid, _, _)) = self.last {
+            if self.matches(pid) {
+                return Some(pid);
+            }
+        }
         std::fs::read_dir("/proc")
             .ok()?
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .find(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| {
-                        let c = String::from_utf8_lossy(&c);
-                        c.starts_with("influxd") && c.contains(&self.needle)
-                    })
-                    .unwrap_or(false)
-            })
+            .find(|&pid| self.matches(pid))
     }
 
     fn ticks(pid: u32) -> Option<u64> {

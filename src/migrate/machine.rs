@@ -61,6 +61,7 @@ pub enum Provider {
     /// No stacks: the configured `target` is the target.
     Static,
     Local(LocalStacks),
+    Heat(Box<crate::stack::heat::Heat>),
 }
 
 impl Provider {
@@ -71,6 +72,18 @@ impl Provider {
                 LocalStacks::new(&cfg.provider.local_dir, cfg.provider.local_subnet)
                     .map_err(|e| MachineError::Config(e.to_string()))?,
             ),
+
+            ProviderKind::Heat => {
+                let h = cfg
+                    .provider
+                    .heat
+                    .clone()
+                    .ok_or_else(|| MachineError::Config("provider.heat is missing".into()))?;
+                Provider::Heat(Box::new(
+                    crate::stack::heat::Heat::new(h)
+                        .map_err(|e| MachineError::Config(e.to_string()))?,
+                ))
+            }
         })
     }
 
@@ -81,6 +94,7 @@ impl Provider {
         match self {
             Provider::Static => Ok(None),
             Provider::Local(p) => p.create(spec).await.map(Some),
+            Provider::Heat(p) => p.create(spec).await.map(Some),
         }
     }
 
@@ -88,6 +102,7 @@ impl Provider {
         match self {
             Provider::Static => Ok(()),
             Provider::Local(p) => p.delete(stack, timeout).await,
+            Provider::Heat(p) => p.delete(stack, timeout).await,
         }
     }
 
@@ -95,6 +110,7 @@ impl Provider {
         match self {
             Provider::Static => Ok(None),
             Provider::Local(p) => p.find(name).await,
+            Provider::Heat(p) => p.find(name).await,
         }
     }
 
@@ -107,6 +123,21 @@ impl Provider {
     ) -> InstanceConfig {
         match (self, &p.stack, &p.outputs) {
             (Provider::Local(l), Some(s), Some(o)) => l.instance_config(&s.name, o),
+            (Provider::Heat(_), Some(s), Some(o)) => InstanceConfig {
+                name: s.name.clone(),
+                influx_url: o.influxdb_url.clone(),
+                rpc_address: "127.0.0.1:8088".into(),
+                username: cfg.source.username.clone(),
+                password: cfg.source.password.clone(),
+                password_file: None,
+                ssh: cfg.provider.ssh.clone().map(|mut c| {
+                    c.host = o.ssh_host.clone();
+                    c.port = o.ssh_port;
+                    c
+                }),
+                work_dir: cfg.source.work_dir.clone(),
+                timeout: cfg.source.timeout,
+            },
             _ => fallback.clone(),
         }
         .with_name_of(cfg, p)

@@ -4,6 +4,7 @@
 //! loopback addresses, the embedded default). Providers convert their wire types to the
 //! domain types below at the boundary; the orchestrator sees only these.
 
+pub mod heat;
 pub mod local;
 
 use std::collections::BTreeMap;

@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod heat;
 mod migration;
 mod orchestrator;
 mod remote;
