@@ -80,6 +80,35 @@ pub struct BenchOptions {
 
 /// The data-engine benchmark.
 pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
+    // A local stack: create until influxd answers, then delete.
+    {
+        use crate::stack::{StackProvider, StackSpec};
+        let stacks = crate::stack::local::LocalStacks::new(&dir.join("stacks"), 15)?;
+        let mut times = Vec::new();
+        for i in 0..3 {
+            let spec = StackSpec {
+                name: format!("bench-{i}"),
+                template: dir.join("none"),
+                parameters: Default::default(),
+                environment_files: vec![],
+                timeout: Duration::from_secs(60),
+            };
+            let t = Instant::now();
+            let (r, _) = stacks.create(&spec).await?;
+            let ready = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            stacks.delete(&r, Duration::from_secs(30)).await?;
+            times.push((ready, t.elapsed().as_secs_f64()));
+        }
+        let s: Vec<String> = times
+            .iter()
+            .map(|(c, d)| format!("{c:.2}s/{d:.2}s"))
+            .collect();
+        println!(
+            "local stack create (influxd answering) / delete, 3 runs: {}",
+            s.join(", ")
+        );
+    }
     let lab = Lab::start(dir, LabOptions::default()).await?;
     let (cfg_path, cfg) = lab
         .write_config(
