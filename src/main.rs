@@ -131,6 +131,29 @@ async fn run(cmd: Cmd) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if cfg.provider.kind != stateshift::config::ProviderKind::Static && dry_run {
+                let provider = match stateshift::migrate::machine::Provider::from_config(&cfg) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("stateshift: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                println!("plan: service {} on {} -> a new stack from {} -> verify -> delete the old stack", cfg.service.name, cfg.source.influx_url, cfg.provider.template.display());
+                return match stateshift::migrate::machine::preflight(&cfg, &provider).await {
+                    Ok(lines) => {
+                        for l in lines {
+                            println!("  ok  {l}");
+                        }
+                        println!("dry run: every dependency answered; nothing was changed");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("stateshift: dry run: {e}");
+                        ExitCode::from(1)
+                    }
+                };
+            }
             if cfg.provider.kind != stateshift::config::ProviderKind::Static && !dry_run {
                 if !yes {
                     eprintln!("stateshift: refusing to migrate without --yes (or use --dry-run to check the plan)");

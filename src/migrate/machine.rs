@@ -622,3 +622,96 @@ async fn drop_our_subscriptions(influx: &Influx, id: &str) {
         }
     }
 }
+
+/// Check every dependency of a migration with a stack provider, changing nothing: the
+/// current source (InfluxDB, SSH, `influxd` there), the provider (Heat: authentication,
+/// catalog and template validation; local: its directory), the Zabbix item when the
+/// load comes from Zabbix, and the cutover host.
+pub async fn preflight(cfg: &Config, provider: &Provider) -> Result<Vec<String>, String> {
+    use crate::remote::{Host, Remote};
+    let mut lines = Vec::new();
+    let st = state(cfg).map_err(|e| e.to_string())?;
+    let source = current_source(cfg, &st);
+    let src = provider.instance(cfg, &source, &cfg.source);
+    let influx = Influx::from_config(&src);
+    let dbs = influx.databases().await.map_err(|e| e.to_string())?;
+    lines.push(format!(
+        "source InfluxDB {} answers (credentials accepted); databases: {}",
+        src.influx_url,
+        dbs.join(", ")
+    ));
+    let host = Host::connect(src.ssh.as_ref())
+        .await
+        .map_err(|e| e.to_string())?;
+    host.run("influxd version")
+        .await
+        .map_err(|e| format!("{}: influxd is not runnable: {e}", host.describe()))?;
+    lines.push(format!(
+        "source host {} runs commands; influxd present",
+        host.describe()
+    ));
+    match st.recovery() {
+        Recovery::Nothing => {}
+        r => lines.push(format!(
+            "an interrupted migration will be settled first: {r:?}"
+        )),
+    }
+    match provider {
+        Provider::Static => lines.push("provider: static (the configured target)".into()),
+        Provider::Local(l) => {
+            let probe = cfg.provider.local_dir.join("stacks");
+            std::fs::metadata(&probe).map_err(|e| format!("{}: {e}", probe.display()))?;
+            lines.push(format!("provider: {}", l.describe()));
+        }
+        Provider::Heat(h) => {
+            let ep = h.endpoint().await.map_err(|e| e.to_string())?;
+            lines.push(format!(
+                "provider: Keystone authentication accepted; orchestration endpoint {ep}"
+            ));
+            let spec = StackSpec {
+                name: format!("{}-influx-preflight", cfg.service.name),
+                template: cfg.provider.template.clone(),
+                parameters: cfg.provider.parameters.clone(),
+                environment_files: cfg.provider.environment_files.clone(),
+                timeout: cfg.provider.create_timeout,
+            };
+            h.validate(&spec).await.map_err(|e| e.to_string())?;
+            lines.push(format!(
+                "Heat validates {} with the configured parameters",
+                cfg.provider.template.display()
+            ));
+        }
+    }
+    if let (crate::config::MonitorKind::Zabbix, Some(z)) =
+        (cfg.monitor.kind, cfg.monitor.zabbix.as_ref())
+    {
+        use crate::monitor::zabbix::{Credentials, Zabbix, ZabbixConfig};
+        let credentials = match (&z.api_token, &z.username, &z.password) {
+            (Some(t), _, _) => Credentials::ApiToken(t.clone()),
+            (None, Some(u), Some(pw)) => Credentials::Password {
+                user: u.clone(),
+                password: pw.clone(),
+            },
+            _ => return Err("monitor.zabbix: no credentials".into()),
+        };
+        let mut c = Zabbix::new(ZabbixConfig {
+            url: z.url.clone(),
+            credentials,
+            timeout: z.timeout,
+        })
+        .map_err(|e| e.to_string())?;
+        c.item(&z.host, &z.key).await.map_err(|e| e.to_string())?;
+        lines.push(format!(
+            "Zabbix {}: host {:?} has item {:?}",
+            z.url, z.host, z.key
+        ));
+    }
+    if cfg.cutover.command.is_some() {
+        let h = Host::connect(cfg.cutover.ssh.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        h.run("true").await.map_err(|e| e.to_string())?;
+        lines.push(format!("cutover host {} runs commands", h.describe()));
+    }
+    Ok(lines)
+}

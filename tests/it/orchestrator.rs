@@ -432,3 +432,67 @@ async fn a_kill_9_during_the_dump_and_during_the_delta_is_settled_on_restart() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_with_a_stack_provider_checks_everything_and_changes_nothing() {
+    let svc = service(45).await;
+    let out = Command::new(bin())
+        .args(["migrate", "--dry-run", "-c"])
+        .arg(&svc.cfg_path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "source InfluxDB",
+        "influxd present",
+        "provider: local stacks",
+        "cutover host",
+        "nothing was changed",
+    ] {
+        assert!(text.contains(want), "{want:?} in {text}");
+    }
+    assert_eq!(
+        svc.stacks_on_disk(),
+        vec!["svc-influx-0".to_string()],
+        "no stack created"
+    );
+    assert!(
+        !svc.dir().join("state/svc.journal").exists()
+            || std::fs::read_to_string(svc.dir().join("state/svc.journal"))
+                .unwrap()
+                .is_empty()
+    );
+    // A broken dependency is named: the source unreachable.
+    let out = Command::new(bin())
+        .args(["migrate", "--dry-run", "-c"])
+        .arg(&svc.cfg_path)
+        .env("STATESHIFT__SOURCE__INFLUX_URL", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("http://127.0.0.1:1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_triggers_on_the_predicted_load_and_moves_the_service_losing_nothing() {
+    let tmp = tempfile::Builder::new()
+        .prefix("ss-demo")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir = tmp.path().join("d");
+    let o = stateshift::demo::run(&dir, 50_000)
+        .await
+        .expect("the demo runs through a migration");
+    assert_eq!(o.lost, 0);
+    assert_eq!(o.failed_writes, 0);
+    assert!(o.old_stack_gone);
+    let _ = Command::new("pkill")
+        .arg("-f")
+        .arg(format!("{}/", dir.display()))
+        .status();
+}
