@@ -189,7 +189,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                 eprintln!("stateshift: refusing to migrate without --yes (or use --dry-run to check the plan)");
                 return ExitCode::from(2);
             }
-            let res = engine::run(&cfg, &target, &PrintProgress).await;
+            let res = engine::run(&cfg, &target, &BarProgress::new()).await;
             let (code, rep) = match res {
                 Ok(r) => {
                     bench::print_report(&r);
@@ -504,7 +504,13 @@ async fn machine_migrate(cfg: &Config, report: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let r = machine::migrate(cfg, &provider, "manual: stateshift migrate", &PrintProgress).await;
+    let r = machine::migrate(
+        cfg,
+        &provider,
+        "manual: stateshift migrate",
+        &BarProgress::new(),
+    )
+    .await;
     let (code, json) = match &r {
         Ok(rep) => {
             bench::print_report(rep);
@@ -542,5 +548,53 @@ async fn wait_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Migration progress for a person: a spinner per phase on a terminal, plain lines
+/// otherwise (CI, logs, pipes).
+struct BarProgress {
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+    tty: bool,
+}
+
+impl BarProgress {
+    fn new() -> BarProgress {
+        use std::io::IsTerminal;
+        BarProgress {
+            bar: std::sync::Mutex::new(None),
+            tty: std::io::stdout().is_terminal(),
+        }
+    }
+}
+
+impl engine::Progress for BarProgress {
+    fn phase_started(&self, phase: engine::Phase) {
+        if !self.tty {
+            return PrintProgress.phase_started(phase);
+        }
+        let b = indicatif::ProgressBar::new_spinner();
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("  {spinner} {msg} {elapsed_precise}")
+        {
+            b.set_style(style);
+        }
+        b.set_message(phase.to_string());
+        b.enable_steady_tick(std::time::Duration::from_millis(100));
+        *self.bar.lock().unwrap_or_else(|p| p.into_inner()) = Some(b);
+    }
+    fn phase_done(&self, phase: engine::Phase, took: std::time::Duration) {
+        match self.bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(b) => {
+                b.finish_with_message(format!("{phase} done in {:.3} s", took.as_secs_f64()))
+            }
+            None => PrintProgress.phase_done(phase, took),
+        }
+    }
+    fn note(&self, msg: &str) {
+        match self.bar.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(b) => b.println(format!("     {msg}")),
+            None => PrintProgress.note(msg),
+        }
     }
 }
