@@ -44,6 +44,14 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// After a migration failed past cutover: record where the service runs now.
+    Resolve {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// `source` or `target` of the failed migration.
+        #[arg(long, value_parser = ["source", "target"])]
+        on: String,
+    },
     /// Show the service's state: where it runs, the last migrations, anything to recover.
     Status {
         #[arg(short, long)]
@@ -251,6 +259,25 @@ async fn run(cmd: Cmd) -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("stateshift daemon: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Resolve { config, on } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("stateshift: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match stateshift::migrate::machine::resolve(&cfg, on == "target") {
+                Ok(url) => {
+                    println!("recorded: service {} runs on {url}", cfg.service.name);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("stateshift resolve: {e}");
                     ExitCode::from(1)
                 }
             }

@@ -73,8 +73,8 @@ impl Progress for LoopProgress<'_> {
     fn note(&self, msg: &str) {
         self.inner.note(msg);
     }
-    fn writers_repointing(&self) {
-        self.inner.writers_repointing();
+    fn writers_repointing(&self) -> Result<(), String> {
+        self.inner.writers_repointing()
     }
 }
 

@@ -139,7 +139,12 @@ pub trait Progress: Send + Sync {
     fn note(&self, _msg: &str) {}
     /// The writers are about to be repointed to the target: from here on a failure or a
     /// crash must not roll the target back.
-    fn writers_repointing(&self) {}
+    /// Returns an error when the repoint cannot be recorded: the cutover must not run
+    /// unrecorded (a crash would then look like "never repointed" and roll back a target
+    /// that writers use).
+    fn writers_repointing(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// The cutover command succeeded.
     fn writers_repointed(&self) {}
 }
@@ -1134,10 +1139,13 @@ impl Migration<'_> {
             let host = Host::connect(self.cfg.cutover.ssh.as_ref())
                 .await
                 .map_err(Self::remote_err(p))?;
+            // Recorded first: the command must never run unrecorded.
+            self.progress
+                .writers_repointing()
+                .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
             // From here on some writers may already write to the target: a failure must
             // not roll the target back (it may hold acknowledged writes).
             self.report.cutover_done = true;
-            self.progress.writers_repointing();
             let r = tokio::time::timeout(self.cfg.cutover.timeout, host.run(&cmd)).await;
             match r {
                 Ok(Ok(out)) => {
@@ -1170,7 +1178,9 @@ impl Migration<'_> {
         }
         if self.cfg.cutover.command.is_none() {
             // Writers follow by other means (DNS, a proxy): they may use the target now.
-            self.progress.writers_repointing();
+            self.progress
+                .writers_repointing()
+                .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
         }
         self.report.cutover_done = true;
         // Keep replaying until the source has been quiet for the grace period and every

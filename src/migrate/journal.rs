@@ -60,6 +60,10 @@ pub enum Event {
     WritersRepointing,
     /// The cutover command succeeded.
     WritersRepointed,
+    /// An operator settled a migration that failed after cutover: the service runs here.
+    Resolved {
+        on: Placement,
+    },
     OldStackDeleting,
     OldStackDeleted,
     WindowReset,
@@ -113,11 +117,16 @@ impl Journal {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d).map_err(|e| err("create directory", e))?;
         }
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|e| err("open", e))?;
+        // A torn last line (a crash mid-append) must not swallow the next record.
+        let text = std::fs::read(path).map_err(|e| err("read", e))?;
+        if text.last().is_some_and(|&b| b != b'\n') {
+            file.write_all(b"\n").map_err(|e| err("append", e))?;
+        }
         Ok(Journal {
             path: path.into(),
             file,
@@ -208,6 +217,8 @@ pub struct MigrationSummary {
     pub window_reset: bool,
     pub outcome: Option<Outcome>,
     pub error: Option<String>,
+    /// After a failure past cutover: where an operator said the service runs.
+    pub resolved_on: Option<Placement>,
 }
 
 /// What the journal says, derived purely from its records.
@@ -272,6 +283,7 @@ impl JournalState {
                 Event::PhaseStarted { phase } => m.current_phase = Some(*phase),
                 Event::WritersRepointing => m.cutover_started = true,
                 Event::WritersRepointed => {}
+                Event::Resolved { on } => m.resolved_on = Some(on.clone()),
                 Event::PhaseDone { phase, seconds } => {
                     m.phases.push((*phase, *seconds));
                     if *phase == Phase::Verify {
@@ -334,8 +346,19 @@ impl JournalState {
         self.migrations
             .iter()
             .rev()
-            .find(|m| m.outcome == Some(Outcome::Succeeded))
-            .and_then(|m| m.target.clone())
+            .find_map(|m| match (m.outcome, &m.resolved_on) {
+                (_, Some(on)) => Some(on.clone()),
+                (Some(Outcome::Succeeded), _) => m.target.clone(),
+                _ => None,
+            })
+    }
+
+    /// The last migration failed after cutover and no operator has said where the service
+    /// runs: writers may use either side, so no new migration may start.
+    pub fn needs_operator(&self) -> Option<&MigrationSummary> {
+        self.migrations
+            .last()
+            .filter(|m| m.outcome == Some(Outcome::Failed) && m.resolved_on.is_none())
     }
 }
 
@@ -438,6 +461,61 @@ mod tests {
         let st = JournalState::from_records(&rs);
         assert_eq!(st.recovery(), Recovery::Nothing);
         assert_eq!(st.current(), Some(placement("new")));
+    }
+
+    #[test]
+    fn a_failure_after_cutover_blocks_new_migrations_until_an_operator_resolves_it() {
+        let mut rs = vec![
+            rec(
+                "1",
+                Event::Started {
+                    trigger: "t".into(),
+                    source: placement("old"),
+                },
+            ),
+            rec(
+                "1",
+                Event::StackCreated {
+                    target: placement("new"),
+                },
+            ),
+            rec("1", Event::WritersRepointing),
+            rec(
+                "1",
+                Event::Finished {
+                    outcome: Outcome::Failed,
+                    error: Some("verify".into()),
+                    report: None,
+                },
+            ),
+        ];
+        let st = JournalState::from_records(&rs);
+        assert_eq!(st.recovery(), Recovery::Nothing);
+        assert!(st.needs_operator().is_some());
+        assert_eq!(st.current(), None);
+        rs.push(rec(
+            "1",
+            Event::Resolved {
+                on: placement("new"),
+            },
+        ));
+        let st = JournalState::from_records(&rs);
+        assert!(st.needs_operator().is_none());
+        assert_eq!(st.current(), Some(placement("new")));
+    }
+
+    #[test]
+    fn a_torn_last_line_does_not_swallow_the_next_record() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("journal");
+        std::fs::write(&p, "{\"v\":1,\"migr").unwrap();
+        Journal::open(&p)
+            .unwrap()
+            .append("1", Event::WindowReset)
+            .unwrap();
+        let rs = Journal::load(&p).unwrap();
+        assert_eq!(rs.len(), 1);
+        assert!(matches!(rs[0].event, Event::WindowReset));
     }
 
     #[test]

@@ -52,6 +52,12 @@ pub enum MachineError {
         target_url: String,
         error: StackError,
     },
+    #[error("migration {id} failed after cutover and nobody has said where the service runs now (writers may use {target_url}, the source {source_url} keeps its data); check, then run `stateshift resolve -c FILE --on source|target`")]
+    NeedsOperator {
+        id: String,
+        source_url: String,
+        target_url: String,
+    },
     #[error("{0}")]
     Config(String),
 }
@@ -250,10 +256,14 @@ impl Progress for Journaled<'_> {
     fn note(&self, msg: &str) {
         self.inner.note(msg);
     }
-    fn writers_repointing(&self) {
-        self.append(Event::WritersRepointing);
+    fn writers_repointing(&self) -> Result<(), String> {
+        self.journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(self.id, Event::WritersRepointing)
+            .map_err(|e| format!("cannot record the repoint in the journal, so the writers were not repointed: {e}"))?;
         crash_point("writers_repointing");
-        self.inner.writers_repointing();
+        self.inner.writers_repointing()
     }
     fn writers_repointed(&self) {
         self.append(Event::WritersRepointed);
@@ -287,6 +297,21 @@ pub async fn migrate(
     let _lock = lock(&paths.lock)?;
     recover_locked(cfg, provider, progress).await?;
     let st = state(cfg)?;
+    if let Some(m) = st.needs_operator() {
+        return Err(MachineError::NeedsOperator {
+            id: m.id.clone(),
+            source_url: m
+                .source
+                .as_ref()
+                .map(|p| p.influx_url.clone())
+                .unwrap_or_default(),
+            target_url: m
+                .target
+                .as_ref()
+                .map(|p| p.influx_url.clone())
+                .unwrap_or_default(),
+        });
+    }
     let source = current_source(cfg, &st);
     let source_inst = provider.instance(cfg, &source, &cfg.source);
     let journal = Mutex::new(Journal::open(&paths.journal)?);
@@ -714,4 +739,33 @@ pub async fn preflight(cfg: &Config, provider: &Provider) -> Result<Vec<String>,
         lines.push(format!("cutover host {} runs commands", h.describe()));
     }
     Ok(lines)
+}
+
+/// Record an operator's decision about a migration that failed after cutover: the
+/// service runs on its `source` or its `target` from now on (the other side is left as
+/// it is, for the operator to dispose of).
+pub fn resolve(cfg: &Config, on_target: bool) -> Result<String, MachineError> {
+    let paths = Paths::of(cfg);
+    let _lock = lock(&paths.lock)?;
+    let st = state(cfg)?;
+    let m = st.needs_operator().ok_or_else(|| {
+        MachineError::Config(
+            "nothing to resolve: the last migration did not fail after cutover".into(),
+        )
+    })?;
+    let on = if on_target {
+        m.target.clone()
+    } else {
+        m.source.clone()
+    };
+    let on = on.ok_or_else(|| {
+        MachineError::Config(format!(
+            "migration {} has no recorded {}",
+            m.id,
+            if on_target { "target" } else { "source" }
+        ))
+    })?;
+    let url = on.influx_url.clone();
+    Journal::open(&paths.journal)?.append(&m.id, Event::Resolved { on })?;
+    Ok(url)
 }
