@@ -216,7 +216,32 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::ZERO;
     loop {
+        // The journal is the truth about where the service runs: a migration by the CLI
+        // or a settled recovery moves the polling too; an unsettled one is retried.
+        if let Ok(st) = machine::state(&cfg) {
+            if st.recovery() != crate::migrate::journal::Recovery::Nothing {
+                match machine::recover(&cfg, &provider, progress).await {
+                    // Another process (a CLI migration) holds the service: not ours to settle.
+                    Ok(_) | Err(machine::MachineError::Busy(_)) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "an interrupted migration could not be settled yet; retrying")
+                    }
+                }
+            }
+            let now = machine::current_source(&cfg, &st);
+            if now.influx_url != source.influx_url {
+                tracing::warn!(from = %source.influx_url, to = %now.influx_url, "the service moved; polling the new host");
+                source = now;
+                load = Load::for_source(&cfg, &source);
+                shared.set(|s| {
+                    s.source_url = source.influx_url.clone();
+                    s.load_source = load.describe();
+                    s.migrations = st.migrations.clone();
+                });
+            }
+        }
         let trigger = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
             Some(t) = rx.recv() => Some(t),
             _ = tick.tick() => {
@@ -262,6 +287,11 @@ pub async fn run(
             }
         };
         let Some(why) = trigger else { continue };
+        if shutdown.is_cancelled() {
+            // Stopping: no new migration starts after the first signal.
+            shared.running.store(false, Ordering::SeqCst);
+            break;
+        }
         shared.metrics.trigger();
         tracing::warn!(trigger = %why, "migrating");
         shared.running.store(true, Ordering::SeqCst);

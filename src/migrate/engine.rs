@@ -265,6 +265,8 @@ pub async fn run_with(
     let mut m = Migration::new(cfg, target);
     m.progress = progress;
     m.resume = opts.resume;
+    // A resumed run starts past the repoint: its own failure must never roll back.
+    m.report.cutover_done = opts.resume;
     m.replay_first = opts.replay_first;
     m.interrupted = opts.interrupted;
     if let Some(id) = opts.id {
@@ -1345,7 +1347,25 @@ impl Migration<'_> {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Forwards already in flight still land: wait until arrivals settle (bounded),
+        // stop the receiver, and only then replay the last of the spool.
+        if let Some(r) = &self.receiver {
+            let stats = r.stats.clone();
+            let mut last = stats.points();
+            let mut stable = Instant::now();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while stable.elapsed() < Duration::from_millis(300) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let now = stats.points();
+                if now != last {
+                    last = now;
+                    stable = Instant::now();
+                }
+            }
+        }
+        if let Some(r) = self.receiver.take() {
+            r.stop().await;
+        }
         self.replay_now(phase).await
     }
 
@@ -1537,12 +1557,34 @@ async fn write_with_retry(
     }
 }
 
+/// Replay what an interrupted run's spool (`<spool_dir>/<id>.spool`) holds beyond its
+/// recorded offset, onto `target`. Returns the points replayed (0 without a spool).
+pub async fn replay_spool_tail(
+    spool_dir: &std::path::Path,
+    id: &str,
+    target: &Influx,
+) -> Result<u64, MigrateError> {
+    let p = Phase::Dispose;
+    let path = spool_dir.join(format!("{id}.spool"));
+    if !path.exists() {
+        return Ok(0);
+    }
+    let mut r = SpoolReader::open_finished(&path)
+        .map_err(|source| MigrateError::Spool { phase: p, source })?;
+    r.seek(replayed_offset(&path))
+        .map_err(|source| MigrateError::Spool { phase: p, source })?;
+    let n = replay_ready(&mut r, target, p, None).await?;
+    record_offset(spool_dir, id, r.offset());
+    Ok(n)
+}
+
 /// Remember how far the spool of migration `id` has been replayed (`<id>.spool.offset`).
 /// Written after every replay; a crash of this process keeps it (page cache), and a
 /// resumed migration starts its replay there.
 fn record_offset(spool_dir: &std::path::Path, id: &str, offset: u64) {
     let p = spool_dir.join(format!("{id}.spool.offset"));
-    if let Err(e) = std::fs::write(&p, offset.to_string()) {
+    // Atomic: a torn offset would read as 0 and replay old records over newer values.
+    if let Err(e) = crate::util::write_atomic(&p, offset.to_string().as_bytes()) {
         tracing::warn!(error = %e, path = %p.display(), "cannot record the replay offset");
     }
 }

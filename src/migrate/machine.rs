@@ -524,7 +524,18 @@ async fn recover_locked(
             // being created under.
             let stack = match (target, creating) {
                 (Some(t), _) => Some(t),
-                (None, Some(name)) => provider.find(&name).await.map_err(MachineError::Stack)?,
+                (None, Some(name)) => {
+                    match provider.find(&name).await.map_err(MachineError::Stack)? {
+                        Some(s) => Some(s),
+                        // Local stacks: a directory without state (the crash came mid-create) is
+                        // cleaned by name; Heat finds its stacks by name anyway.
+                        None if matches!(provider, Provider::Local(_)) => Some(StackRef {
+                            id: String::new(),
+                            name,
+                        }),
+                        None => None,
+                    }
+                }
                 _ => None,
             };
             if let Some(s) = stack {
@@ -548,17 +559,42 @@ async fn recover_locked(
         }
         Recovery::FinishDispose { id, source, target } => {
             progress.note(&format!("recovering migration {id}: verified before the interruption, finishing the disposal"));
-            drop_our_subscriptions(
-                &Influx::from_config(&provider.instance(cfg, &source, &cfg.source)),
-                &id,
-            )
-            .await;
+            let src = Influx::from_config(&provider.instance(cfg, &source, &cfg.source));
             let fallback = cfg.target.clone().unwrap_or_else(|| cfg.source.clone());
-            drop_our_subscriptions(
-                &Influx::from_config(&provider.instance(cfg, &target, &fallback)),
-                &id,
-            )
-            .await;
+            let dst = Influx::from_config(&provider.instance(cfg, &target, &fallback));
+            // Writes that reached the source after the crash never reached a spool: the
+            // interrupted subscription counted them as failures. Then the old stack stays.
+            let failed = subscription_failures(&src, &format!("stateshift_{id}")).await;
+            if failed > 0 {
+                let msg = format!(
+                    "{failed} write(s) reached the source {} after the interruption and are not on the target {}; the old stack is kept",
+                    source.influx_url, target.influx_url
+                );
+                journal.lock().unwrap_or_else(|p| p.into_inner()).append(
+                    &id,
+                    Event::Finished {
+                        outcome: Outcome::Failed,
+                        error: Some(msg.clone()),
+                        report: None,
+                    },
+                )?;
+                return Err(MachineError::Config(msg));
+            }
+            drop_our_subscriptions(&src, &id).await;
+            drop_our_subscriptions(&dst, &id).await;
+            // What the interrupted runs captured but had not replayed yet.
+            for sid in [id.clone(), format!("{id}r")] {
+                let n = engine::replay_spool_tail(&cfg.capture.spool_dir, &sid, &dst)
+                    .await
+                    .map_err(|e| {
+                        MachineError::Config(format!("replaying the interrupted capture: {e}"))
+                    })?;
+                if n > 0 {
+                    progress.note(&format!(
+                        "replayed {n} captured points the interrupted run had not replayed"
+                    ));
+                }
+            }
             let r = finish(
                 cfg,
                 provider,
@@ -768,4 +804,26 @@ pub fn resolve(cfg: &Config, on_target: bool) -> Result<String, MachineError> {
     let url = on.influx_url.clone();
     Journal::open(&paths.journal)?.append(&m.id, Event::Resolved { on })?;
     Ok(url)
+}
+
+/// Delivery failures of the subscriptions named `name` on a server (`u64::MAX` when the
+/// server's statistics cannot be read: unknown counts as "something was lost").
+async fn subscription_failures(influx: &Influx, name: &str) -> u64 {
+    let Ok(vars) = influx.debug_vars().await else {
+        return u64::MAX;
+    };
+    let mut failed = 0;
+    if let Some(obj) = vars.as_object() {
+        for (k, v) in obj {
+            if k.starts_with("subscriber:")
+                && v.pointer("/tags/name").and_then(|n| n.as_str()) == Some(name)
+            {
+                failed += v
+                    .pointer("/values/writeFailures")
+                    .and_then(|n| n.as_u64())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    failed
 }

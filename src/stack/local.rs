@@ -207,9 +207,17 @@ impl LocalVm {
                 crate::influx::ident(user),
                 crate::influx::literal(pass.expose())
             );
+            // The statement carries the password: the error names the user only.
             anon.query(None, &q).await.map_err(|e| LocalError::Start {
                 addr: a.clone(),
-                what: format!("create admin user: {e}"),
+                what: format!(
+                    "create admin user {user:?}: {}",
+                    match e {
+                        crate::influx::InfluxError::Query { .. } =>
+                            "the server refused the statement".to_string(),
+                        other => other.to_string(),
+                    }
+                ),
             })?;
         }
         if opts.ssh.is_some() {
@@ -629,7 +637,8 @@ impl StackProvider for LocalStacks {
         let vm = match started {
             Ok(Ok(vm)) => vm,
             other => {
-                // Nothing half-made is left behind.
+                // Nothing half-made is left behind: its processes, then its files.
+                stop_pids(&pids_under(&sdir), &sdir).await;
                 let _ = std::fs::remove_dir_all(&sdir);
                 return Err(match other {
                     Ok(Err(e)) => StackError::CreateFailed {
