@@ -197,33 +197,9 @@ async fn run(cmd: Cmd) -> ExitCode {
                 eprintln!("stateshift: refusing to migrate without --yes (or use --dry-run to check the plan)");
                 return ExitCode::from(2);
             }
-            let res = engine::run(&cfg, &target, &BarProgress::new()).await;
-            let (code, rep) = match res {
-                Ok(r) => {
-                    bench::print_report(&r);
-                    println!(
-                        "migration {} succeeded: verified, writers on {}",
-                        r.migration_id, target.influx_url
-                    );
-                    (ExitCode::SUCCESS, serde_json::to_string_pretty(&r))
-                }
-                Err(e) => {
-                    eprintln!("stateshift: migration failed in {}: {e}", e.phase());
-                    (
-                        ExitCode::from(1),
-                        serde_json::to_string_pretty(
-                            &serde_json::json!({"error": e.to_string(), "phase": e.phase()}),
-                        ),
-                    )
-                }
-            };
-            if let (Some(path), Ok(json)) = (report, rep) {
-                if let Err(e) = std::fs::write(&path, json) {
-                    eprintln!("stateshift: cannot write report {}: {e}", path.display());
-                    return ExitCode::from(1);
-                }
-            }
-            code
+            // Through the journaled machine too: the per-service lock, the journal and
+            // crash recovery apply to a static target as to a stack.
+            machine_migrate(&cfg, report).await
         }
         Cmd::Predict {
             window,
@@ -551,7 +527,9 @@ async fn machine_migrate(cfg: &Config, report: Option<PathBuf>) -> ExitCode {
             eprintln!("stateshift: migration failed: {e}");
             (
                 ExitCode::from(1),
-                serde_json::to_string_pretty(&serde_json::json!({"error": e.to_string()})),
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"error": e.to_string(), "phase": e.phase()}),
+                ),
             )
         }
     };

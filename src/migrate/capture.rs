@@ -220,7 +220,13 @@ impl Receiver {
     pub async fn stop(mut self) {
         self.token.cancel();
         if let Some(t) = self.task.take() {
-            let _ = t.await;
+            // Graceful shutdown waits for open connections; never forever.
+            if tokio::time::timeout(std::time::Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                tracing::warn!(addr = %self.addr, "capture receiver did not stop within 5 s");
+            }
         }
     }
 }

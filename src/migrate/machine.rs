@@ -62,6 +62,19 @@ pub enum MachineError {
     Config(String),
 }
 
+impl MachineError {
+    /// The engine phase that failed, when the engine failed.
+    pub fn phase(&self) -> Option<Phase> {
+        match self {
+            MachineError::RolledBack { error, .. } | MachineError::AfterCutover { error, .. } => {
+                Some(error.phase())
+            }
+            MachineError::Stack(_) => Some(Phase::Prepare),
+            _ => None,
+        }
+    }
+}
+
 /// The configured stack provider.
 pub enum Provider {
     /// No stacks: the configured `target` is the target.
@@ -128,6 +141,11 @@ impl Provider {
         fallback: &InstanceConfig,
     ) -> InstanceConfig {
         match (self, &p.stack, &p.outputs) {
+            // Static: the configured target once the service runs there.
+            (Provider::Static, _, _) => match &cfg.target {
+                Some(t) if t.influx_url == p.influx_url => t.clone(),
+                _ => fallback.clone(),
+            },
             (Provider::Local(l), Some(s), Some(o)) => l.instance_config(&s.name, o),
             (Provider::Heat(_), Some(s), Some(o)) => InstanceConfig {
                 name: s.name.clone(),

@@ -191,6 +191,13 @@ async fn migrate_cli_moves_the_data_and_writes_a_timing_report() {
         out.contains("pulled the dump"),
         "the forward transfer is the default: {out}"
     );
+    // Journaled like any migration: status shows it, and the service now runs on the target.
+    let (code, st, _) = run(&["status", "-c", p.to_str().unwrap()], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        st.contains("succeeded") && st.contains(&lab.target.influx_url()),
+        "{st}"
+    );
     for p in [
         "capture", "dump", "transfer", "restore", "delta", "cutover", "verify",
     ] {
