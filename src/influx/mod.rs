@@ -626,6 +626,22 @@ impl Influx {
         Ok(out)
     }
 
+    /// `DROP SUBSCRIPTION name ON db.rp`.
+    pub async fn drop_subscription(
+        &self,
+        name: &str,
+        db: &str,
+        rp: &str,
+    ) -> Result<(), InfluxError> {
+        let q = format!(
+            "DROP SUBSCRIPTION {} ON {}.{}",
+            ident(name),
+            ident(db),
+            ident(rp)
+        );
+        self.query(None, &q).await.map(|_| ())
+    }
+
     pub async fn subscriptions(&self) -> Result<Vec<Subscription>, InfluxError> {
         let mut out = Vec::new();
         for s in self.query(None, "SHOW SUBSCRIPTIONS").await? {

@@ -679,18 +679,10 @@ impl Migration<'_> {
             }
             last = now;
         }
-        let q = |name: &str, db: &str, rp: &str| {
-            format!(
-                "DROP SUBSCRIPTION {} ON {}.{}",
-                ident(name),
-                ident(db),
-                ident(rp)
-            )
-        };
         for s in src.subscriptions().await.map_err(Self::influx_err(p))? {
             if s.name == old {
                 let _ = src
-                    .query(None, &q(&s.name, &s.database, &s.retention_policy))
+                    .drop_subscription(&s.name, &s.database, &s.retention_policy)
                     .await;
             }
         }
@@ -698,7 +690,7 @@ impl Migration<'_> {
         for s in dst.subscriptions().await.map_err(Self::influx_err(p))? {
             if s.name.starts_with(&old) {
                 let _ = dst
-                    .query(None, &q(&s.name, &s.database, &s.retention_policy))
+                    .drop_subscription(&s.name, &s.database, &s.retention_policy)
                     .await;
             }
         }
@@ -956,13 +948,9 @@ impl Migration<'_> {
         // Portable restore carries subscriptions over: ours must not forward from the target.
         for s in dst.subscriptions().await.map_err(&err)? {
             if s.name.starts_with("stateshift_") {
-                let q = format!(
-                    "DROP SUBSCRIPTION {} ON {}.{}",
-                    ident(&s.name),
-                    ident(&s.database),
-                    ident(&s.retention_policy)
-                );
-                dst.query(None, &q).await.map_err(&err)?;
+                dst.drop_subscription(&s.name, &s.database, &s.retention_policy)
+                    .await
+                    .map_err(&err)?;
             }
         }
         // Retention policies: restore brings them; make sure defaults and any missing agree.
@@ -1336,13 +1324,7 @@ impl Migration<'_> {
         let name = sub_name(&self.id);
         if let Some(src) = &self.source {
             for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
-                let q = format!(
-                    "DROP SUBSCRIPTION {} ON {}.{}",
-                    ident(&name),
-                    ident(&db),
-                    ident(&rp)
-                );
-                if let Err(e) = src.influx.query(None, &q).await {
+                if let Err(e) = src.influx.drop_subscription(&name, &db, &rp).await {
                     tracing::warn!(error = %e, db, rp, "could not drop the capture subscription on the source");
                 }
             }
@@ -1374,26 +1356,14 @@ impl Migration<'_> {
         let tname = format!("{name}_t");
         if let Some(src) = &self.source {
             for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
-                let q = format!(
-                    "DROP SUBSCRIPTION {} ON {}.{}",
-                    ident(&name),
-                    ident(&db),
-                    ident(&rp)
-                );
-                if let Err(e) = src.influx.query(None, &q).await {
+                if let Err(e) = src.influx.drop_subscription(&name, &db, &rp).await {
                     tracing::warn!(error = %e, db, rp, "could not drop the capture subscription on the source");
                 }
             }
         }
         if let Some(dst) = &self.target {
             for (db, rp) in std::mem::take(&mut self.created.target_subscriptions) {
-                let q = format!(
-                    "DROP SUBSCRIPTION {} ON {}.{}",
-                    ident(&tname),
-                    ident(&db),
-                    ident(&rp)
-                );
-                if let Err(e) = dst.influx.query(None, &q).await {
+                if let Err(e) = dst.influx.drop_subscription(&tname, &db, &rp).await {
                     tracing::warn!(error = %e, db, rp, "could not drop the watch subscription on the target");
                 }
             }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use super::engine::{self, MigrateError, Phase, Progress, Report, RunOptions};
 use super::journal::{Event, Journal, JournalError, JournalState, Outcome, Placement, Recovery};
 use crate::config::{Config, InstanceConfig, ProviderKind};
-use crate::influx::{ident, Influx};
+use crate::influx::Influx;
 use crate::stack::local::LocalStacks;
 use crate::stack::{StackError, StackProvider, StackRef, StackSpec};
 
@@ -690,13 +690,10 @@ async fn drop_our_subscriptions(influx: &Influx, id: &str) {
         .into_iter()
         .filter(|s| s.name.starts_with(&format!("stateshift_{id}")))
     {
-        let q = format!(
-            "DROP SUBSCRIPTION {} ON {}.{}",
-            ident(&s.name),
-            ident(&s.database),
-            ident(&s.retention_policy)
-        );
-        if let Err(e) = influx.query(None, &q).await {
+        if let Err(e) = influx
+            .drop_subscription(&s.name, &s.database, &s.retention_policy)
+            .await
+        {
             tracing::warn!(error = %e, "could not drop a leftover capture subscription");
         }
     }
