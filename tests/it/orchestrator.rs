@@ -20,10 +20,10 @@ use crate::common::*;
 
 const TOKEN: &str = "s3cret-api-token-value";
 
-struct Svc {
+pub(crate) struct Svc {
     tmp: tempfile::TempDir,
     _stacks: LocalStacks,
-    cfg_path: PathBuf,
+    pub(crate) cfg_path: PathBuf,
     url_file: PathBuf,
 }
 
@@ -39,14 +39,14 @@ impl Drop for Svc {
 }
 
 impl Svc {
-    fn cfg(&self) -> Config {
+    pub(crate) fn cfg(&self) -> Config {
         Config::load(&self.cfg_path).unwrap()
     }
-    fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         self.tmp.path()
     }
     /// Where the journal says the service runs now.
-    fn current(&self) -> Influx {
+    pub(crate) fn current(&self) -> Influx {
         let cfg = self.cfg();
         let st = machine::state(&cfg).unwrap();
         Influx::new(
@@ -56,7 +56,7 @@ impl Svc {
             Duration::from_secs(30),
         )
     }
-    fn stacks_on_disk(&self) -> Vec<String> {
+    pub(crate) fn stacks_on_disk(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.dir().join("local/stacks"))
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -64,7 +64,7 @@ impl Svc {
         v.sort();
         v
     }
-    fn writer(&self, rate: u32) -> RunningWriter {
+    pub(crate) fn writer(&self, rate: u32) -> RunningWriter {
         RunningWriter::start(WriterSpec {
             db: "cyclops".into(),
             url_file: self.url_file.clone(),
@@ -79,7 +79,7 @@ impl Svc {
 }
 
 /// A service whose InfluxDB VM is local stack `svc-influx-0`, seeded, with a config.
-async fn service(subnet: u8) -> Svc {
+pub(crate) async fn service(subnet: u8) -> Svc {
     let tmp = tempfile::Builder::new()
         .prefix("ss-o")
         .tempdir_in("/tmp")
@@ -124,7 +124,7 @@ async fn service(subnet: u8) -> Svc {
     }
 }
 
-async fn assert_nothing_lost(on: &Influx, ledger: &Ledger, seeded: u64, what: &str) {
+pub(crate) async fn assert_nothing_lost(on: &Influx, ledger: &Ledger, seeded: u64, what: &str) {
     assert_eq!(
         ledger.requests_failed, 0,
         "{what}: writers never see errors"

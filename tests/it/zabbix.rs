@@ -548,3 +548,71 @@ async fn the_daemon_fills_its_window_from_the_real_zabbix() {
         .encode()
         .contains("stateshift_readings_total{freshness=\"fresh\"}"));
 }
+
+/// The whole loop driven by the real Zabbix: the daemon polls the load item, GM(1,1)
+/// predicts, and with a threshold just above zero the real readings trigger; the service
+/// moves between local stacks under a live writer, twice (a short cooldown in between).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_zabbix_readings_trigger_two_migrations_in_a_row_losing_nothing() {
+    let env = env();
+    let _l = lock(&env, false);
+    let svc = crate::orchestrator::service(60).await;
+    let pw = svc.dir().join("zbx.pw");
+    stateshift::lab::write_secret(&pw, env.password.expose()).unwrap();
+    let extra = format!(
+        "monitor:\n  kind: zabbix\n  poll_interval: 1s\n  window: 5\n  min_readings: 3\n  threshold: 0.000001\n  consecutive: 1\n  cooldown: 1s\n  model: last\n  zabbix:\n    url: \"{}\"\n    username: \"{}\"\n    password_file: \"{}\"\n    host: \"{}\"\n    key: \"{}\"\n",
+        env.url,
+        env.user,
+        pw.display(),
+        env.host,
+        env.key
+    );
+    let mut yaml = std::fs::read_to_string(&svc.cfg_path).unwrap();
+    yaml.push_str(&extra);
+    std::fs::write(&svc.cfg_path, yaml).unwrap();
+    let cfg = svc.cfg();
+    let w = svc.writer(800);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let s2 = stop.clone();
+    let d = tokio::spawn(async move {
+        stateshift::daemon::run(cfg, s2, &stateshift::migrate::engine::LogProgress, Some(tx)).await
+    });
+    let shared = rx.await.unwrap();
+    let t = Instant::now();
+    loop {
+        let st = shared.status.lock().unwrap().clone();
+        let ok = st
+            .migrations
+            .iter()
+            .filter(|m| m.outcome == Some(stateshift::migrate::journal::Outcome::Succeeded))
+            .count();
+        if ok >= 2 && st.state == "polling" {
+            assert!(
+                st.migrations
+                    .iter()
+                    .all(|m| m.trigger.starts_with("prediction")),
+                "triggered by the predictions: {:?}",
+                st.migrations.iter().map(|m| &m.trigger).collect::<Vec<_>>()
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "two Zabbix-triggered migrations within 120 s: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    d.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = w.finish().await;
+    crate::orchestrator::assert_nothing_lost(&svc.current(), &ledger, 5_000, "zabbix-triggered")
+        .await;
+    let stacks = svc.stacks_on_disk();
+    assert_eq!(
+        stacks.len(),
+        1,
+        "each old stack was disposed of: {stacks:?}"
+    );
+}
