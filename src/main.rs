@@ -132,12 +132,9 @@ async fn run(cmd: Cmd) -> ExitCode {
             dry_run,
             report,
         } => {
-            let cfg = match Config::load(&config) {
+            let cfg = match load_config(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("stateshift: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             if cfg.provider.kind != stateshift::config::ProviderKind::Static && dry_run {
                 let provider = match stateshift::migrate::machine::Provider::from_config(&cfg) {
@@ -214,12 +211,9 @@ async fn run(cmd: Cmd) -> ExitCode {
             None => predict(window, min, &model, eval, threshold, values),
         },
         Cmd::Daemon { config } => {
-            let cfg = match Config::load(&config) {
+            let cfg = match load_config(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("stateshift: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let shutdown = tokio_util::sync::CancellationToken::new();
             let s2 = shutdown.clone();
@@ -240,12 +234,9 @@ async fn run(cmd: Cmd) -> ExitCode {
             }
         }
         Cmd::Resolve { config, on } => {
-            let cfg = match Config::load(&config) {
+            let cfg = match load_config(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("stateshift: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             match stateshift::migrate::machine::resolve(&cfg, on == "target") {
                 Ok(url) => {
@@ -259,12 +250,9 @@ async fn run(cmd: Cmd) -> ExitCode {
             }
         }
         Cmd::Status { config } => {
-            let cfg = match Config::load(&config) {
+            let cfg = match load_config(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("stateshift: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             match stateshift::migrate::machine::state(&cfg) {
                 Ok(st) => {
@@ -602,4 +590,12 @@ impl engine::Progress for BarProgress {
             None => PrintProgress.note(msg),
         }
     }
+}
+
+/// The configuration, or the exit code of a configuration error (2) after saying why.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("stateshift: {e}");
+        ExitCode::from(2)
+    })
 }

@@ -171,13 +171,13 @@ struct Side {
 
 /// Forwarding counters of the source (see [`Migration::subscriber_stats`]).
 #[derive(Debug, Default, Clone, Copy)]
-struct SubStats {
-    /// Points our subscriptions delivered.
-    written: u64,
-    /// Points our subscriptions failed to deliver.
-    failed: u64,
+pub struct SubStats {
+    /// Points the subscriptions delivered.
+    pub written: u64,
+    /// Deliveries the subscriptions failed.
+    pub failed: u64,
     /// Server-wide forwarding drops (cumulative since the server started).
-    dropped: u64,
+    pub dropped: u64,
 }
 
 /// Everything this migration created, so a rollback removes exactly that.
@@ -612,36 +612,9 @@ impl Migration<'_> {
         name: &str,
         phase: Phase,
     ) -> Result<SubStats, MigrateError> {
-        let vars = influx.debug_vars().await.map_err(Self::influx_err(phase))?;
-        let num =
-            |v: &serde_json::Value, p: &str| v.pointer(p).and_then(|n| n.as_u64()).unwrap_or(0);
-        let mut st = SubStats::default();
-        if let Some(obj) = vars.as_object() {
-            for (k, v) in obj {
-                if k.starts_with("subscriber:")
-                    && v.pointer("/tags/name").and_then(|n| n.as_str()) == Some(name)
-                {
-                    st.written += num(v, "/values/pointsWritten");
-                    st.failed += num(v, "/values/writeFailures");
-                }
-            }
-            // Drops that never reach a subscription's own counters: the points writer's
-            // queue to the subscriber service, and the service's per-subscription queues.
-            if let Some(w) = obj.get("write") {
-                st.dropped += num(w, "/values/subWriteDrop");
-            }
-            // The service-level failure count includes every subscription's delivery
-            // failures; what exceeds their sum is queue-full drops.
-            let per_sub: u64 = obj
-                .iter()
-                .filter(|(k, _)| k.starts_with("subscriber:"))
-                .map(|(_, v)| num(v, "/values/writeFailures"))
-                .sum();
-            if let Some(sv) = obj.get("subscriber") {
-                st.dropped += num(sv, "/values/writeFailures").saturating_sub(per_sub);
-            }
-        }
-        Ok(st)
+        subscriber_stats(influx, name)
+            .await
+            .map_err(Self::influx_err(phase))
     }
 
     /// Fail if the source reports forwarded writes that did not reach the receiver, or
@@ -1435,6 +1408,39 @@ fn statement_error(e: &InfluxError, secret: &str) -> String {
     } else {
         msg.replace(secret, "***")
     }
+}
+
+/// Forwarding counters of the subscriptions named `name` on a server, from `/debug/vars`.
+pub async fn subscriber_stats(influx: &Influx, name: &str) -> Result<SubStats, InfluxError> {
+    let vars = influx.debug_vars().await?;
+    let num = |v: &serde_json::Value, p: &str| v.pointer(p).and_then(|n| n.as_u64()).unwrap_or(0);
+    let mut st = SubStats::default();
+    if let Some(obj) = vars.as_object() {
+        for (k, v) in obj {
+            if k.starts_with("subscriber:")
+                && v.pointer("/tags/name").and_then(|n| n.as_str()) == Some(name)
+            {
+                st.written += num(v, "/values/pointsWritten");
+                st.failed += num(v, "/values/writeFailures");
+            }
+        }
+        // Drops that never reach a subscription's own counters: the points writer's
+        // queue to the subscriber service, and the service's per-subscription queues.
+        if let Some(w) = obj.get("write") {
+            st.dropped += num(w, "/values/subWriteDrop");
+        }
+        // The service-level failure count includes every subscription's delivery
+        // failures; what exceeds their sum is queue-full drops.
+        let per_sub: u64 = obj
+            .iter()
+            .filter(|(k, _)| k.starts_with("subscriber:"))
+            .map(|(_, v)| num(v, "/values/writeFailures"))
+            .sum();
+        if let Some(sv) = obj.get("subscriber") {
+            st.dropped += num(sv, "/values/writeFailures").saturating_sub(per_sub);
+        }
+    }
+    Ok(st)
 }
 
 /// Largest body sent in one replay request (InfluxDB's default limit is 25 MB).

@@ -582,7 +582,11 @@ async fn recover_locked(
             let dst = Influx::from_config(&provider.instance(cfg, &target, &fallback));
             // Writes that reached the source after the crash never reached a spool: the
             // interrupted subscription counted them as failures. Then the old stack stays.
-            let failed = subscription_failures(&src, &format!("stateshift_{id}")).await;
+            // Unknown counts as "something was lost": the old stack then stays.
+            let failed = engine::subscriber_stats(&src, &format!("stateshift_{id}"))
+                .await
+                .map(|st| st.failed)
+                .unwrap_or(u64::MAX);
             if failed > 0 {
                 let msg = format!(
                     "{failed} write(s) reached the source {} after the interruption and are not on the target {}; the old stack is kept",
@@ -819,26 +823,4 @@ pub fn resolve(cfg: &Config, on_target: bool) -> Result<String, MachineError> {
     let url = on.influx_url.clone();
     Journal::open(&paths.journal)?.append(&m.id, Event::Resolved { on })?;
     Ok(url)
-}
-
-/// Delivery failures of the subscriptions named `name` on a server (`u64::MAX` when the
-/// server's statistics cannot be read: unknown counts as "something was lost").
-async fn subscription_failures(influx: &Influx, name: &str) -> u64 {
-    let Ok(vars) = influx.debug_vars().await else {
-        return u64::MAX;
-    };
-    let mut failed = 0;
-    if let Some(obj) = vars.as_object() {
-        for (k, v) in obj {
-            if k.starts_with("subscriber:")
-                && v.pointer("/tags/name").and_then(|n| n.as_str()) == Some(name)
-            {
-                failed += v
-                    .pointer("/values/writeFailures")
-                    .and_then(|n| n.as_u64())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    failed
 }
