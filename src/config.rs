@@ -71,6 +71,28 @@ struct RawService {
     stack: Option<String>,
 }
 
+/// A template parameter: Heat takes every parameter as a string, but YAML (`count: 2`)
+/// and environment overrides (`..__PARAMETERS__COUNT=2`) give numbers and booleans too.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ParamValue {
+    Text(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl ParamValue {
+    fn into_string(self) -> String {
+        match self {
+            ParamValue::Text(s) => s,
+            ParamValue::Int(n) => n.to_string(),
+            ParamValue::Float(x) => x.to_string(),
+            ParamValue::Bool(b) => b.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawProvider {
@@ -78,7 +100,7 @@ struct RawProvider {
     local_dir: Option<PathBuf>,
     local_subnet: Option<u8>,
     template: Option<PathBuf>,
-    parameters: Option<BTreeMap<String, String>>,
+    parameters: Option<BTreeMap<String, ParamValue>>,
     environment_files: Option<Vec<PathBuf>>,
     create_timeout: Option<String>,
     delete_timeout: Option<String>,
@@ -806,7 +828,12 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         template: pr
             .template
             .unwrap_or_else(|| PathBuf::from("heat-templates/influxdb-target.yaml")),
-        parameters: pr.parameters.unwrap_or_default(),
+        parameters: pr
+            .parameters
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.into_string()))
+            .collect(),
         environment_files: pr.environment_files.unwrap_or_default(),
         create_timeout: v.duration(
             "provider.create_timeout",
@@ -980,6 +1007,32 @@ mod tests {
         .unwrap();
         assert_eq!(c.capture.quiet_period, Duration::from_secs(7));
         assert_eq!(c.source.influx_url, "http://10.1.2.3:8086");
+    }
+
+    #[test]
+    fn template_parameters_take_numbers_and_booleans_as_heat_does() {
+        let c = load(
+            &format!(
+                "{MIN}provider:\n  parameters:\n    flavor: m1.small\n    count: 2\n    ha: true\n"
+            ),
+            &[("STATESHIFT__PROVIDER__PARAMETERS__DISK_MB", "6")],
+        )
+        .unwrap();
+        let p: Vec<(&str, &str)> = c
+            .provider
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            p,
+            [
+                ("count", "2"),
+                ("disk_mb", "6"),
+                ("flavor", "m1.small"),
+                ("ha", "true")
+            ]
+        );
     }
 
     #[test]

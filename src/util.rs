@@ -61,6 +61,25 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// Fault injection for the fault-matrix tests: whether `STATESHIFT_FAULT` (a
+/// comma-separated list) names `fault`. Each fault is documented where it is checked
+/// and in RELIABILITY.md; none is active unless that variable is set.
+pub fn fault_injected(fault: &str) -> bool {
+    std::env::var("STATESHIFT_FAULT")
+        .map(|v| v.split(',').any(|f| f.trim() == fault))
+        .unwrap_or(false)
+}
+
+/// Fault injection: with `hold:<phase>` in `STATESHIFT_FAULT`, the engine waits 3 s
+/// right after that phase starts (and is journaled), so a test can inject its fault
+/// (kill a server, cut a connection) while the migration is in that phase.
+pub async fn fault_hold(phase: &str) {
+    if fault_injected(&format!("hold:{phase}")) {
+        tracing::warn!(phase, "STATESHIFT_FAULT=hold:{phase}: holding 3 s");
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -217,6 +217,12 @@ impl Receiver {
         })
     }
 
+    /// Stop listening at once, as a crashed receiver would: later deliveries are refused
+    /// (fault injection; [`Receiver::stop`] is the clean way, which waits).
+    pub fn kill(&mut self) {
+        self.token.cancel();
+    }
+
     pub async fn stop(mut self) {
         self.token.cancel();
         if let Some(t) = self.task.take() {

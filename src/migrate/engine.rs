@@ -170,7 +170,7 @@ struct Side {
 }
 
 /// Forwarding counters of the source (see [`Migration::subscriber_stats`]).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct SubStats {
     /// Points the subscriptions delivered.
     pub written: u64,
@@ -178,6 +178,9 @@ pub struct SubStats {
     pub failed: u64,
     /// Server-wide forwarding drops (cumulative since the server started).
     pub dropped: u64,
+    /// When the server process started (`system.started`): every counter above restarts
+    /// from zero with it, and its in-memory forwarding queue is lost.
+    pub started: Option<String>,
 }
 
 /// Everything this migration created, so a rollback removes exactly that.
@@ -313,6 +316,7 @@ impl<'a> Migration<'a> {
             touched: None,
             touched_receiver: None,
             drops_at_start: 0,
+            source_started: None,
             reader: None,
             pulled: false,
             resume: false,
@@ -337,6 +341,8 @@ struct Migration<'a> {
     touched_receiver: Option<Receiver>,
     /// Server-wide forwarding drops on the source when the capture started.
     drops_at_start: u64,
+    /// The source process's start time when the capture started.
+    source_started: Option<String>,
     /// The replay's position in the spool, kept for the tail after verify.
     reader: Option<SpoolReader>,
     /// The target pulled the dump itself: nothing to transfer.
@@ -374,6 +380,7 @@ impl Migration<'_> {
             ($p:expr, $f:ident) => {{
                 let t = Instant::now();
                 self.progress.phase_started($p);
+                crate::util::fault_hold(&$p.to_string()).await;
                 let r = self.$f().await;
                 self.report.phases.push(PhaseTiming {
                     phase: $p,
@@ -469,6 +476,9 @@ impl Migration<'_> {
                     msg: format!("{name}: influxd is not runnable on the host ({e})"),
                 })?;
         }
+        if !self.resume {
+            Self::check_target_space(&src_influx, &th, &dst_cfg).await?;
+        }
         if let Some(c) = &self.cfg.cutover.command {
             if c.trim().is_empty() {
                 return Err(MigrateError::Failed {
@@ -488,6 +498,55 @@ impl Migration<'_> {
             influx: dst_influx,
             host: th,
         });
+        Ok(())
+    }
+
+    /// Refuse, before anything is made, a target whose scratch disk cannot hold the dump
+    /// and the restored data (both about the size of the source's shards on disk).
+    /// `influxd backup` hitting a full disk retries every shard for minutes before failing.
+    async fn check_target_space(
+        src: &Influx,
+        target: &Host,
+        cfg: &InstanceConfig,
+    ) -> Result<(), MigrateError> {
+        let p = Phase::Prepare;
+        let vars = src.debug_vars().await.map_err(Self::influx_err(p))?;
+        let data: u64 = vars
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| k.starts_with("shard:"))
+                    .filter_map(|(_, v)| v.pointer("/values/diskBytes")?.as_u64())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let wd = shell_quote(&cfg.work_dir);
+        let out = target
+            .run(&format!("mkdir -p {wd} && df -Pk {wd} | tail -n 1"))
+            .await
+            .map_err(Self::remote_err(p))?;
+        let Some(free_kib) = out
+            .split_whitespace()
+            .nth(3)
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            tracing::warn!(output = %out.trim(), "cannot read the target's free space; not checked");
+            return Ok(());
+        };
+        let (free, need) = (free_kib * 1024, 2 * data + (1 << 20));
+        if free < need {
+            return Err(MigrateError::Failed {
+                phase: p,
+                msg: format!(
+                    "not enough disk on the target {}: {} has {} MiB free, the dump and the restored data need about {} MiB (2 x {} MiB of shards on the source)",
+                    cfg.name,
+                    cfg.work_dir,
+                    free >> 20,
+                    need.div_ceil(1 << 20),
+                    data.div_ceil(1 << 20)
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -517,9 +576,9 @@ impl Migration<'_> {
         self.spool = Some(spool);
         self.receiver = Some(receiver);
         let name = sub_name(&self.id);
-        self.drops_at_start = Self::subscriber_stats(&self.src().influx, &name, p)
-            .await?
-            .dropped;
+        let at_start = Self::subscriber_stats(&self.src().influx, &name, p).await?;
+        self.drops_at_start = at_start.dropped;
+        self.source_started = at_start.started;
         let subs = self.subscribe(Phase::Capture, true, &name, &url).await?;
         self.progress.note(&format!(
             "capturing writes of {} retention policies into {url}",
@@ -622,6 +681,18 @@ impl Migration<'_> {
     /// drop for another subscriber also stops the migration: safe, not silent).
     async fn check_capture_complete(&self, phase: Phase) -> Result<SubStats, MigrateError> {
         let st = Self::subscriber_stats(&self.src().influx, &sub_name(&self.id), phase).await?;
+        if self.source_started.is_some() && st.started != self.source_started {
+            // A restart loses the forwarding queue (writes acknowledged but not yet
+            // forwarded) and zeroes the counters that would have shown it.
+            return Err(MigrateError::Failed {
+                phase,
+                msg: format!(
+                    "the source InfluxDB restarted during the capture (it had started at {}, now at {}): writes it acknowledged but had not forwarded yet are not in the capture, and its forwarding counters were reset",
+                    self.source_started.as_deref().unwrap_or("?"),
+                    st.started.as_deref().unwrap_or("?")
+                ),
+            });
+        }
         let lost = st.failed + st.dropped.saturating_sub(self.drops_at_start);
         if lost > 0 {
             return Err(MigrateError::Failed {
@@ -686,6 +757,12 @@ impl Migration<'_> {
     }
 
     async fn dump(&mut self) -> Result<(), MigrateError> {
+        if crate::util::fault_injected("capture_receiver_killed") {
+            if let Some(r) = self.receiver.as_mut() {
+                tracing::warn!(addr = %r.addr, "STATESHIFT_FAULT=capture_receiver_killed: killing the capture receiver");
+                r.kill();
+            }
+        }
         if self.cfg.migration.transfer != TransferMode::Stream {
             match self.pull_dump().await {
                 Ok(r) => {
@@ -785,12 +862,27 @@ impl Migration<'_> {
         };
         let dir = Self::scratch(&self.dst().cfg, &self.id, "restore");
         self.created.target_dirs.push(dir.clone());
-        let r = self
-            .dst()
-            .host
-            .run(&backup_cmd(&backup_from, &dir))
-            .await
-            .map_err(Self::remote_err(p));
+        // The backup runs on the target but reads through our connection to the source:
+        // if that connection dies, `influxd backup` would retry each shard for minutes.
+        let watch_source = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if !self.src().host.alive().await {
+                    return;
+                }
+            }
+        };
+        let cmd = backup_cmd(&backup_from, &dir);
+        let r = tokio::select! {
+            r = self.dst().host.run(&cmd) => r.map_err(Self::remote_err(p)),
+            () = watch_source => Err(MigrateError::Failed {
+                phase: p,
+                msg: format!(
+                    "the SSH connection to the source {} was lost during the dump",
+                    self.src().host.describe()
+                ),
+            }),
+        };
         self.close_forwards(local_fwd, remote_fwd, &rpc_host, rpc_port, src_rpc)
             .await;
         Ok(r.map(|out| self.report.dump_bytes = du_bytes(&out)))
@@ -1429,6 +1521,11 @@ pub async fn subscriber_stats(influx: &Influx, name: &str) -> Result<SubStats, I
         if let Some(w) = obj.get("write") {
             st.dropped += num(w, "/values/subWriteDrop");
         }
+        st.started = obj
+            .get("system")
+            .and_then(|v| v.get("started"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
         // The service-level failure count includes every subscription's delivery
         // failures; what exceeds their sum is queue-full drops.
         let per_sub: u64 = obj

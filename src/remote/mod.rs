@@ -280,6 +280,16 @@ impl Host {
     }
 }
 
+impl Host {
+    /// Whether the connection still works (always, for the local host).
+    pub async fn alive(&self) -> bool {
+        match self {
+            Host::Local(_) => true,
+            Host::Ssh(s) => s.alive().await,
+        }
+    }
+}
+
 impl Remote for Host {
     fn describe(&self) -> String {
         match self {

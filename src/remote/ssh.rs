@@ -105,6 +105,12 @@ impl SshRemote {
 
 impl SshRemote {
     /// Forward `listen` on this machine to `host:port` as seen from the remote host.
+    /// Whether the SSH connection still works (the control master answers and its
+    /// connection to the host is up).
+    pub async fn alive(&self) -> bool {
+        self.session.check().await.is_ok()
+    }
+
     pub async fn forward_local(
         &self,
         listen: std::net::SocketAddr,

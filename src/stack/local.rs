@@ -593,6 +593,52 @@ impl LocalStacks {
     }
 }
 
+/// A stack's disk of `mb` MiB: a tmpfs mounted on its directory, so a local VM can run
+/// out of space like a real one with a small flavor (needs root, as the tests run).
+fn mount_disk(dir: &Path, mb: &str) -> Result<(), String> {
+    let n: u32 = mb
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or("expected a whole number of MiB, at least 1")?;
+    let out = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={n}m,mode=0755"),
+            "stateshift-disk",
+        ])
+        .arg(dir)
+        .output()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cannot mount a {n} MiB tmpfs on {} (root needed): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Remove a stack's directory, unmounting its disk first if it has one.
+fn remove_stack_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let own_disk = match (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) {
+        (Ok(d), Some(Ok(p))) => d.dev() != p.dev(),
+        _ => false,
+    };
+    if own_disk {
+        // Lazy: a process that still holds a file there must not keep the disk forever.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(dir)
+            .status();
+    }
+    std::fs::remove_dir_all(dir)
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -626,6 +672,15 @@ impl StackProvider for LocalStacks {
                 _ => self.err(format!("{}: {e}", sdir.display())),
             });
         }
+        if let Some(mb) = spec.parameters.get("disk_mb") {
+            if let Err(msg) = mount_disk(&sdir, mb) {
+                let _ = std::fs::remove_dir(&sdir);
+                return Err(StackError::Invalid {
+                    provider: self.describe(),
+                    msg: format!("parameter disk_mb={mb:?}: {msg}"),
+                });
+            }
+        }
         let opts = VmOptions {
             ssh: Some(self.keys.clone()),
             admin: None,
@@ -639,7 +694,7 @@ impl StackProvider for LocalStacks {
             other => {
                 // Nothing half-made is left behind: its processes, then its files.
                 stop_pids(&pids_under(&sdir), &sdir).await;
-                let _ = std::fs::remove_dir_all(&sdir);
+                let _ = remove_stack_dir(&sdir);
                 return Err(match other {
                     Ok(Err(e)) => StackError::CreateFailed {
                         name: spec.name.clone(),
@@ -681,7 +736,7 @@ impl StackProvider for LocalStacks {
         let json = serde_json::to_vec_pretty(&st).map_err(|e| self.err(e.to_string()))?;
         if let Err(e) = crate::util::write_atomic(&sdir.join("stack.json"), &json) {
             stop_pids(&st.pids, &sdir).await;
-            let _ = std::fs::remove_dir_all(&sdir);
+            let _ = remove_stack_dir(&sdir);
             return Err(self.err(format!("cannot record stack state: {e}")));
         }
         Ok((
@@ -723,7 +778,7 @@ impl StackProvider for LocalStacks {
             // the stack's directory is stopped and the directory removed.
             if sdir.exists() {
                 stop_pids(&pids_under(&sdir), &sdir).await;
-                std::fs::remove_dir_all(&sdir)
+                remove_stack_dir(&sdir)
                     .map_err(|e| self.err(format!("{}: {e}", sdir.display())))?;
             }
             return Ok(());
@@ -751,7 +806,7 @@ impl StackProvider for LocalStacks {
                 cleanup: "its processes did not stop; the directory is kept".into(),
             });
         }
-        std::fs::remove_dir_all(&sdir).map_err(|e| self.err(format!("{}: {e}", sdir.display())))
+        remove_stack_dir(&sdir).map_err(|e| self.err(format!("{}: {e}", sdir.display())))
     }
 
     async fn find(&self, name: &str) -> Result<Option<StackRef>, StackError> {

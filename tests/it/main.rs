@@ -3,9 +3,11 @@
 
 mod cli;
 mod common;
+mod faults;
 mod heat;
 mod migration;
 mod orchestrator;
 mod remote;
+mod soak;
 mod stacks;
 mod zabbix;

@@ -24,7 +24,7 @@ pub(crate) struct Svc {
     tmp: tempfile::TempDir,
     _stacks: LocalStacks,
     pub(crate) cfg_path: PathBuf,
-    url_file: PathBuf,
+    pub(crate) url_file: PathBuf,
 }
 
 /// Local stacks outlive their creator by design; a test that fails halfway must not
@@ -80,6 +80,11 @@ impl Svc {
 
 /// A service whose InfluxDB VM is local stack `svc-influx-0`, seeded, with a config.
 pub(crate) async fn service(subnet: u8) -> Svc {
+    service_seeded(subnet, 5_000).await
+}
+
+/// [`service`] with `points` seeded points (spread over 10 days, 3 measurements).
+pub(crate) async fn service_seeded(subnet: u8, points: u64) -> Svc {
     let tmp = tempfile::Builder::new()
         .prefix("ss-o")
         .tempdir_in("/tmp")
@@ -95,7 +100,7 @@ pub(crate) async fn service(subnet: u8) -> Svc {
     };
     let (_, out0): (_, StackOutputs) = stacks.create(&spec).await.unwrap();
     let src = Influx::new(&out0.influxdb_url, None, None, Duration::from_secs(30));
-    workload::seed(&src, &seed_spec("cyclops", 5_000))
+    workload::seed(&src, &seed_spec("cyclops", points))
         .await
         .unwrap();
     let url_file = dir.join("writer-url");
@@ -274,7 +279,7 @@ async fn the_api_triggers_two_migrations_in_a_row_refuses_bad_tokens_and_concurr
     );
 }
 
-fn migrate_cli(svc: &Svc, crash_at: Option<&str>) -> (bool, String) {
+pub(crate) fn migrate_cli(svc: &Svc, crash_at: Option<&str>) -> (bool, String) {
     let mut c = Command::new(bin());
     c.args(["migrate", "--yes", "-c"]).arg(&svc.cfg_path);
     if let Some(p) = crash_at {

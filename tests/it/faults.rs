@@ -1,0 +1,363 @@
+//! The fault matrix on the data path (issue 6): each test injects one fault into a real
+//! migration between local stacks under a live writer and checks that the service either
+//! stays on the old instance or completes on the new one, that no acknowledged point is
+//! lost (the writer's own ledger and the seeded count), that the old stack survives until
+//! verification, and that the error names the fault. RELIABILITY.md has one row per test.
+//!
+//! Faults are real where they can be: processes are killed with signals, connections cut
+//! by killing the sshd serving them, disks filled. Two hooks help place them in time:
+//! `STATESHIFT_FAULT=hold:<phase>` (the engine waits 3 s right after that phase starts)
+//! and `STATESHIFT_FAULT=capture_receiver_killed` (the in-process capture receiver is
+//! aborted when the dump starts, as if it had crashed).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stateshift::influx::Influx;
+use stateshift::workload::{self, Ledger};
+
+use crate::common::*;
+use crate::orchestrator::{assert_nothing_lost, migrate_cli, service, service_seeded, Svc};
+
+const ORIGINAL: &str = "svc-influx-0";
+
+/// `stateshift migrate` started in the background with extra environment.
+fn spawn_migrate(svc: &Svc, env: &[(&str, &str)]) -> Child {
+    let mut c = Command::new(bin());
+    c.args(["migrate", "--yes", "-c"]).arg(&svc.cfg_path);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn journal(svc: &Svc) -> String {
+    std::fs::read_to_string(svc.dir().join("state/svc.journal")).unwrap_or_default()
+}
+
+/// Wait until the journal holds `needle` (e.g. `"phase":"restore"`).
+fn wait_journal(svc: &Svc, needle: &str) {
+    let t = Instant::now();
+    while !journal(svc).contains(needle) {
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "the migration never reached {needle}:\n{}",
+            journal(svc)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn stack_dir(svc: &Svc, name: &str) -> PathBuf {
+    svc.dir().join("local/stacks").join(name)
+}
+
+/// The stack the running migration created.
+fn new_stack(svc: &Svc) -> PathBuf {
+    let t = Instant::now();
+    loop {
+        if let Some(n) = svc.stacks_on_disk().into_iter().find(|n| n != ORIGINAL) {
+            return stack_dir(svc, &n);
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no target stack");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Pids of the live processes named `exe` whose command line mentions `dir/`.
+fn pids_of(exe: &str, dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.split(' ').next().is_some_and(|a| a.ends_with(exe)) && cmd.contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn kill(sig: &str, pid: u32) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn source_influx(svc: &Svc) -> Influx {
+    Influx::new(
+        &std::fs::read_to_string(&svc.url_file).unwrap(),
+        None,
+        None,
+        Duration::from_secs(30),
+    )
+}
+
+/// A rolled-back migration: the CLI failed naming the rollback and `want`, the original
+/// stack is still there and is the only one, and the writers still use it.
+fn assert_rolled_back(svc: &Svc, ok: bool, out: &str, want: &[&str]) {
+    assert!(!ok, "the migration must fail: {out}");
+    assert!(
+        out.contains("rolled back, the service stays on"),
+        "a rollback: {out}"
+    );
+    for w in want {
+        assert!(out.contains(w), "the error names {w:?}: {out}");
+    }
+    assert_eq!(
+        svc.stacks_on_disk(),
+        vec![ORIGINAL.to_string()],
+        "the failed target is deleted and the original kept"
+    );
+    let url = std::fs::read_to_string(&svc.url_file).unwrap();
+    assert!(
+        journal(svc).contains(&format!("\"influx_url\":\"{url}\"")),
+        "writers still point at the original"
+    );
+}
+
+/// After a rollback: a migration with no fault moves everything.
+async fn retry_succeeds(svc: &Svc, what: &str) {
+    let (ok, out) = migrate_cli(svc, None);
+    assert!(ok, "{what}: the retry migrates: {out}");
+    let left = svc.stacks_on_disk();
+    assert_eq!(left.len(), 1, "{what}: {left:?}");
+    assert_ne!(left[0], ORIGINAL, "{what}: the original is disposed of");
+}
+
+async fn lost_nothing(svc: &Svc, ledger: &Ledger, seeded: u64, what: &str) {
+    assert!(ledger.points_acked > 0, "{what}: the writer wrote");
+    assert_nothing_lost(&svc.current(), ledger, seeded, what).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_sshd_cut_during_the_dump_rolls_back_and_a_retry_migrates() {
+    let seeded = 300_000;
+    let svc = service_seeded(80, seeded).await;
+    let w = svc.writer(1000);
+    let sshd_pid: u32 = std::fs::read_to_string(stack_dir(&svc, ORIGINAL).join("vm/sshd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let child = spawn_migrate(&svc, &[]);
+    wait_journal(&svc, "\"phase\":\"dump\"");
+    // Every SSH session to the source dies (its sshd children); the listener stays, as
+    // after a network cut that the server noticed.
+    let cut = Command::new("pkill")
+        .args(["-KILL", "-P", &sshd_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(cut.success(), "there were SSH sessions to cut");
+    let (ok, out) = finish(child);
+    assert_rolled_back(
+        &svc,
+        ok,
+        &out,
+        &["dump", "SSH connection to the source", "was lost"],
+    );
+    retry_succeeds(&svc, "ssh cut").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost_nothing(&svc, &w.finish().await, seeded, "ssh cut").await;
+}
+
+/// Kill the target's influxd while the migration holds in `phase`.
+async fn target_killed_in(phase: &str, subnet: u8) {
+    let svc = service(subnet).await;
+    let w = svc.writer(1000);
+    let child = spawn_migrate(&svc, &[("STATESHIFT_FAULT", &format!("hold:{phase}"))]);
+    wait_journal(&svc, &format!("\"phase\":\"{phase}\""));
+    let target = new_stack(&svc);
+    let pids = pids_of("influxd", &target);
+    assert_eq!(pids.len(), 1, "one target influxd: {pids:?}");
+    kill("-KILL", pids[0]);
+    let (ok, out) = finish(child);
+    assert_rolled_back(&svc, ok, &out, &[&format!("{phase}:")]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = w.finish().await;
+    assert_nothing_lost(&source_influx(&svc), &ledger, 5_000, phase).await;
+    assert!(ledger.points_acked > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_influxd_killed_during_the_restore_rolls_back_losing_nothing() {
+    target_killed_in("restore", 81).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_influxd_killed_during_the_delta_rolls_back_losing_nothing() {
+    target_killed_in("delta", 82).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_capture_receiver_is_detected_and_rolls_back_losing_nothing() {
+    let svc = service(83).await;
+    let w = svc.writer(1000);
+    let child = spawn_migrate(
+        &svc,
+        &[("STATESHIFT_FAULT", "capture_receiver_killed,hold:delta")],
+    );
+    let (ok, out) = finish(child);
+    assert_rolled_back(
+        &svc,
+        ok,
+        &out,
+        &["failed to forward", "the capture is incomplete"],
+    );
+    retry_succeeds(&svc, "receiver killed").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost_nothing(&svc, &w.finish().await, 5_000, "receiver killed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_influxd_restarted_during_the_capture_is_detected_and_rolls_back() {
+    let svc = service(84).await;
+    let w = svc.writer(1000);
+    let child = spawn_migrate(&svc, &[("STATESHIFT_FAULT", "hold:dump")]);
+    wait_journal(&svc, "\"phase\":\"dump\"");
+    // Restart the source influxd as an operator (or a crash and systemd) would.
+    let src = stack_dir(&svc, ORIGINAL);
+    let pids = pids_of("influxd", &src);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let cmdline: Vec<String> =
+        String::from_utf8(std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap())
+            .unwrap()
+            .split('\0')
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect();
+    kill("-TERM", pids[0]);
+    let t = Instant::now();
+    while alive(pids[0]) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "influxd did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(src.join("vm/influxd.log"))
+        .unwrap();
+    Command::new("setsid")
+        .arg("-f")
+        .args(&cmdline)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap();
+    let (ok, out) = finish(child);
+    assert_rolled_back(
+        &svc,
+        ok,
+        &out,
+        &[
+            "restarted during the capture",
+            "forwarding counters were reset",
+        ],
+    );
+    // The writer saw the restart: refused writes are not acknowledged, so not lost.
+    retry_succeeds(&svc, "source restarted").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = w.finish().await;
+    let problems = workload::check_ledger(&svc.current(), "cyclops", &ledger)
+        .await
+        .unwrap();
+    assert!(problems.is_empty(), "source restarted: {problems:#?}");
+    assert!(ledger.points_acked > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writers_host_unreachable_at_cutover_rolls_back_before_any_repoint() {
+    let svc = service(85).await;
+    let w = svc.writer(1000);
+    // The writers' host is reached over SSH; nothing listens there.
+    let child = spawn_migrate(
+        &svc,
+        &[
+            ("STATESHIFT__CUTOVER__SSH__HOST", "127.0.0.1"),
+            ("STATESHIFT__CUTOVER__SSH__PORT", "1"),
+            ("STATESHIFT__CUTOVER__SSH__READY_TIMEOUT", "2s"),
+        ],
+    );
+    let (ok, out) = finish(child);
+    assert_rolled_back(&svc, ok, &out, &["cutover:", "127.0.0.1"]);
+    assert!(
+        !journal(&svc).contains("writers_repointing"),
+        "the repoint never started:\n{}",
+        journal(&svc)
+    );
+    retry_succeeds(&svc, "writers' host unreachable").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost_nothing(&svc, &w.finish().await, 5_000, "writers' host unreachable").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_target_disk_rolls_back_naming_the_lack_of_space() {
+    let seeded = 200_000;
+    let svc = service_seeded(86, seeded).await;
+    let w = svc.writer(1000);
+    // The target VM gets a 4 MiB disk: influxd starts, the data does not fit.
+    let child = spawn_migrate(&svc, &[("STATESHIFT__PROVIDER__PARAMETERS__DISK_MB", "4")]);
+    let (ok, out) = finish(child);
+    assert_rolled_back(
+        &svc,
+        ok,
+        &out,
+        &["not enough disk on the target", "MiB free"],
+    );
+    retry_succeeds(&svc, "disk full").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost_nothing(&svc, &w.finish().await, seeded, "disk full").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_orchestrator_on_the_same_service_is_refused_while_the_first_completes() {
+    let svc = service(87).await;
+    let w = svc.writer(1000);
+    let first = spawn_migrate(&svc, &[("STATESHIFT_FAULT", "hold:restore")]);
+    wait_journal(&svc, "\"phase\":\"restore\"");
+    let t = Instant::now();
+    let (ok, out) = migrate_cli(&svc, None);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("another migration of this service is running"),
+        "{out}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "refused at once, not after waiting"
+    );
+    let (ok, out) = finish(first);
+    assert!(ok, "the first one completes: {out}");
+    assert_eq!(svc.stacks_on_disk().len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost_nothing(&svc, &w.finish().await, 5_000, "second orchestrator").await;
+}

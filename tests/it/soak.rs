@@ -1,0 +1,194 @@
+//! Soak (issue 6): 20 migrations in a row, each to a new local stack and back off the old
+//! one, under a writer of 1,000 points/s with days-old points and overwrites. Nothing may
+//! be lost, and what the orchestrator holds (open files, child processes, memory) or
+//! leaves behind (processes, spool and scratch files) must not grow from one migration to
+//! the next. The migrations run in this process, through the same machine the daemon
+//! calls, so a leak in the library shows here as it would in a long-lived daemon.
+//! Prints one line per migration; RELIABILITY.md quotes them.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use stateshift::migrate::machine::{self, Provider};
+use stateshift::workload::{RunningWriter, WriterSpec};
+
+use crate::common::*;
+use crate::orchestrator::{assert_nothing_lost, service_seeded};
+
+const MIGRATIONS: usize = 20;
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Live processes whose parent is this process (ssh control masters, commands).
+fn children() -> usize {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|st| {
+            // pid (comm) state ppid ...; comm may hold spaces, so split after ')'.
+            st.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(|p| p == me))
+                .unwrap_or(false)
+                && !st.contains(") Z ")
+        })
+        .count()
+}
+
+/// Live processes whose command line names a path under `dir`.
+fn processes_under(dir: &Path) -> usize {
+    let needle = format!("{}/", dir.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(&needle))
+        .count()
+}
+
+/// Bytes and files under `dir` (0 if it does not exist).
+fn du(dir: &Path) -> (u64, usize) {
+    let mut bytes = 0;
+    let mut files = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => {
+                    bytes += m.len();
+                    files += 1;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    (bytes, files)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    fds: usize,
+    children: usize,
+    rss_kib: u64,
+    vm_processes: usize,
+    spool: (u64, usize),
+    scratch: (u64, usize),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
+    let seeded = 20_000;
+    let svc = service_seeded(90, seeded).await;
+    let cfg = svc.cfg();
+    let provider = Provider::from_config(&cfg).unwrap();
+    let w = RunningWriter::start(WriterSpec {
+        db: "cyclops".into(),
+        url_file: svc.url_file.clone(),
+        username: None,
+        password: None,
+        rate: 1000,
+        old_fraction: 0.1,
+        overwrite_fraction: 0.1,
+        max_duration: Duration::from_secs(900),
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut samples: Vec<Sample> = Vec::new();
+    let t0 = Instant::now();
+    println!("  #  seconds  fds  children  rss_kib  vm_procs  spool_bytes  scratch_files  stack");
+    for i in 1..=MIGRATIONS {
+        let t = Instant::now();
+        let r = machine::migrate(&cfg, &provider, "soak", &Quiet).await;
+        if let Err(e) = &r {
+            panic!("migration {i} failed: {e}");
+        }
+        let stacks = svc.stacks_on_disk();
+        assert_eq!(stacks.len(), 1, "migration {i}: one stack left: {stacks:?}");
+        let current = svc.dir().join("local/stacks").join(&stacks[0]);
+        let s = Sample {
+            fds: open_fds(),
+            children: children(),
+            rss_kib: rss_kib(),
+            vm_processes: processes_under(&svc.dir().join("local/stacks")),
+            spool: du(&svc.dir().join("spool")),
+            scratch: du(&current.join("vm/work")),
+        };
+        println!(
+            "{i:>3}  {:>7.2}  {:>3}  {:>8}  {:>7}  {:>8}  {:>11}  {:>13}  {}",
+            t.elapsed().as_secs_f64(),
+            s.fds,
+            s.children,
+            s.rss_kib,
+            s.vm_processes,
+            s.spool.0,
+            s.scratch.1,
+            stacks[0]
+        );
+        assert_eq!(
+            s.vm_processes, 2,
+            "migration {i}: only the current VM's influxd and sshd run"
+        );
+        assert_eq!(s.spool.1, 0, "migration {i}: no spool left behind");
+        assert_eq!(s.scratch.1, 0, "migration {i}: no dump left on the VM");
+        samples.push(s);
+    }
+    let total = t0.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ledger = w.finish().await;
+    println!(
+        "{MIGRATIONS} migrations in {:.1} s; writer: {} points acknowledged ({} distinct), {} failed requests, p99 {:.1} ms, max {:.1} ms",
+        total.as_secs_f64(),
+        ledger.points_acked,
+        ledger.acked.len(),
+        ledger.requests_failed,
+        ledger.latency_ms(0.99),
+        ledger.latency_ms(1.0)
+    );
+    assert_nothing_lost(&svc.current(), &ledger, seeded, "soak").await;
+    assert!(
+        ledger.points_acked as f64 >= 900.0 * total.as_secs_f64(),
+        "the writer kept up about 1,000 points/s"
+    );
+    // No growth after warm-up: compare the last migrations with the fifth.
+    let base = samples[4];
+    for (i, s) in samples.iter().enumerate().skip(5) {
+        let n = i + 1;
+        assert!(
+            s.fds <= base.fds + 2,
+            "migration {n}: open files grew {} -> {}",
+            base.fds,
+            s.fds
+        );
+        assert!(
+            s.children <= base.children,
+            "migration {n}: child processes grew {} -> {}",
+            base.children,
+            s.children
+        );
+    }
+    let last = samples[MIGRATIONS - 1];
+    assert!(
+        last.rss_kib <= base.rss_kib + 16 * 1024,
+        "RSS grew {} -> {} KiB over {} migrations",
+        base.rss_kib,
+        last.rss_kib,
+        MIGRATIONS - 5
+    );
+}
