@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
 
-const TOKEN: &str = "s3cret-api-token-value";
+pub(crate) const TOKEN: &str = "s3cret-api-token-value";
 
 pub(crate) struct Svc {
     tmp: tempfile::TempDir,

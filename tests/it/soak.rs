@@ -2,27 +2,31 @@
 //! one, under a writer of 1,000 points/s with days-old points and overwrites. Nothing may
 //! be lost, and what the orchestrator holds (open files, child processes, memory) or
 //! leaves behind (processes, spool and scratch files) must not grow from one migration to
-//! the next. The migrations run in this process, through the same machine the daemon
-//! calls, so a leak in the library shows here as it would in a long-lived daemon.
-//! Prints one line per migration; RELIABILITY.md quotes them.
+//! the next. The migrations run in a real `stateshift daemon` process, triggered one after
+//! the other through its HTTP API, and the daemon process itself is measured: a leak
+//! shows here as it would in production. Prints one line per migration;
+//! RELIABILITY.md quotes them.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use stateshift::migrate::machine::{self, Provider};
+use std::process::{Command, Stdio};
+
 use stateshift::workload::{RunningWriter, WriterSpec};
 
 use crate::common::*;
-use crate::orchestrator::{assert_nothing_lost, service_seeded};
+use crate::orchestrator::{assert_nothing_lost, service_seeded, TOKEN};
 
 const MIGRATIONS: usize = 20;
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -30,9 +34,9 @@ fn rss_kib() -> u64 {
         .unwrap()
 }
 
-/// Live processes whose parent is this process (ssh control masters, commands).
-fn children() -> usize {
-    let me = std::process::id().to_string();
+/// Live processes whose parent is `pid` (ssh control masters, commands).
+fn children(pid: u32) -> usize {
+    let me = pid.to_string();
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -97,8 +101,34 @@ struct Sample {
 async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
     let seeded = 20_000;
     let svc = service_seeded(90, seeded).await;
-    let cfg = svc.cfg();
-    let provider = Provider::from_config(&cfg).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let api = format!("http://127.0.0.1:{port}");
+    let mut daemon = Command::new(bin())
+        .args(["daemon", "-c"])
+        .arg(&svc.cfg_path)
+        .env("STATESHIFT__API__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = daemon.id();
+    let http = reqwest::Client::new();
+    let status = || async {
+        let r = http.get(format!("{api}/status")).send().await.ok()?;
+        r.json::<serde_json::Value>().await.ok()
+    };
+    let t = Instant::now();
+    while status().await.is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the daemon never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let w = RunningWriter::start(WriterSpec {
         db: "cyclops".into(),
         url_file: svc.url_file.clone(),
@@ -115,17 +145,39 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
     println!("  #  seconds  fds  children  rss_kib  vm_procs  spool_bytes  scratch_files  stack");
     for i in 1..=MIGRATIONS {
         let t = Instant::now();
-        let r = machine::migrate(&cfg, &provider, "soak", &Quiet).await;
-        if let Err(e) = &r {
-            panic!("migration {i} failed: {e}");
+        let r = http
+            .post(format!("{api}/migrate"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "migration {i} accepted");
+        loop {
+            let st = status().await.unwrap_or_default();
+            let done = st["migrations"]
+                .as_array()
+                .filter(|m| m.len() == i)
+                .and_then(|m| m.last())
+                .map(|m| !m["outcome"].is_null())
+                .unwrap_or(false);
+            if done && st["state"] == "polling" {
+                let last = &st["migrations"][i - 1];
+                assert_eq!(last["outcome"], "succeeded", "migration {i}: {last:#}");
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "migration {i} did not finish: {st:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let stacks = svc.stacks_on_disk();
         assert_eq!(stacks.len(), 1, "migration {i}: one stack left: {stacks:?}");
         let current = svc.dir().join("local/stacks").join(&stacks[0]);
         let s = Sample {
-            fds: open_fds(),
-            children: children(),
-            rss_kib: rss_kib(),
+            fds: open_fds(pid),
+            children: children(pid),
+            rss_kib: rss_kib(pid),
             vm_processes: processes_under(&svc.dir().join("local/stacks")),
             spool: du(&svc.dir().join("spool")),
             scratch: du(&current.join("vm/work")),
@@ -152,6 +204,10 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
     let total = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ledger = w.finish().await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = daemon.wait();
     println!(
         "{MIGRATIONS} migrations in {:.1} s; writer: {} points acknowledged ({} distinct), {} failed requests, p99 {:.1} ms, max {:.1} ms",
         total.as_secs_f64(),
@@ -185,7 +241,7 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
     }
     let last = samples[MIGRATIONS - 1];
     assert!(
-        last.rss_kib <= base.rss_kib + 16 * 1024,
+        last.rss_kib <= base.rss_kib + 8 * 1024,
         "RSS grew {} -> {} KiB over {} migrations",
         base.rss_kib,
         last.rss_kib,
