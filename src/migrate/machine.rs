@@ -387,6 +387,21 @@ pub async fn migrate(
             }
         }
         Err(e) => {
+            // A failed create may have left the stack behind: Heat may have stored a
+            // create whose reply was lost, or kept creating after the provider's own
+            // cleanup failed (Heat down mid-create). "Rolled back" is journaled only once
+            // no stack of this name exists; otherwise the journal stays at "creating" and
+            // the next run's recovery deletes it by name. A duplicate name is not ours.
+            if !matches!(e, StackError::Duplicate { .. }) {
+                if let Err(why) = delete_leftover(cfg, provider, &name).await {
+                    tracing::warn!(stack = %name, error = %e, %why,
+                        "the failed create may have left the target stack behind; the next run looks for it by name and deletes it");
+                    progress.note(&format!(
+                        "the target stack {name} may be left behind ({why}); the next run deletes it"
+                    ));
+                    return Err(MachineError::Stack(e));
+                }
+            }
             append(Event::Finished {
                 outcome: Outcome::RolledBack,
                 error: Some(e.to_string()),
@@ -430,6 +445,18 @@ pub async fn migrate(
         cfg, provider, &journal, &id, source, target, result, progress,
     )
     .await
+}
+
+/// Make sure no stack named `name` is left after a failed create: find it, delete it.
+async fn delete_leftover(cfg: &Config, provider: &Provider, name: &str) -> Result<(), String> {
+    match provider.find(name).await {
+        Ok(None) => Ok(()),
+        Ok(Some(s)) => provider
+            .delete(&s, cfg.provider.delete_timeout)
+            .await
+            .map_err(|e| format!("deleting it failed: {e}")),
+        Err(e) => Err(format!("looking for it failed: {e}")),
+    }
 }
 
 /// After the engine: roll back, keep everything, or dispose of the old stack.
