@@ -150,7 +150,7 @@ impl Provider {
             (Provider::Heat(_), Some(s), Some(o)) => InstanceConfig {
                 name: s.name.clone(),
                 influx_url: o.influxdb_url.clone(),
-                rpc_address: "127.0.0.1:8088".into(),
+                rpc_address: heat_rpc_address(o),
                 username: cfg.source.username.clone(),
                 password: cfg.source.password.clone(),
                 password_file: None,
@@ -166,6 +166,18 @@ impl Provider {
         }
         .with_name_of(cfg, p)
     }
+}
+
+/// The backup/restore RPC address of a Heat stack's InfluxDB, as its VM reaches it (dump
+/// and restore run there over SSH): the optional output `influxdb_rpc_address`, else
+/// `127.0.0.1:8088`, where `heat-templates/influxdb-target.yaml` binds it.
+fn heat_rpc_address(o: &crate::stack::StackOutputs) -> String {
+    o.raw
+        .get("influxdb_rpc_address")
+        .and_then(serde_json::Value::as_str)
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or("127.0.0.1:8088")
+        .to_string()
 }
 
 impl InstanceConfig {
@@ -375,6 +387,21 @@ pub async fn migrate(
             }
         }
         Err(e) => {
+            // A failed create may have left the stack behind: Heat may have stored a
+            // create whose reply was lost, or kept creating after the provider's own
+            // cleanup failed (Heat down mid-create). "Rolled back" is journaled only once
+            // no stack of this name exists; otherwise the journal stays at "creating" and
+            // the next run's recovery deletes it by name. A duplicate name is not ours.
+            if !matches!(e, StackError::Duplicate { .. }) {
+                if let Err(why) = delete_leftover(cfg, provider, &name).await {
+                    tracing::warn!(stack = %name, error = %e, %why,
+                        "the failed create may have left the target stack behind; the next run looks for it by name and deletes it");
+                    progress.note(&format!(
+                        "the target stack {name} may be left behind ({why}); the next run deletes it"
+                    ));
+                    return Err(MachineError::Stack(e));
+                }
+            }
             append(Event::Finished {
                 outcome: Outcome::RolledBack,
                 error: Some(e.to_string()),
@@ -418,6 +445,18 @@ pub async fn migrate(
         cfg, provider, &journal, &id, source, target, result, progress,
     )
     .await
+}
+
+/// Make sure no stack named `name` is left after a failed create: find it, delete it.
+async fn delete_leftover(cfg: &Config, provider: &Provider, name: &str) -> Result<(), String> {
+    match provider.find(name).await {
+        Ok(None) => Ok(()),
+        Ok(Some(s)) => provider
+            .delete(&s, cfg.provider.delete_timeout)
+            .await
+            .map_err(|e| format!("deleting it failed: {e}")),
+        Err(e) => Err(format!("looking for it failed: {e}")),
+    }
 }
 
 /// After the engine: roll back, keep everything, or dispose of the old stack.
@@ -823,4 +862,39 @@ pub fn resolve(cfg: &Config, on_target: bool) -> Result<String, MachineError> {
     let url = on.influx_url.clone();
     Journal::open(&paths.journal)?.append(&m.id, Event::Resolved { on })?;
     Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn outputs(extra: Option<serde_json::Value>) -> crate::stack::StackOutputs {
+        let mut raw = std::collections::BTreeMap::new();
+        raw.insert("influxdb_host".to_string(), json!("10.0.0.13"));
+        raw.insert("influxdb_url".to_string(), json!("http://10.0.0.13:8086"));
+        raw.insert("ssh_host".to_string(), json!("10.0.0.13"));
+        raw.insert("ssh_port".to_string(), json!(22));
+        if let Some(v) = extra {
+            raw.insert("influxdb_rpc_address".to_string(), v);
+        }
+        crate::stack::StackOutputs::from_raw("s", raw).unwrap()
+    }
+
+    #[test]
+    fn a_heat_stacks_rpc_address_is_its_output_or_the_templates_loopback_default() {
+        assert_eq!(heat_rpc_address(&outputs(None)), "127.0.0.1:8088");
+        assert_eq!(
+            heat_rpc_address(&outputs(Some(json!("")))),
+            "127.0.0.1:8088"
+        );
+        assert_eq!(
+            heat_rpc_address(&outputs(Some(json!(null)))),
+            "127.0.0.1:8088"
+        );
+        assert_eq!(
+            heat_rpc_address(&outputs(Some(json!("127.0.70.3:8088")))),
+            "127.0.70.3:8088"
+        );
+    }
 }

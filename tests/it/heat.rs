@@ -25,16 +25,16 @@ use super::stacks::{conformance, conformance_delete};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-struct Env {
-    auth_url: String,
-    region: String,
-    username: String,
-    password: Secret,
-    project: String,
-    project_id: String,
-    app_cred_id: String,
-    app_cred_secret: Secret,
-    heat_url: String,
+pub(crate) struct Env {
+    pub(crate) auth_url: String,
+    pub(crate) region: String,
+    pub(crate) username: String,
+    pub(crate) password: Secret,
+    pub(crate) project: String,
+    pub(crate) project_id: String,
+    pub(crate) app_cred_id: String,
+    pub(crate) app_cred_secret: Secret,
+    pub(crate) heat_url: String,
 }
 
 fn env_path() -> PathBuf {
@@ -45,7 +45,7 @@ fn env_path() -> PathBuf {
 }
 
 /// The env file `scripts/openstack.sh up` writes (`KEY='value'` lines).
-fn env() -> Env {
+pub(crate) fn env() -> Env {
     let path = env_path();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
@@ -82,7 +82,7 @@ fn env() -> Env {
     }
 }
 
-fn password_cfg(e: &Env) -> HeatConfig {
+pub(crate) fn password_cfg(e: &Env) -> HeatConfig {
     HeatConfig {
         region: Some(e.region.clone()),
         username: Some(e.username.clone()),
@@ -106,7 +106,7 @@ fn heat(cfg: HeatConfig) -> Heat {
 }
 
 /// A stack name no other test process uses.
-fn unique(tag: &str) -> String {
+pub(crate) fn unique(tag: &str) -> String {
     let n = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -115,7 +115,7 @@ fn unique(tag: &str) -> String {
     format!("ss-{tag}-{}-{n}", std::process::id())
 }
 
-fn fixture(name: &str) -> PathBuf {
+pub(crate) fn fixture(name: &str) -> PathBuf {
     PathBuf::from(format!("{ROOT}/tests/fixtures/heat/{name}"))
 }
 
@@ -137,7 +137,7 @@ fn nova_free() -> PathBuf {
 }
 
 /// Revoke a token in Keystone (a user may revoke their own).
-async fn revoke(e: &Env, token: &Secret) {
+pub(crate) async fn revoke(e: &Env, token: &Secret) {
     let r = reqwest::Client::new()
         .delete(format!("{}/auth/tokens", e.auth_url))
         .header("X-Auth-Token", token.expose())
@@ -151,7 +151,7 @@ async fn revoke(e: &Env, token: &Secret) {
 
 /// A fake HTTP server answering every request with `status` and a Heat-style error body;
 /// counts the requests.
-async fn fake_server(status: u16) -> (String, Arc<AtomicUsize>) {
+pub(crate) async fn fake_server(status: u16) -> (String, Arc<AtomicUsize>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/%(tenant_id)s", l.local_addr().unwrap());
     let hits = Arc::new(AtomicUsize::new(0));

@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod faults;
 mod heat;
+mod heat_migration;
 mod migration;
 mod orchestrator;
 mod remote;
