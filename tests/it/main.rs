@@ -8,4 +8,5 @@ mod migration;
 mod orchestrator;
 mod remote;
 mod stacks;
+mod timeline;
 mod zabbix;
