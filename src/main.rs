@@ -515,7 +515,11 @@ async fn machine_migrate(
                 Err(e) => Err(e),
             };
             match started {
-                Ok(p) => Some((p, dir.clone())),
+                Ok(p) => {
+                    // A baseline before anything changes.
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    Some((p, dir.clone()))
+                }
                 Err(e) => {
                     eprintln!(
                         "stateshift: --timeline {}: {e}; nothing was migrated",

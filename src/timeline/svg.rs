@@ -23,6 +23,9 @@ const C_FAIL: &str = "#d62728";
 const C_STALE: &str = "#8c564b";
 const C_NOACK: &str = "#f4cccc";
 
+/// One latency of a row.
+type Metric = fn(&Row) -> Option<f64>;
+
 /// A linear map from a domain to a range (pixels).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Linear {
@@ -288,14 +291,27 @@ pub fn render(rows: &[Row], start_ms: u64, marks: &[Mark], title: &str) -> Strin
     let _ = writeln!(s, "</g>");
 
     // Latency lines, broken where a second had no sample; points at mid-second.
-    let series: [(&str, &str, &str, fn(&Row) -> Option<f64>); 4] = [
+    let series: [(&str, &str, &str, Metric); 3] = [
         ("write-p50", C_P50, "", |r| r.write_p50_ms),
         ("write-p99", C_P99, "", |r| r.write_p99_ms),
-        ("write-max", C_MAX, r#" stroke-dasharray="4 3""#, |r| {
-            r.write_max_ms
+        ("read-p99", C_READ, r#" stroke-dasharray="5 3""#, |r| {
+            r.read_p99_ms
         }),
-        ("read-p99", C_READ, "", |r| r.read_p99_ms),
     ];
+    // The max as dots: with few samples a second, p99 is the max (nearest rank) and a
+    // line would hide the other.
+    let _ = writeln!(s, r#"<g id="write-max" fill="{C_MAX}">"#);
+    for r in rows {
+        if let Some(v) = r.write_max_ms {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{}" cy="{}" r="2.5"/>"#,
+                num(x.map(r.t_s as f64 + 0.5)),
+                num(y.map(v))
+            );
+        }
+    }
+    let _ = writeln!(s, "</g>");
     for (id, color, dash, get) in series {
         let _ = writeln!(
             s,
@@ -335,7 +351,7 @@ pub fn render(rows: &[Row], start_ms: u64, marks: &[Mark], title: &str) -> Strin
     for m in marks {
         let t = m.at_ms.saturating_sub(start_ms) as f64 / 1000.0;
         let px = x.map(t.min(n as f64));
-        let lx = px.max(last_label_x + 11.0);
+        let lx = px.max(last_label_x + 13.0);
         last_label_x = lx;
         let _ = writeln!(
             s,
@@ -345,7 +361,7 @@ pub fn render(rows: &[Row], start_ms: u64, marks: &[Mark], title: &str) -> Strin
         let _ = writeln!(
             s,
             r##"<text class="phase" transform="translate({},{}) rotate(90)" fill="#222222">{}</text>"##,
-            num(lx + 3.0),
+            num(lx + 5.0),
             TOP + 4.0,
             esc(&m.label)
         );
@@ -354,19 +370,27 @@ pub fn render(rows: &[Row], start_ms: u64, marks: &[Mark], title: &str) -> Strin
 
     // Legend.
     let _ = writeln!(s, r#"<g id="legend">"#);
-    let items: [(&str, &str, bool); 7] = [
-        ("write p50", C_P50, false),
-        ("write p99", C_P99, false),
-        ("write max", C_MAX, false),
-        ("read p99", C_READ, false),
-        ("failed writes", C_FAIL, true),
-        ("no write acknowledged", C_NOACK, true),
-        ("stale read", C_STALE, true),
+    // Kind: 0 line, 1 dashed line, 2 dot, 3 box.
+    let items: [(&str, &str, u8); 7] = [
+        ("write p50", C_P50, 0),
+        ("write p99", C_P99, 0),
+        ("write max", C_MAX, 2),
+        ("read p99", C_READ, 1),
+        ("failed writes", C_FAIL, 3),
+        ("no write acknowledged", C_NOACK, 3),
+        ("stale read", C_STALE, 3),
     ];
     let mut lx = LEFT;
     let ly = H - 22.0;
-    for (name, color, bar) in items {
-        if bar {
+    for (name, color, kind) in items {
+        if kind == 2 {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{}" cy="{}" r="3" fill="{color}"/>"#,
+                num(lx + 7.0),
+                num(ly - 4.0)
+            );
+        } else if kind == 3 {
             let _ = writeln!(
                 s,
                 r#"<rect x="{}" y="{}" width="14" height="10" fill="{color}"/>"#,
@@ -376,11 +400,16 @@ pub fn render(rows: &[Row], start_ms: u64, marks: &[Mark], title: &str) -> Strin
         } else {
             let _ = writeln!(
                 s,
-                r#"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{color}" stroke-width="2"/>"#,
+                r#"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{color}" stroke-width="2"{}/>"#,
                 num(lx),
                 num(ly - 4.0),
                 num(lx + 14.0),
-                num(ly - 4.0)
+                num(ly - 4.0),
+                if kind == 1 {
+                    r#" stroke-dasharray="5 3""#
+                } else {
+                    ""
+                }
             );
         }
         let _ = writeln!(
@@ -475,7 +504,7 @@ mod tests {
         ] {
             assert!(a.contains(part), "missing {part}");
         }
-        // The two close labels do not overlap: the second is pushed 11 px right.
+        // The two close labels do not overlap: the second is pushed 13 px right.
         let xs: Vec<f64> = a
             .lines()
             .filter(|l| l.contains("class=\"phase\""))
@@ -485,7 +514,7 @@ mod tests {
             })
             .collect();
         assert_eq!(xs.len(), 2);
-        assert!(xs[1] - xs[0] >= 11.0 - 1e-9);
+        assert!(xs[1] - xs[0] >= 13.0 - 1e-9);
         // Opening and closing tags balance.
         let opens = a.matches("<g").count();
         assert_eq!(opens, a.matches("</g>").count());
