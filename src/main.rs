@@ -43,6 +43,10 @@ enum Cmd {
         /// write DIR/timeline.csv and DIR/timeline.svg.
         #[arg(long, value_name = "DIR")]
         timeline: Option<PathBuf>,
+        /// Probe writes (and reads) per second with --timeline (1..=1000).
+        #[arg(long, value_name = "N", default_value_t = 10, requires = "timeline",
+              value_parser = clap::value_parser!(u32).range(1..=1000))]
+        timeline_rate: u32,
     },
     /// Run the service orchestrator: poll, predict, migrate, with its HTTP API.
     Daemon {
@@ -137,6 +141,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             dry_run,
             report,
             timeline,
+            timeline_rate,
         } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
@@ -170,7 +175,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                     eprintln!("stateshift: refusing to migrate without --yes (or use --dry-run to check the plan)");
                     return ExitCode::from(2);
                 }
-                return machine_migrate(&cfg, report, timeline).await;
+                return machine_migrate(&cfg, report, timeline.map(|d| (d, timeline_rate))).await;
             }
             let Some(target) = cfg.target.clone() else {
                 eprintln!("stateshift: {}: target: missing; name the target InfluxDB host (stack creation is not wired to `migrate` yet)", config.display());
@@ -202,7 +207,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             }
             // Through the journaled machine too: the per-service lock, the journal and
             // crash recovery apply to a static target as to a stack.
-            machine_migrate(&cfg, report, timeline).await
+            machine_migrate(&cfg, report, timeline.map(|d| (d, timeline_rate))).await
         }
         Cmd::Predict {
             window,
@@ -495,7 +500,7 @@ fn predict_bench(window: usize, min: usize, n: u64) -> ExitCode {
 async fn machine_migrate(
     cfg: &Config,
     report: Option<PathBuf>,
-    timeline: Option<PathBuf>,
+    timeline: Option<(PathBuf, u32)>,
 ) -> ExitCode {
     use stateshift::migrate::machine::{self, Provider};
     use stateshift::timeline::probe::{self, JournalFollow, ProbeSpec, RunningProbe};
@@ -509,9 +514,13 @@ async fn machine_migrate(
     // The probe starts (and its database exists) before the migration does.
     let probe = match &timeline {
         None => None,
-        Some(dir) => {
+        Some((dir, rate)) => {
+            let spec = ProbeSpec {
+                rate: *rate,
+                ..ProbeSpec::default()
+            };
             let started = match JournalFollow::new(cfg) {
-                Ok(f) => RunningProbe::start(ProbeSpec::default(), f).await,
+                Ok(f) => RunningProbe::start(spec, f).await,
                 Err(e) => Err(e),
             };
             match started {
@@ -561,8 +570,7 @@ async fn machine_migrate(
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         let title = format!(
             "stateshift: availability of service {} during migration ({} writes+reads/s)",
-            cfg.service.name,
-            ProbeSpec::default().rate
+            cfg.service.name, p.rate
         );
         match probe::finish_into(p, cfg, &dir, &title).await {
             Ok((csv, svg, summary)) => {

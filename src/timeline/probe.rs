@@ -128,6 +128,8 @@ pub struct RunningProbe {
     task: tokio::task::JoinHandle<Recorded>,
     pub run: String,
     pub start_ms: u64,
+    /// Writes (and reads) per second, as clamped.
+    pub rate: u32,
 }
 
 fn now_ns() -> i64 {
@@ -316,6 +318,7 @@ impl RunningProbe {
             task,
             run,
             start_ms,
+            rate: spec.rate,
         })
     }
 
