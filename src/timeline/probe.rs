@@ -174,6 +174,7 @@ impl State {
         let target = match follow.target() {
             Ok(t) => t,
             Err(e) => {
+                // Counted as a failed write attempt (latency 0): the client had nowhere to write.
                 tracing::warn!(error = %e, "timeline probe: where the service runs is unknown");
                 let bk = b.at(at);
                 bk.write_us.push(0);
@@ -323,11 +324,19 @@ impl RunningProbe {
     }
 
     /// Stop (after the request in flight) and return what was recorded.
-    pub async fn finish(self) -> Result<Recorded, TimelineError> {
+    pub async fn finish(mut self) -> Result<Recorded, TimelineError> {
         self.stop.cancel();
-        self.task
+        (&mut self.task)
             .await
             .map_err(|e| TimelineError::Probe(format!("the probe task: {e}")))
+    }
+}
+
+/// A probe dropped without [`RunningProbe::finish`] (an error path) stops at its next tick
+/// instead of probing on until its `max_duration`.
+impl Drop for RunningProbe {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

@@ -289,3 +289,46 @@ fn the_well_formedness_check_rejects_broken_xml() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_migration_keeps_the_probe_on_the_source_and_is_marked() {
+    let svc = service(63).await;
+    let cfg = svc.cfg();
+    let src = Influx::new(&cfg.source.influx_url, None, None, Duration::from_secs(30));
+    // A user whose password nobody configured stops the migration in prepare.
+    src.query(None, "CREATE USER bob WITH PASSWORD 'not-in-the-config'")
+        .await
+        .unwrap();
+    let p = RunningProbe::start(
+        ProbeSpec {
+            rate: 20,
+            ..ProbeSpec::default()
+        },
+        JournalFollow::new(&cfg).unwrap(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let provider = Provider::from_config(&cfg).unwrap();
+    let e = machine::migrate(&cfg, &provider, "timeline test", &Quiet)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, machine::MachineError::RolledBack { .. }), "{e}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (csv_path, _, summary) = probe::finish_into(p, &cfg, &svc.dir().join("tl"), "rollback")
+        .await
+        .unwrap();
+    let rows = parse_csv(&std::fs::read_to_string(&csv_path).unwrap());
+    assert!(rows
+        .iter()
+        .all(|r| r["url"].is_empty() || r["url"] == cfg.source.influx_url));
+    assert!(rows.iter().any(|r| r["events"].contains("rolled back")));
+    assert!(!rows.iter().any(|r| r["events"].contains("repointed")));
+    assert_eq!(summary.writes_failed, 0, "{summary}");
+    // 20 a second asked for: about that many attempts in a full second.
+    assert!(
+        rows[1]["writes"].parse::<u32>().unwrap() >= 15,
+        "{:?}",
+        rows[1]
+    );
+}
