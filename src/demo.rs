@@ -19,6 +19,8 @@ use crate::migrate::journal::Outcome;
 use crate::migrate::machine;
 use crate::stack::local::LocalStacks;
 use crate::stack::{StackProvider, StackSpec};
+use crate::timeline::probe::{self, JournalFollow, ProbeSpec, RunningProbe};
+use crate::timeline::PROBE_DB;
 use crate::workload::{self, RunningWriter, SeedSpec, WriterSpec};
 
 /// What the demo saw.
@@ -147,6 +149,12 @@ async fn run_in(
     let cfg_path = dir.join("stateshift.yaml");
     std::fs::write(&cfg_path, yaml)?;
     let cfg = Config::load(&cfg_path)?;
+    // A probe client from now to the end, following the service like the writers do.
+    let probe = RunningProbe::start(ProbeSpec::default(), JournalFollow::new(&cfg)?).await?;
+    println!(
+        "   a probe writes and reads {} points/s in its own database ({PROBE_DB}, migrated with the rest) to chart availability",
+        ProbeSpec::default().rate
+    );
     println!("4. the orchestrator (stateshift daemon, config {}) polls the VM's influxd CPU every second;", cfg_path.display());
     println!("   GM(1,1) predicts the next reading; it migrates when the prediction exceeds {}% twice in a row", cfg.monitor.threshold);
     let stop_daemon = CancellationToken::new();
@@ -263,6 +271,14 @@ async fn run_in(
     for p in &problems {
         println!("   ! {p}");
     }
+    let title = format!(
+        "stateshift demo: availability during the migration ({} probe writes+reads/s)",
+        ProbeSpec::default().rate
+    );
+    let (csv, svg, summary) = probe::finish_into(probe, &cfg, dir, &title).await?;
+    println!("8. the probe client: {summary}");
+    println!("   per-second CSV: {}", csv.display());
+    println!("availability timeline: {}", svg.display());
     Ok(Outcome2 {
         lost,
         failed_writes: ledger.requests_failed,

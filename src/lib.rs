@@ -16,6 +16,8 @@
 //! - [`lab`]: a source and a target local VM with a config naming them (demo, bench, tests).
 //! - [`workload`]: seeded data and a live writer with an independent ledger of acked points.
 //! - [`bench`]: the data-engine benchmark behind `stateshift bench`.
+//! - [`timeline`]: the availability timeline: a probe writer/reader that follows the
+//!   service through a migration, per-second CSV and an SVG chart with the phases.
 
 pub mod bench;
 pub mod config;
@@ -29,5 +31,6 @@ pub mod monitor;
 pub mod predict;
 pub mod remote;
 pub mod stack;
+pub mod timeline;
 pub mod util;
 pub mod workload;

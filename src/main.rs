@@ -38,6 +38,15 @@ enum Cmd {
         /// Write the per-phase timings and counts as JSON to this file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Probe the service during the migration (10 writes and reads per second into
+        /// the database `stateshift_probe`, created first and migrated with the rest) and
+        /// write DIR/timeline.csv and DIR/timeline.svg.
+        #[arg(long, value_name = "DIR")]
+        timeline: Option<PathBuf>,
+        /// Probe writes (and reads) per second with --timeline (1..=1000).
+        #[arg(long, value_name = "N", default_value_t = 10, requires = "timeline",
+              value_parser = clap::value_parser!(u32).range(1..=1000))]
+        timeline_rate: u32,
     },
     /// Run the service orchestrator: poll, predict, migrate, with its HTTP API.
     Daemon {
@@ -131,6 +140,8 @@ async fn run(cmd: Cmd) -> ExitCode {
             yes,
             dry_run,
             report,
+            timeline,
+            timeline_rate,
         } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
@@ -164,7 +175,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                     eprintln!("stateshift: refusing to migrate without --yes (or use --dry-run to check the plan)");
                     return ExitCode::from(2);
                 }
-                return machine_migrate(&cfg, report).await;
+                return machine_migrate(&cfg, report, timeline.map(|d| (d, timeline_rate))).await;
             }
             let Some(target) = cfg.target.clone() else {
                 eprintln!("stateshift: {}: target: missing; name the target InfluxDB host (stack creation is not wired to `migrate` yet)", config.display());
@@ -196,7 +207,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             }
             // Through the journaled machine too: the per-service lock, the journal and
             // crash recovery apply to a static target as to a stack.
-            machine_migrate(&cfg, report).await
+            machine_migrate(&cfg, report, timeline.map(|d| (d, timeline_rate))).await
         }
         Cmd::Predict {
             window,
@@ -486,13 +497,46 @@ fn predict_bench(window: usize, min: usize, n: u64) -> ExitCode {
 }
 
 /// `stateshift migrate` with a stack provider: the journaled machine.
-async fn machine_migrate(cfg: &Config, report: Option<PathBuf>) -> ExitCode {
+async fn machine_migrate(
+    cfg: &Config,
+    report: Option<PathBuf>,
+    timeline: Option<(PathBuf, u32)>,
+) -> ExitCode {
     use stateshift::migrate::machine::{self, Provider};
+    use stateshift::timeline::probe::{self, JournalFollow, ProbeSpec, RunningProbe};
     let provider = match Provider::from_config(cfg) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("stateshift: {e}");
             return ExitCode::from(2);
+        }
+    };
+    // The probe starts (and its database exists) before the migration does.
+    let probe = match &timeline {
+        None => None,
+        Some((dir, rate)) => {
+            let spec = ProbeSpec {
+                rate: *rate,
+                ..ProbeSpec::default()
+            };
+            let started = match JournalFollow::new(cfg) {
+                Ok(f) => RunningProbe::start(spec, f).await,
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(p) => {
+                    // A baseline before anything changes.
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    Some((p, dir.clone()))
+                }
+                Err(e) => {
+                    eprintln!(
+                        "stateshift: --timeline {}: {e}; nothing was migrated",
+                        dir.display()
+                    );
+                    return ExitCode::from(1);
+                }
+            }
         }
     };
     let r = machine::migrate(
@@ -521,6 +565,25 @@ async fn machine_migrate(cfg: &Config, report: Option<PathBuf>) -> ExitCode {
             )
         }
     };
+    if let Some((p, dir)) = probe {
+        // A few seconds on the service's new home, to show it settled.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let title = format!(
+            "stateshift: availability of service {} during migration ({} writes+reads/s)",
+            cfg.service.name, p.rate
+        );
+        match probe::finish_into(p, cfg, &dir, &title).await {
+            Ok((csv, svg, summary)) => {
+                println!("availability: {summary}");
+                println!("availability timeline: {}", csv.display());
+                println!("availability timeline: {}", svg.display());
+            }
+            Err(e) => {
+                eprintln!("stateshift: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     if let (Some(path), Ok(json)) = (report, json) {
         if let Err(e) = std::fs::write(&path, json) {
             eprintln!("stateshift: cannot write report {}: {e}", path.display());

@@ -211,6 +211,8 @@ pub struct MigrationSummary {
     pub phases: Vec<(Phase, f64)>,
     pub current_phase: Option<Phase>,
     pub cutover_started: bool,
+    /// The cutover command succeeded: the writers use the target.
+    pub repointed: bool,
     pub verified: bool,
     pub old_deleting: bool,
     pub old_deleted: bool,
@@ -282,7 +284,7 @@ impl JournalState {
                 Event::StackCreated { target } => m.target = Some(target.clone()),
                 Event::PhaseStarted { phase } => m.current_phase = Some(*phase),
                 Event::WritersRepointing => m.cutover_started = true,
-                Event::WritersRepointed => {}
+                Event::WritersRepointed => m.repointed = true,
                 Event::Resolved { on } => m.resolved_on = Some(on.clone()),
                 Event::PhaseDone { phase, seconds } => {
                     m.phases.push((*phase, *seconds));
@@ -351,6 +353,23 @@ impl JournalState {
                 (Some(Outcome::Succeeded), _) => m.target.clone(),
                 _ => None,
             })
+    }
+
+    /// Where the writers point now: the target of a migration whose cutover command
+    /// succeeded and that is still running (or failed after it with no operator decision
+    /// yet), else [`JournalState::current`]. A probe that follows the service the way its
+    /// writers do uses this (`None`: the configured source).
+    pub fn writers_on(&self) -> Option<Placement> {
+        match self.migrations.last() {
+            Some(m)
+                if m.repointed
+                    && m.resolved_on.is_none()
+                    && matches!(m.outcome, None | Some(Outcome::Failed)) =>
+            {
+                m.target.clone().or_else(|| self.current())
+            }
+            _ => self.current(),
+        }
     }
 
     /// The last migration failed after cutover and no operator has said where the service
@@ -502,6 +521,55 @@ mod tests {
         let st = JournalState::from_records(&rs);
         assert!(st.needs_operator().is_none());
         assert_eq!(st.current(), Some(placement("new")));
+    }
+
+    #[test]
+    fn writers_follow_the_target_from_the_successful_repoint_on() {
+        let mut rs = vec![
+            rec(
+                "1",
+                Event::Started {
+                    trigger: "t".into(),
+                    source: placement("old"),
+                },
+            ),
+            rec(
+                "1",
+                Event::StackCreated {
+                    target: placement("new"),
+                },
+            ),
+            rec("1", Event::WritersRepointing),
+        ];
+        // The command has not succeeded yet: the writers still use the source.
+        assert_eq!(JournalState::from_records(&rs).writers_on(), None);
+        rs.push(rec("1", Event::WritersRepointed));
+        assert_eq!(
+            JournalState::from_records(&rs).writers_on(),
+            Some(placement("new"))
+        );
+        rs.push(rec(
+            "1",
+            Event::Finished {
+                outcome: Outcome::Failed,
+                error: Some("verify".into()),
+                report: None,
+            },
+        ));
+        assert_eq!(
+            JournalState::from_records(&rs).writers_on(),
+            Some(placement("new"))
+        );
+        rs.push(rec(
+            "1",
+            Event::Resolved {
+                on: placement("old"),
+            },
+        ));
+        assert_eq!(
+            JournalState::from_records(&rs).writers_on(),
+            Some(placement("old"))
+        );
     }
 
     #[test]

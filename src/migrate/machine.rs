@@ -253,6 +253,15 @@ pub fn current_source(cfg: &Config, st: &JournalState) -> Placement {
     })
 }
 
+/// Where the writers point now: like [`current_source`], but already the target once a
+/// running migration's cutover command has succeeded (what a probe of the service follows).
+pub fn writers_source(cfg: &Config, st: &JournalState) -> Placement {
+    match st.writers_on() {
+        Some(p) => p,
+        None => current_source(cfg, &JournalState::default()),
+    }
+}
+
 /// Journals the engine's phases and forwards them to another progress sink.
 struct Journaled<'a> {
     journal: &'a Mutex<Journal>,

@@ -11,4 +11,5 @@ mod orchestrator;
 mod remote;
 mod soak;
 mod stacks;
+mod timeline;
 mod zabbix;

@@ -496,6 +496,12 @@ async fn the_demo_triggers_on_the_predicted_load_and_moves_the_service_losing_no
     assert_eq!(o.lost, 0);
     assert_eq!(o.failed_writes, 0);
     assert!(o.old_stack_gone);
+    let tl = std::fs::read_to_string(dir.join("timeline.csv")).unwrap();
+    assert!(
+        tl.contains("repointed") && tl.contains("succeeded"),
+        "the demo's availability timeline marks the migration"
+    );
+    assert!(dir.join("timeline.svg").exists());
     let _ = Command::new("pkill")
         .arg("-f")
         .arg(format!("{}/", dir.display()))
