@@ -9,6 +9,7 @@ mod heat_migration;
 mod migration;
 mod orchestrator;
 mod remote;
+mod security;
 mod soak;
 mod stacks;
 mod timeline;
