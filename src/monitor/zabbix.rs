@@ -37,6 +37,11 @@ use crate::util::Secret;
 
 /// The item key read by default (DESIGN.md §1): the 1-minute load average per CPU.
 pub const DEFAULT_ITEM_KEY: &str = "system.cpu.load[percpu,avg1]";
+fn within(t: &Option<Duration>) -> String {
+    t.map(|t| format!(" within {t:?} (zabbix.timeout)"))
+        .unwrap_or_default()
+}
+
 /// Default timeout of one API request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default number of intervals a clock must stand still before a reading is stale.
@@ -53,10 +58,12 @@ pub enum ZabbixError {
     #[error("zabbix.url {url:?}: {problem}")]
     InvalidUrl { url: String, problem: String },
     /// No HTTP answer (connection refused, timeout, reset).
-    #[error("zabbix {url}: {method}: no answer: {source}")]
+    #[error("zabbix {url}: {method}: no answer{}: {source}", within(.timed_out))]
     Unreachable {
         url: String,
         method: String,
+        /// The request timeout, when that is why there was no answer.
+        timed_out: Option<Duration>,
         #[source]
         source: reqwest::Error,
     },
@@ -606,6 +613,7 @@ pub struct Zabbix {
     session: Option<Secret>,
     logins: u64,
     next_id: u64,
+    timeout: Duration,
 }
 
 /// What one JSON-RPC exchange gave: a result, or the API's error object.
@@ -634,6 +642,7 @@ impl Zabbix {
             .build()
             .map_err(|e| invalid(&format!("cannot build an HTTP client: {e}")))?;
         Ok(Zabbix {
+            timeout: config.timeout,
             http,
             url,
             credentials: config.credentials,
@@ -868,6 +877,7 @@ impl Zabbix {
         let unreachable = |source: reqwest::Error| ZabbixError::Unreachable {
             url: self.url.to_string(),
             method: method.to_string(),
+            timed_out: source.is_timeout().then_some(self.timeout),
             source: source.without_url(),
         };
         let resp = req.body(bytes).send().await.map_err(unreachable)?;

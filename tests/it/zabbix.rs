@@ -616,3 +616,149 @@ async fn real_zabbix_readings_trigger_two_migrations_in_a_row_losing_nothing() {
         "each old stack was disposed of: {stacks:?}"
     );
 }
+
+/// A proxy in front of the real Zabbix API that can answer like a sick one.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Sick {
+    Healthy,
+    Garbage,
+    RpcError,
+    Slow,
+    Html,
+}
+
+async fn sick_zabbix(
+    real: String,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Sick>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use axum::response::IntoResponse;
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(Sick::Healthy));
+    let m = mode.clone();
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().route(
+        "/api_jsonrpc.php",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let (m, http, real) = (m.clone(), http.clone(), real.clone());
+            async move {
+                let mode = *m.lock().unwrap();
+                let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+                match mode {
+                    Sick::Garbage => (json, "{\"jsonrpc\":\"2.0\",\"result\":[{\"itemid\":\"23")
+                        .into_response(),
+                    Sick::RpcError => (
+                        json,
+                        "{\"jsonrpc\":\"2.0\",\"error\":{\"code\":-32500,\"message\":\"Application error.\",\"data\":\"Connection to the database failed.\"},\"id\":1}",
+                    )
+                        .into_response(),
+                    Sick::Html => (
+                        axum::http::StatusCode::BAD_GATEWAY,
+                        "<html><body><h1>502 Bad Gateway</h1></body></html>",
+                    )
+                        .into_response(),
+                    Sick::Slow | Sick::Healthy => {
+                        if mode == Sick::Slow {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        let r = http
+                            .post(&real)
+                            .header("content-type", "application/json-rpc")
+                            .body(body)
+                            .send()
+                            .await
+                            .unwrap();
+                        let status = r.status().as_u16();
+                        let b = r.bytes().await.unwrap();
+                        (
+                            axum::http::StatusCode::from_u16(status).unwrap(),
+                            json,
+                            b,
+                        )
+                            .into_response()
+                    }
+                }
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api_jsonrpc.php", l.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (url, mode, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zabbix_answering_garbage_errors_slowly_or_html_pushes_nothing_and_the_poller_recovers() {
+    let env = env();
+    let _l = lock(&env, false);
+    let (url, mode, _proxy) = sick_zabbix(env.url.clone()).await;
+    let z = Zabbix::new(ZabbixConfig {
+        url,
+        credentials: Credentials::Password {
+            user: env.user.clone(),
+            password: env.password.clone(),
+        },
+        timeout: Duration::from_secs(2),
+    })
+    .unwrap();
+    let cfg = PollerConfig {
+        poll_interval: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(2),
+    };
+    let mut scfg = SourceConfig::new(env.host.clone());
+    scfg.key = env.key.clone();
+    scfg.poll_interval = cfg.poll_interval;
+    let poller = Poller::new(ZabbixSource::new(z, scfg), Window::new(5).unwrap(), cfg).unwrap();
+    let mut rx = poller.subscribe();
+    let token = CancellationToken::new();
+    let task = tokio::spawn(poller.run(token.clone()));
+    wait_for(&mut rx, Duration::from_secs(20), "a first value", |s| {
+        s.pushed >= 1
+    })
+    .await;
+    for (sick, names) in [
+        (Sick::Garbage, &["JSON"][..]),
+        (
+            Sick::RpcError,
+            &["-32500", "Connection to the database failed"][..],
+        ),
+        (Sick::Slow, &["no answer within 2s"][..]),
+        (Sick::Html, &["502"][..]),
+    ] {
+        *mode.lock().unwrap() = sick;
+        let before = rx.borrow_and_update().clone();
+        let failing = wait_for(&mut rx, Duration::from_secs(20), "a failed read", |s| {
+            s.failures > before.failures
+        })
+        .await;
+        let err = failing.last_error.clone().unwrap_or_default();
+        eprintln!("{sick:?}: {err}");
+        for n in names {
+            assert!(err.contains(n), "{sick:?}: the error names {n:?}: {err}");
+        }
+        assert!(
+            !err.contains(env.password.expose()),
+            "{sick:?}: no password in {err}"
+        );
+        // While sick: reads fail, nothing enters the window.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let during = rx.borrow_and_update().clone();
+        assert!(
+            during.pushed <= failing.pushed,
+            "{sick:?}: nothing pushed while sick: {during:?}"
+        );
+        assert!(!task.is_finished(), "{sick:?}: the poller keeps going");
+        *mode.lock().unwrap() = Sick::Healthy;
+        let pushed = during.pushed;
+        wait_for(&mut rx, Duration::from_secs(30), "recovery", |s| {
+            s.pushed > pushed && s.consecutive_failures == 0
+        })
+        .await;
+    }
+    token.cancel();
+    let mut poller = task.await.expect("the poller never panics");
+    poller.source_mut().client().logout().await.unwrap();
+}
