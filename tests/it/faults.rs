@@ -18,7 +18,9 @@ use stateshift::influx::Influx;
 use stateshift::workload::{self, Ledger};
 
 use crate::common::*;
-use crate::orchestrator::{assert_nothing_lost, migrate_cli, service, service_seeded, Svc};
+use crate::orchestrator::{
+    assert_nothing_lost, migrate_cli, reliability_line, service, service_seeded, Svc,
+};
 
 const ORIGINAL: &str = "svc-influx-0";
 
@@ -292,6 +294,19 @@ async fn the_source_influxd_restarted_during_the_capture_is_detected_and_rolls_b
         .unwrap();
     assert!(problems.is_empty(), "source restarted: {problems:#?}");
     assert!(ledger.points_acked > 0);
+    let mut seeded_found = 0;
+    for m in 0..3 {
+        seeded_found += workload::count_points(&svc.current(), "cyclops", &format!("usage{m}"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(seeded_found, 5_000);
+    reliability_line(
+        "source influxd restarted during the capture",
+        &ledger,
+        5_000,
+        seeded_found,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

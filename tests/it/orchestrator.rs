@@ -143,6 +143,19 @@ pub(crate) async fn assert_nothing_lost(on: &Influx, ledger: &Ledger, seeded: u6
             .unwrap();
     }
     assert_eq!(n, seeded, "{what}: every seeded point is there");
+    reliability_line(what, ledger, seeded, n);
+}
+
+/// One line per fault test for RELIABILITY.md (`scripts/reliability.sh` collects them):
+/// what the writer was told was written, what the independent count found, what is lost.
+pub(crate) fn reliability_line(what: &str, ledger: &Ledger, seeded: u64, seeded_found: u64) {
+    println!(
+        "RELIABILITY | {what} | {} acknowledged writes ({} distinct points), {} refused, + {seeded} seeded | {} + {seeded_found} found | lost 0",
+        ledger.points_acked,
+        ledger.acked.len(),
+        ledger.points_failed,
+        ledger.acked.len(),
+    );
 }
 
 #[derive(Clone, Default)]
