@@ -51,6 +51,15 @@ pub enum InfluxError {
 }
 
 impl InfluxError {
+    /// True when nothing listens at the address (connection refused): the server is
+    /// down, not slow.
+    pub fn is_refused(&self) -> bool {
+        match self {
+            InfluxError::Unreachable { source, .. } => source.is_connect() && !source.is_timeout(),
+            _ => false,
+        }
+    }
+
     /// True when retrying later may succeed (network trouble, 5xx).
     pub fn is_transient(&self) -> bool {
         match self {

@@ -1208,10 +1208,13 @@ impl Migration<'_> {
                     // now would leave unreplayed is as little as possible.
                     self.replay_now(p).await?;
                     self.progress.writers_repointed();
+                    let said = match out.trim() {
+                        "" => String::new(),
+                        o => format!(" ({o})"),
+                    };
                     self.progress.note(&format!(
-                        "writers repointed to {} ({})",
-                        self.dst().cfg.influx_url,
-                        out.trim()
+                        "writers repointed to {}{said}",
+                        self.dst().cfg.influx_url
                     ))
                 }
                 Ok(Err(e)) => {
@@ -1620,7 +1623,14 @@ async fn write_with_retry(
                 tracing::warn!(db, error = %body, "replay: partial write, as on the source");
                 return Ok(n);
             }
-            Err(e) if e.is_transient() && start.elapsed() < Duration::from_secs(60) => {
+            // A busy or briefly unreachable target gets a minute; one that refuses
+            // connections is down (a restart is back within seconds), and waiting a
+            // minute for it only keeps the migration from rolling back.
+            Err(e)
+                if e.is_transient()
+                    && start.elapsed()
+                        < Duration::from_secs(if e.is_refused() { 10 } else { 60 }) =>
+            {
                 tracing::warn!(error = %e, "replay write failed, retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));

@@ -17,7 +17,14 @@ use stateshift::workload::{RunningWriter, WriterSpec};
 use crate::common::*;
 use crate::orchestrator::{assert_nothing_lost, service_seeded, TOKEN};
 
-const MIGRATIONS: usize = 20;
+/// 20 by default; `SOAK_MIGRATIONS=N` for a longer run (at least 6).
+fn migrations() -> usize {
+    std::env::var("SOAK_MIGRATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 6)
+        .unwrap_or(20)
+}
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -137,13 +144,14 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
         rate: 1000,
         old_fraction: 0.1,
         overwrite_fraction: 0.1,
-        max_duration: Duration::from_secs(900),
+        max_duration: Duration::from_secs(60 * 60),
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let migrations = migrations();
     let mut samples: Vec<Sample> = Vec::new();
     let t0 = Instant::now();
     println!("  #  seconds  fds  children  rss_kib  vm_procs  spool_bytes  scratch_files  stack");
-    for i in 1..=MIGRATIONS {
+    for i in 1..=migrations {
         let t = Instant::now();
         let r = http
             .post(format!("{api}/migrate"))
@@ -209,7 +217,7 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
         .status();
     let _ = daemon.wait();
     println!(
-        "{MIGRATIONS} migrations in {:.1} s; writer: {} points acknowledged ({} distinct), {} failed requests, p99 {:.1} ms, max {:.1} ms",
+        "{migrations} migrations in {:.1} s; writer: {} points acknowledged ({} distinct), {} failed requests, p99 {:.1} ms, max {:.1} ms",
         total.as_secs_f64(),
         ledger.points_acked,
         ledger.acked.len(),
@@ -239,12 +247,12 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
             s.children
         );
     }
-    let last = samples[MIGRATIONS - 1];
+    let last = samples[migrations - 1];
     assert!(
         last.rss_kib <= base.rss_kib + 8 * 1024,
         "RSS grew {} -> {} KiB over {} migrations",
         base.rss_kib,
         last.rss_kib,
-        MIGRATIONS - 5
+        migrations - 5
     );
 }
