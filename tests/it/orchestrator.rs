@@ -320,7 +320,10 @@ async fn crash_then_restart(point: &str, subnet: u8) {
         !ok && out.contains("dying here"),
         "{point}: the process must die there: {out}"
     );
-    let verified = matches!(point, "verify:done" | "old_stack_deleting");
+    let verified = matches!(
+        point,
+        "verify:done" | "dispose:started" | "old_stack_deleting"
+    );
     if !verified {
         assert!(
             svc.stacks_on_disk().contains(&"svc-influx-0".to_string()),
@@ -379,9 +382,12 @@ async fn a_crash_before_cutover_rolls_back_and_the_restart_migrates_with_nothing
     for (i, p) in [
         "started",
         "stack_created",
+        "prepare:started",
         "capture:started",
         "dump:done",
+        "restore:started",
         "restore:done",
+        "delta:started",
         "delta:done",
         "cutover:started",
     ]
@@ -398,7 +404,9 @@ async fn a_crash_after_the_repoint_resumes_or_refuses_safely_and_after_verify_fi
         "writers_repointing",
         "writers_repointed",
         "cutover:done",
+        "verify:started",
         "verify:done",
+        "dispose:started",
         "old_stack_deleting",
     ]
     .iter()
