@@ -4,6 +4,7 @@
 mod cli;
 mod common;
 mod heat;
+mod malformed;
 mod migration;
 mod orchestrator;
 mod remote;
