@@ -1,17 +1,23 @@
 //! Line-protocol helpers on top of the `influxdb-line-protocol` crate: counting and
 //! validating points of a body without re-encoding it.
 
-/// Number of points in a line-protocol body, counted the way InfluxDB 1.x splits it
+/// The lines of a line-protocol body that InfluxDB 1.x takes as points
 /// (`models.ParsePoints`): a line is skipped when it holds only spaces, tabs and NULs or
 /// when its first other character is `#`; every other line is a point (valid or not).
-/// Quoted strings holding newlines are handled by the crate's splitter.
+/// Lines are split by the crate's splitter, a port of InfluxDB's `scanLine`: quoted
+/// strings may hold newlines, and a backslash escapes a newline, also at the end of a
+/// comment (which then swallows the next line, as in InfluxDB).
+pub fn point_lines(body: &str) -> impl Iterator<Item = &str> {
+    influxdb_line_protocol::split_lines(body).filter(|l| {
+        let t = l.trim_start_matches([' ', '\t', '\0']);
+        !t.is_empty() && !t.starts_with('#')
+    })
+}
+
+/// Number of points in a line-protocol body, counted as InfluxDB splits it (see
+/// [`point_lines`]).
 pub fn count_points(body: &str) -> usize {
-    influxdb_line_protocol::split_lines(body)
-        .filter(|l| {
-            let t = l.trim_start_matches([' ', '\t', '\0']);
-            !t.is_empty() && !t.starts_with('#')
-        })
-        .count()
+    point_lines(body).count()
 }
 
 #[cfg(test)]
