@@ -1,4 +1,5 @@
-//! Small shared helpers: secrets that never print, durable file writes.
+//! Small shared helpers: secrets that never print, durable file writes, HTTP bodies read
+//! with a size cap.
 
 use std::fmt;
 use std::io::Write;
@@ -29,6 +30,36 @@ impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
     }
+}
+
+/// Why [`read_body_capped`] gave up.
+#[derive(Debug)]
+pub enum CappedReadError {
+    /// The body is longer than the limit (by its `Content-Length` or as it streamed in).
+    TooLarge,
+    /// The connection failed while reading.
+    Transport(reqwest::Error),
+}
+
+/// Read an HTTP response body of at most `limit` bytes. A longer one is refused from its
+/// `Content-Length` before anything is read, or as soon as the streamed bytes pass the
+/// limit, so a wrong URL or a broken server cannot make a client buffer hundreds of
+/// megabytes.
+pub async fn read_body_capped(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, CappedReadError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(CappedReadError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(CappedReadError::Transport)? {
+        if body.len() + chunk.len() > limit {
+            return Err(CappedReadError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Write `bytes` to `path` durably: temp file + fsync + rename + fsync of the directory.
@@ -106,5 +137,62 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+    }
+}
+
+/// Test-only strategies shared by the property tests of the modules that read outside
+/// input.
+#[cfg(test)]
+pub(crate) mod arb {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// Strings that are often the words the parsers look for, else anything.
+    pub fn word() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                "", "0", "1", "3", "-1", "1e308", "1.5", "60s", "1m;wd1-5h9-18", "{$DELAY}",
+                "6.0.14", "7.2.0rc1", "999999999", "1000000000", "18446744073709551616",
+                "2026-05-20T12:00:00Z", "9999-12-31T23:59:59Z", "public", "internal", "RegionOne",
+                "orchestration", "CREATE_COMPLETE", "DELETE_COMPLETE", "CREATE_FAILED", "s",
+                "22", "10.0.0.13",
+            ])
+            .prop_map(String::from),
+            1 => any::<String>(),
+        ]
+    }
+
+    /// Keys the Zabbix, Keystone and Heat wire types use, or any string.
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(vec![
+                "result", "error", "code", "message", "data", "hostid", "itemid", "key_",
+                "value_type", "delay", "status", "state", "lastclock", "lastns", "lastvalue",
+                "clock", "ns", "value", "token", "expires_at", "issued_at", "project", "id",
+                "catalog", "type", "endpoints", "interface", "url", "region_id", "region",
+                "stack", "stacks", "stack_name", "stack_status", "stack_status_reason",
+                "outputs", "output_key", "output_value", "output_error", "explanation", "title",
+            ])
+            .prop_map(String::from),
+            1 => any::<String>(),
+        ]
+    }
+
+    /// Arbitrary JSON, biased towards the shapes and words of the real replies.
+    pub fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            word().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((key(), inner), 0..8)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
     }
 }

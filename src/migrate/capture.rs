@@ -83,7 +83,9 @@ impl KeySet {
         let Some(factor) = precision_factor(precision) else {
             return false;
         };
-        for line in influxdb_line_protocol::parse_lines(body) {
+        // Only the lines InfluxDB takes as points: the crate's own parser ends a comment at
+        // an escaped newline and would key the rest of the line.
+        for line in lineproto::point_lines(body).flat_map(influxdb_line_protocol::parse_lines) {
             let Ok(line) = line else { continue };
             let Some(ts) = line.timestamp else { continue };
             let tags = line
@@ -293,6 +295,76 @@ async fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Line-protocol-ish text: the characters that matter to the splitter and parser.
+    fn body() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "([a-z ,=\\\"#\n\t\r\u{0}0-9.-]|true|i|u){0,80}",
+            "(m(,t=[a-z]{0,2}){0,3} [a-z]=(1i|-2|\"[a-z\n]{0,3}\"|t|1e9)( -?[0-9]{1,19})?\n){0,5}",
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_body_and_precision_is_keyed_without_panic_and_never_beyond_its_points(
+            body in body(),
+            precision in prop_oneof!["(n|ns|u|us|ms|s|m|h)?", any::<String>()],
+        ) {
+            let points = lineproto::count_points(&body);
+            let mut keys = 0usize;
+            let known = KeySet::for_each_key(&body, &precision, |_| keys += 1);
+            prop_assert!(known || keys == 0);
+            prop_assert!(keys <= points, "{} keys, {} points", keys, points);
+        }
+
+        #[test]
+        fn a_point_key_ignores_tag_order_and_empty_tags(
+            m in ".{0,8}",
+            tags in prop::collection::vec(("[a-c]{1,2}", "[a-c]{0,2}"), 0..5),
+            t in any::<i64>(),
+        ) {
+            let mut tags: Vec<(String, String)> = tags;
+            tags.sort();
+            tags.dedup_by(|a, b| a.0 == b.0);
+            let fwd = point_key(&m, tags.iter().map(|(k, v)| (k.as_str(), v.as_str())), t);
+            let rev = point_key(&m, tags.iter().rev().map(|(k, v)| (k.as_str(), v.as_str())), t);
+            let non_empty = point_key(
+                &m,
+                tags.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| (k.as_str(), v.as_str())),
+                t,
+            );
+            prop_assert_eq!(fwd, rev);
+            prop_assert_eq!(fwd, non_empty);
+        }
+    }
+
+    #[test]
+    fn a_comment_ending_in_a_backslash_swallows_the_next_line_as_in_influxdb() {
+        // Found by the lineproto fuzz target (10M-run campaign, keys <= points): the
+        // crate's parser ended the comment at the escaped newline and keyed "m v=1 1",
+        // a point InfluxDB never stores (its scanLine joins the two lines, then skips
+        // the comment).
+        let body = "# c\\\nm v=1 1\nm v=2 2\n";
+        assert_eq!(lineproto::count_points(body), 1);
+        let mut keys = Vec::new();
+        assert!(KeySet::for_each_key(body, "ns", |k| keys.push(k)));
+        assert_eq!(keys, vec![point_key("m", std::iter::empty(), 2)]);
+    }
+
+    #[test]
+    fn a_line_influxdb_counts_is_never_keyed_without_being_counted() {
+        // The invariant "keys <= points" (the fuzz target checks it) broke on these
+        // before count_points followed InfluxDB: a line led by "\r" (or any Unicode space
+        // but ' ', '\t', NUL) then '#' was not counted, yet it is a point to InfluxDB and
+        // to the key parser.
+        for body in ["\r#m v=1 1", "\u{b}#m v=1 1", "\u{a0}#m v=1 1"] {
+            let mut keys = 0;
+            assert!(KeySet::for_each_key(body, "ns", |_| keys += 1));
+            assert!(keys <= lineproto::count_points(body), "{body:?}");
+        }
+    }
 
     #[tokio::test]
     async fn keys_sink_records_the_same_key_verification_computes() {

@@ -199,50 +199,13 @@ impl SpoolReader {
         self.committed.wait_for(|&c| c > off).await.is_ok()
     }
 
+    /// The record at the current offset. After an error the reader's file position is
+    /// undefined: the caller stops (a corrupt spool is fatal to the replay).
     fn read_record(&mut self) -> Result<Record, SpoolError> {
-        let start = self.offset;
-        let path = self.path.clone();
-        let corrupt = |what: String| SpoolError::Corrupt {
-            path: path.clone(),
-            offset: start,
-            what,
-        };
-        let io = |source| SpoolError::Io {
-            path: path.clone(),
-            what: "read",
-            source,
-        };
-        let mut b1 = [0u8; 1];
-        self.file.read_exact(&mut b1).map_err(io)?;
-        if b1[0] != MAGIC {
-            return Err(corrupt(format!("bad magic byte {:#x}", b1[0])));
-        }
-        let mut b2 = [0u8; 2];
-        self.file.read_exact(&mut b2).map_err(io)?;
-        let db = read_string(&mut self.file, u16::from_le_bytes(b2) as usize).map_err(io)?;
-        self.file.read_exact(&mut b2).map_err(io)?;
-        let rp = read_string(&mut self.file, u16::from_le_bytes(b2) as usize).map_err(io)?;
-        self.file.read_exact(&mut b1).map_err(io)?;
-        let precision = read_string(&mut self.file, b1[0] as usize).map_err(io)?;
-        let mut b4 = [0u8; 4];
-        self.file.read_exact(&mut b4).map_err(io)?;
-        let n = u32::from_le_bytes(b4) as usize;
-        let mut body = vec![0u8; n];
-        self.file.read_exact(&mut body).map_err(io)?;
-        self.offset += (1 + 2 + db.len() + 2 + rp.len() + 1 + precision.len() + 4 + n) as u64;
-        let (Ok(db), Ok(rp), Ok(precision)) = (
-            String::from_utf8(db),
-            String::from_utf8(rp),
-            String::from_utf8(precision),
-        ) else {
-            return Err(corrupt("a name is not UTF-8".into()));
-        };
-        Ok(Record {
-            db,
-            rp,
-            precision,
-            body,
-        })
+        let end = *self.committed.borrow();
+        let (record, len) = decode_record(&mut self.file, &self.path, self.offset, end)?;
+        self.offset += len;
+        Ok(record)
     }
 
     /// Skip to a byte offset previously returned by [`SpoolReader::offset`].
@@ -259,15 +222,180 @@ impl SpoolReader {
     }
 }
 
-fn read_string(r: &mut impl Read, n: usize) -> std::io::Result<Vec<u8>> {
-    let mut v = vec![0u8; n];
-    r.read_exact(&mut v)?;
-    Ok(v)
+/// Decode the record that starts at byte `start` of the spool from `r`, reading nothing
+/// at or past byte `end` (the committed length): a length field that points past `end` is
+/// a corrupt record, never an allocation of up to 4 GiB or a read into a record the writer
+/// has not finished. Returns the record and its length in bytes.
+fn decode_record(
+    r: &mut impl Read,
+    path: &Path,
+    start: u64,
+    end: u64,
+) -> Result<(Record, u64), SpoolError> {
+    let corrupt = |what: String| SpoolError::Corrupt {
+        path: path.into(),
+        offset: start,
+        what,
+    };
+    let mut pos = start;
+    // Read `n` bytes of `field`, within `end`.
+    let mut take = |n: usize, field: &str| -> Result<Vec<u8>, SpoolError> {
+        let left = end.saturating_sub(pos);
+        if n as u64 > left {
+            return Err(corrupt(format!(
+                "{field} of {n} bytes runs past the end of the spool ({left} bytes left)"
+            )));
+        }
+        let mut v = vec![0u8; n];
+        r.read_exact(&mut v).map_err(|source| SpoolError::Io {
+            path: path.into(),
+            what: "read",
+            source,
+        })?;
+        pos += n as u64;
+        Ok(v)
+    };
+    let magic = take(1, "magic byte")?[0];
+    if magic != MAGIC {
+        return Err(corrupt(format!("bad magic byte {magic:#x}")));
+    }
+    let le = |b: Vec<u8>| {
+        b.iter()
+            .rev()
+            .fold(0usize, |n, &x| (n << 8) | usize::from(x))
+    };
+    let n = le(take(2, "database name length")?);
+    let db = take(n, "database name")?;
+    let n = le(take(2, "retention policy length")?);
+    let rp = take(n, "retention policy")?;
+    let n = le(take(1, "precision length")?);
+    let precision = take(n, "precision")?;
+    let n = le(take(4, "body length")?);
+    let body = take(n, "body")?;
+    let (Ok(db), Ok(rp), Ok(precision)) = (
+        String::from_utf8(db),
+        String::from_utf8(rp),
+        String::from_utf8(precision),
+    ) else {
+        return Err(corrupt("a name is not UTF-8".into()));
+    };
+    let record = Record {
+        db,
+        rp,
+        precision,
+        body,
+    };
+    Ok((record, pos - start))
+}
+
+/// Every record of a whole spool held in memory, through the same decoder the reader
+/// uses: a corrupt or truncated spool is a [`SpoolError`] naming the offset, never a panic
+/// (tools, tests and the fuzzer). `path` only names the spool in errors.
+pub fn decode_all(path: &Path, bytes: &[u8]) -> Result<Vec<Record>, SpoolError> {
+    let end = bytes.len() as u64;
+    let mut r = bytes;
+    let mut offset = 0;
+    let mut out = Vec::new();
+    while offset < end {
+        let (record, len) = decode_record(&mut r, path, offset, end)?;
+        out.push(record);
+        offset += len;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn record() -> impl Strategy<Value = Record> {
+        (
+            ".{0,6}",
+            ".{0,6}",
+            "(ns|s|ms)?",
+            prop::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(db, rp, precision, body)| Record {
+                db,
+                rp,
+                precision,
+                body,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_to_records_or_a_corrupt_offset_inside_the_file(
+            bytes in prop::collection::vec(any::<u8>(), 0..256),
+        ) {
+            match decode_all(Path::new("s"), &bytes) {
+                Ok(_) => {}
+                Err(SpoolError::Corrupt { offset, .. }) => prop_assert!(offset < bytes.len() as u64),
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+        }
+
+        #[test]
+        fn written_records_read_back_and_a_cut_spool_keeps_its_complete_prefix(
+            records in prop::collection::vec(record(), 0..6),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("s");
+            let w = SpoolWriter::create(&p).unwrap();
+            let mut ends = vec![0u64];
+            for r in &records {
+                ends.push(w.append(&r.db, &r.rp, &r.precision, &r.body).unwrap());
+            }
+            let mut reader = w.reader().unwrap();
+            for r in &records {
+                prop_assert_eq!(reader.next_ready().unwrap(), Some(r.clone()));
+            }
+            prop_assert_eq!(reader.next_ready().unwrap(), None);
+            let bytes = std::fs::read(&p).unwrap();
+            prop_assert_eq!(&decode_all(&p, &bytes).unwrap(), &records);
+            if !bytes.is_empty() {
+                let cut = cut.index(bytes.len());
+                // The last record boundary at or before the cut.
+                let whole = ends.iter().rposition(|&e| e <= cut as u64).unwrap();
+                match decode_all(&p, &bytes[..cut]) {
+                    Ok(got) => {
+                        prop_assert_eq!(ends[whole], cut as u64);
+                        prop_assert_eq!(&got[..], &records[..whole]);
+                    }
+                    Err(SpoolError::Corrupt { offset, .. }) => prop_assert_eq!(offset, ends[whole]),
+                    Err(e) => prop_assert!(false, "unexpected {e}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_length_field_past_the_end_is_corrupt_not_a_4_gib_allocation() {
+        // magic, empty db, rp and precision, then a body length of 0xFFFF_FFFF.
+        let bytes = [0xC5, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, b'x'];
+        match decode_all(Path::new("s"), &bytes) {
+            Err(SpoolError::Corrupt {
+                offset: 0, what, ..
+            }) => {
+                assert!(
+                    what.contains("body of 4294967295 bytes runs past the end"),
+                    "{what}"
+                )
+            }
+            other => panic!("expected corrupt, got {other:?}"),
+        }
+        // The reader on a finished file says the same.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, bytes).unwrap();
+        let mut r = SpoolReader::open_finished(&p).unwrap();
+        assert!(matches!(
+            r.next_ready(),
+            Err(SpoolError::Corrupt { offset: 0, .. })
+        ));
+    }
 
     #[test]
     fn records_come_back_in_order_and_only_when_complete() {

@@ -33,7 +33,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::{Clock, MetricSource, Reading, Sample, SourceError};
-use crate::util::Secret;
+use crate::util::{read_body_capped, CappedReadError, Secret};
 
 /// The item key read by default (DESIGN.md §1): the 1-minute load average per CPU.
 pub const DEFAULT_ITEM_KEY: &str = "system.cpu.load[percpu,avg1]";
@@ -49,6 +49,10 @@ pub const DEFAULT_STALE_INTERVALS: u32 = 2;
 /// Allowance for clock skew between this host and the Zabbix server plus Zabbix's own
 /// collection-to-database lag, when judging whether a value is already old on arrival.
 pub const ARRIVAL_SLACK: Duration = Duration::from_secs(10);
+/// The largest JSON-RPC answer the client reads. The answers it asks for (one item, one
+/// history row) are a few hundred bytes; anything near this is a wrong URL or a broken
+/// server, and is refused rather than buffered.
+pub const MAX_ANSWER_BYTES: usize = 8 << 20;
 
 /// Everything that can go wrong talking to Zabbix. No variant carries a password, a
 /// session id or an API token.
@@ -73,6 +77,13 @@ pub enum ZabbixError {
         url: String,
         method: String,
         status: u16,
+    },
+    /// The answer is larger than [`MAX_ANSWER_BYTES`].
+    #[error("zabbix {url}: {method}: answer larger than {limit} bytes, refused; is {url} the Zabbix API endpoint?")]
+    TooLarge {
+        url: String,
+        method: String,
+        limit: usize,
     },
     /// The answer is not the JSON-RPC answer expected.
     #[error("zabbix {url}: {method}: unexpected answer: {problem}")]
@@ -616,8 +627,83 @@ pub struct Zabbix {
     timeout: Duration,
 }
 
-/// What one JSON-RPC exchange gave: a result, or the API's error object.
-type RpcAnswer = Result<Value, (i64, String, String)>;
+/// What one JSON-RPC exchange gave: a result, or the API's error object (code, message,
+/// data as text).
+pub type RpcAnswer = Result<Value, (i64, String, String)>;
+
+// ------------------------------------------------------------------ pure decoding
+
+/// Decode the body of a JSON-RPC answer to `method` sent to `url` (pure: the transport is
+/// the caller's). The outer error says what is wrong with the body; the inner `Err` is the
+/// API's own error object.
+pub fn decode_answer(url: &str, method: &str, body: &[u8]) -> Result<RpcAnswer, ZabbixError> {
+    let bad = |problem: String| ZabbixError::BadResponse {
+        url: url.to_string(),
+        method: method.to_string(),
+        problem,
+    };
+    let envelope: WireEnvelope = serde_json::from_slice(body).map_err(|e| {
+        bad(if body.iter().all(u8::is_ascii_whitespace) {
+            format!("empty body; is {url} the Zabbix API endpoint?")
+        } else {
+            format!("not JSON-RPC ({e}); is {url} the Zabbix API endpoint?")
+        })
+    })?;
+    match (envelope.result, envelope.error) {
+        (_, Some(err)) => {
+            let data = match err.data {
+                Value::Null => String::new(),
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            Ok(Err((err.code, err.message, data)))
+        }
+        (Some(result), None) => Ok(Ok(result)),
+        (None, None) => Err(bad("neither result nor error".into())),
+    }
+}
+
+/// A `result` as `T`; a wrong shape is [`ZabbixError::BadResponse`] naming `method`.
+fn decode_result<T: DeserializeOwned>(
+    url: &str,
+    method: &str,
+    result: Value,
+) -> Result<T, ZabbixError> {
+    serde_json::from_value(result).map_err(|e| ZabbixError::BadResponse {
+        url: url.to_string(),
+        method: method.to_string(),
+        problem: format!("result does not have the expected shape: {e}"),
+    })
+}
+
+/// The host ids in a `host.get` result (pure).
+pub fn decode_host_ids(url: &str, result: Value) -> Result<Vec<String>, ZabbixError> {
+    let hosts: Vec<WireHost> = decode_result(url, "host.get", result)?;
+    Ok(hosts.into_iter().map(|h| h.hostid).collect())
+}
+
+/// The items in an `item.get` result, numbers parsed strictly (pure).
+pub fn decode_items(url: &str, result: Value) -> Result<Vec<Item>, ZabbixError> {
+    let items: Vec<WireItem> = decode_result(url, "item.get", result)?;
+    items.into_iter().map(WireItem::parse).collect()
+}
+
+/// The samples in a `history.get` result for an item of `value_type`, newest first
+/// (pure).
+pub fn decode_history(
+    url: &str,
+    result: Value,
+    value_type: ValueType,
+) -> Result<Vec<Sample>, ZabbixError> {
+    let rows: Vec<WireHistory> = decode_result(url, "history.get", result)?;
+    let mut out = rows
+        .into_iter()
+        .map(|r| r.parse(value_type))
+        .collect::<Result<Vec<_>, _>>()?;
+    // `sortfield: clock` leaves values within one second unordered by ns.
+    out.sort_by_key(|s| std::cmp::Reverse(s.clock));
+    Ok(out)
+}
 
 impl Zabbix {
     /// A client for `config.url`. Fails on a URL that is not `http(s)` or that carries
@@ -761,11 +847,7 @@ impl Zabbix {
         params: Value,
     ) -> Result<T, ZabbixError> {
         let value = self.call_value(method, params).await?;
-        serde_json::from_value(value).map_err(|e| ZabbixError::BadResponse {
-            url: self.url.to_string(),
-            method: method.to_string(),
-            problem: format!("result does not have the expected shape: {e}"),
-        })
+        decode_result(self.url.as_str(), method, value)
     }
 
     async fn call_value(&mut self, method: &str, params: Value) -> Result<Value, ZabbixError> {
@@ -889,47 +971,31 @@ impl Zabbix {
                 status: status.as_u16(),
             });
         }
-        let text = resp.bytes().await.map_err(unreachable)?;
-        let envelope: WireEnvelope =
-            serde_json::from_slice(&text).map_err(|e| ZabbixError::BadResponse {
-                url: self.url.to_string(),
-                method: method.to_string(),
-                problem: format!(
-                    "not JSON-RPC ({e}); is {} the Zabbix API endpoint?",
-                    self.url
-                ),
+        let body = read_body_capped(resp, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| match e {
+                CappedReadError::TooLarge => ZabbixError::TooLarge {
+                    url: self.url.to_string(),
+                    method: method.to_string(),
+                    limit: MAX_ANSWER_BYTES,
+                },
+                CappedReadError::Transport(source) => unreachable(source),
             })?;
-        match (envelope.result, envelope.error) {
-            (_, Some(err)) => {
-                let data = match err.data {
-                    Value::Null => String::new(),
-                    Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                Ok(Err((err.code, err.message, data)))
-            }
-            (Some(result), None) => Ok(Ok(result)),
-            (None, None) => Err(ZabbixError::BadResponse {
-                url: self.url.to_string(),
-                method: method.to_string(),
-                problem: "neither result nor error".into(),
-            }),
-        }
+        decode_answer(self.url.as_str(), method, &body)
     }
 
     /// The id of the host whose technical name is `host`. `key` only names the item being
     /// looked for, for the error.
     pub async fn host_id(&mut self, host: &str, key: &str) -> Result<String, ZabbixError> {
-        let hosts: Vec<WireHost> = self
-            .call(
+        let result = self
+            .call_value(
                 "host.get",
                 json!({ "output": ["hostid"], "filter": { "host": [host] } }),
             )
             .await?;
-        hosts
+        decode_host_ids(self.url.as_str(), result)?
             .into_iter()
             .next()
-            .map(|h| h.hostid)
             .ok_or_else(|| ZabbixError::UnknownHost {
                 host: host.to_string(),
                 key: key.to_string(),
@@ -939,8 +1005,8 @@ impl Zabbix {
     /// The item with key `key` on host `host`.
     pub async fn item(&mut self, host: &str, key: &str) -> Result<Item, ZabbixError> {
         let hostid = self.host_id(host, key).await?;
-        let items: Vec<WireItem> = self
-            .call(
+        let result = self
+            .call_value(
                 "item.get",
                 json!({
                     "output": ITEM_FIELDS,
@@ -949,24 +1015,24 @@ impl Zabbix {
                 }),
             )
             .await?;
-        match items.into_iter().next() {
-            Some(item) => item.parse(),
-            None => Err(ZabbixError::UnknownItem {
+        decode_items(self.url.as_str(), result)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ZabbixError::UnknownItem {
                 host: host.to_string(),
                 key: key.to_string(),
-            }),
-        }
+            })
     }
 
     /// The item with id `itemid`, or `None` if it no longer exists.
     pub async fn item_by_id(&mut self, itemid: &str) -> Result<Option<Item>, ZabbixError> {
-        let items: Vec<WireItem> = self
-            .call(
+        let result = self
+            .call_value(
                 "item.get",
                 json!({ "output": ITEM_FIELDS, "itemids": [itemid] }),
             )
             .await?;
-        items.into_iter().next().map(WireItem::parse).transpose()
+        Ok(decode_items(self.url.as_str(), result)?.into_iter().next())
     }
 
     /// Up to `limit` values of a numeric item collected at or after `time_from` (Unix
@@ -978,8 +1044,8 @@ impl Zabbix {
         time_from: u64,
         limit: usize,
     ) -> Result<Vec<Sample>, ZabbixError> {
-        let rows: Vec<WireHistory> = self
-            .call(
+        let result = self
+            .call_value(
                 "history.get",
                 json!({
                     "output": ["clock", "ns", "value"],
@@ -992,13 +1058,7 @@ impl Zabbix {
                 }),
             )
             .await?;
-        let mut out = rows
-            .into_iter()
-            .map(|r| r.parse(value_type))
-            .collect::<Result<Vec<_>, _>>()?;
-        // `sortfield: clock` leaves values within one second unordered by ns.
-        out.sort_by_key(|s| std::cmp::Reverse(s.clock));
-        Ok(out)
+        decode_history(self.url.as_str(), result, value_type)
     }
 }
 
@@ -1256,6 +1316,111 @@ impl MetricSource for ZabbixSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::arb;
+    use proptest::prelude::*;
+
+    const URL: &str = "http://zabbix.test/api_jsonrpc.php";
+
+    /// Everything the client does with an answer body, as the fuzz target does it.
+    fn decode_everything(body: &[u8]) -> Result<(), ZabbixError> {
+        let Ok(result) = decode_answer(URL, "item.get", body)? else {
+            return Ok(());
+        };
+        if let Some(s) = result.as_str() {
+            let _ = ApiVersion::parse(s);
+        }
+        decode_host_ids(URL, result.clone())?;
+        let items = decode_items(URL, result.clone());
+        for vt in [ValueType::Float, ValueType::Unsigned] {
+            let samples = decode_history(URL, result.clone(), vt)?;
+            assert!(samples.windows(2).all(|w| w[0].clock >= w[1].clock));
+            assert!(samples.iter().all(|s| s.value.is_finite()));
+        }
+        items.map(drop)
+    }
+
+    proptest! {
+        #[test]
+        fn any_answer_bytes_are_a_value_or_a_typed_error(body in prop::collection::vec(any::<u8>(), 0..128)) {
+            if let Err(e) = decode_everything(&body) {
+                prop_assert!(e.to_string().contains("zabbix"));
+            }
+        }
+
+        #[test]
+        fn any_json_answer_or_result_is_a_value_or_a_typed_error(v in arb::json()) {
+            let _ = decode_everything(v.to_string().as_bytes());
+            let wrapped = serde_json::json!({ "jsonrpc": "2.0", "result": [v.clone()], "id": 1 });
+            let _ = decode_everything(wrapped.to_string().as_bytes());
+            let error = serde_json::json!({ "jsonrpc": "2.0", "error": v, "id": 1 });
+            let _ = decode_everything(error.to_string().as_bytes());
+        }
+
+        #[test]
+        fn item_rows_with_any_field_values_parse_or_name_the_field(
+            fields in prop::collection::vec(arb::word(), 11),
+        ) {
+            let row: serde_json::Map<String, Value> = ITEM_FIELDS
+                .iter()
+                .zip(fields)
+                .map(|(k, v)| (k.to_string(), Value::String(v)))
+                .collect();
+            match decode_items(URL, Value::Array(vec![Value::Object(row)])) {
+                Ok(items) => prop_assert_eq!(items.len(), 1),
+                Err(ZabbixError::BadNumber { method, field, .. }) => {
+                    prop_assert_eq!(method, "item.get");
+                    prop_assert!(ITEM_FIELDS.contains(&field));
+                }
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+        }
+
+        #[test]
+        fn strict_numbers_round_trip(n in any::<u64>(), x in any::<f64>().prop_filter("finite", |x| x.is_finite())) {
+            prop_assert_eq!(parse_uint("m", "f", &n.to_string()).unwrap(), n);
+            prop_assert_eq!(parse_float("m", "f", &format!("{x:e}")).unwrap(), x);
+        }
+    }
+
+    #[test]
+    fn malformed_answers_are_bad_responses_naming_url_and_method() {
+        for (body, want) in [
+            (&b""[..], "empty body"),
+            (b"  \n", "empty body"),
+            (
+                b"{\"jsonrpc\":\"2.0\",\"result\":[{\"hostid\":",
+                "not JSON-RPC",
+            ),
+            (b"<html><body>502 Bad Gateway</body></html>", "not JSON-RPC"),
+            (
+                b"{\"jsonrpc\":\"2.0\",\"id\":1}",
+                "neither result nor error",
+            ),
+            (b"{\"error\":{\"code\":\"-32602\"}}", "not JSON-RPC"),
+            (b"[]", "neither result nor error"),
+        ] {
+            match decode_answer(URL, "host.get", body) {
+                Err(e @ ZabbixError::BadResponse { .. }) => {
+                    let m = e.to_string();
+                    assert!(
+                        m.contains(URL) && m.contains("host.get") && m.contains(want),
+                        "{m}"
+                    );
+                }
+                other => panic!("{body:?}: expected BadResponse, got {other:?}"),
+            }
+        }
+        // Wrong types inside a well-formed envelope: a number where Zabbix sends a
+        // string, an object where a list belongs.
+        let e = decode_items(URL, serde_json::json!([{"itemid": 42}])).unwrap_err();
+        assert!(
+            matches!(&e, ZabbixError::BadResponse { method, problem, .. } if method == "item.get" && problem.contains("expected a string")),
+            "{e}"
+        );
+        let e =
+            decode_history(URL, serde_json::json!({"clock": "1"}), ValueType::Float).unwrap_err();
+        assert!(e.to_string().contains("history.get"), "{e}");
+    }
 
     fn wire_item(lastclock: &str, lastvalue: &str, value_type: &str) -> WireItem {
         WireItem {

@@ -41,7 +41,12 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use super::{StackError, StackOutputs, StackProvider, StackRef, StackSpec, StackStatus};
-use crate::util::Secret;
+use crate::util::{read_body_capped, CappedReadError, Secret};
+
+/// The largest Keystone or Heat reply read. Token replies with a big catalog and stack
+/// lists are tens of kilobytes; a reply near this is a wrong URL or a broken server, and
+/// is refused rather than buffered.
+pub const MAX_REPLY_BYTES: usize = 32 << 20;
 
 // ---------------------------------------------------------------- config
 
@@ -322,14 +327,37 @@ enum Retry {
 
 struct Reply {
     status: StatusCode,
+    /// The request's URL, for errors.
+    url: String,
     body: Value,
     text: String,
 }
 
-struct Show {
-    status: String,
-    reason: String,
-    outputs: Vec<Value>,
+/// Heat's reply to `GET .../stacks/{name}/{id}`: the stack's status, its reason and its
+/// `outputs` list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StackReply {
+    pub status: String,
+    pub reason: String,
+    pub outputs: Vec<Value>,
+}
+
+impl StackReply {
+    /// Read a stack reply body (pure); `None` when it holds no `stack` object. Missing
+    /// or mistyped fields read as empty.
+    pub fn from_body(body: &Value) -> Option<StackReply> {
+        let s = body.get("stack").filter(|s| s.is_object())?;
+        let text = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        Some(StackReply {
+            status: text("stack_status"),
+            reason: text("stack_status_reason"),
+            outputs: s
+                .get("outputs")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+        })
+    }
 }
 
 /// Poll intervals: 50 ms, growing ×1.5 to `max`.
@@ -702,7 +730,11 @@ impl Heat {
     }
 
     /// `GET .../stacks/{name}/{id}`; `None` on 404.
-    async fn show(&self, stack: &StackRef, outputs: bool) -> Result<Option<Show>, StackError> {
+    async fn show(
+        &self,
+        stack: &StackRef,
+        outputs: bool,
+    ) -> Result<Option<StackReply>, StackError> {
         let q: &[(&str, &str)] = if outputs {
             &[]
         } else {
@@ -723,20 +755,17 @@ impl Heat {
         if !r.status.is_success() {
             return Err(self.heat_error(&format!("stack {}", stack.name), &r));
         }
-        let s = r.body.get("stack").ok_or_else(|| StackError::Other {
-            provider: self.name.clone(),
-            msg: format!("stack {}: unexpected reply {}", stack.name, clip(&r.text)),
-        })?;
-        let text = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-        Ok(Some(Show {
-            status: text("stack_status"),
-            reason: text("stack_status_reason"),
-            outputs: s
-                .get("outputs")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default(),
-        }))
+        StackReply::from_body(&r.body)
+            .map(Some)
+            .ok_or_else(|| StackError::Other {
+                provider: self.name.clone(),
+                msg: format!(
+                    "stack {}: GET {}: unexpected reply {}",
+                    stack.name,
+                    r.url,
+                    clip(&r.text)
+                ),
+            })
     }
 
     /// Outputs as a map, plus Heat's error for each output it could not resolve.
@@ -827,12 +856,24 @@ impl Heat {
                         .get("x-subject-token")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_string);
-                    match r.text().await {
-                        Err(e) => format!("Keystone {url}: reading the reply: {}", err_chain(&e)),
-                        Ok(text) if status.is_server_error() => {
-                            format!("Keystone {url} answered {status}: {}", message(&text))
+                    match read_body_capped(r, MAX_REPLY_BYTES).await {
+                        Err(CappedReadError::TooLarge) => {
+                            return Err(StackError::Other {
+                                provider: self.name.clone(),
+                                msg: format!(
+                                    "Keystone {url}: reply larger than {MAX_REPLY_BYTES} bytes, refused; is heat.auth_url Keystone's v3 URL?"
+                                ),
+                            })
                         }
-                        Ok(text) => {
+                        Err(CappedReadError::Transport(e)) => {
+                            format!("Keystone {url}: reading the reply: {}", err_chain(&e))
+                        }
+                        Ok(body) if status.is_server_error() => format!(
+                            "Keystone {url} answered {status}: {}",
+                            message(&String::from_utf8_lossy(&body))
+                        ),
+                        Ok(body) => {
+                            let text = String::from_utf8_lossy(&body);
                             return self.token_from(status, subject, &text, sent, &url);
                         }
                     }
@@ -879,22 +920,20 @@ impl Heat {
                 "Keystone {url} answered {status} without an X-Subject-Token header"
             ))
         })?;
-        let body: TokenBody = serde_json::from_str(text).map_err(|e| StackError::Other {
+        let t = TokenReply::parse(text, SystemTime::now()).map_err(|e| StackError::Other {
             provider: self.name.clone(),
             msg: format!("Keystone {url}: unexpected token reply: {e}"),
         })?;
-        let t = body.token;
-        let project_id = t.project.map(|p| p.id).ok_or_else(|| {
+        let project_id = t.project_id.clone().ok_or_else(|| {
             auth(format!(
                 "Keystone {url}: the token for {} is not scoped to a project",
                 self.who()
             ))
         })?;
-        let lifetime = token_lifetime(&t.expires_at, t.issued_at.as_deref(), SystemTime::now())
-            .ok_or_else(|| StackError::Other {
-                provider: self.name.clone(),
-                msg: format!("Keystone {url}: unreadable expires_at {:?}", t.expires_at),
-            })?;
+        let lifetime = t.lifetime.ok_or_else(|| StackError::Other {
+            provider: self.name.clone(),
+            msg: format!("Keystone {url}: unreadable expires_at {:?}", t.expires_at),
+        })?;
         let endpoint = match &self.cfg.endpoint_override {
             Some(o) => o
                 .replace("%(tenant_id)s", &project_id)
@@ -902,13 +941,13 @@ impl Heat {
                 .replace("{project_id}", &project_id)
                 .trim_end_matches('/')
                 .to_string(),
-            None => pick_endpoint(
-                &t.catalog,
-                "orchestration",
-                &self.cfg.interface,
-                self.cfg.region.as_deref(),
-            )
-            .map_err(|msg| self.invalid(format!("Keystone {url}: {msg}")))?,
+            None => t
+                .endpoint(
+                    "orchestration",
+                    &self.cfg.interface,
+                    self.cfg.region.as_deref(),
+                )
+                .map_err(|msg| self.invalid(format!("Keystone {url}: {msg}")))?,
         };
         let renew_at = sent + lifetime.saturating_sub(self.cfg.token_renew_before);
         self.auths.fetch_add(1, Ordering::Relaxed);
@@ -961,9 +1000,17 @@ impl Heat {
                 }
                 Ok(r) => {
                     let status = r.status();
-                    let text = match r.text().await {
-                        Ok(t) => t,
-                        Err(e) => {
+                    let text = match read_body_capped(r, MAX_REPLY_BYTES).await {
+                        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                        Err(CappedReadError::TooLarge) => {
+                            return Err(StackError::Other {
+                                provider: self.name.clone(),
+                                msg: format!(
+                                    "Heat {method} {url}: reply larger than {MAX_REPLY_BYTES} bytes, refused"
+                                ),
+                            })
+                        }
+                        Err(CappedReadError::Transport(e)) => {
                             return Err(self.transient(format!(
                                 "Heat {method} {url}: reading the reply: {}",
                                 err_chain(&e)
@@ -995,7 +1042,12 @@ impl Heat {
                         msg
                     } else {
                         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-                        return Ok(Reply { status, body, text });
+                        return Ok(Reply {
+                            status,
+                            url,
+                            body,
+                            text,
+                        });
                     }
                 }
             };
@@ -1146,22 +1198,7 @@ impl StackProvider for Heat {
         if !r.status.is_success() {
             return Err(self.heat_error(&format!("list stacks named {name}"), &r));
         }
-        let stacks = r
-            .body
-            .get("stacks")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        Ok(stacks
-            .iter()
-            .filter(|s| s.get("stack_name").and_then(Value::as_str) == Some(name))
-            .filter(|s| s.get("stack_status").and_then(Value::as_str) != Some("DELETE_COMPLETE"))
-            .find_map(|s| {
-                Some(StackRef {
-                    id: s.get("id")?.as_str()?.to_string(),
-                    name: name.to_string(),
-                })
-            }))
+        Ok(stack_in_list(&r.body, name))
     }
 }
 
@@ -1170,6 +1207,40 @@ impl StackProvider for Heat {
 #[derive(Deserialize)]
 struct TokenBody {
     token: TokenInfo,
+}
+
+/// A Keystone v3 token reply body, read: the project the token is scoped to, its
+/// `expires_at`, its lifetime (from Keystone's own timestamps, `None` when `expires_at`
+/// does not parse) and its service catalog.
+pub struct TokenReply {
+    pub project_id: Option<String>,
+    pub expires_at: String,
+    pub lifetime: Option<Duration>,
+    catalog: Vec<CatalogEntry>,
+}
+
+impl TokenReply {
+    /// Read a token reply body (pure; `now` stands in for a missing `issued_at`).
+    pub fn parse(text: &str, now: SystemTime) -> Result<TokenReply, serde_json::Error> {
+        let t = serde_json::from_str::<TokenBody>(text)?.token;
+        Ok(TokenReply {
+            project_id: t.project.map(|p| p.id),
+            lifetime: token_lifetime(&t.expires_at, t.issued_at.as_deref(), now),
+            expires_at: t.expires_at,
+            catalog: t.catalog,
+        })
+    }
+
+    /// The URL of the `kind` service's endpoint with `interface` (in `region`, when
+    /// given), without a trailing slash; the error lists what the catalog has.
+    pub fn endpoint(
+        &self,
+        kind: &str,
+        interface: &str,
+        region: Option<&str>,
+    ) -> Result<String, String> {
+        pick_endpoint(&self.catalog, kind, interface, region)
+    }
 }
 
 #[derive(Deserialize)]
@@ -1262,9 +1333,25 @@ fn pick_endpoint(
         })
 }
 
+/// The stack named exactly `name` (and not deleted) in Heat's reply to `GET .../stacks`
+/// (pure).
+pub fn stack_in_list(body: &Value, name: &str) -> Option<StackRef> {
+    body.get("stacks")?
+        .as_array()?
+        .iter()
+        .filter(|s| s.get("stack_name").and_then(Value::as_str) == Some(name))
+        .filter(|s| s.get("stack_status").and_then(Value::as_str) != Some("DELETE_COMPLETE"))
+        .find_map(|s| {
+            Some(StackRef {
+                id: s.get("id")?.as_str()?.to_string(),
+                name: name.to_string(),
+            })
+        })
+}
+
 /// Heat's `outputs` list as a map (`null` for an output Heat could not resolve), and
-/// Heat's error for each such output.
-fn parse_outputs(list: Vec<Value>) -> (BTreeMap<String, Value>, BTreeMap<String, String>) {
+/// Heat's error for each such output (pure).
+pub fn parse_outputs(list: Vec<Value>) -> (BTreeMap<String, Value>, BTreeMap<String, String>) {
     let mut raw = BTreeMap::new();
     let mut errors = BTreeMap::new();
     for o in list {
@@ -1282,8 +1369,9 @@ fn parse_outputs(list: Vec<Value>) -> (BTreeMap<String, Value>, BTreeMap<String,
     (raw, errors)
 }
 
-/// Heat's or Keystone's error message from a reply body.
-fn message(text: &str) -> String {
+/// Heat's or Keystone's error message from a reply body (pure; clipped to 400 bytes when
+/// the body is not a JSON error).
+pub fn message(text: &str) -> String {
     let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
     let typ = v.pointer("/error/type").and_then(Value::as_str);
     let msg = v
@@ -1338,7 +1426,8 @@ fn seg(s: &str) -> String {
     out
 }
 
-fn status_of(status: &str, reason: &str) -> StackStatus {
+/// A Heat `stack_status` (and its reason) as a [`StackStatus`] (pure).
+pub fn status_of(status: &str, reason: &str) -> StackStatus {
     match status {
         "DELETE_COMPLETE" => StackStatus::Gone,
         s if s.ends_with("_IN_PROGRESS") => StackStatus::InProgress(s.to_string()),
@@ -1508,6 +1597,99 @@ fn registry_templates(v: &serde_yaml::Value, out: &mut Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::arb;
+    use proptest::prelude::*;
+
+    /// Everything the provider does with a Keystone or Heat reply body, as the fuzz
+    /// target does it.
+    fn read_everything(text: &str) {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        if let Ok(t) = TokenReply::parse(text, now) {
+            for (interface, region) in [("public", None), ("internal", Some("RegionOne"))] {
+                match t.endpoint("orchestration", interface, region) {
+                    Ok(url) => assert!(!url.ends_with('/')),
+                    Err(msg) => assert!(msg.contains("orchestration")),
+                }
+            }
+        }
+        let body: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+        if let Some(reply) = StackReply::from_body(&body) {
+            let _ = status_of(&reply.status, &reply.reason);
+            let (raw, errors) = parse_outputs(reply.outputs);
+            assert!(errors.keys().all(|k| raw.contains_key(k)));
+            let _ = StackOutputs::from_raw("s", raw).map_err(|e| e.to_string());
+        }
+        if let Some(found) = stack_in_list(&body, "s") {
+            assert_eq!(found.name, "s");
+        }
+        let _ = message(text);
+    }
+
+    proptest! {
+        #[test]
+        fn any_reply_text_is_read_without_panic(text in any::<String>()) {
+            read_everything(&text);
+        }
+
+        #[test]
+        fn any_json_reply_is_read_without_panic(v in arb::json()) {
+            read_everything(&v.to_string());
+            for wrap in ["token", "stack"] {
+                read_everything(&serde_json::json!({ wrap: v.clone() }).to_string());
+            }
+            read_everything(&serde_json::json!({ "stacks": [v.clone()] }).to_string());
+            read_everything(&serde_json::json!({ "stack": { "outputs": [v] } }).to_string());
+        }
+
+        #[test]
+        fn token_lifetimes_never_panic_on_any_timestamps(
+            exp in arb::word(), issued in prop::option::of(arb::word()), now in any::<u32>(),
+        ) {
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now.into());
+            let _ = token_lifetime(&exp, issued.as_deref(), now);
+        }
+    }
+
+    #[test]
+    fn malformed_token_and_stack_replies_are_refused_not_misread() {
+        let now = SystemTime::now();
+        // Truncated, wrong types, HTML, empty.
+        for text in [
+            r#"{"token": {"expires_at": "2026-05-20T12:00:00Z", "catalog": ["#,
+            r#"{"token": {"expires_at": 1779278400}}"#,
+            r#"{"token": {"expires_at": "2026-05-20T12:00:00Z", "catalog": {"type": "orchestration"}}}"#,
+            "<html><body><h1>503 Service Unavailable</h1></body></html>",
+            "",
+        ] {
+            assert!(TokenReply::parse(text, now).is_err(), "{text}");
+        }
+        let t = TokenReply::parse(r#"{"token": {"expires_at": "soon"}}"#, now).unwrap();
+        assert_eq!((t.project_id, t.lifetime), (None, None));
+        for body in [
+            serde_json::json!({"stack": "CREATE_COMPLETE"}),
+            serde_json::json!({"stack": [1, 2]}),
+            serde_json::json!({"stacks": []}),
+            Value::Null,
+        ] {
+            assert_eq!(StackReply::from_body(&body), None, "{body}");
+        }
+        let r = StackReply::from_body(
+            &serde_json::json!({"stack": {"stack_status": 5, "outputs": {"a": 1}}}),
+        )
+        .unwrap();
+        assert_eq!((r.status.as_str(), r.outputs.len()), ("", 0));
+        assert_eq!(
+            stack_in_list(&serde_json::json!({"stacks": {"s": 1}}), "s"),
+            None
+        );
+        assert_eq!(
+            stack_in_list(
+                &serde_json::json!({"stacks": [{"stack_name": "s", "id": 7}]}),
+                "s"
+            ),
+            None
+        );
+    }
 
     fn cfg_yaml(extra: &str) -> Result<HeatConfig, String> {
         let y = format!("auth_url: http://127.0.0.1:5000/v3\n{extra}");
