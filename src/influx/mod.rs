@@ -51,13 +51,22 @@ pub enum InfluxError {
 }
 
 impl InfluxError {
-    /// True when nothing listens at the address (connection refused): the server is
-    /// down, not slow.
+    /// True when the connection was refused (nothing listens at the address): the
+    /// server is down, not slow or unroutable.
     pub fn is_refused(&self) -> bool {
-        match self {
-            InfluxError::Unreachable { source, .. } => source.is_connect() && !source.is_timeout(),
-            _ => false,
+        let InfluxError::Unreachable { source, .. } = self else {
+            return false;
+        };
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                    return true;
+                }
+            }
+            cur = e.source();
         }
+        false
     }
 
     /// True when retrying later may succeed (network trouble, 5xx).

@@ -511,15 +511,20 @@ impl Migration<'_> {
     ) -> Result<(), MigrateError> {
         let p = Phase::Prepare;
         let vars = src.debug_vars().await.map_err(Self::influx_err(p))?;
-        let data: u64 = vars
+        let sizes: Vec<u64> = vars
             .as_object()
             .map(|o| {
                 o.iter()
                     .filter(|(k, _)| k.starts_with("shard:"))
                     .filter_map(|(_, v)| v.pointer("/values/diskBytes")?.as_u64())
-                    .sum()
+                    .collect()
             })
-            .unwrap_or(0);
+            .unwrap_or_default();
+        if sizes.is_empty() {
+            tracing::warn!("the source reports no shard sizes (diskBytes) in /debug/vars; the target's free space is not checked");
+            return Ok(());
+        }
+        let data = sizes.iter().fold(0u64, |a, &b| a.saturating_add(b));
         let wd = shell_quote(&cfg.work_dir);
         let out = target
             .run(&format!("mkdir -p {wd} && df -Pk {wd} | tail -n 1"))
@@ -533,7 +538,10 @@ impl Migration<'_> {
             tracing::warn!(output = %out.trim(), "cannot read the target's free space; not checked");
             return Ok(());
         };
-        let (free, need) = (free_kib * 1024, 2 * data + (1 << 20));
+        let (free, need) = (
+            free_kib.saturating_mul(1024),
+            data.saturating_mul(2).saturating_add(1 << 20),
+        );
         if free < need {
             return Err(MigrateError::Failed {
                 phase: p,
@@ -875,13 +883,22 @@ impl Migration<'_> {
         let cmd = backup_cmd(&backup_from, &dir);
         let r = tokio::select! {
             r = self.dst().host.run(&cmd) => r.map_err(Self::remote_err(p)),
-            () = watch_source => Err(MigrateError::Failed {
-                phase: p,
-                msg: format!(
-                    "the SSH connection to the source {} was lost during the dump",
-                    self.src().host.describe()
-                ),
-            }),
+            () = watch_source => {
+                // Dropping the command does not stop `influxd backup` on the target (an
+                // SSH channel or `sh` going away leaves it retrying): stop it by its
+                // scratch directory, which only this migration's backup names.
+                let pattern = format!("[i]nfluxd backup .*{}", regex_quote(&dir));
+                if let Err(e) = self.dst().host.run(&format!("pkill -f -- {} || true", shell_quote(&pattern))).await {
+                    tracing::warn!(error = %e, "could not stop the target's backup");
+                }
+                Err(MigrateError::Failed {
+                    phase: p,
+                    msg: format!(
+                        "the SSH connection to the source {} was lost during the dump",
+                        self.src().host.describe()
+                    ),
+                })
+            }
         };
         self.close_forwards(local_fwd, remote_fwd, &rpc_host, rpc_port, src_rpc)
             .await;
@@ -1235,10 +1252,12 @@ impl Migration<'_> {
             }
         }
         if self.cfg.cutover.command.is_none() {
-            // Writers follow by other means (DNS, a proxy): they may use the target now.
+            // Writers follow by other means (DNS, a proxy): they may use the target now,
+            // and there is no command to wait for.
             self.progress
                 .writers_repointing()
                 .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
+            self.progress.writers_repointed();
         }
         self.report.cutover_done = true;
         // Keep replaying until the source has been quiet for the grace period and every
@@ -1352,6 +1371,10 @@ impl Migration<'_> {
     }
 
     async fn dispose(&mut self) -> Result<(), MigrateError> {
+        // Writes that reached the source after verification are forwarded too; a failed
+        // forward (or a source restart) now would leave a point only on the old stack,
+        // which is about to be deleted.
+        self.check_capture_complete(Phase::Dispose).await?;
         let tail = self.stop_capture(Phase::Dispose).await?;
         if tail > 0 {
             self.progress.note(&format!(
@@ -1623,13 +1646,18 @@ async fn write_with_retry(
                 tracing::warn!(db, error = %body, "replay: partial write, as on the source");
                 return Ok(n);
             }
-            // A busy or briefly unreachable target gets a minute; one that refuses
-            // connections is down (a restart is back within seconds), and waiting a
-            // minute for it only keeps the migration from rolling back.
+            // A busy or briefly unreachable target gets a minute. Before cutover (the
+            // delta), one that refuses connections is down, and waiting a minute for it
+            // only delays the rollback; after the repoint the writers depend on it, so a
+            // restarting target (refusing until its shards are open) gets the minute too.
             Err(e)
                 if e.is_transient()
                     && start.elapsed()
-                        < Duration::from_secs(if e.is_refused() { 10 } else { 60 }) =>
+                        < Duration::from_secs(if phase == Phase::Delta && e.is_refused() {
+                            10
+                        } else {
+                            60
+                        }) =>
             {
                 tracing::warn!(error = %e, "replay write failed, retrying");
                 tokio::time::sleep(delay).await;
@@ -1690,6 +1718,18 @@ fn backup_cmd(rpc: &str, dir: &str) -> String {
         "rm -rf {q} && mkdir -p {q} && nice -n 10 influxd backup -portable -host {} {q} 2>&1 && du -sb {q}",
         shell_quote(rpc)
     )
+}
+
+/// `s` as a literal in an extended regular expression (`pkill -f`).
+fn regex_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.^$|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn du_bytes(out: &str) -> u64 {

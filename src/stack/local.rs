@@ -594,14 +594,15 @@ impl LocalStacks {
 }
 
 /// A stack's disk of `mb` MiB: a tmpfs mounted on its directory, so a local VM can run
-/// out of space like a real one with a small flavor (needs root, as the tests run).
-fn mount_disk(dir: &Path, mb: &str) -> Result<(), String> {
+/// out of space like a real one with a small flavor (needs root, as the tests run). For
+/// tests and demos only: a tmpfs lives in RAM and is gone after a reboot.
+async fn mount_disk(dir: &Path, mb: &str) -> Result<(), String> {
     let n: u32 = mb
         .parse()
         .ok()
         .filter(|&n| n > 0)
         .ok_or("expected a whole number of MiB, at least 1")?;
-    let out = std::process::Command::new("mount")
+    let out = tokio::process::Command::new("mount")
         .args([
             "-t",
             "tmpfs",
@@ -611,6 +612,7 @@ fn mount_disk(dir: &Path, mb: &str) -> Result<(), String> {
         ])
         .arg(dir)
         .output()
+        .await
         .map_err(|e| format!("cannot run mount: {e}"))?;
     if !out.status.success() {
         return Err(format!(
@@ -623,7 +625,7 @@ fn mount_disk(dir: &Path, mb: &str) -> Result<(), String> {
 }
 
 /// Remove a stack's directory, unmounting its disk first if it has one.
-fn remove_stack_dir(dir: &Path) -> std::io::Result<()> {
+async fn remove_stack_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let own_disk = match (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) {
         (Ok(d), Some(Ok(p))) => d.dev() != p.dev(),
@@ -631,10 +633,17 @@ fn remove_stack_dir(dir: &Path) -> std::io::Result<()> {
     };
     if own_disk {
         // Lazy: a process that still holds a file there must not keep the disk forever.
-        let _ = std::process::Command::new("umount")
+        match tokio::process::Command::new("umount")
             .arg("-l")
             .arg(dir)
-            .status();
+            .status()
+            .await
+        {
+            Ok(st) if st.success() => {}
+            other => {
+                tracing::warn!(dir = %dir.display(), result = ?other, "could not unmount the stack's disk")
+            }
+        }
     }
     std::fs::remove_dir_all(dir)
 }
@@ -673,7 +682,7 @@ impl StackProvider for LocalStacks {
             });
         }
         if let Some(mb) = spec.parameters.get("disk_mb") {
-            if let Err(msg) = mount_disk(&sdir, mb) {
+            if let Err(msg) = mount_disk(&sdir, mb).await {
                 let _ = std::fs::remove_dir(&sdir);
                 return Err(StackError::Invalid {
                     provider: self.describe(),
@@ -694,7 +703,7 @@ impl StackProvider for LocalStacks {
             other => {
                 // Nothing half-made is left behind: its processes, then its files.
                 stop_pids(&pids_under(&sdir), &sdir).await;
-                let _ = remove_stack_dir(&sdir);
+                let _ = remove_stack_dir(&sdir).await;
                 return Err(match other {
                     Ok(Err(e)) => StackError::CreateFailed {
                         name: spec.name.clone(),
@@ -736,7 +745,7 @@ impl StackProvider for LocalStacks {
         let json = serde_json::to_vec_pretty(&st).map_err(|e| self.err(e.to_string()))?;
         if let Err(e) = crate::util::write_atomic(&sdir.join("stack.json"), &json) {
             stop_pids(&st.pids, &sdir).await;
-            let _ = remove_stack_dir(&sdir);
+            let _ = remove_stack_dir(&sdir).await;
             return Err(self.err(format!("cannot record stack state: {e}")));
         }
         Ok((
@@ -779,6 +788,7 @@ impl StackProvider for LocalStacks {
             if sdir.exists() {
                 stop_pids(&pids_under(&sdir), &sdir).await;
                 remove_stack_dir(&sdir)
+                    .await
                     .map_err(|e| self.err(format!("{}: {e}", sdir.display())))?;
             }
             return Ok(());
@@ -806,7 +816,9 @@ impl StackProvider for LocalStacks {
                 cleanup: "its processes did not stop; the directory is kept".into(),
             });
         }
-        remove_stack_dir(&sdir).map_err(|e| self.err(format!("{}: {e}", sdir.display())))
+        remove_stack_dir(&sdir)
+            .await
+            .map_err(|e| self.err(format!("{}: {e}", sdir.display())))
     }
 
     async fn find(&self, name: &str) -> Result<Option<StackRef>, StackError> {

@@ -370,6 +370,29 @@ async fn a_second_orchestrator_on_the_same_service_is_refused_while_the_first_co
         t.elapsed() < Duration::from_secs(2),
         "refused at once, not after waiting"
     );
+    // Nor may a second one's availability probe write into the source being moved.
+    let probe_dir = svc.dir().join("timeline");
+    let out = Command::new(bin())
+        .args(["migrate", "--yes", "-c"])
+        .arg(&svc.cfg_path)
+        .arg("--timeline")
+        .arg(&probe_dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("nothing was probed or migrated"),
+        "{text}"
+    );
+    assert!(
+        !source_influx(&svc)
+            .databases()
+            .await
+            .unwrap()
+            .iter()
+            .any(|d| d == "stateshift_probe"),
+        "no probe database appeared on the source"
+    );
     let (ok, out) = finish(first);
     assert!(ok, "the first one completes: {out}");
     assert_eq!(svc.stacks_on_disk().len(), 1);
