@@ -1318,6 +1318,12 @@ impl Migration<'_> {
 
     async fn verify(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Verify;
+        if crate::util::fault_injected("capture_receiver_killed_after_cutover") {
+            if let Some(r) = self.receiver.as_mut() {
+                tracing::warn!(addr = %r.addr, "STATESHIFT_FAULT=capture_receiver_killed_after_cutover: killing the capture receiver");
+                r.kill();
+            }
+        }
         if let (Some(t), Some(r)) = (&self.touched, &self.touched_receiver) {
             let g = t.lock().unwrap_or_else(|e| e.into_inner());
             tracing::info!(

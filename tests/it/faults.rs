@@ -399,3 +399,68 @@ async fn a_second_orchestrator_on_the_same_service_is_refused_while_the_first_co
     tokio::time::sleep(Duration::from_millis(300)).await;
     lost_nothing(&svc, &w.finish().await, 5_000, "second orchestrator").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_straggler_write_lost_by_the_capture_after_verify_keeps_the_old_stack() {
+    let svc = service(88).await;
+    let w = svc.writer(1000);
+    let src = source_influx(&svc);
+    let child = spawn_migrate(
+        &svc,
+        &[(
+            "STATESHIFT_FAULT",
+            "capture_receiver_killed_after_cutover,hold:dispose",
+        )],
+    );
+    wait_journal(&svc, "\"phase\":\"dispose\"");
+    // A writer that was not repointed writes to the old instance after verification;
+    // the capture that should forward it is gone.
+    let ts = now_ns();
+    src.write(
+        "cyclops",
+        None,
+        "ns",
+        format!("straggler,host=late value=1 {ts}").into(),
+    )
+    .await
+    .unwrap();
+    let (ok, out) = finish(child);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("failed after cutover") && out.contains("failed to forward"),
+        "{out}"
+    );
+    assert!(
+        svc.stacks_on_disk().contains(&ORIGINAL.to_string()),
+        "the old stack, the only one holding the straggler, is kept"
+    );
+    let n = workload::count_points(&src, "cyclops", "straggler")
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the straggler is on the old instance");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = w.finish().await;
+    // The writers use the verified target; everything they were told is there.
+    let problems = workload::check_ledger(&svc_target(&svc), "cyclops", &ledger)
+        .await
+        .unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    let mut seeded_found = 0;
+    for m in 0..3 {
+        seeded_found += workload::count_points(&svc_target(&svc), "cyclops", &format!("usage{m}"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(seeded_found, 5_000);
+    reliability_line(
+        "straggler lost by the capture after verify",
+        &ledger,
+        5_000,
+        seeded_found,
+    );
+}
+
+/// Where the writers point now (the url file the cutover command rewrote).
+fn svc_target(svc: &Svc) -> Influx {
+    source_influx(svc)
+}
