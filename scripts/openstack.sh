@@ -26,6 +26,7 @@
 # revoked in Keystone is refused at once: the re-authentication tests rely on it.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "$0")" && pwd)
 DIR=${STATESHIFT_OPENSTACK_DIR:-/tmp/stateshift-openstack}
 KS_PORT=${STATESHIFT_OPENSTACK_KS_PORT:-25500}
 HEAT_PORT=${STATESHIFT_OPENSTACK_HEAT_PORT:-28004}
@@ -33,6 +34,12 @@ KS_PROCS=2
 KS_URL=http://127.0.0.1:$KS_PORT
 HEAT_BASE=http://127.0.0.1:$HEAT_PORT
 REGION=RegionOne
+# The VM lab (scripts/vmlab.sh): its network's gateway, where VMs reach Keystone and Heat.
+# Keystone's catalog also lists Heat there under region $LAB_REGION, for an orchestrator
+# that runs in a lab VM (deploy/so-stack.yaml in the lab).
+LAB_GW=192.168.77.1
+LAB_REGION=LabNet
+LAB_DIR=${STATESHIFT_VMLAB_DIR:-/tmp/stateshift-vmlab}
 PY=/usr/bin/python3   # Debian's: the OpenStack libraries live there, not in a pyenv/venv python
 PKGS=(keystone heat-api heat-engine uwsgi-core uwsgi-plugin-python3 python3-keystoneclient curl iproute2)
 
@@ -159,6 +166,10 @@ deferred_auth_method = trusts
 auth_encryption_key = $AUTH_KEY
 heat_metadata_server_url = http://127.0.0.1:$HEAT_PORT
 heat_waitcondition_server_url = http://127.0.0.1:$HEAT_PORT/v1/waitcondition
+# The VM lab's Nova/Neutron/Cinder (scripts/vmlab/heat_plugin), and hidden parameters and
+# resource properties encrypted at rest, as a production Heat should have them.
+plugin_dirs = $DIR/heat/plugins
+encrypt_parameters_and_properties = true
 [heat_all]
 enabled_services = engine,api
 [heat_api]
@@ -192,6 +203,10 @@ auth_uri = $KS_URL
 auth_uri = $KS_URL/v3
 [clients]
 endpoint_type = public
+[clients_heat]
+# The signal URL a WaitConditionHandle hands to a VM: Heat as the lab's VMs reach it
+# (the lab network's gateway forwards to this loopback port; scripts/vmlab.sh).
+url = http://$LAB_GW:$HEAT_PORT/v1/%(tenant_id)s
 [oslo_messaging_notifications]
 driver = noop
 EOF
@@ -240,7 +255,7 @@ from keystoneauth1.identity import v3
 from keystoneauth1 import session
 from keystoneauth1 import exceptions as ksa_exc
 from keystoneclient.v3 import client
-ks_url, heat_url, region, cred_file = sys.argv[1:]
+ks_url, heat_url, region, cred_file, lab_heat_url, lab_region = sys.argv[1:]
 admin_pw, heat_pw, domadmin_pw, demo_pw = (os.environ[k] for k in ("ADMIN_PW", "HEAT_PW", "DOMADMIN_PW", "DEMO_PW"))
 admin = session.Session(auth=v3.Password(auth_url=ks_url + "/v3", username="admin", password=admin_pw,
                         project_name="admin", user_domain_id="default", project_domain_id="default"))
@@ -265,10 +280,13 @@ ks.roles.grant(roles["heat_stack_owner"], user=demo_u, project=demo)
 heat_dom = one(ks.domains.list(name="heat"), ks.domains.create, name="heat", description="Heat stack users")
 ks.roles.grant(roles["admin"], user=user("heat_domain_admin", domadmin_pw, heat_dom), domain=heat_dom)
 svc = one(ks.services.list(type="orchestration"), ks.services.create, name="heat", type="orchestration")
-have = {e.interface for e in ks.endpoints.list(service=svc)}
-for iface in ("public", "internal", "admin"):
-    if iface not in have:
-        ks.endpoints.create(service=svc, interface=iface, region=region, url=heat_url + "/v1/%(tenant_id)s")
+if not [r for r in ks.regions.list() if r.id == lab_region]:
+    ks.regions.create(id=lab_region, description="the stateshift VM lab's network")
+for reg, url in ((region, heat_url), (lab_region, lab_heat_url)):
+    have = {e.interface for e in ks.endpoints.list(service=svc) if e.region == reg}
+    for iface in ("public", "internal", "admin"):
+        if iface not in have:
+            ks.endpoints.create(service=svc, interface=iface, region=reg, url=url + "/v1/%(tenant_id)s")
 
 # The application credential: demo's own (a user creates it with a token of theirs).
 demo_sess = session.Session(auth=v3.Password(auth_url=ks_url + "/v3", username="demo", password=demo_pw,
@@ -306,6 +324,7 @@ EOF
   # passwords through the environment, not argv (which `ps` shows)
   ADMIN_PW=$ADMIN_PW HEAT_PW=$HEAT_PW DOMADMIN_PW=$DOMADMIN_PW DEMO_PW=$DEMO_PW \
     $PY "$DIR/ks_setup.py" "$KS_URL" "$HEAT_BASE" "$REGION" "$DIR/appcred" \
+      "http://$LAB_GW:$HEAT_PORT" "$LAB_REGION" \
       >"$DIR/register.out" 2>>"$DIR/logs/register.err" \
     || { tail -20 "$DIR/logs/register.err" >&2; die "registration through Keystone's API failed"; }
 }
@@ -318,14 +337,26 @@ heat_db() {
   log "heat db_sync done"
 }
 
+# The lab's resource plugin; returns 0 when it changed (heat-all must then restart).
+install_plugin() {
+  local src=$HERE/vmlab/heat_plugin/stateshift_lab.py dst=$DIR/heat/plugins/stateshift_lab.py
+  mkdir -p "$DIR/heat/plugins"
+  cmp -s "$src" "$dst" && return 1
+  install -m 0644 "$src" "$dst"
+  return 0
+}
+
 start_heat() {
-  local pf=$DIR/run/heat.pid
-  if pid_alive "$pf" 'heat-all*' && [ "$(http_code "$HEAT_BASE/")" = 300 ]; then log "heat already up"; return; fi
+  local pf=$DIR/run/heat.pid changed=0
+  install_plugin && changed=1
+  if [ "$changed" = 0 ] && pid_alive "$pf" 'heat-all*' && [ "$(http_code "$HEAT_BASE/")" = 300 ] \
+     && cmp -s "$DIR/heat/heat.conf" "$DIR/run/heat.conf.running"; then log "heat already up"; return; fi
   stop_pid heat "$pf" 'heat-all*'
   port_busy "$HEAT_PORT" && die "port 127.0.0.1:$HEAT_PORT is taken by a process this script did not start"
-  setsid /usr/bin/heat-all --config-file "$DIR/heat/heat.conf" \
+  STATESHIFT_VMLAB_DIR=$LAB_DIR setsid /usr/bin/heat-all --config-file "$DIR/heat/heat.conf" \
     </dev/null >"$DIR/logs/heat-all.out" 2>&1 &
   echo $! >"$pf"
+  cp "$DIR/heat/heat.conf" "$DIR/run/heat.conf.running"
   wait_http "$HEAT_BASE/" '^300$' 120 "$pf" 'heat-all*' "$DIR/logs/heat.log"
   log "heat-all up on $HEAT_BASE (pid $(cat "$pf"))"
 }

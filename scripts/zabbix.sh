@@ -28,6 +28,8 @@ SERVER_PORT=${STATESHIFT_ZABBIX_SERVER_PORT:-25051}
 AGENT_PORT=${STATESHIFT_ZABBIX_AGENT_PORT:-25050}
 API_PORT=${STATESHIFT_ZABBIX_API_PORT:-25080}
 ZBX_HOST=stateshift-load
+LAB_LOAD_DELAY=${STATESHIFT_ZABBIX_LAB_LOAD_DELAY:-2s}
+HERE=$(cd "$(dirname "$0")" && pwd)
 ITEM_KEY='system.cpu.load[percpu,avg1]'
 API_USER=stateshift
 LOCKOUT_USER=stateshift-lockout
@@ -333,6 +335,45 @@ ensure_user() {  # ensure_user NAME PASSWORD TOKEN: a Super admin in "Zabbix adm
   fi
 }
 
+# What an operator does once for stateshift's VMs (deploy/zabbix/): import the template and
+# make the auto-registration action that adds every agent whose HostMetadata contains
+# stateshift-influxdb, in group "stateshift", linked to the template. The tests sample the
+# load every $LAB_LOAD_DELAY (the template's macro, 30s by default). Returns 0 when it
+# created something.
+autoregistration() {
+  local tok=$1 tid gid aid made=1
+  local src; src=$(cat "$HERE/../deploy/zabbix/stateshift-influxdb-vm.yaml")
+  tid=$(rpc_ok template.get '{"output":["templateid"],"filter":{"host":["stateshift InfluxDB VM"]}}' "$tok" | jq -r '.[0].templateid // empty')
+  if [ -z "$tid" ]; then
+    rpc_ok configuration.import "$(jq -cn --arg s "$src" '{format:"yaml",source:$s,rules:{
+        groups:{createMissing:true},
+        templates:{createMissing:true,updateExisting:true},
+        items:{createMissing:true,updateExisting:true},
+        triggers:{createMissing:true,updateExisting:true}}}')" "$tok" >/dev/null
+    tid=$(rpc_ok template.get '{"output":["templateid"],"filter":{"host":["stateshift InfluxDB VM"]}}' "$tok" | jq -r '.[0].templateid')
+    log "template 'stateshift InfluxDB VM' imported (templateid $tid)"
+    made=0
+  fi
+  local mid; mid=$(rpc_ok usermacro.get "$(jq -cn --arg t "$tid" '{output:["hostmacroid","value"],hostids:[$t],filter:{macro:"{$STATESHIFT.LOAD.DELAY}"}}')" "$tok")
+  if [ "$(echo "$mid" | jq -r '.[0].value')" != "$LAB_LOAD_DELAY" ]; then
+    rpc_ok usermacro.update "$(echo "$mid" | jq -c --arg v "$LAB_LOAD_DELAY" '{hostmacroid:.[0].hostmacroid,value:$v}')" "$tok" >/dev/null
+    made=0
+  fi
+  gid=$(rpc_ok hostgroup.get '{"output":["groupid"],"filter":{"name":["stateshift"]}}' "$tok" | jq -r '.[0].groupid // empty')
+  [ -n "$gid" ] || gid=$(rpc_ok hostgroup.create '{"name":"stateshift"}' "$tok" | jq -r '.groupids[0]')
+  aid=$(rpc_ok action.get '{"output":["actionid"],"filter":{"name":["stateshift: register InfluxDB VMs"]}}' "$tok" | jq -r '.[0].actionid // empty')
+  if [ -z "$aid" ]; then
+    rpc_ok action.create "$(jq -cn --arg g "$gid" --arg t "$tid" '{name:"stateshift: register InfluxDB VMs",
+        eventsource:2, status:0,
+        filter:{evaltype:0, conditions:[{conditiontype:24, operator:2, value:"stateshift-influxdb"}]},
+        operations:[{operationtype:2}, {operationtype:4, opgroup:[{groupid:$g}]},
+                    {operationtype:6, optemplate:[{templateid:$t}]}]}')" "$tok" >/dev/null
+    log "auto-registration action created (HostMetadata contains stateshift-influxdb)"
+    made=0
+  fi
+  return $made
+}
+
 configure() {
   local tok; tok=$(rpc_ok user.login '{"username":"Admin","password":"zabbix"}' | jq -r .)
   # The stock host "Zabbix server" polls an agent on 127.0.0.1:10050 (~100 items of noise).
@@ -365,6 +406,7 @@ configure() {
   chmod 600 "$DIR/state/api-password" "$DIR/state/lockout-password"
   ensure_user "$API_USER" "$(cat "$DIR/state/api-password")" "$tok"
   ensure_user "$LOCKOUT_USER" "$(cat "$DIR/state/lockout-password")" "$tok"
+  autoregistration "$tok" && created=1
   # the server picks the new item up now instead of at the next configuration sync
   [ "$created" = 1 ] && { /usr/sbin/zabbix_server -c "$DIR/etc/zabbix_server.conf" -R config_cache_reload >/dev/null 2>&1 || true; }
 
