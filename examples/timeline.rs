@@ -35,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let stacks = LocalStacks::new(&dir.join("local"), subnet)?;
     let spec = StackSpec {
+        secret_parameters: Default::default(),
         name: "svc-influx-0".into(),
         template: dir.join("none"),
         parameters: Default::default(),

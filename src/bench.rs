@@ -87,6 +87,7 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         let mut times = Vec::new();
         for i in 0..3 {
             let spec = StackSpec {
+                secret_parameters: Default::default(),
                 name: format!("bench-{i}"),
                 template: dir.join("none"),
                 parameters: Default::default(),

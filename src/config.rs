@@ -101,6 +101,7 @@ struct RawProvider {
     local_subnet: Option<u8>,
     template: Option<PathBuf>,
     parameters: Option<BTreeMap<String, ParamValue>>,
+    parameter_files: Option<BTreeMap<String, PathBuf>>,
     environment_files: Option<Vec<PathBuf>>,
     create_timeout: Option<String>,
     delete_timeout: Option<String>,
@@ -134,6 +135,7 @@ struct RawZabbix {
     host: Option<String>,
     key: Option<String>,
     timeout: Option<String>,
+    retire_old_hosts: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -169,6 +171,7 @@ struct RawSsh {
     identity_file: Option<PathBuf>,
     known_hosts_file: Option<PathBuf>,
     host_key_check: Option<String>,
+    host_keys: Option<Vec<String>>,
     connect_timeout: Option<String>,
     ready_timeout: Option<String>,
 }
@@ -206,6 +209,7 @@ struct RawMigration {
     user_passwords_file: Option<PathBuf>,
     existing_databases: Option<String>,
     transfer: Option<String>,
+    target_ready_timeout: Option<String>,
 }
 
 /// A secret given as a scalar: `STATESHIFT__SOURCE__PASSWORD=12345` arrives as a number
@@ -277,6 +281,11 @@ pub struct ProviderConfig {
     pub local_subnet: u8,
     pub template: PathBuf,
     pub parameters: BTreeMap<String, String>,
+    /// Template parameters whose values are secrets, read from `provider.parameter_files`
+    /// (e.g. the admin password a new InfluxDB VM is created with). Sent to the provider
+    /// only; never in logs, errors or the journal.
+    pub secret_parameters: BTreeMap<String, Secret>,
+    pub(crate) parameter_files: BTreeMap<String, PathBuf>,
     pub environment_files: Vec<PathBuf>,
     pub create_timeout: Duration,
     pub delete_timeout: Duration,
@@ -308,8 +317,22 @@ pub struct ZabbixMonitorConfig {
     pub host: String,
     pub key: String,
     pub timeout: Duration,
+    /// What happens to the Zabbix host of an InfluxDB VM once a verified migration has
+    /// deleted its stack.
+    pub retire_old_hosts: RetireHosts,
     pub(crate) password_file: Option<PathBuf>,
     pub(crate) api_token_file: Option<PathBuf>,
+}
+
+/// `monitor.zabbix.retire_old_hosts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetireHosts {
+    /// Delete the old VM's host (and its history) from Zabbix.
+    Delete,
+    /// Disable it: no data is expected, the history stays.
+    Disable,
+    /// Leave it as it is.
+    Keep,
 }
 
 #[derive(Debug, Clone)]
@@ -369,6 +392,11 @@ pub struct SshConfig {
     pub identity_file: Option<PathBuf>,
     pub known_hosts_file: Option<PathBuf>,
     pub host_key_check: HostKeyCheck,
+    /// Pinned host public keys (`type base64` each), e.g. what a VM reported through its
+    /// stack's `ssh_host_keys` output. When given, only these keys are accepted (strict),
+    /// whatever `known_hosts_file` holds: a reused address with a new VM behind it works,
+    /// an impostor does not.
+    pub host_keys: Vec<String>,
     pub connect_timeout: Duration,
     /// How long to keep retrying a host that does not accept SSH yet (fresh boot).
     pub ready_timeout: Duration,
@@ -439,6 +467,9 @@ pub struct MigrationConfig {
     pub user_passwords: BTreeMap<String, Secret>,
     pub existing_databases: ExistingDatabases,
     pub transfer: TransferMode,
+    /// How long `prepare` keeps asking a target InfluxDB that does not answer yet (a VM
+    /// still booting) before it calls the target unreachable.
+    pub target_ready_timeout: Duration,
     pub(crate) user_passwords_file: Option<PathBuf>,
 }
 
@@ -528,6 +559,12 @@ impl Config {
                     &p,
                 )?));
             }
+        }
+        for (name, p) in std::mem::take(&mut self.provider.parameter_files) {
+            let key = format!("provider.parameter_files.{name}");
+            self.provider
+                .secret_parameters
+                .insert(name, Secret::new(read_secret(fname, &key, &p)?));
         }
         if let Some(p) = self.api.token_file.take() {
             self.api.token = Some(Secret::new(read_secret(fname, "api.token_file", &p)?));
@@ -670,6 +707,21 @@ impl V<'_> {
                 ))
             }
         };
+        let host_keys = r.host_keys.unwrap_or_default();
+        for (i, key) in host_keys.iter().enumerate() {
+            if !crate::remote::is_public_key_line(key) {
+                return Err(self.err(
+                    &k(&format!("host_keys[{i}]")),
+                    format!("expected an SSH public key \"TYPE BASE64\" (e.g. ssh-ed25519 AAAA...), got {key:?}"),
+                ));
+            }
+        }
+        if !host_keys.is_empty() && host_key_check == HostKeyCheck::Off {
+            return Err(self.err(
+                &k("host_key_check"),
+                "is off but host_keys are pinned; drop one of them",
+            ));
+        }
         Ok(SshConfig {
             host,
             port: r.port.unwrap_or(22),
@@ -677,6 +729,7 @@ impl V<'_> {
             identity_file: r.identity_file,
             known_hosts_file: r.known_hosts_file,
             host_key_check,
+            host_keys,
             connect_timeout: self.duration(
                 &k("connect_timeout"),
                 r.connect_timeout.as_deref(),
@@ -782,6 +835,11 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             "refuse" => ExistingDatabases::Refuse,
             other => return Err(v.err("migration.existing_databases", format!("expected refuse, got {other:?} (merging into an existing database is not supported: InfluxDB's restore refuses it)"))),
         },
+        target_ready_timeout: v.duration(
+            "migration.target_ready_timeout",
+            m.target_ready_timeout.as_deref(),
+            Duration::from_secs(600),
+        )?,
     };
 
     let svc = raw.service;
@@ -827,13 +885,15 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         local_subnet: pr.local_subnet.unwrap_or(10),
         template: pr
             .template
-            .unwrap_or_else(|| PathBuf::from("heat-templates/influxdb-target.yaml")),
+            .unwrap_or_else(|| PathBuf::from("heat-templates/influxdb.yaml")),
         parameters: pr
             .parameters
             .unwrap_or_default()
             .into_iter()
             .map(|(k, v)| (k, v.into_string()))
             .collect(),
+        secret_parameters: BTreeMap::new(),
+        parameter_files: pr.parameter_files.unwrap_or_default(),
         environment_files: pr.environment_files.unwrap_or_default(),
         create_timeout: v.duration(
             "provider.create_timeout",
@@ -855,6 +915,16 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             }
         },
     };
+    if let Some(name) = provider
+        .parameter_files
+        .keys()
+        .find(|n| provider.parameters.contains_key(*n))
+    {
+        return Err(v.err(
+            &format!("provider.parameter_files.{name}"),
+            "the parameter is also in provider.parameters; give it in one place",
+        ));
+    }
     if provider.kind == ProviderKind::Heat && provider.heat.is_none() {
         return Err(v.err("provider.heat", "missing; provider.kind is heat"));
     }
@@ -926,6 +996,17 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
                         z.timeout.as_deref(),
                         Duration::from_secs(10),
                     )?,
+                    retire_old_hosts: match z.retire_old_hosts.as_deref().unwrap_or("delete") {
+                        "delete" => RetireHosts::Delete,
+                        "disable" => RetireHosts::Disable,
+                        "keep" => RetireHosts::Keep,
+                        other => {
+                            return Err(v.err(
+                                "monitor.zabbix.retire_old_hosts",
+                                format!("expected delete, disable or keep, got {other:?}"),
+                            ))
+                        }
+                    },
                     password_file: z.password_file,
                     api_token_file: z.api_token_file,
                 })
@@ -1076,5 +1157,106 @@ mod tests {
             e.contains("capture.quiet_period") && e.contains("\"10s\""),
             "{e}"
         );
+    }
+    #[test]
+    fn secret_template_parameters_come_from_files_and_never_print() {
+        let d = tempfile::tempdir().unwrap();
+        let pw = d.path().join("admin.password");
+        std::fs::write(&pw, "s3cret-admin-pw\n").unwrap();
+        let c = load(
+            &format!(
+                "{MIN}provider:\n  parameters:\n    flavor: m1.small\n  parameter_files:\n    influxdb_admin_password: {}\n",
+                pw.display()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.provider.secret_parameters["influxdb_admin_password"].expose(),
+            "s3cret-admin-pw"
+        );
+        assert!(!format!("{c:?}").contains("s3cret-admin-pw"));
+        // A parameter in both places is ambiguous.
+        let e = load(
+            &format!(
+                "{MIN}provider:\n  parameters:\n    x: 1\n  parameter_files:\n    x: {}\n",
+                pw.display()
+            ),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("provider.parameter_files.x"), "{e}");
+        // A missing file names the parameter.
+        let e = load(
+            &format!("{MIN}provider:\n  parameter_files:\n    p: /nonexistent/pw\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("provider.parameter_files.p") && e.contains("/nonexistent/pw"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pinned_host_keys_must_be_public_keys_and_cannot_be_combined_with_no_checking() {
+        const KEY: &str =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDIfEYXAUQtwmEsxcNkkgTeO4S3ZCKl0jGy837I7q9hC";
+        let c = load(
+            &format!("{MIN}  ssh:\n    host: h\n    host_keys: [\"{KEY}\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.source.ssh.unwrap().host_keys, [KEY]);
+        let e = load(
+            &format!("{MIN}  ssh:\n    host: h\n    host_keys: [\"{KEY}\", \"hello\"]\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("source.ssh.host_keys[1]"), "{e}");
+        let e = load(
+            &format!(
+                "{MIN}  ssh:\n    host: h\n    host_key_check: \"off\"\n    host_keys: [\"{KEY}\"]\n"
+            ),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("source.ssh.host_key_check"), "{e}");
+    }
+
+    #[test]
+    fn the_target_readiness_wait_and_the_old_zabbix_host_policy_have_defaults_and_checks() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.migration.target_ready_timeout, Duration::from_secs(600));
+        assert_eq!(
+            c.provider.template,
+            PathBuf::from("heat-templates/influxdb.yaml")
+        );
+        let z = "monitor:\n  kind: zabbix\n  zabbix:\n    url: http://z/api_jsonrpc.php\n    username: u\n    password: p\n    host: h\n";
+        let c = load(&format!("{MIN}{z}"), &[]).unwrap();
+        assert_eq!(
+            c.monitor.zabbix.unwrap().retire_old_hosts,
+            RetireHosts::Delete
+        );
+        let e = load(&format!("{MIN}{z}    retire_old_hosts: burn\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("monitor.zabbix.retire_old_hosts"), "{e}");
+        let c = load(
+            &format!(
+                "{MIN}{z}    retire_old_hosts: disable\nmigration:\n  target_ready_timeout: 90s\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.monitor.zabbix.unwrap().retire_old_hosts,
+            RetireHosts::Disable
+        );
+        assert_eq!(c.migration.target_ready_timeout, Duration::from_secs(90));
     }
 }

@@ -74,6 +74,7 @@ pub async fn run(dir: &Path, points: u64) -> anyhow::Result<Outcome2> {
     let local_dir = dir.join("local");
     let stacks = LocalStacks::new(&local_dir, 10)?;
     let spec = StackSpec {
+        secret_parameters: Default::default(),
         name: "demo-influx-0".into(),
         template: dir.join("none"),
         parameters: Default::default(),

@@ -48,6 +48,11 @@ enum Cmd {
               value_parser = clap::value_parser!(u32).range(1..=1000))]
         timeline_rate: u32,
     },
+    /// The configuration file, offline.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Run the service orchestrator: poll, predict, migrate, with its HTTP API.
     Daemon {
         #[arg(short, long)]
@@ -115,6 +120,16 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Load and validate FILE with its environment overrides and secret files, contacting
+    /// nothing: exit 0 when the daemon would accept it, 2 with the file and key otherwise.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -135,6 +150,21 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> ExitCode {
     match cmd {
+        Cmd::Config {
+            cmd: ConfigCmd::Check { config },
+        } => match load_config(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok (service {}, provider {:?}, monitor {:?})",
+                    config.display(),
+                    cfg.service.name,
+                    cfg.provider.kind,
+                    cfg.monitor.kind
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
         Cmd::Migrate {
             config,
             yes,
@@ -573,6 +603,9 @@ async fn machine_migrate(
                 "migration {} succeeded: verified, old stack disposed of",
                 rep.migration_id
             );
+            for line in stateshift::daemon::retire_monitor_hosts(cfg).await {
+                println!("{line}");
+            }
             (ExitCode::SUCCESS, serde_json::to_string_pretty(rep))
         }
         Err(e) => {

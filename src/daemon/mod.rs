@@ -99,31 +99,12 @@ impl Load {
                 Load::Process(procload::ProcessCpu::new(needle))
             }
             MonitorKind::Zabbix => {
-                use crate::monitor::zabbix::{Credentials, SourceConfig, Zabbix, ZabbixConfig};
+                use crate::monitor::zabbix::{SourceConfig, Zabbix};
                 let Some(z) = cfg.monitor.zabbix.as_ref() else {
                     return Load::Broken("monitor.zabbix is missing".into());
                 };
-                let credentials = match (&z.api_token, &z.username, &z.password) {
-                    (Some(t), _, _) => Credentials::ApiToken(t.clone()),
-                    (None, Some(u), Some(pw)) => Credentials::Password {
-                        user: u.clone(),
-                        password: pw.clone(),
-                    },
-                    _ => return Load::Broken("monitor.zabbix: no credentials".into()),
-                };
-                // After a migration the load is that of the new VM, if the template names it.
-                let host = p
-                    .outputs
-                    .as_ref()
-                    .and_then(|o| o.raw.get("zabbix_host"))
-                    .and_then(|h| h.as_str())
-                    .map(String::from)
-                    .unwrap_or_else(|| z.host.clone());
-                match Zabbix::new(ZabbixConfig {
-                    url: z.url.clone(),
-                    credentials,
-                    timeout: z.timeout,
-                }) {
+                let host = zabbix_host_of(z, p);
+                match Zabbix::from_monitor_config(z) {
                     Ok(client) => {
                         let mut sc = SourceConfig::new(host);
                         sc.key = z.key.clone();
@@ -153,6 +134,82 @@ impl Load {
             Load::Broken(why) => Some(Err(why.clone())),
         }
     }
+}
+
+/// The Zabbix host of the InfluxDB VM at `p`: the stack's `zabbix_host` output when the
+/// template names it (every VM after a migration), else the configured host.
+fn zabbix_host_of(z: &crate::config::ZabbixMonitorConfig, p: &Placement) -> String {
+    p.outputs
+        .as_ref()
+        .and_then(|o| o.raw.get("zabbix_host"))
+        .and_then(|h| h.as_str())
+        .filter(|h| !h.is_empty())
+        .map(String::from)
+        .unwrap_or_else(|| z.host.clone())
+}
+
+/// Retire, in Zabbix, the host of every InfluxDB VM a succeeded migration moved away from
+/// and deleted (`monitor.zabbix.retire_old_hosts`), so no stale host is left behind after
+/// each migration; each retirement is journaled, so it happens once, and one that failed
+/// (Zabbix down) is tried again on the next call. Never the host the service runs on.
+/// Returns one line per host retired or failed.
+pub async fn retire_monitor_hosts(cfg: &Config) -> Vec<String> {
+    use crate::config::RetireHosts;
+    use crate::migrate::journal::{Event, Journal, Outcome};
+    let Some(z) = cfg.monitor.zabbix.as_ref() else {
+        return Vec::new();
+    };
+    if cfg.monitor.kind != MonitorKind::Zabbix || z.retire_old_hosts == RetireHosts::Keep {
+        return Vec::new();
+    }
+    let Ok(st) = machine::state(cfg) else {
+        return Vec::new();
+    };
+    let current = zabbix_host_of(z, &machine::current_source(cfg, &st));
+    let pending: Vec<(String, String)> = st
+        .migrations
+        .iter()
+        .filter(|m| m.outcome == Some(Outcome::Succeeded) && m.old_deleted && !m.monitor_retired)
+        .filter_map(|m| Some((m.id.clone(), zabbix_host_of(z, m.source.as_ref()?))))
+        .filter(|(_, host)| *host != current)
+        .collect();
+    if pending.is_empty() {
+        return Vec::new();
+    }
+    let mut client = match crate::monitor::zabbix::Zabbix::from_monitor_config(z) {
+        Ok(c) => c,
+        Err(e) => return vec![format!("cannot retire old Zabbix hosts: {e}")],
+    };
+    let mut lines = Vec::new();
+    for (id, host) in pending {
+        match client.retire_host(&host, z.retire_old_hosts).await {
+            Ok(changed) => {
+                let paths = machine::Paths::of(cfg);
+                let recorded = Journal::open(&paths.journal).and_then(|mut j| {
+                    j.append(&id, Event::MonitorHostRetired { host: host.clone() })
+                });
+                if let Err(e) = recorded {
+                    tracing::warn!(error = %e, %host, "could not journal the retired Zabbix host");
+                }
+                let what = match (changed, z.retire_old_hosts) {
+                    (false, _) => "was already gone from",
+                    (true, RetireHosts::Disable) => "disabled in",
+                    _ => "deleted from",
+                };
+                tracing::info!(%host, migration = %id, "old InfluxDB VM's host {what} Zabbix");
+                lines.push(format!(
+                    "Zabbix host {host} (the old InfluxDB VM) {what} Zabbix"
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %host, "could not retire the old VM's Zabbix host; will retry");
+                lines.push(format!(
+                    "could not retire the Zabbix host {host}: {e} (retried later)"
+                ));
+            }
+        }
+    }
+    lines
 }
 
 /// Run the daemon until `shutdown` is cancelled. `progress` receives migration progress
@@ -227,6 +284,13 @@ pub async fn run(
                         tracing::error!(error = %e, "an interrupted migration could not be settled yet; retrying")
                     }
                 }
+            }
+            if st
+                .migrations
+                .iter()
+                .any(|m| m.old_deleted && !m.monitor_retired)
+            {
+                retire_monitor_hosts(&cfg).await;
             }
             let now = machine::current_source(&cfg, &st);
             if now.influx_url != source.influx_url {

@@ -73,6 +73,12 @@ pub enum MigrateError {
     TargetNotEmpty { target: String, db: String },
     #[error("prepare: source user {user:?} has no password in migration.user_passwords_file; InfluxDB never exports password hashes, so the user cannot be recreated on the target without it")]
     MissingPassword { user: String },
+    #[error("prepare: the target InfluxDB {url} did not answer within {waited:?} (migration.target_ready_timeout); last error: {last}")]
+    TargetNotReady {
+        url: String,
+        waited: Duration,
+        last: String,
+    },
     #[error("{phase}: {msg}")]
     Failed { phase: Phase, msg: String },
     #[error("verify: the target is missing data; nothing was deleted, the source keeps everything. {summary}")]
@@ -89,9 +95,9 @@ impl MigrateError {
             | MigrateError::Remote { phase, .. }
             | MigrateError::Spool { phase, .. }
             | MigrateError::Failed { phase, .. } => *phase,
-            MigrateError::TargetNotEmpty { .. } | MigrateError::MissingPassword { .. } => {
-                Phase::Prepare
-            }
+            MigrateError::TargetNotEmpty { .. }
+            | MigrateError::MissingPassword { .. }
+            | MigrateError::TargetNotReady { .. } => Phase::Prepare,
             MigrateError::VerifyFailed { .. } => Phase::Verify,
         }
     }
@@ -431,9 +437,12 @@ impl Migration<'_> {
         let dst_cfg = self.target_cfg.clone();
         let src_influx = Influx::from_config(&src_cfg);
         let dst_influx = Influx::from_config(&dst_cfg);
-        let (a, b) = tokio::join!(src_influx.ping(), dst_influx.ping());
+        let (a, b) = tokio::join!(
+            src_influx.ping(),
+            wait_ready(&dst_influx, self.cfg.migration.target_ready_timeout)
+        );
         a.map_err(Self::influx_err(p))?;
-        b.map_err(Self::influx_err(p))?;
+        b?;
         // Authentication is checked by a real query on both sides.
         let dbs = src_influx.databases().await.map_err(Self::influx_err(p))?;
         let dst_dbs = dst_influx.databases().await.map_err(Self::influx_err(p))?;
@@ -1770,6 +1779,37 @@ fn with_port(url: &str, port: u16) -> String {
         _ => authority,
     };
     format!("{scheme}://{host}:{port}{path}")
+}
+
+/// Wait until a (new) InfluxDB answers an authenticated query: a VM that its stack calls
+/// complete may still be starting it. Network trouble and 5xx are retried with backoff
+/// until `timeout`; a refusal (wrong credentials, a 4xx) fails at once.
+async fn wait_ready(influx: &Influx, timeout: Duration) -> Result<(), MigrateError> {
+    let start = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match influx.databases().await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_transient() && start.elapsed() + delay < timeout => {
+                tracing::info!(url = %influx.url(), error = %e, "target InfluxDB not answering yet; waiting");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) if e.is_transient() => {
+                return Err(MigrateError::TargetNotReady {
+                    url: influx.url().to_string(),
+                    waited: start.elapsed(),
+                    last: e.to_string(),
+                })
+            }
+            Err(source) => {
+                return Err(MigrateError::Influx {
+                    phase: Phase::Prepare,
+                    source,
+                })
+            }
+        }
+    }
 }
 
 #[cfg(test)]

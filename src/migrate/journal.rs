@@ -66,6 +66,11 @@ pub enum Event {
     },
     OldStackDeleting,
     OldStackDeleted,
+    /// The old VM's host in the monitoring system was retired (deleted or disabled) after
+    /// its stack went; recorded so it is done once, also after a restart.
+    MonitorHostRetired {
+        host: String,
+    },
     WindowReset,
     Finished {
         outcome: Outcome,
@@ -216,6 +221,8 @@ pub struct MigrationSummary {
     pub verified: bool,
     pub old_deleting: bool,
     pub old_deleted: bool,
+    /// The old VM's monitoring host was retired.
+    pub monitor_retired: bool,
     pub window_reset: bool,
     pub outcome: Option<Outcome>,
     pub error: Option<String>,
@@ -294,6 +301,7 @@ impl JournalState {
                 }
                 Event::OldStackDeleting => m.old_deleting = true,
                 Event::OldStackDeleted => m.old_deleted = true,
+                Event::MonitorHostRetired { .. } => m.monitor_retired = true,
                 Event::WindowReset => m.window_reset = true,
                 Event::Finished { outcome, error, .. } => {
                     m.outcome = Some(*outcome);

@@ -157,6 +157,11 @@ impl Provider {
                 ssh: cfg.provider.ssh.clone().map(|mut c| {
                     c.host = o.ssh_host.clone();
                     c.port = o.ssh_port;
+                    // The keys the VM reported through its stack: checked from the first
+                    // contact on, and a reused address with a new VM behind it just works.
+                    if !o.ssh_host_keys.is_empty() {
+                        c.host_keys = o.ssh_host_keys.clone();
+                    }
                     c
                 }),
                 work_dir: cfg.source.work_dir.clone(),
@@ -372,13 +377,7 @@ pub async fn migrate(
     let name = format!("{}-influx-{id}", cfg.service.name);
     append(Event::StackCreating { name: name.clone() })?;
     progress.note(&format!("creating the target stack {name}"));
-    let spec = StackSpec {
-        name: name.clone(),
-        template: cfg.provider.template.clone(),
-        parameters: cfg.provider.parameters.clone(),
-        environment_files: cfg.provider.environment_files.clone(),
-        timeout: cfg.provider.create_timeout,
-    };
+    let spec = target_spec(cfg, name.clone());
     let target = match provider.create(&spec).await {
         Ok(Some((stack, outputs))) => Placement {
             influx_url: outputs.influxdb_url.clone(),
@@ -454,6 +453,18 @@ pub async fn migrate(
         cfg, provider, &journal, &id, source, target, result, progress,
     )
     .await
+}
+
+/// The target stack a migration of this service creates.
+fn target_spec(cfg: &Config, name: String) -> StackSpec {
+    StackSpec {
+        name,
+        template: cfg.provider.template.clone(),
+        parameters: cfg.provider.parameters.clone(),
+        secret_parameters: cfg.provider.secret_parameters.clone(),
+        environment_files: cfg.provider.environment_files.clone(),
+        timeout: cfg.provider.create_timeout,
+    }
 }
 
 /// Make sure no stack named `name` is left after a failed create: find it, delete it.
@@ -796,13 +807,7 @@ pub async fn preflight(cfg: &Config, provider: &Provider) -> Result<Vec<String>,
             lines.push(format!(
                 "provider: Keystone authentication accepted; orchestration endpoint {ep}"
             ));
-            let spec = StackSpec {
-                name: format!("{}-influx-preflight", cfg.service.name),
-                template: cfg.provider.template.clone(),
-                parameters: cfg.provider.parameters.clone(),
-                environment_files: cfg.provider.environment_files.clone(),
-                timeout: cfg.provider.create_timeout,
-            };
+            let spec = target_spec(cfg, format!("{}-influx-preflight", cfg.service.name));
             h.validate(&spec).await.map_err(|e| e.to_string())?;
             lines.push(format!(
                 "Heat validates {} with the configured parameters",
@@ -813,21 +818,8 @@ pub async fn preflight(cfg: &Config, provider: &Provider) -> Result<Vec<String>,
     if let (crate::config::MonitorKind::Zabbix, Some(z)) =
         (cfg.monitor.kind, cfg.monitor.zabbix.as_ref())
     {
-        use crate::monitor::zabbix::{Credentials, Zabbix, ZabbixConfig};
-        let credentials = match (&z.api_token, &z.username, &z.password) {
-            (Some(t), _, _) => Credentials::ApiToken(t.clone()),
-            (None, Some(u), Some(pw)) => Credentials::Password {
-                user: u.clone(),
-                password: pw.clone(),
-            },
-            _ => return Err("monitor.zabbix: no credentials".into()),
-        };
-        let mut c = Zabbix::new(ZabbixConfig {
-            url: z.url.clone(),
-            credentials,
-            timeout: z.timeout,
-        })
-        .map_err(|e| e.to_string())?;
+        let mut c =
+            crate::monitor::zabbix::Zabbix::from_monitor_config(z).map_err(|e| e.to_string())?;
         c.item(&z.host, &z.key).await.map_err(|e| e.to_string())?;
         lines.push(format!(
             "Zabbix {}: host {:?} has item {:?}",

@@ -59,7 +59,7 @@ pub const MAX_ANSWER_BYTES: usize = 8 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ZabbixError {
     /// The configured API URL is unusable.
-    #[error("zabbix.url {url:?}: {problem}")]
+    #[error("monitor.zabbix.url {url:?}: {problem}")]
     InvalidUrl { url: String, problem: String },
     /// No HTTP answer (connection refused, timeout, reset).
     #[error("zabbix {url}: {method}: no answer{}: {source}", within(.timed_out))]
@@ -102,7 +102,7 @@ pub enum ZabbixError {
         data: String,
     },
     /// `user.login` was refused (wrong user or password, or the account is blocked).
-    #[error("zabbix {url}: login as {user:?} refused: {detail} (check zabbix.user and the password; five failed logins block the account for 30 s)")]
+    #[error("zabbix {url}: login as {user:?} refused: {detail} (check monitor.zabbix.username and its password; five failed logins block the account for 30 s)")]
     LoginRefused {
         url: String,
         user: String,
@@ -720,7 +720,7 @@ impl Zabbix {
         }
         if !url.username().is_empty() || url.password().is_some() {
             return Err(invalid(
-                "credentials do not belong in the URL; set zabbix.user and the password",
+                "credentials do not belong in the URL; set monitor.zabbix.username and password_file",
             ));
         }
         let http = reqwest::Client::builder()
@@ -982,6 +982,64 @@ impl Zabbix {
                 CappedReadError::Transport(source) => unreachable(source),
             })?;
         decode_answer(self.url.as_str(), method, &body)
+    }
+
+    /// A client for the daemon's `monitor.zabbix` section.
+    pub fn from_monitor_config(
+        z: &crate::config::ZabbixMonitorConfig,
+    ) -> Result<Zabbix, ZabbixError> {
+        let credentials = match (&z.api_token, &z.username, &z.password) {
+            (Some(t), _, _) => Credentials::ApiToken(t.clone()),
+            (None, Some(u), Some(pw)) => Credentials::Password {
+                user: u.clone(),
+                password: pw.clone(),
+            },
+            _ => {
+                return Err(ZabbixError::InvalidUrl {
+                    url: z.url.clone(),
+                    problem: "no credentials: give monitor.zabbix.username and password_file, or api_token_file".into(),
+                })
+            }
+        };
+        Zabbix::new(ZabbixConfig {
+            url: z.url.clone(),
+            credentials,
+            timeout: z.timeout,
+        })
+    }
+
+    /// Retire the host named `host` once its VM is gone: delete it, or disable it (no data
+    /// is expected any more; the history stays). `Ok(false)`: no such host (already
+    /// retired, or never registered).
+    pub async fn retire_host(
+        &mut self,
+        host: &str,
+        how: crate::config::RetireHosts,
+    ) -> Result<bool, ZabbixError> {
+        use crate::config::RetireHosts;
+        let result = self
+            .call_value(
+                "host.get",
+                json!({ "output": ["hostid"], "filter": { "host": [host] } }),
+            )
+            .await?;
+        let Some(id) = decode_host_ids(self.url.as_str(), result)?
+            .into_iter()
+            .next()
+        else {
+            return Ok(false);
+        };
+        match how {
+            RetireHosts::Keep => return Ok(false),
+            RetireHosts::Delete => {
+                self.call_value("host.delete", json!([id])).await?;
+            }
+            RetireHosts::Disable => {
+                self.call_value("host.update", json!({ "hostid": id, "status": 1 }))
+                    .await?;
+            }
+        }
+        Ok(true)
     }
 
     /// The id of the host whose technical name is `host`. `key` only names the item being

@@ -33,6 +33,8 @@ pub enum RemoteError {
     },
     #[error("{host}: SSH host key verification failed: the key offered by {host} is unknown or has changed; check it and add the right key to the known-hosts file ({known_hosts}), or set host_key_check: accept-new for a host never seen before")]
     HostKey { host: String, known_hosts: String },
+    #[error("{host}: the SSH host key it offers is none of the keys pinned for it (the stack's ssh_host_keys output, or ssh.host_keys): refusing to connect, another machine may answer at this address")]
+    PinnedHostKey { host: String },
     #[error("{host}: SSH authentication refused for user {user}: check the identity file and the host's authorized_keys")]
     AuthRefused { host: String, user: String },
     #[error(
@@ -59,6 +61,25 @@ impl RemoteError {
     pub fn is_transient(&self) -> bool {
         matches!(self, RemoteError::NotReady { .. } | RemoteError::Ssh { .. })
     }
+}
+
+/// Whether `line` looks like an OpenSSH public key: `TYPE BASE64 [comment]` with a key
+/// type OpenSSH knows and a base64 body.
+pub fn is_public_key_line(line: &str) -> bool {
+    let mut parts = line.split_whitespace();
+    let (Some(kind), Some(body)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let known = matches!(
+        kind,
+        "ssh-ed25519" | "ssh-rsa" | "sk-ssh-ed25519@openssh.com"
+    ) || kind.starts_with("ecdsa-sha2-")
+        || kind.starts_with("sk-ecdsa-sha2-");
+    known
+        && body.len() >= 16
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
 }
 
 pub type BoxRead = Pin<Box<dyn AsyncRead + Send>>;

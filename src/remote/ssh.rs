@@ -12,6 +12,54 @@ use crate::config::{HostKeyCheck, SshConfig};
 pub struct SshRemote {
     session: Arc<Session>,
     name: String,
+    /// The known-hosts file made from pinned keys, removed with the session.
+    _pinned: Option<PinnedKnownHosts>,
+}
+
+/// A private known-hosts file holding exactly the keys pinned for one host: OpenSSH then
+/// accepts those keys and nothing else (`StrictHostKeyChecking=yes`), whatever the user's
+/// own known-hosts file says about the address.
+struct PinnedKnownHosts(std::path::PathBuf);
+
+impl PinnedKnownHosts {
+    fn write(c: &SshConfig) -> std::io::Result<PinnedKnownHosts> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "stateshift-known-hosts-{}-{n}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        let host = if c.port == 22 {
+            c.host.clone()
+        } else {
+            format!("[{}]:{}", c.host, c.port)
+        };
+        for key in &c.host_keys {
+            let mut parts = key.split_whitespace();
+            if let (Some(kind), Some(body)) = (parts.next(), parts.next()) {
+                writeln!(f, "{host} {kind} {body}")?;
+            }
+        }
+        f.sync_all()?;
+        Ok(PinnedKnownHosts(path))
+    }
+}
+
+impl Drop for PinnedKnownHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The full chain of an error's causes on one line (ssh's own stderr is in the chain).
@@ -40,7 +88,11 @@ impl SshRemote {
             .port(c.port)
             .connect_timeout(c.connect_timeout)
             .server_alive_interval(Duration::from_secs(15))
+            // Not the working directory (openssh's default): under systemd that is `/`,
+            // read-only with ProtectSystem=strict.
+            .control_directory(std::env::temp_dir())
             .known_hosts_check(match c.host_key_check {
+                _ if !c.host_keys.is_empty() => KnownHosts::Strict,
                 HostKeyCheck::Strict => KnownHosts::Strict,
                 HostKeyCheck::AcceptNew => KnownHosts::Add,
                 HostKeyCheck::Off => KnownHosts::Accept,
@@ -48,9 +100,19 @@ impl SshRemote {
         if let Some(k) = &c.identity_file {
             b.keyfile(k);
         }
-        if let Some(k) = &c.known_hosts_file {
-            b.user_known_hosts_file(k);
-        }
+        let pinned = if c.host_keys.is_empty() {
+            if let Some(k) = &c.known_hosts_file {
+                b.user_known_hosts_file(k);
+            }
+            None
+        } else {
+            let p = PinnedKnownHosts::write(c).map_err(|e| RemoteError::Ssh {
+                host: name.clone(),
+                msg: format!("cannot write the pinned host keys to a temporary file: {e}"),
+            })?;
+            b.user_known_hosts_file(&p.0);
+            Some(p)
+        };
         let start = tokio::time::Instant::now();
         let mut delay = Duration::from_millis(100);
         let mut attempts = 0u32;
@@ -62,6 +124,7 @@ impl SshRemote {
                     return Ok(SshRemote {
                         session: Arc::new(session),
                         name,
+                        _pinned: pinned,
                     });
                 }
                 Err(e) => {
@@ -71,6 +134,9 @@ impl SshRemote {
                         || msg.contains("No ED25519 host key is known")
                         || msg.contains("host key for")
                     {
+                        if pinned.is_some() {
+                            return Err(RemoteError::PinnedHostKey { host: name });
+                        }
                         return Err(RemoteError::HostKey {
                             host: name,
                             known_hosts: c

@@ -1467,12 +1467,20 @@ fn stack_body(spec: &StackSpec) -> Result<Value, String> {
         env_names.push(name);
     }
     let mins = spec.timeout.as_secs().div_ceil(60).max(1);
+    let mut parameters: BTreeMap<&str, &str> = spec
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    for (k, v) in &spec.secret_parameters {
+        parameters.insert(k.as_str(), v.expose());
+    }
     Ok(json!({
         "stack_name": spec.name,
         "template": template,
         "files": files,
         "environment_files": env_names,
-        "parameters": spec.parameters,
+        "parameters": parameters,
         "timeout_mins": mins,
         "disable_rollback": true,
     }))
@@ -1902,6 +1910,7 @@ mod tests {
         .unwrap();
         std::fs::write(d.join("e2.yaml"), "parameter_defaults: {a: b}\n").unwrap();
         let spec = StackSpec {
+            secret_parameters: Default::default(),
             name: "s".into(),
             template: d.join("t.yaml"),
             parameters: [("p".to_string(), "v".to_string())].into(),

@@ -435,6 +435,7 @@ bind-address = "{a}:{RPC_PORT}"
             identity_file: Some(keys.client_key.clone()),
             known_hosts_file: Some(keys.known_hosts.clone()),
             host_key_check: HostKeyCheck::Strict,
+            host_keys: Vec::new(),
             connect_timeout: Duration::from_secs(5),
             ready_timeout: Duration::from_secs(20),
         }
@@ -584,6 +585,7 @@ impl LocalStacks {
                 identity_file: Some(self.keys.client_key.clone()),
                 known_hosts_file: Some(self.keys.known_hosts.clone()),
                 host_key_check: HostKeyCheck::Strict,
+                host_keys: Vec::new(),
                 connect_timeout: Duration::from_secs(5),
                 ready_timeout: Duration::from_secs(30),
             }),

@@ -20,6 +20,9 @@ pub struct StackSpec {
     pub template: PathBuf,
     /// Template parameters.
     pub parameters: BTreeMap<String, String>,
+    /// Template parameters that are secrets (the provider sends them with the others;
+    /// `Debug` never shows them).
+    pub secret_parameters: BTreeMap<String, crate::util::Secret>,
     /// Environment files (Heat `environment_files`), in order.
     pub environment_files: Vec<PathBuf>,
     /// Give up on a create that is not complete after this long (the stack is deleted).
@@ -44,6 +47,10 @@ pub struct StackOutputs {
     /// Where its SSH server answers.
     pub ssh_host: String,
     pub ssh_port: u16,
+    /// The VM's SSH host public keys as the VM itself reported them (optional output
+    /// `ssh_host_keys`): pinned, so the first contact is verified too.
+    #[serde(default)]
+    pub ssh_host_keys: Vec<String>,
     /// Every output as the provider returned it.
     pub raw: BTreeMap<String, serde_json::Value>,
 }
@@ -142,14 +149,67 @@ impl StackOutputs {
                 output: "ssh_port".into(),
                 expected: "a port number",
             })?;
+        let ssh_host_keys = match raw.get("ssh_host_keys") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(v) => host_keys(v).ok_or_else(|| StackError::Output {
+                name: name.into(),
+                output: "ssh_host_keys".into(),
+                expected: "SSH public keys (\"TYPE BASE64\" lines, a list of them, or a WaitCondition's data holding them)",
+            })?,
+        };
         Ok(StackOutputs {
             influxdb_host: s("influxdb_host")?,
             influxdb_url: s("influxdb_url")?,
             ssh_host: s("ssh_host")?,
             ssh_port: port,
+            ssh_host_keys,
             raw,
         })
     }
+}
+
+/// SSH host keys from a stack output: `TYPE BASE64` lines, a list of such strings, or the
+/// JSON text of a WaitCondition's `data` attribute (`{"<signal id>": "<lines>"}`), which
+/// is how the templates publish what the VM reported. `None` when any line is not a key
+/// (an empty value gives no keys: a template without them falls back to known_hosts).
+pub fn host_keys(v: &serde_json::Value) -> Option<Vec<String>> {
+    fn lines(text: &str, out: &mut Vec<String>) -> Option<()> {
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            if !crate::remote::is_public_key_line(line) {
+                return None;
+            }
+            out.push(
+                line.split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        Some(())
+    }
+    let mut out = Vec::new();
+    match v {
+        serde_json::Value::String(s) if s.trim_start().starts_with('{') => {
+            let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(s).ok()?;
+            // The templates signal with id "ssh_host_keys"; other signals may carry other data.
+            match obj.get("ssh_host_keys") {
+                Some(val) => lines(val.as_str()?, &mut out)?,
+                None => {
+                    for val in obj.values() {
+                        lines(val.as_str()?, &mut out)?;
+                    }
+                }
+            }
+        }
+        serde_json::Value::String(s) => lines(s, &mut out)?,
+        serde_json::Value::Array(a) => {
+            for val in a {
+                lines(val.as_str()?, &mut out)?;
+            }
+        }
+        _ => return None,
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -178,5 +238,43 @@ mod tests {
         raw.insert("ssh_port".to_string(), json!("22"));
         let e = StackOutputs::from_raw("s", raw).unwrap_err().to_string();
         assert!(e.contains("influxdb_url"), "{e}");
+    }
+
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDIfEYXAUQtwmEsxcNkkgTeO4S3ZCKl0jGy837I7q9hC";
+    const EC: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTY=";
+
+    #[test]
+    fn host_keys_come_from_a_wait_conditions_data_or_plain_lines_and_anything_else_is_refused() {
+        let data = json!({ "ssh_host_keys": format!("{ED}\n{EC}\n") }).to_string();
+        assert_eq!(
+            host_keys(&json!(data)),
+            Some(vec![ED.to_string(), EC.to_string()])
+        );
+        assert_eq!(
+            host_keys(&json!(format!("{ED} root@vm\n"))),
+            Some(vec![ED.to_string()]),
+            "the comment is dropped"
+        );
+        assert_eq!(host_keys(&json!([ED, EC])).map(|k| k.len()), Some(2));
+        assert_eq!(host_keys(&json!("")), Some(vec![]));
+        // A boot that failed signals empty data: no keys, not an error.
+        assert_eq!(host_keys(&json!("{\"ssh_host_keys\": \"\"}")), Some(vec![]));
+        assert_eq!(host_keys(&json!("not a key")), None);
+        assert_eq!(host_keys(&json!("{\"x\": \"ssh-ed25519 !!!\"}")), None);
+        assert_eq!(host_keys(&json!(42)), None);
+        let two = json!({ "ssh_host_keys": ED, "api_certificate": "-----BEGIN CERTIFICATE-----" });
+        assert_eq!(
+            host_keys(&json!(two.to_string())),
+            Some(vec![ED.to_string()])
+        );
+        let mut raw = BTreeMap::new();
+        raw.insert("influxdb_host".to_string(), json!("10.0.0.13"));
+        raw.insert("influxdb_url".to_string(), json!("http://10.0.0.13:8086"));
+        raw.insert("ssh_host".to_string(), json!("10.0.0.13"));
+        raw.insert("ssh_port".to_string(), json!(22));
+        raw.insert("ssh_host_keys".to_string(), json!("garbage"));
+        let e = StackOutputs::from_raw("s", raw).unwrap_err().to_string();
+        assert!(e.contains("ssh_host_keys"), "{e}");
     }
 }

@@ -207,6 +207,7 @@ fn label(e: &Event) -> Option<String> {
         | Event::PhaseDone { .. }
         | Event::WritersRepointing
         | Event::OldStackDeleted
+        | Event::MonitorHostRetired { .. }
         | Event::WindowReset => return None,
     })
 }

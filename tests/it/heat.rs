@@ -121,6 +121,7 @@ pub(crate) fn fixture(name: &str) -> PathBuf {
 
 fn spec(name: &str, template: PathBuf, params: &[(&str, &str)]) -> StackSpec {
     StackSpec {
+        secret_parameters: Default::default(),
         name: name.into(),
         template,
         parameters: params

@@ -148,6 +148,7 @@ impl Default for Knobs {
 
 fn target_at_spec(name: &str, vm: &LocalVm) -> StackSpec {
     StackSpec {
+        secret_parameters: Default::default(),
         name: name.into(),
         template: fixture("target-at.yaml"),
         parameters: [

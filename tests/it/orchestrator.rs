@@ -92,6 +92,7 @@ pub(crate) async fn service_seeded(subnet: u8, points: u64) -> Svc {
     let dir = tmp.path().to_path_buf();
     let stacks = LocalStacks::new(&dir.join("local"), subnet).unwrap();
     let spec = StackSpec {
+        secret_parameters: Default::default(),
         name: "svc-influx-0".into(),
         template: dir.join("none"),
         parameters: Default::default(),

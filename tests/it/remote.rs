@@ -127,3 +127,72 @@ async fn ssh_to_a_host_that_never_answers_gives_up_with_a_clear_error() {
     );
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+/// The host public key of the local VMs' sshd, `TYPE BASE64`.
+fn host_public_key(keys: &SshKeys) -> String {
+    std::fs::read_to_string(keys.host_key.with_extension("pub"))
+        .unwrap()
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_host_keys_are_the_only_ones_accepted_whatever_known_hosts_says() {
+    let tmp = tempfile::Builder::new()
+        .prefix("ss-it")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let keys = SshKeys::ensure(&tmp.path().join("keys")).unwrap();
+    let vm = LocalVm::start(
+        &tmp.path().join("vm"),
+        VmOptions {
+            ssh: Some(keys.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let right = host_public_key(&keys);
+    // Another machine's key, as a reused address would have in a stale known_hosts.
+    let other = SshKeys::ensure(&tmp.path().join("other")).unwrap();
+    let wrong = host_public_key(&other);
+    let mut cfg = vm.ssh_config(&keys);
+    cfg.ready_timeout = Duration::from_secs(5);
+    std::fs::write(
+        &keys.known_hosts,
+        format!("[{}]:{} {wrong}\n", cfg.host, cfg.port),
+    )
+    .unwrap();
+    // Without pinning, the stale entry wins: refused as a changed key.
+    let err = SshRemote::connect(&cfg).await.err().expect("stale key");
+    assert!(matches!(err, RemoteError::HostKey { .. }), "{err}");
+    // Pinned: the key the VM reported is accepted, the known_hosts file is not consulted.
+    cfg.host_keys = vec![right.clone()];
+    let ssh = SshRemote::connect(&cfg).await.expect("pinned key accepted");
+    assert_eq!(ssh.run("echo pinned").await.unwrap(), "pinned\n");
+    drop(ssh);
+    // An impostor: the pinned key is not what the host offers. Refused at once, not after
+    // the ready timeout, with a message that says why.
+    cfg.host_keys = vec![wrong];
+    let t = Instant::now();
+    let err = SshRemote::connect(&cfg)
+        .await
+        .err()
+        .expect("wrong pinned key");
+    assert!(matches!(err, RemoteError::PinnedHostKey { .. }), "{err}");
+    assert!(err.to_string().contains("pinned"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    // No temporary known-hosts file is left behind.
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("stateshift-known-hosts-{}-", std::process::id()))
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

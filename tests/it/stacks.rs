@@ -10,6 +10,7 @@ use stateshift::stack::{StackError, StackProvider, StackRef, StackSpec, StackSta
 
 pub fn spec(name: &str, template: &Path) -> StackSpec {
     StackSpec {
+        secret_parameters: Default::default(),
         name: name.into(),
         template: template.to_path_buf(),
         parameters: BTreeMap::new(),

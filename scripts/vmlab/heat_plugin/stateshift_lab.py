@@ -28,6 +28,7 @@ lab.json (written by scripts/vmlab.sh up), ports/, secgroups/, volumes/, vms/<id
 `scripts/vmlab.sh down`, or after $STATESHIFT_VMLAB_VM_LIFETIME seconds (default 3 h).
 """
 
+import base64
 import fcntl
 import ipaddress
 import json
@@ -423,6 +424,10 @@ class Server(resource.Resource):
                 raise LabError("key pair %s not found" % self.properties[self.KEY_NAME])
         ports = self._ports(lab)
         user_data = self._user_data()
+        # Nova refuses user_data over 65535 bytes once base64-encoded; so does the lab.
+        if len(base64.b64encode(user_data.encode("utf-8"))) > 65535:
+            raise LabError("user_data is %d bytes after base64, over Nova's 65535"
+                           % len(base64.b64encode(user_data.encode("utf-8"))))
         server_id = str(uuid.uuid4())
         self.resource_id_set(server_id)
         d = self._dir()
