@@ -1,6 +1,6 @@
 #!/bin/sh
-# The orchestrator VM's boot (user_data of deploy/so-stack.yaml; Heat fills in the @@...@@
-# values). It
+# The orchestrator VM's boot: user_data of deploy/so-stack.yaml, with Heat's values in
+# place of its placeholders. It
 #   - mounts the state volume (a Cinder volume, formatted on first use) on
 #     /var/lib/stateshift: the journal, spool and API certificate outlive the VM, so a
 #     replaced VM (image or flavor change) picks up where the old one stopped;

@@ -1,6 +1,6 @@
 #!/bin/sh
-# The Cyclops VM's boot (user_data of heat-templates/rcbaas.yaml; Heat fills in the @@...@@
-# values). The image holds Cyclops under @@CYCLOPS_DIR@@ (units cyclops-udr, cyclops-rc,
+# The Cyclops VM's boot: user_data of heat-templates/rcbaas.yaml, with Heat's values in
+# place of its placeholders. The image holds Cyclops under @@CYCLOPS_DIR@@ (units cyclops-udr, cyclops-rc,
 # cyclops-billing). The boot gives Cyclops its InfluxDB credentials, installs
 # configure-cyclops.sh (the same script stateshift runs over SSH at cutover), points Cyclops
 # at the service's InfluxDB with it and starts the services, sets up the Zabbix agent,

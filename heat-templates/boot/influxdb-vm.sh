@@ -1,6 +1,6 @@
 #!/bin/sh
-# The InfluxDB VM's boot (user_data of heat-templates/influxdb.yaml; Heat fills in the
-# @@...@@ values). Ends with InfluxDB 1.x on the Debian image:
+# The InfluxDB VM's boot: user_data of heat-templates/influxdb.yaml, with Heat's values in
+# place of its placeholders. Ends with InfluxDB 1.x on the Debian image:
 #   - HTTP API on every address, port @@HTTP_PORT@@, auth-enabled, one admin user (created
 #     while the API listened on loopback only, so nobody else can make the first admin);
 #   - backup/restore RPC on 127.0.0.1:8088 only (stateshift runs dump and restore on the VM);

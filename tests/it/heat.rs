@@ -4,9 +4,9 @@
 //!
 //! Heat has no Nova or Neutron here: the fixtures in `tests/fixtures/heat/` compute their
 //! outputs from parameters (`OS::Heat::Value`, `OS::Heat::TestResource`), and the real
-//! templates run with `heat-templates/env-nova-free.yaml`, which maps servers and network
-//! resources to `OS::Heat::None`. Tests may run in parallel processes: every stack name is
-//! unique.
+//! templates render with `scripts/vmlab/env-render.yaml` (the VM lab's Heat plugin:
+//! servers resolve their user_data without booting; `lab.rs` boots them for real).
+//! Tests may run in parallel processes: every stack name is unique.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -131,10 +131,6 @@ fn spec(name: &str, template: PathBuf, params: &[(&str, &str)]) -> StackSpec {
         environment_files: Vec::new(),
         timeout: Duration::from_secs(120),
     }
-}
-
-fn nova_free() -> PathBuf {
-    PathBuf::from(format!("{ROOT}/heat-templates/env-nova-free.yaml"))
 }
 
 /// Revoke a token in Keystone (a user may revoke their own).
@@ -549,24 +545,37 @@ async fn deleting_a_stack_that_never_existed_is_fine() {
 
 // ---------------------------------------------------------------- the real templates
 
-fn template_params() -> Vec<(&'static str, &'static str)> {
-    vec![
-        ("image", "debian-12"),
-        ("flavor", "m1.small"),
-        ("network", "service-net"),
-        ("key_name", "stateshift"),
-        ("zabbix_server", "10.0.0.5"),
-    ]
+/// The test environment that renders the templates without booting anything
+/// (scripts/vmlab/env-render.yaml; the lab's Heat plugin, installed by openstack.sh).
+fn render_env() -> PathBuf {
+    PathBuf::from(format!("{ROOT}/scripts/vmlab/env-render.yaml"))
 }
 
-/// Every template in heat-templates/ and deploy/ (but the environment files).
+const ADMIN_PW: &str = "influx-Secret-1234";
+const CYCLOPS_PW: &str = "cyclops-Secret-99";
+const SSH_KEY: &str =
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nfake-private-key-body\n-----END OPENSSH PRIVATE KEY-----";
+const KEYS_DATA: &str = r#"{"ssh_host_keys": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDIfEYXAUQtwmEsxcNkkgTeO4S3ZCKl0jGy837I7q9hC"}"#;
+
+/// Every secret the parameters below carry: none may show anywhere but in user_data.
+const SECRETS: [&str; 7] = [
+    ADMIN_PW,
+    CYCLOPS_PW,
+    "fake-private-key-body",
+    "heat-secret",
+    "zabbix-secret",
+    "0123456789abcdef-api-token",
+    "users-secret",
+];
+
+/// Every template in heat-templates/ and deploy/.
 fn all_templates() -> Vec<PathBuf> {
     let mut v = Vec::new();
     for dir in ["heat-templates", "deploy"] {
         for e in std::fs::read_dir(format!("{ROOT}/{dir}")).unwrap() {
             let p = e.unwrap().path();
             let n = p.file_name().unwrap().to_string_lossy().to_string();
-            if (n.ends_with(".yaml") || n.ends_with(".yml")) && !n.starts_with("env-") {
+            if n.ends_with(".yaml") || n.ends_with(".yml") {
                 v.push(p);
             }
         }
@@ -577,63 +586,58 @@ fn all_templates() -> Vec<PathBuf> {
 
 fn params_for(t: &std::path::Path) -> BTreeMap<String, String> {
     let name = t.file_name().unwrap().to_string_lossy().to_string();
-    let mut p: BTreeMap<String, String> = template_params()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let mut p = BTreeMap::new();
+    let mut set = |k: &str, v: &str| {
+        p.insert(k.to_string(), v.to_string());
+    };
+    set("image", "debian-12-stateshift-lab");
+    set("flavor", "m1.small");
+    set("network", "lab");
+    set("key_name", "stateshift");
+    set("zabbix_server", "10.0.0.5:10051");
     match name.as_str() {
+        "influxdb.yaml" => set("influxdb_admin_password", ADMIN_PW),
         "rcbaas.yaml" => {
-            p.insert("cyclops_image".into(), "cyclops-2.0".into());
+            set("influxdb_url", "http://10.0.0.12:8086");
+            set("influxdb_password", CYCLOPS_PW);
         }
         "so-stack.yaml" => {
-            p.remove("zabbix_server");
             for (k, v) in [
-                ("stateshift_url", "https://releases.example/stateshift-x86_64"),
+                (
+                    "stateshift_url",
+                    "https://releases.example/stateshift-x86_64",
+                ),
                 (
                     "stateshift_sha256",
                     "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
                 ),
                 ("service_name", "rcbaas-1"),
-                ("service_stack", "rcbaas-1-a"),
+                ("influxdb_stack", "rcbaas-1-influx-0"),
                 ("influxdb_url", "http://10.0.0.12:8086"),
                 ("influxdb_host", "10.0.0.12"),
+                ("influxdb_ssh_host_keys", KEYS_DATA),
+                ("zabbix_host", "rcbaas-1-influx-0"),
                 ("cyclops_host", "10.0.0.11"),
-                ("ssh_private_key", "-----BEGIN OPENSSH PRIVATE KEY-----\nfake\n-----END OPENSSH PRIVATE KEY-----\n"),
-                ("influxdb_admin_user", "admin"),
-                ("influxdb_admin_password", "influx-secret"),
+                ("cyclops_ssh_host_keys", KEYS_DATA),
+                ("ssh_private_key", SSH_KEY),
+                ("influxdb_admin_password", ADMIN_PW),
+                ("influxdb_user_passwords", "{cyclops: users-secret}"),
                 ("heat_auth_url", "https://keystone.example:5000/v3"),
                 ("heat_application_credential_id", "0a1b2c3d"),
                 ("heat_application_credential_secret", "heat-secret"),
-                ("target_image", "debian-12"),
+                ("target_image", "debian-12-stateshift-lab"),
                 ("target_key_name", "stateshift"),
-                ("zabbix_server", "10.0.0.5"),
                 ("zabbix_api_url", "http://10.0.0.5/api_jsonrpc.php"),
                 ("zabbix_password", "zabbix-secret"),
-                ("zabbix_host", "rcbaas-1-a-influxdb"),
                 ("api_token", "0123456789abcdef-api-token"),
+                ("access_cidr", "192.168.77.0/24"),
             ] {
-                p.insert(k.into(), v.into());
+                set(k, v);
             }
         }
         _ => {}
     }
     p
-}
-
-/// The `write_files` of a rendered `OS::Heat::CloudConfig` resource.
-async fn rendered_files(h: &Heat, stack: &StackRef, resource: &str) -> Vec<serde_yaml::Value> {
-    let attrs = resource_attributes(h, stack, resource).await;
-    let cc = attrs["config"].as_str().expect("rendered cloud-config");
-    let cc: serde_yaml::Value = serde_yaml::from_str(cc).expect("cloud-config is YAML");
-    cc["write_files"].as_sequence().unwrap().clone()
-}
-
-fn written(files: &[serde_yaml::Value], path: &str) -> serde_yaml::Value {
-    files
-        .iter()
-        .find(|f| f["path"].as_str() == Some(path))
-        .unwrap_or_else(|| panic!("{path} written"))
-        .clone()
 }
 
 /// A resource's attributes, straight from Heat's REST API.
@@ -644,6 +648,10 @@ async fn resource_attributes(h: &Heat, stack: &StackRef, resource: &str) -> Valu
         stack.name,
         stack.id
     );
+    get_json(h, &url).await["resource"]["attributes"].clone()
+}
+
+async fn get_json(h: &Heat, url: &str) -> Value {
     let r = reqwest::Client::new()
         .get(url)
         .header("X-Auth-Token", h.token().await.unwrap().expose())
@@ -651,28 +659,118 @@ async fn resource_attributes(h: &Heat, stack: &StackRef, resource: &str) -> Valu
         .send()
         .await
         .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
-    let v: Value = r.json().await.unwrap();
-    v["resource"]["attributes"].clone()
+    assert!(r.status().is_success(), "{url}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+/// The user_data Heat rendered for a server (the render-only environment shows it).
+async fn rendered_user_data(h: &Heat, stack: &StackRef, server: &str) -> String {
+    let attrs = resource_attributes(h, stack, server).await;
+    attrs["user_data"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{server}: no user_data attribute: {attrs}"))
+        .to_string()
+}
+
+/// The body of the here-document a boot script writes to `path` (`cat > PATH <<'EOF'`).
+fn heredoc(script: &str, path: &str) -> String {
+    let mut lines = script.lines();
+    let start = lines
+        .by_ref()
+        .find(|l| {
+            l.contains(&format!("cat > {path} <<'")) || l.contains(&format!("cat > \"{path}\" <<'"))
+        })
+        .unwrap_or_else(|| panic!("no here-document for {path}"));
+    let mark = start.rsplit("<<'").next().unwrap().trim_end_matches('\'');
+    lines
+        .take_while(|l| *l != mark)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The script's own lines: here-document bodies (files it writes, which may be templates
+/// with placeholders of their own) left out.
+fn outside_heredocs(script: &str) -> String {
+    let mut out = Vec::new();
+    let mut mark: Option<String> = None;
+    for l in script.lines() {
+        match &mark {
+            Some(m) if l == m => mark = None,
+            Some(_) => {}
+            None => {
+                out.push(l);
+                if let Some(rest) = l.split("<<'").nth(1) {
+                    mark = Some(rest.trim_end_matches('\'').to_string());
+                }
+            }
+        }
+    }
+    out.join("\n")
+}
+
+/// `sh -n`: the rendered boot script parses (a quote in a parameter would break it).
+fn shell_parses(script: &str, what: &str) {
+    let out = std::process::Command::new("sh")
+        .arg("-n")
+        .arg("/dev/stdin")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(script.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: the rendered boot script does not parse: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Secrets reach the VM only through its user_data: never a software config (which any
+/// project member can read back), never the stack's shown parameters or outputs.
+async fn secrets_stay_in_user_data(h: &Heat, stack: &StackRef, tname: &str) {
+    let ep = h.endpoint().await.unwrap();
+    let shown = get_json(h, &format!("{ep}/stacks/{}/{}", stack.name, stack.id)).await;
+    let configs = get_json(h, &format!("{ep}/software_configs")).await;
+    let mut texts = vec![shown.to_string()];
+    for c in configs["software_configs"].as_array().unwrap() {
+        let id = c["id"].as_str().unwrap();
+        texts.push(
+            get_json(h, &format!("{ep}/software_configs/{id}"))
+                .await
+                .to_string(),
+        );
+    }
+    for t in texts {
+        for s in SECRETS {
+            assert!(
+                !t.contains(s),
+                "{tname}: secret {s:?} is readable through Heat's API"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_template_validates_and_creates_on_heat_with_the_nova_free_environment() {
+async fn every_template_validates_and_renders_its_boot_on_heat() {
     let e = env();
     let h = heat(password_cfg(&e));
     let templates = all_templates();
-    let names: Vec<String> = templates
+    let mut names: Vec<String> = templates
         .iter()
         .map(|t| t.file_name().unwrap().to_string_lossy().to_string())
         .collect();
-    for want in ["rcbaas.yaml", "influxdb-target.yaml", "so-stack.yaml"] {
-        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
-    }
+    names.sort();
+    assert_eq!(names, ["influxdb.yaml", "rcbaas.yaml", "so-stack.yaml"]);
     for t in &templates {
         let tname = t.file_name().unwrap().to_string_lossy().to_string();
         let mut s = spec(&unique(&tname.replace(".yaml", "")), t.clone(), &[]);
         s.parameters = params_for(t);
-        s.environment_files = vec![nova_free()];
+        s.environment_files = vec![render_env()];
         let v = h
             .validate(&s)
             .await
@@ -683,127 +781,124 @@ async fn every_template_validates_and_creates_on_heat_with_the_nova_free_environ
             .await
             .unwrap_or_else(|e| panic!("{tname}: create: {e}"));
         let o = &c.outputs;
+        let server = match tname.as_str() {
+            "rcbaas.yaml" => "cyclops",
+            _ => "server",
+        };
+        let ud = rendered_user_data(&h, &c.stack, server).await;
+        shell_parses(&ud, &tname);
+        assert!(ud.starts_with("#!/bin/sh\n"), "{tname}: a shell script");
+        let code = outside_heredocs(&ud);
+        assert!(
+            !code.contains("@@"),
+            "{tname}: a placeholder is left: {code}"
+        );
+        // The WaitCondition's signal: endpoint and token of this stack's handle.
+        assert!(
+            ud.contains("/signal'") && ud.contains("SIGNAL_TOKEN='"),
+            "{tname}"
+        );
+        secrets_stay_in_user_data(&h, &c.stack, &tname).await;
         match tname.as_str() {
-            "rcbaas.yaml" | "influxdb-target.yaml" => {
-                for k in ["influxdb_host", "influxdb_url", "ssh_host", "ssh_port"] {
+            "influxdb.yaml" => {
+                for k in [
+                    "influxdb_host",
+                    "influxdb_url",
+                    "ssh_host",
+                    "ssh_port",
+                    "ssh_host_keys",
+                    "zabbix_host",
+                ] {
                     assert!(o.contains_key(k), "{tname}: output {k}: {o:?}");
                 }
-                // Addresses are null without Neutron; what Heat computes from parameters is real.
-                assert_eq!(o["ssh_port"], Value::from(22), "{tname}");
-                assert_eq!(o["influxdb_url"], "http://:8086", "{tname}");
-            }
-            _ => {}
-        }
-        if tname == "rcbaas.yaml" {
-            for k in [
-                "cyclops_host",
-                "cyclops_udr_url",
-                "cyclops_rc_url",
-                "cyclops_billing_url",
-            ] {
-                assert!(o.contains_key(k), "{tname}: output {k}: {o:?}");
-            }
-            assert_eq!(o["cyclops_rc_url"], "http://:4568");
-        }
-        if tname == "so-stack.yaml" {
-            assert_eq!(o["api_url"], "http://:8080");
-            // Heat rendered the cloud-config: the daemon's config and 0600 secret files.
-            let files = rendered_files(&h, &c.stack, "boot_config").await;
-            let file = |p: &str| written(&files, p);
-            for secret in [
-                "/etc/stateshift/id_ed25519",
-                "/etc/stateshift/heat.secret",
-                "/etc/stateshift/zabbix.password",
-                "/etc/stateshift/api.token",
-                "/etc/stateshift/source.password",
-                "/etc/stateshift/stateshift.yaml",
-            ] {
+                let ip = o["influxdb_host"].as_str().expect("a lab address");
+                assert_eq!(o["influxdb_url"], format!("http://{ip}:8086"));
+                assert_eq!(o["zabbix_host"].as_str(), Some(c.stack.name.as_str()));
                 assert_eq!(
-                    file(secret)["permissions"].as_str(),
-                    Some("0600"),
-                    "{secret}"
+                    heredoc(&ud, "\"$BOOT_SECRETS/influxdb-admin.password\""),
+                    ADMIN_PW
                 );
+                assert_eq!(
+                    ud.matches(ADMIN_PW).count(),
+                    1,
+                    "the password is only in its file"
+                );
+                assert!(ud.contains("INFLUXDB_HTTP_AUTH_ENABLED=true"));
+                assert!(ud.contains("INFLUXDB_SUBSCRIBER_WRITE_CONCURRENCY=1"));
+                assert!(ud.contains("ZABBIX_SERVER='10.0.0.5:10051'"));
             }
-            assert_eq!(
-                file("/etc/stateshift/heat.secret")["content"].as_str(),
-                Some("heat-secret")
-            );
-            let unit = file("/etc/systemd/system/stateshift.service");
-            assert!(unit["content"].as_str().unwrap().contains(
-                "ExecStart=/usr/local/bin/stateshift daemon -c /etc/stateshift/stateshift.yaml"
-            ));
-            let text = file("/etc/stateshift/stateshift.yaml")["content"]
-                .as_str()
-                .unwrap()
-                .to_string();
-            let conf: serde_yaml::Value = serde_yaml::from_str(&text)
-                .unwrap_or_else(|e| panic!("the daemon's config is YAML: {e}\n{text}"));
-            // The daemon's own loader accepts the rendered file (secret paths redirected).
-            let tmp = tempfile::tempdir().unwrap();
-            for f in [
-                "source.password",
-                "zabbix.password",
-                "api.token",
-                "heat.secret",
-            ] {
-                std::fs::write(tmp.path().join(f), "x").unwrap();
-            }
-            std::fs::write(tmp.path().join("influx-users.yaml"), "bob: pw\n").unwrap();
-            let local = text
-                .replace("/etc/stateshift/", &format!("{}/", tmp.path().display()))
-                .replace("/var/lib/stateshift", &tmp.path().display().to_string());
-            let cpath = tmp.path().join("stateshift.yaml");
-            std::fs::write(&cpath, &local).unwrap();
-            let loaded = stateshift::config::Config::load(&cpath)
-                .unwrap_or_else(|e| panic!("the rendered config loads: {e}\n{local}"));
-            assert_eq!(loaded.provider.kind, stateshift::config::ProviderKind::Heat);
-            assert_eq!(loaded.monitor.kind, stateshift::config::MonitorKind::Zabbix);
-            assert!(
-                loaded.provider.ssh.is_some(),
-                "created stacks are reached over SSH"
-            );
-            assert_eq!(
-                conf["source"]["influx_url"].as_str(),
-                Some("http://10.0.0.12:8086")
-            );
-            assert_eq!(conf["source"]["username"].as_str(), Some("admin"));
-            assert_eq!(
-                conf["source"]["password_file"].as_str(),
-                Some("/etc/stateshift/source.password")
-            );
-            assert_eq!(conf["cutover"]["ssh"]["host"].as_str(), Some("10.0.0.11"));
-            assert_eq!(conf["provider"]["kind"].as_str(), Some("heat"));
-            let hc: HeatConfig = serde_yaml::from_value(conf["provider"]["heat"].clone())
-                .expect("provider.heat is a HeatConfig");
-            hc.validate().unwrap();
-            assert_eq!(hc.application_credential_id.as_deref(), Some("0a1b2c3d"));
-            assert_eq!(
-                hc.application_credential_secret_file,
-                Some(PathBuf::from("/etc/stateshift/heat.secret"))
-            );
-            assert_eq!(conf["monitor"]["threshold"].as_u64(), Some(10));
-            let text = serde_yaml::to_string(&conf).unwrap();
-            for secret in [
-                "heat-secret",
-                "zabbix-secret",
-                "influx-secret",
-                "api-token",
-                "PRIVATE KEY",
-            ] {
+            "rcbaas.yaml" => {
+                for k in [
+                    "cyclops_host",
+                    "ssh_host_keys",
+                    "cyclops_udr_url",
+                    "cyclops_rc_url",
+                    "cyclops_billing_url",
+                ] {
+                    assert!(o.contains_key(k), "{tname}: output {k}: {o:?}");
+                }
                 assert!(
-                    !text.contains(secret),
-                    "{secret} must stay out of the config file"
+                    !o.contains_key("influxdb_url"),
+                    "the service stack holds no InfluxDB"
+                );
+                let script = heredoc(&ud, "/opt/stateshift/scripts/configure-cyclops.sh");
+                assert_eq!(
+                    script.trim_end(),
+                    std::fs::read_to_string(format!("{ROOT}/scripts/configure-cyclops.sh"))
+                        .unwrap()
+                        .trim_end(),
+                    "the cutover script is carried as is"
+                );
+                assert!(
+                    ud.contains("configure-cyclops.sh --restart \"$INFLUXDB_URL\""),
+                    "{ud}"
+                );
+                assert!(ud.contains("INFLUXDB_URL='http://10.0.0.12:8086'"));
+                assert_eq!(
+                    heredoc(&ud, "\"$BOOT_SECRETS/influxdb.password\""),
+                    CYCLOPS_PW
                 );
             }
-        }
-        if tname == "rcbaas.yaml" {
-            let attrs = resource_attributes(&h, &c.stack, "cyclops_config").await;
-            let cc = attrs["config"].as_str().expect("rendered cloud-config");
-            assert!(
-                cc.contains("InfluxDBURL="),
-                "configure-cyclops.sh is carried: {cc}"
-            );
-            assert!(cc.contains("Server=%s"), "{cc}");
+            "so-stack.yaml" => {
+                let ip = o["so_host"].as_str().expect("a lab address").to_string();
+                assert_eq!(o["api_url"], format!("https://{ip}:8443"));
+                assert_eq!(o["capture_url"], format!("http://{ip}:8899"));
+                for (path, want) in [
+                    ("\"$ETC/id_ssh\"", SSH_KEY),
+                    ("\"$ETC/influxdb-admin.password\"", ADMIN_PW),
+                    ("\"$ETC/heat.secret\"", "heat-secret"),
+                    ("\"$ETC/zabbix.password\"", "zabbix-secret"),
+                    ("\"$ETC/api.token\"", "0123456789abcdef-api-token"),
+                    ("\"$ETC/influx-users.yaml\"", "{cyclops: users-secret}"),
+                ] {
+                    assert_eq!(heredoc(&ud, path), want, "{path}");
+                }
+                let unit = heredoc(&ud, "/etc/systemd/system/stateshift.service");
+                for line in [
+                    "ExecStart=/usr/local/bin/stateshift daemon -c /etc/stateshift/stateshift.yaml",
+                    "RestartPreventExitStatus=2",
+                    "KillMode=mixed",
+                    "RequiresMountsFor=/var/lib/stateshift",
+                ] {
+                    assert!(unit.lines().any(|l| l == line), "unit: {line}");
+                }
+                let config = heredoc(&ud, "\"$ETC/stateshift.yaml\"");
+                so_config_loads(&config, &ip, &c.stack.name);
+                let template = heredoc(&ud, "/opt/stateshift/heat-templates/influxdb.yaml");
+                assert_eq!(
+                    template.trim_end(),
+                    std::fs::read_to_string(format!("{ROOT}/heat-templates/influxdb.yaml"))
+                        .unwrap()
+                        .trim_end(),
+                    "the target template is carried as is"
+                );
+                // The VM's state lives on a volume the stack owns.
+                assert!(
+                    o["state_volume"].as_str().is_some_and(|v| v.len() == 36),
+                    "{o:?}"
+                );
+            }
+            other => panic!("unexpected template {other}"),
         }
         h.delete(&c.stack, Duration::from_secs(60))
             .await
@@ -812,15 +907,108 @@ async fn every_template_validates_and_creates_on_heat_with_the_nova_free_environ
     }
 }
 
+/// The daemon's own loader accepts the config so-stack renders (secret paths redirected),
+/// and it says what the deployment needs.
+fn so_config_loads(text: &str, so_ip: &str, stack_name: &str) {
+    let _ = stack_name;
+    let conf: serde_yaml::Value = serde_yaml::from_str(text)
+        .unwrap_or_else(|e| panic!("the daemon's config is YAML: {e}\n{text}"));
+    let tmp = tempfile::tempdir().unwrap();
+    for f in [
+        "influxdb-admin.password",
+        "zabbix.password",
+        "api.token",
+        "heat.secret",
+    ] {
+        std::fs::write(tmp.path().join(f), "x").unwrap();
+    }
+    std::fs::write(tmp.path().join("influx-users.yaml"), "cyclops: pw\n").unwrap();
+    let local = text
+        .replace("/etc/stateshift/", &format!("{}/", tmp.path().display()))
+        .replace("/var/lib/stateshift", &tmp.path().display().to_string());
+    let cpath = tmp.path().join("stateshift.yaml");
+    std::fs::write(&cpath, &local).unwrap();
+    let loaded = stateshift::config::Config::load(&cpath)
+        .unwrap_or_else(|e| panic!("the rendered config loads: {e}\n{local}"));
+    use stateshift::config::{HostKeyCheck, MonitorKind, ProviderKind};
+    assert_eq!(loaded.provider.kind, ProviderKind::Heat);
+    assert_eq!(loaded.monitor.kind, MonitorKind::Zabbix);
+    assert_eq!(
+        loaded.service.stack.as_deref(),
+        Some("rcbaas-1-influx-0"),
+        "dispose deletes the InfluxDB stack, never the service"
+    );
+    assert_eq!(loaded.source.influx_url, "http://10.0.0.12:8086");
+    assert_eq!(loaded.source.username.as_deref(), Some("admin"));
+    for (what, ssh) in [
+        ("source", loaded.source.ssh.as_ref()),
+        ("cutover", loaded.cutover.ssh.as_ref()),
+        ("provider", loaded.provider.ssh.as_ref()),
+    ] {
+        assert_eq!(
+            ssh.map(|s| s.host_key_check),
+            Some(HostKeyCheck::Strict),
+            "{what}: strict host keys"
+        );
+    }
+    assert_eq!(loaded.cutover.ssh.as_ref().unwrap().host, "10.0.0.11");
+    let cmd = loaded.cutover.command.as_deref().unwrap();
+    assert!(
+        cmd.contains("configure-cyclops.sh --restart {target_url} /opt/cyclops"),
+        "{cmd}"
+    );
+    // What the new InfluxDB stacks get: everything the first one had.
+    let p = &loaded.provider.parameters;
+    for (k, v) in [
+        ("network", "lab"),
+        ("access_cidr", "192.168.77.0/24"),
+        ("zabbix_server", "10.0.0.5:10051"),
+        ("key_name", "stateshift"),
+        ("image", "debian-12-stateshift-lab"),
+        ("influxdb_admin_user", "admin"),
+    ] {
+        assert_eq!(
+            p.get(k).map(String::as_str),
+            Some(v),
+            "provider.parameters.{k}"
+        );
+    }
+    assert!(
+        loaded
+            .provider
+            .secret_parameters
+            .contains_key("influxdb_admin_password"),
+        "the admin password goes to new stacks from its file"
+    );
+    assert!(loaded.provider.environment_files.is_empty());
+    assert_eq!(
+        loaded.capture.advertise_url.as_deref(),
+        Some(format!("http://{so_ip}:8899").as_str())
+    );
+    assert_eq!(loaded.api.listen.to_string(), "0.0.0.0:8443");
+    let z = loaded.monitor.zabbix.as_ref().unwrap();
+    assert_eq!(z.host, "rcbaas-1-influx-0");
+    let hc = loaded.provider.heat.as_ref().unwrap();
+    hc.validate().unwrap();
+    assert_eq!(hc.application_credential_id.as_deref(), Some("0a1b2c3d"));
+    assert_eq!(
+        conf["api"]["tls_cert_file"].as_str(),
+        Some("/var/lib/stateshift/tls/api.crt")
+    );
+    for s in SECRETS {
+        assert!(!text.contains(s), "{s} must stay out of the config file");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_the_nova_free_environment_heat_refuses_the_templates_for_lack_of_neutron() {
+async fn without_the_lab_environment_heat_refuses_the_templates_for_lack_of_neutron() {
     // Shows that the environment file really reaches Heat (and that Heat checks resource
     // availability): the same template, without it, is refused with Heat's reason.
     let e = env();
     let h = heat(password_cfg(&e));
     let mut s = spec(
         &unique("nonova"),
-        PathBuf::from(format!("{ROOT}/heat-templates/influxdb-target.yaml")),
+        PathBuf::from(format!("{ROOT}/heat-templates/influxdb.yaml")),
         &[],
     );
     s.parameters = params_for(&s.template);
@@ -832,7 +1020,7 @@ async fn without_the_nova_free_environment_heat_refuses_the_templates_for_lack_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_so_stack_renders_password_auth_when_no_application_credential_is_given() {
+async fn the_so_stack_renders_password_auth_and_a_target_environment_when_given() {
     let e = env();
     let h = heat(password_cfg(&e));
     let t = PathBuf::from(format!("{ROOT}/deploy/so-stack.yaml"));
@@ -840,25 +1028,30 @@ async fn the_so_stack_renders_password_auth_when_no_application_credential_is_gi
     s.parameters = params_for(&t);
     s.parameters.remove("heat_application_credential_id");
     s.parameters.remove("heat_application_credential_secret");
-    s.parameters.remove("influxdb_admin_user");
     for (k, v) in [
         ("heat_username", "rcbaas-so"),
         ("heat_password", "heat-password"),
         ("heat_project", "rcbaas"),
+        (
+            "target_environment",
+            "resource_registry:\n  OS::Nova::Server: My::Server\n",
+        ),
     ] {
         s.parameters.insert(k.into(), v.into());
     }
-    s.environment_files = vec![nova_free()];
+    s.environment_files = vec![render_env()];
     let c = h.create_raw(&s).await.unwrap();
-    let files = rendered_files(&h, &c.stack, "boot_config").await;
+    let ud = rendered_user_data(&h, &c.stack, "server").await;
+    assert_eq!(heredoc(&ud, "\"$ETC/heat.secret\""), "heat-password");
     assert_eq!(
-        written(&files, "/etc/stateshift/heat.secret")["content"].as_str(),
-        Some("heat-password")
+        heredoc(
+            &ud,
+            "/opt/stateshift/heat-templates/target-environment.yaml"
+        )
+        .trim_end(),
+        "resource_registry:\n  OS::Nova::Server: My::Server"
     );
-    let text = written(&files, "/etc/stateshift/stateshift.yaml")["content"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let text = heredoc(&ud, "\"$ETC/stateshift.yaml\"");
     let conf: serde_yaml::Value = serde_yaml::from_str(&text)
         .unwrap_or_else(|e| panic!("the daemon's config is YAML: {e}\n{text}"));
     let hc: HeatConfig = serde_yaml::from_value(conf["provider"]["heat"].clone())
@@ -870,7 +1063,9 @@ async fn the_so_stack_renders_password_auth_when_no_application_credential_is_gi
         hc.password_file,
         Some(PathBuf::from("/etc/stateshift/heat.secret"))
     );
-    // Without an InfluxDB admin user the source has no credentials.
-    assert!(conf["source"]["username"].is_null(), "{conf:?}");
+    assert_eq!(
+        conf["provider"]["environment_files"][0].as_str(),
+        Some("/opt/stateshift/heat-templates/target-environment.yaml")
+    );
     h.delete(&c.stack, Duration::from_secs(60)).await.unwrap();
 }

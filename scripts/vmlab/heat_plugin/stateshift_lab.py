@@ -96,9 +96,15 @@ class _Locked(object):
         self.path = os.path.join(LAB_DIR, name)
 
     def __enter__(self):
+        # Never a blocking flock: heat-engine runs resources as green threads of one
+        # process, and a thread blocked in flock would stop the one holding the lock.
         self.f = open(self.path, "a")
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        return self
+        while True:
+            try:
+                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                time.sleep(0.05)  # green under heat-engine's eventlet
 
     def __exit__(self, *a):
         fcntl.flock(self.f, fcntl.LOCK_UN)
@@ -578,6 +584,46 @@ class Server(resource.Resource):
             return {"lab": [ip]}
 
 
+class RenderOnly(Server):
+    """OS::Nova::Server for template tests: resolves the server exactly as the lab does
+    (user_data, size limit, key pair, image, flavor) and shows the user_data it would boot
+    with as the attribute `user_data`, without starting a VM. Test environments only: the
+    attribute shows secrets."""
+
+    ATTRIBUTES = Server.ATTRIBUTES + ("user_data",)
+    attributes_schema = dict(Server.attributes_schema, user_data=attributes.Schema(
+        _("The user_data the server would boot with."), type=attributes.Schema.STRING))
+
+    def handle_create(self):
+        lab = _lab()
+        if self.properties[self.FLAVOR] not in FLAVORS:
+            raise LabError("flavor %s not found" % self.properties[self.FLAVOR])
+        if self.properties[self.IMAGE] not in lab["images"]:
+            raise LabError("image %s not found" % self.properties[self.IMAGE])
+        ud = self._user_data()
+        if len(base64.b64encode(ud.encode("utf-8"))) > 65535:
+            raise LabError("user_data is %d bytes after base64, over Nova's 65535"
+                           % len(base64.b64encode(ud.encode("utf-8"))))
+        self.resource_id_set(str(uuid.uuid4()))
+        self.data_set("user_data", ud, redact=True)
+
+    def check_create_complete(self, server_id):
+        return True
+
+    def handle_delete(self):
+        return None
+
+    def check_delete_complete(self, server_id):
+        return True
+
+    def _resolve_attribute(self, name):
+        if name == "user_data":
+            return self.data().get("user_data")
+        if name == self.NAME_ATTR:
+            return self._server_name()
+        return None
+
+
 # ------------------------------------------------------------------ volumes
 
 class Volume(resource.Resource):
@@ -695,6 +741,7 @@ class VolumeAttachment(resource.Resource):
 def resource_mapping():
     return {
         "StateShiftLab::Nova::Server": Server,
+        "StateShiftLab::Nova::RenderOnly": RenderOnly,
         "StateShiftLab::Neutron::Port": Port,
         "StateShiftLab::Neutron::SecurityGroup": SecurityGroup,
         "StateShiftLab::Cinder::Volume": Volume,
