@@ -6,6 +6,14 @@
 //! delta to replay); [`Sink::Keys`] only counts writes per point (used on the target after
 //! cutover, so verification can tell a writer's legitimate overwrite from a corruption). The receiver answers 204 only after the sink has taken the write; if it
 //! cannot, it answers 500, InfluxDB counts a `writeFailure`, and the migration sees it.
+//!
+//! Only the InfluxDB that was subscribed gets in: each receiver has its own random
+//! secret, which the subscription's destination carries as credentials
+//! (`http://stateshift:SECRET@host:port`; measured on InfluxDB 1.6.7: the subscriber sends
+//! them as HTTP Basic auth with every forwarded write). A request without them, or with
+//! others, gets 401 and is counted ([`ReceiverStats::unauthorized`]); nothing of it is
+//! stored. The secret lives as long as the receiver; it shows in the subscribed
+//! InfluxDB's query log and `SHOW SUBSCRIPTIONS` (admins only), never in ours.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -16,13 +24,16 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use serde::Deserialize;
+use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use super::spool::SpoolWriter;
 use crate::influx::lineproto;
+use crate::util::Secret;
 
 /// Where forwarded writes go.
 #[derive(Clone)]
@@ -137,6 +148,8 @@ pub struct ReceiverStats {
     pub requests: AtomicU64,
     pub points: AtomicU64,
     pub rejected: AtomicU64,
+    /// Requests refused for missing or wrong credentials (not the subscribed InfluxDB).
+    pub unauthorized: AtomicU64,
     last_write: Mutex<Option<Instant>>,
 }
 
@@ -154,6 +167,49 @@ impl ReceiverStats {
 struct AppState {
     sink: Sink,
     stats: Arc<ReceiverStats>,
+    /// The `Authorization` header value a forwarded write must carry.
+    expected: Arc<Secret>,
+}
+
+/// The credentials of one receiver: a user name and a random secret, which go into the
+/// subscription's destination URL and nowhere else.
+#[derive(Clone)]
+pub struct ReceiverAuth {
+    secret: Secret,
+}
+
+/// The user name in a capture destination's credentials.
+pub const CAPTURE_USER: &str = "stateshift";
+
+impl ReceiverAuth {
+    /// A fresh secret: 24 random bytes from the OS, URL-safe base64 (no character that
+    /// would need escaping in a URL's userinfo or in InfluxQL's quoted string).
+    pub fn generate() -> std::io::Result<ReceiverAuth> {
+        use base64::Engine;
+        let mut bytes = [0u8; 24];
+        getrandom::getrandom(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(ReceiverAuth {
+            secret: Secret::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)),
+        })
+    }
+
+    /// `url` (`http://host:port[/path]`) with these credentials in it, for the subscription.
+    pub fn in_url(&self, url: &str) -> Secret {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+        Secret::new(format!(
+            "{scheme}://{CAPTURE_USER}:{}@{rest}",
+            self.secret.expose()
+        ))
+    }
+
+    fn header(&self) -> Secret {
+        use base64::Engine;
+        Secret::new(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD
+                .encode(format!("{CAPTURE_USER}:{}", self.secret.expose()))
+        ))
+    }
 }
 
 #[derive(Deserialize)]
@@ -182,7 +238,11 @@ pub struct BindError {
 }
 
 impl Receiver {
-    pub async fn start(listen: SocketAddr, sink: Sink) -> Result<Receiver, BindError> {
+    pub async fn start(
+        listen: SocketAddr,
+        sink: Sink,
+        auth: &ReceiverAuth,
+    ) -> Result<Receiver, BindError> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|source| BindError {
@@ -199,6 +259,7 @@ impl Receiver {
             .with_state(AppState {
                 sink,
                 stats: stats.clone(),
+                expected: Arc::new(auth.header()),
             })
             .layer(axum::extract::DefaultBodyLimit::max(64 << 20));
         let token = CancellationToken::new();
@@ -247,9 +308,27 @@ impl Drop for Receiver {
 
 async fn write(
     State(st): State<AppState>,
+    headers: HeaderMap,
     Query(p): Query<WriteParams>,
     body: Bytes,
-) -> StatusCode {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let given = headers
+        .get(AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !bool::from(given.ct_eq(st.expected.expose().as_bytes())) {
+        st.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(WWW_AUTHENTICATE, "Basic realm=\"stateshift capture\"")],
+        )
+            .into_response();
+    }
+    take(st, p, body).await.into_response()
+}
+
+async fn take(st: AppState, p: WriteParams, body: Bytes) -> StatusCode {
     st.stats.requests.fetch_add(1, Ordering::Relaxed);
     let reject = |code| {
         st.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -369,13 +448,19 @@ mod tests {
     #[tokio::test]
     async fn keys_sink_records_the_same_key_verification_computes() {
         let set = Arc::new(Mutex::new(KeySet::with_cap(10)));
-        let r = Receiver::start("127.0.0.1:0".parse().unwrap(), Sink::Keys(set.clone()))
-            .await
-            .unwrap();
+        let auth = ReceiverAuth::generate().unwrap();
+        let r = Receiver::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Sink::Keys(set.clone()),
+            &auth,
+        )
+        .await
+        .unwrap();
         let body = "cyclops_usage,host=w5 value=1,seq=2i,account=\"acme\",billable=true 1795461247919819443\n";
         let url = format!("http://{}/write?db=d&rp=autogen&precision=ns", r.addr);
         let resp = reqwest::Client::new()
             .post(url)
+            .header("Authorization", auth.header().expose())
             .body(body)
             .send()
             .await
@@ -394,5 +479,70 @@ mod tests {
             !g.written_directly(k),
             "a write stateshift replayed itself is not a direct write"
         );
+    }
+
+    #[tokio::test]
+    async fn only_the_subscribed_influxdb_gets_in_anything_else_is_refused_and_counted() {
+        let set = Arc::new(Mutex::new(KeySet::with_cap(10)));
+        let auth = ReceiverAuth::generate().unwrap();
+        let other = ReceiverAuth::generate().unwrap();
+        assert_ne!(
+            auth.secret.expose(),
+            other.secret.expose(),
+            "fresh per receiver"
+        );
+        let r = Receiver::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Sink::Keys(set.clone()),
+            &auth,
+        )
+        .await
+        .unwrap();
+        let url = format!("http://{}/write?db=d&precision=ns", r.addr);
+        let c = reqwest::Client::new();
+        let send = |h: Option<String>| {
+            let mut rb = c.post(&url).body("m v=1 1\n");
+            if let Some(h) = h {
+                rb = rb.header("Authorization", h);
+            }
+            rb.send()
+        };
+        let none = send(None).await.unwrap();
+        assert_eq!(none.status().as_u16(), 401);
+        assert!(none.headers().contains_key("www-authenticate"));
+        assert_eq!(
+            send(Some(other.header().expose().to_string()))
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            401
+        );
+        assert_eq!(
+            send(Some("Bearer x".into()))
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            401
+        );
+        assert_eq!(r.stats.unauthorized.load(Ordering::SeqCst), 3);
+        assert_eq!(r.stats.points(), 0, "nothing of a refused write is taken");
+        assert!(set.lock().unwrap().arrivals.is_empty());
+        // The credentials as a URL carries them (what InfluxDB turns into Basic auth).
+        let with = auth.in_url(&format!("http://{}", r.addr));
+        let u = reqwest::Url::parse(with.expose()).unwrap();
+        assert_eq!(u.username(), CAPTURE_USER);
+        let ok = c
+            .post(format!("http://{}/write?db=d&precision=ns", r.addr))
+            .basic_auth(u.username(), u.password())
+            .body("m v=1 1\n")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status().as_u16(), 204);
+        assert_eq!(r.stats.points(), 1);
+        assert!(!format!("{:?}", auth.in_url("http://h:1")).contains(auth.secret.expose()));
+        r.stop().await;
     }
 }

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::capture::{KeySet, Receiver, Sink};
+use super::capture::{KeySet, Receiver, ReceiverAuth, Sink};
 use super::spool::{SpoolError, SpoolReader, SpoolWriter};
 use super::verify::{self, VerifyReport};
 use crate::config::{Config, InstanceConfig, TransferMode};
 use crate::influx::{ident, lineproto, literal, Influx, InfluxError};
 use crate::remote::{Host, Pipes, Remote, RemoteError};
-use crate::util::shell_quote;
+use crate::util::{shell_quote, Secret};
 
 /// Phases in order (DESIGN.md §3; stack creation, disposal of the old stack and the
 /// window reset belong to the orchestrator around this engine).
@@ -260,6 +260,10 @@ pub struct RunOptions {
     /// holds. Once the new capture is live, every write the old subscription failed to
     /// forward in between reached the source but no spool: then the run stops, safely.
     pub interrupted: Option<(String, u64)>,
+    /// The target was just created (a stack provider's new VM): `prepare` waits up to
+    /// `migration.target_ready_timeout` for its InfluxDB to answer. Otherwise (a static
+    /// target that should be up) one try, and an error at once.
+    pub new_target: bool,
 }
 
 /// Run a migration; on failure also return the report so far (its `cutover_done` says
@@ -278,6 +282,11 @@ pub async fn run_with(
     m.report.cutover_done = opts.resume;
     m.replay_first = opts.replay_first;
     m.interrupted = opts.interrupted;
+    m.ready_wait = if opts.new_target {
+        cfg.migration.target_ready_timeout
+    } else {
+        Duration::ZERO
+    };
     if let Some(id) = opts.id {
         m.id = id.clone();
         m.report.migration_id = id;
@@ -328,6 +337,7 @@ impl<'a> Migration<'a> {
             resume: false,
             replay_first: None,
             interrupted: None,
+            ready_wait: Duration::ZERO,
         }
     }
 }
@@ -357,6 +367,8 @@ struct Migration<'a> {
     resume: bool,
     replay_first: Option<std::path::PathBuf>,
     interrupted: Option<(String, u64)>,
+    /// How long `prepare` waits for the target's InfluxDB to answer.
+    ready_wait: Duration,
 }
 
 fn sub_name(id: &str) -> String {
@@ -437,10 +449,7 @@ impl Migration<'_> {
         let dst_cfg = self.target_cfg.clone();
         let src_influx = Influx::from_config(&src_cfg);
         let dst_influx = Influx::from_config(&dst_cfg);
-        let (a, b) = tokio::join!(
-            src_influx.ping(),
-            wait_ready(&dst_influx, self.cfg.migration.target_ready_timeout)
-        );
+        let (a, b) = tokio::join!(src_influx.ping(), wait_ready(&dst_influx, self.ready_wait));
         a.map_err(Self::influx_err(p))?;
         b?;
         // Authentication is checked by a real query on both sides.
@@ -583,7 +592,8 @@ impl Migration<'_> {
             SpoolWriter::create(&spool_dir.join(format!("{}.spool", self.id)))
                 .map_err(|source| MigrateError::Spool { phase: p, source })?,
         );
-        let receiver = Receiver::start(self.cfg.capture.listen, Sink::Spool(spool.clone()))
+        let auth = Self::receiver_auth(p)?;
+        let receiver = Receiver::start(self.cfg.capture.listen, Sink::Spool(spool.clone()), &auth)
             .await
             .map_err(|e| MigrateError::Failed {
                 phase: p,
@@ -596,12 +606,22 @@ impl Migration<'_> {
         let at_start = Self::subscriber_stats(&self.src().influx, &name, p).await?;
         self.drops_at_start = at_start.dropped;
         self.source_started = at_start.started;
-        let subs = self.subscribe(Phase::Capture, true, &name, &url).await?;
+        let subs = self
+            .subscribe(Phase::Capture, true, &name, &auth.in_url(&url))
+            .await?;
         self.progress.note(&format!(
             "capturing writes of {} retention policies into {url}",
             subs
         ));
         Ok(())
+    }
+
+    /// A fresh secret for a capture receiver (its subscription carries it).
+    fn receiver_auth(phase: Phase) -> Result<ReceiverAuth, MigrateError> {
+        ReceiverAuth::generate().map_err(|e| MigrateError::Failed {
+            phase,
+            msg: format!("cannot make the capture receiver's secret: {e}"),
+        })
     }
 
     /// The URL InfluxDB must forward to for a receiver bound at `addr`: the configured
@@ -620,7 +640,7 @@ impl Migration<'_> {
         phase: Phase,
         on_source: bool,
         name: &str,
-        url: &str,
+        destination: &Secret,
     ) -> Result<usize, MigrateError> {
         let side = if on_source { self.src() } else { self.dst() };
         let influx = side.influx.clone();
@@ -636,12 +656,21 @@ impl Migration<'_> {
                     ident(name),
                     ident(&db),
                     ident(&rp.name),
-                    literal(url)
+                    literal(destination.expose())
                 );
+                // The statement holds the receiver's secret: its error must not echo it.
                 influx
                     .query(None, &q)
                     .await
-                    .map_err(Self::influx_err(phase))?;
+                    .map_err(|e| MigrateError::Failed {
+                        phase,
+                        msg: format!(
+                            "{}: cannot create subscription {name} on {db}.{}: {}",
+                            influx.url(),
+                            rp.name,
+                            e.to_string().replace(destination.expose(), "***")
+                        ),
+                    })?;
                 made.push((db.clone(), rp.name.clone()));
                 if on_source {
                     self.created
@@ -657,11 +686,13 @@ impl Migration<'_> {
         let deadline = Instant::now() + self.cfg.capture.live_timeout;
         loop {
             let vars = influx.debug_vars().await.map_err(Self::influx_err(phase))?;
+            // `subscriber:<db>:<rp>:<name>:<destination>`: the name is this migration's own.
             let live = made
                 .iter()
                 .filter(|(db, rp)| {
-                    vars.get(format!("subscriber:{db}:{rp}:{name}:{url}"))
-                        .is_some()
+                    let prefix = format!("subscriber:{db}:{rp}:{name}:");
+                    vars.as_object()
+                        .is_some_and(|o| o.keys().any(|k| k.starts_with(&prefix)))
                 })
                 .count();
             if live == made.len() {
@@ -1203,13 +1234,14 @@ impl Migration<'_> {
         // free port on the capture address.
         let touched = Arc::new(Mutex::new(KeySet::with_cap(5_000_000)));
         let listen = std::net::SocketAddr::new(self.cfg.capture.listen.ip(), 0);
-        let tr = Receiver::start(listen, Sink::Keys(touched.clone()))
+        let tauth = Self::receiver_auth(p)?;
+        let tr = Receiver::start(listen, Sink::Keys(touched.clone()), &tauth)
             .await
             .map_err(|e| MigrateError::Failed {
                 phase: p,
                 msg: e.to_string(),
             })?;
-        let turl = self.advertise(tr.addr);
+        let turl = tauth.in_url(&self.advertise(tr.addr));
         self.touched = Some(touched);
         self.touched_receiver = Some(tr);
         self.subscribe(p, false, &format!("{}_t", sub_name(&self.id)), &turl)
@@ -1783,8 +1815,19 @@ fn with_port(url: &str, port: u16) -> String {
 
 /// Wait until a (new) InfluxDB answers an authenticated query: a VM that its stack calls
 /// complete may still be starting it. Network trouble and 5xx are retried with backoff
-/// until `timeout`; a refusal (wrong credentials, a 4xx) fails at once.
+/// until `timeout`; a refusal (wrong credentials, a 4xx) fails at once. A zero `timeout`:
+/// one try, its own error.
 async fn wait_ready(influx: &Influx, timeout: Duration) -> Result<(), MigrateError> {
+    if timeout.is_zero() {
+        return influx
+            .databases()
+            .await
+            .map(|_| ())
+            .map_err(|source| MigrateError::Influx {
+                phase: Phase::Prepare,
+                source,
+            });
+    }
     let start = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(200);
     loop {

@@ -446,6 +446,7 @@ pub async fn migrate(
             resume: false,
             replay_first: None,
             interrupted: None,
+            new_target: target.stack.is_some(),
         },
     )
     .await;
@@ -717,6 +718,7 @@ async fn recover_locked(
                     resume: true,
                     replay_first: Some(old_spool.clone()),
                     interrupted: Some((format!("stateshift_{id}"), spooled)),
+                    new_target: target.stack.is_some(),
                 },
             )
             .await;

@@ -6,6 +6,7 @@ mod common;
 mod faults;
 mod heat;
 mod heat_migration;
+mod lab;
 mod malformed;
 mod migration;
 mod orchestrator;

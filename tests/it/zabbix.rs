@@ -28,11 +28,11 @@ use stateshift::util::Secret;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/zabbix.sh");
 
-struct Env {
-    dir: PathBuf,
-    url: String,
-    user: String,
-    password: Secret,
+pub(crate) struct Env {
+    pub(crate) dir: PathBuf,
+    pub(crate) url: String,
+    pub(crate) user: String,
+    pub(crate) password: Secret,
     lockout_user: String,
     host: String,
     hostid: String,
@@ -48,7 +48,7 @@ fn env_path() -> PathBuf {
 }
 
 /// The env file `scripts/zabbix.sh up` writes (`KEY='value'` lines).
-fn env() -> Env {
+pub(crate) fn env() -> Env {
     let path = env_path();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
@@ -81,7 +81,7 @@ fn env() -> Env {
 }
 
 /// Tests that only read hold this shared; tests that stop a part hold it exclusively.
-fn lock(env: &Env, exclusive: bool) -> File {
+pub(crate) fn lock(env: &Env, exclusive: bool) -> File {
     let path = env.dir.join("tests.lock");
     let f = File::options()
         .create(true)
@@ -122,7 +122,7 @@ impl Drop for RestartOnDrop<'_> {
     }
 }
 
-fn client(env: &Env) -> Zabbix {
+pub(crate) fn client(env: &Env) -> Zabbix {
     Zabbix::new(ZabbixConfig {
         url: env.url.clone(),
         credentials: Credentials::Password {

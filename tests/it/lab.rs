@@ -1,0 +1,950 @@
+//! The cloud path on real VMs (issue 10): the real Heat creates QEMU VMs (the VM lab:
+//! `scripts/vmlab.sh` and its Heat plugin, mapped by `scripts/vmlab/env.yaml`) that boot
+//! exactly the user_data Heat rendered from `heat-templates/` and `deploy/`, on the lab's
+//! private network in the namespace `stateshift-lab`. Each test runs on a thread that
+//! entered that namespace, so it reaches the VMs as the orchestrator does and the host's
+//! Keystone, Heat and Zabbix through the lab's forwarders on their usual loopback ports.
+//!
+//! Lab tests run one at a time (a lock file in the lab directory; VMs under software
+//! emulation share two cores) and delete every stack they made, also when they fail.
+//! Their figures go to stderr as `LAB | ...` lines (`cargo nextest run --no-capture -E
+//! 'test(lab::)'`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use stateshift::config::SshConfig;
+use stateshift::influx::Influx;
+use stateshift::remote::{Host, Remote};
+use stateshift::stack::heat::{Created, Heat};
+use stateshift::stack::{StackOutputs, StackProvider, StackRef, StackSpec, StackStatus};
+use stateshift::util::Secret;
+
+use super::heat::{env as heat_env, password_cfg, unique, Env as HeatEnv};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+pub(crate) const IMAGE: &str = "debian-12-stateshift-lab";
+pub(crate) const GATEWAY: &str = "192.168.77.1";
+pub(crate) const CIDR: &str = "192.168.77.0/24";
+pub(crate) const ZABBIX_SERVER: &str = "192.168.77.1:25051";
+
+/// Print a figure line.
+pub(crate) fn figure(line: &str) {
+    eprintln!("LAB | {line}");
+}
+
+/// What `scripts/vmlab.sh up` left: lab.json.
+pub(crate) struct LabInfo {
+    pub(crate) netns: String,
+    pub(crate) dir: PathBuf,
+}
+
+fn lab_info() -> LabInfo {
+    let dir = std::env::var_os("STATESHIFT_VMLAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/stateshift-vmlab"));
+    let path = dir.join("lab.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: the VM lab is not up; run `scripts/vmlab.sh up` (as root) first",
+            path.display()
+        )
+    });
+    let v: Value = serde_json::from_str(&text).unwrap();
+    LabInfo {
+        netns: v["netns"].as_str().unwrap().to_string(),
+        dir,
+    }
+}
+
+/// Move the calling thread (and the threads and processes it starts later) into a network
+/// namespace.
+fn enter_netns(name: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/var/run/netns/{name}"))
+        .unwrap_or_else(|e| panic!("network namespace {name}: {e} (run scripts/vmlab.sh up)"));
+    // SAFETY: setns on a valid descriptor of a network namespace affects this thread only.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {name}: {}", std::io::Error::last_os_error());
+}
+
+/// Run a lab test: on its own thread inside the lab's namespace, with its own runtime;
+/// every stack whose name starts with the test's prefix is deleted at the end, also when
+/// the test failed.
+pub(crate) fn lab_test<F, Fut>(tag: &str, f: F)
+where
+    F: FnOnce(Arc<Lab>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tag = tag.to_string();
+    let t = std::thread::spawn(move || {
+        let info = lab_info();
+        // One lab test at a time, whichever runner runs them.
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(info.dir.join("tests.lock"))
+            .unwrap();
+        lock.lock().unwrap();
+        enter_netns(&info.netns);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let lab = Arc::new(rt.block_on(Lab::new(&tag, info)));
+        let r = rt.block_on(tokio::spawn(f(lab.clone())));
+        let left = rt.block_on(lab.cleanup());
+        match r {
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("test task: {e}"),
+            Ok(()) => assert!(left.is_empty(), "left behind: {left:?}"),
+        }
+    });
+    if let Err(p) = t.join() {
+        std::panic::resume_unwind(p)
+    }
+}
+
+/// One lab test's view of the lab.
+pub(crate) struct Lab {
+    /// Prefix of every stack (and so every VM) this test makes.
+    pub(crate) tag: String,
+    pub(crate) info: LabInfo,
+    pub(crate) heat: Heat,
+    pub(crate) env: HeatEnv,
+    /// The "Nova key pair" the VMs authorise, and its private half.
+    pub(crate) keypair: String,
+    pub(crate) key: PathBuf,
+    _keydir: tempfile::TempDir,
+}
+
+impl Lab {
+    async fn new(tag: &str, info: LabInfo) -> Lab {
+        let env = heat_env();
+        let heat = Heat::new(password_cfg(&env)).unwrap();
+        let tag = unique(tag);
+        let keydir = tempfile::Builder::new()
+            .prefix("ss-lab")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let key = keydir.path().join("id_ed25519");
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", &tag, "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let keypair = tag.clone();
+        std::fs::create_dir_all(info.dir.join("keypairs")).unwrap();
+        std::fs::copy(
+            key.with_extension("pub"),
+            info.dir.join("keypairs").join(format!("{keypair}.pub")),
+        )
+        .unwrap();
+        Lab {
+            tag,
+            info,
+            heat,
+            env,
+            keypair,
+            key,
+            _keydir: keydir,
+        }
+    }
+
+    /// A stack spec for a template of this repository, with the lab's environment.
+    pub(crate) fn spec(
+        &self,
+        name: &str,
+        template: &str,
+        params: &[(&str, &str)],
+        secrets: &[(&str, &str)],
+    ) -> StackSpec {
+        StackSpec {
+            name: name.into(),
+            template: PathBuf::from(format!("{ROOT}/{template}")),
+            parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            secret_parameters: secrets
+                .iter()
+                .map(|(k, v)| (k.to_string(), Secret::new(*v)))
+                .collect(),
+            environment_files: vec![lab_env()],
+            timeout: Duration::from_secs(1500),
+        }
+    }
+
+    /// Create and wait; on failure, show the VMs' consoles.
+    pub(crate) async fn create(&self, spec: &StackSpec) -> (Created, Duration) {
+        let t = Instant::now();
+        match self.heat.create_raw(spec).await {
+            Ok(c) => (c, t.elapsed()),
+            Err(e) => panic!("{}: create: {e}\n{}", spec.name, self.consoles()),
+        }
+    }
+
+    /// An InfluxDB stack from heat-templates/influxdb.yaml.
+    pub(crate) fn influxdb_spec(
+        &self,
+        name: &str,
+        admin_pw: &str,
+        extra: &[(&str, &str)],
+    ) -> StackSpec {
+        let mut params = vec![
+            ("image", IMAGE),
+            ("network", "lab"),
+            ("key_name", self.keypair.as_str()),
+            ("zabbix_server", ZABBIX_SERVER),
+            ("access_cidr", CIDR),
+        ];
+        params.extend_from_slice(extra);
+        self.spec(
+            name,
+            "heat-templates/influxdb.yaml",
+            &params,
+            &[("influxdb_admin_password", admin_pw)],
+        )
+    }
+
+    /// SSH to a lab VM as its default user, its host keys pinned.
+    pub(crate) async fn ssh(&self, host: &str, host_keys: Vec<String>) -> Host {
+        let cfg = SshConfig {
+            host: host.into(),
+            port: 22,
+            user: "debian".into(),
+            identity_file: Some(self.key.clone()),
+            known_hosts_file: None,
+            host_key_check: stateshift::config::HostKeyCheck::Strict,
+            host_keys,
+            connect_timeout: Duration::from_secs(10),
+            ready_timeout: Duration::from_secs(120),
+        };
+        Host::connect(Some(&cfg))
+            .await
+            .unwrap_or_else(|e| panic!("ssh {host}: {e}"))
+    }
+
+    /// The end of every console of this test's VMs (for failure messages).
+    pub(crate) fn consoles(&self) -> String {
+        let mut out = String::new();
+        for (dir, name) in self.vms() {
+            let log = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            out.push_str(&format!("--- console of {name} (last lines)\n"));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// This test's VMs that are still running: (directory, name).
+    pub(crate) fn vms(&self) -> Vec<(PathBuf, String)> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.info.dir.join("vms")) {
+            for e in rd.flatten() {
+                let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                let alive = std::fs::read_to_string(e.path().join("qemu.pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i32>().ok())
+                    // SAFETY: kill with signal 0 only checks that the process exists.
+                    .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+                if name.starts_with(&self.tag) && alive {
+                    v.push((e.path(), name));
+                }
+            }
+        }
+        v
+    }
+
+    /// This test's stacks in Heat (by name prefix), undeleted.
+    pub(crate) async fn stacks(&self) -> Vec<StackRef> {
+        let url = format!("{}/stacks", self.heat.endpoint().await.unwrap());
+        let v = get_json(&self.heat, &url).await;
+        v["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["stack_name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&self.tag))
+                    && s["stack_status"].as_str() != Some("DELETE_COMPLETE")
+            })
+            .map(|s| StackRef {
+                id: s["id"].as_str().unwrap().into(),
+                name: s["stack_name"].as_str().unwrap().into(),
+            })
+            .collect()
+    }
+
+    /// Delete every stack of this test; returns what is still there afterwards (stacks
+    /// and running VMs).
+    async fn cleanup(&self) -> Vec<String> {
+        for s in self.stacks().await {
+            if let Err(e) = self.heat.delete(&s, Duration::from_secs(300)).await {
+                eprintln!("cleanup: {}: {e}", s.name);
+            }
+        }
+        let _ = std::fs::remove_file(
+            self.info
+                .dir
+                .join("keypairs")
+                .join(format!("{}.pub", self.keypair)),
+        );
+        let mut left: Vec<String> = self
+            .stacks()
+            .await
+            .into_iter()
+            .map(|s| format!("stack {}", s.name))
+            .collect();
+        left.extend(self.vms().into_iter().map(|(_, n)| format!("VM {n}")));
+        left
+    }
+}
+
+pub(crate) fn lab_env() -> PathBuf {
+    PathBuf::from(format!("{ROOT}/scripts/vmlab/env.yaml"))
+}
+
+pub(crate) async fn get_json(h: &Heat, url: &str) -> Value {
+    let r = reqwest::Client::new()
+        .get(url)
+        .header("X-Auth-Token", h.token().await.unwrap().expose())
+        .header("Connection", "close")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{url}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+/// A random password of letters and digits.
+pub(crate) fn password(len: usize) -> String {
+    use std::io::Read;
+    let mut b = vec![0u8; len];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    const A: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    b.iter().map(|x| A[*x as usize % A.len()] as char).collect()
+}
+
+/// An InfluxDB on a lab VM, with credentials.
+pub(crate) fn influx(url: &str, user: &str, pw: &str) -> Influx {
+    Influx::new(
+        url,
+        Some(user),
+        Some(&Secret::new(pw)),
+        Duration::from_secs(30),
+    )
+}
+
+/// The service's databases and the user Cyclops writes as, as an operator provisions them.
+pub(crate) async fn provision(admin: &Influx, cyclops_pw: &str) {
+    for q in [
+        "CREATE DATABASE udr_service".to_string(),
+        "CREATE DATABASE rc_service".to_string(),
+        "CREATE DATABASE billing_service".to_string(),
+        format!("CREATE USER cyclops WITH PASSWORD '{cyclops_pw}'"),
+        "GRANT ALL ON udr_service TO cyclops".to_string(),
+        "GRANT ALL ON rc_service TO cyclops".to_string(),
+        "GRANT ALL ON billing_service TO cyclops".to_string(),
+    ] {
+        admin.query(None, &q).await.unwrap();
+    }
+}
+
+// ------------------------------------------------------------------ the writers' ledgers
+
+/// What the Cyclops stand-ins acknowledged, per service.
+pub(crate) struct Ledgers {
+    /// service -> (instance, timestamp) -> last acknowledged value
+    pub(crate) points: BTreeMap<String, HashMap<(String, i64), f64>>,
+    /// service -> the InfluxDB URLs it wrote to, in order, each with its number of acks
+    pub(crate) urls: BTreeMap<String, Vec<(String, u64)>>,
+    pub(crate) acked: u64,
+    pub(crate) failed_requests: u64,
+}
+
+/// Read the stand-ins' ledgers and stats on the Cyclops VM.
+pub(crate) async fn ledgers(cyclops: &Host) -> Ledgers {
+    let mut l = Ledgers {
+        points: BTreeMap::new(),
+        urls: BTreeMap::new(),
+        acked: 0,
+        failed_requests: 0,
+    };
+    for svc in ["udr", "rc", "billing"] {
+        let text = cyclops
+            .run(&format!("sudo cat /var/lib/cyclops/{svc}.ledger"))
+            .await
+            .unwrap();
+        let points = l.points.entry(svc.into()).or_default();
+        let urls = l.urls.entry(svc.into()).or_default();
+        for line in text.lines() {
+            let (url, lp) = line.split_once('\t').unwrap();
+            match urls.last_mut() {
+                Some((u, n)) if u == url => *n += 1,
+                _ => urls.push((url.to_string(), 1)),
+            }
+            // usage,svc=S,instance=iN value=V,seq=Ki TS
+            let mut parts = lp.split(' ');
+            let series = parts.next().unwrap();
+            let fields = parts.next().unwrap();
+            let ts: i64 = parts.next().unwrap().parse().unwrap();
+            let instance = series.split("instance=").nth(1).unwrap().to_string();
+            let value: f64 = fields
+                .split(',')
+                .find_map(|f| f.strip_prefix("value="))
+                .unwrap()
+                .parse()
+                .unwrap();
+            points.insert((instance, ts), value);
+            l.acked += 1;
+        }
+        let stats: Value = serde_json::from_str(
+            &cyclops
+                .run(&format!("sudo cat /var/lib/cyclops/{svc}.stats"))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        l.failed_requests += stats["failed_requests"].as_u64().unwrap();
+    }
+    l
+}
+
+/// Every acknowledged point is on `on` with its last acknowledged value; returns the
+/// number of points checked.
+pub(crate) async fn assert_ledgers_on(l: &Ledgers, on: &Influx) -> usize {
+    let mut checked = 0;
+    for (svc, want) in &l.points {
+        let db = format!("{svc}_service");
+        let mut have: HashMap<(String, i64), f64> = HashMap::new();
+        on.query_chunked(
+            &db,
+            "SELECT value FROM usage WHERE time >= -9223372036854775806 AND time <= 9223372036854775806 GROUP BY instance",
+            10_000,
+            |s| {
+                let inst = s
+                    .tags
+                    .as_ref()
+                    .and_then(|t| t.get("instance"))
+                    .cloned()
+                    .unwrap_or_default();
+                for row in &s.values {
+                    let ts = row[0].as_i64().unwrap();
+                    let v = row[1].as_f64().unwrap();
+                    have.insert((inst.clone(), ts), v);
+                }
+                Ok(())
+            },
+        )
+        .await
+        .unwrap();
+        let missing: Vec<_> = want
+            .keys()
+            .filter(|k| !have.contains_key(*k))
+            .take(5)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{svc}: {} acknowledged points missing on {}, e.g. {missing:?}",
+            want.keys().filter(|k| !have.contains_key(*k)).count(),
+            on.url()
+        );
+        let wrong: Vec<_> = want
+            .iter()
+            .filter(|(k, v)| (have[*k] - **v).abs() > 1e-9)
+            .take(5)
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{svc}: values differ from the last acknowledged ones: {wrong:?}"
+        );
+        checked += want.len();
+    }
+    checked
+}
+
+// ------------------------------------------------------------------ serving the binary
+
+/// Serve one file over HTTP on `addr` (the SO VM downloads stateshift from here).
+pub(crate) async fn serve_file(addr: &str, path: &Path) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let url = format!("http://{}/stateshift", listener.local_addr().unwrap());
+    let bytes = Arc::new(std::fs::read(path).unwrap());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                break;
+            };
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                    bytes.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&bytes).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (url, task)
+}
+
+/// The stateshift binary the tests built, without its debug sections (what a release
+/// download would be, and 4x smaller to push into an emulated VM), and its SHA-256.
+pub(crate) fn stripped_binary(dir: &Path) -> (PathBuf, String) {
+    let out = dir.join("stateshift");
+    let st = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(env!("CARGO_BIN_EXE_stateshift"))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "objcopy --strip-debug");
+    let sum = std::process::Command::new("sha256sum")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let sum = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    (out, sum)
+}
+
+// ------------------------------------------------------------------ the SO's API
+
+pub(crate) struct Api {
+    pub(crate) url: String,
+    pub(crate) client: reqwest::Client,
+}
+
+impl Api {
+    pub(crate) fn new(url: &str, ca_pem: &str) -> Api {
+        let cert = reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap();
+        Api {
+            url: url.trim_end_matches('/').to_string(),
+            client: reqwest::Client::builder()
+                .add_root_certificate(cert)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub(crate) async fn status(&self) -> Value {
+        let r = self
+            .client
+            .get(format!("{}/status", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "/status: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    pub(crate) async fn migrate(&self, token: Option<&str>) -> u16 {
+        let mut rb = self.client.post(format!("{}/migrate", self.url));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send().await.unwrap().status().as_u16()
+    }
+
+    /// Wait until the status lists `n` finished migrations; the last one.
+    pub(crate) async fn wait_migrations(&self, n: usize, timeout: Duration) -> Value {
+        let t = Instant::now();
+        let mut last = Value::Null;
+        while t.elapsed() < timeout {
+            last = self.status().await;
+            let done: Vec<&Value> = last["migrations"]
+                .as_array()
+                .map(|a| a.iter().filter(|m| !m["outcome"].is_null()).collect())
+                .unwrap_or_default();
+            if done.len() >= n {
+                return done[n - 1].clone();
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        panic!("{n} migration(s) did not finish within {timeout:?}; last status: {last:#}");
+    }
+}
+
+/// The current status of a stack (Heat keeps deleted ones visible as gone).
+pub(crate) async fn stack_status(h: &Heat, name: &str) -> Option<StackStatus> {
+    let s = h.find(name).await.unwrap()?;
+    Some(h.status(&s).await.unwrap())
+}
+
+/// The four outputs stateshift reads, and the pinned keys, of an InfluxDB stack.
+pub(crate) fn influx_outputs(c: &Created) -> StackOutputs {
+    StackOutputs::from_raw(&c.stack.name, c.outputs.clone()).unwrap()
+}
+
+// ------------------------------------------------------------------ the proof
+
+/// The whole cloud path, on VMs that booted what Heat rendered: the operator's three
+/// stacks (InfluxDB, the RCBaaS service with Cyclops stand-ins writing to it, the SO
+/// deployed by deploy/so-stack.yaml), then a migration by `POST /migrate` and one by the
+/// predictor from the VM's real load (read through the real Zabbix), each to a new VM
+/// Heat creates; no acknowledged point lost by the writers' own ledgers, the writers on
+/// the new host and off the old one, the old InfluxDB stack deleted and its Zabbix host
+/// retired, the service stack intact, nothing left behind.
+#[test]
+fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_losing_nothing() {
+    lab_test("e2e", |lab| async move {
+        let zenv = super::zabbix::env();
+        let _zabbix_shared = super::zabbix::lock(&zenv, false);
+        let admin_pw = password(20);
+        let cyclops_pw = password(16);
+        let tag = lab.tag.clone();
+
+        // --- the operator's stacks: InfluxDB first, then the service, then the SO.
+        let influx0_name = format!("{tag}-influx-0");
+        let (influx0, took) = lab
+            .create(&lab.influxdb_spec(&influx0_name, &admin_pw, &[("boot_timeout", "900")]))
+            .await;
+        let o0 = influx_outputs(&influx0);
+        figure(&format!("InfluxDB stack: Heat create -> CREATE_COMPLETE with outputs (VM booted, InfluxDB answering, WaitCondition signalled): {:.1} s", took.as_secs_f64()));
+        assert!(
+            !o0.ssh_host_keys.is_empty(),
+            "the VM reported its host keys"
+        );
+        let admin0 = influx(&o0.influxdb_url, "admin", &admin_pw);
+        // Auth is on: no credentials, no data.
+        assert!(
+            Influx::new(&o0.influxdb_url, None, None, Duration::from_secs(10))
+                .databases()
+                .await
+                .is_err()
+        );
+        provision(&admin0, &cyclops_pw).await;
+        let seeded = stateshift::workload::seed(
+            &admin0,
+            &stateshift::workload::SeedSpec {
+                db: "udr_service".into(),
+                points: 20_000,
+                series: 12,
+                days: 10,
+                measurements: 3,
+                end_ns: super::common::now_ns(),
+            },
+        )
+        .await
+        .unwrap();
+
+        let svc_name = format!("{tag}-svc");
+        let (svc, took) = lab
+            .create(&lab.spec(
+                &svc_name,
+                "heat-templates/rcbaas.yaml",
+                &[
+                    ("image", IMAGE),
+                    ("network", "lab"),
+                    ("key_name", &lab.keypair),
+                    ("zabbix_server", ZABBIX_SERVER),
+                    ("access_cidr", CIDR),
+                    ("influxdb_url", &o0.influxdb_url),
+                    ("boot_timeout", "900"),
+                ],
+                &[("influxdb_password", &cyclops_pw)],
+            ))
+            .await;
+        figure(&format!(
+            "service stack (Cyclops VM, writers started): {:.1} s",
+            took.as_secs_f64()
+        ));
+        let cyclops_host = svc.outputs["cyclops_host"].as_str().unwrap().to_string();
+        let cyclops_keys = stateshift::stack::host_keys(&svc.outputs["ssh_host_keys"]).unwrap();
+        let cyclops = lab.ssh(&cyclops_host, cyclops_keys).await;
+
+        let bin_dir = tempfile::tempdir().unwrap();
+        let (bin, sha) = stripped_binary(bin_dir.path());
+        let (bin_url, _server) = serve_file(&format!("{GATEWAY}:0"), &bin).await;
+        let api_token = password(32);
+        let so_name = format!("{tag}-so");
+        let lab_environment = std::fs::read_to_string(lab_env()).unwrap();
+        let zkey = std::fs::read_to_string(&lab.key).unwrap();
+        let (so, took) = lab
+            .create(&lab.spec(
+                &so_name,
+                "deploy/so-stack.yaml",
+                &[
+                    ("image", IMAGE),
+                    ("network", "lab"),
+                    ("key_name", &lab.keypair),
+                    ("access_cidr", CIDR),
+                    ("stateshift_url", &bin_url),
+                    ("stateshift_sha256", &sha),
+                    ("service_name", &tag),
+                    ("influxdb_stack", &influx0_name),
+                    ("influxdb_url", &o0.influxdb_url),
+                    ("influxdb_host", &o0.ssh_host),
+                    (
+                        "influxdb_ssh_host_keys",
+                        influx0.outputs["ssh_host_keys"].as_str().unwrap(),
+                    ),
+                    (
+                        "zabbix_host",
+                        influx0.outputs["zabbix_host"].as_str().unwrap(),
+                    ),
+                    ("cyclops_host", &cyclops_host),
+                    (
+                        "cyclops_ssh_host_keys",
+                        svc.outputs["ssh_host_keys"].as_str().unwrap(),
+                    ),
+                    ("heat_auth_url", &format!("http://{GATEWAY}:25500/v3")),
+                    ("heat_region", "LabNet"),
+                    ("heat_username", &lab.env.username),
+                    ("heat_project", &lab.env.project),
+                    ("target_image", IMAGE),
+                    ("target_key_name", &lab.keypair),
+                    ("target_environment", &lab_environment),
+                    ("target_boot_timeout", "900"),
+                    ("target_create_timeout", "20m"),
+                    ("zabbix_server", ZABBIX_SERVER),
+                    (
+                        "zabbix_api_url",
+                        &format!("http://{GATEWAY}:25080/api_jsonrpc.php"),
+                    ),
+                    ("zabbix_user", &zenv.user),
+                    ("threshold", "4"),
+                    ("poll_interval", "5s"),
+                    ("consecutive", "2"),
+                    ("cooldown", "3m"),
+                    ("boot_timeout", "900"),
+                ],
+                &[
+                    ("ssh_private_key", &zkey),
+                    ("influxdb_admin_password", &admin_pw),
+                    (
+                        "influxdb_user_passwords",
+                        &format!("{{cyclops: {cyclops_pw}}}"),
+                    ),
+                    ("heat_password", lab.env.password.expose()),
+                    ("zabbix_password", zenv.password.expose()),
+                    ("api_token", &api_token),
+                ],
+            ))
+            .await;
+        figure(&format!(
+            "SO stack (VM, state volume, binary installed, daemon answering over TLS): {:.1} s",
+            took.as_secs_f64()
+        ));
+        let report: Value =
+            serde_json::from_str(so.outputs["boot_report"].as_str().unwrap()).unwrap();
+        let api = Api::new(
+            so.outputs["api_url"].as_str().unwrap(),
+            report["api_certificate"].as_str().unwrap(),
+        );
+        let st = api.status().await;
+        assert_eq!(st["source_url"], o0.influxdb_url.as_str(), "{st:#}");
+        assert!(
+            st["load_source"].as_str().unwrap().contains(&influx0_name),
+            "the SO polls the InfluxDB VM's Zabbix host: {st:#}"
+        );
+
+        // --- migration 1: by hand, through the API.
+        assert_eq!(api.migrate(None).await, 401, "no token, no migration");
+        assert_eq!(api.migrate(Some("wrong-token-wrong-token")).await, 401);
+        let t1 = Instant::now();
+        let code = api.migrate(Some(&api_token)).await;
+        assert!((200..300).contains(&code), "POST /migrate: {code}");
+        let m1 = api.wait_migrations(1, Duration::from_secs(1500)).await;
+        assert_eq!(m1["outcome"], "succeeded", "{m1:#}\n{}", lab.consoles());
+        figure(&format!(
+            "migration 1 (POST /migrate): {:.1} s end to end; phases {}",
+            t1.elapsed().as_secs_f64(),
+            m1["phases"]
+        ));
+        let target1 = m1["target"]["stack"]["name"].as_str().unwrap().to_string();
+        let url1 = m1["target"]["influx_url"].as_str().unwrap().to_string();
+        assert_ne!(url1, o0.influxdb_url);
+        let st = api.status().await;
+        assert_eq!(
+            st["source_url"],
+            url1.as_str(),
+            "the SO follows the service"
+        );
+        assert!(
+            matches!(
+                stack_status(&lab.heat, &influx0_name).await,
+                None | Some(StackStatus::Gone)
+            ),
+            "the old InfluxDB stack is deleted"
+        );
+        assert_eq!(
+            stack_status(&lab.heat, &svc_name).await,
+            Some(StackStatus::Complete),
+            "the service stack is never touched"
+        );
+        let ledgers1 = ledgers(&cyclops).await;
+        for (svc, urls) in &ledgers1.urls {
+            let names: Vec<&str> = urls.iter().map(|(u, _)| u.as_str()).collect();
+            assert_eq!(
+                names,
+                [o0.influxdb_url.as_str(), url1.as_str()],
+                "{svc}: writes went to the old InfluxDB, then only to the new one"
+            );
+        }
+        let admin1 = influx(&url1, "admin", &admin_pw);
+        let checked = assert_ledgers_on(&ledgers1, &admin1).await;
+        figure(&format!(
+            "after migration 1: {} points acknowledged by the writers, {checked} distinct, all on the new VM ({url1}); {} failed write requests; {seeded} seeded points carried",
+            ledgers1.acked, ledgers1.failed_requests
+        ));
+        assert_eq!(ledgers1.failed_requests, 0, "writers never saw an error");
+        assert_eq!(
+            stateshift::workload::count_points(&admin1, "udr_service", "usage0")
+                .await
+                .unwrap()
+                + stateshift::workload::count_points(&admin1, "udr_service", "usage1")
+                    .await
+                    .unwrap()
+                + stateshift::workload::count_points(&admin1, "udr_service", "usage2")
+                    .await
+                    .unwrap(),
+            seeded
+        );
+        // Zabbix: the old VM's host is retired, the new one registered itself.
+        let mut z = super::zabbix::client(&zenv);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let old = z.host_id(&influx0_name, "any").await.is_ok();
+            let new = z.host_id(&target1, "any").await.is_ok();
+            if !old && new {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Zabbix: old host still there: {old}, new host registered: {new}"
+            );
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+
+        // --- migration 2: the predictor, from the new VM's real load.
+        let t1_outputs: StackOutputs =
+            serde_json::from_value(m1["target"]["outputs"].clone()).unwrap();
+        let vm1 = lab
+            .ssh(&t1_outputs.ssh_host, t1_outputs.ssh_host_keys.clone())
+            .await;
+        // CPU burners at the lowest priority (InfluxDB keeps serving the writers), bounded.
+        vm1.run("nohup sh -c 'for i in 1 2 3 4 5 6 7 8; do nice -n 19 timeout 1500 sh -c \"while :; do :; done\" & done; wait' >/dev/null 2>&1 &")
+            .await
+            .unwrap();
+        let t2 = Instant::now();
+        let m2 = api.wait_migrations(2, Duration::from_secs(1800)).await;
+        assert_eq!(m2["outcome"], "succeeded", "{m2:#}\n{}", lab.consoles());
+        let trigger = m2["trigger"].as_str().unwrap();
+        assert!(
+            trigger.starts_with("prediction"),
+            "migration 2 was triggered by the predictor: {trigger}"
+        );
+        figure(&format!(
+            "migration 2 ({trigger}): {:.1} s from the start of the load; phases {}",
+            t2.elapsed().as_secs_f64(),
+            m2["phases"]
+        ));
+        let target2 = m2["target"]["stack"]["name"].as_str().unwrap().to_string();
+        let url2 = m2["target"]["influx_url"].as_str().unwrap().to_string();
+        let t2_keys: Vec<String> =
+            serde_json::from_value(m2["target"]["outputs"]["ssh_host_keys"].clone()).unwrap();
+        // Neutron handed the freed address of the first VM to the new one: another VM,
+        // other keys, same address. The SO connected because the keys came pinned from
+        // the stack, not from a known_hosts entry learnt on first contact.
+        assert_eq!(
+            url2, o0.influxdb_url,
+            "the lab reuses the first VM's address"
+        );
+        assert_ne!(
+            t2_keys, o0.ssh_host_keys,
+            "a new VM behind the reused address"
+        );
+        assert!(matches!(
+            stack_status(&lab.heat, &target1).await,
+            None | Some(StackStatus::Gone)
+        ));
+        assert_eq!(
+            stack_status(&lab.heat, &svc_name).await,
+            Some(StackStatus::Complete)
+        );
+        assert_eq!(
+            stack_status(&lab.heat, &so_name).await,
+            Some(StackStatus::Complete)
+        );
+        assert_eq!(
+            stack_status(&lab.heat, &target2).await,
+            Some(StackStatus::Complete)
+        );
+
+        // Let the writers go on a little on the final VM, then the last count.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let final_ledgers = ledgers(&cyclops).await;
+        for (svc, urls) in &final_ledgers.urls {
+            let names: Vec<&str> = urls.iter().map(|(u, _)| u.as_str()).collect();
+            assert_eq!(
+                names,
+                [o0.influxdb_url.as_str(), url1.as_str(), url2.as_str()],
+                "{svc}"
+            );
+        }
+        let admin2 = influx(&url2, "admin", &admin_pw);
+        let checked = assert_ledgers_on(&final_ledgers, &admin2).await;
+        figure(&format!(
+            "end: {} points acknowledged by the writers over both migrations, {checked} distinct, 0 lost, {} failed write requests; final InfluxDB {url2}",
+            final_ledgers.acked, final_ledgers.failed_requests
+        ));
+        assert_eq!(final_ledgers.failed_requests, 0);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while z.host_id(&target1, "any").await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "Zabbix host {target1} not retired"
+            );
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+
+        // --- tear down like an operator: nothing may be left.
+        drop(vm1);
+        drop(cyclops);
+        for name in [&so_name, &svc_name, &target2] {
+            let s = lab.heat.find(name).await.unwrap().unwrap();
+            lab.heat.delete(&s, Duration::from_secs(300)).await.unwrap();
+        }
+        assert!(
+            lab.stacks().await.is_empty(),
+            "stacks left: {:?}",
+            lab.stacks().await
+        );
+        assert!(lab.vms().is_empty(), "VMs left: {:?}", lab.vms());
+        let _ = z
+            .retire_host(&target2, stateshift::config::RetireHosts::Delete)
+            .await;
+    });
+}
