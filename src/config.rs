@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -28,6 +29,14 @@ pub enum ConfigError {
         file: String,
         key: String,
         msg: String,
+    },
+    #[error("{file}: {key}: cannot read {path}: {source}")]
+    File {
+        file: String,
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("{file}: {key}: cannot read secret file {path}: {source}")]
     SecretFile {
@@ -145,6 +154,9 @@ struct RawApi {
     token_file: Option<PathBuf>,
     #[serde(default, deserialize_with = "de_secret")]
     token: Option<String>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    insecure_plain_http: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -351,9 +363,46 @@ pub struct MonitorConfig {
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
-    /// Bearer token for `POST /migrate`; `None`: the endpoint refuses every request.
+    /// Bearer token for every state-changing request (`POST /migrate`); `None`: they are
+    /// all refused.
     pub token: Option<Secret>,
+    /// HTTPS. `None`: plain HTTP, which validation allows only on a loopback address or
+    /// with `insecure_plain_http`.
+    pub tls: Option<ApiTls>,
+    /// Plain HTTP on a non-loopback address, asked for explicitly.
+    pub insecure_plain_http: bool,
     pub(crate) token_file: Option<PathBuf>,
+    /// `(tls_cert_file, tls_key_file)`, read into `tls` after validation.
+    pub(crate) tls_files: Option<(PathBuf, PathBuf)>,
+}
+
+impl ApiConfig {
+    /// Plain HTTP where others than this machine can connect.
+    pub fn plain_http_beyond_loopback(&self) -> bool {
+        self.tls.is_none() && !is_loopback(self.listen.ip())
+    }
+}
+
+/// The API's certificate and key, ready to serve.
+#[derive(Clone)]
+pub struct ApiTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub server: Arc<tokio_rustls::rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for ApiTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiTls")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// 127.0.0.0/8 or ::1 (also written as ::ffff:127.x.y.z).
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }
 
 /// One InfluxDB host: where its HTTP API answers and how to run commands on it.
@@ -569,6 +618,9 @@ impl Config {
         if let Some(p) = self.api.token_file.take() {
             self.api.token = Some(Secret::new(read_secret(fname, "api.token_file", &p)?));
         }
+        if let Some((cert_file, key_file)) = self.api.tls_files.take() {
+            self.api.tls = Some(read_api_tls(fname, cert_file, key_file)?);
+        }
         if let Some(p) = self.migration.user_passwords_file.take() {
             let key = "migration.user_passwords_file";
             let text = read_secret(fname, key, &p)?;
@@ -599,6 +651,38 @@ fn read_secret(fname: &str, key: &str, path: &Path) -> Result<String, ConfigErro
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// The API's certificate chain and private key (PEM), checked to belong together.
+fn read_api_tls(fname: &str, cert_file: PathBuf, key_file: PathBuf) -> Result<ApiTls, ConfigError> {
+    use crate::daemon::tls::{self, PemFile};
+    let cert_pem = std::fs::read(&cert_file).map_err(|source| ConfigError::File {
+        file: fname.into(),
+        key: "api.tls_cert_file".into(),
+        path: cert_file.clone(),
+        source,
+    })?;
+    let key_pem = Secret::new(read_secret(fname, "api.tls_key_file", &key_file)?);
+    let server = tls::server_config(
+        &cert_pem,
+        &cert_file,
+        key_pem.expose().as_bytes(),
+        &key_file,
+    )
+    .map_err(|e| ConfigError::Invalid {
+        file: fname.into(),
+        key: match e.file {
+            PemFile::Cert => "api.tls_cert_file",
+            PemFile::Key => "api.tls_key_file",
+        }
+        .into(),
+        msg: e.msg,
+    })?;
+    Ok(ApiTls {
+        cert_file,
+        key_file,
+        server,
+    })
 }
 
 // ---------------------------------------------------------------- validation (pure)
@@ -1042,12 +1126,47 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let ap = raw.api;
     let listen_s = ap.listen.unwrap_or_else(|| "127.0.0.1:9180".into());
+    let listen: SocketAddr = listen_s
+        .parse()
+        .map_err(|_| v.err("api.listen", format!("expected ip:port, got {listen_s:?}")))?;
+    let tls_files = match (ap.tls_cert_file, ap.tls_key_file) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(v.err(
+                "api.tls_key_file",
+                "missing; api.tls_cert_file is set, and HTTPS needs the certificate's private key too (PEM)",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(v.err(
+                "api.tls_cert_file",
+                "missing; api.tls_key_file is set, and HTTPS needs the certificate too (PEM)",
+            ))
+        }
+    };
+    let insecure_plain_http = ap.insecure_plain_http.unwrap_or(false);
+    if insecure_plain_http && tls_files.is_some() {
+        return Err(v.err(
+            "api.insecure_plain_http",
+            "set together with api.tls_cert_file/api.tls_key_file; remove one (with TLS the API never serves plain HTTP)",
+        ));
+    }
+    if tls_files.is_none() && !insecure_plain_http && !is_loopback(listen.ip()) {
+        return Err(v.err(
+            "api.listen",
+            format!(
+                "{listen} is reachable from other machines, and without TLS the bearer token and /status would cross the network in clear; set api.tls_cert_file and api.tls_key_file (PEM), listen on 127.0.0.1, or set api.insecure_plain_http: true to accept plain HTTP"
+            ),
+        ));
+    }
     let api = ApiConfig {
-        listen: listen_s
-            .parse()
-            .map_err(|_| v.err("api.listen", format!("expected ip:port, got {listen_s:?}")))?,
+        listen,
         token: ap.token.map(Secret::new),
+        tls: None,
+        insecure_plain_http,
         token_file: ap.token_file,
+        tls_files,
     };
     Ok(Config {
         source,
@@ -1146,6 +1265,126 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_non_loopback_api_listen_without_tls_is_refused_naming_the_key_and_the_fix() {
+        for listen in [
+            "0.0.0.0:9180",
+            "10.0.0.5:9180",
+            "[::]:9180",
+            "[2001:db8::1]:9180",
+        ] {
+            let e = load(&format!("{MIN}api:\n  listen: \"{listen}\"\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("c.yaml: api.listen:")
+                    && e.contains("without TLS")
+                    && e.contains("set api.tls_cert_file and api.tls_key_file")
+                    && e.contains("api.insecure_plain_http: true"),
+                "{listen}: {e}"
+            );
+        }
+        // From the environment too.
+        let e = load(MIN, &[("STATESHIFT__API__LISTEN", "0.0.0.0:9180")]).unwrap_err();
+        assert!(e.to_string().contains("api.listen"), "{e}");
+    }
+
+    #[test]
+    fn loopback_stays_plain_http_by_default() {
+        for listen in [
+            "127.0.0.1:9180",
+            "127.0.10.3:0",
+            "[::1]:9180",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            let c = load(&format!("{MIN}api:\n  listen: \"{listen}\"\n"), &[])
+                .unwrap_or_else(|e| panic!("{listen}: {e}"));
+            assert!(c.api.tls.is_none() && !c.api.insecure_plain_http);
+            assert!(!c.api.plain_http_beyond_loopback(), "{listen}");
+        }
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:9180");
+    }
+
+    #[test]
+    fn insecure_plain_http_accepts_plain_http_beyond_loopback() {
+        let c = load(
+            &format!("{MIN}api:\n  listen: \"0.0.0.0:9180\"\n  insecure_plain_http: true\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(c.api.insecure_plain_http && c.api.tls.is_none());
+        assert!(c.api.plain_http_beyond_loopback());
+        let c = load(
+            &format!("{MIN}api:\n  listen: \"10.0.0.5:9180\"\n"),
+            &[("STATESHIFT__API__INSECURE_PLAIN_HTTP", "true")],
+        )
+        .unwrap();
+        assert!(c.api.insecure_plain_http);
+    }
+
+    #[test]
+    fn a_tls_certificate_without_its_key_is_refused_and_the_other_way_round() {
+        let e = load(
+            &format!("{MIN}api:\n  tls_cert_file: /etc/stateshift/api.crt\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("api.tls_key_file: missing") && e.contains("api.tls_cert_file is set"),
+            "{e}"
+        );
+        let e = load(
+            &format!("{MIN}api:\n  tls_key_file: /etc/stateshift/api.key\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("api.tls_cert_file: missing"), "{e}");
+    }
+
+    #[test]
+    fn tls_and_insecure_plain_http_together_are_refused() {
+        let e = load(
+            &format!("{MIN}api:\n  tls_cert_file: /a.crt\n  tls_key_file: /a.key\n  insecure_plain_http: true\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("api.insecure_plain_http"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_tls_file_names_the_key_and_the_path() {
+        let e = load(
+            &format!("{MIN}api:\n  tls_cert_file: /nonexistent/api.crt\n  tls_key_file: /nonexistent/api.key\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("api.tls_cert_file") && e.contains("/nonexistent/api.crt"),
+            "{e}"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let cert = d.path().join("api.crt");
+        std::fs::write(&cert, "").unwrap();
+        let e = load(
+            &format!(
+                "{MIN}api:\n  tls_cert_file: {}\n  tls_key_file: /nonexistent/api.key\n",
+                cert.display()
+            ),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("api.tls_key_file") && e.contains("/nonexistent/api.key"),
+            "{e}"
+        );
     }
 
     #[test]

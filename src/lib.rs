@@ -13,6 +13,7 @@
 //!   verify — and the capture receiver and spool.
 //! - [`monitor`]: the `MetricSource` capability, the Zabbix JSON-RPC client and the poller.
 //! - [`predict`]: GM(1,1) and baseline predictors, trigger policy, trace evaluation.
+//! - [`logging`]: log lines for a terminal, a file, the systemd journal, or as JSON.
 //! - [`lab`]: a source and a target local VM with a config naming them (demo, bench, tests).
 //! - [`workload`]: seeded data and a live writer with an independent ledger of acked points.
 //! - [`bench`]: the data-engine benchmark behind `stateshift bench`.
@@ -26,6 +27,7 @@ pub mod demo;
 pub mod influx;
 
 pub mod lab;
+pub mod logging;
 pub mod migrate;
 pub mod monitor;
 pub mod predict;

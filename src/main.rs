@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use stateshift::bench::{self, BenchOptions, PrintProgress};
 use stateshift::config::Config;
+use stateshift::logging::{self, LogFormat, LogStyle};
 use stateshift::migrate::engine;
 
 #[derive(Parser)]
@@ -19,6 +20,10 @@ struct Cli {
     /// Log filter (also RUST_LOG), e.g. info, debug, stateshift=debug.
     #[arg(long, global = true, default_value = "warn")]
     log: String,
+    /// Log lines as text or as one JSON object per line (on stderr; under systemd each
+    /// line starts with its journal priority).
+    #[arg(long, global = true, env = "STATESHIFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -134,10 +139,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = logging::init(filter, LogStyle::detect(cli.log_format)) {
+        eprintln!("stateshift: cannot set up logging: {e}");
+        return ExitCode::from(1);
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

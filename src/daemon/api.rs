@@ -1,13 +1,17 @@
-//! The daemon's HTTP API (bound to 127.0.0.1 by default): `/healthz`, `/status` (JSON),
-//! `/metrics` (Prometheus text), `POST /migrate` (bearer token; 409 while a migration
-//! runs). A refused token is logged without the token.
+//! The daemon's HTTP API (bound to 127.0.0.1 by default; HTTPS with `api.tls_*`, see
+//! [`super::tls`]): `/healthz`, `/status` (JSON), `/metrics` (Prometheus text),
+//! `POST /migrate` (409 while a migration runs). Reading is open; every request that is
+//! not a GET or HEAD, on any route, needs the bearer token (one layer over the whole
+//! router, so a route added later cannot forget it). A refused token is logged without
+//! the token.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -119,18 +123,27 @@ impl Metrics {
     }
 }
 
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-) {
-    let app = axum::Router::new()
+/// The API's routes, behind the token check for every state-changing request.
+pub fn router(shared: Arc<Shared>) -> axum::Router {
+    axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/migrate", post(migrate))
-        .with_state(shared);
-    if let Err(e) = axum::serve(listener, app)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            require_token,
+        ))
+        .with_state(shared)
+}
+
+/// Serve [`router`] on `listener` (plain TCP, or [`super::tls::TlsListener`]) until `stop`.
+pub async fn serve<L>(listener: L, shared: Arc<Shared>, stop: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    if let Err(e) = axum::serve(listener, router(shared))
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
     {
@@ -158,25 +171,44 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn migrate(State(s): State<Arc<Shared>>, headers: HeaderMap) -> (StatusCode, String) {
+/// Whether `headers` carry the configured bearer token (never, when none is configured).
+fn authorized(token: Option<&crate::util::Secret>, headers: &HeaderMap) -> (bool, bool) {
     let given = headers
-        .get("authorization")
+        .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = match (&s.token, given) {
+    let ok = match (token, given) {
         (Some(t), Some(g)) => same(t.expose().as_bytes(), g.trim().as_bytes()),
         _ => false,
     };
-    if !ok {
-        tracing::warn!(
-            token_given = given.is_some(),
-            "POST /migrate refused: missing or wrong bearer token"
-        );
-        return (
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token\n".into(),
-        );
+    (ok, given.is_some())
+}
+
+/// GET and HEAD only read; anything else changes state and needs the token.
+async fn require_token(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return next.run(req).await;
     }
+    let (ok, token_given) = authorized(s.token.as_ref(), req.headers());
+    if ok {
+        return next.run(req).await;
+    }
+    tracing::warn!(
+        token_given,
+        "{} {} refused: missing or wrong bearer token",
+        req.method(),
+        req.uri().path()
+    );
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "missing or wrong bearer token\n",
+    )
+        .into_response()
+}
+
+/// `POST /migrate`; the token was checked by [`require_token`].
+async fn migrate(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     // Claimed here, so a second request before the loop picks this one up gets 409 too.
     if s.running
         .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
@@ -196,5 +228,107 @@ async fn migrate(State(s): State<Arc<Shared>>, headers: HeaderMap) -> (StatusCod
                 "the orchestrator is not taking requests\n".into(),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Api {
+        url: String,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+        /// Nothing picks triggers up here; held so that a trigger is accepted.
+        _triggers: tokio::sync::mpsc::Receiver<String>,
+    }
+
+    /// The router on a loopback port, with `token` configured.
+    async fn start(token: Option<&str>) -> Api {
+        let (trigger, triggers) = tokio::sync::mpsc::channel(4);
+        let shared = Arc::new(Shared {
+            status: Mutex::new(super::super::Status::default()),
+            running: std::sync::atomic::AtomicBool::new(false),
+            metrics: Metrics::new(),
+            trigger,
+            token: token.map(crate::util::Secret::new),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, shared.clone(), stop.clone()));
+        Api {
+            url,
+            shared,
+            stop,
+            _triggers: triggers,
+        }
+    }
+
+    #[tokio::test]
+    async fn every_method_but_get_and_head_needs_the_token_on_every_route() {
+        let api = start(Some("right-token")).await;
+        let url = &api.url;
+        let http = reqwest::Client::new();
+        for path in [
+            "/healthz",
+            "/status",
+            "/metrics",
+            "/migrate",
+            "/no-such-route",
+        ] {
+            for method in ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+                let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+                for token in [None, Some("wrong-token")] {
+                    let mut r = http.request(m.clone(), format!("{url}{path}"));
+                    if let Some(t) = token {
+                        r = r.bearer_auth(t);
+                    }
+                    let status = r.send().await.unwrap().status();
+                    assert_eq!(status, 401, "{method} {path} with {token:?}");
+                }
+            }
+        }
+        assert!(
+            !api.shared.running.load(Ordering::SeqCst),
+            "nothing triggered"
+        );
+        // Reading stays open.
+        for path in ["/healthz", "/status", "/metrics"] {
+            let r = http.get(format!("{url}{path}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "GET {path}");
+        }
+        // With the token, the request reaches its handler.
+        let r = http
+            .post(format!("{url}/migrate"))
+            .bearer_auth("right-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let r = http
+            .delete(format!("{url}/status"))
+            .bearer_auth("right-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "past the token, the route decides");
+        api.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn without_a_configured_token_every_state_changing_request_is_refused() {
+        let api = start(None).await;
+        let url = &api.url;
+        let http = reqwest::Client::new();
+        for token in [None, Some(""), Some("anything")] {
+            let mut r = http.post(format!("{url}/migrate"));
+            if let Some(t) = token {
+                r = r.bearer_auth(t);
+            }
+            assert_eq!(r.send().await.unwrap().status(), 401, "{token:?}");
+        }
+        assert!(!api.shared.running.load(Ordering::SeqCst));
+        api.stop.cancel();
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod procload;
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -220,6 +221,9 @@ pub async fn run(
     progress: &dyn Progress,
     ready: Option<tokio::sync::oneshot::Sender<Arc<Shared>>>,
 ) -> anyhow::Result<()> {
+    if cfg.api.plain_http_beyond_loopback() && !cfg.api.insecure_plain_http {
+        anyhow::bail!("api.listen: {} is reachable from other machines and no TLS is configured; set api.tls_cert_file and api.tls_key_file, or api.insecure_plain_http: true", cfg.api.listen);
+    }
     let provider = Provider::from_config(&cfg)?;
     // Settle whatever a crash left unfinished before anything else.
     if let Some(outcome) = machine::recover(&cfg, &provider, progress).await? {
@@ -263,9 +267,23 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("api.listen {}: {e}", cfg.api.listen))?;
     let api_addr = listener.local_addr()?;
-    tracing::info!(addr = %api_addr, "HTTP API listening");
     shared.set(|s| s.api = api_addr.to_string());
-    let api_task = tokio::spawn(api::serve(listener, shared.clone(), api_token.clone()));
+    let api_task = match &cfg.api.tls {
+        Some(t) => {
+            tracing::info!(addr = %api_addr, cert = %t.cert_file.display(), "HTTPS API listening");
+            let listener =
+                tls::TlsListener::new(listener, t.server.clone(), tls::HANDSHAKE_TIMEOUT)?;
+            tokio::spawn(api::serve(listener, shared.clone(), api_token.clone()))
+        }
+        None => {
+            if cfg.api.plain_http_beyond_loopback() {
+                tracing::warn!(addr = %api_addr, "HTTP API listening without TLS beyond loopback (api.insecure_plain_http): the bearer token and /status cross the network in clear");
+            } else {
+                tracing::info!(addr = %api_addr, "HTTP API listening");
+            }
+            tokio::spawn(api::serve(listener, shared.clone(), api_token.clone()))
+        }
+    };
     if let Some(r) = ready {
         let _ = r.send(shared.clone());
     }
