@@ -8,6 +8,7 @@
 #   scripts/vmlab.sh down     stop every lab VM and forwarder, delete the network namespace
 #   scripts/vmlab.sh status   one line per part; exit 0 only when the lab is up
 #   scripts/vmlab.sh vms      the running VMs (id, address, name)
+#   scripts/vmlab.sh stop-vms stop every lab VM (their stacks stay in Heat)
 #   scripts/vmlab.sh keypair NAME PUBKEY-FILE   register a "Nova key pair" for key_name
 #
 # The network ("the tenant network"): namespace $NETNS, bridge br0 with $GW/24; each VM's
@@ -234,6 +235,7 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   vms) vms ;;
+  stop-vms) stop_vms ;;
   keypair) shift; keypair "$@" ;;
-  *) echo "usage: $0 image|up|down|status|vms|keypair NAME PUBKEY-FILE" >&2; exit 2 ;;
+  *) echo "usage: $0 image|up|down|status|vms|stop-vms|keypair NAME PUBKEY-FILE" >&2; exit 2 ;;
 esac

@@ -150,6 +150,7 @@ api_cert() {
   install -d -m 0700 -o stateshift -g stateshift "$STATE/tls"
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
     -subj "/CN=stateshift $SO_HOST" -addext "subjectAltName=IP:$SO_HOST" \
+    -addext 'basicConstraints=critical,CA:FALSE' -addext 'extendedKeyUsage=serverAuth' \
     -keyout "$STATE/tls/api.key" -out "$STATE/tls/api.crt" 2>&1 || return 1
   chown stateshift:stateshift "$STATE/tls/api.key" "$STATE/tls/api.crt"
   chmod 0600 "$STATE/tls/api.key"

@@ -73,10 +73,10 @@ pub enum MigrateError {
     TargetNotEmpty { target: String, db: String },
     #[error("prepare: source user {user:?} has no password in migration.user_passwords_file; InfluxDB never exports password hashes, so the user cannot be recreated on the target without it")]
     MissingPassword { user: String },
-    #[error("prepare: the target InfluxDB {url} did not answer within {waited:?} (migration.target_ready_timeout); last error: {last}")]
+    #[error("prepare: the target InfluxDB {url} did not answer within {timeout:?} (migration.target_ready_timeout); last error: {last}")]
     TargetNotReady {
         url: String,
-        waited: Duration,
+        timeout: Duration,
         last: String,
     },
     #[error("{phase}: {msg}")]
@@ -1841,7 +1841,7 @@ async fn wait_ready(influx: &Influx, timeout: Duration) -> Result<(), MigrateErr
             Err(e) if e.is_transient() => {
                 return Err(MigrateError::TargetNotReady {
                     url: influx.url().to_string(),
-                    waited: start.elapsed(),
+                    timeout,
                     last: e.to_string(),
                 })
             }

@@ -99,7 +99,8 @@ where
             .build()
             .unwrap();
         let lab = Arc::new(rt.block_on(Lab::new(&tag, info)));
-        let r = rt.block_on(tokio::spawn(f(lab.clone())));
+        let task = rt.spawn(f(lab.clone()));
+        let r = rt.block_on(task);
         let left = rt.block_on(lab.cleanup());
         match r {
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -930,6 +931,51 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
 
+        // --- the SO's own stack survives an update: new parameters (a new threshold, so a
+        // new user_data) do not replace its VM; the daemon keeps running with its history.
+        let so_vm = |vms: Vec<(PathBuf, String)>| {
+            vms.into_iter()
+                .find(|(_, n)| *n == format!("{so_name}-so"))
+                .map(|(d, _)| d)
+        };
+        let before = so_vm(lab.vms()).expect("the SO VM runs");
+        let so_ref = lab.heat.find(&so_name).await.unwrap().unwrap();
+        let url = format!(
+            "{}/stacks/{}/{}",
+            lab.heat.endpoint().await.unwrap(),
+            so_ref.name,
+            so_ref.id
+        );
+        let r = reqwest::Client::new()
+            .patch(&url)
+            .header("X-Auth-Token", lab.heat.token().await.unwrap().expose())
+            .header("Connection", "close")
+            .json(&serde_json::json!({"parameters": {"threshold": "5"}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "stack update: {}", r.status());
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let v = get_json(&lab.heat, &url).await;
+            match v["stack"]["stack_status"].as_str().unwrap_or("") {
+                "UPDATE_COMPLETE" => break,
+                "UPDATE_FAILED" => {
+                    panic!("stack update failed: {}", v["stack"]["stack_status_reason"])
+                }
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "stack update did not finish");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        assert_eq!(so_vm(lab.vms()), Some(before), "the SO VM was not replaced");
+        let st = api.status().await;
+        assert_eq!(
+            st["migrations"].as_array().map(|a| a.len()),
+            Some(2),
+            "{st:#}"
+        );
+
         // --- tear down like an operator: nothing may be left.
         drop(vm1);
         drop(cyclops);
@@ -946,5 +992,434 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
         let _ = z
             .retire_host(&target2, stateshift::config::RetireHosts::Delete)
             .await;
+    });
+}
+
+// ------------------------------------------------------------------ faults on the path
+
+/// A config for an orchestrator running here (in the lab's namespace) against the
+/// service whose InfluxDB stack is `old`: provider heat with the real template and the lab
+/// environment, `extra` appended to `provider.parameters`.
+fn host_config(
+    lab: &Lab,
+    dir: &Path,
+    old: &Created,
+    admin_pw: &str,
+    template: &str,
+    extra: &[(&str, &str)],
+    ready: &str,
+) -> PathBuf {
+    let o = influx_outputs(old);
+    let pw = dir.join("admin.password");
+    stateshift::lab::write_secret(&pw, admin_pw).unwrap();
+    let heat_pw = dir.join("heat.password");
+    stateshift::lab::write_secret(&heat_pw, lab.env.password.expose()).unwrap();
+    let keys: String = o
+        .ssh_host_keys
+        .iter()
+        .map(|k| format!("      - \"{k}\"\n"))
+        .collect();
+    let mut params = vec![
+        ("image", IMAGE.to_string()),
+        ("network", "lab".to_string()),
+        ("key_name", lab.keypair.clone()),
+        ("access_cidr", CIDR.to_string()),
+        ("zabbix_server", ZABBIX_SERVER.to_string()),
+        ("influxdb_admin_user", "admin".to_string()),
+    ];
+    params.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    let params: String = params
+        .iter()
+        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+        .collect();
+    let yaml = format!(
+        r#"service:
+  name: "{tag}"
+  stack: "{old}"
+source:
+  influx_url: "{url}"
+  username: admin
+  password_file: "{pw}"
+  ssh:
+    host: "{host}"
+    user: debian
+    identity_file: "{key}"
+    host_keys:
+{keys}provider:
+  kind: heat
+  template: "{ROOT}/{template}"
+  environment_files: ["{env}"]
+  parameters:
+{params}  parameter_files:
+    influxdb_admin_password: "{pw}"
+  create_timeout: 20m
+  delete_timeout: 5m
+  ssh:
+    user: debian
+    identity_file: "{key}"
+    ready_timeout: 2m
+  heat:
+    auth_url: "{auth}"
+    region: RegionOne
+    username: "{user}"
+    password_file: "{heat_pw}"
+    project_name: "{project}"
+capture:
+  listen: "{GATEWAY}:0"
+  spool_dir: "{d}/spool"
+  quiet_period: 1s
+cutover:
+  command: "printf '%s' {{target_url}} > {d}/writer-url"
+migration:
+  work_dir: "{d}/state"
+  target_ready_timeout: {ready}
+"#,
+        tag = lab.tag,
+        old = old.stack.name,
+        url = o.influxdb_url,
+        pw = pw.display(),
+        host = o.ssh_host,
+        key = lab.key.display(),
+        env = lab_env().display(),
+        auth = lab.env.auth_url,
+        user = lab.env.username,
+        heat_pw = heat_pw.display(),
+        project = lab.env.project,
+        d = dir.display(),
+    );
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let path = dir.join(format!("stateshift-{n}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// On the cloud path, a target that cannot come up fails the migration before cutover,
+/// with the reason, and its stack is deleted; the service stays on its InfluxDB VM under
+/// a live writer with nothing lost: a VM whose boot fails (a setting InfluxDB refuses), a
+/// VM that does not report ready in time (the WaitCondition times out), and a stack whose
+/// InfluxDB never answers (the orchestrator's bounded wait).
+#[test]
+fn a_target_that_cannot_come_up_fails_before_cutover_is_deleted_and_loses_nothing() {
+    use stateshift::migrate::engine::MigrateError;
+    use stateshift::migrate::machine::{self, MachineError, Provider};
+    use stateshift::workload::{self, RunningWriter, WriterSpec};
+    lab_test("fault", |lab| async move {
+        let admin_pw = password(20);
+        let old_name = format!("{}-influx-0", lab.tag);
+        let (old, _) = lab
+            .create(&lab.influxdb_spec(&old_name, &admin_pw, &[("boot_timeout", "900")]))
+            .await;
+        let o = influx_outputs(&old);
+        let admin = influx(&o.influxdb_url, "admin", &admin_pw);
+        admin.query(None, "CREATE DATABASE cyclops").await.unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ss-lf")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        let url_file = d.join("writer-url");
+        std::fs::write(&url_file, &o.influxdb_url).unwrap();
+        let writer = RunningWriter::start(WriterSpec {
+            db: "cyclops".into(),
+            url_file: url_file.clone(),
+            username: Some("admin".into()),
+            password: Some(Secret::new(admin_pw.clone())),
+            rate: 200,
+            old_fraction: 0.1,
+            overwrite_fraction: 0.1,
+            max_duration: Duration::from_secs(1200),
+        });
+        let cases: Vec<(&str, PathBuf, &str)> = vec![
+            (
+                "a boot that fails",
+                host_config(
+                    &lab,
+                    d,
+                    &old,
+                    &admin_pw,
+                    "heat-templates/influxdb.yaml",
+                    &[(
+                        "influxdb_settings",
+                        "INFLUXDB_DATA_CACHE_MAX_MEMORY_SIZE=lots",
+                    )],
+                    "2m",
+                ),
+                "boot failed",
+            ),
+            (
+                "a VM that does not report ready in time",
+                host_config(
+                    &lab,
+                    d,
+                    &old,
+                    &admin_pw,
+                    "heat-templates/influxdb.yaml",
+                    &[("boot_timeout", "30")],
+                    "2m",
+                ),
+                "WaitConditionTimeout",
+            ),
+        ];
+        for (what, cfg_path, reason) in cases {
+            let cfg = stateshift::config::Config::load(&cfg_path).unwrap();
+            let provider = Provider::from_config(&cfg).unwrap();
+            let t = Instant::now();
+            let err = machine::migrate(&cfg, &provider, "test", &super::common::Quiet)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{what}: the migration must fail"));
+            figure(&format!(
+                "{what}: failed in {:.1} s: {err}",
+                t.elapsed().as_secs_f64()
+            ));
+            assert!(matches!(err, MachineError::Stack(_)), "{what}: {err:?}");
+            assert!(
+                err.to_string().contains(reason),
+                "{what}: the reason is given: {err}"
+            );
+            if what == "a boot that fails" {
+                // InfluxDB's own complaint reaches the operator through the stack status:
+                // "run: apply env config: unknown size suffix: s (expected k, m, or g)".
+                assert!(
+                    err.to_string().contains("apply env config")
+                        && err.to_string().contains("unknown size suffix"),
+                    "InfluxDB's own complaint reaches the operator: {err}"
+                );
+            }
+            assert_eq!(
+                std::fs::read_to_string(&url_file).unwrap(),
+                o.influxdb_url,
+                "{what}: not repointed"
+            );
+            // Only the service's own stack and VM remain.
+            let stacks: Vec<String> = lab.stacks().await.into_iter().map(|s| s.name).collect();
+            assert_eq!(
+                stacks,
+                [old_name.clone()],
+                "{what}: the failed target stack is deleted"
+            );
+            let vms: Vec<String> = lab.vms().into_iter().map(|(_, n)| n).collect();
+            assert_eq!(
+                vms,
+                [old_name.clone()],
+                "{what}: the failed target VM is gone"
+            );
+        }
+        // A stack that completes, but whose InfluxDB never answers: the orchestrator waits
+        // migration.target_ready_timeout, then rolls back and deletes it.
+        let cfg_path = host_config(
+            &lab,
+            d,
+            &old,
+            &admin_pw,
+            "tests/fixtures/heat/target-at.yaml",
+            &[("host", "192.168.77.250"), ("ssh_port", "22")],
+            "15s",
+        );
+        let text = std::fs::read_to_string(&cfg_path).unwrap();
+        // target-at.yaml takes none of the VM parameters: keep only its own.
+        let text: String = text
+            .lines()
+            .filter(|l| {
+                ![
+                    "    image:",
+                    "    network:",
+                    "    key_name:",
+                    "    access_cidr:",
+                    "    zabbix_server:",
+                    "    influxdb_admin_user:",
+                    "  parameter_files:",
+                    "    influxdb_admin_password:",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&cfg_path, text).unwrap();
+        let cfg = stateshift::config::Config::load(&cfg_path).unwrap();
+        let provider = Provider::from_config(&cfg).unwrap();
+        let t = Instant::now();
+        let err = machine::migrate(&cfg, &provider, "test", &super::common::Quiet)
+            .await
+            .err()
+            .expect("a target that never answers fails the migration");
+        let waited = t.elapsed();
+        figure(&format!(
+            "a target that never answers: failed in {:.1} s: {err}",
+            waited.as_secs_f64()
+        ));
+        match &err {
+            MachineError::RolledBack { error, .. } => {
+                assert!(
+                    matches!(**error, MigrateError::TargetNotReady { .. }),
+                    "{error:?}"
+                );
+            }
+            other => panic!("expected a rollback, got {other:?}"),
+        }
+        assert!(
+            err.to_string().contains("192.168.77.250")
+                && err.to_string().contains("target_ready_timeout"),
+            "{err}"
+        );
+        assert!(
+            waited >= Duration::from_secs(15),
+            "it waited the configured time: {waited:?}"
+        );
+        let stacks: Vec<String> = lab.stacks().await.into_iter().map(|s| s.name).collect();
+        assert_eq!(stacks, [old_name.clone()]);
+
+        // Nothing lost: every acknowledged write is on the service's InfluxDB VM.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ledger = writer.finish().await;
+        assert!(
+            ledger.points_acked > 1000,
+            "the writer kept writing: {}",
+            ledger.points_acked
+        );
+        assert_eq!(ledger.requests_failed, 0, "the writer saw no error");
+        let problems = workload::check_ledger(&admin, "cyclops", &ledger)
+            .await
+            .unwrap();
+        assert!(problems.is_empty(), "{problems:#?}");
+        figure(&format!(
+            "faults: {} points acknowledged by the writer during three failed migrations, all on the service's VM, 0 lost",
+            ledger.points_acked
+        ));
+    });
+}
+
+// ------------------------------------------------------------------ measured
+
+/// A whole migration between two Heat-created VMs, measured phase by phase, as an
+/// operator runs it: `stateshift migrate -c FILE --yes` here (provider heat, the real
+/// template), which creates the target VM, moves the data and deletes the old stack.
+/// `STATESHIFT_LAB_POINTS` points (default 200,000; `docs/benchmarks.md` has the run with
+/// 2,000,000: 150 series over 30 days, the RCBaaS paper's size) are seeded first. Prints
+/// the figures next to the paper's 112 s for 2M records (100 s VM setup + 12 s data).
+#[test]
+fn a_migration_between_two_heat_created_vms_measured_phase_by_phase() {
+    lab_test("bench", |lab| async move {
+        let points: u64 = std::env::var("STATESHIFT_LAB_POINTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000);
+        let admin_pw = password(20);
+        let old_name = format!("{}-influx-0", lab.tag);
+        let (old, took) = lab
+            .create(&lab.influxdb_spec(&old_name, &admin_pw, &[("boot_timeout", "900")]))
+            .await;
+        figure(&format!(
+            "source VM: Heat create -> ready with outputs in {:.1} s",
+            took.as_secs_f64()
+        ));
+        let o = influx_outputs(&old);
+        let admin = influx(&o.influxdb_url, "admin", &admin_pw);
+        let t = Instant::now();
+        let seeded = stateshift::workload::seed(
+            &admin,
+            &stateshift::workload::SeedSpec {
+                db: "rcbaas".into(),
+                points,
+                series: 150,
+                days: 30,
+                measurements: 3,
+                end_ns: super::common::now_ns(),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(seeded, points);
+        figure(&format!(
+            "seeded {points} points (150 series, 30 days) into the source VM in {:.1} s",
+            t.elapsed().as_secs_f64()
+        ));
+
+        let dir = tempfile::Builder::new()
+            .prefix("ss-lb")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let cfg = host_config(
+            &lab,
+            dir.path(),
+            &old,
+            &admin_pw,
+            "heat-templates/influxdb.yaml",
+            &[("boot_timeout", "900")],
+            "5m",
+        );
+        let report = dir.path().join("report.json");
+        let t = Instant::now();
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stateshift"))
+            .args(["migrate", "--yes", "-c"])
+            .arg(&cfg)
+            .arg("--report")
+            .arg(&report)
+            .output()
+            .await
+            .unwrap();
+        let wall = t.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "stateshift migrate: {}\n{stdout}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            lab.consoles()
+        );
+        let r: stateshift::migrate::engine::Report =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        // The stack creation is journaled around the engine's phases.
+        let journal = stateshift::migrate::journal::Journal::load(
+            &dir.path().join(format!("state/{}.journal", lab.tag)),
+        )
+        .unwrap();
+        let at = |f: &dyn Fn(&stateshift::migrate::journal::Event) -> bool| {
+            journal
+                .iter()
+                .find(|r| f(&r.event))
+                .map(|r| r.at_ms)
+                .unwrap()
+        };
+        use stateshift::migrate::journal::Event;
+        let create_s = (at(&|e| matches!(e, Event::StackCreated { .. }))
+            - at(&|e| matches!(e, Event::StackCreating { .. }))) as f64
+            / 1000.0;
+        let dispose_s = (at(&|e| matches!(e, Event::OldStackDeleted))
+            - at(&|e| matches!(e, Event::OldStackDeleting))) as f64
+            / 1000.0;
+        let data_s: f64 = r
+            .phases
+            .iter()
+            .filter(|p| !matches!(p.phase, stateshift::migrate::engine::Phase::Prepare))
+            .map(|p| p.seconds)
+            .sum();
+        let phases: Vec<String> = r
+            .phases
+            .iter()
+            .map(|p| format!("{} {:.1}", p.phase, p.seconds))
+            .collect();
+        figure(&format!(
+            "migration of {points} points between two Heat-created VMs: {:.1} s wall; target stack create {create_s:.1} s (VM boot to ready), engine {:.1} s ({}), old stack delete {dispose_s:.1} s; data phases (capture..verify) {data_s:.1} s; dump {} bytes; RCBaaS paper, 2M records: 112 s (100 s VM setup + 12 s data)",
+            wall.as_secs_f64(),
+            r.total_seconds,
+            phases.join(", "),
+            r.dump_bytes,
+        ));
+        // The data is all on the new VM (the old stack is gone: the count is the seed's).
+        let target_url = r.target.clone();
+        let admin2 = influx(&target_url, "admin", &admin_pw);
+        let mut n = 0;
+        for m in 0..3 {
+            n += stateshift::workload::count_points(&admin2, "rcbaas", &format!("usage{m}"))
+                .await
+                .unwrap();
+        }
+        assert_eq!(n, points, "every seeded point is on the target VM");
+        assert!(matches!(
+            stack_status(&lab.heat, &old_name).await,
+            None | Some(StackStatus::Gone)
+        ));
     });
 }
