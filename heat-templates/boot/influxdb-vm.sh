@@ -69,6 +69,9 @@ influx_env() { # BIND-ADDRESS
     echo "INFLUXDB_HTTP_AUTH_ENABLED=true"
     echo "INFLUXDB_BIND_ADDRESS=127.0.0.1:8088"
     echo "INFLUXDB_SUBSCRIBER_WRITE_CONCURRENCY=1"
+    # A deep forwarding queue: a migration starts when this VM is loaded, and a write the
+    # subscriber drops for a full queue stops the migration (safely, but it stops).
+    echo "INFLUXDB_SUBSCRIBER_WRITE_BUFFER_SIZE=20000"
     printf '%s' "$SETTINGS" | tr ',' '\n' | sed '/^$/d'
   } > /etc/default/influxdb
   chmod 0644 /etc/default/influxdb

@@ -741,11 +741,12 @@ impl Migration<'_> {
                 ),
             });
         }
-        let lost = st.failed + st.dropped.saturating_sub(self.drops_at_start);
+        let dropped = st.dropped.saturating_sub(self.drops_at_start);
+        let lost = st.failed + dropped;
         if lost > 0 {
             return Err(MigrateError::Failed {
                 phase,
-                msg: format!("the source failed to forward {lost} captured writes to the capture receiver (receiver unreachable, too slow, or the subscriber queue full); the capture is incomplete"),
+                msg: format!("the source failed to forward {lost} captured writes to the capture receiver ({} deliveries failed: the receiver refused them or did not answer within the source's [subscriber] http-timeout; {dropped} dropped by a full forwarding queue: the source could not keep up, see [subscriber] write-buffer-size); the capture is incomplete", st.failed),
             });
         }
         Ok(st)

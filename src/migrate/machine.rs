@@ -175,7 +175,7 @@ impl Provider {
 
 /// The backup/restore RPC address of a Heat stack's InfluxDB, as its VM reaches it (dump
 /// and restore run there over SSH): the optional output `influxdb_rpc_address`, else
-/// `127.0.0.1:8088`, where `heat-templates/influxdb-target.yaml` binds it.
+/// `127.0.0.1:8088`, where `heat-templates/influxdb.yaml` binds it.
 fn heat_rpc_address(o: &crate::stack::StackOutputs) -> String {
     o.raw
         .get("influxdb_rpc_address")

@@ -101,6 +101,15 @@ where
         let lab = Arc::new(rt.block_on(Lab::new(&tag, info)));
         let task = rt.spawn(f(lab.clone()));
         let r = rt.block_on(task);
+        if r.is_err() && std::env::var_os("STATESHIFT_LAB_KEEP").is_some() {
+            eprintln!(
+                "STATESHIFT_LAB_KEEP: the stacks and VMs of {} are kept for a look",
+                lab.tag
+            );
+            if let Err(e) = r {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
         let left = rt.block_on(lab.cleanup());
         match r {
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -379,8 +388,15 @@ pub(crate) struct Ledgers {
     pub(crate) failed_requests: u64,
 }
 
-/// Read the stand-ins' ledgers and stats on the Cyclops VM.
-pub(crate) async fn ledgers(cyclops: &Host) -> Ledgers {
+/// Read the stand-ins' ledgers and stats on the Cyclops VM, with the writers stopped
+/// (they overwrite points they acknowledged earlier: a ledger read while they run could
+/// lag the database), then start them again when `restart`.
+pub(crate) async fn ledgers(cyclops: &Host, restart: bool) -> Ledgers {
+    const UNITS: &str = "cyclops-udr cyclops-rc cyclops-billing";
+    cyclops
+        .run(&format!("sudo systemctl stop {UNITS}"))
+        .await
+        .unwrap();
     let mut l = Ledgers {
         points: BTreeMap::new(),
         urls: BTreeMap::new(),
@@ -423,6 +439,12 @@ pub(crate) async fn ledgers(cyclops: &Host) -> Ledgers {
         )
         .unwrap();
         l.failed_requests += stats["failed_requests"].as_u64().unwrap();
+    }
+    if restart {
+        cyclops
+            .run(&format!("sudo systemctl start {UNITS}"))
+            .await
+            .unwrap();
     }
     l
 }
@@ -735,7 +757,7 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
                         &format!("http://{GATEWAY}:25080/api_jsonrpc.php"),
                     ),
                     ("zabbix_user", &zenv.user),
-                    ("threshold", "4"),
+                    ("threshold", "3.5"),
                     ("poll_interval", "5s"),
                     ("consecutive", "2"),
                     ("cooldown", "3m"),
@@ -805,7 +827,7 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
             Some(StackStatus::Complete),
             "the service stack is never touched"
         );
-        let ledgers1 = ledgers(&cyclops).await;
+        let ledgers1 = ledgers(&cyclops, true).await;
         for (svc, urls) in &ledgers1.urls {
             let names: Vec<&str> = urls.iter().map(|(u, _)| u.as_str()).collect();
             assert_eq!(
@@ -855,8 +877,9 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
         let vm1 = lab
             .ssh(&t1_outputs.ssh_host, t1_outputs.ssh_host_keys.clone())
             .await;
-        // CPU burners at the lowest priority (InfluxDB keeps serving the writers), bounded.
-        vm1.run("nohup sh -c 'for i in 1 2 3 4 5 6 7 8; do nice -n 19 timeout 1500 sh -c \"while :; do :; done\" & done; wait' >/dev/null 2>&1 &")
+        // CPU burners at the lowest priority (InfluxDB keeps serving the writers), bounded:
+        // four runnable tasks lift the 1-minute load by ~4 (one vCPU).
+        vm1.run("nohup sh -c 'for i in 1 2 3 4; do nice -n 19 timeout 1500 sh -c \"while :; do :; done\" & done; wait' >/dev/null 2>&1 &")
             .await
             .unwrap();
         let t2 = Instant::now();
@@ -906,7 +929,7 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
 
         // Let the writers go on a little on the final VM, then the last count.
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let final_ledgers = ledgers(&cyclops).await;
+        let final_ledgers = ledgers(&cyclops, false).await;
         for (svc, urls) in &final_ledgers.urls {
             let names: Vec<&str> = urls.iter().map(|(u, _)| u.as_str()).collect();
             assert_eq!(
