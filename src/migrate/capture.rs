@@ -243,12 +243,28 @@ impl Receiver {
         sink: Sink,
         auth: &ReceiverAuth,
     ) -> Result<Receiver, BindError> {
-        let listener = tokio::net::TcpListener::bind(listen)
+        Self::start_on(Self::bind(listen).await?, sink, auth)
+    }
+
+    /// Bind the receiver's address ahead of [`Receiver::start_on`] (reserve the port).
+    pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
+        tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|source| BindError {
                 addr: listen,
                 source,
-            })?;
+            })
+    }
+
+    /// Serve on a listener bound before.
+    pub fn start_on(
+        listener: tokio::net::TcpListener,
+        sink: Sink,
+        auth: &ReceiverAuth,
+    ) -> Result<Receiver, BindError> {
+        let listen = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let addr = listener.local_addr().map_err(|source| BindError {
             addr: listen,
             source,

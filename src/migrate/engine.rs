@@ -338,6 +338,7 @@ impl<'a> Migration<'a> {
             replay_first: None,
             interrupted: None,
             ready_wait: Duration::ZERO,
+            watch_listener: None,
         }
     }
 }
@@ -369,6 +370,8 @@ struct Migration<'a> {
     interrupted: Option<(String, u64)>,
     /// How long `prepare` waits for the target's InfluxDB to answer.
     ready_wait: Duration,
+    /// The watch receiver's port, reserved at the capture.
+    watch_listener: Option<tokio::net::TcpListener>,
 }
 
 fn sub_name(id: &str) -> String {
@@ -600,6 +603,9 @@ impl Migration<'_> {
                 msg: e.to_string(),
             })?;
         let url = self.advertise(receiver.addr);
+        // The watch receiver's port is taken now: a busy one stops the migration here,
+        // before the dump, not at cutover.
+        self.watch_listener = Some(Self::bind_watch(self.cfg, p).await?);
         self.spool = Some(spool);
         self.receiver = Some(receiver);
         let name = sub_name(&self.id);
@@ -614,6 +620,25 @@ impl Migration<'_> {
             subs
         ));
         Ok(())
+    }
+
+    /// Bind the watch receiver's address (the capture's, one port above).
+    async fn bind_watch(
+        cfg: &Config,
+        phase: Phase,
+    ) -> Result<tokio::net::TcpListener, MigrateError> {
+        let listen = std::net::SocketAddr::new(
+            cfg.capture.listen.ip(),
+            watch_port(cfg.capture.listen.port()),
+        );
+        Receiver::bind(listen)
+            .await
+            .map_err(|e| MigrateError::Failed {
+                phase,
+                msg: format!(
+                    "{e} (the target's watch receiver listens one port above capture.listen)"
+                ),
+            })
     }
 
     /// A fresh secret for a capture receiver (its subscription carries it).
@@ -746,7 +771,7 @@ impl Migration<'_> {
         if lost > 0 {
             return Err(MigrateError::Failed {
                 phase,
-                msg: format!("the source failed to forward {lost} captured writes to the capture receiver ({} deliveries failed: the receiver refused them or did not answer within the source's [subscriber] http-timeout; {dropped} dropped by a full forwarding queue: the source could not keep up, see [subscriber] write-buffer-size); the capture is incomplete", st.failed),
+                msg: format!("the source may have failed to forward {lost} captured writes to the capture receiver ({} deliveries of our subscriptions failed: the receiver refused them or did not answer within the source's [subscriber] http-timeout; {dropped} failures counted by the source outside our subscriptions: a full forwarding queue ([subscriber] write-buffer-size), or another subscription failing its deliveries, which InfluxDB counts in the same place); the capture cannot be proven complete", st.failed),
             });
         }
         Ok(st)
@@ -1231,16 +1256,23 @@ impl Migration<'_> {
         self.replay_now(p).await?;
         self.check_capture_complete(p).await?;
         // Watch the target from now on: a writer's overwrite there after cutover may
-        // legitimately differ from the source's old value. The watch receiver takes a
-        // free port on the capture address.
+        // legitimately differ from the source's old value. The watch receiver listens on
+        // the capture address, one port above the capture's (a free port when the
+        // capture's is 0): a firewall between the VMs and the orchestrator must let the
+        // target reach it (found on the lab: a random port was dropped by the SO's
+        // security group, the target's forwards hung until InfluxDB's http-timeout).
         let touched = Arc::new(Mutex::new(KeySet::with_cap(5_000_000)));
-        let listen = std::net::SocketAddr::new(self.cfg.capture.listen.ip(), 0);
+        let listener = match self.watch_listener.take() {
+            Some(l) => l,
+            None => Self::bind_watch(&self.cfg, p).await?,
+        };
         let tauth = Self::receiver_auth(p)?;
-        let tr = Receiver::start(listen, Sink::Keys(touched.clone()), &tauth)
-            .await
-            .map_err(|e| MigrateError::Failed {
-                phase: p,
-                msg: e.to_string(),
+        let tr =
+            Receiver::start_on(listener, Sink::Keys(touched.clone()), &tauth).map_err(|e| {
+                MigrateError::Failed {
+                    phase: p,
+                    msg: e.to_string(),
+                }
             })?;
         let turl = tauth.in_url(&self.advertise(tr.addr));
         self.touched = Some(touched);
@@ -1814,6 +1846,15 @@ fn with_port(url: &str, port: u16) -> String {
     format!("{scheme}://{host}:{port}{path}")
 }
 
+/// The watch receiver's port: the capture's plus one, or any free port when the capture's
+/// is 0 (or the last one).
+fn watch_port(capture: u16) -> u16 {
+    match capture {
+        0 => 0,
+        p => p.checked_add(1).unwrap_or(0),
+    }
+}
+
 /// Wait until a (new) InfluxDB answers an authenticated query: a VM that its stack calls
 /// complete may still be starting it. Network trouble and 5xx are retried with backoff
 /// until `timeout`; a refusal (wrong credentials, a 4xx) fails at once. A zero `timeout`:
@@ -1853,6 +1894,16 @@ async fn wait_ready(influx: &Influx, timeout: Duration) -> Result<(), MigrateErr
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod watch_port_tests {
+    #[test]
+    fn the_watch_receiver_listens_one_port_above_the_capture_or_anywhere() {
+        assert_eq!(super::watch_port(8899), 8900);
+        assert_eq!(super::watch_port(0), 0);
+        assert_eq!(super::watch_port(u16::MAX), 0);
     }
 }
 

@@ -312,6 +312,20 @@ impl Lab {
                 .join("keypairs")
                 .join(format!("{}.pub", self.keypair)),
         );
+        // The hosts this test's VMs registered in Zabbix.
+        let mut z = super::zabbix::client(&super::zabbix::env());
+        if let Ok(hosts) = z
+            .call::<Vec<Value>>(
+                "host.get",
+                serde_json::json!({"output": ["hostid", "host"], "search": {"host": self.tag}, "startSearch": true}),
+            )
+            .await
+        {
+            let ids: Vec<Value> = hosts.iter().map(|h| h["hostid"].clone()).collect();
+            if !ids.is_empty() {
+                let _ = z.call::<Value>("host.delete", Value::Array(ids)).await;
+            }
+        }
         let mut left: Vec<String> = self
             .stacks()
             .await
