@@ -1264,7 +1264,7 @@ impl Migration<'_> {
         let touched = Arc::new(Mutex::new(KeySet::with_cap(5_000_000)));
         let listener = match self.watch_listener.take() {
             Some(l) => l,
-            None => Self::bind_watch(&self.cfg, p).await?,
+            None => Self::bind_watch(self.cfg, p).await?,
         };
         let tauth = Self::receiver_auth(p)?;
         let tr =

@@ -1232,13 +1232,13 @@ fn a_target_that_cannot_come_up_fails_before_cutover_is_deleted_and_loses_nothin
             let stacks: Vec<String> = lab.stacks().await.into_iter().map(|s| s.name).collect();
             assert_eq!(
                 stacks,
-                [old_name.clone()],
+                std::slice::from_ref(&old_name),
                 "{what}: the failed target stack is deleted"
             );
             let vms: Vec<String> = lab.vms().into_iter().map(|(_, n)| n).collect();
             assert_eq!(
                 vms,
-                [old_name.clone()],
+                std::slice::from_ref(&old_name),
                 "{what}: the failed target VM is gone"
             );
         }
@@ -1277,10 +1277,10 @@ fn a_target_that_cannot_come_up_fails_before_cutover_is_deleted_and_loses_nothin
         let cfg = stateshift::config::Config::load(&cfg_path).unwrap();
         let provider = Provider::from_config(&cfg).unwrap();
         let t = Instant::now();
-        let err = machine::migrate(&cfg, &provider, "test", &super::common::Quiet)
-            .await
-            .err()
-            .expect("a target that never answers fails the migration");
+        let Err(err) = machine::migrate(&cfg, &provider, "test", &super::common::Quiet).await
+        else {
+            panic!("a target that never answers must fail the migration");
+        };
         let waited = t.elapsed();
         figure(&format!(
             "a target that never answers: failed in {:.1} s: {err}",
@@ -1305,7 +1305,7 @@ fn a_target_that_cannot_come_up_fails_before_cutover_is_deleted_and_loses_nothin
             "it waited the configured time: {waited:?}"
         );
         let stacks: Vec<String> = lab.stacks().await.into_iter().map(|s| s.name).collect();
-        assert_eq!(stacks, [old_name.clone()]);
+        assert_eq!(stacks, std::slice::from_ref(&old_name));
 
         // Nothing lost: every acknowledged write is on the service's InfluxDB VM.
         tokio::time::sleep(Duration::from_secs(1)).await;
