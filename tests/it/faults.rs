@@ -230,7 +230,7 @@ async fn a_killed_capture_receiver_is_detected_and_rolls_back_losing_nothing() {
         &svc,
         ok,
         &out,
-        &["failed to forward", "the capture is incomplete"],
+        &["failed to forward", "the capture cannot be proven complete"],
     );
     retry_succeeds(&svc, "receiver killed").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
