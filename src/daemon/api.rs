@@ -219,7 +219,10 @@ async fn migrate(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
             "a migration is already running\n".into(),
         );
     }
-    match s.trigger.try_send("manual: POST /migrate".into()) {
+    match s
+        .trigger
+        .try_send(super::Request::now("manual: POST /migrate"))
+    {
         Ok(()) => (StatusCode::ACCEPTED, "migration requested\n".into()),
         Err(_) => {
             s.running.store(false, Ordering::SeqCst);
@@ -240,7 +243,7 @@ mod tests {
         shared: Arc<Shared>,
         stop: CancellationToken,
         /// Nothing picks triggers up here; held so that a trigger is accepted.
-        _triggers: tokio::sync::mpsc::Receiver<String>,
+        _triggers: tokio::sync::mpsc::Receiver<super::super::Request>,
     }
 
     /// The router on a loopback port, with `token` configured.

@@ -5,12 +5,13 @@
 //! settle what was interrupted).
 
 pub mod api;
+pub mod decide;
 pub mod procload;
 pub mod tls;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -19,8 +20,10 @@ use crate::config::{Config, MonitorKind};
 use crate::migrate::engine::{Phase, Progress};
 use crate::migrate::journal::Placement;
 use crate::migrate::machine::{self, Provider};
-use crate::monitor::{MetricSource, Reading};
+use crate::monitor::poller::PollerConfig;
+use crate::monitor::{MetricSource, Reading, SourceError};
 use crate::predict::policy::{PolicyConfig, TriggerPolicy};
+pub use decide::Request;
 
 /// What `/status` shows.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -46,7 +49,7 @@ pub struct Shared {
     pub status: Mutex<Status>,
     pub running: AtomicBool,
     pub metrics: api::Metrics,
-    pub trigger: mpsc::Sender<String>,
+    pub trigger: mpsc::Sender<Request>,
     pub token: Option<crate::util::Secret>,
 }
 
@@ -79,19 +82,40 @@ impl Progress for LoopProgress<'_> {
     }
 }
 
-/// The load source: none (manual only) or a local process.
+/// The load source of the host the service runs on: a local process or a Zabbix item.
 enum Load {
-    None,
     Process(procload::ProcessCpu),
     Zabbix(Box<crate::monitor::zabbix::ZabbixSource>),
     /// The configured source could not be built; every read reports why.
     Broken(String),
 }
 
+/// A read of a [`Load`] that failed, and whether waiting may help.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct LoadError {
+    msg: String,
+    transient: bool,
+}
+
+impl SourceError for LoadError {
+    fn is_transient(&self) -> bool {
+        self.transient
+    }
+}
+
+fn load_error<E: SourceError>(e: E) -> LoadError {
+    LoadError {
+        transient: e.is_transient(),
+        msg: e.to_string(),
+    }
+}
+
 impl Load {
-    fn for_source(cfg: &Config, p: &Placement) -> Load {
-        match cfg.monitor.kind {
-            MonitorKind::None => Load::None,
+    /// The source of the host at `p`; `None` when migrations are triggered by hand only.
+    fn for_source(cfg: &Config, p: &Placement) -> Option<Load> {
+        Some(match cfg.monitor.kind {
+            MonitorKind::None => return None,
             MonitorKind::Process => {
                 let needle = match &p.stack {
                     Some(s) => format!("/stacks/{}/", s.name),
@@ -102,7 +126,7 @@ impl Load {
             MonitorKind::Zabbix => {
                 use crate::monitor::zabbix::{SourceConfig, Zabbix};
                 let Some(z) = cfg.monitor.zabbix.as_ref() else {
-                    return Load::Broken("monitor.zabbix is missing".into());
+                    return Some(Load::Broken("monitor.zabbix is missing".into()));
                 };
                 let host = zabbix_host_of(z, p);
                 match Zabbix::from_monitor_config(z) {
@@ -117,22 +141,29 @@ impl Load {
                     Err(e) => Load::Broken(format!("monitor.zabbix: {e}")),
                 }
             }
-        }
+        })
     }
+}
+
+impl MetricSource for Load {
+    type Error = LoadError;
+
     fn describe(&self) -> String {
         match self {
-            Load::None => "none (manual trigger only)".into(),
             Load::Process(p) => p.describe(),
             Load::Zabbix(z) => z.describe(),
             Load::Broken(why) => format!("unavailable: {why}"),
         }
     }
-    async fn read(&mut self) -> Option<Result<Reading, String>> {
+
+    async fn read(&mut self) -> Result<Reading, LoadError> {
         match self {
-            Load::None => None,
-            Load::Process(p) => Some(p.read().await.map_err(|e| e.to_string())),
-            Load::Zabbix(z) => Some(z.read().await.map_err(|e| e.to_string())),
-            Load::Broken(why) => Some(Err(why.clone())),
+            Load::Process(p) => p.read().await.map_err(load_error),
+            Load::Zabbix(z) => z.read().await.map_err(load_error),
+            Load::Broken(why) => Err(LoadError {
+                msg: why.clone(),
+                transient: false,
+            }),
         }
     }
 }
@@ -213,6 +244,90 @@ pub async fn retire_monitor_hosts(cfg: &Config) -> Vec<String> {
     lines
 }
 
+/// The daemon's world: the journal says where the service runs, [`machine::migrate`] moves it.
+struct Orchestrator<'a> {
+    cfg: &'a Config,
+    provider: &'a Provider,
+    progress: &'a dyn Progress,
+    shared: Arc<Shared>,
+    here: Placement,
+}
+
+impl decide::World for Orchestrator<'_> {
+    type Source = Load;
+
+    async fn locate(&mut self) -> String {
+        let cfg = self.cfg;
+        match machine::state(cfg) {
+            Ok(st) => {
+                if st.recovery() != crate::migrate::journal::Recovery::Nothing {
+                    match machine::recover(cfg, self.provider, self.progress).await {
+                        // Another process (a CLI migration) holds the service: not ours to settle.
+                        Ok(_) | Err(machine::MachineError::Busy(_)) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "an interrupted migration could not be settled yet; retrying")
+                        }
+                    }
+                }
+                if st
+                    .migrations
+                    .iter()
+                    .any(|m| m.old_deleted && !m.monitor_retired)
+                {
+                    retire_monitor_hosts(cfg).await;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the journal; the service is taken to run where it did")
+            }
+        }
+        // Read again: a recovery just settled may have moved the service.
+        if let Ok(st) = machine::state(cfg) {
+            self.here = machine::current_source(cfg, &st);
+            self.shared.set(|s| s.migrations = st.migrations.clone());
+        }
+        self.here.influx_url.clone()
+    }
+
+    fn source(&self) -> Option<Load> {
+        Load::for_source(self.cfg, &self.here)
+    }
+
+    fn describe_source(&self) -> String {
+        match Load::for_source(self.cfg, &self.here) {
+            Some(l) => l.describe(),
+            None => "none (manual trigger only)".into(),
+        }
+    }
+
+    async fn migrate(&mut self, why: &str) -> bool {
+        let lp = LoopProgress {
+            shared: &self.shared,
+            inner: self.progress,
+        };
+        // A migration is not interrupted by the first signal: it is the safe point.
+        match machine::migrate(self.cfg, self.provider, why, &lp).await {
+            Ok(rep) => {
+                self.shared
+                    .metrics
+                    .migration("succeeded", rep.points_replayed);
+                tracing::warn!(id = %rep.migration_id, "migration succeeded");
+                true
+            }
+            Err(e) => {
+                let outcome = if matches!(e, machine::MachineError::Busy(_)) {
+                    "busy"
+                } else {
+                    "failed"
+                };
+                self.shared.metrics.migration(outcome, 0);
+                tracing::error!(error = %e, "migration failed");
+                false
+            }
+        }
+    }
+}
+
 /// Run the daemon until `shutdown` is cancelled. `progress` receives migration progress
 /// (the CLI logs it; the demo prints it). Returns after the loop has stopped at a safe point.
 pub async fn run(
@@ -234,7 +349,7 @@ pub async fn run(
         .model
         .parse()
         .map_err(|e| anyhow::anyhow!("monitor.model: {e}"))?;
-    let mut policy = TriggerPolicy::new(PolicyConfig {
+    let policy = TriggerPolicy::new(PolicyConfig {
         threshold: cfg.monitor.threshold,
         min_readings: cfg.monitor.min_readings,
         window: cfg.monitor.window,
@@ -243,16 +358,14 @@ pub async fn run(
         model,
     })
     .map_err(|e| anyhow::anyhow!("monitor: {e}"))?;
-    let (tx, mut rx) = mpsc::channel::<String>(4);
+    let (tx, rx) = mpsc::channel::<Request>(4);
     let st = machine::state(&cfg)?;
-    let mut source = machine::current_source(&cfg, &st);
-    let mut load = Load::for_source(&cfg, &source);
+    let source = machine::current_source(&cfg, &st);
     let shared = Arc::new(Shared {
         status: Mutex::new(Status {
             service: cfg.service.name.clone(),
             state: "polling".into(),
             source_url: source.influx_url.clone(),
-            load_source: load.describe(),
             threshold: cfg.monitor.threshold,
             migrations: st.migrations.clone(),
             ..Status::default()
@@ -287,138 +400,20 @@ pub async fn run(
     if let Some(r) = ready {
         let _ = r.send(shared.clone());
     }
-    let mut tick = tokio::time::interval(cfg.monitor.poll_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut backoff = Duration::ZERO;
-    loop {
-        // The journal is the truth about where the service runs: a migration by the CLI
-        // or a settled recovery moves the polling too; an unsettled one is retried.
-        if let Ok(st) = machine::state(&cfg) {
-            if st.recovery() != crate::migrate::journal::Recovery::Nothing {
-                match machine::recover(&cfg, &provider, progress).await {
-                    // Another process (a CLI migration) holds the service: not ours to settle.
-                    Ok(_) | Err(machine::MachineError::Busy(_)) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "an interrupted migration could not be settled yet; retrying")
-                    }
-                }
-            }
-            if st
-                .migrations
-                .iter()
-                .any(|m| m.old_deleted && !m.monitor_retired)
-            {
-                retire_monitor_hosts(&cfg).await;
-            }
-            let now = machine::current_source(&cfg, &st);
-            if now.influx_url != source.influx_url {
-                tracing::warn!(from = %source.influx_url, to = %now.influx_url, "the service moved; polling the new host");
-                source = now;
-                load = Load::for_source(&cfg, &source);
-                shared.set(|s| {
-                    s.source_url = source.influx_url.clone();
-                    s.load_source = load.describe();
-                    s.migrations = st.migrations.clone();
-                });
-            }
-        }
-        let trigger = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            Some(t) = rx.recv() => Some(t),
-            _ = tick.tick() => {
-                if !backoff.is_zero() {
-                    tokio::time::sleep(backoff).await;
-                }
-                match load.read().await {
-                    None => None,
-                    Some(Err(e)) => {
-                        backoff = (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
-                        shared.metrics.reading("error");
-                        tracing::warn!(error = %e, backoff = ?backoff, "cannot read the load; backing off");
-                        None
-                    }
-                    Some(Ok(r)) => {
-                        backoff = Duration::ZERO;
-                        shared.metrics.reading(r.freshness().as_str());
-                        match r {
-                            Reading::Fresh(s) => match policy.on_reading(s.value, Instant::now()) {
-                                Ok(d) => {
-                                    tracing::info!(window = ?d.window, prediction = ?d.prediction, threshold = d.threshold, reason = %d.reason, "decision");
-                                    shared.metrics.observe(s.value, d.prediction);
-                                    shared.set(|st| {
-                                        st.window = d.window.clone();
-                                        st.last_reading = Some(s.value);
-                                        st.last_prediction = d.prediction;
-                                        st.last_decision = d.reason.to_string();
-                                    });
-                                    d.trigger().then(|| format!("prediction {:.2} > threshold {}", d.prediction.unwrap_or(f64::NAN), d.threshold))
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "reading refused by the window");
-                                    None
-                                }
-                            },
-                            other => {
-                                tracing::info!(reading = %other, "not a fresh reading; not pushed into the window");
-                                None
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        let Some(why) = trigger else { continue };
-        if shutdown.is_cancelled() {
-            // Stopping: no new migration starts after the first signal.
-            shared.running.store(false, Ordering::SeqCst);
-            break;
-        }
-        shared.metrics.trigger();
-        tracing::warn!(trigger = %why, "migrating");
-        shared.running.store(true, Ordering::SeqCst);
-        shared.set(|s| s.state = "migrating".into());
-        policy.migration_started(Instant::now());
-        let lp = LoopProgress {
-            shared: &shared,
-            inner: progress,
-        };
-        // A migration is not interrupted by the first signal: it is the safe point.
-        let r = machine::migrate(&cfg, &provider, &why, &lp).await;
-        let ok = r.is_ok();
-        match &r {
-            Ok(rep) => {
-                shared.metrics.migration("succeeded", rep.points_replayed);
-                tracing::warn!(id = %rep.migration_id, "migration succeeded");
-            }
-            Err(e) => {
-                shared.metrics.migration(
-                    if matches!(e, machine::MachineError::Busy(_)) {
-                        "busy"
-                    } else {
-                        "failed"
-                    },
-                    0,
-                );
-                tracing::error!(error = %e, "migration failed");
-            }
-        }
-        policy.migration_finished(Instant::now(), ok);
-        let st = machine::state(&cfg)?;
-        source = machine::current_source(&cfg, &st);
-        load = Load::for_source(&cfg, &source);
-        shared.set(|s| {
-            s.state = "polling".into();
-            s.phase = None;
-            s.source_url = source.influx_url.clone();
-            s.load_source = load.describe();
-            s.migrations = st.migrations.clone();
-            if ok {
-                s.window.clear();
-            }
-        });
-        shared.running.store(false, Ordering::SeqCst);
-    }
+    let poll = PollerConfig {
+        poll_interval: cfg.monitor.poll_interval,
+        backoff_max: cfg.monitor.poll_interval.max(Duration::from_secs(60)),
+    };
+    let world = Orchestrator {
+        cfg: &cfg,
+        provider: &provider,
+        progress,
+        shared: shared.clone(),
+        here: source,
+    };
+    decide::Decider::new(world, policy, poll, shared.clone())
+        .run(rx, shutdown)
+        .await;
     api_token.cancel();
     let _ = api_task.await;
     Ok(())

@@ -1,8 +1,11 @@
-//! The poller: reads a [`MetricSource`] every `poll_interval` into a [`Window`].
+//! The poller: reads a [`MetricSource`] every `poll_interval` and hands each new value to
+//! whoever decides (the daemon's trigger policy, through [`Poller::feed`]).
 //!
 //! Rules:
-//! - only a [`Reading::Fresh`] value with a clock newer than the last one pushed goes into
-//!   the window; stale readings, missing data and repeats of the same value never do;
+//! - only a [`Reading::Fresh`] value with a clock newer than the last one pushed is pushed;
+//!   stale readings, missing data and repeats of the same sample (a source that answers
+//!   with the same item value until it goes stale) never are. A poller restarted on the same
+//!   metric resumes after the last clock pushed ([`Poller::resume_after`]);
 //! - a failed read is retried after a bounded exponential backoff (`poll_interval`,
 //!   doubling, capped at `backoff_max`); the first successful read resets it. Permanent
 //!   errors (wrong password, unknown item) are retried the same way, logged at ERROR:
@@ -20,12 +23,11 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Clock, Freshness, MetricSource, Reading, Sample, SourceError};
-use crate::predict::Window;
 
 /// Default time between reads (DESIGN.md §1).
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(60);
@@ -159,7 +161,7 @@ impl Timer for TokioTimer {
 /// What one read did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
-    /// A fresh new value went into the window.
+    /// A fresh new value, pushed.
     Pushed(Sample),
     /// Fresh, but the value already pushed: nothing new.
     Unchanged(Sample),
@@ -174,15 +176,13 @@ pub enum Outcome {
 /// What the poller has seen so far, published after every read.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    /// The window's readings, oldest first.
-    pub window: Vec<f64>,
     /// The last successful reading.
     pub last_reading: Option<Reading>,
-    /// The last value pushed into the window.
+    /// The last value pushed.
     pub last_pushed: Option<Sample>,
     /// Reads attempted.
     pub reads: u64,
-    /// Values pushed into the window.
+    /// Values pushed.
     pub pushed: u64,
     /// Reads that were stale.
     pub stale: u64,
@@ -198,13 +198,13 @@ pub struct Snapshot {
     pub last_error: Option<String>,
 }
 
-/// Polls a [`MetricSource`] into a [`Window`]. See the module documentation.
+/// Polls a [`MetricSource`], pushing new values. See the module documentation.
 #[derive(Debug)]
 pub struct Poller<S, T = TokioTimer> {
     source: S,
     timer: T,
     config: PollerConfig,
-    window: Window,
+    feed: Option<mpsc::UnboundedSender<Outcome>>,
     backoff: Backoff,
     last_pushed: Option<Clock>,
     last_state: Option<Freshness>,
@@ -213,23 +213,17 @@ pub struct Poller<S, T = TokioTimer> {
 }
 
 impl<S: MetricSource> Poller<S, TokioTimer> {
-    /// A poller of `source` into `window`, on tokio's clock.
-    pub fn new(source: S, window: Window, config: PollerConfig) -> Result<Self, PollerError> {
-        Poller::with_timer(source, window, config, TokioTimer)
+    /// A poller of `source`, on tokio's clock.
+    pub fn new(source: S, config: PollerConfig) -> Result<Self, PollerError> {
+        Poller::with_timer(source, config, TokioTimer)
     }
 }
 
 impl<S: MetricSource, T: Timer> Poller<S, T> {
     /// A poller on the given clock.
-    pub fn with_timer(
-        source: S,
-        window: Window,
-        config: PollerConfig,
-        timer: T,
-    ) -> Result<Self, PollerError> {
+    pub fn with_timer(source: S, config: PollerConfig, timer: T) -> Result<Self, PollerError> {
         config.validate()?;
         let snapshot = Snapshot {
-            window: window.values().to_vec(),
             next_delay: config.poll_interval,
             ..Snapshot::default()
         };
@@ -238,7 +232,7 @@ impl<S: MetricSource, T: Timer> Poller<S, T> {
             source,
             timer,
             config,
-            window,
+            feed: None,
             backoff: Backoff::new(config.poll_interval, config.backoff_max),
             last_pushed: None,
             last_state: None,
@@ -247,9 +241,18 @@ impl<S: MetricSource, T: Timer> Poller<S, T> {
         })
     }
 
-    /// The window, as filled so far.
-    pub fn window(&self) -> &Window {
-        &self.window
+    /// Send the outcome of every read to `tx`, the values pushed as [`Outcome::Pushed`]
+    /// (a closed receiver is ignored: reads are still counted in the snapshot).
+    pub fn feed(mut self, tx: mpsc::UnboundedSender<Outcome>) -> Self {
+        self.feed = Some(tx);
+        self
+    }
+
+    /// Push only values collected after `clock`: a poller restarted on the metric another
+    /// one already pushed from never pushes the same sample twice.
+    pub fn resume_after(mut self, clock: Option<Clock>) -> Self {
+        self.last_pushed = clock;
+        self
     }
 
     /// The source.
@@ -272,7 +275,7 @@ impl<S: MetricSource, T: Timer> Poller<S, T> {
         self.snapshot.next_delay
     }
 
-    /// Poll until `token` is cancelled; returns the poller (window, snapshot) when stopped.
+    /// Poll until `token` is cancelled; returns the poller (source, snapshot) when stopped.
     pub async fn run(mut self, token: CancellationToken) -> Self {
         tracing::info!(source = %self.source.describe(), poll_interval = %humantime::format_duration(self.config.poll_interval), "poller started");
         let mut next = self.timer.now();
@@ -327,8 +330,10 @@ impl<S: MetricSource, T: Timer> Poller<S, T> {
                 Outcome::Failed { transient }
             }
         };
-        self.snapshot.window = self.window.values().to_vec();
         self.tx.send_replace(self.snapshot.clone());
+        if let Some(tx) = &self.feed {
+            let _ = tx.send(outcome);
+        }
         outcome
     }
 
@@ -350,19 +355,15 @@ impl<S: MetricSource, T: Timer> Poller<S, T> {
         }
         match reading {
             Reading::Fresh(s) if self.last_pushed.is_none_or(|c| s.clock > c) => {
-                match self.window.push(s.value) {
-                    Ok(()) => {
-                        self.last_pushed = Some(s.clock);
-                        self.snapshot.last_pushed = Some(s);
-                        self.snapshot.pushed += 1;
-                        tracing::debug!(value = s.value, clock = %s.clock, window = ?self.window.values(), "reading pushed");
-                        Outcome::Pushed(s)
-                    }
-                    Err(e) => {
-                        tracing::error!(source = %self.source.describe(), error = %e, "source returned a value the window refuses");
-                        Outcome::Unchanged(s)
-                    }
+                if !s.value.is_finite() {
+                    tracing::error!(source = %self.source.describe(), value = s.value, "source returned a value that is not a number; not pushing it");
+                    return Outcome::Unchanged(s);
                 }
+                self.last_pushed = Some(s.clock);
+                self.snapshot.last_pushed = Some(s);
+                self.snapshot.pushed += 1;
+                tracing::debug!(value = s.value, clock = %s.clock, "reading pushed");
+                Outcome::Pushed(s)
             }
             Reading::Fresh(s) => Outcome::Unchanged(s),
             Reading::Stale(s) => {
@@ -459,7 +460,7 @@ mod tests {
     async fn play(
         steps: Vec<Result<Reading, Scripted>>,
         config: PollerConfig,
-    ) -> (Poller<Script, VirtualTimer>, Vec<u64>) {
+    ) -> (Poller<Script, VirtualTimer>, Vec<u64>, Vec<f64>) {
         let timer = VirtualTimer::new();
         let token = CancellationToken::new();
         let script = Script {
@@ -468,15 +469,22 @@ mod tests {
             token: token.clone(),
             reads_at: Vec::new(),
         };
-        let poller = Poller::with_timer(script, Window::new(5).unwrap(), config, timer).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let poller = Poller::with_timer(script, config, timer).unwrap().feed(tx);
         let mut poller = poller.run(token).await;
         let reads = &poller.source_mut().reads_at;
         let gaps = reads.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
-        (poller, gaps)
+        let mut pushed = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            if let Outcome::Pushed(s) = o {
+                pushed.push(s.value);
+            }
+        }
+        (poller, gaps, pushed)
     }
 
     #[tokio::test]
-    async fn only_fresh_new_readings_reach_the_window() {
+    async fn only_fresh_new_readings_are_pushed() {
         let steps = vec![
             Ok(Reading::NoData),
             Ok(Reading::Fresh(s(1.0, 100))),
@@ -489,8 +497,8 @@ mod tests {
             // a clock going back is not new
             Ok(Reading::Fresh(s(9.0, 102))),
         ];
-        let (poller, gaps) = play(steps, config(1, 8)).await;
-        assert_eq!(poller.window().values(), &[1.0, 2.0, 3.0]);
+        let (poller, gaps, pushed) = play(steps, config(1, 8)).await;
+        assert_eq!(pushed, &[1.0, 2.0, 3.0]);
         let snap = poller.snapshot();
         assert_eq!(
             (snap.pushed, snap.stale, snap.no_data),
@@ -507,10 +515,10 @@ mod tests {
         steps.extend((0..6).map(|_| Err(Scripted(true))));
         steps.push(Ok(Reading::Fresh(s(2.0, 200))));
         steps.push(Ok(Reading::Fresh(s(3.0, 201))));
-        let (poller, gaps) = play(steps, config(1, 8)).await;
+        let (poller, gaps, pushed) = play(steps, config(1, 8)).await;
         // read, then 6 failures: waits 1 (interval), 1, 2, 4, 8, 8, 8; then back to 1
         assert_eq!(gaps, vec![1, 1, 2, 4, 8, 8, 8, 1, 1]);
-        assert_eq!(poller.window().values(), &[1.0, 2.0, 3.0]);
+        assert_eq!(pushed, &[1.0, 2.0, 3.0]);
         assert_eq!(
             poller.snapshot().failures,
             7,
@@ -525,9 +533,9 @@ mod tests {
             Err(Scripted(false)),
             Ok(Reading::Fresh(s(4.0, 10))),
         ];
-        let (poller, gaps) = play(steps, config(2, 60)).await;
+        let (poller, gaps, pushed) = play(steps, config(2, 60)).await;
         assert_eq!(gaps, vec![2, 4, 2]);
-        assert_eq!(poller.window().values(), &[4.0]);
+        assert_eq!(pushed, &[4.0]);
         let snap = poller.snapshot();
         assert_eq!(snap.consecutive_failures, 1, "the final scripted failure");
         assert!(snap.last_error.as_deref().unwrap().contains("scripted"));
@@ -543,11 +551,10 @@ mod tests {
             token: token.clone(),
             reads_at: Vec::new(),
         };
-        let mut poller =
-            Poller::with_timer(script, Window::default(), config(1, 4), timer).unwrap();
+        let mut poller = Poller::with_timer(script, config(1, 4), timer).unwrap();
         let rx = poller.subscribe();
         assert_eq!(poller.poll_once().await, Outcome::Pushed(s(1.0, 1)));
-        assert_eq!(rx.borrow().window, vec![1.0]);
+        assert_eq!(rx.borrow().last_pushed, Some(s(1.0, 1)));
         assert_eq!(
             poller.poll_once().await,
             Outcome::Failed { transient: true }
@@ -571,7 +578,7 @@ mod tests {
             }
         }
         let token = CancellationToken::new();
-        let poller = Poller::new(Forever, Window::default(), PollerConfig::default()).unwrap();
+        let poller = Poller::new(Forever, PollerConfig::default()).unwrap();
         let mut rx = poller.subscribe();
         let task = tokio::spawn(poller.run(token.clone()));
         rx.changed().await.unwrap();
@@ -581,6 +588,26 @@ mod tests {
             .expect("stops at once, not after the 60 s interval")
             .unwrap();
         assert_eq!(poller.snapshot().reads, 1);
+    }
+
+    #[tokio::test]
+    async fn a_resumed_poller_never_pushes_a_sample_already_pushed() {
+        let timer = VirtualTimer::new();
+        let script = Script {
+            steps: vec![
+                Ok(Reading::Fresh(s(1.0, 100))),
+                Ok(Reading::Fresh(s(2.0, 101))),
+            ]
+            .into(),
+            timer: timer.clone(),
+            token: CancellationToken::new(),
+            reads_at: Vec::new(),
+        };
+        let mut poller = Poller::with_timer(script, config(1, 4), timer)
+            .unwrap()
+            .resume_after(Some(Clock::new(100, 0)));
+        assert_eq!(poller.poll_once().await, Outcome::Unchanged(s(1.0, 100)));
+        assert_eq!(poller.poll_once().await, Outcome::Pushed(s(2.0, 101)));
     }
 
     #[test]

@@ -311,6 +311,15 @@ impl TriggerPolicy {
         }
     }
 
+    /// The service moved to another host without this policy's migration (a CLI migration,
+    /// a recovery settled at start-up or by another process): the same as a migration that
+    /// succeeded at `now`. The old host's readings are dropped, the anti-flap run starts
+    /// over and the cooldown starts, so nothing measured on the old host can move the
+    /// service away from the new one.
+    pub fn service_moved(&mut self, now: Instant) {
+        self.migration_finished(now, true);
+    }
+
     /// Whether a migration is running.
     pub fn migration_running(&self) -> bool {
         self.running
@@ -497,6 +506,25 @@ mod tests {
         assert!(matches!(d.reason, Reason::CoolingDown { .. }));
         let d = p.on_reading(20.0, now + DEFAULT_COOLDOWN).unwrap();
         assert_eq!(d.reason, Reason::Trigger);
+    }
+
+    #[test]
+    fn a_move_by_someone_else_drops_the_old_hosts_readings_and_starts_the_cooldown() {
+        let t0 = Instant::now();
+        let mut p = policy(2, Model::Last);
+        let (d, now) = feed(&mut p, t0, &[20.0, 20.0, 20.0]);
+        assert_eq!(
+            d[2].reason,
+            Reason::Building {
+                consecutive: 1,
+                needed: 2
+            }
+        );
+        p.service_moved(now);
+        assert!(p.window().is_empty(), "the old host's readings are gone");
+        let d = p.on_reading(20.0, now + Duration::from_secs(60)).unwrap();
+        assert!(matches!(d.reason, Reason::CoolingDown { .. }), "{d}");
+        assert_eq!(d.window, vec![20.0]);
     }
 
     #[test]

@@ -23,7 +23,6 @@ use stateshift::monitor::{
     conformance, Freshness, MetricSource, Poller, PollerConfig, Reading, Snapshot, Zabbix,
     ZabbixError, ZabbixSource,
 };
-use stateshift::predict::Window;
 use stateshift::util::Secret;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/zabbix.sh");
@@ -146,7 +145,7 @@ fn one_second_poller(env: &Env) -> Poller<ZabbixSource> {
         poll_interval: Duration::from_secs(1),
         backoff_max: Duration::from_secs(4),
     };
-    Poller::new(source(env, cfg.poll_interval), Window::new(5).unwrap(), cfg).unwrap()
+    Poller::new(source(env, cfg.poll_interval), cfg).unwrap()
 }
 
 /// Wait for a snapshot satisfying `pred`, at most `limit`.
@@ -417,7 +416,7 @@ async fn a_stopped_agent_makes_the_reading_stale_within_three_intervals() {
     })
     .await;
     assert_eq!(later.pushed, stale.pushed, "{later:?}");
-    assert_eq!(later.window, stale.window);
+    assert_eq!(later.last_pushed, stale.last_pushed);
     assert!(matches!(later.last_reading, Some(Reading::Stale(_))));
 
     // The agent comes back: fresh values flow again (and the next tests find it running).
@@ -711,7 +710,7 @@ async fn a_zabbix_answering_garbage_errors_slowly_or_html_pushes_nothing_and_the
     let mut scfg = SourceConfig::new(env.host.clone());
     scfg.key = env.key.clone();
     scfg.poll_interval = cfg.poll_interval;
-    let poller = Poller::new(ZabbixSource::new(z, scfg), Window::new(5).unwrap(), cfg).unwrap();
+    let poller = Poller::new(ZabbixSource::new(z, scfg), cfg).unwrap();
     let mut rx = poller.subscribe();
     let token = CancellationToken::new();
     let task = tokio::spawn(poller.run(token.clone()));
@@ -743,7 +742,7 @@ async fn a_zabbix_answering_garbage_errors_slowly_or_html_pushes_nothing_and_the
             !err.contains(env.password.expose()),
             "{sick:?}: no password in {err}"
         );
-        // While sick: reads fail, nothing enters the window.
+        // While sick: reads fail, nothing is pushed.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let during = rx.borrow_and_update().clone();
         assert!(
