@@ -58,8 +58,16 @@ pub enum MachineError {
         source_url: String,
         target_url: String,
     },
+    /// The configuration cannot run (checked before anything changes).
     #[error("{0}")]
     Config(String),
+    /// Settling an interrupted migration did not finish; it is tried again at the next start
+    /// (the daemon tries every poll interval).
+    #[error("settling migration {id}: {detail}")]
+    Unsettled { id: String, detail: String },
+    /// The request does not apply to the journal's state.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl MachineError {
@@ -642,11 +650,18 @@ async fn recover_locked(
             let dst = Influx::from_config(&provider.instance(cfg, &target, &fallback));
             // Writes that reached the source after the crash never reached a spool: the
             // interrupted subscription counted them as failures. Then the old stack stays.
-            // Unknown counts as "something was lost": the old stack then stays.
+            // Counters that cannot be read prove nothing: nothing is decided, and settling is
+            // tried again later.
             let failed = engine::subscriber_stats(&src, &format!("stateshift_{id}"))
                 .await
                 .map(|st| st.failed)
-                .unwrap_or(u64::MAX);
+                .map_err(|e| MachineError::Unsettled {
+                    id: id.clone(),
+                    detail: format!(
+                        "cannot read the source's subscriber counters on {} to prove no write was lost after the interruption ({e}); nothing is deleted until they can be read",
+                        source.influx_url
+                    ),
+                })?;
             if failed > 0 {
                 let msg = format!(
                     "{failed} write(s) reached the source {} after the interruption and are not on the target {}; the old stack is kept",
@@ -660,7 +675,10 @@ async fn recover_locked(
                         report: None,
                     },
                 )?;
-                return Err(MachineError::Config(msg));
+                return Err(MachineError::Unsettled {
+                    id: id.clone(),
+                    detail: msg,
+                });
             }
             drop_our_subscriptions(&src, &id).await;
             drop_our_subscriptions(&dst, &id).await;
@@ -668,8 +686,9 @@ async fn recover_locked(
             for sid in [id.clone(), format!("{id}r")] {
                 let n = engine::replay_spool_tail(&cfg.capture.spool_dir, &sid, &dst)
                     .await
-                    .map_err(|e| {
-                        MachineError::Config(format!("replaying the interrupted capture: {e}"))
+                    .map_err(|e| MachineError::Unsettled {
+                        id: id.clone(),
+                        detail: format!("replaying the interrupted capture: {e}"),
                     })?;
                 if n > 0 {
                     progress.note(&format!(
@@ -846,7 +865,7 @@ pub fn resolve(cfg: &Config, on_target: bool) -> Result<String, MachineError> {
     let _lock = lock(&paths.lock)?;
     let st = state(cfg)?;
     let m = st.needs_operator().ok_or_else(|| {
-        MachineError::Config(
+        MachineError::Refused(
             "nothing to resolve: the last migration did not fail after cutover".into(),
         )
     })?;
@@ -856,7 +875,7 @@ pub fn resolve(cfg: &Config, on_target: bool) -> Result<String, MachineError> {
         m.source.clone()
     };
     let on = on.ok_or_else(|| {
-        MachineError::Config(format!(
+        MachineError::Refused(format!(
             "migration {} has no recorded {}",
             m.id,
             if on_target { "target" } else { "source" }

@@ -237,6 +237,98 @@ async fn a_killed_capture_receiver_is_detected_and_rolls_back_losing_nothing() {
     lost_nothing(&svc, &w.finish().await, 5_000, "receiver killed").await;
 }
 
+/// Stop the influxd `pid` (SIGTERM, as an operator or systemd would); its command line.
+fn stop_influxd(pid: u32) -> Vec<String> {
+    let cmdline: Vec<String> =
+        String::from_utf8(std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+            .unwrap()
+            .split('\0')
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect();
+    kill("-TERM", pid);
+    let t = Instant::now();
+    while alive(pid) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "influxd did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cmdline
+}
+
+/// Start the influxd of the stack in `dir` again with `cmdline`, logging where it did.
+fn start_influxd(dir: &Path, cmdline: &[String]) {
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("vm/influxd.log"))
+        .unwrap();
+    Command::new("setsid")
+        .arg("-f")
+        .args(cmdline)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_down_while_settling_a_verified_migration_defers_the_disposal_and_says_why() {
+    let svc = service(89).await;
+    let child = spawn_migrate(&svc, &[("STATESHIFT_CRASH_AT", "verify:done")]);
+    let (ok, out) = finish(child);
+    assert!(!ok && out.contains("dying here"), "{out}");
+    let src = stack_dir(&svc, ORIGINAL);
+    let pids = pids_of("influxd", &src);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let cmdline = stop_influxd(pids[0]);
+    // The counters that prove no write was lost cannot be read: nothing is decided.
+    let (ok, out) = finish(spawn_migrate(&svc, &[]));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("cannot read the source's subscriber counters"),
+        "the reason is named: {out}"
+    );
+    assert!(
+        !out.contains(&u64::MAX.to_string()),
+        "no made-up count: {out}"
+    );
+    assert!(
+        svc.stacks_on_disk().contains(&ORIGINAL.to_string()),
+        "the old stack is kept"
+    );
+    assert!(
+        !journal(&svc).contains("\"outcome\":\"failed\""),
+        "nothing is recorded as failed:\n{}",
+        journal(&svc)
+    );
+    // The source answers again: the next run finishes the disposal.
+    start_influxd(&src, &cmdline);
+    let t = Instant::now();
+    let old = Influx::new(
+        &svc.cfg().source.influx_url,
+        None,
+        None,
+        Duration::from_secs(5),
+    );
+    while old.ping().await.is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "influxd did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, out) = finish(spawn_migrate(&svc, &[]));
+    assert!(out.contains("finishing the disposal"), "{out}");
+    assert!(ok, "{out}");
+    assert!(
+        !svc.stacks_on_disk().contains(&ORIGINAL.to_string()),
+        "the old stack is disposed of"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_source_influxd_restarted_during_the_capture_is_detected_and_rolls_back() {
     let svc = service(84).await;
@@ -247,34 +339,8 @@ async fn the_source_influxd_restarted_during_the_capture_is_detected_and_rolls_b
     let src = stack_dir(&svc, ORIGINAL);
     let pids = pids_of("influxd", &src);
     assert_eq!(pids.len(), 1, "{pids:?}");
-    let cmdline: Vec<String> =
-        String::from_utf8(std::fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap())
-            .unwrap()
-            .split('\0')
-            .filter(|a| !a.is_empty())
-            .map(String::from)
-            .collect();
-    kill("-TERM", pids[0]);
-    let t = Instant::now();
-    while alive(pids[0]) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "influxd did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(src.join("vm/influxd.log"))
-        .unwrap();
-    Command::new("setsid")
-        .arg("-f")
-        .args(&cmdline)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .status()
-        .unwrap();
+    let cmdline = stop_influxd(pids[0]);
+    start_influxd(&src, &cmdline);
     let (ok, out) = finish(child);
     assert_rolled_back(
         &svc,
