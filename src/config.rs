@@ -1012,6 +1012,17 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     if provider.kind == ProviderKind::Heat && provider.heat.is_none() {
         return Err(v.err("provider.heat", "missing; provider.kind is heat"));
     }
+    if let Some(h) = &provider.heat {
+        // Its messages name their key (`provider.heat.auth_url: ...`).
+        h.validate().map_err(|msg| {
+            let key = msg.split(':').next().unwrap_or("provider.heat").to_string();
+            let msg = msg
+                .strip_prefix(&format!("{key}: "))
+                .unwrap_or(&msg)
+                .to_string();
+            v.err(&key, msg)
+        })?;
+    }
     if provider.kind == ProviderKind::Static && target.is_none() {
         return Err(v.err(
             "target",
@@ -1396,6 +1407,28 @@ mod tests {
             e.contains("capture.quiet_period") && e.contains("\"10s\""),
             "{e}"
         );
+    }
+    #[test]
+    fn a_bad_heat_section_is_refused_at_load_naming_its_key_path() {
+        let heat = |extra: &str| {
+            format!("{MIN}provider:\n  kind: heat\n  heat:\n    auth_url: http://keystone:5000/v3\n    username: so\n    password: pw\n    project_name: svc\n{extra}")
+        };
+        load(&heat(""), &[]).unwrap();
+        let e = load(&heat("    interface: outside\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("provider.heat.interface: expected public"),
+            "{e}"
+        );
+        let e = load(
+            &format!("{MIN}provider:\n  kind: heat\n  heat:\n    auth_url: keystone\n    username: so\n    password: pw\n    project_name: svc\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("provider.heat.auth_url"), "{e}");
+        assert!(!e.contains("pw"), "no secret in {e}");
     }
     #[test]
     fn secret_template_parameters_come_from_files_and_never_print() {

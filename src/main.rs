@@ -213,7 +213,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                 return machine_migrate(&cfg, report, timeline.map(|d| (d, timeline_rate))).await;
             }
             let Some(target) = cfg.target.clone() else {
-                eprintln!("stateshift: {}: target: missing; name the target InfluxDB host (stack creation is not wired to `migrate` yet)", config.display());
+                eprintln!("stateshift: {}: target: missing; provider.kind is static, so the target host must be named here", config.display());
                 return ExitCode::from(2);
             };
             println!(

@@ -548,7 +548,11 @@ impl Migration<'_> {
         let data = sizes.iter().fold(0u64, |a, &b| a.saturating_add(b));
         let wd = shell_quote(&cfg.work_dir);
         let out = target
-            .run(&format!("mkdir -p {wd} && df -Pk {wd} | tail -n 1"))
+            // The nearest existing directory on the work dir's path: prepare (and a dry run)
+            // creates nothing on the target.
+            .run(&format!(
+                "d={wd}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; df -Pk \"$d\" | tail -n 1"
+            ))
             .await
             .map_err(Self::remote_err(p))?;
         let Some(free_kib) = out

@@ -126,10 +126,10 @@ pub enum ZabbixError {
     #[error("zabbix {url}: apiinfo.version: cannot read the version {version:?}")]
     BadVersion { url: String, version: String },
     /// No host with that technical name.
-    #[error("zabbix: no host {host:?} (looking for item {key:?}): check zabbix.host, the host's technical name (not its visible name)")]
+    #[error("zabbix: no host {host:?} (looking for item {key:?}): check monitor.zabbix.host: the host's technical name (not its visible name)")]
     UnknownHost { host: String, key: String },
     /// The host has no item with that key.
-    #[error("zabbix: host {host:?} has no item with key {key:?}: check zabbix.item_key")]
+    #[error("zabbix: host {host:?} has no item with key {key:?}: check monitor.zabbix.key")]
     UnknownItem { host: String, key: String },
     /// The item does not hold numbers.
     #[error("zabbix: item {key:?} on host {host:?} holds {kind} values (value_type {value_type}), not numbers")]

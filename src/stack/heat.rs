@@ -188,19 +188,19 @@ impl HeatConfig {
         let u = self.auth_url.trim();
         if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() < 10 {
             return Err(format!(
-                "heat.auth_url: expected Keystone's http(s) URL, e.g. https://keystone:5000/v3, got {u:?}"
+                "provider.heat.auth_url: expected Keystone's http(s) URL, e.g. https://keystone:5000/v3, got {u:?}"
             ));
         }
         if let Some(o) = &self.endpoint_override {
             if !(o.starts_with("http://") || o.starts_with("https://")) {
                 return Err(format!(
-                    "heat.endpoint_override: expected an http(s) URL, got {o:?}"
+                    "provider.heat.endpoint_override: expected an http(s) URL, got {o:?}"
                 ));
             }
         }
         if !matches!(self.interface.as_str(), "public" | "internal" | "admin") {
             return Err(format!(
-                "heat.interface: expected public, internal or admin, got {:?}",
+                "provider.heat.interface: expected public, internal or admin, got {:?}",
                 self.interface
             ));
         }
@@ -210,40 +210,40 @@ impl HeatConfig {
         let pw = self.username.is_some() || self.password.is_some() || self.password_file.is_some();
         match (app, pw) {
             (true, true) => {
-                return Err("heat: give either username/password or application_credential_id/secret, not both".into())
+                return Err("provider.heat: give either username/password or application_credential_id/secret, not both".into())
             }
             (false, false) => {
-                return Err("heat: no credentials: give username + password (or password_file) + project_name, or application_credential_id + application_credential_secret (or _secret_file)".into())
+                return Err("provider.heat: no credentials: give username + password (or password_file) + project_name, or application_credential_id + application_credential_secret (or _secret_file)".into())
             }
             (true, false) => {
                 if self.application_credential_id.is_none() {
-                    return Err("heat.application_credential_id: missing (the secret alone does not name the credential)".into());
+                    return Err("provider.heat.application_credential_id: missing (the secret alone does not name the credential)".into());
                 }
                 if self.application_credential_secret.is_some()
                     == self.application_credential_secret_file.is_some()
                 {
-                    return Err("heat: give exactly one of application_credential_secret and application_credential_secret_file".into());
+                    return Err("provider.heat: give exactly one of application_credential_secret and application_credential_secret_file".into());
                 }
                 if self.project_name.is_some() {
-                    return Err("heat.project_name: an application credential carries its own project; remove project_name".into());
+                    return Err("provider.heat.project_name: an application credential carries its own project; remove project_name".into());
                 }
             }
             (false, true) => {
                 if self.username.is_none() {
-                    return Err("heat.username: missing (a password needs a user)".into());
+                    return Err("provider.heat.username: missing (a password needs a user)".into());
                 }
                 if self.password.is_some() == self.password_file.is_some() {
                     return Err(
-                        "heat: give exactly one of password and password_file".into()
+                        "provider.heat: give exactly one of password and password_file".into()
                     );
                 }
                 if self.project_name.is_none() {
-                    return Err("heat.project_name: missing (stacks live in a project)".into());
+                    return Err("provider.heat.project_name: missing (stacks live in a project)".into());
                 }
             }
         }
         if self.poll_max_interval < Duration::from_millis(50) {
-            return Err("heat.poll_max_interval: at least 50ms".into());
+            return Err("provider.heat.poll_max_interval: at least 50ms".into());
         }
         Ok(())
     }
@@ -422,10 +422,13 @@ impl Heat {
         cfg.validate().map_err(invalid)?;
         let read_secret = |key: &str, path: &Path| -> Result<Secret, StackError> {
             let s = std::fs::read_to_string(path)
-                .map_err(|e| invalid(format!("heat.{key}: {}: {e}", path.display())))?;
+                .map_err(|e| invalid(format!("provider.heat.{key}: {}: {e}", path.display())))?;
             let s = s.trim_end_matches(['\n', '\r']);
             if s.is_empty() {
-                return Err(invalid(format!("heat.{key}: {}: empty", path.display())));
+                return Err(invalid(format!(
+                    "provider.heat.{key}: {}: empty",
+                    path.display()
+                )));
             }
             Ok(Secret::new(s))
         };
@@ -466,13 +469,13 @@ impl Heat {
             .user_agent(concat!("stateshift/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &cfg.ca_file {
             let pem = std::fs::read(ca)
-                .map_err(|e| invalid(format!("heat.ca_file: {}: {e}", ca.display())))?;
+                .map_err(|e| invalid(format!("provider.heat.ca_file: {}: {e}", ca.display())))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .ok()
                 .filter(|c| !c.is_empty())
                 .ok_or_else(|| {
                     invalid(format!(
-                        "heat.ca_file: {}: no PEM certificate in it",
+                        "provider.heat.ca_file: {}: no PEM certificate in it",
                         ca.display()
                     ))
                 })?;
@@ -1326,7 +1329,7 @@ fn pick_endpoint(
                 })
                 .collect();
             format!(
-                "no {kind} endpoint with interface {interface}{} in the catalog (it has: {}); set heat.interface / heat.region",
+                "no {kind} endpoint with interface {interface}{} in the catalog (it has: {}); set provider.heat.interface / provider.heat.region",
                 region.map(|r| format!(" in region {r}")).unwrap_or_default(),
                 have.join(", ")
             )
@@ -1733,19 +1736,25 @@ mod tests {
     #[test]
     fn validation_names_the_key_and_the_fix() {
         let mut c = HeatConfig::new("keystone:5000");
-        assert!(c.validate().unwrap_err().contains("heat.auth_url"));
+        assert!(c.validate().unwrap_err().contains("provider.heat.auth_url"));
         c.auth_url = "http://k:5000/v3".into();
         assert!(c.validate().unwrap_err().contains("no credentials"));
         c.username = Some("demo".into());
         c.password = Some(Secret::new("x"));
-        assert!(c.validate().unwrap_err().contains("heat.project_name"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("provider.heat.project_name"));
         c.project_name = Some("demo".into());
         c.validate().unwrap();
         c.application_credential_id = Some("id".into());
         assert!(c.validate().unwrap_err().contains("not both"));
         c.interface = "private".into();
         c.application_credential_id = None;
-        assert!(c.validate().unwrap_err().contains("heat.interface"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("provider.heat.interface"));
     }
 
     #[test]

@@ -159,12 +159,22 @@ async fn migrate_cli_moves_the_data_and_writes_a_timing_report() {
     let lab = lab(LabOptions::default()).await;
     let (p, _) = lab.write_config("").unwrap();
     seed(&lab, "cyclops", 5_000).await;
-    let (code, out, err) = run(&["migrate", "-c", p.to_str().unwrap(), "--dry-run"], &[]);
+    // A work dir the target does not have yet: the dry run must not create it.
+    let cfg = stateshift::config::Config::load(&p).unwrap();
+    let wd = format!("{}/not/yet", cfg.target.as_ref().unwrap().work_dir);
+    let (code, out, err) = run(
+        &["migrate", "-c", p.to_str().unwrap(), "--dry-run"],
+        &[("STATESHIFT__TARGET__WORK_DIR", &wd)],
+    );
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("nothing was changed"));
     assert!(
         lab.target.client().databases().await.unwrap().is_empty(),
         "dry run changes nothing"
+    );
+    assert!(
+        !std::path::Path::new(&wd).exists(),
+        "dry run creates nothing on the target, not even its work dir {wd}"
     );
     let report = lab.dir.join("report.json");
     let (code, out, err) = run(

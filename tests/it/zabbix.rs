@@ -285,6 +285,10 @@ async fn unknown_host_or_key_is_an_error_naming_both() {
         msg.contains("\"no-such-host\"") && msg.contains(&format!("{:?}", env.key)),
         "{msg}"
     );
+    assert!(
+        msg.contains("monitor.zabbix.host"),
+        "the setting to fix: {msg}"
+    );
     assert!(!err.is_transient());
 
     let err = zbx.item(&env.host, "no.such.key[x]").await.unwrap_err();
@@ -293,6 +297,10 @@ async fn unknown_host_or_key_is_an_error_naming_both() {
     assert!(
         msg.contains(&format!("{:?}", env.host)) && msg.contains("\"no.such.key[x]\""),
         "{msg}"
+    );
+    assert!(
+        msg.contains("monitor.zabbix.key"),
+        "the setting to fix: {msg}"
     );
 
     // the same through the metric source
