@@ -126,6 +126,11 @@ pub struct Report {
     pub replay_seconds: f64,
     pub cutover_done: bool,
     pub verify: Option<VerifyReport>,
+    /// Points the source had acknowledged over HTTP just before the capture stopped at
+    /// disposal (`httpd` `pointsWrittenOK` in `/debug/vars`). A higher count just before the
+    /// old stack is deleted means a write reached it that nothing forwarded.
+    #[serde(default)]
+    pub source_writes_at_capture_stop: Option<u64>,
 }
 
 impl Report {
@@ -1459,6 +1464,16 @@ impl Migration<'_> {
         // forward (or a source restart) now would leave a point only on the old stack,
         // which is about to be deleted.
         self.check_capture_complete(Phase::Dispose).await?;
+        // Read before the subscriptions go: a write between this read and the drop is
+        // forwarded and still counted, so the later comparison errs on the safe side.
+        if let Some(src) = &self.source {
+            match source_http_writes(&src.influx).await {
+                Ok(n) => self.report.source_writes_at_capture_stop = Some(n),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the source's write counters before stopping the capture; the old stack will be kept unless they can be read")
+                }
+            }
+        }
         let tail = self.stop_capture(Phase::Dispose).await?;
         if tail > 0 {
             self.progress.note(&format!(
@@ -1613,6 +1628,21 @@ fn statement_error(e: &InfluxError, secret: &str) -> String {
 }
 
 /// Forwarding counters of the subscriptions named `name` on a server, from `/debug/vars`.
+/// Points the InfluxDB at `influx` has acknowledged over HTTP since it started (the sum of
+/// `pointsWrittenOK` over its `httpd` services in `/debug/vars`).
+pub async fn source_http_writes(influx: &Influx) -> Result<u64, InfluxError> {
+    let vars = influx.debug_vars().await?;
+    Ok(vars
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(k, _)| k.starts_with("httpd"))
+                .filter_map(|(_, v)| v.pointer("/values/pointsWrittenOK")?.as_u64())
+                .sum()
+        })
+        .unwrap_or(0))
+}
+
 pub async fn subscriber_stats(influx: &Influx, name: &str) -> Result<SubStats, InfluxError> {
     let vars = influx.debug_vars().await?;
     let num = |v: &serde_json::Value, p: &str| v.pointer(p).and_then(|n| n.as_u64()).unwrap_or(0);

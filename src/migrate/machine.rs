@@ -58,6 +58,12 @@ pub enum MachineError {
         source_url: String,
         target_url: String,
     },
+    #[error("the data is verified on {target_url}, but {detail}; the old stack {stack} is kept: copy what only it holds, then run `stateshift resolve -c FILE --on target` and delete it by hand")]
+    LateWrites {
+        target_url: String,
+        stack: String,
+        detail: String,
+    },
     /// The configuration cannot run (checked before anything changes).
     #[error("{0}")]
     Config(String),
@@ -537,6 +543,30 @@ async fn finish(
             })
         }
         Ok(report) => {
+            // A write that reached the old InfluxDB after the capture stopped is only there.
+            crate::util::fault_hold("old_stack").await;
+            if let Some(old) = &source.stack {
+                let src = Influx::from_config(&provider.instance(cfg, &source, &cfg.source));
+                if let Some(detail) = late_writes(
+                    &src,
+                    &source.influx_url,
+                    report.source_writes_at_capture_stop,
+                )
+                .await
+                {
+                    let err = MachineError::LateWrites {
+                        target_url: target.influx_url.clone(),
+                        stack: old.name.clone(),
+                        detail,
+                    };
+                    append(Event::Finished {
+                        outcome: Outcome::Failed,
+                        error: Some(err.to_string()),
+                        report: Some(Box::new(report)),
+                    })?;
+                    return Err(err);
+                }
+            }
             // Phase 9: only now, after verification, the old stack goes.
             append(Event::OldStackDeleting)?;
             crash_point("old_stack_deleting");
@@ -572,6 +602,31 @@ async fn finish(
             })?;
             Ok(report)
         }
+    }
+}
+
+/// Why the old stack must be kept, if it must: the source acknowledged writes after the
+/// capture stopped (`at_stop`: its count then), or its count cannot be read to prove it
+/// did not.
+async fn late_writes(src: &Influx, url: &str, at_stop: Option<u64>) -> Option<String> {
+    let Some(at_stop) = at_stop else {
+        return Some(format!(
+            "the write counters of the old InfluxDB {url} could not be read when the capture stopped, so no write after it can be ruled out"
+        ));
+    };
+    match engine::source_http_writes(src).await {
+        Ok(now) if now > at_stop => Some(format!(
+            "{} point(s) reached the old InfluxDB {url} after the capture stopped (a writer still using it); they are not on the target",
+            now - at_stop
+        )),
+        // A restart resets the count: nothing can be proven then either.
+        Ok(now) if now < at_stop => Some(format!(
+            "the old InfluxDB {url} restarted after the capture stopped (its write count went from {at_stop} to {now}), so no write after it can be ruled out"
+        )),
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "the write counters of the old InfluxDB {url} cannot be read ({e}), so no write after the capture stopped can be ruled out"
+        )),
     }
 }
 
@@ -680,6 +735,8 @@ async fn recover_locked(
                     detail: msg,
                 });
             }
+            // The count before the drop, for the check before the delete (see `finish`).
+            let at_stop = engine::source_http_writes(&src).await.ok();
             drop_our_subscriptions(&src, &id).await;
             drop_our_subscriptions(&dst, &id).await;
             // What the interrupted runs captured but had not replayed yet.
@@ -705,6 +762,7 @@ async fn recover_locked(
                 target,
                 Ok(Report {
                     migration_id: id.clone(),
+                    source_writes_at_capture_stop: at_stop,
                     ..Report::default()
                 }),
                 progress,

@@ -467,6 +467,65 @@ async fn a_second_orchestrator_on_the_same_service_is_refused_while_the_first_co
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_the_old_stack_after_the_capture_stopped_keeps_it_and_says_so() {
+    let svc = service(86).await;
+    let w = svc.writer(500);
+    let src = source_influx(&svc);
+    let child = spawn_migrate(&svc, &[("STATESHIFT_FAULT", "hold:old_stack")]);
+    wait_journal(&svc, "\"phase\":\"dispose\"");
+    // The capture's subscriptions are gone: nothing forwards from now on.
+    let t = Instant::now();
+    while src
+        .subscriptions()
+        .await
+        .unwrap()
+        .iter()
+        .any(|s| s.name.starts_with("stateshift_"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the capture never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A writer that was not repointed writes to the old instance in that window.
+    let ts = now_ns();
+    src.write(
+        "cyclops",
+        None,
+        "ns",
+        format!("straggler,host=late value=1 {ts}").into(),
+    )
+    .await
+    .unwrap();
+    let (ok, out) = finish(child);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("reached the old InfluxDB") && out.contains("after the capture stopped"),
+        "the reason is named: {out}"
+    );
+    assert!(out.contains("stateshift resolve"), "and what to do: {out}");
+    assert!(
+        svc.stacks_on_disk().contains(&ORIGINAL.to_string()),
+        "the old stack, the only one holding the straggler, is kept"
+    );
+    let n = workload::count_points(&src, "cyclops", "straggler")
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the straggler is on the old instance");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = w.finish().await;
+    let problems = workload::check_ledger(&svc_target(&svc), "cyclops", &ledger)
+        .await
+        .unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(
+        journal(&svc).contains("\"outcome\":\"failed\""),
+        "an operator decides, as after any failure past cutover"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_straggler_write_lost_by_the_capture_after_verify_keeps_the_old_stack() {
     let svc = service(88).await;
     let w = svc.writer(1000);
