@@ -170,6 +170,7 @@ tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 curl -fsSL --retry 5 -o "$tmp" "$1"
 echo "$2  $tmp" | sha256sum -c --quiet
+chmod 0755 "$tmp"
 "$tmp" --version >/dev/null
 systemctl stop stateshift
 install -m 0755 "$tmp" /usr/local/bin/stateshift

@@ -968,6 +968,60 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
 
+        // --- the documented upgrade on the SO VM (the same binary here): the daemon stops
+        // at a safe point, comes back with its history from the volume; its log reaches
+        // the journal with priorities (the two "migration succeeded" lines are warnings).
+        let so_keys = stateshift::stack::host_keys(&so.outputs["boot_report"]).unwrap();
+        assert!(!so_keys.is_empty(), "the SO VM reported its host keys");
+        let so_vm_ssh = lab
+            .ssh(so.outputs["so_host"].as_str().unwrap(), so_keys)
+            .await;
+        let out = so_vm_ssh
+            .run(&format!("sudo stateshift-upgrade {bin_url} {sha}"))
+            .await
+            .unwrap();
+        assert!(out.contains("stateshift upgraded"), "{out}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = api.client.get(format!("{}/status", api.url)).send().await {
+                if let Ok(v) = r.json::<Value>().await {
+                    if v["migrations"].as_array().map(|a| a.len()) == Some(2) {
+                        break;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not come back after the upgrade"
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let warnings = so_vm_ssh
+            .run("sudo journalctl -u stateshift -p warning --no-pager -o cat")
+            .await
+            .unwrap();
+        assert!(
+            warnings.matches("migration succeeded").count() >= 2,
+            "journald sees the daemon's warnings at their priority: {warnings}"
+        );
+        let all = so_vm_ssh
+            .run("sudo journalctl -u stateshift --no-pager -o cat")
+            .await
+            .unwrap();
+        assert!(
+            all.contains("HTTPS API listening"),
+            "the info lines are in the journal: {all}"
+        );
+        assert!(
+            !warnings.contains("HTTPS API listening"),
+            "an info line is not a warning: {warnings}"
+        );
+        assert!(
+            !warnings.contains("\x1b["),
+            "no colour codes in the journal"
+        );
+        drop(so_vm_ssh);
+
         // --- the SO's own stack survives an update: new parameters (a new threshold, so a
         // new user_data) do not replace its VM; the daemon keeps running with its history.
         let so_vm = |vms: Vec<(PathBuf, String)>| {
