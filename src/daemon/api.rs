@@ -126,7 +126,7 @@ impl Metrics {
 /// The API's routes, behind the token check for every state-changing request.
 pub fn router(shared: Arc<Shared>) -> axum::Router {
     axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/migrate", post(migrate))
@@ -148,6 +148,26 @@ where
         .await
     {
         tracing::error!(error = %e, "HTTP API stopped");
+    }
+}
+
+/// `200 ok` while the daemon can act on its own; `503` and what to run while a migration
+/// that failed past cutover waits for an operator (nothing migrates until then).
+async fn healthz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
+    let st = s.status.lock().unwrap_or_else(|p| p.into_inner());
+    let waiting = st.migrations.last().filter(|m| {
+        m.outcome == Some(crate::migrate::journal::Outcome::Failed) && m.resolved_on.is_none()
+    });
+    match waiting {
+        Some(m) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "waiting for an operator: migration {} failed after cutover ({}); check where the writers are, then run `stateshift resolve -c FILE --on source|target`\n",
+                m.id,
+                m.error.as_deref().unwrap_or("no reason recorded")
+            ),
+        ),
+        None => (StatusCode::OK, "ok\n".into()),
     }
 }
 
@@ -266,6 +286,40 @@ mod tests {
             stop,
             _triggers: triggers,
         }
+    }
+
+    #[tokio::test]
+    async fn healthz_says_when_an_operator_must_act_and_what_to_run() {
+        use crate::migrate::journal::{MigrationSummary, Outcome};
+        let api = start(Some("t")).await;
+        let get = || async {
+            let r = reqwest::get(format!("{}/healthz", api.url)).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        };
+        assert_eq!(get().await, (200, "ok\n".to_string()));
+        let failed = MigrationSummary {
+            id: "42".into(),
+            outcome: Some(Outcome::Failed),
+            error: Some("verify: 3 points differ".into()),
+            ..MigrationSummary::default()
+        };
+        api.shared.set(|s| s.migrations = vec![failed.clone()]);
+        let (code, body) = get().await;
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.contains("migration 42") && body.contains("stateshift resolve"),
+            "{body}"
+        );
+        let resolved = MigrationSummary {
+            resolved_on: Some(crate::migrate::journal::Placement {
+                stack: None,
+                outputs: None,
+                influx_url: "http://new:8086".into(),
+            }),
+            ..failed
+        };
+        api.shared.set(|s| s.migrations = vec![resolved]);
+        assert_eq!(get().await.0, 200);
     }
 
     #[tokio::test]
