@@ -1076,25 +1076,31 @@ impl Migration<'_> {
             }
             // Recorded before the side effect: a half-restored database is ours to remove.
             self.created.target_databases.push(db.clone());
+            // Judged by its exit status (a failure's stderr is in the error) and by the state
+            // it leaves; never by words in its output, which names databases and shards.
             let cmd = format!(
-                "influxd restore -portable -db {} -host {} {} 2>&1",
+                "influxd restore -portable -db {} -host {} {}",
                 shell_quote(&db),
                 shell_quote(&rpc),
                 shell_quote(&dir)
             );
-            let out = self
-                .dst()
+            self.dst()
                 .host
                 .run(&cmd)
                 .await
                 .map_err(Self::remote_err(p))?;
-            if out.contains("error") || out.contains("restore:") {
+            let restored = self
+                .dst()
+                .influx
+                .databases()
+                .await
+                .map_err(Self::influx_err(p))?;
+            if !restored.contains(&db) {
                 return Err(MigrateError::Failed {
                     phase: p,
                     msg: format!(
-                        "restore of database {db:?} on {}: {}",
-                        self.dst().cfg.name,
-                        out.trim()
+                        "restore of database {db:?} on {} exited 0 but the database is not there",
+                        self.dst().cfg.name
                     ),
                 });
             }

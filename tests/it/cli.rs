@@ -155,6 +155,24 @@ async fn migrate_cli_refuses_a_target_damaged_before_verify_and_exits_1() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_prints_the_word_error_while_succeeding_migrates() {
+    let lab = lab(LabOptions::default()).await;
+    let (p, _) = lab.write_config("").unwrap();
+    seed(&lab, "error_log", 2_000).await;
+    let before = counts(&lab.source.client(), "error_log").await;
+    // influxd restore prints the paths it restores from: a work dir named after an error
+    // budget is not a failed restore.
+    let cfg = stateshift::config::Config::load(&p).unwrap();
+    let wd = format!("{}/error-budget", cfg.target.as_ref().unwrap().work_dir);
+    let (code, out, err) = run(
+        &["migrate", "-c", p.to_str().unwrap(), "--yes"],
+        &[("STATESHIFT__TARGET__WORK_DIR", &wd)],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(counts(&lab.target.client(), "error_log").await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_cli_moves_the_data_and_writes_a_timing_report() {
     let lab = lab(LabOptions::default()).await;
     let (p, _) = lab.write_config("").unwrap();
