@@ -1307,7 +1307,17 @@ impl Migration<'_> {
             // From here on some writers may already write to the target: a failure must
             // not roll the target back (it may hold acknowledged writes).
             self.report.cutover_done = true;
-            let r = tokio::time::timeout(self.cfg.cutover.timeout, host.run(&cmd)).await;
+            // Bounded on the writers' host itself: closing an SSH channel does not stop a
+            // command there, so a command that outlives its timeout would go on repointing
+            // writers while this migration reports it failed. `timeout` kills its whole
+            // process group; the local bound is a backstop should the host stop answering.
+            let limit = self.cfg.cutover.timeout;
+            let bounded = format!(
+                "timeout -k 5 {}s sh -c {}",
+                limit.as_secs_f64(),
+                shell_quote(&cmd)
+            );
+            let r = tokio::time::timeout(limit + Duration::from_secs(10), host.run(&bounded)).await;
             match r {
                 Ok(Ok(out)) => {
                     // Replay at once what arrived during the command, so what a crash right
@@ -1323,6 +1333,20 @@ impl Migration<'_> {
                         self.dst().cfg.influx_url
                     ))
                 }
+                // 124: `timeout` stopped it; 137: it had to be killed.
+                Ok(Err(RemoteError::Failed {
+                    code: Some(124 | 137),
+                    ..
+                })) => {
+                    return Err(MigrateError::Failed {
+                        phase: p,
+                        msg: format!(
+                            "cutover command did not finish within {:?} (cutover.timeout) and was stopped on {}",
+                            limit,
+                            host.describe()
+                        ),
+                    })
+                }
                 Ok(Err(e)) => {
                     return Err(MigrateError::Remote {
                         phase: p,
@@ -1333,8 +1357,9 @@ impl Migration<'_> {
                     return Err(MigrateError::Failed {
                         phase: p,
                         msg: format!(
-                            "cutover command did not finish within {:?}",
-                            self.cfg.cutover.timeout
+                            "cutover command did not finish within {:?} (cutover.timeout) and {} stopped answering; it may still be running there",
+                            limit,
+                            host.describe()
                         ),
                     })
                 }

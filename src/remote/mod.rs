@@ -29,6 +29,8 @@ pub enum RemoteError {
         host: String,
         cmd: String,
         status: String,
+        /// The exit code, when the command exited (not killed by a signal).
+        code: Option<i32>,
         stderr: String,
     },
     #[error("{host}: SSH host key verification failed: the key offered by {host} is unknown or has changed; check it and add the right key to the known-hosts file ({known_hosts}), or set host_key_check: accept-new for a host never seen before")]
@@ -143,24 +145,29 @@ impl RemoteProcess {
                     cmd: self.cmd.clone(),
                     source,
                 })?;
-                st.success().then_some(()).ok_or(st.to_string())
+                st.success()
+                    .then_some(())
+                    .ok_or((st.to_string(), st.code()))
             }
             ProcessInner::Ssh(child) => {
                 let st = child.wait().await.map_err(|e| RemoteError::Ssh {
                     host: self.host.clone(),
                     msg: format!("`{}`: {}", self.cmd, ssh::error_chain(&e)),
                 })?;
-                st.success().then_some(()).ok_or(st.to_string())
+                st.success()
+                    .then_some(())
+                    .ok_or((st.to_string(), st.code()))
             }
         };
         let stderr = match self.stderr.take() {
             Some(t) => t.await.unwrap_or_default(),
             None => Vec::new(),
         };
-        status.map_err(|status| RemoteError::Failed {
+        status.map_err(|(status, code)| RemoteError::Failed {
             host: self.host,
             cmd: self.cmd,
             status,
+            code,
             stderr: tail(&stderr),
         })
     }

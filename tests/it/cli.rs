@@ -173,6 +173,43 @@ async fn a_restore_that_prints_the_word_error_while_succeeding_migrates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_command_that_times_out_over_ssh_is_stopped_on_the_writers_host() {
+    let lab = lab(LabOptions::default()).await;
+    let (p, _) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 1_000).await;
+    let cfg = stateshift::config::Config::load(&p).unwrap();
+    let ssh = cfg.source.ssh.clone().unwrap();
+    let marker = lab.dir.join("repointed-late");
+    let command = format!("sleep 4; touch {}", marker.display());
+    let port = ssh.port.to_string();
+    let id = ssh.identity_file.clone().unwrap().display().to_string();
+    let kh = ssh.known_hosts_file.clone().unwrap().display().to_string();
+    let (code, out, err) = run(
+        &["migrate", "-c", p.to_str().unwrap(), "--yes"],
+        &[
+            ("STATESHIFT__CUTOVER__COMMAND", &command),
+            ("STATESHIFT__CUTOVER__TIMEOUT", "1s"),
+            ("STATESHIFT__CUTOVER__SSH__HOST", &ssh.host),
+            ("STATESHIFT__CUTOVER__SSH__PORT", &port),
+            ("STATESHIFT__CUTOVER__SSH__USER", &ssh.user),
+            ("STATESHIFT__CUTOVER__SSH__IDENTITY_FILE", &id),
+            ("STATESHIFT__CUTOVER__SSH__KNOWN_HOSTS_FILE", &kh),
+        ],
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    // Past its deadline the command must not go on repointing writers behind our back.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert!(
+        !marker.exists(),
+        "the timed-out cutover command kept running on the writers' host"
+    );
+    assert!(
+        err.contains("did not finish within 1s") && err.contains("was stopped on"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_cli_moves_the_data_and_writes_a_timing_report() {
     let lab = lab(LabOptions::default()).await;
     let (p, _) = lab.write_config("").unwrap();
