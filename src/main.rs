@@ -546,21 +546,32 @@ async fn machine_migrate(
             return ExitCode::from(2);
         }
     };
-    // The probe starts (and its database exists) before the migration does, but only
-    // when a migration can start: writing a new database into a source that another
-    // migration is moving (or that waits for an operator) would break that one.
+    // The service's lock, held from here to the end of the migration: the probe starts
+    // (and its database exists) before the migration does, and writing a new database
+    // into a source that another migration is moving (or that waits for an operator)
+    // would break that one.
+    let held = match machine::lock(&machine::Paths::of(cfg).lock) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("stateshift: migration failed: {e}; nothing was probed or migrated");
+            if let Some(path) = &report {
+                let json = serde_json::json!({"error": e.to_string(), "phase": null});
+                if let Err(w) = std::fs::write(path, json.to_string()) {
+                    eprintln!("stateshift: cannot write report {}: {w}", path.display());
+                }
+            }
+            return ExitCode::from(1);
+        }
+    };
     if timeline.is_some() {
-        let blocked = match machine::lock(&machine::Paths::of(cfg).lock) {
+        let blocked = match machine::state(cfg) {
             Err(e) => Some(e.to_string()),
-            Ok(_free) => match machine::state(cfg) {
-                Err(e) => Some(e.to_string()),
-                Ok(st) => st.needs_operator().map(|m| {
-                    format!(
-                        "migration {} failed after cutover and waits for `stateshift resolve`",
-                        m.id
-                    )
-                }),
-            },
+            Ok(st) => st.needs_operator().map(|m| {
+                format!(
+                    "migration {} failed after cutover and waits for `stateshift resolve`",
+                    m.id
+                )
+            }),
         };
         if let Some(why) = blocked {
             eprintln!("stateshift: {why}; nothing was probed or migrated");
@@ -594,13 +605,15 @@ async fn machine_migrate(
             }
         }
     };
-    let r = machine::migrate(
+    let r = machine::migrate_holding(
+        &held,
         cfg,
         &provider,
         "manual: stateshift migrate",
         &BarProgress::new(),
     )
     .await;
+    drop(held);
     let (code, json) = match &r {
         Ok(rep) => {
             bench::print_report(rep);

@@ -351,8 +351,21 @@ pub async fn migrate(
     trigger: &str,
     progress: &dyn Progress,
 ) -> Result<Report, MachineError> {
+    let held = lock(&Paths::of(cfg).lock)?;
+    migrate_holding(&held, cfg, provider, trigger, progress).await
+}
+
+/// [`migrate`] for a caller that already holds the service's lock (taken with [`lock`] on
+/// [`Paths::lock`]) and did something that must not interleave with another migration
+/// before it (the CLI's availability probe creates its database on the source).
+pub async fn migrate_holding(
+    _held: &Lock,
+    cfg: &Config,
+    provider: &Provider,
+    trigger: &str,
+    progress: &dyn Progress,
+) -> Result<Report, MachineError> {
     let paths = Paths::of(cfg);
-    let _lock = lock(&paths.lock)?;
     recover_locked(cfg, provider, progress).await?;
     let st = state(cfg)?;
     if let Some(m) = st.needs_operator() {

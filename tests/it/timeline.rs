@@ -275,6 +275,51 @@ async fn migrate_with_timeline_writes_the_csv_and_the_chart_and_prints_where() {
     assert_well_formed(&std::fs::read_to_string(&svg).unwrap());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_started_while_the_probe_takes_its_baseline_is_refused() {
+    let svc = service(62).await;
+    let dir = svc.dir().join("tl");
+    let first = Command::new(bin())
+        .args(["migrate", "--yes", "-c"])
+        .arg(&svc.cfg_path)
+        .arg("--timeline")
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The probe's database on the source: the first run is between its checks and its
+    // migration (a 2 s baseline).
+    let src = Influx::new(
+        &svc.cfg().source.influx_url,
+        None,
+        None,
+        Duration::from_secs(5),
+    );
+    let t = std::time::Instant::now();
+    while !src.databases().await.unwrap().iter().any(|d| d == PROBE_DB) {
+        assert!(t.elapsed() < Duration::from_secs(30), "no probe database");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = Command::new(bin())
+        .args(["migrate", "--yes", "-c"])
+        .arg(&svc.cfg_path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another migration of this service is running"),
+        "{err}"
+    );
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        first.status.success(),
+        "the first one migrates undisturbed: {}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+}
+
 #[test]
 fn the_well_formedness_check_rejects_broken_xml() {
     assert_well_formed("<svg><g a=\"1\"/><text>a &amp; b</text></svg>\n");
