@@ -42,6 +42,12 @@ pub enum InfluxError {
         query: String,
         msg: String,
     },
+    #[error("InfluxDB {url}: the answer to {what} is larger than {limit} bytes; refusing to hold it in memory")]
+    TooLarge {
+        url: String,
+        what: String,
+        limit: usize,
+    },
     #[error("InfluxDB {url}: unexpected response to {what}: {msg}")]
     Decode {
         url: String,
@@ -184,8 +190,21 @@ impl FieldType {
 pub struct Influx {
     base: String,
     http: reqwest::Client,
+    /// No total timeout (a long chunked query), but one between two reads.
+    streaming: reqwest::Client,
     auth: Option<(String, Secret)>,
+    answer_limit: usize,
 }
+
+/// The most of one non-streamed answer (schema queries, counts, `GROUP BY *` aggregates)
+/// held in memory.
+pub const MAX_ANSWER_BYTES: usize = 256 << 20;
+/// The most of `/debug/vars` held in memory (it grows with shards and subscriptions).
+pub const MAX_DEBUG_VARS_BYTES: usize = 64 << 20;
+/// The most of one line of a chunked answer (one chunk of `chunk_size` rows).
+pub const MAX_CHUNK_BYTES: usize = 256 << 20;
+/// The most of an error's body read (and the first 500 characters of it are kept).
+const MAX_ERROR_BODY_BYTES: usize = 4 << 10;
 
 impl std::fmt::Debug for Influx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -220,9 +239,16 @@ impl Influx {
             .timeout(timeout)
             .build()
             .unwrap_or_default();
+        let streaming = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(timeout)
+            .build()
+            .unwrap_or_default();
         Influx {
             base: url.trim_end_matches('/').to_string(),
             http,
+            streaming,
+            answer_limit: MAX_ANSWER_BYTES,
             auth: username.map(|u| {
                 (
                     u.to_string(),
@@ -230,6 +256,12 @@ impl Influx {
                 )
             }),
         }
+    }
+
+    /// Hold at most `bytes` of one non-streamed answer (default [`MAX_ANSWER_BYTES`]).
+    pub fn with_answer_limit(mut self, bytes: usize) -> Influx {
+        self.answer_limit = bytes;
+        self
     }
 
     pub fn from_config(c: &InstanceConfig) -> Influx {
@@ -241,12 +273,47 @@ impl Influx {
         )
     }
 
-    /// A client for the same server without a request timeout (long streaming queries).
-    fn streaming_http(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_default()
+    /// At most `limit` bytes of `r`'s body; a longer body is an error, read no further.
+    async fn body_capped(
+        &self,
+        r: reqwest::Response,
+        what: &str,
+        limit: usize,
+    ) -> Result<Vec<u8>, InfluxError> {
+        if r.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(self.too_large(what, limit));
+        }
+        let mut out = Vec::new();
+        let mut stream = r.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(self.unreachable())?;
+            if out.len() + chunk.len() > limit {
+                return Err(self.too_large(what, limit));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    fn too_large(&self, what: &str, limit: usize) -> InfluxError {
+        InfluxError::TooLarge {
+            url: self.base.clone(),
+            what: what.into(),
+            limit,
+        }
+    }
+
+    /// The start of an error's body, for the message (never more than a few KiB read).
+    async fn error_body(r: reqwest::Response) -> String {
+        let mut out = Vec::new();
+        let mut stream = r.bytes_stream();
+        while let Some(Ok(chunk)) = stream.next().await {
+            out.extend_from_slice(&chunk);
+            if out.len() >= MAX_ERROR_BODY_BYTES {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).chars().take(500).collect()
     }
 
     pub fn url(&self) -> &str {
@@ -312,8 +379,7 @@ impl Influx {
         if r.status().is_success() {
             return Ok(r);
         }
-        let body = r.text().await.unwrap_or_default();
-        let body = body.chars().take(500).collect::<String>();
+        let body = Self::error_body(r).await;
         Err(match status {
             401 | 403 => InfluxError::Auth {
                 url: self.base.clone(),
@@ -341,7 +407,9 @@ impl Influx {
             .await
             .map_err(self.unreachable())?;
         let r = self.check(r, "query").await?;
-        let bytes = r.bytes().await.map_err(self.unreachable())?;
+        let bytes = self
+            .body_capped(r, &format!("query {q:?}"), self.answer_limit)
+            .await?;
         let resp: Response = serde_json::from_slice(&bytes).map_err(|e| InfluxError::Decode {
             url: self.base.clone(),
             what: format!("query {q:?}"),
@@ -397,7 +465,7 @@ impl Influx {
             ("chunk_size", size.as_str()),
         ];
         let r = self
-            .authed(self.streaming_http().post(format!("{}/query", self.base)))
+            .authed(self.streaming.post(format!("{}/query", self.base)))
             .form(&form)
             .send()
             .await
@@ -426,6 +494,9 @@ impl Influx {
                 handle(&buf[..pos])?;
                 buf.drain(..=pos);
             }
+            if buf.len() > MAX_CHUNK_BYTES {
+                return Err(self.too_large(&format!("a chunk of query {q:?}"), MAX_CHUNK_BYTES));
+            }
         }
         handle(&buf)
     }
@@ -451,7 +522,7 @@ impl Influx {
             .map_err(self.unreachable())?;
         let status = r.status().as_u16();
         if status == 404 {
-            let body = r.text().await.unwrap_or_default();
+            let body = Self::error_body(r).await;
             if body.contains("database not found") {
                 return Err(InfluxError::DatabaseNotFound {
                     url: self.base.clone(),
@@ -476,7 +547,10 @@ impl Influx {
             .await
             .map_err(self.unreachable())?;
         let r = self.check(r, "/debug/vars").await?;
-        r.json().await.map_err(|e| InfluxError::Decode {
+        let bytes = self
+            .body_capped(r, "/debug/vars", MAX_DEBUG_VARS_BYTES)
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| InfluxError::Decode {
             url: self.base.clone(),
             what: "/debug/vars".into(),
             msg: e.to_string(),
@@ -695,4 +769,68 @@ fn col<'a>(columns: &[String], row: &'a [Value], name: &str) -> Option<&'a Value
 
 fn str_of(v: Option<&Value>) -> Option<String> {
     v.and_then(Value::as_str).map(String::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTP/1.1 server on loopback that answers every request with `status` and a
+    /// chunked body that never ends (a misbehaving proxy or server); stops when the
+    /// client goes away.
+    async fn endless(status: &'static str) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut req = [0u8; 4096];
+                    let _ = s.read(&mut req).await;
+                    let head = format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, "x".repeat(64 << 10));
+                    // Bounded: 4 GiB at most, far beyond any limit under test.
+                    for _ in 0..(1 << 16) {
+                        if s.write_all(chunk.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_limit_is_an_error_not_a_memory_hog() {
+        let url = endless("200 OK").await;
+        let influx =
+            Influx::new(&url, None, None, Duration::from_secs(30)).with_answer_limit(1 << 20);
+        let e = influx
+            .query(Some("db"), "SELECT * FROM m GROUP BY *")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, InfluxError::TooLarge { limit, .. } if limit == 1 << 20),
+            "{e}"
+        );
+        assert!(e.to_string().contains("larger than 1048576 bytes"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_error_with_an_endless_body_is_reported_at_once_with_its_start() {
+        let url = endless("500 Internal Server Error").await;
+        // Reading the whole body (it never ends) would end at the request timeout with
+        // nothing kept of it.
+        let influx = Influx::new(&url, None, None, Duration::from_secs(10));
+        let e = influx.query(None, "SHOW DATABASES").await.unwrap_err();
+        assert!(matches!(e, InfluxError::Http { status: 500, .. }), "{e}");
+        let InfluxError::Http { body, .. } = e else {
+            unreachable!()
+        };
+        assert_eq!(body.len(), 500, "the start of the body is kept");
+    }
 }
