@@ -106,6 +106,10 @@ pub struct RemoteProcess {
     cmd: String,
 }
 
+/// The most of a command's stdout that [`Remote::run`] holds (commands that print more
+/// stream it through [`Remote::spawn`]).
+pub const RUN_OUTPUT_MAX: usize = 16 << 20;
+
 /// Keep at most this much of a command's stderr for its error message.
 const STDERR_KEEP: usize = 64 << 10;
 
@@ -203,14 +207,27 @@ pub trait Remote {
             )
             .await?;
         let mut out = Vec::new();
-        if let Some(mut o) = p.stdout.take() {
-            o.read_to_end(&mut out)
+        if let Some(o) = p.stdout.take() {
+            // One byte over the limit tells a full answer from a cut one.
+            let n = o
+                .take(RUN_OUTPUT_MAX as u64 + 1)
+                .read_to_end(&mut out)
                 .await
                 .map_err(|source| RemoteError::Io {
                     host: self.describe(),
                     cmd: cmd.to_string(),
                     source,
                 })?;
+            if n > RUN_OUTPUT_MAX {
+                // Dropping the process closes its pipes; the command stops at its next write.
+                return Err(RemoteError::Io {
+                    host: self.describe(),
+                    cmd: cmd.to_string(),
+                    source: std::io::Error::other(format!(
+                        "printed more than {RUN_OUTPUT_MAX} bytes on stdout; refusing to hold more"
+                    )),
+                });
+            }
         }
         p.finish().await?;
         Ok(String::from_utf8_lossy(&out).into_owned())
@@ -331,5 +348,24 @@ impl Remote for Host {
             Host::Local(l) => l.spawn(cmd, pipes).await,
             Host::Ssh(s) => s.spawn(cmd, pipes).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn run_refuses_to_hold_an_output_beyond_its_limit_and_names_it() {
+        let ok = LocalRemote
+            .run(&format!("head -c {RUN_OUTPUT_MAX} /dev/zero"))
+            .await
+            .unwrap();
+        assert_eq!(ok.len(), RUN_OUTPUT_MAX, "up to the limit is fine");
+        let e = LocalRemote
+            .run(&format!("head -c {} /dev/zero", RUN_OUTPUT_MAX + 1))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("printed more than"), "{e}");
     }
 }
