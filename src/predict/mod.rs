@@ -16,6 +16,8 @@
 //! - [`policy`]: threshold, minimum readings, cooldown, "not while migrating", anti-flap.
 //! - [`eval`]: trace CSV parsing, one-step MAE, precision/recall/F1 of "next value above
 //!   threshold", triggers per sustained overload.
+//! - [`synthetic`]: seeded synthetic load traces of the shapes a predictor gets wrong
+//!   (ramps, steps, spikes, noise, plateaus, sines, regime switches), for the tests.
 
 use std::fmt;
 use std::str::FromStr;
@@ -25,6 +27,7 @@ pub mod eval;
 pub mod grey;
 pub mod guarded;
 pub mod policy;
+pub mod synthetic;
 pub mod window;
 
 pub use baseline::{ewma, last, EWMA_ALPHA};
