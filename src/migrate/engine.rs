@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::capture::{KeySet, Receiver, ReceiverAuth, Sink};
-use super::spool::{SpoolError, SpoolReader, SpoolWriter};
+use super::spool::{Record, SpoolError, SpoolReader, SpoolWriter};
 use super::verify::{self, VerifyReport};
 use crate::config::{Config, InstanceConfig, TransferMode};
 use crate::influx::{ident, lineproto, literal, Influx, InfluxError};
@@ -1244,7 +1244,7 @@ impl Migration<'_> {
             self.report.points_replayed += n;
         }
         let n = replay_ready(&mut reader, &dst, p, None).await?;
-        record_offset(&self.cfg.capture.spool_dir, &self.id, reader.offset());
+        record_offset(&self.cfg.capture.spool_dir, &self.id, reader.offset()).await;
         self.report.points_replayed += n;
         self.report.replay_seconds += t.elapsed().as_secs_f64();
         self.reader = Some(reader);
@@ -1259,7 +1259,7 @@ impl Migration<'_> {
         };
         let t = Instant::now();
         let n = replay_ready(reader, &dst.influx, phase, self.touched.as_deref()).await?;
-        record_offset(&self.cfg.capture.spool_dir, &self.id, reader.offset());
+        record_offset(&self.cfg.capture.spool_dir, &self.id, reader.offset()).await;
         self.report.points_replayed += n;
         self.report.replay_seconds += t.elapsed().as_secs_f64();
         Ok(n)
@@ -1728,10 +1728,16 @@ pub async fn replay_ready(
     let mut points = 0u64;
     let mut batch: Vec<u8> = Vec::with_capacity(REPLAY_BATCH_BYTES);
     let mut key: Option<(String, String, String)> = None;
+    let mut ready: std::collections::VecDeque<Record> = Default::default();
     loop {
-        let rec = reader
-            .next_ready()
-            .map_err(|source| MigrateError::Spool { phase, source })?;
+        if ready.is_empty() {
+            ready = reader
+                .next_batch(REPLAY_BATCH_BYTES)
+                .await
+                .map_err(|source| MigrateError::Spool { phase, source })?
+                .into();
+        }
+        let rec = ready.pop_front();
         let flush = match (&rec, &key) {
             (None, _) => true,
             (Some(r), Some((d, rp, pr))) => {
@@ -1830,18 +1836,30 @@ pub async fn replay_spool_tail(
     r.seek(replayed_offset(&path))
         .map_err(|source| MigrateError::Spool { phase: p, source })?;
     let n = replay_ready(&mut r, target, p, None).await?;
-    record_offset(spool_dir, id, r.offset());
+    record_offset(spool_dir, id, r.offset()).await;
     Ok(n)
 }
 
 /// Remember how far the spool of migration `id` has been replayed (`<id>.spool.offset`).
 /// Written after every replay; a crash of this process keeps it (page cache), and a
 /// resumed migration starts its replay there.
-fn record_offset(spool_dir: &std::path::Path, id: &str, offset: u64) {
+async fn record_offset(spool_dir: &std::path::Path, id: &str, offset: u64) {
     let p = spool_dir.join(format!("{id}.spool.offset"));
-    // Atomic: a torn offset would read as 0 and replay old records over newer values.
-    if let Err(e) = crate::util::write_atomic(&p, offset.to_string().as_bytes()) {
-        tracing::warn!(error = %e, path = %p.display(), "cannot record the replay offset");
+    // Atomic: a torn offset would read as 0 and replay old records over newer values. Its
+    // fsync runs on a blocking thread, never on the workers serving the capture receiver.
+    let path = p.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        crate::util::write_atomic(&path, offset.to_string().as_bytes())
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, path = %p.display(), "cannot record the replay offset")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, path = %p.display(), "cannot record the replay offset")
+        }
     }
 }
 

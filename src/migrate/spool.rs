@@ -143,9 +143,13 @@ impl SpoolWriter {
 /// The reading side: follows the spool as it grows.
 pub struct SpoolReader {
     path: PathBuf,
-    file: BufReader<File>,
+    /// `None` while [`SpoolReader::next_batch`] reads on a blocking thread, and after an
+    /// error.
+    file: Option<BufReader<File>>,
     offset: u64,
     committed: watch::Receiver<u64>,
+    /// An error met after the complete records a batch returned: the next batch's answer.
+    pending: Option<SpoolError>,
 }
 
 impl SpoolReader {
@@ -157,9 +161,10 @@ impl SpoolReader {
         })?;
         Ok(SpoolReader {
             path: path.into(),
-            file: BufReader::with_capacity(1 << 20, file),
+            file: Some(BufReader::with_capacity(1 << 20, file)),
             offset: 0,
             committed,
+            pending: None,
         })
     }
 
@@ -199,18 +204,80 @@ impl SpoolReader {
         self.committed.wait_for(|&c| c > off).await.is_ok()
     }
 
+    /// Complete records from the current offset, about `max_bytes` of bodies at most (at
+    /// least one record when one is ready), read on a blocking thread: the disk is never
+    /// read on the async workers that serve the capture receiver. Empty when the reader
+    /// has caught up. After an error the reader is unusable: the caller stops (a corrupt
+    /// spool is fatal to the replay).
+    pub async fn next_batch(&mut self, max_bytes: usize) -> Result<Vec<Record>, SpoolError> {
+        if let Some(e) = self.pending.take() {
+            return Err(e);
+        }
+        let end = *self.committed.borrow();
+        if end <= self.offset {
+            return Ok(Vec::new());
+        }
+        let mut file = self.file.take().ok_or_else(|| self.unusable())?;
+        let (path, start) = (self.path.clone(), self.offset);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let (mut off, mut bytes) = (start, 0usize);
+            let failed = loop {
+                if off >= end || bytes >= max_bytes {
+                    break None;
+                }
+                match decode_record(&mut file, &path, off, end) {
+                    Ok((rec, len)) => {
+                        off += len;
+                        bytes += rec.body.len();
+                        out.push(rec);
+                    }
+                    Err(e) => break Some(e),
+                }
+            };
+            (file, out, off, failed)
+        })
+        .await;
+        let (file, out, off, failed) = read.map_err(|e| SpoolError::Io {
+            path: self.path.clone(),
+            what: "read on a blocking thread",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.offset = off;
+        match failed {
+            None => self.file = Some(file),
+            // The complete records before it first, as one at a time would; then the error.
+            Some(e) if !out.is_empty() => self.pending = Some(e),
+            Some(e) => return Err(e),
+        }
+        Ok(out)
+    }
+
+    fn unusable(&self) -> SpoolError {
+        SpoolError::Io {
+            path: self.path.clone(),
+            what: "read",
+            source: std::io::Error::other("the reader failed before and cannot go on"),
+        }
+    }
+
     /// The record at the current offset. After an error the reader's file position is
     /// undefined: the caller stops (a corrupt spool is fatal to the replay).
     fn read_record(&mut self) -> Result<Record, SpoolError> {
         let end = *self.committed.borrow();
-        let (record, len) = decode_record(&mut self.file, &self.path, self.offset, end)?;
+        let unusable = self.unusable();
+        let file = self.file.as_mut().ok_or(unusable)?;
+        let (record, len) = decode_record(file, &self.path, self.offset, end)?;
         self.offset += len;
         Ok(record)
     }
 
     /// Skip to a byte offset previously returned by [`SpoolReader::offset`].
     pub fn seek(&mut self, offset: u64) -> Result<(), SpoolError> {
+        let unusable = self.unusable();
         self.file
+            .as_mut()
+            .ok_or(unusable)?
             .seek(SeekFrom::Start(offset))
             .map_err(|source| SpoolError::Io {
                 path: self.path.clone(),
@@ -395,6 +462,57 @@ mod tests {
             r.next_ready(),
             Err(SpoolError::Corrupt { offset: 0, .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn batches_read_off_the_async_threads_come_in_order_within_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = SpoolWriter::create(&dir.path().join("s")).unwrap();
+        let mut r = w.reader().unwrap();
+        assert!(r.next_batch(100).await.unwrap().is_empty(), "nothing yet");
+        for i in 0..10u8 {
+            w.append("db", "rp", "ns", &[b'a' + i; 40]).unwrap();
+        }
+        let mut seen = Vec::new();
+        loop {
+            let b = r.next_batch(100).await.unwrap();
+            if b.is_empty() {
+                break;
+            }
+            assert!(b.len() <= 3, "about 100 bytes of bodies: {}", b.len());
+            seen.extend(b.into_iter().map(|rec| rec.body[0]));
+        }
+        assert_eq!(seen, (0..10u8).map(|i| b'a' + i).collect::<Vec<_>>());
+        // Caught up: the offset is the writer's committed end, and new records follow.
+        let end = w.append("db", "rp", "ns", b"late").unwrap();
+        let b = r.next_batch(1).await.unwrap();
+        assert_eq!(b.len(), 1, "at least one record even over the size");
+        assert_eq!(r.offset(), end);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_in_a_batch_is_named_and_the_reader_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let w = SpoolWriter::create(&p).unwrap();
+        w.append("db", "rp", "ns", b"good").unwrap();
+        drop(w);
+        let good = std::fs::metadata(&p).unwrap().len();
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes.extend_from_slice(&[0x00, 1, 2, 3]);
+        std::fs::write(&p, &bytes).unwrap();
+        let mut r = SpoolReader::open_finished(&p).unwrap();
+        let first = r.next_batch(1 << 20).await.unwrap();
+        assert_eq!(first.len(), 1, "the complete record before it comes first");
+        assert_eq!(first[0].body, b"good");
+        match r.next_batch(1 << 20).await {
+            Err(SpoolError::Corrupt { offset, .. }) => assert_eq!(offset, good),
+            other => panic!("expected corrupt at {good}, got {other:?}"),
+        }
+        assert!(
+            r.next_batch(1 << 20).await.is_err(),
+            "no reading past a corrupt record"
+        );
     }
 
     #[test]
