@@ -356,7 +356,8 @@ pub struct MonitorConfig {
     pub threshold: f64,
     pub cooldown: Duration,
     pub consecutive: u32,
-    pub model: String,
+    /// The predictor (`monitor.model`: guarded, gm11, last or ewma).
+    pub model: crate::predict::Model,
     pub zabbix: Option<ZabbixMonitorConfig>,
 }
 
@@ -1056,7 +1057,15 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             Duration::from_secs(900),
         )?,
         consecutive: mo.consecutive.unwrap_or(3),
-        model: mo.model.unwrap_or_else(|| "guarded".into()),
+        model: match mo.model.as_deref() {
+            None => crate::predict::Model::Guarded,
+            Some(m) => m.parse().map_err(|_| {
+                v.err(
+                    "monitor.model",
+                    format!("expected guarded, gm11, last or ewma, got {m:?}"),
+                )
+            })?,
+        },
         zabbix: match mo.zabbix {
             None => None,
             Some(z) => {
@@ -1125,15 +1134,6 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     }
     if !monitor.threshold.is_finite() {
         return Err(v.err("monitor.threshold", "must be a finite number"));
-    }
-    if !["guarded", "gm11", "last", "ewma"].contains(&monitor.model.as_str()) {
-        return Err(v.err(
-            "monitor.model",
-            format!(
-                "expected guarded, gm11, last or ewma, got {:?}",
-                monitor.model
-            ),
-        ));
     }
     let ap = raw.api;
     let listen_s = ap.listen.unwrap_or_else(|| "127.0.0.1:9180".into());
@@ -1408,6 +1408,27 @@ mod tests {
             "{e}"
         );
     }
+    #[test]
+    fn the_model_is_an_enum_read_once_with_its_key_path_on_error() {
+        use crate::predict::Model;
+        assert_eq!(load(MIN, &[]).unwrap().monitor.model, Model::Guarded);
+        let c = load(&format!("{MIN}monitor:\n  model: GM11\n"), &[]).unwrap();
+        assert_eq!(
+            c.monitor.model,
+            Model::Gm11,
+            "as `stateshift predict` reads it"
+        );
+        let e = load(&format!("{MIN}monitor:\n  model: gm12\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("monitor.model")
+                && e.contains("\"gm12\"")
+                && e.contains("guarded, gm11, last or ewma"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_bad_heat_section_is_refused_at_load_naming_its_key_path() {
         let heat = |extra: &str| {

@@ -344,11 +344,7 @@ pub async fn run(
     if let Some(outcome) = machine::recover(&cfg, &provider, progress).await? {
         tracing::warn!(?outcome, "an interrupted migration was settled at start-up");
     }
-    let model = cfg
-        .monitor
-        .model
-        .parse()
-        .map_err(|e| anyhow::anyhow!("monitor.model: {e}"))?;
+    let model = cfg.monitor.model;
     let policy = TriggerPolicy::new(PolicyConfig {
         threshold: cfg.monitor.threshold,
         min_readings: cfg.monitor.min_readings,
