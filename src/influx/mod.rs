@@ -280,19 +280,12 @@ impl Influx {
         what: &str,
         limit: usize,
     ) -> Result<Vec<u8>, InfluxError> {
-        if r.content_length().is_some_and(|n| n > limit as u64) {
-            return Err(self.too_large(what, limit));
-        }
-        let mut out = Vec::new();
-        let mut stream = r.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(self.unreachable())?;
-            if out.len() + chunk.len() > limit {
-                return Err(self.too_large(what, limit));
-            }
-            out.extend_from_slice(&chunk);
-        }
-        Ok(out)
+        crate::util::read_body_capped(r, limit)
+            .await
+            .map_err(|e| match e {
+                crate::util::CappedReadError::TooLarge => self.too_large(what, limit),
+                crate::util::CappedReadError::Transport(source) => self.unreachable()(source),
+            })
     }
 
     fn too_large(&self, what: &str, limit: usize) -> InfluxError {
