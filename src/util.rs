@@ -92,6 +92,58 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// The crate's one retry schedule for transient failures: steps doubling from `first`
+/// up to `max`, each waited for a random 50–100 % of its length (jitter: clients that
+/// failed together, say every SO of a cloud when Keystone restarts, do not come back
+/// together), within a time budget counted from the first failure (or from
+/// [`Retry::counting_from`]). Never waits past the budget.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    step: std::time::Duration,
+    max: std::time::Duration,
+    budget: std::time::Duration,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Retry {
+    /// A schedule of `budget` in all, from `first` doubling to `max`.
+    pub fn new(
+        first: std::time::Duration,
+        max: std::time::Duration,
+        budget: std::time::Duration,
+    ) -> Retry {
+        Retry {
+            step: first.min(max),
+            max,
+            budget,
+            deadline: None,
+        }
+    }
+
+    /// Count the budget from `start` (the first attempt) rather than the first failure.
+    pub fn counting_from(mut self, start: tokio::time::Instant) -> Retry {
+        self.deadline = Some(start + self.budget);
+        self
+    }
+}
+
+/// The waits before each next attempt; ends once the budget is spent.
+impl Iterator for Retry {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        let now = tokio::time::Instant::now();
+        let deadline = *self.deadline.get_or_insert(now + self.budget);
+        let left = deadline.checked_duration_since(now)?;
+        if left.is_zero() {
+            return None;
+        }
+        let wait = self.step.mul_f64(0.5 + fastrand::f64() * 0.5).min(left);
+        self.step = (self.step * 2).min(self.max);
+        Some(wait)
+    }
+}
+
 /// Fault injection for the fault-matrix tests: whether `STATESHIFT_FAULT` (a
 /// comma-separated list) names `fault`. Each fault is documented where it is checked
 /// and in RELIABILITY.md; none is active unless that variable is set.
@@ -113,6 +165,55 @@ pub async fn fault_hold(phase: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test(start_paused = true)]
+    async fn retries_double_with_jitter_and_never_wait_past_the_budget() {
+        use std::time::Duration;
+        let ms = |d: Duration| d.as_millis();
+        let mut r = super::Retry::new(
+            Duration::from_millis(250),
+            Duration::from_secs(4),
+            Duration::from_secs(10),
+        );
+        let mut waited = Duration::ZERO;
+        let mut steps = Vec::new();
+        for d in r.by_ref() {
+            steps.push(ms(d));
+            tokio::time::sleep(d).await;
+            waited += d;
+        }
+        assert!(waited <= Duration::from_secs(10), "{waited:?}");
+        let want = [250u128, 500, 1000, 2000, 4000];
+        for (got, step) in steps.iter().zip(want) {
+            assert!(
+                (step / 2..=step).contains(got),
+                "{got} ms for a {step} ms step: {steps:?}"
+            );
+        }
+        assert!(
+            steps.len() > want.len(),
+            "goes on at the cap until the budget: {steps:?}"
+        );
+        assert_eq!(
+            super::Retry::new(
+                Duration::from_millis(1),
+                Duration::from_millis(1),
+                Duration::ZERO
+            )
+            .next(),
+            None
+        );
+        // Counted from the first attempt: time already spent is gone from the budget.
+        let start = tokio::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut r = super::Retry::new(
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            Duration::from_secs(3),
+        )
+        .counting_from(start);
+        assert!(r.next().unwrap() <= Duration::from_secs(1));
+    }
+
     use super::*;
 
     #[test]

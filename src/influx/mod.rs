@@ -348,17 +348,22 @@ impl Influx {
 
     /// Wait until `/ping` answers, up to `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), InfluxError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut delay = Duration::from_millis(20);
+        let mut retry = crate::util::Retry::new(
+            Duration::from_millis(20),
+            Duration::from_millis(500),
+            timeout,
+        )
+        .counting_from(tokio::time::Instant::now());
         loop {
             match self.ping().await {
                 Ok(()) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                Err(e) => {
+                    let Some(wait) = retry.next() else {
+                        return Err(e);
+                    };
                     tracing::debug!(url = %self.base, error = %e, "InfluxDB not ready yet");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(500));
+                    tokio::time::sleep(wait).await;
                 }
-                Err(e) => return Err(e),
             }
         }
     }

@@ -1779,8 +1779,13 @@ async fn write_with_retry(
     phase: Phase,
 ) -> Result<u64, MigrateError> {
     let n = lineproto::count_points(std::str::from_utf8(&body).unwrap_or("")) as u64;
-    let mut delay = Duration::from_millis(50);
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
+    let mut retry = crate::util::Retry::new(
+        Duration::from_millis(50),
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .counting_from(start);
     loop {
         match target.write(db, Some(rp), precision, body.clone()).await {
             Ok(()) => return Ok(n),
@@ -1803,16 +1808,15 @@ async fn write_with_retry(
             // restarting target (refusing until its shards are open) gets the minute too.
             Err(e)
                 if e.is_transient()
-                    && start.elapsed()
-                        < Duration::from_secs(if phase == Phase::Delta && e.is_refused() {
-                            10
-                        } else {
-                            60
-                        }) =>
+                    && !(phase == Phase::Delta
+                        && e.is_refused()
+                        && start.elapsed() >= Duration::from_secs(10)) =>
             {
-                tracing::warn!(error = %e, "replay write failed, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                let Some(wait) = retry.next() else {
+                    return Err(MigrateError::Influx { phase, source: e });
+                };
+                tracing::warn!(error = %e, retry_in = ?wait, "replay write failed, retrying");
+                tokio::time::sleep(wait).await;
             }
             Err(source) => return Err(MigrateError::Influx { phase, source }),
         }
@@ -1953,22 +1957,22 @@ async fn wait_ready(influx: &Influx, timeout: Duration) -> Result<(), MigrateErr
                 source,
             });
     }
-    let start = tokio::time::Instant::now();
-    let mut delay = Duration::from_millis(200);
+    let mut retry =
+        crate::util::Retry::new(Duration::from_millis(200), Duration::from_secs(5), timeout)
+            .counting_from(tokio::time::Instant::now());
     loop {
         match influx.databases().await {
             Ok(_) => return Ok(()),
-            Err(e) if e.is_transient() && start.elapsed() + delay < timeout => {
-                tracing::info!(url = %influx.url(), error = %e, "target InfluxDB not answering yet; waiting");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
             Err(e) if e.is_transient() => {
-                return Err(MigrateError::TargetNotReady {
-                    url: influx.url().to_string(),
-                    timeout,
-                    last: e.to_string(),
-                })
+                let Some(wait) = retry.next() else {
+                    return Err(MigrateError::TargetNotReady {
+                        url: influx.url().to_string(),
+                        timeout,
+                        last: e.to_string(),
+                    });
+                };
+                tracing::info!(url = %influx.url(), error = %e, "target InfluxDB not answering yet; waiting");
+                tokio::time::sleep(wait).await;
             }
             Err(source) => {
                 return Err(MigrateError::Influx {

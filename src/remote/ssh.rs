@@ -114,7 +114,12 @@ impl SshRemote {
             Some(p)
         };
         let start = tokio::time::Instant::now();
-        let mut delay = Duration::from_millis(100);
+        let mut retry = crate::util::Retry::new(
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+            c.ready_timeout,
+        )
+        .counting_from(start);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -152,17 +157,16 @@ impl SshRemote {
                             user: c.user.clone(),
                         });
                     }
-                    if start.elapsed() + delay >= c.ready_timeout {
+                    let Some(wait) = retry.next() else {
                         return Err(RemoteError::NotReady {
                             host: name,
                             waited: start.elapsed(),
                             attempts,
                             last: msg,
                         });
-                    }
+                    };
                     tracing::debug!(host = %name, attempts, error = %msg, "SSH not ready, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
