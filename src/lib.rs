@@ -13,6 +13,11 @@
 //!   verify — and the capture receiver and spool.
 //! - [`monitor`]: the `MetricSource` capability, the Zabbix JSON-RPC client and the poller.
 //! - [`predict`]: GM(1,1) and baseline predictors, trigger policy, trace evaluation.
+//! - [`daemon`]: the service orchestrator: the decision loop over the load, the journaled
+//!   migrations it triggers, and its HTTP(S) API.
+//! - [`demo`]: `stateshift demo`, the whole loop on local stacks.
+//! - [`util`]: secrets that never print, capped HTTP bodies, atomic writes, the retry
+//!   schedule, fault hooks.
 //! - [`logging`]: log lines for a terminal, a file, the systemd journal, or as JSON.
 //! - [`lab`]: a source and a target local VM with a config naming them (demo, bench, tests).
 //! - [`workload`]: seeded data and a live writer with an independent ledger of acked points.
