@@ -1,5 +1,5 @@
 //! The daemon's decisions: which reading counts, when a migration starts, what a move or a
-//! request does to the window and the cooldown. Written over a [`World`] (where the service
+//! request does to the window and the cooldown. Written over a `World` (where the service
 //! runs, its load source, a migration), so the tests drive this very loop with tokio's
 //! paused clock, a scripted source and a scripted world.
 //!

@@ -90,7 +90,7 @@ enum Load {
     Broken(String),
 }
 
-/// A read of a [`Load`] that failed, and whether waiting may help.
+/// A read of the load source that failed, and whether waiting may help.
 #[derive(Debug, thiserror::Error)]
 #[error("{msg}")]
 pub struct LoadError {
