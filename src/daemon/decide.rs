@@ -55,8 +55,12 @@ pub(crate) trait World {
     type Source: MetricSource + 'static;
 
     /// Settle whatever is left unfinished in the journal, then say where the service runs
-    /// now (its InfluxDB URL).
+    /// now: an identity that changes whenever the service moves (a stack's name with its
+    /// URL: a cloud may give a new VM the address of a deleted one).
     async fn locate(&mut self) -> String;
+
+    /// The InfluxDB URL of where the service runs, as [`World::locate`] last said.
+    fn url(&self) -> String;
 
     /// The load source of where the service runs now, as [`World::locate`] last said;
     /// `None` when migrations are triggered by hand only.
@@ -205,7 +209,7 @@ impl<W: World> Decider<W> {
     }
 
     fn show_source(&self) {
-        let (url, what) = (self.here.clone(), self.world.describe_source());
+        let (url, what) = (self.world.url(), self.world.describe_source());
         self.shared.set(|s| {
             s.source_url = url;
             s.load_source = what;
@@ -327,10 +331,18 @@ mod tests {
         host: Arc<Mutex<usize>>,
         migrations: Arc<Mutex<Vec<(Instant, String)>>>,
         migration_takes: Duration,
+        /// Every host answers at the same URL (a cloud reusing a deleted VM's address).
+        same_url: bool,
     }
     impl World for Scene {
         type Source = Script;
         async fn locate(&mut self) -> String {
+            format!("host{}", self.host.lock().unwrap())
+        }
+        fn url(&self) -> String {
+            if self.same_url {
+                return "http://reused:8086".into();
+            }
             format!("host{}", self.host.lock().unwrap())
         }
         fn source(&self) -> Option<Script> {
@@ -456,12 +468,22 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_move_by_someone_else_clears_the_window_and_starts_the_cooldown() {
+        move_by_someone_else(false).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_move_to_a_new_vm_at_a_reused_address_is_seen_too() {
+        move_by_someone_else(true).await;
+    }
+
+    async fn move_by_someone_else(same_url: bool) {
         // Host 0 is loaded for two samples (the third would trigger), then the service is
         // moved by a CLI migration; host 1 is loaded too, but the cooldown holds.
         let load0: VecDeque<Reading> = (0..2).map(|i| fresh(20.0, 100 + i)).collect();
         let load1: VecDeque<Reading> = (0..30).map(|i| fresh(20.0, 300 + i)).collect();
         let scene = Scene {
             loads: Arc::new(Mutex::new(vec![load0, load1])),
+            same_url,
             ..Scene::default()
         };
         let host = scene.host.clone();
@@ -482,7 +504,12 @@ mod tests {
             "the old host's readings and the cooldown hold: {:?}",
             scene.migrations.lock().unwrap()
         );
-        assert_eq!(status.source_url, "host1");
+        let want = if same_url {
+            "http://reused:8086"
+        } else {
+            "host1"
+        };
+        assert_eq!(status.source_url, want);
         assert!(
             status.last_decision.starts_with("cooling down"),
             "{}",
@@ -579,6 +606,9 @@ mod tests {
         impl World for Slow {
             type Source = Hangs;
             async fn locate(&mut self) -> String {
+                "host0".into()
+            }
+            fn url(&self) -> String {
                 "host0".into()
             }
             fn source(&self) -> Option<Hangs> {

@@ -286,6 +286,13 @@ impl decide::World for Orchestrator<'_> {
             self.here = machine::current_source(cfg, &st);
             self.shared.set(|s| s.migrations = st.migrations.clone());
         }
+        match &self.here.stack {
+            Some(s) => format!("{} ({})", self.here.influx_url, s.name),
+            None => self.here.influx_url.clone(),
+        }
+    }
+
+    fn url(&self) -> String {
         self.here.influx_url.clone()
     }
 
