@@ -394,6 +394,14 @@ pub async fn migrate_holding(
             .append(&id, e)?;
         Ok(())
     };
+    if let (Provider::Static, Some(t)) = (provider, cfg.target.as_ref()) {
+        if t.influx_url.trim_end_matches('/') == source.influx_url.trim_end_matches('/') {
+            return Err(MachineError::Refused(format!(
+                "the service already runs on the configured target {} (a migration moved it there); name another host in target: to move it again",
+                t.influx_url
+            )));
+        }
+    }
     append(Event::Started {
         trigger: trigger.into(),
         source: source.clone(),

@@ -263,6 +263,15 @@ async fn migrate_cli_moves_the_data_and_writes_a_timing_report() {
         st.contains("succeeded") && st.contains(&lab.target.influx_url()),
         "{st}"
     );
+    // Asked again with the same static target: nothing to do there, and it says so
+    // (it used to start a migration that stopped at "target already has database").
+    let (code, out, err) = run(&["migrate", "-c", p.to_str().unwrap(), "--yes"], &[]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("already runs on the configured target")
+            && !err.contains("already has database"),
+        "{err}"
+    );
     for p in [
         "capture", "dump", "transfer", "restore", "delta", "cutover", "verify",
     ] {
