@@ -77,9 +77,6 @@ impl Progress for LoopProgress<'_> {
     fn note(&self, msg: &str) {
         self.inner.note(msg);
     }
-    fn writers_repointing(&self) -> Result<(), String> {
-        self.inner.writers_repointing()
-    }
 }
 
 /// The load source of the host the service runs on: a local process or a Zabbix item.

@@ -6,6 +6,9 @@
 //! request log or error message can show them.
 
 pub mod lineproto;
+mod vars;
+
+pub use vars::SubStats;
 
 use std::time::Duration;
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::engine::{self, MigrateError, Phase, Progress, Report, RunOptions};
+use super::engine::{self, Journaling, MigrateError, Phase, Progress, Report, RunOptions};
 use super::journal::{Event, Journal, JournalError, JournalState, Outcome, Placement, Recovery};
 use crate::config::{Config, InstanceConfig, ProviderKind};
 use crate::influx::Influx;
@@ -281,52 +281,51 @@ pub fn writers_source(cfg: &Config, st: &JournalState) -> Placement {
     }
 }
 
-/// Journals the engine's phases and forwards them to another progress sink.
+/// The engine's journal points, in the service's journal under one migration id, each
+/// followed by its crash point (the crash tests die right after a record).
 struct Journaled<'a> {
     journal: &'a Mutex<Journal>,
     id: &'a str,
-    inner: &'a dyn Progress,
 }
 
 impl Journaled<'_> {
-    fn append(&self, e: Event) {
-        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(err) = j.append(self.id, e) {
+    fn append(&self, e: Event) -> Result<(), JournalError> {
+        self.journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(self.id, e)
+    }
+    fn append_or_log(&self, e: Event) {
+        if let Err(err) = self.append(e) {
             tracing::error!(error = %err, "cannot write the journal");
         }
     }
 }
 
-impl Progress for Journaled<'_> {
+impl Journaling for Journaled<'_> {
     fn phase_started(&self, phase: Phase) {
-        self.append(Event::PhaseStarted { phase });
+        self.append_or_log(Event::PhaseStarted { phase });
         crash_point(&format!("{phase}:started"));
-        self.inner.phase_started(phase);
     }
     fn phase_done(&self, phase: Phase, took: Duration) {
-        self.append(Event::PhaseDone {
+        self.append_or_log(Event::PhaseDone {
             phase,
             seconds: took.as_secs_f64(),
         });
         crash_point(&format!("{phase}:done"));
-        self.inner.phase_done(phase, took);
-    }
-    fn note(&self, msg: &str) {
-        self.inner.note(msg);
     }
     fn writers_repointing(&self) -> Result<(), String> {
-        self.journal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .append(self.id, Event::WritersRepointing)
-            .map_err(|e| format!("cannot record the repoint in the journal, so the writers were not repointed: {e}"))?;
+        self.append(Event::WritersRepointing).map_err(|e| {
+            format!(
+                "cannot record the repoint in the journal, so the writers were not repointed: {e}"
+            )
+        })?;
         crash_point("writers_repointing");
-        self.inner.writers_repointing()
+        Ok(())
     }
     fn writers_repointed(&self) {
-        self.append(Event::WritersRepointed);
+        self.append_or_log(Event::WritersRepointed);
         crash_point("writers_repointed");
-        self.inner.writers_repointed();
     }
 }
 
@@ -470,11 +469,11 @@ pub async fn migrate_holding(
     let jp = Journaled {
         journal: &journal,
         id: &id,
-        inner: progress,
     };
     let result = engine::run_with(
         &ecfg,
         &target_inst,
+        progress,
         &jp,
         RunOptions {
             id: Some(id.clone()),
@@ -635,7 +634,7 @@ async fn late_writes(src: &Influx, url: &str, at_stop: Option<u64>) -> Option<St
             "the write counters of the old InfluxDB {url} could not be read when the capture stopped, so no write after it can be ruled out"
         ));
     };
-    match engine::source_http_writes(src).await {
+    match src.http_points_written().await {
         Ok(now) if now > at_stop => Some(format!(
             "{} point(s) reached the old InfluxDB {url} after the capture stopped (a writer still using it); they are not on the target",
             now - at_stop
@@ -728,7 +727,8 @@ async fn recover_locked(
             // interrupted subscription counted them as failures. Then the old stack stays.
             // Counters that cannot be read prove nothing: nothing is decided, and settling is
             // tried again later.
-            let failed = engine::subscriber_stats(&src, &format!("stateshift_{id}"))
+            let failed = src
+                .subscriber_stats(&format!("stateshift_{id}"))
                 .await
                 .map(|st| st.failed)
                 .map_err(|e| MachineError::Unsettled {
@@ -757,7 +757,7 @@ async fn recover_locked(
                 });
             }
             // The count before the drop, for the check before the delete (see `finish`).
-            let at_stop = engine::source_http_writes(&src).await.ok();
+            let at_stop = src.http_points_written().await.ok();
             drop_our_subscriptions(&src, &id).await;
             drop_our_subscriptions(&dst, &id).await;
             // What the interrupted runs captured but had not replayed yet.
@@ -805,11 +805,11 @@ async fn recover_locked(
             let jp = Journaled {
                 journal: &journal,
                 id: &id,
-                inner: progress,
             };
             let result = engine::run_with(
                 &ecfg,
                 &target_inst,
+                progress,
                 &jp,
                 RunOptions {
                     id: Some(format!("{id}r")),

@@ -1,0 +1,149 @@
+//! What a server's `/debug/vars` says about writes and subscriptions: the counters a
+//! migration reads to prove its capture complete, and the shard sizes its disk check
+//! needs. The parsing lives here, next to the endpoint; callers see numbers.
+
+use serde_json::Value;
+
+use super::{Influx, InfluxError};
+
+/// Forwarding counters of one subscription name on a server.
+#[derive(Debug, Default, Clone)]
+pub struct SubStats {
+    /// Points the subscriptions delivered.
+    pub written: u64,
+    /// Deliveries the subscriptions failed.
+    pub failed: u64,
+    /// Server-wide forwarding drops (cumulative since the server started).
+    pub dropped: u64,
+    /// When the server process started (`system.started`): every counter above restarts
+    /// from zero with it, and its in-memory forwarding queue is lost.
+    pub started: Option<String>,
+}
+
+impl Influx {
+    /// Points this server has acknowledged over HTTP since it started (the sum of
+    /// `pointsWrittenOK` over its `httpd` services).
+    pub async fn http_points_written(&self) -> Result<u64, InfluxError> {
+        Ok(http_points_written(&self.debug_vars().await?))
+    }
+
+    /// Forwarding counters of the subscriptions named `name`.
+    pub async fn subscriber_stats(&self, name: &str) -> Result<SubStats, InfluxError> {
+        Ok(subscriber_stats(&self.debug_vars().await?, name))
+    }
+
+    /// The on-disk size of every shard (`diskBytes`); empty when the server reports none.
+    pub async fn shard_disk_bytes(&self) -> Result<Vec<u64>, InfluxError> {
+        let vars = self.debug_vars().await?;
+        Ok(vars
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| k.starts_with("shard:"))
+                    .filter_map(|(_, v)| v.pointer("/values/diskBytes")?.as_u64())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// How many of the subscriptions named `name` on `(database, retention policy)` the
+    /// server runs now (a created subscription goes live a moment later).
+    pub async fn live_subscriptions(
+        &self,
+        name: &str,
+        on: &[(String, String)],
+    ) -> Result<usize, InfluxError> {
+        let vars = self.debug_vars().await?;
+        // `subscriber:<db>:<rp>:<name>:<destination>`.
+        Ok(on
+            .iter()
+            .filter(|(db, rp)| {
+                let prefix = format!("subscriber:{db}:{rp}:{name}:");
+                vars.as_object()
+                    .is_some_and(|o| o.keys().any(|k| k.starts_with(&prefix)))
+            })
+            .count())
+    }
+}
+
+fn num(v: &Value, p: &str) -> u64 {
+    v.pointer(p).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn http_points_written(vars: &Value) -> u64 {
+    vars.as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(k, _)| k.starts_with("httpd"))
+                .map(|(_, v)| num(v, "/values/pointsWrittenOK"))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn subscriber_stats(vars: &Value, name: &str) -> SubStats {
+    let mut st = SubStats::default();
+    let Some(obj) = vars.as_object() else {
+        return st;
+    };
+    for (k, v) in obj {
+        if k.starts_with("subscriber:")
+            && v.pointer("/tags/name").and_then(Value::as_str) == Some(name)
+        {
+            st.written += num(v, "/values/pointsWritten");
+            st.failed += num(v, "/values/writeFailures");
+        }
+    }
+    // Drops that never reach a subscription's own counters: the points writer's queue to
+    // the subscriber service, and the service's per-subscription queues.
+    if let Some(w) = obj.get("write") {
+        st.dropped += num(w, "/values/subWriteDrop");
+    }
+    st.started = obj
+        .get("system")
+        .and_then(|v| v.get("started"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    // The service-level failure count includes every subscription's delivery failures;
+    // what exceeds their sum is queue-full drops.
+    let per_sub: u64 = obj
+        .iter()
+        .filter(|(k, _)| k.starts_with("subscriber:"))
+        .map(|(_, v)| num(v, "/values/writeFailures"))
+        .sum();
+    if let Some(sv) = obj.get("subscriber") {
+        st.dropped += num(sv, "/values/writeFailures").saturating_sub(per_sub);
+    }
+    st
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn subscriber_counters_are_ours_and_drops_are_what_the_service_counts_beyond_them() {
+        let vars = json!({
+            "system": {"started": "2026-11-30T05:00:00Z"},
+            "write": {"values": {"subWriteDrop": 2}},
+            "subscriber": {"values": {"writeFailures": 10}},
+            "subscriber:db:autogen:stateshift_1:http://a": {
+                "tags": {"name": "stateshift_1"},
+                "values": {"pointsWritten": 40, "writeFailures": 3}
+            },
+            "subscriber:db:autogen:other:http://b": {
+                "tags": {"name": "other"},
+                "values": {"pointsWritten": 7, "writeFailures": 4}
+            },
+            "httpd": {"values": {"pointsWrittenOK": 90}},
+            "httpd:2": {"values": {"pointsWrittenOK": 10}}
+        });
+        let st = super::subscriber_stats(&vars, "stateshift_1");
+        assert_eq!((st.written, st.failed), (40, 3));
+        // 2 queue drops + (10 service failures - 7 counted by the subscriptions).
+        assert_eq!(st.dropped, 5);
+        assert_eq!(st.started.as_deref(), Some("2026-11-30T05:00:00Z"));
+        assert_eq!(super::http_points_written(&vars), 100);
+        assert_eq!(super::http_points_written(&json!([])), 0);
+    }
+}

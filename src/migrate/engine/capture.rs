@@ -1,0 +1,314 @@
+//! Capture: a subscription on every retention policy of the source forwards each write
+//! to our receiver, which spools it; and the checks that prove the capture lost nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::context::{sub_name, Migration};
+use super::{MigrateError, Phase};
+use crate::config::Config;
+use crate::influx::{ident, literal, Influx, SubStats};
+use crate::migrate::capture::{Receiver, ReceiverAuth, Sink};
+use crate::migrate::spool::SpoolWriter;
+use crate::util::Secret;
+
+impl Migration<'_> {
+    pub(super) async fn capture(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Capture;
+        let spool_dir = &self.cfg.capture.spool_dir;
+        std::fs::create_dir_all(spool_dir).map_err(|e| MigrateError::Failed {
+            phase: p,
+            msg: format!(
+                "cannot create capture.spool_dir {}: {e}",
+                spool_dir.display()
+            ),
+        })?;
+        let spool = Arc::new(
+            SpoolWriter::create(&spool_dir.join(format!("{}.spool", self.id)))
+                .map_err(|source| MigrateError::Spool { phase: p, source })?,
+        );
+        let auth = Self::receiver_auth(p)?;
+        let receiver = Receiver::start(self.cfg.capture.listen, Sink::Spool(spool.clone()), &auth)
+            .await
+            .map_err(|e| MigrateError::Failed {
+                phase: p,
+                msg: e.to_string(),
+            })?;
+        let url = self.advertise(receiver.addr);
+        // The watch receiver's port is taken now: a busy one stops the migration here,
+        // before the dump, not at cutover.
+        self.watch_listener = Some(Self::bind_watch(self.cfg, p).await?);
+        self.spool = Some(spool);
+        self.receiver = Some(receiver);
+        let name = sub_name(&self.id);
+        let at_start = Self::subscriber_stats(&self.src().influx, &name, p).await?;
+        self.drops_at_start = at_start.dropped;
+        self.source_started = at_start.started;
+        let subs = self
+            .subscribe(Phase::Capture, true, &name, &auth.in_url(&url))
+            .await?;
+        self.progress.note(&format!(
+            "capturing writes of {} retention policies into {url}",
+            subs
+        ));
+        Ok(())
+    }
+
+    /// Bind the watch receiver's address (the capture's, one port above).
+    pub(super) async fn bind_watch(
+        cfg: &Config,
+        phase: Phase,
+    ) -> Result<tokio::net::TcpListener, MigrateError> {
+        let listen = std::net::SocketAddr::new(
+            cfg.capture.listen.ip(),
+            watch_port(cfg.capture.listen.port()),
+        );
+        Receiver::bind(listen)
+            .await
+            .map_err(|e| MigrateError::Failed {
+                phase,
+                msg: format!(
+                    "{e} (the target's watch receiver listens one port above capture.listen)"
+                ),
+            })
+    }
+
+    /// A fresh secret for a capture receiver (its subscription carries it).
+    pub(super) fn receiver_auth(phase: Phase) -> Result<ReceiverAuth, MigrateError> {
+        ReceiverAuth::generate().map_err(|e| MigrateError::Failed {
+            phase,
+            msg: format!("cannot make the capture receiver's secret: {e}"),
+        })
+    }
+
+    /// The URL InfluxDB must forward to for a receiver bound at `addr`: the configured
+    /// `advertise_url` (or the bound address) with the port actually bound.
+    pub(super) fn advertise(&self, addr: std::net::SocketAddr) -> String {
+        match &self.cfg.capture.advertise_url {
+            Some(u) => with_port(u, addr.port()),
+            None => format!("http://{addr}"),
+        }
+    }
+
+    /// Subscribe every retention policy of every user database (source or target side)
+    /// and wait until InfluxDB shows the subscriptions live in `/debug/vars`.
+    pub(super) async fn subscribe(
+        &mut self,
+        phase: Phase,
+        on_source: bool,
+        name: &str,
+        destination: &Secret,
+    ) -> Result<usize, MigrateError> {
+        let side = if on_source { self.src() } else { self.dst() };
+        let influx = side.influx.clone();
+        let mut made = Vec::new();
+        for db in influx.databases().await.map_err(Self::influx_err(phase))? {
+            for rp in influx
+                .retention_policies(&db)
+                .await
+                .map_err(Self::influx_err(phase))?
+            {
+                let q = format!(
+                    "CREATE SUBSCRIPTION {} ON {}.{} DESTINATIONS ALL {}",
+                    ident(name),
+                    ident(&db),
+                    ident(&rp.name),
+                    literal(destination.expose())
+                );
+                // The statement holds the receiver's secret: its error must not echo it.
+                influx
+                    .query(None, &q)
+                    .await
+                    .map_err(|e| MigrateError::Failed {
+                        phase,
+                        msg: format!(
+                            "{}: cannot create subscription {name} on {db}.{}: {}",
+                            influx.url(),
+                            rp.name,
+                            e.to_string().replace(destination.expose(), "***")
+                        ),
+                    })?;
+                made.push((db.clone(), rp.name.clone()));
+                if on_source {
+                    self.created
+                        .source_subscriptions
+                        .push((db.clone(), rp.name.clone()));
+                } else {
+                    self.created
+                        .target_subscriptions
+                        .push((db.clone(), rp.name.clone()));
+                }
+            }
+        }
+        let deadline = Instant::now() + self.cfg.capture.live_timeout;
+        loop {
+            let live = influx
+                .live_subscriptions(name, &made)
+                .await
+                .map_err(Self::influx_err(phase))?;
+            if live == made.len() {
+                return Ok(made.len());
+            }
+            if Instant::now() > deadline {
+                return Err(MigrateError::Failed {
+                    phase,
+                    msg: format!(
+                        "{}: only {live} of {} subscriptions became live within {:?}",
+                        influx.url(),
+                        made.len(),
+                        self.cfg.capture.live_timeout
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Forwarding counters from the source's `/debug/vars`.
+    pub(super) async fn subscriber_stats(
+        influx: &Influx,
+        name: &str,
+        phase: Phase,
+    ) -> Result<SubStats, MigrateError> {
+        influx
+            .subscriber_stats(name)
+            .await
+            .map_err(Self::influx_err(phase))
+    }
+
+    /// Fail if the source reports forwarded writes that did not reach the receiver, or
+    /// any forwarding drop since the capture started (drops are counted server-wide, so a
+    /// drop for another subscriber also stops the migration: safe, not silent).
+    pub(super) async fn check_capture_complete(
+        &self,
+        phase: Phase,
+    ) -> Result<SubStats, MigrateError> {
+        let st = Self::subscriber_stats(&self.src().influx, &sub_name(&self.id), phase).await?;
+        if self.source_started.is_some() && st.started != self.source_started {
+            // A restart loses the forwarding queue (writes acknowledged but not yet
+            // forwarded) and zeroes the counters that would have shown it.
+            return Err(MigrateError::Failed {
+                phase,
+                msg: format!(
+                    "the source InfluxDB restarted during the capture (it had started at {}, now at {}): writes it acknowledged but had not forwarded yet are not in the capture, and its forwarding counters were reset",
+                    self.source_started.as_deref().unwrap_or("?"),
+                    st.started.as_deref().unwrap_or("?")
+                ),
+            });
+        }
+        let dropped = st.dropped.saturating_sub(self.drops_at_start);
+        let lost = st.failed + dropped;
+        if lost > 0 {
+            return Err(MigrateError::Failed {
+                phase,
+                msg: format!("the source may have failed to forward {lost} captured writes to the capture receiver ({} deliveries of our subscriptions failed: the receiver refused them or did not answer within the source's [subscriber] http-timeout; {dropped} failures counted by the source outside our subscriptions: a full forwarding queue ([subscriber] write-buffer-size), or another subscription failing its deliveries, which InfluxDB counts in the same place); the capture cannot be proven complete", st.failed),
+            });
+        }
+        Ok(st)
+    }
+
+    /// After a crash past the repoint: with the new capture live, let the old
+    /// subscription's counters settle, then require that it delivered exactly what the
+    /// old spool holds and failed nothing. Then the old subscriptions go.
+    pub(super) async fn check_interrupted(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Capture;
+        let Some((old, spooled)) = self.interrupted.clone() else {
+            return Ok(());
+        };
+        let src = self.src().influx.clone();
+        let mut last = Self::subscriber_stats(&src, &old, p).await?;
+        let mut stable_since = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stable_since.elapsed() < Duration::from_millis(500) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = Self::subscriber_stats(&src, &old, p).await?;
+            if (now.written, now.failed) != (last.written, last.failed) {
+                stable_since = Instant::now();
+            }
+            last = now;
+        }
+        for s in src.subscriptions().await.map_err(Self::influx_err(p))? {
+            if s.name == old {
+                let _ = src
+                    .drop_subscription(&s.name, &s.database, &s.retention_policy)
+                    .await;
+            }
+        }
+        let dst = self.dst().influx.clone();
+        for s in dst.subscriptions().await.map_err(Self::influx_err(p))? {
+            if s.name.starts_with(&old) {
+                let _ = dst
+                    .drop_subscription(&s.name, &s.database, &s.retention_policy)
+                    .await;
+            }
+        }
+        if last.failed > 0 || last.written != spooled {
+            return Err(MigrateError::Failed {
+                phase: p,
+                msg: format!(
+                    "{} write(s) reached the source while the capture was down (the interrupted capture forwarded {} points, its spool holds {spooled}); they are on the source but not on the target",
+                    last.failed, last.written
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `url` with its port replaced (or added): `http://h:1/x` + 9 → `http://h:9/x`.
+pub(super) fn with_port(url: &str, port: u16) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+    let (authority, path) = rest
+        .find('/')
+        .map(|i| rest.split_at(i))
+        .unwrap_or((rest, ""));
+    let host = match authority.rsplit_once(':') {
+        Some((h, p))
+            if !h.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && !authority.ends_with(']') =>
+        {
+            h
+        }
+        _ => authority,
+    };
+    format!("{scheme}://{host}:{port}{path}")
+}
+
+/// The watch receiver's port: the capture's plus one, or any free port when the capture's
+/// is 0 (or the last one).
+pub(super) fn watch_port(capture: u16) -> u16 {
+    match capture {
+        0 => 0,
+        p => p.checked_add(1).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod watch_port_tests {
+    #[test]
+    fn the_watch_receiver_listens_one_port_above_the_capture_or_anywhere() {
+        assert_eq!(super::watch_port(8899), 8900);
+        assert_eq!(super::watch_port(0), 0);
+        assert_eq!(super::watch_port(u16::MAX), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_port_replaces_or_adds_the_port_and_keeps_the_rest() {
+        assert_eq!(
+            with_port("http://10.0.0.2:8899", 40000),
+            "http://10.0.0.2:40000"
+        );
+        assert_eq!(
+            with_port("http://so.example", 40000),
+            "http://so.example:40000"
+        );
+        assert_eq!(with_port("https://[::1]:80/x", 9), "https://[::1]:9/x");
+        assert_eq!(with_port("http://[::1]", 9), "http://[::1]:9");
+    }
+}

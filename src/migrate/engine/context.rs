@@ -1,0 +1,121 @@
+//! The shared context of one migration: what the phases read (configuration, both
+//! sides), what they hand each other (capture receiver, spool, replay position), and
+//! what a rollback must undo ([`Created`]).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::plan::Plan;
+use super::{Journaling, LogProgress, MigrateError, Phase, Progress, Report, Unjournaled};
+use crate::config::{Config, InstanceConfig};
+use crate::influx::{Influx, InfluxError};
+use crate::migrate::capture::{KeySet, Receiver};
+use crate::migrate::spool::{SpoolReader, SpoolWriter};
+use crate::remote::{Host, RemoteError};
+
+/// One end of the migration, connected in `prepare`.
+pub(super) struct Side {
+    pub cfg: InstanceConfig,
+    pub influx: Influx,
+    pub host: Host,
+}
+
+/// Everything this migration created, so a rollback removes exactly that.
+#[derive(Default)]
+pub(super) struct Created {
+    pub source_subscriptions: Vec<(String, String)>,
+    pub target_subscriptions: Vec<(String, String)>,
+    pub target_databases: Vec<String>,
+    pub target_users: Vec<String>,
+    pub source_dirs: Vec<String>,
+    pub target_dirs: Vec<String>,
+}
+
+pub(super) struct Migration<'a> {
+    pub id: String,
+    pub cfg: &'a Config,
+    pub progress: &'a dyn Progress,
+    pub journal: &'a dyn Journaling,
+    pub plan: Plan,
+    pub report: Report,
+    pub created: Created,
+    pub source: Option<Side>,
+    pub target_cfg: InstanceConfig,
+    pub target: Option<Side>,
+    pub receiver: Option<Receiver>,
+    pub spool: Option<Arc<SpoolWriter>>,
+    pub touched: Option<Arc<Mutex<KeySet>>>,
+    pub touched_receiver: Option<Receiver>,
+    /// Server-wide forwarding drops on the source when the capture started.
+    pub drops_at_start: u64,
+    /// The source process's start time when the capture started.
+    pub source_started: Option<String>,
+    /// The replay's position in the spool, kept for the tail after verify.
+    pub reader: Option<SpoolReader>,
+    /// The target pulled the dump itself: nothing to transfer.
+    pub pulled: bool,
+    /// With a resumed run: the interrupted run's spool, replayed first.
+    pub replay_first: Option<std::path::PathBuf>,
+    /// With a resumed run: the interrupted capture's subscription and what its spool holds.
+    pub interrupted: Option<(String, u64)>,
+    /// How long `prepare` waits for the target's InfluxDB to answer.
+    pub ready_wait: Duration,
+    /// The watch receiver's port, reserved at the capture.
+    pub watch_listener: Option<tokio::net::TcpListener>,
+}
+
+/// The name of a migration's capture subscriptions (`_t` appended: its target watch).
+pub(super) fn sub_name(id: &str) -> String {
+    format!("stateshift_{id}")
+}
+
+impl<'a> Migration<'a> {
+    pub(super) fn new(cfg: &'a Config, target: &InstanceConfig) -> Migration<'a> {
+        let id = super::super::journal::now_ms().to_string();
+        Migration {
+            id: id.clone(),
+            cfg,
+            progress: &LogProgress,
+            journal: &Unjournaled,
+            plan: Plan::default(),
+            report: Report {
+                migration_id: id,
+                source: cfg.source.influx_url.clone(),
+                target: target.influx_url.clone(),
+                ..Report::default()
+            },
+            created: Created::default(),
+            source: None,
+            target_cfg: target.clone(),
+            target: None,
+            receiver: None,
+            spool: None,
+            touched: None,
+            touched_receiver: None,
+            drops_at_start: 0,
+            source_started: None,
+            reader: None,
+            pulled: false,
+            replay_first: None,
+            interrupted: None,
+            ready_wait: Duration::ZERO,
+            watch_listener: None,
+        }
+    }
+}
+
+impl Migration<'_> {
+    pub(super) fn src(&self) -> &Side {
+        self.source.as_ref().expect("source connected in prepare")
+    }
+    pub(super) fn dst(&self) -> &Side {
+        self.target.as_ref().expect("target connected in prepare")
+    }
+
+    pub(super) fn influx_err(phase: Phase) -> impl Fn(InfluxError) -> MigrateError {
+        move |source| MigrateError::Influx { phase, source }
+    }
+    pub(super) fn remote_err(phase: Phase) -> impl Fn(RemoteError) -> MigrateError {
+        move |source| MigrateError::Remote { phase, source }
+    }
+}

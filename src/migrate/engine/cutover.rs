@@ -1,0 +1,177 @@
+//! Cutover: watch the target, record the repoint, run the cutover command (bounded on
+//! the writers' host), then replay until the source has gone quiet and every point it
+//! forwarded is on the target.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::context::{sub_name, Migration};
+use super::{MigrateError, Phase};
+use crate::migrate::capture::{KeySet, Receiver, Sink};
+use crate::remote::{Host, Remote, RemoteError};
+use crate::util::shell_quote;
+
+impl Migration<'_> {
+    pub(super) async fn cutover(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Cutover;
+        // Catch up once more so the lag at the switch is as small as possible.
+        self.replay_now(p).await?;
+        self.check_capture_complete(p).await?;
+        // Watch the target from now on: a writer's overwrite there after cutover may
+        // legitimately differ from the source's old value. The watch receiver listens on
+        // the capture address, one port above the capture's (a free port when the
+        // capture's is 0): a firewall between the VMs and the orchestrator must let the
+        // target reach it (found on the lab: a random port was dropped by the SO's
+        // security group, the target's forwards hung until InfluxDB's http-timeout).
+        let touched = Arc::new(Mutex::new(KeySet::with_cap(5_000_000)));
+        let listener = match self.watch_listener.take() {
+            Some(l) => l,
+            None => Self::bind_watch(self.cfg, p).await?,
+        };
+        let tauth = Self::receiver_auth(p)?;
+        let tr =
+            Receiver::start_on(listener, Sink::Keys(touched.clone()), &tauth).map_err(|e| {
+                MigrateError::Failed {
+                    phase: p,
+                    msg: e.to_string(),
+                }
+            })?;
+        let turl = tauth.in_url(&self.advertise(tr.addr));
+        self.touched = Some(touched);
+        self.touched_receiver = Some(tr);
+        self.subscribe(p, false, &format!("{}_t", sub_name(&self.id)), &turl)
+            .await?;
+
+        if let Some(cmd) = &self.cfg.cutover.command {
+            let cmd = cmd.replace("{target_url}", &shell_quote(&self.dst().cfg.influx_url));
+            let host = Host::connect(self.cfg.cutover.ssh.as_ref())
+                .await
+                .map_err(Self::remote_err(p))?;
+            // Recorded first: the command must never run unrecorded.
+            self.journal
+                .writers_repointing()
+                .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
+            // From here on some writers may already write to the target: a failure must
+            // not roll the target back (it may hold acknowledged writes).
+            self.report.cutover_done = true;
+            // Bounded on the writers' host itself: closing an SSH channel does not stop a
+            // command there, so a command that outlives its timeout would go on repointing
+            // writers while this migration reports it failed. `timeout` kills its whole
+            // process group; the local bound is a backstop should the host stop answering.
+            let limit = self.cfg.cutover.timeout;
+            let bounded = format!(
+                "timeout -k 5 {}s sh -c {}",
+                limit.as_secs_f64(),
+                shell_quote(&cmd)
+            );
+            let r = tokio::time::timeout(limit + Duration::from_secs(10), host.run(&bounded)).await;
+            match r {
+                Ok(Ok(out)) => {
+                    // Replay at once what arrived during the command, so what a crash right
+                    // now would leave unreplayed is as little as possible.
+                    self.replay_now(p).await?;
+                    self.journal.writers_repointed();
+                    let said = match out.trim() {
+                        "" => String::new(),
+                        o => format!(" ({o})"),
+                    };
+                    self.progress.note(&format!(
+                        "writers repointed to {}{said}",
+                        self.dst().cfg.influx_url
+                    ))
+                }
+                // 124: `timeout` stopped it; 137: it had to be killed.
+                Ok(Err(RemoteError::Failed {
+                    code: Some(124 | 137),
+                    ..
+                })) => {
+                    return Err(MigrateError::Failed {
+                        phase: p,
+                        msg: format!(
+                            "cutover command did not finish within {:?} (cutover.timeout) and was stopped on {}",
+                            limit,
+                            host.describe()
+                        ),
+                    })
+                }
+                Ok(Err(e)) => {
+                    return Err(MigrateError::Remote {
+                        phase: p,
+                        source: e,
+                    })
+                }
+                Err(_) => {
+                    return Err(MigrateError::Failed {
+                        phase: p,
+                        msg: format!(
+                            "cutover command did not finish within {:?} (cutover.timeout) and {} stopped answering; it may still be running there",
+                            limit,
+                            host.describe()
+                        ),
+                    })
+                }
+            }
+        }
+        if self.cfg.cutover.command.is_none() {
+            // Writers follow by other means (DNS, a proxy): they may use the target now,
+            // and there is no command to wait for.
+            self.journal
+                .writers_repointing()
+                .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
+            self.journal.writers_repointed();
+        }
+        self.report.cutover_done = true;
+        // Keep replaying until the source has been quiet for the grace period and every
+        // point it forwarded has reached the receiver.
+        let quiet = self.cfg.capture.quiet_period;
+        let deadline = Instant::now() + self.cfg.capture.quiet_timeout;
+        let stats = self
+            .receiver
+            .as_ref()
+            .map(|r| r.stats.clone())
+            .ok_or_else(|| MigrateError::Failed {
+                phase: p,
+                msg: "no receiver".into(),
+            })?;
+        let switched = Instant::now();
+        loop {
+            self.replay_now(p).await?;
+            let last = stats.last_write().unwrap_or(switched).max(switched);
+            if last.elapsed() >= quiet {
+                let st = self.check_capture_complete(p).await?;
+                let received = stats.points();
+                let lag = self.reader.as_ref().map(|r| r.lag()).unwrap_or(0);
+                if st.written == received && lag == 0 {
+                    break;
+                }
+                tracing::debug!(
+                    forwarded = st.written,
+                    received,
+                    "source quiet but forwarding not settled yet"
+                );
+            }
+            if Instant::now() > deadline {
+                return Err(MigrateError::Failed {
+                    phase: p,
+                    msg: format!("the source kept receiving writes for {:?} after cutover (capture.quiet_timeout); are all writers repointed?", self.cfg.capture.quiet_timeout),
+                });
+            }
+            match self.reader.as_mut() {
+                Some(r) => {
+                    tokio::select! {
+                        _ = r.wait_for_more() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        self.report.points_captured = stats.points();
+        self.report.replay_points_per_second = if self.report.replay_seconds > 0.0 {
+            self.report.points_replayed as f64 / self.report.replay_seconds
+        } else {
+            0.0
+        };
+        Ok(())
+    }
+}

@@ -1,0 +1,93 @@
+//! Dispose: prove the capture complete once more, stop it, replay its tail, and remove
+//! what the migration made that is not data (scratch directories, the spool).
+
+use std::time::{Duration, Instant};
+
+use super::context::{sub_name, Migration};
+use super::{MigrateError, Phase};
+use crate::remote::Remote;
+use crate::util::shell_quote;
+
+impl Migration<'_> {
+    pub(super) async fn dispose(&mut self) -> Result<(), MigrateError> {
+        // Writes that reached the source after verification are forwarded too; a failed
+        // forward (or a source restart) now would leave a point only on the old stack,
+        // which is about to be deleted.
+        self.check_capture_complete(Phase::Dispose).await?;
+        // Read before the subscriptions go: a write between this read and the drop is
+        // forwarded and still counted, so the later comparison errs on the safe side.
+        if let Some(src) = &self.source {
+            match src.influx.http_points_written().await {
+                Ok(n) => self.report.source_writes_at_capture_stop = Some(n),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the source's write counters before stopping the capture; the old stack will be kept unless they can be read")
+                }
+            }
+        }
+        let tail = self.stop_capture(Phase::Dispose).await?;
+        if tail > 0 {
+            self.progress.note(&format!(
+                "replayed {tail} points that reached the source after verification"
+            ));
+        }
+        self.drop_subscriptions().await;
+        self.remove_scratch().await;
+        if let Some(s) = self.spool.take() {
+            let _ = std::fs::remove_file(s.path());
+            let _ = std::fs::remove_file(format!("{}.offset", s.path().display()));
+        }
+        Ok(())
+    }
+
+    /// Remove the dump and restore directories on both hosts (copies of data, not data).
+    pub(super) async fn remove_scratch(&mut self) {
+        for (side, dirs) in [
+            (&self.source, std::mem::take(&mut self.created.source_dirs)),
+            (&self.target, std::mem::take(&mut self.created.target_dirs)),
+        ] {
+            if let (Some(side), false) = (side, dirs.is_empty()) {
+                let cmd = dirs
+                    .iter()
+                    .map(|d| format!("rm -rf {}", shell_quote(d)))
+                    .collect::<Vec<_>>()
+                    .join(" && ");
+                if let Err(e) = side.host.run(&cmd).await {
+                    tracing::warn!(error = %e, "could not remove scratch directories");
+                }
+            }
+        }
+    }
+
+    /// Stop capturing on the source, let in-flight forwards land, and replay the tail of
+    /// the spool (writes that still reached the source, e.g. from a straggling writer).
+    pub(super) async fn stop_capture(&mut self, phase: Phase) -> Result<u64, MigrateError> {
+        let name = sub_name(&self.id);
+        if let Some(src) = &self.source {
+            for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
+                if let Err(e) = src.influx.drop_subscription(&name, &db, &rp).await {
+                    tracing::warn!(error = %e, db, rp, "could not drop the capture subscription on the source");
+                }
+            }
+        }
+        // Forwards already in flight still land: wait until arrivals settle (bounded),
+        // stop the receiver, and only then replay the last of the spool.
+        if let Some(r) = &self.receiver {
+            let stats = r.stats.clone();
+            let mut last = stats.points();
+            let mut stable = Instant::now();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while stable.elapsed() < Duration::from_millis(300) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let now = stats.points();
+                if now != last {
+                    last = now;
+                    stable = Instant::now();
+                }
+            }
+        }
+        if let Some(r) = self.receiver.take() {
+            r.stop().await;
+        }
+        self.replay_now(phase).await
+    }
+}

@@ -1,0 +1,232 @@
+//! Replay: the spool's records written to the target in order, in batches; the delta
+//! before cutover and every catch-up after it; the offset a resumed run starts from.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::context::Migration;
+use super::{MigrateError, Phase};
+use crate::influx::{lineproto, Influx, InfluxError};
+use crate::migrate::capture::KeySet;
+use crate::migrate::spool::{Record, SpoolReader};
+
+impl Migration<'_> {
+    pub(super) async fn delta(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Delta;
+        let spool = self.spool.clone().ok_or_else(|| MigrateError::Failed {
+            phase: p,
+            msg: "no capture spool".into(),
+        })?;
+        spool
+            .sync()
+            .map_err(|source| MigrateError::Spool { phase: p, source })?;
+        let mut reader = spool
+            .reader()
+            .map_err(|source| MigrateError::Spool { phase: p, source })?;
+        // Catch up with what was captured so far; writers keep writing to the source.
+        let dst = self.dst().influx.clone();
+        let t = Instant::now();
+        if let Some(old) = self.replay_first.clone() {
+            // An interrupted run's capture, first, in its own order.
+            let mut r = SpoolReader::open_finished(&old)
+                .map_err(|source| MigrateError::Spool { phase: p, source })?;
+            // Only what the interrupted run had not replayed yet: replaying older records
+            // again would put back values that writers have overwritten on the target since.
+            r.seek(replayed_offset(&old))
+                .map_err(|source| MigrateError::Spool { phase: p, source })?;
+            let n = replay_ready(&mut r, &dst, p, None).await?;
+            self.progress.note(&format!(
+                "replayed {n} points captured before the interruption"
+            ));
+            self.report.points_replayed += n;
+        }
+        let n = replay_ready(&mut reader, &dst, p, None).await?;
+        record_offset(&self.cfg.capture.spool_dir, &self.id, reader.offset()).await;
+        self.report.points_replayed += n;
+        self.report.replay_seconds += t.elapsed().as_secs_f64();
+        self.reader = Some(reader);
+        self.check_capture_complete(p).await?;
+        Ok(())
+    }
+
+    /// Replay what the spool holds now (tracking the keys once the target is watched).
+    pub(super) async fn replay_now(&mut self, phase: Phase) -> Result<u64, MigrateError> {
+        let (Some(reader), Some(dst)) = (self.reader.as_mut(), self.target.as_ref()) else {
+            return Ok(0);
+        };
+        let t = Instant::now();
+        let n = replay_ready(reader, &dst.influx, phase, self.touched.as_deref()).await?;
+        record_offset(&self.cfg.capture.spool_dir, &self.id, reader.offset()).await;
+        self.report.points_replayed += n;
+        self.report.replay_seconds += t.elapsed().as_secs_f64();
+        Ok(n)
+    }
+}
+
+/// Largest body sent in one replay request (InfluxDB's default limit is 25 MB).
+const REPLAY_BATCH_BYTES: usize = 4 << 20;
+
+/// Replay every record committed so far, in order, batching consecutive records that
+/// share database, retention policy and precision. Returns the points replayed.
+///
+/// With `track`, the key of every replayed point is counted as replayed, so verification
+/// can tell stateshift's own writes to the target from a writer's.
+pub async fn replay_ready(
+    reader: &mut SpoolReader,
+    target: &Influx,
+    phase: Phase,
+    track: Option<&Mutex<KeySet>>,
+) -> Result<u64, MigrateError> {
+    let mut points = 0u64;
+    let mut batch: Vec<u8> = Vec::with_capacity(REPLAY_BATCH_BYTES);
+    let mut key: Option<(String, String, String)> = None;
+    let mut ready: std::collections::VecDeque<Record> = Default::default();
+    loop {
+        if ready.is_empty() {
+            ready = reader
+                .next_batch(REPLAY_BATCH_BYTES)
+                .await
+                .map_err(|source| MigrateError::Spool { phase, source })?
+                .into();
+        }
+        let rec = ready.pop_front();
+        let flush = match (&rec, &key) {
+            (None, _) => true,
+            (Some(r), Some((d, rp, pr))) => {
+                &r.db != d
+                    || &r.rp != rp
+                    || &r.precision != pr
+                    || batch.len() + r.body.len() > REPLAY_BATCH_BYTES
+            }
+            (Some(_), None) => false,
+        };
+        if flush && !batch.is_empty() {
+            if let Some((d, rp, pr)) = &key {
+                let body = Bytes::from(std::mem::take(&mut batch));
+                points += write_with_retry(target, d, rp, pr, body.clone(), phase).await?;
+                if let Some(t) = track {
+                    let mut g = t.lock().unwrap_or_else(|e| e.into_inner());
+                    KeySet::for_each_key(std::str::from_utf8(&body).unwrap_or(""), pr, |k| {
+                        g.replayed(k)
+                    });
+                }
+                batch.reserve(REPLAY_BATCH_BYTES);
+            }
+        }
+        let Some(r) = rec else { return Ok(points) };
+        key = Some((r.db, r.rp, r.precision));
+        batch.extend_from_slice(&r.body);
+        if !r.body.ends_with(b"\n") {
+            batch.push(b'\n');
+        }
+    }
+}
+
+pub(super) async fn write_with_retry(
+    target: &Influx,
+    db: &str,
+    rp: &str,
+    precision: &str,
+    body: Bytes,
+    phase: Phase,
+) -> Result<u64, MigrateError> {
+    let n = lineproto::count_points(std::str::from_utf8(&body).unwrap_or("")) as u64;
+    let start = tokio::time::Instant::now();
+    let mut retry = crate::util::Retry::new(
+        Duration::from_millis(50),
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .counting_from(start);
+    loop {
+        match target.write(db, Some(rp), precision, body.clone()).await {
+            Ok(()) => return Ok(n),
+            // The source stored the valid points of a partial write and forwarded those;
+            // a 400 "partial write" here (e.g. points beyond retention) is what the source
+            // itself answered for them.
+            Err(InfluxError::Http {
+                status: 400,
+                ref body,
+                ..
+            }) if body.starts_with("{\"error\":\"partial write")
+                || body.contains("partial write") =>
+            {
+                tracing::warn!(db, error = %body, "replay: partial write, as on the source");
+                return Ok(n);
+            }
+            // A busy or briefly unreachable target gets a minute. Before cutover (the
+            // delta), one that refuses connections is down, and waiting a minute for it
+            // only delays the rollback; after the repoint the writers depend on it, so a
+            // restarting target (refusing until its shards are open) gets the minute too.
+            Err(e)
+                if e.is_transient()
+                    && !(phase == Phase::Delta
+                        && e.is_refused()
+                        && start.elapsed() >= Duration::from_secs(10)) =>
+            {
+                let Some(wait) = retry.next() else {
+                    return Err(MigrateError::Influx { phase, source: e });
+                };
+                tracing::warn!(error = %e, retry_in = ?wait, "replay write failed, retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(source) => return Err(MigrateError::Influx { phase, source }),
+        }
+    }
+}
+
+/// Replay what an interrupted run's spool (`<spool_dir>/<id>.spool`) holds beyond its
+/// recorded offset, onto `target`. Returns the points replayed (0 without a spool).
+pub async fn replay_spool_tail(
+    spool_dir: &std::path::Path,
+    id: &str,
+    target: &Influx,
+) -> Result<u64, MigrateError> {
+    let p = Phase::Dispose;
+    let path = spool_dir.join(format!("{id}.spool"));
+    if !path.exists() {
+        return Ok(0);
+    }
+    let mut r = SpoolReader::open_finished(&path)
+        .map_err(|source| MigrateError::Spool { phase: p, source })?;
+    r.seek(replayed_offset(&path))
+        .map_err(|source| MigrateError::Spool { phase: p, source })?;
+    let n = replay_ready(&mut r, target, p, None).await?;
+    record_offset(spool_dir, id, r.offset()).await;
+    Ok(n)
+}
+
+/// Remember how far the spool of migration `id` has been replayed (`<id>.spool.offset`).
+/// Written after every replay; a crash of this process keeps it (page cache), and a
+/// resumed migration starts its replay there.
+pub(super) async fn record_offset(spool_dir: &std::path::Path, id: &str, offset: u64) {
+    let p = spool_dir.join(format!("{id}.spool.offset"));
+    // Atomic: a torn offset would read as 0 and replay old records over newer values. Its
+    // fsync runs on a blocking thread, never on the workers serving the capture receiver.
+    let path = p.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        crate::util::write_atomic(&path, offset.to_string().as_bytes())
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, path = %p.display(), "cannot record the replay offset")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, path = %p.display(), "cannot record the replay offset")
+        }
+    }
+}
+
+/// The replayed offset recorded for a spool file (0 when none was recorded).
+pub(super) fn replayed_offset(spool: &std::path::Path) -> u64 {
+    let mut p = spool.as_os_str().to_owned();
+    p.push(".offset");
+    std::fs::read_to_string(std::path::PathBuf::from(p))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}

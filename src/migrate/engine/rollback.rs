@@ -1,0 +1,78 @@
+//! Rollback: after a failure, undo what the plan says may be undone. Before any repoint,
+//! everything this migration made on the target goes; after it, nothing is deleted.
+
+use super::context::{sub_name, Migration};
+use super::plan::Undo;
+use super::MigrateError;
+use crate::influx::ident;
+
+impl Migration<'_> {
+    pub(super) async fn drop_subscriptions(&mut self) {
+        let name = sub_name(&self.id);
+        let tname = format!("{name}_t");
+        if let Some(src) = &self.source {
+            for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
+                if let Err(e) = src.influx.drop_subscription(&name, &db, &rp).await {
+                    tracing::warn!(error = %e, db, rp, "could not drop the capture subscription on the source");
+                }
+            }
+        }
+        if let Some(dst) = &self.target {
+            for (db, rp) in std::mem::take(&mut self.created.target_subscriptions) {
+                if let Err(e) = dst.influx.drop_subscription(&tname, &db, &rp).await {
+                    tracing::warn!(error = %e, db, rp, "could not drop the watch subscription on the target");
+                }
+            }
+        }
+        if let Some(r) = self.receiver.take() {
+            r.stop().await;
+        }
+        if let Some(r) = self.touched_receiver.take() {
+            r.stop().await;
+        }
+    }
+
+    /// Undo what can be undone. Before cutover: everything this migration created on the
+    /// target goes, the source is as before. After cutover: nothing is deleted anywhere.
+    pub(super) async fn on_failure(&mut self, e: &MigrateError) {
+        tracing::error!(phase = %e.phase(), error = %e, "migration failed");
+        let undo = self.plan.undo(self.report.cutover_done);
+        if undo == Undo::KeepBoth {
+            // Writers may still reach the source: replay what it forwarded before stopping.
+            if let Err(e) = self.stop_capture(e.phase()).await {
+                tracing::error!(error = %e, "could not replay the last captured writes; the capture spool is kept");
+            }
+        }
+        self.drop_subscriptions().await;
+        self.remove_scratch().await;
+        if undo == Undo::KeepBoth {
+            self.progress.note(&format!(
+                "writers already point at the target {}; the source {} is untouched and keeps all its data; the capture spool is kept",
+                self.target_cfg.influx_url, self.cfg.source.influx_url
+            ));
+            return;
+        }
+        if let Some(dst) = &self.target {
+            for db in std::mem::take(&mut self.created.target_databases) {
+                if let Err(e) = dst
+                    .influx
+                    .query(None, &format!("DROP DATABASE {}", ident(&db)))
+                    .await
+                {
+                    tracing::warn!(error = %e, db, "rollback: could not drop the half-made database on the target");
+                }
+            }
+            for u in std::mem::take(&mut self.created.target_users) {
+                let _ = dst
+                    .influx
+                    .query(None, &format!("DROP USER {}", ident(&u)))
+                    .await;
+            }
+        }
+        if let Some(s) = self.spool.take() {
+            let _ = std::fs::remove_file(s.path());
+            let _ = std::fs::remove_file(format!("{}.offset", s.path().display()));
+        }
+        self.progress.note("rolled back: the source is untouched and still serves the writers; what this migration made on the target is removed");
+    }
+}

@@ -1,0 +1,445 @@
+//! Dump, transfer, restore: a portable backup of the source (pulled by the target through
+//! SSH forwards, or made on the source and streamed as tar), restored on the target with
+//! the users, grants, retention policies and continuous queries it does not carry.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::context::Migration;
+use super::{MigrateError, Phase};
+use crate::config::{InstanceConfig, TransferMode};
+use crate::influx::{ident, literal, InfluxError};
+use crate::remote::{Host, Pipes, Remote};
+use crate::util::shell_quote;
+
+impl Migration<'_> {
+    pub(super) fn scratch(cfg: &InstanceConfig, id: &str, what: &str) -> String {
+        format!("{}/{}-{}", cfg.work_dir.trim_end_matches('/'), what, id)
+    }
+
+    pub(super) async fn dump(&mut self) -> Result<(), MigrateError> {
+        if crate::util::fault_injected("capture_receiver_killed") {
+            if let Some(r) = self.receiver.as_mut() {
+                tracing::warn!(addr = %r.addr, "STATESHIFT_FAULT=capture_receiver_killed: killing the capture receiver");
+                r.kill();
+            }
+        }
+        if self.cfg.migration.transfer != TransferMode::Stream {
+            match self.pull_dump().await {
+                Ok(r) => {
+                    r?;
+                    self.pulled = true;
+                    self.progress.note("the target pulled the dump from the source's RPC port through SSH forwards (dump and transfer in one pass)");
+                    return Ok(());
+                }
+                Err(why) if self.cfg.migration.transfer == TransferMode::Auto => {
+                    tracing::warn!(reason = %why, "SSH forwarding unavailable; dumping on the source and streaming the archive instead");
+                    self.progress.note(&format!(
+                        "SSH forwarding unavailable ({why}); falling back to dump + tar stream"
+                    ));
+                }
+                Err(why) => {
+                    return Err(MigrateError::Failed {
+                        phase: Phase::Dump,
+                        msg: format!("migration.transfer is forward, but {why}"),
+                    })
+                }
+            }
+        }
+        let p = Phase::Dump;
+        let dir = Self::scratch(&self.src().cfg, &self.id, "dump");
+        self.created.source_dirs.push(dir.clone());
+        let out = self
+            .src()
+            .host
+            .run(&backup_cmd(&self.src().cfg.rpc_address, &dir))
+            .await
+            .map_err(Self::remote_err(p))?;
+        self.report.dump_bytes = du_bytes(&out);
+        Ok(())
+    }
+
+    /// Run `influxd backup` on the target host against the source's RPC port, reached
+    /// through a local forward into the source and a remote forward out of the target,
+    /// both through this process: no VM-to-VM keys, no copy on the source's disk.
+    /// `Err` means the forwards could not be set up (the caller may fall back);
+    /// `Ok(Err)` is a failure of the backup itself.
+    pub(super) async fn pull_dump(&mut self) -> Result<Result<(), MigrateError>, String> {
+        let p = Phase::Dump;
+        let rpc = self.src().cfg.rpc_address.clone();
+        let (rpc_host, rpc_port) = rpc
+            .rsplit_once(':')
+            .and_then(|(h, port)| {
+                port.parse::<u16>()
+                    .ok()
+                    .map(|port| (h.trim_matches(['[', ']']).to_string(), port))
+            })
+            .ok_or_else(|| format!("source.rpc_address {rpc:?} is not host:port"))?;
+        // 1. The source's RPC port, as this process reaches it.
+        let mut local_fwd = None;
+        let src_rpc: std::net::SocketAddr = match &self.src().host {
+            Host::Ssh(s) => {
+                let listen = free_local_port().map_err(|e| format!("no free local port: {e}"))?;
+                s.forward_local(listen, &rpc_host, rpc_port)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                local_fwd = Some(listen);
+                listen
+            }
+            Host::Local(_) => tokio::net::lookup_host(rpc.as_str())
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("cannot resolve source.rpc_address {rpc:?}"))?,
+        };
+        // 2. The target reaches it.
+        let mut remote_fwd = None;
+        let backup_from = match &self.dst().host {
+            Host::Ssh(t) => {
+                let mut last = String::new();
+                for attempt in 0..8u64 {
+                    let port = 20_000
+                        + ((self.id.parse::<u64>().unwrap_or(0).wrapping_mul(7919)
+                            + attempt * 104_729)
+                            % 40_000) as u16;
+                    match t.forward_remote(port, src_rpc).await {
+                        Ok(()) => {
+                            remote_fwd = Some(port);
+                            break;
+                        }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                match remote_fwd {
+                    Some(port) => format!("127.0.0.1:{port}"),
+                    None => {
+                        self.close_forwards(local_fwd, None, &rpc_host, rpc_port, src_rpc)
+                            .await;
+                        return Err(last);
+                    }
+                }
+            }
+            Host::Local(_) => src_rpc.to_string(),
+        };
+        let dir = Self::scratch(&self.dst().cfg, &self.id, "restore");
+        self.created.target_dirs.push(dir.clone());
+        // The backup runs on the target but reads through our connection to the source:
+        // if that connection dies, `influxd backup` would retry each shard for minutes.
+        let watch_source = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if !self.src().host.alive().await {
+                    return;
+                }
+            }
+        };
+        let cmd = backup_cmd(&backup_from, &dir);
+        let r = tokio::select! {
+            r = self.dst().host.run(&cmd) => r.map_err(Self::remote_err(p)),
+            () = watch_source => {
+                // Dropping the command does not stop `influxd backup` on the target (an
+                // SSH channel or `sh` going away leaves it retrying): stop it by its
+                // scratch directory, which only this migration's backup names.
+                let pattern = format!("[i]nfluxd backup .*{}", regex_quote(&dir));
+                if let Err(e) = self.dst().host.run(&format!("pkill -f -- {} || true", shell_quote(&pattern))).await {
+                    tracing::warn!(error = %e, "could not stop the target's backup");
+                }
+                Err(MigrateError::Failed {
+                    phase: p,
+                    msg: format!(
+                        "the SSH connection to the source {} was lost during the dump",
+                        self.src().host.describe()
+                    ),
+                })
+            }
+        };
+        self.close_forwards(local_fwd, remote_fwd, &rpc_host, rpc_port, src_rpc)
+            .await;
+        Ok(r.map(|out| self.report.dump_bytes = du_bytes(&out)))
+    }
+
+    pub(super) async fn close_forwards(
+        &self,
+        local: Option<std::net::SocketAddr>,
+        remote: Option<u16>,
+        rpc_host: &str,
+        rpc_port: u16,
+        src_rpc: std::net::SocketAddr,
+    ) {
+        if let (Some(port), Host::Ssh(t)) = (remote, &self.dst().host) {
+            t.close_remote(port, src_rpc).await;
+        }
+        if let (Some(listen), Host::Ssh(s)) = (local, &self.src().host) {
+            s.close_local(listen, rpc_host, rpc_port).await;
+        }
+    }
+
+    pub(super) async fn transfer(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Transfer;
+        if self.pulled {
+            return Ok(()); // the target already holds the dump
+        }
+        let from = Self::scratch(&self.src().cfg, &self.id, "dump");
+        let to = Self::scratch(&self.dst().cfg, &self.id, "restore");
+        self.created.target_dirs.push(to.clone());
+        // The shards are already gzip-compressed: plain tar, streamed through this process.
+        let send = format!("tar -C {} -cf - .", shell_quote(&from));
+        let recv = format!(
+            "rm -rf {to} && mkdir -p {to} && tar -C {to} -xf -",
+            to = shell_quote(&to)
+        );
+        let mut tx = self
+            .src()
+            .host
+            .spawn(
+                &send,
+                Pipes {
+                    stdin: false,
+                    stdout: true,
+                },
+            )
+            .await
+            .map_err(Self::remote_err(p))?;
+        let mut rx = self
+            .dst()
+            .host
+            .spawn(
+                &recv,
+                Pipes {
+                    stdin: true,
+                    stdout: false,
+                },
+            )
+            .await
+            .map_err(Self::remote_err(p))?;
+        let (Some(mut out), Some(mut inp)) = (tx.stdout.take(), rx.stdin.take()) else {
+            return Err(MigrateError::Failed {
+                phase: p,
+                msg: "transfer pipes were not opened".into(),
+            });
+        };
+        let copied = tokio::io::copy(&mut out, &mut inp).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut inp).await;
+        drop(inp);
+        drop(out);
+        let (a, b) = tokio::join!(tx.finish(), rx.finish());
+        a.map_err(Self::remote_err(p))?;
+        b.map_err(Self::remote_err(p))?;
+        let n = copied.map_err(|e| MigrateError::Failed {
+            phase: p,
+            msg: format!("streaming the dump: {e}"),
+        })?;
+        self.progress.note(&format!("transferred {n} bytes"));
+        Ok(())
+    }
+
+    pub(super) async fn restore(&mut self) -> Result<(), MigrateError> {
+        let p = Phase::Restore;
+        let dir = Self::scratch(&self.dst().cfg, &self.id, "restore");
+        let rpc = self.dst().cfg.rpc_address.clone();
+        for db in self.report.databases.clone() {
+            // Re-checked right before the side effect: a database that appeared on the
+            // target since prepare is not ours, and a rollback must never drop it.
+            let now = self
+                .dst()
+                .influx
+                .databases()
+                .await
+                .map_err(Self::influx_err(p))?;
+            if now.contains(&db) {
+                return Err(MigrateError::TargetNotEmpty {
+                    target: self.dst().cfg.name.clone(),
+                    db,
+                });
+            }
+            // Recorded before the side effect: a half-restored database is ours to remove.
+            self.created.target_databases.push(db.clone());
+            // Judged by its exit status (a failure's stderr is in the error) and by the state
+            // it leaves; never by words in its output, which names databases and shards.
+            let cmd = format!(
+                "influxd restore -portable -db {} -host {} {}",
+                shell_quote(&db),
+                shell_quote(&rpc),
+                shell_quote(&dir)
+            );
+            self.dst()
+                .host
+                .run(&cmd)
+                .await
+                .map_err(Self::remote_err(p))?;
+            let restored = self
+                .dst()
+                .influx
+                .databases()
+                .await
+                .map_err(Self::influx_err(p))?;
+            if !restored.contains(&db) {
+                return Err(MigrateError::Failed {
+                    phase: p,
+                    msg: format!(
+                        "restore of database {db:?} on {} exited 0 but the database is not there",
+                        self.dst().cfg.name
+                    ),
+                });
+            }
+        }
+        let src = self.src().influx.clone();
+        let dst = self.dst().influx.clone();
+        let err = Self::influx_err(p);
+        // Portable restore carries subscriptions over: ours must not forward from the target.
+        for s in dst.subscriptions().await.map_err(&err)? {
+            if s.name.starts_with("stateshift_") {
+                dst.drop_subscription(&s.name, &s.database, &s.retention_policy)
+                    .await
+                    .map_err(&err)?;
+            }
+        }
+        // Retention policies: restore brings them; make sure defaults and any missing agree.
+        for db in &self.report.databases {
+            let srps = src.retention_policies(db).await.map_err(&err)?;
+            let drps = dst.retention_policies(db).await.map_err(&err)?;
+            for rp in &srps {
+                let q = match drps.iter().find(|d| d.name == rp.name) {
+                    None => format!("CREATE RETENTION POLICY {} ON {} DURATION {} REPLICATION {} SHARD DURATION {}{}", ident(&rp.name), ident(db), rp.duration, rp.replication, rp.shard_group_duration, if rp.default { " DEFAULT" } else { "" }),
+                    Some(d) if d != rp => format!("ALTER RETENTION POLICY {} ON {} DURATION {} REPLICATION {} SHARD DURATION {}{}", ident(&rp.name), ident(db), rp.duration, rp.replication, rp.shard_group_duration, if rp.default { " DEFAULT" } else { "" }),
+                    Some(_) => continue,
+                };
+                dst.query(None, &q).await.map_err(&err)?;
+            }
+        }
+        // Users and grants (portable restore drops them).
+        let dst_users: BTreeSet<String> = dst
+            .users()
+            .await
+            .map_err(&err)?
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
+        for u in src.users().await.map_err(&err)? {
+            if !dst_users.contains(&u.name) {
+                let pw = self
+                    .cfg
+                    .migration
+                    .user_passwords
+                    .get(&u.name)
+                    .or(if self.src().cfg.username.as_deref() == Some(&u.name) {
+                        self.src().cfg.password.as_ref()
+                    } else {
+                        None
+                    })
+                    .cloned();
+                let Some(pw) = pw else {
+                    return Err(MigrateError::MissingPassword {
+                        user: u.name.clone(),
+                    });
+                };
+                let q = format!(
+                    "CREATE USER {} WITH PASSWORD {}{}",
+                    ident(&u.name),
+                    literal(pw.expose()),
+                    if u.admin { " WITH ALL PRIVILEGES" } else { "" }
+                );
+                self.created.target_users.push(u.name.clone());
+                // The statement holds the password: its error must not echo it.
+                dst.query(None, &q)
+                    .await
+                    .map_err(|e| MigrateError::Failed {
+                        phase: p,
+                        msg: format!(
+                            "cannot create user {:?} on the target: {}",
+                            u.name,
+                            statement_error(&e, pw.expose())
+                        ),
+                    })?;
+            } else if u.admin {
+                dst.query(None, &format!("GRANT ALL PRIVILEGES TO {}", ident(&u.name)))
+                    .await
+                    .map_err(&err)?;
+            }
+            for g in src.grants(&u.name).await.map_err(&err)? {
+                let privilege = if g.privilege == "ALL PRIVILEGES" {
+                    "ALL"
+                } else {
+                    g.privilege.as_str()
+                };
+                dst.query(
+                    None,
+                    &format!(
+                        "GRANT {privilege} ON {} TO {}",
+                        ident(&g.database),
+                        ident(&u.name)
+                    ),
+                )
+                .await
+                .map_err(&err)?;
+            }
+        }
+        // Continuous queries.
+        let have: BTreeSet<(String, String)> = dst
+            .continuous_queries()
+            .await
+            .map_err(&err)?
+            .into_iter()
+            .map(|c| (c.database, c.name))
+            .collect();
+        for cq in src.continuous_queries().await.map_err(&err)? {
+            if !have.contains(&(cq.database.clone(), cq.name.clone())) {
+                dst.query(None, &cq.query).await.map_err(&err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The error of a statement that carried a password, without the statement: the
+/// server's own message (with the password masked, should a parser quote it) or the
+/// HTTP status only.
+pub(super) fn statement_error(e: &InfluxError, secret: &str) -> String {
+    let msg = match e {
+        InfluxError::Query { msg, .. } => msg.clone(),
+        InfluxError::Http { status, .. } => format!("HTTP {status}"),
+        InfluxError::Decode { .. } => "unexpected response".into(),
+        other => other.to_string(),
+    };
+    if secret.is_empty() {
+        msg
+    } else {
+        msg.replace(secret, "***")
+    }
+}
+
+/// The shell command that makes a fresh portable backup of `rpc` into `dir` and prints
+/// its size last (`du -sb`).
+pub(super) fn backup_cmd(rpc: &str, dir: &str) -> String {
+    let q = shell_quote(dir);
+    format!(
+        "rm -rf {q} && mkdir -p {q} && nice -n 10 influxd backup -portable -host {} {q} 2>&1 && du -sb {q}",
+        shell_quote(rpc)
+    )
+}
+
+/// `s` as a literal in an extended regular expression (`pkill -f`).
+pub(super) fn regex_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.^$|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub(super) fn du_bytes(out: &str) -> u64 {
+    out.lines()
+        .last()
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: another process could take it
+/// first, in which case the forward request fails and the caller falls back).
+pub(super) fn free_local_port() -> std::io::Result<std::net::SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
