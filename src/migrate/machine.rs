@@ -160,43 +160,22 @@ impl Provider {
                 Some(t) if t.influx_url == p.influx_url => t.clone(),
                 _ => fallback.clone(),
             },
-            (Provider::Local(l), Some(s), Some(o)) => l.instance_config(&s.name, o),
-            (Provider::Heat(_), Some(s), Some(o)) => InstanceConfig {
-                name: s.name.clone(),
-                influx_url: o.influxdb_url.clone(),
-                rpc_address: heat_rpc_address(o),
-                username: cfg.source.username.clone(),
-                password: cfg.source.password.clone(),
-                password_file: None,
-                ssh: cfg.provider.ssh.clone().map(|mut c| {
-                    c.host = o.ssh_host.clone();
-                    c.port = o.ssh_port;
-                    // The keys the VM reported through its stack: checked from the first
-                    // contact on, and a reused address with a new VM behind it just works.
-                    if !o.ssh_host_keys.is_empty() {
-                        c.host_keys = o.ssh_host_keys.clone();
-                    }
-                    c
-                }),
-                work_dir: cfg.source.work_dir.clone(),
-                timeout: cfg.source.timeout,
-            },
+            (Provider::Local(l), Some(s), Some(o)) => l.reach(s, o, &reach_defaults(cfg)),
+            (Provider::Heat(h), Some(s), Some(o)) => h.reach(s, o, &reach_defaults(cfg)),
             _ => fallback.clone(),
         }
         .with_name_of(cfg, p)
     }
 }
 
-/// The backup/restore RPC address of a Heat stack's InfluxDB, as its VM reaches it (dump
-/// and restore run there over SSH): the optional output `influxdb_rpc_address`, else
-/// `127.0.0.1:8088`, where `heat-templates/influxdb.yaml` binds it.
-fn heat_rpc_address(o: &crate::stack::StackOutputs) -> String {
-    o.raw
-        .get("influxdb_rpc_address")
-        .and_then(serde_json::Value::as_str)
-        .filter(|a| !a.trim().is_empty())
-        .unwrap_or("127.0.0.1:8088")
-        .to_string()
+/// What a provider does not know about the InfluxDB of the stacks it creates: the
+/// service's credentials, work directory and timeout, and the SSH user and key
+/// (`provider.ssh`).
+fn reach_defaults(cfg: &Config) -> InstanceConfig {
+    InstanceConfig {
+        ssh: cfg.provider.ssh.clone(),
+        ..cfg.source.clone()
+    }
 }
 
 impl InstanceConfig {
@@ -963,39 +942,4 @@ pub fn resolve(cfg: &Config, on_target: bool) -> Result<String, MachineError> {
     let url = on.influx_url.clone();
     Journal::open(&paths.journal)?.append(&m.id, Event::Resolved { on })?;
     Ok(url)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn outputs(extra: Option<serde_json::Value>) -> crate::stack::StackOutputs {
-        let mut raw = std::collections::BTreeMap::new();
-        raw.insert("influxdb_host".to_string(), json!("10.0.0.13"));
-        raw.insert("influxdb_url".to_string(), json!("http://10.0.0.13:8086"));
-        raw.insert("ssh_host".to_string(), json!("10.0.0.13"));
-        raw.insert("ssh_port".to_string(), json!(22));
-        if let Some(v) = extra {
-            raw.insert("influxdb_rpc_address".to_string(), v);
-        }
-        crate::stack::StackOutputs::from_raw("s", raw).unwrap()
-    }
-
-    #[test]
-    fn a_heat_stacks_rpc_address_is_its_output_or_the_templates_loopback_default() {
-        assert_eq!(heat_rpc_address(&outputs(None)), "127.0.0.1:8088");
-        assert_eq!(
-            heat_rpc_address(&outputs(Some(json!("")))),
-            "127.0.0.1:8088"
-        );
-        assert_eq!(
-            heat_rpc_address(&outputs(Some(json!(null)))),
-            "127.0.0.1:8088"
-        );
-        assert_eq!(
-            heat_rpc_address(&outputs(Some(json!("127.0.70.3:8088")))),
-            "127.0.70.3:8088"
-        );
-    }
 }

@@ -1075,6 +1075,33 @@ impl StackProvider for Heat {
         self.name.clone()
     }
 
+    /// The VM's addresses from the stack's outputs; credentials, work directory and the
+    /// SSH user and key from `defaults`; the SSH host keys the VM reported, pinned.
+    fn reach(
+        &self,
+        stack: &StackRef,
+        o: &StackOutputs,
+        defaults: &crate::config::InstanceConfig,
+    ) -> crate::config::InstanceConfig {
+        crate::config::InstanceConfig {
+            name: stack.name.clone(),
+            influx_url: o.influxdb_url.clone(),
+            rpc_address: rpc_address(o),
+            password_file: None,
+            ssh: defaults.ssh.clone().map(|mut c| {
+                c.host = o.ssh_host.clone();
+                c.port = o.ssh_port;
+                // The keys the VM reported through its stack: checked from the first
+                // contact on, and a reused address with a new VM behind it just works.
+                if !o.ssh_host_keys.is_empty() {
+                    c.host_keys = o.ssh_host_keys.clone();
+                }
+                c
+            }),
+            ..defaults.clone()
+        }
+    }
+
     async fn create(&self, spec: &StackSpec) -> Result<(StackRef, StackOutputs), StackError> {
         let (stack, outputs, _) = self.create_timed(spec).await?;
         Ok((stack, outputs))
@@ -1580,11 +1607,46 @@ fn registry_templates(v: &serde_yaml::Value, out: &mut Vec<String>) {
     }
 }
 
+/// The backup/restore RPC address of a stack's InfluxDB, as its VM reaches it (dump and
+/// restore run there over SSH): the optional output `influxdb_rpc_address`, else
+/// `127.0.0.1:8088`, where `heat-templates/influxdb.yaml` binds it.
+fn rpc_address(o: &StackOutputs) -> String {
+    o.raw
+        .get("influxdb_rpc_address")
+        .and_then(Value::as_str)
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or("127.0.0.1:8088")
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::util::arb;
     use proptest::prelude::*;
+
+    fn outputs(extra: Option<Value>) -> StackOutputs {
+        let mut raw = BTreeMap::new();
+        raw.insert("influxdb_host".to_string(), json!("10.0.0.13"));
+        raw.insert("influxdb_url".to_string(), json!("http://10.0.0.13:8086"));
+        raw.insert("ssh_host".to_string(), json!("10.0.0.13"));
+        raw.insert("ssh_port".to_string(), json!(22));
+        if let Some(v) = extra {
+            raw.insert("influxdb_rpc_address".to_string(), v);
+        }
+        StackOutputs::from_raw("s", raw).unwrap()
+    }
+
+    #[test]
+    fn a_stacks_rpc_address_is_its_output_or_the_templates_loopback_default() {
+        assert_eq!(rpc_address(&outputs(None)), "127.0.0.1:8088");
+        assert_eq!(rpc_address(&outputs(Some(json!("")))), "127.0.0.1:8088");
+        assert_eq!(rpc_address(&outputs(Some(json!(null)))), "127.0.0.1:8088");
+        assert_eq!(
+            rpc_address(&outputs(Some(json!("127.0.70.3:8088")))),
+            "127.0.70.3:8088"
+        );
+    }
 
     /// Everything the provider does with a Keystone or Heat reply body, as the fuzz
     /// target does it.

@@ -663,6 +663,17 @@ impl StackProvider for LocalStacks {
         format!("local stacks in {}", self.dir.display())
     }
 
+    /// Local VMs carry their own keys and run InfluxDB without authentication: nothing
+    /// from `defaults` applies.
+    fn reach(
+        &self,
+        stack: &StackRef,
+        outputs: &StackOutputs,
+        _defaults: &InstanceConfig,
+    ) -> InstanceConfig {
+        self.instance_config(&stack.name, outputs)
+    }
+
     async fn create(&self, spec: &StackSpec) -> Result<(StackRef, StackOutputs), StackError> {
         if !valid_name(&spec.name) {
             return Err(StackError::Invalid {

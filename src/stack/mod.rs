@@ -120,6 +120,17 @@ pub trait StackProvider {
 
     /// Find a stack by name (an orchestrator restart finds its stacks again).
     async fn find(&self, name: &str) -> Result<Option<StackRef>, StackError>;
+
+    /// How to reach the InfluxDB of one of this provider's stacks: its HTTP API, its
+    /// backup/restore RPC address as its own host reaches it, and SSH to that host. Only
+    /// the provider knows how its outputs map to these; `defaults` holds what it does not
+    /// know itself (the service's credentials and work directory, the SSH user and key).
+    fn reach(
+        &self,
+        stack: &StackRef,
+        outputs: &StackOutputs,
+        defaults: &crate::config::InstanceConfig,
+    ) -> crate::config::InstanceConfig;
 }
 
 impl StackOutputs {
