@@ -15,7 +15,12 @@ use anyhow::Context;
 use stateshift::influx::Influx;
 use stateshift::stack::local::LocalStacks;
 use stateshift::stack::{StackProvider, StackSpec};
-use stateshift::workload::{self, RunningWriter, SeedSpec, WriterSpec};
+/// The workload kit, included as the tests include it (it is not library API).
+#[allow(dead_code)]
+#[path = "../src/kit/workload.rs"]
+mod workload;
+
+use workload::{RunningWriter, SeedSpec, WriterSpec};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

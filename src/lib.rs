@@ -15,23 +15,20 @@
 //! - [`predict`]: GM(1,1) and baseline predictors, trigger policy, trace evaluation.
 //! - [`daemon`]: the service orchestrator: the decision loop over the load, the journaled
 //!   migrations it triggers, and its HTTP(S) API.
-//! - [`demo`]: `stateshift demo`, the whole loop on local stacks.
 //! - [`util`]: secrets that never print, capped HTTP bodies, atomic writes, the retry
 //!   schedule, fault hooks.
 //! - [`logging`]: log lines for a terminal, a file, the systemd journal, or as JSON.
-//! - [`lab`]: a source and a target local VM with a config naming them (demo, bench, tests).
-//! - [`workload`]: seeded data and a live writer with an independent ledger of acked points.
-//! - [`bench`]: the data-engine benchmark behind `stateshift bench`.
 //! - [`timeline`]: the availability timeline: a probe writer/reader that follows the
 //!   service through a migration, per-second CSV and an SVG chart with the phases.
+//!
+//! Not here: `stateshift demo` and `stateshift bench` are the binary's own modules
+//! (`src/cli/`), and the lab and workload kit they and the tests use (`src/kit/`) is
+//! compiled into the binary and included by path in the tests, so this library exposes
+//! what an integrator uses and nothing of the scaffolding.
 
-pub mod bench;
 pub mod config;
 pub mod daemon;
-pub mod demo;
 pub mod influx;
-
-pub mod lab;
 pub mod logging;
 pub mod migrate;
 pub mod monitor;
@@ -40,4 +37,3 @@ pub mod remote;
 pub mod stack;
 pub mod timeline;
 pub mod util;
-pub mod workload;

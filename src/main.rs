@@ -5,7 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use stateshift::bench::{self, BenchOptions, PrintProgress};
+mod cli;
+mod kit;
+
+use cli::bench::{self, BenchOptions};
+use cli::PrintProgress;
 use stateshift::config::Config;
 use stateshift::logging::{self, LogFormat, LogStyle};
 use stateshift::migrate::engine;
@@ -354,7 +358,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             }
         }
         Cmd::Demo { dir, points } => {
-            match interruptible(stateshift::demo::run(&dir, points)).await {
+            match interruptible(cli::demo::run(&dir, points)).await {
                 Ok(o) if o.lost == 0 && o.failed_writes == 0 && o.old_stack_gone => {
                     println!("\ndemo ok: triggered by the prediction, migrated, old stack disposed of, nothing lost");
                     ExitCode::SUCCESS

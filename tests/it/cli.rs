@@ -1,6 +1,6 @@
 use std::process::Command;
 
-use stateshift::lab::LabOptions;
+use crate::kit::lab::LabOptions;
 
 use crate::common::*;
 

@@ -1,8 +1,8 @@
 use std::path::PathBuf;
 
-use stateshift::lab::{Lab, LabOptions};
+use crate::kit::lab::{Lab, LabOptions};
+use crate::kit::workload::{self, SeedSpec};
 use stateshift::migrate::engine::Progress;
-use stateshift::workload::{self, SeedSpec};
 
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now()

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::kit::workload::{self, Ledger};
 use stateshift::influx::Influx;
-use stateshift::workload::{self, Ledger};
 
 use crate::common::*;
 use crate::orchestrator::{

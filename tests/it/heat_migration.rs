@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::kit::workload::{self, Ledger, RunningWriter, WriterSpec, LIVE_MEASUREMENT};
 use stateshift::config::Config;
 use stateshift::influx::Influx;
 use stateshift::migrate::engine::{Phase, Progress};
@@ -26,7 +27,6 @@ use stateshift::migrate::machine::{self, MachineError, Provider};
 use stateshift::stack::heat::Heat;
 use stateshift::stack::local::{LocalVm, SshKeys, VmOptions};
 use stateshift::stack::{StackError, StackProvider, StackRef, StackSpec};
-use stateshift::workload::{self, Ledger, RunningWriter, WriterSpec, LIVE_MEASUREMENT};
 
 use super::common::*;
 use super::heat::{env, fake_server, fixture, password_cfg, revoke, unique, Env};
@@ -196,7 +196,7 @@ async fn heat_service(subnet: u8, tag: &str, knobs: Knobs) -> HeatSvc {
     let url_file = d.join("writer-url");
     std::fs::write(&url_file, src.influx_url()).unwrap();
     let pw = d.join("heat.password");
-    stateshift::lab::write_secret(&pw, e.password.expose()).unwrap();
+    crate::kit::lab::write_secret(&pw, e.password.expose()).unwrap();
     let inst = src.instance_config("src");
     let ssh = inst.ssh.clone().unwrap();
     let mut params = vec![

@@ -682,9 +682,9 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
                 .is_err()
         );
         provision(&admin0, &cyclops_pw).await;
-        let seeded = stateshift::workload::seed(
+        let seeded = crate::kit::workload::seed(
             &admin0,
-            &stateshift::workload::SeedSpec {
+            &crate::kit::workload::SeedSpec {
                 db: "udr_service".into(),
                 points: 20_000,
                 series: 12,
@@ -858,13 +858,13 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
         ));
         assert_eq!(ledgers1.failed_requests, 0, "writers never saw an error");
         assert_eq!(
-            stateshift::workload::count_points(&admin1, "udr_service", "usage0")
+            crate::kit::workload::count_points(&admin1, "udr_service", "usage0")
                 .await
                 .unwrap()
-                + stateshift::workload::count_points(&admin1, "udr_service", "usage1")
+                + crate::kit::workload::count_points(&admin1, "udr_service", "usage1")
                     .await
                     .unwrap()
-                + stateshift::workload::count_points(&admin1, "udr_service", "usage2")
+                + crate::kit::workload::count_points(&admin1, "udr_service", "usage2")
                     .await
                     .unwrap(),
             seeded
@@ -1102,9 +1102,9 @@ fn host_config(
 ) -> PathBuf {
     let o = influx_outputs(old);
     let pw = dir.join("admin.password");
-    stateshift::lab::write_secret(&pw, admin_pw).unwrap();
+    crate::kit::lab::write_secret(&pw, admin_pw).unwrap();
     let heat_pw = dir.join("heat.password");
-    stateshift::lab::write_secret(&heat_pw, lab.env.password.expose()).unwrap();
+    crate::kit::lab::write_secret(&heat_pw, lab.env.password.expose()).unwrap();
     let keys: String = o
         .ssh_host_keys
         .iter()
@@ -1191,9 +1191,9 @@ migration:
 /// InfluxDB never answers (the orchestrator's bounded wait).
 #[test]
 fn a_target_that_cannot_come_up_fails_before_cutover_is_deleted_and_loses_nothing() {
+    use crate::kit::workload::{self, RunningWriter, WriterSpec};
     use stateshift::migrate::engine::MigrateError;
     use stateshift::migrate::machine::{self, MachineError, Provider};
-    use stateshift::workload::{self, RunningWriter, WriterSpec};
     lab_test("fault", |lab| async move {
         let admin_pw = password(20);
         let old_name = format!("{}-influx-0", lab.tag);
@@ -1408,9 +1408,9 @@ fn a_migration_between_two_heat_created_vms_measured_phase_by_phase() {
         let o = influx_outputs(&old);
         let admin = influx(&o.influxdb_url, "admin", &admin_pw);
         let t = Instant::now();
-        let seeded = stateshift::workload::seed(
+        let seeded = crate::kit::workload::seed(
             &admin,
-            &stateshift::workload::SeedSpec {
+            &crate::kit::workload::SeedSpec {
                 db: "rcbaas".into(),
                 points,
                 series: 150,
@@ -1503,7 +1503,7 @@ fn a_migration_between_two_heat_created_vms_measured_phase_by_phase() {
         let admin2 = influx(&target_url, "admin", &admin_pw);
         let mut n = 0;
         for m in 0..3 {
-            n += stateshift::workload::count_points(&admin2, "rcbaas", &format!("usage{m}"))
+            n += crate::kit::workload::count_points(&admin2, "rcbaas", &format!("usage{m}"))
                 .await
                 .unwrap();
         }

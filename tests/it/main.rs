@@ -1,6 +1,12 @@
 //! Integration tests against real InfluxDB 1.x servers and real sshd processes, each
 //! started by the test on its own loopback address (`scripts/setup.sh` installs them).
 
+/// The lab and workload kit, compiled here as the binary compiles it (it is not library
+/// API); each test binary uses part of it.
+#[allow(dead_code)]
+#[path = "../../src/kit/mod.rs"]
+mod kit;
+
 mod api_tls;
 mod cli;
 mod common;

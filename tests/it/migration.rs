@@ -1,14 +1,14 @@
 use std::time::Duration;
 
+use crate::kit::lab::LabOptions;
+use crate::kit::workload::{self, RunningWriter, WriterSpec};
 use stateshift::influx::Influx;
-use stateshift::lab::LabOptions;
 use stateshift::migrate::engine::{self, MigrateError, Phase, Progress};
 use stateshift::util::Secret;
-use stateshift::workload::{self, RunningWriter, WriterSpec};
 
 use crate::common::*;
 
-fn writer(lab: &stateshift::lab::Lab, db: &str, rate: u32) -> WriterSpec {
+fn writer(lab: &crate::kit::lab::Lab, db: &str, rate: u32) -> WriterSpec {
     WriterSpec {
         db: db.into(),
         url_file: lab.url_file.clone(),
@@ -229,7 +229,7 @@ async fn users_grants_continuous_queries_and_retention_policies_arrive_on_the_ta
     })
     .await;
     let pwfile = lab.dir.join("users.yaml");
-    stateshift::lab::write_secret(&pwfile, "bob: b0b-pass\n").unwrap();
+    crate::kit::lab::write_secret(&pwfile, "bob: b0b-pass\n").unwrap();
     let (_, cfg) = lab
         .write_config(&format!(
             "  user_passwords_file: \"{}\"\n",
@@ -311,7 +311,7 @@ async fn wrong_influx_credentials_are_named_and_nothing_changes() {
     .await;
     let (path, _) = lab.write_config("").unwrap();
     seed(&lab, "cyclops", 500).await;
-    stateshift::lab::write_secret(&lab.dir.join("target.password"), "wrong-pass").unwrap();
+    crate::kit::lab::write_secret(&lab.dir.join("target.password"), "wrong-pass").unwrap();
     let cfg = stateshift::config::Config::load(&path).unwrap();
     let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
         .await

@@ -1,7 +1,7 @@
 use std::time::{Duration, Instant};
 
+use crate::kit::lab::LabOptions;
 use stateshift::config::HostKeyCheck;
-use stateshift::lab::LabOptions;
 use stateshift::remote::{Pipes, Remote, RemoteError, SshRemote};
 use stateshift::stack::local::{LocalVm, SshKeys, VmOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use stateshift::lab::LabOptions;
+use crate::kit::lab::LabOptions;
 use stateshift::util::Secret;
 
 use crate::common::*;
@@ -60,8 +60,8 @@ async fn no_secret_reaches_logs_errors_journal_status_or_files() {
     .await;
     let d = lab.dir.clone();
     let users = d.join("users.yaml");
-    stateshift::lab::write_secret(&users, &format!("bob: {BOB_PW}\n")).unwrap();
-    stateshift::lab::write_secret(&d.join("api-token"), TOKEN).unwrap();
+    crate::kit::lab::write_secret(&users, &format!("bob: {BOB_PW}\n")).unwrap();
+    crate::kit::lab::write_secret(&d.join("api-token"), TOKEN).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -152,8 +152,8 @@ async fn no_secret_reaches_logs_errors_journal_status_or_files() {
     let _ = daemon.wait();
 
     // The CLI failing on a wrong password (an operator's typo in a password file).
-    stateshift::lab::write_secret(&d.join("target.password"), WRONG_PW).unwrap();
-    stateshift::lab::write_secret(&d.join("source.password"), WRONG_PW).unwrap();
+    crate::kit::lab::write_secret(&d.join("target.password"), WRONG_PW).unwrap();
+    crate::kit::lab::write_secret(&d.join("source.password"), WRONG_PW).unwrap();
     let bad = Command::new(bin())
         .args(["migrate", "--dry-run", "-c"])
         .arg(&cfg_path)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use std::process::{Command, Stdio};
 
-use stateshift::workload::{RunningWriter, WriterSpec};
+use crate::kit::workload::{RunningWriter, WriterSpec};
 
 use crate::common::*;
 use crate::orchestrator::{assert_nothing_lost, service_seeded, TOKEN};

@@ -565,7 +565,7 @@ async fn real_zabbix_readings_trigger_two_migrations_in_a_row_losing_nothing() {
     let _l = lock(&env, false);
     let svc = crate::orchestrator::service(60).await;
     let pw = svc.dir().join("zbx.pw");
-    stateshift::lab::write_secret(&pw, env.password.expose()).unwrap();
+    crate::kit::lab::write_secret(&pw, env.password.expose()).unwrap();
     let extra = format!(
         "monitor:\n  kind: zabbix\n  poll_interval: 1s\n  window: 5\n  min_readings: 3\n  threshold: 0.000001\n  consecutive: 1\n  cooldown: 1s\n  model: last\n  zabbix:\n    url: \"{}\"\n    username: \"{}\"\n    password_file: \"{}\"\n    host: \"{}\"\n    key: \"{}\"\n",
         env.url,

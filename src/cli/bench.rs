@@ -1,28 +1,14 @@
 //! The data-engine benchmark (`stateshift bench`): two local InfluxDB servers, a
 //! seeded data set, a live writer, one migration against native backup + restore, and
-//! the figures. (The demo of the whole loop is `crate::demo`.)
+//! the figures. (The demo of the whole loop is [`super::demo`].)
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::lab::{Lab, LabOptions};
-use crate::migrate::engine::{self, Phase, Progress, Report};
-use crate::stack::local::{LocalVm, VmOptions};
-use crate::workload::{self, RunningWriter, SeedSpec, WriterSpec};
-
-/// Progress printed for a person.
-pub struct PrintProgress;
-impl Progress for PrintProgress {
-    fn phase_started(&self, phase: Phase) {
-        println!("  -> {phase}");
-    }
-    fn phase_done(&self, phase: Phase, took: Duration) {
-        println!("     {phase} done in {:.3} s", took.as_secs_f64());
-    }
-    fn note(&self, msg: &str) {
-        println!("     {msg}");
-    }
-}
+use crate::kit::lab::{Lab, LabOptions};
+use crate::kit::workload::{self, RunningWriter, SeedSpec, WriterSpec};
+use stateshift::migrate::engine::{self, Phase, Report};
+use stateshift::stack::local::{LocalVm, VmOptions};
 
 /// Print the per-phase timings of a report.
 pub fn print_report(r: &Report) {
@@ -82,8 +68,8 @@ pub struct BenchOptions {
 pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     // A local stack: create until influxd answers, then delete.
     {
-        use crate::stack::{StackProvider, StackSpec};
-        let stacks = crate::stack::local::LocalStacks::new(&dir.join("stacks"), 15)?;
+        use stateshift::stack::{StackProvider, StackSpec};
+        let stacks = stateshift::stack::local::LocalStacks::new(&dir.join("stacks"), 15)?;
         let mut times = Vec::new();
         for i in 0..3 {
             let spec = StackSpec {
@@ -297,8 +283,8 @@ fn run_cmd(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
 
 /// Replay `points` spooled points into a fresh database on the lab's target.
 async fn replay_throughput(lab: &Lab, points: u64) -> anyhow::Result<(f64, u64)> {
-    use crate::migrate::spool::SpoolWriter;
     use influxdb_line_protocol::LineProtocolBuilder;
+    use stateshift::migrate::spool::SpoolWriter;
     let dst = lab.target.client();
     dst.query(None, "CREATE DATABASE replaybench").await?;
     let path = lab.dir.join("replay.spool");

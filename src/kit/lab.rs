@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
-use crate::stack::local::{LocalError, LocalVm, SshKeys, VmOptions};
-use crate::util::Secret;
+use stateshift::config::Config;
+use stateshift::stack::local::{LocalError, LocalVm, SshKeys, VmOptions};
+use stateshift::util::Secret;
 
 pub struct Lab {
     pub dir: PathBuf,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use influxdb_line_protocol::LineProtocolBuilder;
 use tokio_util::sync::CancellationToken;
 
-use crate::influx::{Influx, InfluxError};
+use stateshift::influx::{Influx, InfluxError};
 
 const NS: i64 = 1_000_000_000;
 pub const DAY_NS: i64 = 86_400 * NS;
@@ -48,7 +48,7 @@ pub async fn seed(influx: &Influx, spec: &SeedSpec) -> Result<u64, InfluxError> 
     influx
         .query(
             None,
-            &format!("CREATE DATABASE {}", crate::influx::ident(&spec.db)),
+            &format!("CREATE DATABASE {}", stateshift::influx::ident(&spec.db)),
         )
         .await?;
     let per_series = spec.points.div_ceil(spec.series as u64).max(1);
@@ -105,7 +105,7 @@ pub struct WriterSpec {
     pub db: String,
     pub url_file: PathBuf,
     pub username: Option<String>,
-    pub password: Option<crate::util::Secret>,
+    pub password: Option<stateshift::util::Secret>,
     /// Points per second (approximate; batches every 10 ms).
     pub rate: u32,
     /// Fraction of points written with a timestamp days in the past.
@@ -341,7 +341,7 @@ pub async fn count_points(
     db: &str,
     measurement: &str,
 ) -> Result<u64, InfluxError> {
-    let q = format!("SELECT COUNT(value) FROM {} WHERE time >= -9223372036854775806 AND time <= 9223372036854775806", crate::influx::ident(measurement));
+    let q = format!("SELECT COUNT(value) FROM {} WHERE time >= -9223372036854775806 AND time <= 9223372036854775806", stateshift::influx::ident(measurement));
     let s = influx.query(Some(db), &q).await?;
     Ok(s.first()
         .and_then(|s| s.values.first())

@@ -11,17 +11,17 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::PrintProgress;
-use crate::config::Config;
-use crate::daemon::{self, Shared};
-use crate::influx::Influx;
-use crate::migrate::journal::Outcome;
-use crate::migrate::machine;
-use crate::stack::local::LocalStacks;
-use crate::stack::{StackProvider, StackSpec};
-use crate::timeline::probe::{self, JournalFollow, ProbeSpec, RunningProbe};
-use crate::timeline::PROBE_DB;
-use crate::workload::{self, RunningWriter, SeedSpec, WriterSpec};
+use crate::cli::PrintProgress;
+use crate::kit::workload::{self, RunningWriter, SeedSpec, WriterSpec};
+use stateshift::config::Config;
+use stateshift::daemon::{self, Shared};
+use stateshift::influx::Influx;
+use stateshift::migrate::journal::Outcome;
+use stateshift::migrate::machine;
+use stateshift::stack::local::LocalStacks;
+use stateshift::stack::{StackProvider, StackSpec};
+use stateshift::timeline::probe::{self, JournalFollow, ProbeSpec, RunningProbe};
+use stateshift::timeline::PROBE_DB;
 
 /// What the demo saw.
 pub struct Outcome2 {
@@ -98,7 +98,7 @@ pub async fn run(dir: &Path, points: u64) -> anyhow::Result<Outcome2> {
 async fn run_in(
     dir: &Path,
     stacks: &LocalStacks,
-    out0: &crate::stack::StackOutputs,
+    out0: &stateshift::stack::StackOutputs,
     points: u64,
 ) -> anyhow::Result<Outcome2> {
     println!(
