@@ -656,7 +656,7 @@ fn read_secret(fname: &str, key: &str, path: &Path) -> Result<String, ConfigErro
 
 /// The API's certificate chain and private key (PEM), checked to belong together.
 fn read_api_tls(fname: &str, cert_file: PathBuf, key_file: PathBuf) -> Result<ApiTls, ConfigError> {
-    use crate::daemon::tls::{self, PemFile};
+    use crate::tls::{self, PemFile};
     let cert_pem = std::fs::read(&cert_file).map_err(|source| ConfigError::File {
         file: fname.into(),
         key: "api.tls_cert_file".into(),
@@ -687,6 +687,25 @@ fn read_api_tls(fname: &str, cert_file: PathBuf, key_file: PathBuf) -> Result<Ap
 }
 
 // ---------------------------------------------------------------- validation (pure)
+
+/// Whether `line` looks like an OpenSSH public key: `TYPE BASE64 [comment]` with a key
+/// type OpenSSH knows and a base64 body.
+pub fn is_public_key_line(line: &str) -> bool {
+    let mut parts = line.split_whitespace();
+    let (Some(kind), Some(body)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let known = matches!(
+        kind,
+        "ssh-ed25519" | "ssh-rsa" | "sk-ssh-ed25519@openssh.com"
+    ) || kind.starts_with("ecdsa-sha2-")
+        || kind.starts_with("sk-ecdsa-sha2-");
+    known
+        && body.len() >= 16
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+}
 
 struct V<'a> {
     file: &'a str,
@@ -794,7 +813,7 @@ impl V<'_> {
         };
         let host_keys = r.host_keys.unwrap_or_default();
         for (i, key) in host_keys.iter().enumerate() {
-            if !crate::remote::is_public_key_line(key) {
+            if !is_public_key_line(key) {
                 return Err(self.err(
                     &k(&format!("host_keys[{i}]")),
                     format!("expected an SSH public key \"TYPE BASE64\" (e.g. ssh-ed25519 AAAA...), got {key:?}"),

@@ -15,6 +15,8 @@
 //! - [`predict`]: GM(1,1) and baseline predictors, trigger policy, trace evaluation.
 //! - [`daemon`]: the service orchestrator: the decision loop over the load, the journaled
 //!   migrations it triggers, and its HTTP(S) API.
+//! - [`tls`]: the API's certificate and key, checked to belong together, and a TLS
+//!   listener that bounds every handshake.
 //! - [`util`]: secrets that never print, capped HTTP bodies, atomic writes, the retry
 //!   schedule, fault hooks.
 //! - [`logging`]: log lines for a terminal, a file, the systemd journal, or as JSON.
@@ -36,4 +38,5 @@ pub mod predict;
 pub mod remote;
 pub mod stack;
 pub mod timeline;
+pub mod tls;
 pub mod util;

@@ -195,7 +195,13 @@ async fn run(cmd: Cmd) -> ExitCode {
                     }
                 };
                 println!("plan: service {} on {} -> a new stack from {} -> verify -> delete the old stack", cfg.service.name, cfg.source.influx_url, cfg.provider.template.display());
-                return match stateshift::migrate::machine::preflight(&cfg, &provider).await {
+                let checked = async {
+                    let mut lines =
+                        stateshift::migrate::machine::preflight(&cfg, &provider).await?;
+                    lines.extend(stateshift::monitor::preflight(&cfg.monitor).await?);
+                    Ok::<_, String>(lines)
+                };
+                return match checked.await {
                     Ok(lines) => {
                         for l in lines {
                             println!("  ok  {l}");

@@ -137,7 +137,7 @@ pub fn router(shared: Arc<Shared>) -> axum::Router {
         .with_state(shared)
 }
 
-/// Serve [`router`] on `listener` (plain TCP, or [`super::tls::TlsListener`]) until `stop`.
+/// Serve [`router`] on `listener` (plain TCP, or [`crate::tls::TlsListener`]) until `stop`.
 pub async fn serve<L>(listener: L, shared: Arc<Shared>, stop: CancellationToken)
 where
     L: axum::serve::Listener,

@@ -7,7 +7,6 @@
 pub mod api;
 pub mod decide;
 pub mod procload;
-pub mod tls;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -384,8 +383,11 @@ pub async fn run(
     let api_task = match &cfg.api.tls {
         Some(t) => {
             tracing::info!(addr = %api_addr, cert = %t.cert_file.display(), "HTTPS API listening");
-            let listener =
-                tls::TlsListener::new(listener, t.server.clone(), tls::HANDSHAKE_TIMEOUT)?;
+            let listener = crate::tls::TlsListener::new(
+                listener,
+                t.server.clone(),
+                crate::tls::HANDSHAKE_TIMEOUT,
+            )?;
             tokio::spawn(api::serve(listener, shared.clone(), api_token.clone()))
         }
         None => {

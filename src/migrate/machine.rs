@@ -843,8 +843,8 @@ async fn drop_our_subscriptions(influx: &Influx, id: &str) {
 
 /// Check every dependency of a migration with a stack provider, changing nothing: the
 /// current source (InfluxDB, SSH, `influxd` there), the provider (Heat: authentication,
-/// catalog and template validation; local: its directory), the Zabbix item when the
-/// load comes from Zabbix, and the cutover host.
+/// catalog and template validation; local: its directory), and the cutover host. (The
+/// load source is the daemon's: [`crate::monitor::preflight`].)
 pub async fn preflight(cfg: &Config, provider: &Provider) -> Result<Vec<String>, String> {
     use crate::remote::{Host, Remote};
     let mut lines = Vec::new();
@@ -893,17 +893,6 @@ pub async fn preflight(cfg: &Config, provider: &Provider) -> Result<Vec<String>,
                 cfg.provider.template.display()
             ));
         }
-    }
-    if let (crate::config::MonitorKind::Zabbix, Some(z)) =
-        (cfg.monitor.kind, cfg.monitor.zabbix.as_ref())
-    {
-        let mut c =
-            crate::monitor::zabbix::Zabbix::from_monitor_config(z).map_err(|e| e.to_string())?;
-        c.item(&z.host, &z.key).await.map_err(|e| e.to_string())?;
-        lines.push(format!(
-            "Zabbix {}: host {:?} has item {:?}",
-            z.url, z.host, z.key
-        ));
     }
     if cfg.cutover.command.is_some() {
         let h = Host::connect(cfg.cutover.ssh.as_ref())

@@ -18,6 +18,20 @@ use std::future::Future;
 pub mod poller;
 pub mod zabbix;
 
+/// Check, changing nothing, that the configured load source answers: with Zabbix, that
+/// the host has the item. Returns what was checked, `None` when there is nothing to check.
+pub async fn preflight(cfg: &crate::config::MonitorConfig) -> Result<Option<String>, String> {
+    let (crate::config::MonitorKind::Zabbix, Some(z)) = (cfg.kind, cfg.zabbix.as_ref()) else {
+        return Ok(None);
+    };
+    let mut c = zabbix::Zabbix::from_monitor_config(z).map_err(|e| e.to_string())?;
+    c.item(&z.host, &z.key).await.map_err(|e| e.to_string())?;
+    Ok(Some(format!(
+        "Zabbix {}: host {:?} has item {:?}",
+        z.url, z.host, z.key
+    )))
+}
+
 pub use poller::{Backoff, Outcome, Poller, PollerConfig, Snapshot};
 pub use zabbix::{Zabbix, ZabbixError, ZabbixSource};
 

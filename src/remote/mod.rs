@@ -65,25 +65,6 @@ impl RemoteError {
     }
 }
 
-/// Whether `line` looks like an OpenSSH public key: `TYPE BASE64 [comment]` with a key
-/// type OpenSSH knows and a base64 body.
-pub fn is_public_key_line(line: &str) -> bool {
-    let mut parts = line.split_whitespace();
-    let (Some(kind), Some(body)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    let known = matches!(
-        kind,
-        "ssh-ed25519" | "ssh-rsa" | "sk-ssh-ed25519@openssh.com"
-    ) || kind.starts_with("ecdsa-sha2-")
-        || kind.starts_with("sk-ecdsa-sha2-");
-    known
-        && body.len() >= 16
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
-}
-
 pub type BoxRead = Pin<Box<dyn AsyncRead + Send>>;
 pub type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
 

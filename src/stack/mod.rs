@@ -186,7 +186,7 @@ impl StackOutputs {
 pub fn host_keys(v: &serde_json::Value) -> Option<Vec<String>> {
     fn lines(text: &str, out: &mut Vec<String>) -> Option<()> {
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            if !crate::remote::is_public_key_line(line) {
+            if !crate::config::is_public_key_line(line) {
                 return None;
             }
             out.push(

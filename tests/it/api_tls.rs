@@ -268,7 +268,7 @@ async fn a_handshake_that_does_not_finish_in_time_is_dropped() {
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
     let _listener =
-        daemon::tls::TlsListener::new(tcp, tls.server, Duration::from_millis(300)).unwrap();
+        stateshift::tls::TlsListener::new(tcp, tls.server, Duration::from_millis(300)).unwrap();
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     let t = Instant::now();
     let mut buf = [0u8; 64];
