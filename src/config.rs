@@ -105,30 +105,68 @@ impl ParamValue {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawProvider {
-    kind: Option<String>,
+    kind: Option<ProviderKind>,
     local_dir: Option<PathBuf>,
     local_subnet: Option<u8>,
     template: Option<PathBuf>,
     parameters: Option<BTreeMap<String, ParamValue>>,
     parameter_files: Option<BTreeMap<String, PathBuf>>,
     environment_files: Option<Vec<PathBuf>>,
-    create_timeout: Option<String>,
-    delete_timeout: Option<String>,
-    heat: Option<crate::stack::heat::HeatConfig>,
+    #[serde(default, with = "humantime_serde")]
+    create_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    delete_timeout: Option<Duration>,
+    heat: Option<RawHeat>,
     ssh: Option<RawSsh>,
+}
+
+/// `provider.heat` as written. Durations are humantime strings ("700ms", "30s", "10m").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeat {
+    auth_url: Option<String>,
+    region: Option<String>,
+    interface: Option<CatalogInterface>,
+    username: Option<String>,
+    #[serde(default, deserialize_with = "de_secret")]
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    user_domain_name: Option<String>,
+    project_name: Option<String>,
+    project_domain_name: Option<String>,
+    application_credential_id: Option<String>,
+    #[serde(default, deserialize_with = "de_secret")]
+    application_credential_secret: Option<String>,
+    application_credential_secret_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    endpoint_override: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    request_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retry_budget: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    delete_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    poll_max_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    token_renew_before: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawMonitor {
-    kind: Option<String>,
-    poll_interval: Option<String>,
+    kind: Option<MonitorKind>,
+    #[serde(default, with = "humantime_serde")]
+    poll_interval: Option<Duration>,
     window: Option<usize>,
     min_readings: Option<usize>,
     threshold: Option<f64>,
-    cooldown: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    cooldown: Option<Duration>,
     consecutive: Option<u32>,
-    model: Option<String>,
+    model: Option<crate::predict::Model>,
     zabbix: Option<RawZabbix>,
 }
 
@@ -143,8 +181,9 @@ struct RawZabbix {
     api_token_file: Option<PathBuf>,
     host: Option<String>,
     key: Option<String>,
-    timeout: Option<String>,
-    retire_old_hosts: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    retire_old_hosts: Option<RetireHosts>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -171,7 +210,8 @@ struct RawInstance {
     password_file: Option<PathBuf>,
     ssh: Option<RawSsh>,
     work_dir: Option<String>,
-    timeout: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -182,10 +222,12 @@ struct RawSsh {
     user: Option<String>,
     identity_file: Option<PathBuf>,
     known_hosts_file: Option<PathBuf>,
-    host_key_check: Option<String>,
+    host_key_check: Option<HostKeyCheck>,
     host_keys: Option<Vec<String>>,
-    connect_timeout: Option<String>,
-    ready_timeout: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    ready_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -194,9 +236,12 @@ struct RawCapture {
     listen: Option<String>,
     advertise_url: Option<String>,
     spool_dir: Option<PathBuf>,
-    quiet_period: Option<String>,
-    quiet_timeout: Option<String>,
-    live_timeout: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    quiet_period: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    quiet_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    live_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -204,13 +249,14 @@ struct RawCapture {
 struct RawCutover {
     command: Option<String>,
     ssh: Option<RawSsh>,
-    timeout: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawVerify {
-    content: Option<String>,
+    content: Option<ContentCheck>,
     sample_series: Option<usize>,
 }
 
@@ -219,9 +265,10 @@ struct RawVerify {
 struct RawMigration {
     work_dir: Option<PathBuf>,
     user_passwords_file: Option<PathBuf>,
-    existing_databases: Option<String>,
-    transfer: Option<String>,
-    target_ready_timeout: Option<String>,
+    existing_databases: Option<ExistingDatabases>,
+    transfer: Option<TransferMode>,
+    #[serde(default, with = "humantime_serde")]
+    target_ready_timeout: Option<Duration>,
 }
 
 /// A secret given as a scalar: `STATESHIFT__SOURCE__PASSWORD=12345` arrives as a number
@@ -276,7 +323,8 @@ pub struct ServiceConfig {
     pub stack: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ProviderKind {
     /// No stacks: migrate to the configured `target`.
     Static,
@@ -301,13 +349,210 @@ pub struct ProviderConfig {
     pub environment_files: Vec<PathBuf>,
     pub create_timeout: Duration,
     pub delete_timeout: Duration,
-    pub heat: Option<crate::stack::heat::HeatConfig>,
+    pub heat: Option<HeatConfig>,
     /// How to reach the VMs of created stacks over SSH (host and port come from the
     /// stack's outputs).
     pub ssh: Option<SshConfig>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where Heat is and how to authenticate (`provider.heat`). Give either `username` +
+/// `password`/`password_file` + `project_name`, or `application_credential_id` +
+/// `application_credential_secret`/`..._secret_file`. Its checks are
+/// [`HeatConfig::validate`], run at load and by [`crate::stack::heat::Heat::new`].
+#[derive(Debug, Clone)]
+pub struct HeatConfig {
+    /// Keystone's URL, e.g. `https://keystone.example:5000/v3` (`/v3` is added if missing).
+    pub auth_url: String,
+    /// Region of the orchestration endpoint; `None`: the first endpoint with `interface`.
+    pub region: Option<String>,
+    /// Catalog interface (default `public`).
+    pub interface: CatalogInterface,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    pub user_domain_name: String,
+    pub project_name: Option<String>,
+    pub project_domain_name: String,
+    pub application_credential_id: Option<String>,
+    pub application_credential_secret: Option<Secret>,
+    pub application_credential_secret_file: Option<PathBuf>,
+    /// PEM file with the CA(s) to trust besides the built-in roots. TLS verification is
+    /// always on.
+    pub ca_file: Option<PathBuf>,
+    /// Use this orchestration URL instead of the catalog's (`%(tenant_id)s`,
+    /// `%(project_id)s` and `{project_id}` are replaced by the token's project id).
+    pub endpoint_override: Option<String>,
+    /// One TCP/TLS connection attempt.
+    pub connect_timeout: Duration,
+    /// One HTTP request, start to end.
+    pub request_timeout: Duration,
+    /// How long one call keeps retrying an unreachable or failing (5xx) service.
+    pub retry_budget: Duration,
+    /// Deleting a failed or timed-out create waits this long for it to be gone.
+    pub delete_timeout: Duration,
+    /// Polls start at 50 ms and back off to this interval (it bounds how late a
+    /// `CREATE_COMPLETE` is seen).
+    pub poll_max_interval: Duration,
+    /// Renew the token this long before Keystone's `expires_at`.
+    pub token_renew_before: Duration,
+}
+
+/// Which of a catalog entry's endpoints to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CatalogInterface {
+    #[default]
+    Public,
+    Internal,
+    Admin,
+}
+
+impl CatalogInterface {
+    /// The name Keystone's catalog uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CatalogInterface::Public => "public",
+            CatalogInterface::Internal => "internal",
+            CatalogInterface::Admin => "admin",
+        }
+    }
+}
+
+/// A check of one key that failed: the key path and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {msg}")]
+pub struct KeyError {
+    pub key: &'static str,
+    pub msg: String,
+}
+
+impl HeatConfig {
+    /// Defaults for everything but Keystone's URL (no credentials yet).
+    pub fn new(auth_url: impl Into<String>) -> HeatConfig {
+        HeatConfig {
+            auth_url: auth_url.into(),
+            region: None,
+            interface: CatalogInterface::Public,
+            username: None,
+            password: None,
+            password_file: None,
+            user_domain_name: "Default".into(),
+            project_name: None,
+            project_domain_name: "Default".into(),
+            application_credential_id: None,
+            application_credential_secret: None,
+            application_credential_secret_file: None,
+            ca_file: None,
+            endpoint_override: None,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            retry_budget: Duration::from_secs(60),
+            delete_timeout: Duration::from_secs(600),
+            poll_max_interval: Duration::from_millis(500),
+            token_renew_before: Duration::from_secs(300),
+        }
+    }
+
+    /// Pure checks (no filesystem, no network). Errors name the key and the fix.
+    pub fn validate(&self) -> Result<(), KeyError> {
+        let err = |key: &'static str, msg: &str| {
+            Err(KeyError {
+                key,
+                msg: msg.to_string(),
+            })
+        };
+        let u = self.auth_url.trim();
+        if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() < 10 {
+            return err(
+                "provider.heat.auth_url",
+                &format!(
+                    "expected Keystone's http(s) URL, e.g. https://keystone:5000/v3, got {u:?}"
+                ),
+            );
+        }
+        if let Some(o) = &self.endpoint_override {
+            if !(o.starts_with("http://") || o.starts_with("https://")) {
+                return err(
+                    "provider.heat.endpoint_override",
+                    &format!("expected an http(s) URL, got {o:?}"),
+                );
+            }
+        }
+        let app = self.application_credential_id.is_some()
+            || self.application_credential_secret.is_some()
+            || self.application_credential_secret_file.is_some();
+        let pw = self.username.is_some() || self.password.is_some() || self.password_file.is_some();
+        match (app, pw) {
+            (true, true) => {
+                return err("provider.heat", "give either username/password or application_credential_id/secret, not both")
+            }
+            (false, false) => {
+                return err("provider.heat", "no credentials: give username + password (or password_file) + project_name, or application_credential_id + application_credential_secret (or _secret_file)")
+            }
+            (true, false) => {
+                if self.application_credential_id.is_none() {
+                    return err("provider.heat.application_credential_id", "missing (the secret alone does not name the credential)");
+                }
+                if self.application_credential_secret.is_some()
+                    == self.application_credential_secret_file.is_some()
+                {
+                    return err("provider.heat", "give exactly one of application_credential_secret and application_credential_secret_file");
+                }
+                if self.project_name.is_some() {
+                    return err("provider.heat.project_name", "an application credential carries its own project; remove project_name");
+                }
+            }
+            (false, true) => {
+                if self.username.is_none() {
+                    return err("provider.heat.username", "missing (a password needs a user)");
+                }
+                if self.password.is_some() == self.password_file.is_some() {
+                    return err("provider.heat", "give exactly one of password and password_file");
+                }
+                if self.project_name.is_none() {
+                    return err("provider.heat.project_name", "missing (stacks live in a project)");
+                }
+            }
+        }
+        if self.poll_max_interval < Duration::from_millis(50) {
+            return err("provider.heat.poll_max_interval", "at least 50ms");
+        }
+        Ok(())
+    }
+}
+
+impl RawHeat {
+    fn into_config(self) -> HeatConfig {
+        let d = HeatConfig::new(self.auth_url.unwrap_or_default());
+        HeatConfig {
+            region: self.region,
+            interface: self.interface.unwrap_or_default(),
+            username: self.username,
+            password: self.password.map(Secret::new),
+            password_file: self.password_file,
+            user_domain_name: self.user_domain_name.unwrap_or(d.user_domain_name.clone()),
+            project_name: self.project_name,
+            project_domain_name: self
+                .project_domain_name
+                .unwrap_or(d.project_domain_name.clone()),
+            application_credential_id: self.application_credential_id,
+            application_credential_secret: self.application_credential_secret.map(Secret::new),
+            application_credential_secret_file: self.application_credential_secret_file,
+            ca_file: self.ca_file,
+            endpoint_override: self.endpoint_override,
+            connect_timeout: self.connect_timeout.unwrap_or(d.connect_timeout),
+            request_timeout: self.request_timeout.unwrap_or(d.request_timeout),
+            retry_budget: self.retry_budget.unwrap_or(d.retry_budget),
+            delete_timeout: self.delete_timeout.unwrap_or(d.delete_timeout),
+            poll_max_interval: self.poll_max_interval.unwrap_or(d.poll_max_interval),
+            token_renew_before: self.token_renew_before.unwrap_or(d.token_renew_before),
+            ..d
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum MonitorKind {
     /// No automatic trigger: migrations start by hand only.
     None,
@@ -337,7 +582,8 @@ pub struct ZabbixMonitorConfig {
 }
 
 /// `monitor.zabbix.retire_old_hosts`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RetireHosts {
     /// Delete the old VM's host (and its history) from Zabbix.
     Delete,
@@ -424,7 +670,8 @@ pub struct InstanceConfig {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum HostKeyCheck {
     /// Refuse unknown and changed host keys (the default).
     Strict,
@@ -477,7 +724,8 @@ pub struct CutoverConfig {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ContentCheck {
     /// Per-series aggregates for every series, point-by-point where they differ, plus a sample.
     Full,
@@ -492,14 +740,16 @@ pub struct VerifyConfig {
     pub sample_series: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ExistingDatabases {
     /// A database that already exists on the target stops the migration before any change.
     Refuse,
 }
 
 /// How the dump reaches the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum TransferMode {
     /// `forward` when the SSH servers allow TCP forwarding, else `stream`.
     Auto,
@@ -539,6 +789,19 @@ impl Config {
         file: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let mut cfg = Self::load_unresolved(file, env)?;
+        cfg.resolve_secrets(&file.display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// Load and validate `file` (with `env` over it) without reading any secret file:
+    /// checks a configuration made for another machine, whose secret files exist only
+    /// there (e.g. the one Heat renders for the orchestrator's VM). Secrets read from
+    /// files are absent from the result.
+    pub fn load_unresolved(
+        file: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let fname = file.display().to_string();
         let env_map: std::collections::HashMap<String, String> = env.into_iter().collect();
         let merged = config::Config::builder()
@@ -575,12 +838,10 @@ impl Config {
                 } else {
                     key
                 },
-                msg: e.into_inner().to_string(),
+                msg: with_duration_hint(e.into_inner().to_string()),
             }
         })?;
-        let mut cfg = validate(&fname, raw)?;
-        cfg.resolve_secrets(&fname)?;
-        Ok(cfg)
+        validate(&fname, raw)
     }
 
     fn resolve_secrets(&mut self, fname: &str) -> Result<(), ConfigError> {
@@ -640,6 +901,15 @@ impl Config {
                 map.into_iter().map(|(k, v)| (k, Secret::new(v))).collect();
         }
         Ok(())
+    }
+}
+
+/// humantime-serde says "expected a duration"; say which form.
+fn with_duration_hint(msg: String) -> String {
+    if msg.ends_with("expected a duration") {
+        format!("{msg} like \"500ms\", \"10s\" or \"5m\"")
+    } else {
+        msg
     }
 }
 
@@ -720,23 +990,6 @@ impl V<'_> {
         }
     }
 
-    fn duration(
-        &self,
-        key: &str,
-        v: Option<&str>,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
-        match v {
-            None => Ok(default),
-            Some(s) => humantime::parse_duration(s.trim()).map_err(|_| {
-                self.err(
-                    key,
-                    format!("expected a duration like \"500ms\", \"10s\" or \"5m\", got {s:?}"),
-                )
-            }),
-        }
-    }
-
     fn url(&self, key: &str, v: Option<&str>) -> Result<String, ConfigError> {
         let s = v.ok_or_else(|| {
             self.err(
@@ -788,7 +1041,7 @@ impl V<'_> {
             password_file: r.password_file,
             ssh,
             work_dir: r.work_dir.unwrap_or_else(|| "/var/tmp/stateshift".into()),
-            timeout: self.duration(&k("timeout"), r.timeout.as_deref(), Duration::from_secs(30))?,
+            timeout: r.timeout.unwrap_or(Duration::from_secs(30)),
         })
     }
 
@@ -800,17 +1053,7 @@ impl V<'_> {
                 "missing; expected the host name or address to reach over SSH",
             )
         })?;
-        let host_key_check = match r.host_key_check.as_deref().unwrap_or("strict") {
-            "strict" => HostKeyCheck::Strict,
-            "accept-new" => HostKeyCheck::AcceptNew,
-            "off" => HostKeyCheck::Off,
-            other => {
-                return Err(self.err(
-                    &k("host_key_check"),
-                    format!("expected strict, accept-new or off, got {other:?}"),
-                ))
-            }
-        };
+        let host_key_check = r.host_key_check.unwrap_or(HostKeyCheck::Strict);
         let host_keys = r.host_keys.unwrap_or_default();
         for (i, key) in host_keys.iter().enumerate() {
             if !is_public_key_line(key) {
@@ -834,16 +1077,8 @@ impl V<'_> {
             known_hosts_file: r.known_hosts_file,
             host_key_check,
             host_keys,
-            connect_timeout: self.duration(
-                &k("connect_timeout"),
-                r.connect_timeout.as_deref(),
-                Duration::from_secs(10),
-            )?,
-            ready_timeout: self.duration(
-                &k("ready_timeout"),
-                r.ready_timeout.as_deref(),
-                Duration::from_secs(300),
-            )?,
+            connect_timeout: r.connect_timeout.unwrap_or(Duration::from_secs(10)),
+            ready_timeout: r.ready_timeout.unwrap_or(Duration::from_secs(300)),
         })
     }
 }
@@ -879,21 +1114,9 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         spool_dir: c
             .spool_dir
             .unwrap_or_else(|| PathBuf::from("/var/lib/stateshift/spool")),
-        quiet_period: v.duration(
-            "capture.quiet_period",
-            c.quiet_period.as_deref(),
-            Duration::from_secs(3),
-        )?,
-        quiet_timeout: v.duration(
-            "capture.quiet_timeout",
-            c.quiet_timeout.as_deref(),
-            Duration::from_secs(120),
-        )?,
-        live_timeout: v.duration(
-            "capture.live_timeout",
-            c.live_timeout.as_deref(),
-            Duration::from_secs(10),
-        )?,
+        quiet_period: c.quiet_period.unwrap_or(Duration::from_secs(3)),
+        quiet_timeout: c.quiet_timeout.unwrap_or(Duration::from_secs(120)),
+        live_timeout: c.live_timeout.unwrap_or(Duration::from_secs(10)),
     };
 
     let cutover = CutoverConfig {
@@ -903,47 +1126,24 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             .ssh
             .map(|s| v.ssh("cutover.ssh", s))
             .transpose()?,
-        timeout: v.duration(
-            "cutover.timeout",
-            raw.cutover.timeout.as_deref(),
-            Duration::from_secs(120),
-        )?,
+        timeout: raw.cutover.timeout.unwrap_or(Duration::from_secs(120)),
     };
 
     let verify = VerifyConfig {
-        content: match raw.verify.content.as_deref().unwrap_or("full") {
-            "full" => ContentCheck::Full,
-            "counts" => ContentCheck::Counts,
-            other => {
-                return Err(v.err(
-                    "verify.content",
-                    format!("expected full or counts, got {other:?}"),
-                ))
-            }
-        },
+        content: raw.verify.content.unwrap_or(ContentCheck::Full),
         sample_series: raw.verify.sample_series.unwrap_or(3),
     };
 
     let m = raw.migration;
     let migration = MigrationConfig {
-        work_dir: m.work_dir.unwrap_or_else(|| PathBuf::from("/var/lib/stateshift")),
+        work_dir: m
+            .work_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/stateshift")),
         user_passwords: BTreeMap::new(),
         user_passwords_file: m.user_passwords_file,
-        transfer: match m.transfer.as_deref().unwrap_or("auto") {
-            "auto" => TransferMode::Auto,
-            "forward" => TransferMode::Forward,
-            "stream" => TransferMode::Stream,
-            other => return Err(v.err("migration.transfer", format!("expected auto, forward or stream, got {other:?}"))),
-        },
-        existing_databases: match m.existing_databases.as_deref().unwrap_or("refuse") {
-            "refuse" => ExistingDatabases::Refuse,
-            other => return Err(v.err("migration.existing_databases", format!("expected refuse, got {other:?} (merging into an existing database is not supported: InfluxDB's restore refuses it)"))),
-        },
-        target_ready_timeout: v.duration(
-            "migration.target_ready_timeout",
-            m.target_ready_timeout.as_deref(),
-            Duration::from_secs(600),
-        )?,
+        transfer: m.transfer.unwrap_or(TransferMode::Auto),
+        existing_databases: m.existing_databases.unwrap_or(ExistingDatabases::Refuse),
+        target_ready_timeout: m.target_ready_timeout.unwrap_or(Duration::from_secs(600)),
     };
 
     let svc = raw.service;
@@ -968,21 +1168,11 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let pr = raw.provider;
     let provider = ProviderConfig {
-        kind: match pr
-            .kind
-            .as_deref()
-            .unwrap_or(if target.is_some() { "static" } else { "local" })
-        {
-            "static" => ProviderKind::Static,
-            "local" => ProviderKind::Local,
-            "heat" => ProviderKind::Heat,
-            other => {
-                return Err(v.err(
-                    "provider.kind",
-                    format!("expected static, local or heat, got {other:?}"),
-                ))
-            }
-        },
+        kind: pr.kind.unwrap_or(if target.is_some() {
+            ProviderKind::Static
+        } else {
+            ProviderKind::Local
+        }),
         local_dir: pr
             .local_dir
             .unwrap_or_else(|| PathBuf::from("/var/lib/stateshift/local")),
@@ -999,17 +1189,9 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         secret_parameters: BTreeMap::new(),
         parameter_files: pr.parameter_files.unwrap_or_default(),
         environment_files: pr.environment_files.unwrap_or_default(),
-        create_timeout: v.duration(
-            "provider.create_timeout",
-            pr.create_timeout.as_deref(),
-            Duration::from_secs(600),
-        )?,
-        delete_timeout: v.duration(
-            "provider.delete_timeout",
-            pr.delete_timeout.as_deref(),
-            Duration::from_secs(600),
-        )?,
-        heat: pr.heat,
+        create_timeout: pr.create_timeout.unwrap_or(Duration::from_secs(600)),
+        delete_timeout: pr.delete_timeout.unwrap_or(Duration::from_secs(600)),
+        heat: pr.heat.map(RawHeat::into_config),
         ssh: match pr.ssh {
             None => None,
             Some(mut r) => {
@@ -1033,15 +1215,7 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(v.err("provider.heat", "missing; provider.kind is heat"));
     }
     if let Some(h) = &provider.heat {
-        // Its messages name their key (`provider.heat.auth_url: ...`).
-        h.validate().map_err(|msg| {
-            let key = msg.split(':').next().unwrap_or("provider.heat").to_string();
-            let msg = msg
-                .strip_prefix(&format!("{key}: "))
-                .unwrap_or(&msg)
-                .to_string();
-            v.err(&key, msg)
-        })?;
+        h.validate().map_err(|e| v.err(e.key, e.msg))?;
     }
     if provider.kind == ProviderKind::Static && target.is_none() {
         return Err(v.err(
@@ -1051,40 +1225,14 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let mo = raw.monitor;
     let monitor = MonitorConfig {
-        kind: match mo.kind.as_deref().unwrap_or("none") {
-            "none" => MonitorKind::None,
-            "process" => MonitorKind::Process,
-            "zabbix" => MonitorKind::Zabbix,
-            other => {
-                return Err(v.err(
-                    "monitor.kind",
-                    format!("expected none, process or zabbix, got {other:?}"),
-                ))
-            }
-        },
-        poll_interval: v.duration(
-            "monitor.poll_interval",
-            mo.poll_interval.as_deref(),
-            Duration::from_secs(60),
-        )?,
+        kind: mo.kind.unwrap_or(MonitorKind::None),
+        poll_interval: mo.poll_interval.unwrap_or(Duration::from_secs(60)),
         window: mo.window.unwrap_or(5),
         min_readings: mo.min_readings.unwrap_or(3),
         threshold: mo.threshold.unwrap_or(10.0),
-        cooldown: v.duration(
-            "monitor.cooldown",
-            mo.cooldown.as_deref(),
-            Duration::from_secs(900),
-        )?,
+        cooldown: mo.cooldown.unwrap_or(Duration::from_secs(900)),
         consecutive: mo.consecutive.unwrap_or(3),
-        model: match mo.model.as_deref() {
-            None => crate::predict::Model::Guarded,
-            Some(m) => m.parse().map_err(|_| {
-                v.err(
-                    "monitor.model",
-                    format!("expected guarded, gm11, last or ewma, got {m:?}"),
-                )
-            })?,
-        },
+        model: mo.model.unwrap_or_default(),
         zabbix: match mo.zabbix {
             None => None,
             Some(z) => {
@@ -1114,22 +1262,8 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
                     key: z
                         .key
                         .unwrap_or_else(|| "system.cpu.load[percpu,avg1]".into()),
-                    timeout: v.duration(
-                        "monitor.zabbix.timeout",
-                        z.timeout.as_deref(),
-                        Duration::from_secs(10),
-                    )?,
-                    retire_old_hosts: match z.retire_old_hosts.as_deref().unwrap_or("delete") {
-                        "delete" => RetireHosts::Delete,
-                        "disable" => RetireHosts::Disable,
-                        "keep" => RetireHosts::Keep,
-                        other => {
-                            return Err(v.err(
-                                "monitor.zabbix.retire_old_hosts",
-                                format!("expected delete, disable or keep, got {other:?}"),
-                            ))
-                        }
-                    },
+                    timeout: z.timeout.unwrap_or(Duration::from_secs(10)),
+                    retire_old_hosts: z.retire_old_hosts.unwrap_or(RetireHosts::Delete),
                     password_file: z.password_file,
                     api_token_file: z.api_token_file,
                 })
@@ -1449,6 +1583,57 @@ mod tests {
     }
 
     #[test]
+    fn heat_durations_are_humantime_and_unknown_keys_are_refused_by_their_path() {
+        let heat = |extra: &str| {
+            format!("{MIN}provider:\n  kind: heat\n  heat:\n    auth_url: http://keystone:5000/v3\n    username: so\n    password: pw\n    project_name: svc\n{extra}")
+        };
+        let c = load(
+            &heat("    poll_max_interval: 500ms\n    retry_budget: 5s\n"),
+            &[],
+        )
+        .unwrap();
+        let h = c.provider.heat.unwrap();
+        assert_eq!(h.poll_max_interval, Duration::from_millis(500));
+        assert_eq!(h.retry_budget, Duration::from_secs(5));
+        assert_eq!(h.interface, CatalogInterface::Public);
+        let e = load(&heat("    usernme: so\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("provider.heat") && e.contains("usernme"), "{e}");
+        let e = load(&heat("    retry_budget: soon\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("provider.heat.retry_budget")
+                && e.contains("soon")
+                && e.contains("duration"),
+            "{e}"
+        );
+        let e = load(
+            &format!("{MIN}provider:\n  kind: heat\n  heat:\n    auth_url: http://k:5000/v3\n    username: so\n    password: [hunter2]\n    project_name: p\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("hunter2") && e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn heat_validation_names_the_key_and_the_fix() {
+        let mut c = HeatConfig::new("keystone:5000");
+        assert_eq!(c.validate().unwrap_err().key, "provider.heat.auth_url");
+        c.auth_url = "http://k:5000/v3".into();
+        assert!(c.validate().unwrap_err().msg.contains("no credentials"));
+        c.username = Some("demo".into());
+        c.password = Some(Secret::new("x"));
+        assert_eq!(c.validate().unwrap_err().key, "provider.heat.project_name");
+        c.project_name = Some("demo".into());
+        c.validate().unwrap();
+        c.application_credential_id = Some("id".into());
+        assert!(c.validate().unwrap_err().msg.contains("not both"));
+    }
+
+    #[test]
     fn a_bad_heat_section_is_refused_at_load_naming_its_key_path() {
         let heat = |extra: &str| {
             format!("{MIN}provider:\n  kind: heat\n  heat:\n    auth_url: http://keystone:5000/v3\n    username: so\n    password: pw\n    project_name: svc\n{extra}")
@@ -1458,7 +1643,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("provider.heat.interface: expected public"),
+            e.contains("provider.heat.interface: unknown variant `outside`")
+                && e.contains("`internal`"),
             "{e}"
         );
         let e = load(

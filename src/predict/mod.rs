@@ -137,6 +137,16 @@ impl fmt::Display for Model {
     }
 }
 
+/// Read from configuration by the names [`FromStr`] accepts.
+impl<'de> serde::Deserialize<'de> for Model {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        s.parse().map_err(|_| {
+            serde::de::Error::custom(format!("expected guarded, gm11, last or ewma, got {s:?}"))
+        })
+    }
+}
+
 impl FromStr for Model {
     type Err = PredictError;
 

@@ -48,206 +48,7 @@ use crate::util::{read_body_capped, CappedReadError, Secret};
 /// is refused rather than buffered.
 pub const MAX_REPLY_BYTES: usize = 32 << 20;
 
-// ---------------------------------------------------------------- config
-
-/// Where Heat is and how to authenticate (YAML, `deny_unknown_fields`). Give either
-/// `username` + `password`/`password_file` + `project_name`, or
-/// `application_credential_id` + `application_credential_secret`/`..._secret_file`.
-/// Durations are humantime strings ("700ms", "30s", "10m").
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HeatConfig {
-    /// Keystone's URL, e.g. `https://keystone.example:5000/v3` (`/v3` is added if missing).
-    pub auth_url: String,
-    /// Region of the orchestration endpoint; `None`: the first endpoint with `interface`.
-    #[serde(default)]
-    pub region: Option<String>,
-    /// Catalog interface: `public` (default), `internal` or `admin`.
-    #[serde(default = "default_interface")]
-    pub interface: String,
-    #[serde(default)]
-    pub username: Option<String>,
-    #[serde(default, deserialize_with = "de_secret")]
-    pub password: Option<Secret>,
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    #[serde(default = "default_domain")]
-    pub user_domain_name: String,
-    #[serde(default)]
-    pub project_name: Option<String>,
-    #[serde(default = "default_domain")]
-    pub project_domain_name: String,
-    #[serde(default)]
-    pub application_credential_id: Option<String>,
-    #[serde(default, deserialize_with = "de_secret")]
-    pub application_credential_secret: Option<Secret>,
-    #[serde(default)]
-    pub application_credential_secret_file: Option<PathBuf>,
-    /// PEM file with the CA(s) to trust besides the built-in roots. TLS verification is
-    /// always on.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// Use this orchestration URL instead of the catalog's (`%(tenant_id)s`,
-    /// `%(project_id)s` and `{project_id}` are replaced by the token's project id).
-    #[serde(default)]
-    pub endpoint_override: Option<String>,
-    /// One TCP/TLS connection attempt.
-    #[serde(default = "d_connect", deserialize_with = "de_duration")]
-    pub connect_timeout: Duration,
-    /// One HTTP request, start to end.
-    #[serde(default = "d_request", deserialize_with = "de_duration")]
-    pub request_timeout: Duration,
-    /// How long one call keeps retrying an unreachable or failing (5xx) service.
-    #[serde(default = "d_retry", deserialize_with = "de_duration")]
-    pub retry_budget: Duration,
-    /// Deleting a failed or timed-out create waits this long for it to be gone.
-    #[serde(default = "d_delete", deserialize_with = "de_duration")]
-    pub delete_timeout: Duration,
-    /// Polls start at 50 ms and back off to this interval (it bounds how late a
-    /// `CREATE_COMPLETE` is seen).
-    #[serde(default = "d_poll_max", deserialize_with = "de_duration")]
-    pub poll_max_interval: Duration,
-    /// Renew the token this long before Keystone's `expires_at`.
-    #[serde(default = "d_renew", deserialize_with = "de_duration")]
-    pub token_renew_before: Duration,
-}
-
-fn default_interface() -> String {
-    "public".into()
-}
-fn default_domain() -> String {
-    "Default".into()
-}
-fn d_connect() -> Duration {
-    Duration::from_secs(10)
-}
-fn d_request() -> Duration {
-    Duration::from_secs(60)
-}
-fn d_retry() -> Duration {
-    Duration::from_secs(60)
-}
-fn d_delete() -> Duration {
-    Duration::from_secs(600)
-}
-fn d_poll_max() -> Duration {
-    Duration::from_millis(500)
-}
-fn d_renew() -> Duration {
-    Duration::from_secs(300)
-}
-
-fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "expected a duration like \"700ms\" or \"30s\", got {s:?}: {e}"
-        ))
-    })
-}
-
-/// A secret string; a wrong type is reported without echoing the value.
-fn de_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
-    match Option::<String>::deserialize(d) {
-        Ok(v) => Ok(v.map(Secret::new)),
-        Err(_) => Err(serde::de::Error::custom(
-            "expected a string (value not shown: it is a secret)",
-        )),
-    }
-}
-
-impl HeatConfig {
-    /// Defaults for everything but Keystone's URL (no credentials yet).
-    pub fn new(auth_url: impl Into<String>) -> HeatConfig {
-        HeatConfig {
-            auth_url: auth_url.into(),
-            region: None,
-            interface: default_interface(),
-            username: None,
-            password: None,
-            password_file: None,
-            user_domain_name: default_domain(),
-            project_name: None,
-            project_domain_name: default_domain(),
-            application_credential_id: None,
-            application_credential_secret: None,
-            application_credential_secret_file: None,
-            ca_file: None,
-            endpoint_override: None,
-            connect_timeout: d_connect(),
-            request_timeout: d_request(),
-            retry_budget: d_retry(),
-            delete_timeout: d_delete(),
-            poll_max_interval: d_poll_max(),
-            token_renew_before: d_renew(),
-        }
-    }
-
-    /// Pure checks (no filesystem, no network). Errors name the key and the fix.
-    pub fn validate(&self) -> Result<(), String> {
-        let u = self.auth_url.trim();
-        if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() < 10 {
-            return Err(format!(
-                "provider.heat.auth_url: expected Keystone's http(s) URL, e.g. https://keystone:5000/v3, got {u:?}"
-            ));
-        }
-        if let Some(o) = &self.endpoint_override {
-            if !(o.starts_with("http://") || o.starts_with("https://")) {
-                return Err(format!(
-                    "provider.heat.endpoint_override: expected an http(s) URL, got {o:?}"
-                ));
-            }
-        }
-        if !matches!(self.interface.as_str(), "public" | "internal" | "admin") {
-            return Err(format!(
-                "provider.heat.interface: expected public, internal or admin, got {:?}",
-                self.interface
-            ));
-        }
-        let app = self.application_credential_id.is_some()
-            || self.application_credential_secret.is_some()
-            || self.application_credential_secret_file.is_some();
-        let pw = self.username.is_some() || self.password.is_some() || self.password_file.is_some();
-        match (app, pw) {
-            (true, true) => {
-                return Err("provider.heat: give either username/password or application_credential_id/secret, not both".into())
-            }
-            (false, false) => {
-                return Err("provider.heat: no credentials: give username + password (or password_file) + project_name, or application_credential_id + application_credential_secret (or _secret_file)".into())
-            }
-            (true, false) => {
-                if self.application_credential_id.is_none() {
-                    return Err("provider.heat.application_credential_id: missing (the secret alone does not name the credential)".into());
-                }
-                if self.application_credential_secret.is_some()
-                    == self.application_credential_secret_file.is_some()
-                {
-                    return Err("provider.heat: give exactly one of application_credential_secret and application_credential_secret_file".into());
-                }
-                if self.project_name.is_some() {
-                    return Err("provider.heat.project_name: an application credential carries its own project; remove project_name".into());
-                }
-            }
-            (false, true) => {
-                if self.username.is_none() {
-                    return Err("provider.heat.username: missing (a password needs a user)".into());
-                }
-                if self.password.is_some() == self.password_file.is_some() {
-                    return Err(
-                        "provider.heat: give exactly one of password and password_file".into()
-                    );
-                }
-                if self.project_name.is_none() {
-                    return Err("provider.heat.project_name: missing (stacks live in a project)".into());
-                }
-            }
-        }
-        if self.poll_max_interval < Duration::from_millis(50) {
-            return Err("provider.heat.poll_max_interval: at least 50ms".into());
-        }
-        Ok(())
-    }
-}
+pub use crate::config::{CatalogInterface, HeatConfig};
 
 // ---------------------------------------------------------------- the provider
 
@@ -394,7 +195,7 @@ impl Heat {
             provider: "heat".into(),
             msg,
         };
-        cfg.validate().map_err(invalid)?;
+        cfg.validate().map_err(|e| invalid(e.to_string()))?;
         let read_secret = |key: &str, path: &Path| -> Result<Secret, StackError> {
             let s = std::fs::read_to_string(path)
                 .map_err(|e| invalid(format!("provider.heat.{key}: {}: {e}", path.display())))?;
@@ -922,7 +723,7 @@ impl Heat {
             None => t
                 .endpoint(
                     "orchestration",
-                    &self.cfg.interface,
+                    self.cfg.interface.as_str(),
                     self.cfg.region.as_deref(),
                 )
                 .map_err(|msg| self.invalid(format!("Keystone {url}: {msg}")))?,
@@ -1739,65 +1540,25 @@ mod tests {
         );
     }
 
-    fn cfg_yaml(extra: &str) -> Result<HeatConfig, String> {
-        let y = format!("auth_url: http://127.0.0.1:5000/v3\n{extra}");
-        serde_yaml::from_str::<HeatConfig>(&y).map_err(|e| e.to_string())
+    fn app_credential() -> HeatConfig {
+        HeatConfig {
+            application_credential_id: Some("a".into()),
+            application_credential_secret: Some(Secret::new("topsecret")),
+            ..HeatConfig::new("http://127.0.0.1:5000/v3")
+        }
     }
 
     #[test]
-    fn config_parses_durations_and_refuses_unknown_keys() {
-        let c = cfg_yaml("username: demo\npassword: s3cret\nproject_name: demo\npoll_max_interval: 500ms\nretry_budget: 5s\n").unwrap();
-        assert_eq!(c.poll_max_interval, Duration::from_millis(500));
-        assert_eq!(c.retry_budget, Duration::from_secs(5));
-        assert_eq!(c.interface, "public");
-        c.validate().unwrap();
-        let e = cfg_yaml("usernme: demo\n").unwrap_err();
-        assert!(e.contains("usernme"), "{e}");
-        let e = cfg_yaml("retry_budget: soon\n").unwrap_err();
-        assert!(e.contains("soon") && e.contains("duration"), "{e}");
-    }
-
-    #[test]
-    fn secrets_never_show_in_debug_or_type_errors() {
-        let c =
-            cfg_yaml("application_credential_id: abc\napplication_credential_secret: topsecret\n")
-                .unwrap();
-        c.validate().unwrap();
+    fn secrets_never_show_in_debug() {
+        let c = app_credential();
         assert!(!format!("{c:?}").contains("topsecret"));
-        let e = cfg_yaml("username: demo\npassword: [hunter2]\nproject_name: p\n").unwrap_err();
-        assert!(!e.contains("hunter2") && e.contains("secret"), "{e}");
         let heat = Heat::new(c).unwrap();
         assert!(!format!("{heat:?}").contains("topsecret"));
     }
 
     #[test]
-    fn validation_names_the_key_and_the_fix() {
-        let mut c = HeatConfig::new("keystone:5000");
-        assert!(c.validate().unwrap_err().contains("provider.heat.auth_url"));
-        c.auth_url = "http://k:5000/v3".into();
-        assert!(c.validate().unwrap_err().contains("no credentials"));
-        c.username = Some("demo".into());
-        c.password = Some(Secret::new("x"));
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .contains("provider.heat.project_name"));
-        c.project_name = Some("demo".into());
-        c.validate().unwrap();
-        c.application_credential_id = Some("id".into());
-        assert!(c.validate().unwrap_err().contains("not both"));
-        c.interface = "private".into();
-        c.application_credential_id = None;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .contains("provider.heat.interface"));
-    }
-
-    #[test]
     fn missing_or_empty_ca_file_is_a_clear_error() {
-        let mut c =
-            cfg_yaml("application_credential_id: a\napplication_credential_secret: b\n").unwrap();
+        let mut c = app_credential();
         c.ca_file = Some("/nonexistent/ca.pem".into());
         let e = Heat::new(c.clone()).unwrap_err().to_string();
         assert!(

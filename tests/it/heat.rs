@@ -195,7 +195,7 @@ async fn password_auth_finds_heat_in_the_catalog_by_interface_and_region() {
     assert_eq!(h.auth_count(), 1);
 
     let internal = heat(HeatConfig {
-        interface: "internal".into(),
+        interface: stateshift::config::CatalogInterface::Internal,
         region: None,
         ..password_cfg(&e)
     });
@@ -1082,9 +1082,13 @@ async fn the_so_stack_renders_password_auth_and_a_target_environment_when_given(
     let text = heredoc(&ud, "\"$ETC/stateshift.yaml\"");
     let conf: serde_yaml::Value = serde_yaml::from_str(&text)
         .unwrap_or_else(|e| panic!("the daemon's config is YAML: {e}\n{text}"));
-    let hc: HeatConfig = serde_yaml::from_value(conf["provider"]["heat"].clone())
-        .expect("provider.heat is a HeatConfig");
-    hc.validate().unwrap();
+    // The whole rendered configuration loads as the daemon will load it (its secret
+    // files exist only on the VM).
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &text).unwrap();
+    let loaded = stateshift::config::Config::load_unresolved(file.path(), [])
+        .unwrap_or_else(|e| panic!("the rendered configuration is valid: {e}\n{text}"));
+    let hc: HeatConfig = loaded.provider.heat.expect("provider.heat is rendered");
     assert_eq!(hc.username.as_deref(), Some("rcbaas-so"));
     assert_eq!(hc.project_name.as_deref(), Some("rcbaas"));
     assert_eq!(
