@@ -201,19 +201,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                     lines.extend(stateshift::monitor::preflight(&cfg.monitor).await?);
                     Ok::<_, String>(lines)
                 };
-                return match checked.await {
-                    Ok(lines) => {
-                        for l in lines {
-                            println!("  ok  {l}");
-                        }
-                        println!("dry run: every dependency answered; nothing was changed");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("stateshift: dry run: {e}");
-                        ExitCode::from(1)
-                    }
-                };
+                return print_dry_run(checked.await);
             }
             if cfg.provider.kind != stateshift::config::ProviderKind::Static && !dry_run {
                 if !yes {
@@ -232,19 +220,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             );
             println!("      capture -> dump -> transfer -> restore -> delta -> cutover{} -> verify -> dispose", cfg.cutover.command.as_ref().map(|c| format!(" (`{c}`)")).unwrap_or_default());
             if dry_run {
-                return match engine::preflight(&cfg, &target).await {
-                    Ok(lines) => {
-                        for l in lines {
-                            println!("  ok  {l}");
-                        }
-                        println!("dry run: every dependency answered; nothing was changed");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("stateshift: dry run: {e}");
-                        ExitCode::from(1)
-                    }
-                };
+                return print_dry_run(engine::preflight(&cfg, &target).await);
             }
             if !yes {
                 eprintln!("stateshift: refusing to migrate without --yes (or use --dry-run to check the plan)");
@@ -731,6 +707,23 @@ impl engine::Progress for BarProgress {
         match self.bar.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             Some(b) => b.println(format!("     {msg}")),
             None => PrintProgress.note(msg),
+        }
+    }
+}
+
+/// What a dry run checked, or what stopped it (exit 1).
+fn print_dry_run<E: std::fmt::Display>(checked: Result<Vec<String>, E>) -> ExitCode {
+    match checked {
+        Ok(lines) => {
+            for l in lines {
+                println!("  ok  {l}");
+            }
+            println!("dry run: every dependency answered; nothing was changed");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stateshift: dry run: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -163,6 +163,22 @@ pub async fn fault_hold(phase: &str) {
     }
 }
 
+/// The full chain of an error's causes on one line, each cause once (an SSH client's
+/// stderr and a TLS library's reason are deep in the chain).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(m.trim());
+        }
+        cur = c.source();
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     #[tokio::test(start_paused = true)]

@@ -125,30 +125,23 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     let bdir = dir.join("native-backup");
     // A first backup flushes the source's cache; time the second, as the migration will
     // find the cache flushed too.
-    let _ = std::fs::remove_dir_all(&bdir);
-    run_cmd(
-        "influxd",
-        &[
-            "backup",
-            "-portable",
-            "-host",
-            &format!("{}:8088", lab.source.addr),
-            &bdir.display().to_string(),
-        ],
-    )?;
-    let _ = std::fs::remove_dir_all(&bdir);
-    let t = Instant::now();
-    run_cmd(
-        "influxd",
-        &[
-            "backup",
-            "-portable",
-            "-host",
-            &format!("{}:8088", lab.source.addr),
-            &bdir.display().to_string(),
-        ],
-    )?;
-    let native_backup = t.elapsed().as_secs_f64();
+    let backup = || {
+        let _ = std::fs::remove_dir_all(&bdir);
+        let t = Instant::now();
+        run_cmd(
+            "influxd",
+            &[
+                "backup",
+                "-portable",
+                "-host",
+                &format!("{}:8088", lab.source.addr),
+                &bdir.display().to_string(),
+            ],
+        )
+        .map(|()| t.elapsed().as_secs_f64())
+    };
+    backup()?;
+    let native_backup = backup()?;
     let t = Instant::now();
     run_cmd(
         "influxd",

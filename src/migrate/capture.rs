@@ -461,17 +461,22 @@ mod tests {
         }
     }
 
+    /// A receiver on a free loopback port that records the keys of what it receives.
+    async fn keys_receiver(set: &Arc<Mutex<KeySet>>, auth: &ReceiverAuth) -> Receiver {
+        Receiver::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Sink::Keys(set.clone()),
+            auth,
+        )
+        .await
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn keys_sink_records_the_same_key_verification_computes() {
         let set = Arc::new(Mutex::new(KeySet::with_cap(10)));
         let auth = ReceiverAuth::generate().unwrap();
-        let r = Receiver::start(
-            "127.0.0.1:0".parse().unwrap(),
-            Sink::Keys(set.clone()),
-            &auth,
-        )
-        .await
-        .unwrap();
+        let r = keys_receiver(&set, &auth).await;
         let body = "cyclops_usage,host=w5 value=1,seq=2i,account=\"acme\",billable=true 1795461247919819443\n";
         let url = format!("http://{}/write?db=d&rp=autogen&precision=ns", r.addr);
         let resp = reqwest::Client::new()
@@ -507,13 +512,7 @@ mod tests {
             other.secret.expose(),
             "fresh per receiver"
         );
-        let r = Receiver::start(
-            "127.0.0.1:0".parse().unwrap(),
-            Sink::Keys(set.clone()),
-            &auth,
-        )
-        .await
-        .unwrap();
+        let r = keys_receiver(&set, &auth).await;
         let url = format!("http://{}/write?db=d&precision=ns", r.addr);
         let c = reqwest::Client::new();
         let send = |h: Option<String>| {

@@ -404,6 +404,26 @@ mod tests {
         }
     }
 
+    /// Migration "1" from "old" to "new", up to the record of the repoint.
+    fn repointing() -> Vec<Record> {
+        vec![
+            rec(
+                "1",
+                Event::Started {
+                    trigger: "t".into(),
+                    source: placement("old"),
+                },
+            ),
+            rec(
+                "1",
+                Event::StackCreated {
+                    target: placement("new"),
+                },
+            ),
+            rec("1", Event::WritersRepointing),
+        ]
+    }
+
     fn rec(m: &str, e: Event) -> Record {
         Record {
             v: VERSION,
@@ -492,30 +512,15 @@ mod tests {
 
     #[test]
     fn a_failure_after_cutover_blocks_new_migrations_until_an_operator_resolves_it() {
-        let mut rs = vec![
-            rec(
-                "1",
-                Event::Started {
-                    trigger: "t".into(),
-                    source: placement("old"),
-                },
-            ),
-            rec(
-                "1",
-                Event::StackCreated {
-                    target: placement("new"),
-                },
-            ),
-            rec("1", Event::WritersRepointing),
-            rec(
-                "1",
-                Event::Finished {
-                    outcome: Outcome::Failed,
-                    error: Some("verify".into()),
-                    report: None,
-                },
-            ),
-        ];
+        let mut rs = repointing();
+        rs.extend([rec(
+            "1",
+            Event::Finished {
+                outcome: Outcome::Failed,
+                error: Some("verify".into()),
+                report: None,
+            },
+        )]);
         let st = JournalState::from_records(&rs);
         assert_eq!(st.recovery(), Recovery::Nothing);
         assert!(st.needs_operator().is_some());
@@ -533,22 +538,7 @@ mod tests {
 
     #[test]
     fn writers_follow_the_target_from_the_successful_repoint_on() {
-        let mut rs = vec![
-            rec(
-                "1",
-                Event::Started {
-                    trigger: "t".into(),
-                    source: placement("old"),
-                },
-            ),
-            rec(
-                "1",
-                Event::StackCreated {
-                    target: placement("new"),
-                },
-            ),
-            rec("1", Event::WritersRepointing),
-        ];
+        let mut rs = repointing();
         // The command has not succeeded yet: the writers still use the source.
         assert_eq!(JournalState::from_records(&rs).writers_on(), None);
         rs.push(rec("1", Event::WritersRepointed));

@@ -147,6 +147,19 @@ impl Provider {
         }
     }
 
+    /// How to reach the InfluxDB of the service's source placement (by default the
+    /// configured `source`).
+    pub fn source_instance(&self, cfg: &Config, p: &Placement) -> InstanceConfig {
+        self.instance(cfg, p, &cfg.source)
+    }
+
+    /// How to reach the InfluxDB of a migration's target placement (by default the
+    /// configured `target`, else the `source`'s settings).
+    pub fn target_instance(&self, cfg: &Config, p: &Placement) -> InstanceConfig {
+        let fallback = cfg.target.as_ref().unwrap_or(&cfg.source);
+        self.instance(cfg, p, fallback)
+    }
+
     /// How to reach the InfluxDB of a placement.
     pub fn instance(
         &self,
@@ -362,7 +375,6 @@ pub async fn migrate_holding(
         });
     }
     let source = current_source(cfg, &st);
-    let source_inst = provider.instance(cfg, &source, &cfg.source);
     let journal = Mutex::new(Journal::open(&paths.journal)?);
     let id = new_id();
     let append = |e: Event| -> Result<(), MachineError> {
@@ -439,32 +451,52 @@ pub async fn migrate_holding(
         "target stack {name} ready at {}",
         target.influx_url
     ));
-    let fallback = cfg.target.clone().unwrap_or_else(|| cfg.source.clone());
-    let target_inst = provider.instance(cfg, &target, &fallback);
-
     // Phases 2–8 (and the capture's end): the data engine, on the current source.
-    let mut ecfg = cfg.clone();
-    ecfg.source = source_inst;
-    let jp = Journaled {
-        journal: &journal,
-        id: &id,
-    };
-    let result = engine::run_with(
-        &ecfg,
-        &target_inst,
-        progress,
-        &jp,
+    let result = run_engine(
+        cfg,
+        provider,
+        &journal,
+        &id,
+        (&source, &target),
         RunOptions {
             id: Some(id.clone()),
-            resume: false,
-            replay_first: None,
-            interrupted: None,
-            new_target: target.stack.is_some(),
+            ..RunOptions::default()
         },
+        progress,
     )
     .await;
     finish(
         cfg, provider, &journal, &id, source, target, result, progress,
+    )
+    .await
+}
+
+/// Run the data engine from `source` to `target` (the placements' instances) under the
+/// journal of migration `id`. A target with a stack was just created: its InfluxDB gets
+/// `migration.target_ready_timeout` to answer.
+#[allow(clippy::too_many_arguments)]
+async fn run_engine(
+    cfg: &Config,
+    provider: &Provider,
+    journal: &Mutex<Journal>,
+    id: &str,
+    (source, target): (&Placement, &Placement),
+    opts: RunOptions,
+    progress: &dyn Progress,
+) -> Result<Report, (MigrateError, Box<Report>)> {
+    let mut ecfg = cfg.clone();
+    ecfg.source = provider.source_instance(cfg, source);
+    let target_inst = provider.target_instance(cfg, target);
+    let opts = RunOptions {
+        new_target: target.stack.is_some(),
+        ..opts
+    };
+    engine::run_with(
+        &ecfg,
+        &target_inst,
+        progress,
+        &Journaled { journal, id },
+        opts,
     )
     .await
 }
@@ -545,7 +577,7 @@ async fn finish(
             // A write that reached the old InfluxDB after the capture stopped is only there.
             crate::util::fault_hold("old_stack").await;
             if let Some(old) = &source.stack {
-                let src = Influx::from_config(&provider.instance(cfg, &source, &cfg.source));
+                let src = Influx::from_config(&provider.source_instance(cfg, &source));
                 if let Some(detail) = late_writes(
                     &src,
                     &source.influx_url,
@@ -685,7 +717,7 @@ async fn recover_locked(
                     .map_err(MachineError::Stack)?;
             }
             // Our capture subscription on the source, if it was created.
-            let src = provider.instance(cfg, &source, &cfg.source);
+            let src = provider.source_instance(cfg, &source);
             drop_our_subscriptions(&Influx::from_config(&src), &id).await;
             journal.lock().unwrap_or_else(|p| p.into_inner()).append(
                 &id,
@@ -699,9 +731,8 @@ async fn recover_locked(
         }
         Recovery::FinishDispose { id, source, target } => {
             progress.note(&format!("recovering migration {id}: verified before the interruption, finishing the disposal"));
-            let src = Influx::from_config(&provider.instance(cfg, &source, &cfg.source));
-            let fallback = cfg.target.clone().unwrap_or_else(|| cfg.source.clone());
-            let dst = Influx::from_config(&provider.instance(cfg, &target, &fallback));
+            let src = Influx::from_config(&provider.source_instance(cfg, &source));
+            let dst = Influx::from_config(&provider.target_instance(cfg, &target));
             // Writes that reached the source after the crash never reached a spool: the
             // interrupted subscription counted them as failures. Then the old stack stays.
             // Counters that cannot be read prove nothing: nothing is decided, and settling is
@@ -772,31 +803,24 @@ async fn recover_locked(
         }
         Recovery::ResumeCutover { id, source, target } => {
             progress.note(&format!("recovering migration {id}: interrupted after cutover; resuming from the cutover (nothing is deleted unless verification passes)"));
-            let src = provider.instance(cfg, &source, &cfg.source);
             // The interrupted capture's subscription kept forwarding to a dead receiver while
             // we were down; the resumed engine checks its counters once a new capture is live.
             let old_spool = cfg.capture.spool_dir.join(format!("{id}.spool"));
             let spooled = spool_points(&old_spool).unwrap_or(0);
-            let fallback = cfg.target.clone().unwrap_or_else(|| cfg.source.clone());
-            let target_inst = provider.instance(cfg, &target, &fallback);
-            let mut ecfg = cfg.clone();
-            ecfg.source = src;
-            let jp = Journaled {
-                journal: &journal,
-                id: &id,
-            };
-            let result = engine::run_with(
-                &ecfg,
-                &target_inst,
-                progress,
-                &jp,
+            let result = run_engine(
+                cfg,
+                provider,
+                &journal,
+                &id,
+                (&source, &target),
                 RunOptions {
                     id: Some(format!("{id}r")),
                     resume: true,
                     replay_first: Some(old_spool.clone()),
                     interrupted: Some((format!("stateshift_{id}"), spooled)),
-                    new_target: target.stack.is_some(),
+                    new_target: false,
                 },
+                progress,
             )
             .await;
             // Past cutover already: a failure now must not roll the target back.
@@ -850,7 +874,7 @@ pub async fn preflight(cfg: &Config, provider: &Provider) -> Result<Vec<String>,
     let mut lines = Vec::new();
     let st = state(cfg).map_err(|e| e.to_string())?;
     let source = current_source(cfg, &st);
-    let src = provider.instance(cfg, &source, &cfg.source);
+    let src = provider.source_instance(cfg, &source);
     let influx = Influx::from_config(&src);
     let dbs = influx.databases().await.map_err(|e| e.to_string())?;
     lines.push(format!(

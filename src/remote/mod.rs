@@ -75,6 +75,15 @@ pub struct Pipes {
     pub stdout: bool,
 }
 
+impl Pipes {
+    /// The child's stdin and stdout as asked; stderr is always captured (errors quote it).
+    /// Generic over the process library's `Stdio` (std's, or openssh's).
+    pub(crate) fn stdio<S>(self, piped: fn() -> S, null: fn() -> S) -> [S; 3] {
+        let pipe = |p: bool| if p { piped() } else { null() };
+        [pipe(self.stdin), pipe(self.stdout), piped()]
+    }
+}
+
 /// A running command. Take its pipes, then call [`RemoteProcess::finish`].
 pub struct RemoteProcess {
     pub stdin: Option<BoxWrite>,
@@ -137,7 +146,7 @@ impl RemoteProcess {
             ProcessInner::Ssh(child) => {
                 let st = child.wait().await.map_err(|e| RemoteError::Ssh {
                     host: self.host.clone(),
-                    msg: format!("`{}`: {}", self.cmd, ssh::error_chain(&e)),
+                    msg: format!("`{}`: {}", self.cmd, crate::util::error_chain(&e)),
                 })?;
                 st.success()
                     .then_some(())
@@ -259,19 +268,12 @@ impl Remote for LocalRemote {
 
     async fn spawn(&self, cmd: &str, pipes: Pipes) -> Result<RemoteProcess, RemoteError> {
         let mut c = tokio::process::Command::new("sh");
+        let [stdin, stdout, stderr] = pipes.stdio(Stdio::piped, Stdio::null);
         c.arg("-c")
             .arg(cmd)
-            .stdin(if pipes.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(if pipes.stdout {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stderr(Stdio::piped())
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
             .kill_on_drop(true);
         let mut child = c.spawn().map_err(|source| RemoteError::Spawn {
             host: self.describe(),

@@ -62,21 +62,6 @@ impl Drop for PinnedKnownHosts {
     }
 }
 
-/// The full chain of an error's causes on one line (ssh's own stderr is in the chain).
-pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(m.trim());
-        }
-        cur = c.source();
-    }
-    s
-}
-
 impl SshRemote {
     /// Connect, retrying with backoff while the host refuses or does not answer (a VM
     /// still booting) until `ready_timeout`. A host-key mismatch or a refused key stops at
@@ -133,7 +118,7 @@ impl SshRemote {
                     });
                 }
                 Err(e) => {
-                    let msg = error_chain(&e);
+                    let msg = crate::util::error_chain(&e);
                     if msg.contains("Host key verification failed")
                         || msg.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
                         || msg.contains("No ED25519 host key is known")
@@ -201,7 +186,7 @@ impl SshRemote {
                 host: self.name.clone(),
                 msg: format!(
                     "local forward {listen} -> {host}:{port} refused: {}",
-                    error_chain(&e)
+                    crate::util::error_chain(&e)
                 ),
             })
     }
@@ -226,7 +211,7 @@ impl SshRemote {
                 host: self.name.clone(),
                 msg: format!(
                     "remote forward 127.0.0.1:{port} -> {connect} refused: {}",
-                    error_chain(&e)
+                    crate::util::error_chain(&e)
                 ),
             })
     }
@@ -269,20 +254,11 @@ impl Remote for SshRemote {
 
     async fn spawn(&self, cmd: &str, pipes: Pipes) -> Result<RemoteProcess, RemoteError> {
         let mut c = Session::arc_raw_command(self.session.clone(), cmd);
-        c.stdin(if pipes.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(if pipes.stdout {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stderr(Stdio::piped());
+        let [stdin, stdout, stderr] = pipes.stdio(Stdio::piped, Stdio::null);
+        c.stdin(stdin).stdout(stdout).stderr(stderr);
         let mut child = c.spawn().await.map_err(|e| RemoteError::Ssh {
             host: self.name.clone(),
-            msg: format!("cannot start `{cmd}`: {}", error_chain(&e)),
+            msg: format!("cannot start `{cmd}`: {}", crate::util::error_chain(&e)),
         })?;
         Ok(RemoteProcess {
             stdin: child.stdin().take().map(|s| Box::pin(s) as BoxWrite),

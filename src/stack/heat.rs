@@ -259,9 +259,12 @@ impl Heat {
                 b = b.add_root_certificate(c);
             }
         }
-        let http = b
-            .build()
-            .map_err(|e| invalid(format!("heat: HTTP client: {}", err_chain(&e))))?;
+        let http = b.build().map_err(|e| {
+            invalid(format!(
+                "heat: HTTP client: {}",
+                crate::util::error_chain(&e)
+            ))
+        })?;
         let mut keystone = cfg.auth_url.trim().trim_end_matches('/').to_string();
         if !keystone.ends_with("/v3") {
             keystone.push_str("/v3");
@@ -627,7 +630,7 @@ impl Heat {
                 .send()
                 .await;
             let failure = match res {
-                Err(e) => format!("Keystone {url}: {}", err_chain(&e)),
+                Err(e) => format!("Keystone {url}: {}", crate::util::error_chain(&e)),
                 Ok(r) => {
                     let status = r.status();
                     let subject = r
@@ -645,7 +648,7 @@ impl Heat {
                             })
                         }
                         Err(CappedReadError::Transport(e)) => {
-                            format!("Keystone {url}: reading the reply: {}", err_chain(&e))
+                            format!("Keystone {url}: reading the reply: {}", crate::util::error_chain(&e))
                         }
                         Ok(body) if status.is_server_error() => format!(
                             "Keystone {url} answered {status}: {}",
@@ -768,7 +771,7 @@ impl Heat {
             }
             let failure = match req.send().await {
                 Err(e) => {
-                    let msg = format!("Heat {method} {url}: {}", err_chain(&e));
+                    let msg = format!("Heat {method} {url}: {}", crate::util::error_chain(&e));
                     if retry == Retry::ConnectOnly && !e.is_connect() {
                         // The request may have reached Heat: retrying could create twice.
                         return Err(self.transient(format!(
@@ -792,7 +795,7 @@ impl Heat {
                         Err(CappedReadError::Transport(e)) => {
                             return Err(self.transient(format!(
                                 "Heat {method} {url}: reading the reply: {}",
-                                err_chain(&e)
+                                crate::util::error_chain(&e)
                             )))
                         }
                     };
@@ -1203,20 +1206,6 @@ fn clip(s: &str) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
-}
-
-fn err_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// Percent-encode one URL path segment.
