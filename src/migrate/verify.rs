@@ -105,10 +105,17 @@ async fn per_series(
     q: &str,
     prefix: &str,
 ) -> Result<HashMap<Tags, HashMap<String, Value>>, InfluxError> {
-    let mut out = HashMap::new();
-    for s in influx.query(Some(db), q).await? {
-        out.insert(tags_of(&s), agg_row(&s, prefix));
-    }
+    // Streamed: the answer has a row per series, and a measurement may have millions of
+    // series; only the aggregates are kept, never the whole answer.
+    let mut out: HashMap<Tags, HashMap<String, Value>> = HashMap::new();
+    influx
+        .query_chunked(db, q, 10_000, |s| {
+            out.entry(tags_of(&s))
+                .or_default()
+                .extend(agg_row(&s, prefix));
+            Ok(())
+        })
+        .await?;
     Ok(out)
 }
 

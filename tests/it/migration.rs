@@ -431,3 +431,50 @@ async fn a_fixed_capture_port_and_the_streamed_transfer_work_together() {
             .is_empty()
     );
 }
+
+/// Verification's per-series aggregates are streamed: a measurement whose `GROUP BY *`
+/// answer is larger than what the client holds of one answer still verifies (before,
+/// the answer was read whole and refused as too large).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_streams_the_per_series_aggregates_of_a_measurement_with_many_series() {
+    use stateshift::config::{ContentCheck, VerifyConfig};
+    let lab = lab(LabOptions::default()).await;
+    // 20,000 series: the COUNT(*) GROUP BY * answer is about 1.6 MB of JSON.
+    let body: String = (0..20_000)
+        .map(|i| {
+            format!(
+                "usage,account=acct{i:05},host=h{} value={i}i 1700000000000000000\n",
+                i % 7
+            )
+        })
+        .collect();
+    for vm in [&lab.source, &lab.target] {
+        let c = vm.client();
+        c.query(None, "CREATE DATABASE many").await.unwrap();
+        c.write("many", None, "ns", body.clone().into())
+            .await
+            .unwrap();
+    }
+    let limit = 512 << 10;
+    let (src, dst) = (
+        lab.source.client().with_answer_limit(limit),
+        lab.target.client().with_answer_limit(limit),
+    );
+    let whole = src
+        .query(Some("many"), "SELECT COUNT(*) FROM usage GROUP BY *")
+        .await;
+    assert!(
+        whole.is_err(),
+        "the answer is beyond the limit when read whole"
+    );
+    let cfg = VerifyConfig {
+        content: ContentCheck::Full,
+        sample_series: 1,
+    };
+    let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
+        .await
+        .expect("verification streams its aggregates");
+    assert!(rep.ok(), "{:?}", rep.problems);
+    assert_eq!(rep.series, 20_000);
+    assert_eq!(rep.source_values, 20_000);
+}
