@@ -96,12 +96,14 @@ pub fn shell_quote(s: &str) -> String {
 /// up to `max`, each waited for a random 50–100 % of its length (jitter: clients that
 /// failed together, say every SO of a cloud when Keystone restarts, do not come back
 /// together), within a time budget counted from the first failure (or from
-/// [`Retry::counting_from`]). Never waits past the budget.
+/// [`Retry::counting_from`]). Never waits past the budget. [`Retry::unbounded`] has no
+/// budget (the load poller retries as long as it runs).
 #[derive(Debug, Clone)]
 pub struct Retry {
+    first: std::time::Duration,
     step: std::time::Duration,
     max: std::time::Duration,
-    budget: std::time::Duration,
+    budget: Option<std::time::Duration>,
     deadline: Option<tokio::time::Instant>,
 }
 
@@ -113,17 +115,32 @@ impl Retry {
         budget: std::time::Duration,
     ) -> Retry {
         Retry {
+            first: first.min(max),
             step: first.min(max),
             max,
-            budget,
+            budget: Some(budget),
             deadline: None,
+        }
+    }
+
+    /// A schedule without a budget: it never ends.
+    pub fn unbounded(first: std::time::Duration, max: std::time::Duration) -> Retry {
+        Retry {
+            budget: None,
+            ..Retry::new(first, max, std::time::Duration::ZERO)
         }
     }
 
     /// Count the budget from `start` (the first attempt) rather than the first failure.
     pub fn counting_from(mut self, start: tokio::time::Instant) -> Retry {
-        self.deadline = Some(start + self.budget);
+        self.deadline = self.budget.map(|b| start + b);
         self
+    }
+
+    /// A success: the next failure starts the schedule (and its budget) again.
+    pub fn reset(&mut self) {
+        self.step = self.first;
+        self.deadline = None;
     }
 }
 
@@ -133,8 +150,13 @@ impl Iterator for Retry {
 
     fn next(&mut self) -> Option<std::time::Duration> {
         let now = tokio::time::Instant::now();
-        let deadline = *self.deadline.get_or_insert(now + self.budget);
-        let left = deadline.checked_duration_since(now)?;
+        let left = match self.budget {
+            Some(budget) => {
+                let deadline = *self.deadline.get_or_insert(now + budget);
+                deadline.checked_duration_since(now)?
+            }
+            None => std::time::Duration::MAX,
+        };
         if left.is_zero() {
             return None;
         }

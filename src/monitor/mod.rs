@@ -32,7 +32,7 @@ pub async fn preflight(cfg: &crate::config::MonitorConfig) -> Result<Option<Stri
     )))
 }
 
-pub use poller::{Backoff, Outcome, Poller, PollerConfig, Snapshot};
+pub use poller::{Outcome, Poller, PollerConfig, Snapshot};
 pub use zabbix::{Zabbix, ZabbixError, ZabbixSource};
 
 /// When a value was collected: Unix seconds and nanoseconds, as Zabbix stores them

@@ -6,8 +6,9 @@
 //!   stale readings, missing data and repeats of the same sample (a source that answers
 //!   with the same item value until it goes stale) never are. A poller restarted on the same
 //!   metric resumes after the last clock pushed ([`Poller::resume_after`]);
-//! - a failed read is retried after a bounded exponential backoff (`poll_interval`,
-//!   doubling, capped at `backoff_max`); the first successful read resets it. Permanent
+//! - a failed read is retried after a bounded exponential backoff ([`crate::util::Retry`]:
+//!   from `poll_interval`, doubling, capped at `backoff_max`, jittered but never sooner
+//!   than `poll_interval`); the first successful read resets it. Permanent
 //!   errors (wrong password, unknown item) are retried the same way, logged at ERROR:
 //!   an operator can fix them without restarting the daemon;
 //! - the poller never panics and stops when its [`CancellationToken`] is cancelled, also
@@ -97,46 +98,6 @@ impl PollerError {
     }
 }
 
-/// Bounded exponential backoff: after the n-th failure in a row, wait
-/// `min(initial × 2^(n-1), max)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    /// Start at `initial`, never wait more than `max` (nor less than `initial`).
-    pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max: max.max(initial),
-            failures: 0,
-        }
-    }
-
-    /// Count a failure; the wait before the next attempt.
-    pub fn fail(&mut self) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        let doublings = (self.failures - 1).min(32);
-        self.initial
-            .checked_mul(1u32 << doublings.min(31))
-            .unwrap_or(self.max)
-            .min(self.max)
-    }
-
-    /// A success: start again from `initial`.
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    /// Failures in a row so far.
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-}
-
 /// Where the poller gets the time and how it waits.
 pub trait Timer: Send + Sync + 'static {
     /// Now, on a monotonic clock.
@@ -205,7 +166,8 @@ pub struct Poller<S, T = TokioTimer> {
     timer: T,
     config: PollerConfig,
     feed: Option<mpsc::UnboundedSender<Outcome>>,
-    backoff: Backoff,
+    /// The waits after failures in a row ([`crate::util::Retry`], no budget).
+    backoff: crate::util::Retry,
     last_pushed: Option<Clock>,
     last_state: Option<Freshness>,
     snapshot: Snapshot,
@@ -233,7 +195,7 @@ impl<S: MetricSource, T: Timer> Poller<S, T> {
             timer,
             config,
             feed: None,
-            backoff: Backoff::new(config.poll_interval, config.backoff_max),
+            backoff: crate::util::Retry::unbounded(config.poll_interval, config.backoff_max),
             last_pushed: None,
             last_state: None,
             snapshot,
@@ -304,8 +266,8 @@ impl<S: MetricSource, T: Timer> Poller<S, T> {
         self.snapshot.reads += 1;
         let outcome = match result {
             Ok(reading) => {
-                if self.backoff.failures() > 0 {
-                    tracing::info!(source = %self.source.describe(), failures = self.backoff.failures(), "source answers again");
+                if self.snapshot.consecutive_failures > 0 {
+                    tracing::info!(source = %self.source.describe(), failures = self.snapshot.consecutive_failures, "source answers again");
                 }
                 self.backoff.reset();
                 self.snapshot.consecutive_failures = 0;
@@ -316,16 +278,21 @@ impl<S: MetricSource, T: Timer> Poller<S, T> {
             }
             Err(e) => {
                 let transient = e.is_transient();
-                let delay = self.backoff.fail();
+                // Jittered, but never sooner than the poll interval.
+                let delay = self
+                    .backoff
+                    .next()
+                    .unwrap_or(self.config.backoff_max)
+                    .max(self.config.poll_interval);
                 self.snapshot.failures += 1;
-                self.snapshot.consecutive_failures = self.backoff.failures();
+                self.snapshot.consecutive_failures += 1;
                 self.snapshot.next_delay = delay;
                 self.snapshot.last_error = Some(e.to_string());
                 let retry_in = humantime::format_duration(delay);
                 if transient {
-                    tracing::warn!(source = %self.source.describe(), error = %e, failures = self.backoff.failures(), %retry_in, "read failed; backing off");
+                    tracing::warn!(source = %self.source.describe(), error = %e, failures = self.snapshot.consecutive_failures, %retry_in, "read failed; backing off");
                 } else {
-                    tracing::error!(source = %self.source.describe(), error = %e, failures = self.backoff.failures(), %retry_in, "read failed and needs an operator; retrying anyway");
+                    tracing::error!(source = %self.source.describe(), error = %e, failures = self.snapshot.consecutive_failures, %retry_in, "read failed and needs an operator; retrying anyway");
                 }
                 Outcome::Failed { transient }
             }
@@ -460,7 +427,7 @@ mod tests {
     async fn play(
         steps: Vec<Result<Reading, Scripted>>,
         config: PollerConfig,
-    ) -> (Poller<Script, VirtualTimer>, Vec<u64>, Vec<f64>) {
+    ) -> (Poller<Script, VirtualTimer>, Vec<f64>, Vec<f64>) {
         let timer = VirtualTimer::new();
         let token = CancellationToken::new();
         let script = Script {
@@ -473,7 +440,10 @@ mod tests {
         let poller = Poller::with_timer(script, config, timer).unwrap().feed(tx);
         let mut poller = poller.run(token).await;
         let reads = &poller.source_mut().reads_at;
-        let gaps = reads.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        let gaps = reads
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect();
         let mut pushed = Vec::new();
         while let Ok(o) = rx.try_recv() {
             if let Outcome::Pushed(s) = o {
@@ -506,7 +476,7 @@ mod tests {
             "{snap:?}"
         );
         assert_eq!(snap.last_pushed, Some(s(3.0, 103)));
-        assert_eq!(gaps, vec![1; 9], "one read per poll interval");
+        assert_eq!(gaps, vec![1.0; 9], "one read per poll interval");
     }
 
     #[tokio::test]
@@ -516,8 +486,14 @@ mod tests {
         steps.push(Ok(Reading::Fresh(s(2.0, 200))));
         steps.push(Ok(Reading::Fresh(s(3.0, 201))));
         let (poller, gaps, pushed) = play(steps, config(1, 8)).await;
-        // read, then 6 failures: waits 1 (interval), 1, 2, 4, 8, 8, 8; then back to 1
-        assert_eq!(gaps, vec![1, 1, 2, 4, 8, 8, 8, 1, 1]);
+        // read, then 6 failures: waits 1 (interval), then steps 1, 2, 4, 8, 8, 8 each
+        // jittered to 50–100 % but never below the interval; then back to 1.
+        let steps = [1.0, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 1.0, 1.0];
+        assert_eq!(gaps.len(), steps.len(), "{gaps:?}");
+        for (gap, step) in gaps.iter().zip(steps) {
+            assert!((f64::max(1.0, step / 2.0)..=step).contains(gap), "{gaps:?}");
+        }
+        assert!(gaps[4..7].iter().all(|g| *g <= 8.0), "capped: {gaps:?}");
         assert_eq!(pushed, &[1.0, 2.0, 3.0]);
         assert_eq!(
             poller.snapshot().failures,
@@ -534,7 +510,9 @@ mod tests {
             Ok(Reading::Fresh(s(4.0, 10))),
         ];
         let (poller, gaps, pushed) = play(steps, config(2, 60)).await;
-        assert_eq!(gaps, vec![2, 4, 2]);
+        assert_eq!(gaps[0], 2.0, "the first retry waits the interval");
+        assert!((2.0..=4.0).contains(&gaps[1]), "{gaps:?}");
+        assert_eq!(gaps[2], 2.0, "a success resets the schedule: {gaps:?}");
         assert_eq!(pushed, &[4.0]);
         let snap = poller.snapshot();
         assert_eq!(snap.consecutive_failures, 1, "the final scripted failure");
@@ -608,19 +586,6 @@ mod tests {
             .resume_after(Some(Clock::new(100, 0)));
         assert_eq!(poller.poll_once().await, Outcome::Unchanged(s(1.0, 100)));
         assert_eq!(poller.poll_once().await, Outcome::Pushed(s(2.0, 101)));
-    }
-
-    #[test]
-    fn backoff_doubles_from_the_interval_and_stops_at_the_cap() {
-        let mut b = Backoff::new(Duration::from_secs(60), Duration::from_secs(300));
-        let waits: Vec<u64> = (0..5).map(|_| b.fail().as_secs()).collect();
-        assert_eq!(waits, vec![60, 120, 240, 300, 300]);
-        b.reset();
-        assert_eq!(b.fail(), Duration::from_secs(60));
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
-        for _ in 0..100 {
-            assert!(b.fail() <= Duration::from_secs(10));
-        }
     }
 
     #[test]
