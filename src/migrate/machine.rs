@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::engine::{self, Journaling, MigrateError, Phase, Progress, Report, RunOptions};
+use super::engine::{self, Journaling, MigrateError, Phase, Progress, Report, Resume, RunOptions};
 use super::journal::{Event, Journal, JournalError, JournalState, Outcome, Placement, Recovery};
 use crate::config::{Config, InstanceConfig, ProviderKind};
 use crate::influx::Influx;
@@ -815,9 +815,11 @@ async fn recover_locked(
                 (&source, &target),
                 RunOptions {
                     id: Some(format!("{id}r")),
-                    resume: true,
-                    replay_first: Some(old_spool.clone()),
-                    interrupted: Some((format!("stateshift_{id}"), spooled)),
+                    resume: Some(Resume {
+                        spool: old_spool,
+                        subscription: format!("stateshift_{id}"),
+                        spooled_points: spooled,
+                    }),
                     new_target: false,
                 },
                 progress,

@@ -212,7 +212,11 @@ impl Migration<'_> {
     /// old spool holds and failed nothing. Then the old subscriptions go.
     pub(super) async fn check_interrupted(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Capture;
-        let Some((old, spooled)) = self.interrupted.clone() else {
+        let Some((old, spooled)) = self
+            .resume
+            .as_ref()
+            .map(|r| (r.subscription.clone(), r.spooled_points))
+        else {
             return Ok(());
         };
         let src = self.src().influx.clone();

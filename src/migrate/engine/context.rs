@@ -54,10 +54,8 @@ pub(super) struct Migration<'a> {
     pub reader: Option<SpoolReader>,
     /// The target pulled the dump itself: nothing to transfer.
     pub pulled: bool,
-    /// With a resumed run: the interrupted run's spool, replayed first.
-    pub replay_first: Option<std::path::PathBuf>,
-    /// With a resumed run: the interrupted capture's subscription and what its spool holds.
-    pub interrupted: Option<(String, u64)>,
+    /// With a resumed run: what it takes over from the interrupted one.
+    pub resume: Option<super::Resume>,
     /// How long `prepare` waits for the target's InfluxDB to answer.
     pub ready_wait: Duration,
     /// The watch receiver's port, reserved at the capture.
@@ -96,8 +94,7 @@ impl<'a> Migration<'a> {
             source_started: None,
             reader: None,
             pulled: false,
-            replay_first: None,
-            interrupted: None,
+            resume: None,
             ready_wait: Duration::ZERO,
             watch_listener: None,
         }

@@ -263,19 +263,26 @@ pub async fn run(
 pub struct RunOptions {
     /// Migration id (also names the capture subscription); default: the current time.
     pub id: Option<String>,
-    /// Resume an interrupted migration whose data is already on the target: capture
-    /// again, repoint the writers again, drain, verify. No dump or restore.
-    pub resume: bool,
-    /// With `resume`: the interrupted run's spool, replayed in full before anything new.
-    pub replay_first: Option<std::path::PathBuf>,
-    /// With `resume`: the interrupted run's capture subscription and the points its spool
-    /// holds. Once the new capture is live, every write the old subscription failed to
-    /// forward in between reached the source but no spool: then the run stops, safely.
-    pub interrupted: Option<(String, u64)>,
+    /// Resume a migration interrupted past its repoint, whose data is already on the
+    /// target: capture again, repoint the writers again, drain, verify. No dump or restore.
+    pub resume: Option<Resume>,
     /// The target was just created (a stack provider's new VM): `prepare` waits up to
     /// `migration.target_ready_timeout` for its InfluxDB to answer. Otherwise (a static
     /// target that should be up) one try, and an error at once.
     pub new_target: bool,
+}
+
+/// What a resumed run takes over from the interrupted one.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The interrupted run's spool: what it had not replayed is replayed before anything
+    /// new.
+    pub spool: std::path::PathBuf,
+    /// The interrupted run's capture subscription, and the points its spool holds. Once the
+    /// new capture is live, every write that subscription failed to forward in between
+    /// reached the source but no spool: then the run stops, safely.
+    pub subscription: String,
+    pub spooled_points: u64,
 }
 
 /// Run a migration; on failure also return the report so far (its `cutover_done` says
@@ -292,13 +299,11 @@ pub async fn run_with(
     m.progress = progress;
     m.journal = journal;
     m.plan = plan::Plan {
-        resume: opts.resume,
-        interrupted: opts.interrupted.is_some(),
+        resume: opts.resume.is_some(),
     };
     // A resumed run starts past the repoint: writers may use the target from the start.
-    m.report.cutover_done = opts.resume;
-    m.replay_first = opts.replay_first;
-    m.interrupted = opts.interrupted;
+    m.report.cutover_done = opts.resume.is_some();
+    m.resume = opts.resume;
     m.ready_wait = if opts.new_target {
         cfg.migration.target_ready_timeout
     } else {

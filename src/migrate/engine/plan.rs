@@ -41,10 +41,9 @@ impl Step {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Plan {
     /// The data is already on the target (a run resumed after a crash past the repoint):
-    /// no dump, transfer or restore.
+    /// the interrupted run's capture is proven complete, and there is no dump, transfer
+    /// or restore.
     pub resume: bool,
-    /// An interrupted run's capture must be proven complete.
-    pub interrupted: bool,
 }
 
 /// What a failure leaves behind.
@@ -64,9 +63,9 @@ impl Plan {
         use Step::*;
         Some(match done {
             Prepare => Capture,
-            Capture if self.interrupted => CheckInterrupted,
-            Capture | CheckInterrupted if self.resume => Delta,
-            Capture | CheckInterrupted => Dump,
+            Capture if self.resume => CheckInterrupted,
+            CheckInterrupted => Delta,
+            Capture => Dump,
             Dump => Transfer,
             Transfer => Restore,
             Restore => Delta,
@@ -113,12 +112,8 @@ mod tests {
     #[test]
     fn a_resumed_run_moves_no_data_again_and_checks_the_lost_capture_first() {
         use Step::*;
-        let plan = Plan {
-            resume: true,
-            interrupted: true,
-        };
         assert_eq!(
-            steps(plan),
+            steps(Plan { resume: true }),
             [
                 Prepare,
                 Capture,
@@ -128,14 +123,6 @@ mod tests {
                 Verify,
                 Dispose
             ]
-        );
-        let plan = Plan {
-            resume: true,
-            interrupted: false,
-        };
-        assert_eq!(
-            steps(plan),
-            [Prepare, Capture, Delta, Cutover, Verify, Dispose]
         );
     }
 
@@ -148,23 +135,18 @@ mod tests {
         // cutover, so a failure there (e.g. the journal refusing the repoint record)
         // deleted the new capture's spool: points captured since the last replay, which
         // writers had sent to the source, were lost.
-        let resumed = Plan {
-            resume: true,
-            interrupted: true,
-        };
+        let resumed = Plan { resume: true };
         assert_eq!(resumed.undo(false), Undo::KeepBoth);
         assert_eq!(resumed.undo(true), Undo::KeepBoth);
     }
 
     #[test]
     fn every_step_is_timed_under_its_phase_in_phase_order() {
-        let order = steps(Plan {
-            resume: false,
-            interrupted: true,
-        });
-        let phases: Vec<Phase> = order.iter().map(|s| s.phase()).collect();
-        let mut sorted = phases.clone();
-        sorted.sort_by_key(|p| *p as u8);
-        assert_eq!(phases, sorted);
+        for plan in [Plan { resume: false }, Plan { resume: true }] {
+            let phases: Vec<Phase> = steps(plan).iter().map(|s| s.phase()).collect();
+            let mut sorted = phases.clone();
+            sorted.sort_by_key(|p| *p as u8);
+            assert_eq!(phases, sorted);
+        }
     }
 }

@@ -28,7 +28,7 @@ impl Migration<'_> {
         // Catch up with what was captured so far; writers keep writing to the source.
         let dst = self.dst().influx.clone();
         let t = Instant::now();
-        if let Some(old) = self.replay_first.clone() {
+        if let Some(old) = self.resume.as_ref().map(|r| r.spool.clone()) {
             // An interrupted run's capture, first, in its own order.
             let mut r = SpoolReader::open_finished(&old)
                 .map_err(|source| MigrateError::Spool { phase: p, source })?;
