@@ -26,22 +26,25 @@
 //! - Wire hygiene: Keystone under uwsgi's `--http-socket` has no keep-alive, so no
 //!   connection is pooled and every request says `Connection: close`. Secrets go on the
 //!   wire only: never in logs, errors or `Debug`.
+//!
+//! Layout: `keystone` (credentials, tokens, the catalog), `http` (one retrying call to
+//! Keystone or Heat and its errors), `bundle` (the create body: the template and every
+//! file it names), and here the provider itself.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderValue, ACCEPT, CONNECTION};
 use reqwest::{Method, StatusCode};
-use serde::Deserialize;
-use serde_json::{json, Value};
+
+use serde_json::Value;
 use tokio::sync::Mutex;
 
 use super::{StackError, StackOutputs, StackProvider, StackRef, StackSpec, StackStatus};
-use crate::util::{read_body_capped, CappedReadError, Secret};
+use crate::util::Secret;
 
 /// The largest Keystone or Heat reply read. Token replies with a big catalog and stack
 /// lists are tens of kilobytes; a reply near this is a wrong URL or a broken server, and
@@ -50,29 +53,17 @@ pub const MAX_REPLY_BYTES: usize = 32 << 20;
 
 pub use crate::config::{CatalogInterface, HeatConfig};
 
+mod bundle;
+mod http;
+mod keystone;
+
+use bundle::stack_body;
+pub use http::message;
+use http::{clip, seg, Retry};
+pub use keystone::TokenReply;
+use keystone::{Credentials, Token};
+
 // ---------------------------------------------------------------- the provider
-
-enum Credentials {
-    Password {
-        user: String,
-        user_domain: String,
-        password: Secret,
-        project: String,
-        project_domain: String,
-    },
-    AppCredential {
-        id: String,
-        secret: Secret,
-    },
-}
-
-struct Token {
-    value: Secret,
-    project_id: String,
-    /// Orchestration base URL, `.../v1/{project_id}`, no trailing slash.
-    endpoint: String,
-    renew_at: Instant,
-}
 
 /// Stacks in OpenStack Heat. Cheap to share behind an `Arc`; one token for all callers.
 pub struct Heat {
@@ -116,22 +107,6 @@ pub struct Created {
     pub stack: StackRef,
     pub outputs: BTreeMap<String, Value>,
     pub report: CreateReport,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Retry {
-    /// GET, DELETE, validate: retry connection failures, timeouts and 5xx.
-    Idempotent,
-    /// Create: retry only when the connection never opened (Heat saw nothing).
-    ConnectOnly,
-}
-
-struct Reply {
-    status: StatusCode,
-    /// The request's URL, for errors.
-    url: String,
-    body: Value,
-    text: String,
 }
 
 /// Heat's reply to `GET .../stacks/{name}/{id}`: the stack's status, its reason and its
@@ -179,12 +154,6 @@ impl PollSchedule {
         self.next = self.next.mul_f64(1.5).min(self.max);
         d
     }
-}
-
-/// Retry delays for transient failures: 250 ms doubling to 4 s (with jitter), for
-/// `budget` from the first failure.
-fn backoff(budget: Duration) -> crate::util::Retry {
-    crate::util::Retry::new(Duration::from_millis(250), Duration::from_secs(4), budget)
 }
 
 impl Heat {
@@ -279,26 +248,6 @@ impl Heat {
             keystone,
             name,
         })
-    }
-
-    /// How many times this provider has authenticated with Keystone (metrics, tests).
-    pub fn auth_count(&self) -> u64 {
-        self.auths.load(Ordering::Relaxed)
-    }
-
-    /// The current token (authenticating if there is none or it is due for renewal).
-    pub async fn token(&self) -> Result<Secret, StackError> {
-        Ok(self.current_token().await?.value.clone())
-    }
-
-    /// The orchestration endpoint in use, `.../v1/{project_id}`.
-    pub async fn endpoint(&self) -> Result<String, StackError> {
-        Ok(self.current_token().await?.endpoint.clone())
-    }
-
-    /// The project the token is scoped to.
-    pub async fn project_id(&self) -> Result<String, StackError> {
-        Ok(self.current_token().await?.project_id.clone())
     }
 
     /// Ask Heat to validate the template with these parameters and environment files
@@ -564,314 +513,6 @@ impl Heat {
             })?;
         Ok(parse_outputs(show.outputs))
     }
-
-    async fn current_token(&self) -> Result<Arc<Token>, StackError> {
-        let mut guard = self.token.lock().await;
-        if let Some(t) = guard.as_ref() {
-            if Instant::now() < t.renew_at {
-                return Ok(t.clone());
-            }
-            tracing::debug!("heat: token due for renewal");
-        }
-        let t = Arc::new(self.authenticate().await?);
-        *guard = Some(t.clone());
-        Ok(t)
-    }
-
-    /// Forget `stale` (if it is still the cached token) so the next call re-authenticates.
-    async fn drop_token(&self, stale: &Arc<Token>) {
-        let mut guard = self.token.lock().await;
-        if guard.as_ref().is_some_and(|t| Arc::ptr_eq(t, stale)) {
-            *guard = None;
-        }
-    }
-
-    fn who(&self) -> String {
-        match &self.creds {
-            Credentials::Password {
-                user,
-                user_domain,
-                project,
-                project_domain,
-                ..
-            } => format!(
-                "user {user:?} (domain {user_domain:?}) for project {project:?} (domain {project_domain:?})"
-            ),
-            Credentials::AppCredential { id, .. } => format!("application credential {id}"),
-        }
-    }
-
-    async fn authenticate(&self) -> Result<Token, StackError> {
-        let url = format!("{}/auth/tokens", self.keystone);
-        let body = match &self.creds {
-            Credentials::Password {
-                user,
-                user_domain,
-                password,
-                project,
-                project_domain,
-            } => json!({"auth": {
-                "identity": {"methods": ["password"], "password": {"user": {
-                    "name": user, "domain": {"name": user_domain}, "password": password.expose()}}},
-                "scope": {"project": {"name": project, "domain": {"name": project_domain}}}}}),
-            Credentials::AppCredential { id, secret } => json!({"auth": {
-                "identity": {"methods": ["application_credential"],
-                    "application_credential": {"id": id, "secret": secret.expose()}}}}),
-        };
-        let mut backoff = backoff(self.cfg.retry_budget);
-        loop {
-            let sent = Instant::now();
-            let res = self
-                .http
-                .post(&url)
-                .header(CONNECTION, HeaderValue::from_static("close"))
-                .header(ACCEPT, HeaderValue::from_static("application/json"))
-                .json(&body)
-                .send()
-                .await;
-            let failure = match res {
-                Err(e) => format!("Keystone {url}: {}", crate::util::error_chain(&e)),
-                Ok(r) => {
-                    let status = r.status();
-                    let subject = r
-                        .headers()
-                        .get("x-subject-token")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    match read_body_capped(r, MAX_REPLY_BYTES).await {
-                        Err(CappedReadError::TooLarge) => {
-                            return Err(StackError::Other {
-                                provider: self.name.clone(),
-                                msg: format!(
-                                    "Keystone {url}: reply larger than {MAX_REPLY_BYTES} bytes, refused; is heat.auth_url Keystone's v3 URL?"
-                                ),
-                            })
-                        }
-                        Err(CappedReadError::Transport(e)) => {
-                            format!("Keystone {url}: reading the reply: {}", crate::util::error_chain(&e))
-                        }
-                        Ok(body) if status.is_server_error() => format!(
-                            "Keystone {url} answered {status}: {}",
-                            message(&String::from_utf8_lossy(&body))
-                        ),
-                        Ok(body) => {
-                            let text = String::from_utf8_lossy(&body);
-                            return self.token_from(status, subject, &text, sent, &url);
-                        }
-                    }
-                }
-            };
-            match backoff.next() {
-                Some(d) => {
-                    tracing::warn!(error = %failure, retry_in = ?d, "heat: Keystone unreachable or failing; retrying");
-                    tokio::time::sleep(d).await;
-                }
-                None => return Err(self.transient(failure)),
-            }
-        }
-    }
-
-    fn token_from(
-        &self,
-        status: StatusCode,
-        subject: Option<String>,
-        text: &str,
-        sent: Instant,
-        url: &str,
-    ) -> Result<Token, StackError> {
-        let auth = |msg: String| StackError::Auth {
-            provider: self.name.clone(),
-            msg,
-        };
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(auth(format!(
-                "Keystone {url} refused {} ({status}: {}); check the credentials in the heat config",
-                self.who(),
-                message(text)
-            )));
-        }
-        if !status.is_success() {
-            return Err(self.invalid(format!(
-                "Keystone {url} refused the request for {} ({status}): {}",
-                self.who(),
-                message(text)
-            )));
-        }
-        let value = subject.ok_or_else(|| {
-            auth(format!(
-                "Keystone {url} answered {status} without an X-Subject-Token header"
-            ))
-        })?;
-        let t = TokenReply::parse(text, SystemTime::now()).map_err(|e| StackError::Other {
-            provider: self.name.clone(),
-            msg: format!("Keystone {url}: unexpected token reply: {e}"),
-        })?;
-        let project_id = t.project_id.clone().ok_or_else(|| {
-            auth(format!(
-                "Keystone {url}: the token for {} is not scoped to a project",
-                self.who()
-            ))
-        })?;
-        let lifetime = t.lifetime.ok_or_else(|| StackError::Other {
-            provider: self.name.clone(),
-            msg: format!("Keystone {url}: unreadable expires_at {:?}", t.expires_at),
-        })?;
-        let endpoint = match &self.cfg.endpoint_override {
-            Some(o) => o
-                .replace("%(tenant_id)s", &project_id)
-                .replace("%(project_id)s", &project_id)
-                .replace("{project_id}", &project_id)
-                .trim_end_matches('/')
-                .to_string(),
-            None => t
-                .endpoint(
-                    "orchestration",
-                    self.cfg.interface.as_str(),
-                    self.cfg.region.as_deref(),
-                )
-                .map_err(|msg| self.invalid(format!("Keystone {url}: {msg}")))?,
-        };
-        let renew_at = sent + lifetime.saturating_sub(self.cfg.token_renew_before);
-        self.auths.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(expires_at = %t.expires_at, lifetime = ?lifetime, %endpoint, "heat: authenticated");
-        Ok(Token {
-            value: Secret::new(value),
-            project_id,
-            endpoint,
-            renew_at,
-        })
-    }
-
-    /// One Heat request, with the re-auth-once rule and bounded retries of transient
-    /// failures. Returns every non-5xx, non-401 reply for the caller to judge.
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        query: &[(&str, &str)],
-        body: Option<&Value>,
-        retry: Retry,
-    ) -> Result<Reply, StackError> {
-        let mut reauthed = false;
-        let mut backoff = backoff(self.cfg.retry_budget);
-        loop {
-            let tok = self.current_token().await?;
-            let url = format!("{}{}", tok.endpoint, path);
-            let mut req = self
-                .http
-                .request(method.clone(), &url)
-                .header("X-Auth-Token", tok.value.expose())
-                .header(CONNECTION, HeaderValue::from_static("close"))
-                .header(ACCEPT, HeaderValue::from_static("application/json"));
-            if !query.is_empty() {
-                req = req.query(query);
-            }
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            let failure = match req.send().await {
-                Err(e) => {
-                    let msg = format!("Heat {method} {url}: {}", crate::util::error_chain(&e));
-                    if retry == Retry::ConnectOnly && !e.is_connect() {
-                        // The request may have reached Heat: retrying could create twice.
-                        return Err(self.transient(format!(
-                            "{msg} (not retried: Heat may have received it; look for the stack by name)"
-                        )));
-                    }
-                    msg
-                }
-                Ok(r) => {
-                    let status = r.status();
-                    let text = match read_body_capped(r, MAX_REPLY_BYTES).await {
-                        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-                        Err(CappedReadError::TooLarge) => {
-                            return Err(StackError::Other {
-                                provider: self.name.clone(),
-                                msg: format!(
-                                    "Heat {method} {url}: reply larger than {MAX_REPLY_BYTES} bytes, refused"
-                                ),
-                            })
-                        }
-                        Err(CappedReadError::Transport(e)) => {
-                            return Err(self.transient(format!(
-                                "Heat {method} {url}: reading the reply: {}",
-                                crate::util::error_chain(&e)
-                            )))
-                        }
-                    };
-                    if status == StatusCode::UNAUTHORIZED {
-                        if reauthed {
-                            return Err(StackError::Auth {
-                                provider: self.name.clone(),
-                                msg: format!(
-                                    "Heat {method} {url} refused a fresh token from Keystone too (401: {}); check {}'s roles on the project and Heat's [keystone_authtoken] settings",
-                                    message(&text),
-                                    self.who()
-                                ),
-                            });
-                        }
-                        tracing::info!(%url, "heat: token refused (401); re-authenticating once");
-                        reauthed = true;
-                        self.drop_token(&tok).await;
-                        continue;
-                    }
-                    if status.is_server_error() {
-                        let msg =
-                            format!("Heat {method} {url} answered {status}: {}", message(&text));
-                        if retry == Retry::ConnectOnly {
-                            return Err(self.transient(msg));
-                        }
-                        msg
-                    } else {
-                        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-                        return Ok(Reply {
-                            status,
-                            url,
-                            body,
-                            text,
-                        });
-                    }
-                }
-            };
-            match backoff.next() {
-                Some(d) => {
-                    tracing::warn!(error = %failure, retry_in = ?d, "heat: unreachable or failing; retrying");
-                    tokio::time::sleep(d).await;
-                }
-                None => return Err(self.transient(failure)),
-            }
-        }
-    }
-
-    /// A non-success reply as an error: 400 → Invalid with Heat's message, 403 → Auth,
-    /// anything else → Other.
-    fn heat_error(&self, what: &str, r: &Reply) -> StackError {
-        let msg = format!("{what}: Heat answered {}: {}", r.status, message(&r.text));
-        match r.status {
-            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => self.invalid(msg),
-            StatusCode::FORBIDDEN => StackError::Auth {
-                provider: self.name.clone(),
-                msg: match self.creds {
-                    Credentials::Password { .. } => format!(
-                        "{msg}; the user lacks a role Heat requires (member or heat_stack_owner on the project)"
-                    ),
-                    // Measured on Keystone 22.0.2 (Zed, Debian security update): tokens from
-                    // application credentials may not create trusts, which Heat makes on
-                    // every create with deferred_auth_method = trusts.
-                    Credentials::AppCredential { .. } => format!(
-                        "{msg}; with an application credential this usually means Keystone refuses it the trust \
-                         Heat creates for the stack (Keystone [security_compliance] \
-                         allow_insecure_application_credential_trust_escalation is off): use password \
-                         auth, or a cloud that allows it; else the user lacks a role Heat requires"
-                    ),
-                },
-            },
-            _ => StackError::Other {
-                provider: self.name.clone(),
-                msg,
-            },
-        }
-    }
 }
 
 impl StackProvider for Heat {
@@ -1013,135 +654,6 @@ impl StackProvider for Heat {
 
 // ---------------------------------------------------------------- wire types, pure helpers
 
-#[derive(Deserialize)]
-struct TokenBody {
-    token: TokenInfo,
-}
-
-/// A Keystone v3 token reply body, read: the project the token is scoped to, its
-/// `expires_at`, its lifetime (from Keystone's own timestamps, `None` when `expires_at`
-/// does not parse) and its service catalog.
-pub struct TokenReply {
-    pub project_id: Option<String>,
-    pub expires_at: String,
-    pub lifetime: Option<Duration>,
-    catalog: Vec<CatalogEntry>,
-}
-
-impl TokenReply {
-    /// Read a token reply body (pure; `now` stands in for a missing `issued_at`).
-    pub fn parse(text: &str, now: SystemTime) -> Result<TokenReply, serde_json::Error> {
-        let t = serde_json::from_str::<TokenBody>(text)?.token;
-        Ok(TokenReply {
-            project_id: t.project.map(|p| p.id),
-            lifetime: token_lifetime(&t.expires_at, t.issued_at.as_deref(), now),
-            expires_at: t.expires_at,
-            catalog: t.catalog,
-        })
-    }
-
-    /// The URL of the `kind` service's endpoint with `interface` (in `region`, when
-    /// given), without a trailing slash; the error lists what the catalog has.
-    pub fn endpoint(
-        &self,
-        kind: &str,
-        interface: &str,
-        region: Option<&str>,
-    ) -> Result<String, String> {
-        pick_endpoint(&self.catalog, kind, interface, region)
-    }
-}
-
-#[derive(Deserialize)]
-struct TokenInfo {
-    expires_at: String,
-    #[serde(default)]
-    issued_at: Option<String>,
-    #[serde(default)]
-    project: Option<ProjectRef>,
-    #[serde(default)]
-    catalog: Vec<CatalogEntry>,
-}
-
-#[derive(Deserialize)]
-struct ProjectRef {
-    id: String,
-}
-
-#[derive(Deserialize)]
-struct CatalogEntry {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    endpoints: Vec<Endpoint>,
-}
-
-#[derive(Deserialize)]
-struct Endpoint {
-    interface: String,
-    url: String,
-    #[serde(default)]
-    region_id: Option<String>,
-    #[serde(default)]
-    region: Option<String>,
-}
-
-/// The token's lifetime from Keystone's own timestamps (`issued_at` → `expires_at`), or,
-/// without `issued_at`, from `now`.
-fn token_lifetime(expires_at: &str, issued_at: Option<&str>, now: SystemTime) -> Option<Duration> {
-    let exp = humantime::parse_rfc3339_weak(expires_at).ok()?;
-    let from = issued_at
-        .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
-        .unwrap_or(now);
-    Some(exp.duration_since(from).unwrap_or(Duration::ZERO))
-}
-
-fn pick_endpoint(
-    catalog: &[CatalogEntry],
-    kind: &str,
-    interface: &str,
-    region: Option<&str>,
-) -> Result<String, String> {
-    let services: Vec<&CatalogEntry> = catalog.iter().filter(|c| c.kind == kind).collect();
-    if services.is_empty() {
-        let kinds: Vec<&str> = catalog.iter().map(|c| c.kind.as_str()).collect();
-        return Err(format!(
-            "no {kind} service in the catalog (it has: {}); is Heat registered in Keystone?",
-            if kinds.is_empty() {
-                "nothing".to_string()
-            } else {
-                kinds.join(", ")
-            }
-        ));
-    }
-    let all: Vec<&Endpoint> = services.iter().flat_map(|s| s.endpoints.iter()).collect();
-    all.iter()
-        .find(|e| {
-            e.interface == interface
-                && region.is_none_or(|r| {
-                    e.region_id.as_deref() == Some(r) || e.region.as_deref() == Some(r)
-                })
-        })
-        .map(|e| e.url.trim_end_matches('/').to_string())
-        .ok_or_else(|| {
-            let have: Vec<String> = all
-                .iter()
-                .map(|e| {
-                    format!(
-                        "{} in {}",
-                        e.interface,
-                        e.region_id.as_deref().or(e.region.as_deref()).unwrap_or("no region")
-                    )
-                })
-                .collect();
-            format!(
-                "no {kind} endpoint with interface {interface}{} in the catalog (it has: {}); set provider.heat.interface / provider.heat.region",
-                region.map(|r| format!(" in region {r}")).unwrap_or_default(),
-                have.join(", ")
-            )
-        })
-}
-
 /// The stack named exactly `name` (and not deleted) in Heat's reply to `GET .../stacks`
 /// (pure).
 pub fn stack_in_list(body: &Value, name: &str) -> Option<StackRef> {
@@ -1178,49 +690,6 @@ pub fn parse_outputs(list: Vec<Value>) -> (BTreeMap<String, Value>, BTreeMap<Str
     (raw, errors)
 }
 
-/// Heat's or Keystone's error message from a reply body (pure; clipped to 400 bytes when
-/// the body is not a JSON error).
-pub fn message(text: &str) -> String {
-    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
-    let typ = v.pointer("/error/type").and_then(Value::as_str);
-    let msg = v
-        .pointer("/error/message")
-        .and_then(Value::as_str)
-        .or_else(|| v.get("explanation").and_then(Value::as_str))
-        .or_else(|| v.get("title").and_then(Value::as_str));
-    match (typ, msg) {
-        (Some(t), Some(m)) if !m.starts_with(t) => format!("{t}: {}", m.trim()),
-        (_, Some(m)) => m.trim().to_string(),
-        _ if text.trim().is_empty() => "(empty reply)".into(),
-        _ => clip(text.trim()),
-    }
-}
-
-fn clip(s: &str) -> String {
-    const MAX: usize = 400;
-    if s.len() <= MAX {
-        return s.to_string();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
-/// Percent-encode one URL path segment.
-fn seg(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// A Heat `stack_status` (and its reason) as a [`StackStatus`] (pure).
 pub fn status_of(status: &str, reason: &str) -> StackStatus {
     match status {
@@ -1229,171 +698,6 @@ pub fn status_of(status: &str, reason: &str) -> StackStatus {
         s if s.ends_with("_FAILED") => StackStatus::Failed(format!("{s}: {reason}")),
         s if s.ends_with("_COMPLETE") => StackStatus::Complete,
         s => StackStatus::InProgress(s.to_string()),
-    }
-}
-
-/// The create/validate request body: the template text as on disk, `files` and
-/// `environment_files`. Errors name the file.
-fn stack_body(spec: &StackSpec) -> Result<Value, String> {
-    let mut files = BTreeMap::new();
-    let template = read(&spec.template, "template")?;
-    template_files(&spec.template, &template, &mut files, 0)?;
-    let mut env_names = Vec::new();
-    for f in &spec.environment_files {
-        let content = read(f, "environment file")?;
-        let ev: serde_yaml::Value = serde_yaml::from_str(&content)
-            .map_err(|e| format!("environment file {}: not YAML: {e}", f.display()))?;
-        let edir = f.parent().unwrap_or(Path::new("."));
-        if let Some(reg) = ev.get("resource_registry") {
-            let mut names = Vec::new();
-            registry_templates(reg, &mut names);
-            for n in names {
-                if let Some(p) = local_ref(&n, edir) {
-                    let what = format!("environment file {}: resource_registry", f.display());
-                    let c = read(&p, &what)?;
-                    add_file(&mut files, &n, &c)?;
-                    template_files(&p, &c, &mut files, 1)?;
-                }
-            }
-        }
-        let abs = std::path::absolute(f).unwrap_or_else(|_| f.clone());
-        let name = format!("file://{}", abs.display());
-        add_file(&mut files, &name, &content)?;
-        env_names.push(name);
-    }
-    let mins = spec.timeout.as_secs().div_ceil(60).max(1);
-    let mut parameters: BTreeMap<&str, &str> = spec
-        .parameters
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    for (k, v) in &spec.secret_parameters {
-        parameters.insert(k.as_str(), v.expose());
-    }
-    Ok(json!({
-        "stack_name": spec.name,
-        "template": template,
-        "files": files,
-        "environment_files": env_names,
-        "parameters": parameters,
-        "timeout_mins": mins,
-        "disable_rollback": true,
-    }))
-}
-
-/// Add to `files` what a template needs from disk: its `get_file` targets and the nested
-/// templates its resources name as their type (recursively), keyed by the reference as
-/// written, resolved relative to the template's directory.
-fn template_files(
-    path: &Path,
-    text: &str,
-    files: &mut BTreeMap<String, String>,
-    depth: u32,
-) -> Result<(), String> {
-    if depth > 8 {
-        return Err(format!(
-            "template {}: nested more than 8 deep",
-            path.display()
-        ));
-    }
-    let v: serde_yaml::Value = serde_yaml::from_str(text)
-        .map_err(|e| format!("template {}: not YAML: {e}", path.display()))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut refs = Vec::new();
-    get_file_refs(&v, &mut refs);
-    for r in refs {
-        if let Some(p) = local_ref(&r, dir) {
-            let content = read(&p, &format!("template {}: get_file", path.display()))?;
-            add_file(files, &r, &content)?;
-        }
-    }
-    if let Some(res) = v.get("resources").and_then(serde_yaml::Value::as_mapping) {
-        for r in res.values() {
-            let Some(t) = r.get("type").and_then(serde_yaml::Value::as_str) else {
-                continue;
-            };
-            if !is_template_name(t) {
-                continue;
-            }
-            if let Some(p) = local_ref(t, dir) {
-                let what = format!("template {}: nested template", path.display());
-                let content = read(&p, &what)?;
-                add_file(files, t, &content)?;
-                template_files(&p, &content, files, depth + 1)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn add_file(files: &mut BTreeMap<String, String>, key: &str, content: &str) -> Result<(), String> {
-    match files.get(key) {
-        Some(old) if old != content => Err(format!(
-            "files: {key:?} names two different files (relative to different templates); use distinct names"
-        )),
-        _ => {
-            files.insert(key.to_string(), content.to_string());
-            Ok(())
-        }
-    }
-}
-
-fn is_template_name(s: &str) -> bool {
-    !s.contains("::")
-        && [".yaml", ".yml", ".template"]
-            .iter()
-            .any(|e| s.ends_with(e))
-}
-
-fn read(p: &Path, what: &str) -> Result<String, String> {
-    std::fs::read_to_string(p).map_err(|e| format!("{what} {}: {e}", p.display()))
-}
-
-/// A `get_file` or registry reference to a local file: `file://` URLs and relative or
-/// absolute paths (relative to `dir`); `None` for other URLs (Heat fetches those itself,
-/// or refuses).
-fn local_ref(r: &str, dir: &Path) -> Option<PathBuf> {
-    if let Some(p) = r.strip_prefix("file://") {
-        return Some(PathBuf::from(p));
-    }
-    if r.contains("://") {
-        return None;
-    }
-    Some(dir.join(r))
-}
-
-fn get_file_refs(v: &serde_yaml::Value, out: &mut Vec<String>) {
-    match v {
-        serde_yaml::Value::Mapping(m) => {
-            for (k, val) in m {
-                if k.as_str() == Some("get_file") {
-                    if let Some(s) = val.as_str() {
-                        out.push(s.to_string());
-                        continue;
-                    }
-                }
-                get_file_refs(val, out);
-            }
-        }
-        serde_yaml::Value::Sequence(s) => s.iter().for_each(|x| get_file_refs(x, out)),
-        serde_yaml::Value::Tagged(t) => get_file_refs(&t.value, out),
-        _ => {}
-    }
-}
-
-/// Registry values that name template files (not other resource types).
-fn registry_templates(v: &serde_yaml::Value, out: &mut Vec<String>) {
-    match v {
-        serde_yaml::Value::Mapping(m) => m.values().for_each(|x| registry_templates(x, out)),
-        serde_yaml::Value::String(s)
-            if !s.contains("::")
-                && [".yaml", ".yml", ".template"]
-                    .iter()
-                    .any(|e| s.ends_with(e)) =>
-        {
-            out.push(s.clone())
-        }
-        _ => {}
     }
 }
 
@@ -1411,9 +715,12 @@ fn rpc_address(o: &StackOutputs) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::keystone::token_lifetime;
     use super::*;
     use crate::util::arb;
     use proptest::prelude::*;
+    use serde_json::json;
+    use std::time::SystemTime;
 
     fn outputs(extra: Option<Value>) -> StackOutputs {
         let mut raw = BTreeMap::new();
@@ -1562,60 +869,6 @@ mod tests {
         assert!(e.contains("no PEM certificate"), "{e}");
     }
 
-    fn catalog() -> Vec<CatalogEntry> {
-        serde_json::from_value::<Vec<CatalogEntry>>(json!([
-            {"type": "identity", "endpoints": [{"interface": "public", "url": "http://k/v3", "region_id": "RegionOne"}]},
-            {"type": "orchestration", "endpoints": [
-                {"interface": "internal", "url": "http://heat-int:8004/v1/p", "region_id": "RegionOne", "region": "RegionOne"},
-                {"interface": "public", "url": "https://heat-two/v1/p/", "region_id": "RegionTwo"},
-                {"interface": "public", "url": "https://heat-one/v1/p", "region_id": "RegionOne"}]}
-        ]))
-        .unwrap()
-    }
-
-    #[test]
-    fn the_endpoint_is_chosen_by_interface_and_region() {
-        let c = catalog();
-        assert_eq!(
-            pick_endpoint(&c, "orchestration", "public", Some("RegionOne")).unwrap(),
-            "https://heat-one/v1/p"
-        );
-        assert_eq!(
-            pick_endpoint(&c, "orchestration", "public", Some("RegionTwo")).unwrap(),
-            "https://heat-two/v1/p"
-        );
-        assert_eq!(
-            pick_endpoint(&c, "orchestration", "internal", None).unwrap(),
-            "http://heat-int:8004/v1/p"
-        );
-        let e = pick_endpoint(&c, "orchestration", "admin", Some("RegionOne")).unwrap_err();
-        assert!(
-            e.contains("interface admin in region RegionOne") && e.contains("public in RegionTwo"),
-            "{e}"
-        );
-        let e = pick_endpoint(&c[..1], "orchestration", "public", None).unwrap_err();
-        assert!(
-            e.contains("no orchestration service") && e.contains("identity"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn token_lifetime_comes_from_keystones_own_timestamps() {
-        let l = token_lifetime(
-            "2024-05-09T10:00:00.000000Z",
-            Some("2024-05-09T09:00:00.000000Z"),
-            SystemTime::UNIX_EPOCH,
-        );
-        assert_eq!(l, Some(Duration::from_secs(3600)));
-        assert_eq!(token_lifetime("yesterday", None, SystemTime::now()), None);
-        // Already expired by our clock and no issued_at: renew at once.
-        assert_eq!(
-            token_lifetime("2000-01-01T00:00:00Z", None, SystemTime::now()),
-            Some(Duration::ZERO)
-        );
-    }
-
     #[test]
     fn polls_start_fast_and_back_off_to_the_cap() {
         let mut s = PollSchedule::new(Duration::from_millis(700));
@@ -1628,42 +881,6 @@ mod tests {
             sum < 500,
             "the first four polls come within half a second: {v:?}"
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn transient_retries_double_within_a_budget_counted_from_the_first_failure() {
-        let mut b = backoff(Duration::from_secs(10));
-        let d: Vec<u128> = std::iter::from_fn(|| b.next())
-            .take(5)
-            .map(|d| d.as_millis())
-            .collect();
-        for (got, step) in d.iter().zip([250u128, 500, 1000, 2000, 4000]) {
-            assert!((step / 2..=step).contains(got), "{d:?}");
-        }
-        assert_eq!(backoff(Duration::ZERO).next(), None);
-        // Time spent before the first failure (authenticating, say) is not counted.
-        let mut b = backoff(Duration::from_millis(100));
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let d = b.next().expect("the budget starts now");
-        assert!(d > Duration::ZERO, "{d:?}");
-    }
-
-    #[test]
-    fn heat_and_keystone_messages_are_extracted() {
-        let heat = r#"{"explanation": "The server could not comply", "code": 400,
-            "error": {"message": "Property error: resources.x.properties: Unknown Property foo",
-            "traceback": null, "type": "StackValidationFailed"}, "title": "Bad Request"}"#;
-        assert_eq!(
-            message(heat),
-            "StackValidationFailed: Property error: resources.x.properties: Unknown Property foo"
-        );
-        let ks = r#"{"error":{"code":401,"message":"The request you have made requires authentication.","title":"Unauthorized"}}"#;
-        assert_eq!(
-            message(ks),
-            "The request you have made requires authentication."
-        );
-        assert_eq!(message(""), "(empty reply)");
-        assert_eq!(message("<html>boom</html>"), "<html>boom</html>");
     }
 
     #[test]
@@ -1679,73 +896,5 @@ mod tests {
             StackStatus::Failed("CREATE_FAILED: boom".into())
         );
         assert_eq!(seg("a b/c"), "a%20b%2Fc");
-    }
-
-    #[test]
-    fn the_body_carries_get_file_targets_and_environment_files_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::create_dir(d.join("scripts")).unwrap();
-        std::fs::write(d.join("scripts/hello.sh"), "echo hello\n").unwrap();
-        std::fs::write(d.join("nested.yaml"), "heat_template_version: 2018-08-31\n").unwrap();
-        std::fs::write(
-            d.join("t.yaml"),
-            "heat_template_version: 2018-08-31\nresources:\n  c:\n    type: OS::Heat::Value\n    properties:\n      value: {get_file: scripts/hello.sh}\n  n:\n    type: sub/inner.yaml\n",
-        )
-        .unwrap();
-        // A nested template with its own get_file, relative to its own directory.
-        std::fs::create_dir(d.join("sub")).unwrap();
-        std::fs::write(d.join("sub/inner.txt"), "inner\n").unwrap();
-        std::fs::write(
-            d.join("sub/inner.yaml"),
-            "heat_template_version: 2018-08-31\noutputs:\n  o: {value: {get_file: inner.txt}}\n",
-        )
-        .unwrap();
-        std::fs::write(
-            d.join("e1.yaml"),
-            "resource_registry:\n  OS::Nova::Server: OS::Heat::None\n  My::Thing: nested.yaml\n",
-        )
-        .unwrap();
-        std::fs::write(d.join("e2.yaml"), "parameter_defaults: {a: b}\n").unwrap();
-        let spec = StackSpec {
-            secret_parameters: Default::default(),
-            name: "s".into(),
-            template: d.join("t.yaml"),
-            parameters: [("p".to_string(), "v".to_string())].into(),
-            environment_files: vec![d.join("e1.yaml"), d.join("e2.yaml")],
-            timeout: Duration::from_secs(61),
-        };
-        let b = stack_body(&spec).unwrap();
-        assert_eq!(b["files"]["scripts/hello.sh"], "echo hello\n");
-        assert!(b["files"]["sub/inner.yaml"]
-            .as_str()
-            .unwrap()
-            .contains("inner.txt"));
-        assert_eq!(b["files"]["inner.txt"], "inner\n");
-        assert_eq!(
-            b["files"]["nested.yaml"],
-            "heat_template_version: 2018-08-31\n"
-        );
-        let envs = b["environment_files"].as_array().unwrap();
-        assert_eq!(envs.len(), 2);
-        assert!(envs[0].as_str().unwrap().ends_with("/e1.yaml"));
-        assert!(b["files"][envs[1].as_str().unwrap()]
-            .as_str()
-            .unwrap()
-            .contains("parameter_defaults"));
-        assert_eq!(b["timeout_mins"], 2);
-        assert_eq!(b["parameters"]["p"], "v");
-        assert!(b["template"]
-            .as_str()
-            .unwrap()
-            .starts_with("heat_template_version"));
-
-        let mut bad = spec.clone();
-        bad.environment_files = vec![d.join("missing.yaml")];
-        let e = stack_body(&bad).unwrap_err();
-        assert!(
-            e.contains("environment file") && e.contains("missing.yaml"),
-            "{e}"
-        );
     }
 }
