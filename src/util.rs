@@ -185,6 +185,14 @@ pub async fn fault_hold(phase: &str) {
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch (0 should the clock be before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// The full chain of an error's causes on one line, each cause once (an SSH client's
 /// stderr and a TLS library's reason are deep in the chain).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

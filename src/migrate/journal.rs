@@ -105,13 +105,6 @@ pub struct Journal {
     file: File,
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Journal {
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
         let err = |what, source| JournalError {
@@ -143,7 +136,7 @@ impl Journal {
         let rec = Record {
             v: VERSION,
             migration: migration.into(),
-            at_ms: now_ms(),
+            at_ms: crate::util::now_ms(),
             event,
         };
         let mut line = serde_json::to_vec(&rec).map_err(|e| JournalError {

@@ -331,7 +331,7 @@ fn crash_point(point: &str) {
 }
 
 fn new_id() -> String {
-    format!("{}", super::journal::now_ms())
+    crate::util::now_ms().to_string()
 }
 
 /// Migrate the service now: settle any unfinished migration, then run a new one.

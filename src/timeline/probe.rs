@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Buckets, TimelineError, PROBE_DB, PROBE_MEASUREMENT};
 use crate::config::Config;
 use crate::influx::{ident, literal, Influx};
-use crate::migrate::journal::{now_ms, Journal, JournalState};
+use crate::migrate::journal::{Journal, JournalState};
 use crate::migrate::machine::{self, Paths, Provider};
+use crate::util::now_ms;
 use crate::util::Secret;
 
 /// Where to probe, and as whom.

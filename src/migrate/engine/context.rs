@@ -69,7 +69,7 @@ pub(super) fn sub_name(id: &str) -> String {
 
 impl<'a> Migration<'a> {
     pub(super) fn new(cfg: &'a Config, target: &InstanceConfig) -> Migration<'a> {
-        let id = super::super::journal::now_ms().to_string();
+        let id = crate::util::now_ms().to_string();
         Migration {
             id: id.clone(),
             cfg,
