@@ -9,8 +9,9 @@
 //!   and line-protocol helpers.
 //! - [`remote`]: running commands on a host, locally or over SSH, with streamed stdio.
 //! - [`stack`]: hosts and stacks; `local` starts "VMs" as processes on loopback addresses.
-//! - [`migrate`]: the data phases — capture, dump, transfer, restore, delta, cutover,
-//!   verify — and the capture receiver and spool.
+//! - [`migrate`]: the data engine (one module per phase over a shared context, a pure
+//!   plan of what runs next), the capture receiver and spool, verification, the journal,
+//!   and the machine that runs a whole migration of a service around the engine.
 //! - [`monitor`]: the `MetricSource` capability, the Zabbix JSON-RPC client and the poller.
 //! - [`predict`]: GM(1,1) and baseline predictors, trigger policy, trace evaluation.
 //! - [`daemon`]: the service orchestrator: the decision loop over the load, the journaled
