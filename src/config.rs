@@ -3,7 +3,7 @@
 //! Layers, lowest first: built-in defaults < the YAML file < `STATESHIFT__SECTION__KEY`
 //! environment variables (double underscore between levels, so snake_case keys survive).
 //! The merged tree is deserialized into raw structs that refuse unknown keys, then a pure
-//! [`validate`] turns them into [`Config`]; secrets are read from their files last.
+//! `validate` turns them into [`Config`]; secrets are read from their files last.
 //! Every error names the file and the key path: `cfg.yaml: source.ssh.port: ...`.
 
 use std::collections::BTreeMap;

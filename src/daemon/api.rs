@@ -1,5 +1,5 @@
 //! The daemon's HTTP API (bound to 127.0.0.1 by default; HTTPS with `api.tls_*`, see
-//! [`super::tls`]): `/healthz`, `/status` (JSON), `/metrics` (Prometheus text),
+//! [`crate::tls`]): `/healthz`, `/status` (JSON), `/metrics` (Prometheus text),
 //! `POST /migrate` (409 while a migration runs). Reading is open; every request that is
 //! not a GET or HEAD, on any route, needs the bearer token (one layer over the whole
 //! router, so a route added later cannot forget it). A refused token is logged without
