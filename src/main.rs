@@ -75,6 +75,13 @@ enum Cmd {
         #[arg(long, value_parser = ["source", "target"])]
         on: String,
     },
+    /// Settle a migration that was interrupted (a crash, a kill), say what was found and
+    /// done, and stop: before cutover it is rolled back, after verification its disposal
+    /// is finished, in between it is resumed and verified.
+    Recover {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Show the service's state: where it runs, the last migrations, anything to recover.
     Status {
         #[arg(short, long)]
@@ -277,6 +284,42 @@ async fn run(cmd: Cmd) -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("stateshift resolve: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Recover { config } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            use stateshift::migrate::machine::{self, Provider};
+            let provider = match Provider::from_config(&cfg) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("stateshift: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match machine::recover(&cfg, &provider, &BarProgress::new()).await {
+                Ok(None) => {
+                    println!("nothing to settle: no migration was interrupted");
+                    ExitCode::SUCCESS
+                }
+                Ok(Some(outcome)) => {
+                    let st = machine::state(&cfg).ok();
+                    let on = st
+                        .as_ref()
+                        .map(|st| machine::current_source(&cfg, st).influx_url)
+                        .unwrap_or_default();
+                    let id = st
+                        .and_then(|st| st.migrations.last().map(|m| m.id.clone()))
+                        .unwrap_or_default();
+                    println!("{}", machine::MachineError::Settled { id, outcome, on });
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("stateshift recover: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -611,6 +654,28 @@ async fn machine_migrate(
                 println!("{line}");
             }
             (ExitCode::SUCCESS, serde_json::to_string_pretty(rep))
+        }
+        // Settling was the whole of this run: say what it did.
+        Err(
+            e @ machine::MachineError::Settled {
+                outcome: stateshift::migrate::journal::Outcome::Succeeded,
+                ..
+            },
+        ) => {
+            println!("{e}");
+            (
+                ExitCode::SUCCESS,
+                serde_json::to_string_pretty(&serde_json::json!({"settled": e.to_string()})),
+            )
+        }
+        Err(e @ machine::MachineError::Settled { .. }) => {
+            eprintln!("stateshift: {e}");
+            (
+                ExitCode::from(1),
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"error": e.to_string(), "phase": null}),
+                ),
+            )
         }
         Err(e) => {
             eprintln!("stateshift: migration failed: {e}");

@@ -317,6 +317,13 @@ impl decide::World for Orchestrator<'_> {
                 tracing::warn!(id = %rep.migration_id, "migration succeeded");
                 true
             }
+            Err(e @ machine::MachineError::Settled { outcome, .. }) => {
+                // An interrupted migration was settled instead: the request is not acted
+                // on; the service moved only if that migration finished.
+                self.shared.metrics.migration("settled", 0);
+                tracing::warn!(error = %e, "an interrupted migration was settled; no new migration was started");
+                outcome == crate::migrate::journal::Outcome::Succeeded
+            }
             Err(e) => {
                 let outcome = if matches!(e, machine::MachineError::Busy(_)) {
                     "busy"

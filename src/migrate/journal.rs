@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::engine::{Phase, Report};
+use super::engine::{Phase, Report, TargetObject};
 use crate::stack::{StackOutputs, StackRef};
 
 pub const VERSION: u32 = 1;
@@ -55,6 +55,12 @@ pub enum Event {
     PhaseDone {
         phase: Phase,
         seconds: f64,
+    },
+    /// About to create this on the target: a rollback after a crash removes exactly what
+    /// these records name, and never anything else (a static target is not deleted
+    /// whole, as a stack is).
+    TargetCreating {
+        object: TargetObject,
     },
     /// The cutover command is about to run: writers may use the target from now on.
     WritersRepointing,
@@ -206,6 +212,8 @@ pub struct MigrationSummary {
     pub source: Option<Placement>,
     pub target: Option<Placement>,
     pub creating: Option<String>,
+    /// What the migration was about to create on the target, in order.
+    pub made_on_target: Vec<TargetObject>,
     pub phases: Vec<(Phase, f64)>,
     pub current_phase: Option<Phase>,
     pub cutover_started: bool,
@@ -234,11 +242,13 @@ pub struct JournalState {
 pub enum Recovery {
     Nothing,
     /// Cutover never started: the source still serves everything. Remove the target
-    /// stack (found by name if it was being created) and our subscriptions.
+    /// stack (found by name if it was being created), or on a target without a stack
+    /// exactly what the migration made there, and our subscriptions.
     RollBack {
         id: String,
-        target: Option<StackRef>,
+        target: Option<Placement>,
         creating: Option<String>,
+        made_on_target: Vec<TargetObject>,
         source: Placement,
     },
     /// Verified: only the old stack's deletion (and the reset) remain.
@@ -282,6 +292,7 @@ impl JournalState {
                 }
                 Event::StackCreating { name } => m.creating = Some(name.clone()),
                 Event::StackCreated { target } => m.target = Some(target.clone()),
+                Event::TargetCreating { object } => m.made_on_target.push(object.clone()),
                 Event::PhaseStarted { phase } => m.current_phase = Some(*phase),
                 Event::WritersRepointing => m.cutover_started = true,
                 Event::WritersRepointed => m.repointed = true,
@@ -316,6 +327,7 @@ impl JournalState {
                 id: m.id.clone(),
                 target: None,
                 creating: m.creating.clone(),
+                made_on_target: Vec::new(),
                 source: Placement {
                     stack: None,
                     outputs: None,
@@ -336,8 +348,9 @@ impl JournalState {
             },
             (t, _, _) => Recovery::RollBack {
                 id: m.id.clone(),
-                target: t.as_ref().and_then(|t| t.stack.clone()),
+                target: t.clone(),
                 creating: m.creating.clone(),
+                made_on_target: m.made_on_target.clone(),
                 source,
             },
         }

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::engine::{self, Journaling, MigrateError, Phase, Progress, Report, Resume, RunOptions};
+use super::engine::{
+    self, Journaling, MigrateError, Phase, Progress, Report, Resume, RunOptions, TargetObject,
+};
 use super::journal::{Event, Journal, JournalError, JournalState, Outcome, Placement, Recovery};
 use crate::config::{Config, InstanceConfig, ProviderKind};
 use crate::influx::Influx;
@@ -74,6 +76,23 @@ pub enum MachineError {
     /// The request does not apply to the journal's state.
     #[error("{0}")]
     Refused(String),
+    /// An interrupted migration was found and settled; no new migration was started
+    /// (settling is its own step: the operator sees its outcome before anything else).
+    #[error("{}", settled_message(id, *outcome, on))]
+    Settled {
+        id: String,
+        outcome: Outcome,
+        /// Where the service runs now.
+        on: String,
+    },
+}
+
+fn settled_message(id: &str, outcome: Outcome, on: &str) -> String {
+    match outcome {
+        Outcome::Succeeded => format!("an interrupted migration ({id}) was found and finished: verified, the service runs on {on}; no new migration was started"),
+        Outcome::RolledBack => format!("an interrupted migration ({id}) was found and rolled back: the service stays on {on} and what the migration made on its target is removed; no new migration was started, run the migration again to move the service"),
+        Outcome::Failed => format!("an interrupted migration ({id}) was found and failed after cutover; no new migration was started: run `stateshift status`, then `stateshift resolve`"),
+    }
 }
 
 impl MachineError {
@@ -319,6 +338,14 @@ impl Journaling for Journaled<'_> {
         self.append_or_log(Event::WritersRepointed);
         crash_point("writers_repointed");
     }
+    fn target_creating(&self, object: &TargetObject) -> Result<(), String> {
+        self.append(Event::TargetCreating {
+            object: object.clone(),
+        })
+        .map_err(|e| format!("cannot record in the journal what is about to be created on the target, so it was not created: {e}"))?;
+        crash_point("target_creating");
+        Ok(())
+    }
 }
 
 /// Fault injection for the crash tests: with `STATESHIFT_CRASH_AT=<point>` the process
@@ -334,8 +361,9 @@ fn new_id() -> String {
     crate::util::now_ms().to_string()
 }
 
-/// Migrate the service now: settle any unfinished migration, then run a new one.
-/// Returns the engine's report.
+/// Migrate the service now, and return the engine's report. An unfinished migration is
+/// settled first and nothing else starts: [`MachineError::Settled`] says what was found
+/// and done.
 pub async fn migrate(
     cfg: &Config,
     provider: &Provider,
@@ -357,7 +385,18 @@ pub async fn migrate_holding(
     progress: &dyn Progress,
 ) -> Result<Report, MachineError> {
     let paths = Paths::of(cfg);
-    recover_locked(cfg, provider, progress).await?;
+    if let Some(outcome) = recover_locked(cfg, provider, progress).await? {
+        let st = state(cfg)?;
+        return Err(MachineError::Settled {
+            id: st
+                .migrations
+                .last()
+                .map(|m| m.id.clone())
+                .unwrap_or_default(),
+            outcome,
+            on: current_source(cfg, &st).influx_url,
+        });
+    }
     let st = state(cfg)?;
     if let Some(m) = st.needs_operator() {
         return Err(MachineError::NeedsOperator {
@@ -689,12 +728,13 @@ async fn recover_locked(
             id,
             target,
             creating,
+            made_on_target,
             source,
         } => {
             progress.note(&format!("recovering migration {id}: interrupted before cutover, rolling back (the source never changed)"));
             // The real world first: the target stack, by reference or by the name it was
             // being created under.
-            let stack = match (target, creating) {
+            let stack = match (target.as_ref().and_then(|t| t.stack.clone()), creating) {
                 (Some(t), _) => Some(t),
                 (None, Some(name)) => {
                     match provider.find(&name).await.map_err(MachineError::Stack)? {
@@ -715,6 +755,15 @@ async fn recover_locked(
                     .delete(&s, cfg.provider.delete_timeout)
                     .await
                     .map_err(MachineError::Stack)?;
+            } else if let Some(t) = &target {
+                // No stack to delete with everything in it (a static target): remove
+                // exactly what the migration recorded it was making there.
+                undo_on_target(cfg, provider, t, &id, &made_on_target, progress)
+                    .await
+                    .map_err(|detail| MachineError::Unsettled {
+                        id: id.clone(),
+                        detail,
+                    })?;
             }
             // Our capture subscription on the source, if it was created.
             let src = provider.source_instance(cfg, &source);
@@ -837,6 +886,60 @@ async fn recover_locked(
             .map(|_| Some(Outcome::Succeeded))
         }
     }
+}
+
+/// Remove from a target without a stack what migration `id` recorded it was creating
+/// there (newest first), its subscriptions and its scratch directory. A database or
+/// user already gone is fine; a target that cannot be reached is an error (nothing is
+/// recorded as rolled back, and settling is tried again).
+async fn undo_on_target(
+    cfg: &Config,
+    provider: &Provider,
+    target: &Placement,
+    id: &str,
+    made: &[TargetObject],
+    progress: &dyn Progress,
+) -> Result<(), String> {
+    use crate::influx::ident;
+    use crate::remote::{Host, Remote};
+    let inst = provider.target_instance(cfg, target);
+    let influx = Influx::from_config(&inst);
+    for object in made.iter().rev() {
+        let (q, what) = match object {
+            TargetObject::Database(db) => (
+                format!("DROP DATABASE {}", ident(db)),
+                format!("database {db:?}"),
+            ),
+            TargetObject::User(u) => (format!("DROP USER {}", ident(u)), format!("user {u:?}")),
+        };
+        match influx.query(None, &q).await {
+            Ok(_) => progress.note(&format!(
+                "removed the {what} the interrupted migration made on {}",
+                inst.influx_url
+            )),
+            Err(crate::influx::InfluxError::Query { msg, .. }) if msg.contains("not found") => {}
+            Err(e) => {
+                return Err(format!(
+                    "removing the {what} it made on the target {}: {e}",
+                    inst.influx_url
+                ))
+            }
+        }
+    }
+    drop_our_subscriptions(&influx, id).await;
+    let scratch = format!("{}/restore-{id}", inst.work_dir.trim_end_matches('/'));
+    let removed = match Host::connect(inst.ssh.as_ref()).await {
+        Ok(h) => h
+            .run(&format!("rm -rf {}", crate::util::shell_quote(&scratch)))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = removed {
+        tracing::warn!(error = %e, dir = %scratch, "could not remove the interrupted migration's scratch directory on the target");
+    }
+    Ok(())
 }
 
 /// Points in a finished spool file (`None`: missing or unreadable).

@@ -206,6 +206,7 @@ fn label(e: &Event) -> Option<String> {
         Event::StackCreated { .. }
         | Event::PhaseDone { .. }
         | Event::WritersRepointing
+        | Event::TargetCreating { .. }
         | Event::OldStackDeleted
         | Event::MonitorHostRetired { .. }
         | Event::WindowReset => return None,

@@ -349,3 +349,50 @@ fn configure_cyclops_rewrites_the_three_files_and_keeps_the_rest() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
 }
+
+/// Killed after the restore on a static target (no stack to delete with the data in it):
+/// the next run settles the interrupted migration by removing exactly the databases it
+/// had recorded it was making there, keeps a database the target already had, says what
+/// it did and starts nothing else; the run after that migrates. Before, the databases
+/// stayed and every retry stopped at "target already has database".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_restore_on_a_static_target_is_rolled_back_exactly_and_the_retry_migrates(
+) {
+    let lab = lab(LabOptions::default()).await;
+    let (p, _) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 3_000).await;
+    let before = counts(&lab.source.client(), "cyclops").await;
+    // Not the migration's: a rollback must never drop it.
+    let dst = lab.target.client();
+    dst.query(None, "CREATE DATABASE operators_own")
+        .await
+        .unwrap();
+    let cfg = p.to_str().unwrap();
+    let (code, out, err) = run(
+        &["migrate", "-c", cfg, "--yes"],
+        &[("STATESHIFT_CRASH_AT", "restore:done")],
+    );
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(err.contains("dying here"), "{err}");
+    assert!(dst
+        .databases()
+        .await
+        .unwrap()
+        .contains(&"cyclops".to_string()));
+
+    let (code, out, err) = run(&["migrate", "-c", cfg, "--yes"], &[]);
+    assert!(
+        code != 0 && err.contains("rolled back") && err.contains("no new migration"),
+        "the settle is reported and nothing else starts: {code}\n{out}\n{err}"
+    );
+    let left = dst.databases().await.unwrap();
+    assert_eq!(
+        left,
+        vec!["operators_own".to_string()],
+        "exactly what the migration made is gone"
+    );
+
+    let (code, out, err) = run(&["migrate", "-c", cfg, "--yes"], &[]);
+    assert_eq!(code, 0, "the retry migrates: {out}\n{err}");
+    assert_eq!(counts(&dst, "cyclops").await, before);
+}

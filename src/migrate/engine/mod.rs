@@ -184,6 +184,19 @@ pub trait Journaling: Send + Sync {
     fn writers_repointing(&self) -> Result<(), String>;
     /// The cutover command succeeded.
     fn writers_repointed(&self);
+    /// About to create `object` on the target. An error stops the migration before it
+    /// is created: unrecorded, a rollback after a crash could not remove it.
+    fn target_creating(&self, object: &TargetObject) -> Result<(), String>;
+}
+
+/// Something a migration creates on its target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
+pub enum TargetObject {
+    /// A database (restored with its retention policies, shards and subscriptions).
+    Database(String),
+    /// A user (with its grants).
+    User(String),
 }
 
 /// Records nothing: a migration run by hand, a test or the benchmark, with no journal
@@ -196,6 +209,9 @@ impl Journaling for Unjournaled {
         Ok(())
     }
     fn writers_repointed(&self) {}
+    fn target_creating(&self, _object: &TargetObject) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Progress that only logs.

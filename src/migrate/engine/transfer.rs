@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::context::Migration;
-use super::{MigrateError, Phase};
+use super::{MigrateError, Phase, TargetObject};
 use crate::config::{InstanceConfig, TransferMode};
 use crate::influx::{ident, literal, InfluxError};
 use crate::remote::{Host, Pipes, Remote};
@@ -252,8 +252,12 @@ impl Migration<'_> {
                     db,
                 });
             }
-            // Recorded before the side effect: a half-restored database is ours to remove.
+            // Recorded before the side effect, in memory and in the journal: a half-restored
+            // database is ours to remove, also after a crash.
             self.created.target_databases.push(db.clone());
+            self.journal
+                .target_creating(&TargetObject::Database(db.clone()))
+                .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
             // Judged by its exit status (a failure's stderr is in the error) and by the state
             // it leaves; never by words in its output, which names databases and shards.
             let cmd = format!(
@@ -340,6 +344,9 @@ impl Migration<'_> {
                     if u.admin { " WITH ALL PRIVILEGES" } else { "" }
                 );
                 self.created.target_users.push(u.name.clone());
+                self.journal
+                    .target_creating(&TargetObject::User(u.name.clone()))
+                    .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
                 // The statement holds the password: its error must not echo it.
                 dst.query(None, &q)
                     .await
