@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::engine::{
-    self, Journaling, MigrateError, Phase, Progress, Report, Resume, RunOptions, TargetObject,
+    self, EarlierCapture, Journaling, MigrateError, Phase, Progress, Report, Resume, RunOptions,
+    TargetObject,
 };
 use super::journal::{Event, Journal, JournalError, JournalState, Outcome, Placement, Recovery};
 use crate::config::{Config, InstanceConfig, ProviderKind};
@@ -670,6 +671,13 @@ async fn finish(
                 error: None,
                 report: Some(Box::new(report.clone())),
             })?;
+            // The spools of interrupted runs of this migration: everything in them is on
+            // the verified target now.
+            for rid in capture_runs(cfg, id) {
+                let spool = cfg.capture.spool_dir.join(format!("{rid}.spool"));
+                let _ = std::fs::remove_file(format!("{}.offset", spool.display()));
+                let _ = std::fs::remove_file(spool);
+            }
             Ok(report)
         }
     }
@@ -786,10 +794,17 @@ async fn recover_locked(
             // interrupted subscription counted them as failures. Then the old stack stays.
             // Counters that cannot be read prove nothing: nothing is decided, and settling is
             // tried again later.
-            let failed = src
-                .subscriber_stats(&format!("stateshift_{id}"))
-                .await
-                .map(|st| st.failed)
+            let mut failed = Ok(0);
+            for rid in capture_runs(cfg, &id) {
+                failed = match (
+                    failed,
+                    src.subscriber_stats(&format!("stateshift_{rid}")).await,
+                ) {
+                    (Ok(n), Ok(st)) => Ok(n + st.failed),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                };
+            }
+            let failed = failed
                 .map_err(|e| MachineError::Unsettled {
                     id: id.clone(),
                     detail: format!(
@@ -820,7 +835,7 @@ async fn recover_locked(
             drop_our_subscriptions(&src, &id).await;
             drop_our_subscriptions(&dst, &id).await;
             // What the interrupted runs captured but had not replayed yet.
-            for sid in [id.clone(), format!("{id}r")] {
+            for sid in capture_runs(cfg, &id) {
                 let n = engine::replay_spool_tail(&cfg.capture.spool_dir, &sid, &dst)
                     .await
                     .map_err(|e| MachineError::Unsettled {
@@ -852,10 +867,21 @@ async fn recover_locked(
         }
         Recovery::ResumeCutover { id, source, target } => {
             progress.note(&format!("recovering migration {id}: interrupted after cutover; resuming from the cutover (nothing is deleted unless verification passes)"));
-            // The interrupted capture's subscription kept forwarding to a dead receiver while
-            // we were down; the resumed engine checks its counters once a new capture is live.
-            let old_spool = cfg.capture.spool_dir.join(format!("{id}.spool"));
-            let spooled = spool_points(&old_spool).unwrap_or(0);
+            // The interrupted captures' subscriptions kept forwarding to a dead receiver
+            // while we were down; the resumed engine checks their counters once a new
+            // capture is live. A resume that was itself interrupted is one more of them.
+            let runs = capture_runs(cfg, &id);
+            let earlier = runs
+                .iter()
+                .map(|rid| {
+                    let spool = cfg.capture.spool_dir.join(format!("{rid}.spool"));
+                    EarlierCapture {
+                        spooled_points: spool_points(&spool).unwrap_or(0),
+                        spool,
+                        subscription: format!("stateshift_{rid}"),
+                    }
+                })
+                .collect();
             let result = run_engine(
                 cfg,
                 provider,
@@ -863,12 +889,8 @@ async fn recover_locked(
                 &id,
                 (&source, &target),
                 RunOptions {
-                    id: Some(format!("{id}r")),
-                    resume: Some(Resume {
-                        spool: old_spool,
-                        subscription: format!("stateshift_{id}"),
-                        spooled_points: spooled,
-                    }),
+                    id: Some(resume_id(&id, runs.len())),
+                    resume: Some(Resume { earlier }),
                     new_target: false,
                 },
                 progress,
@@ -940,6 +962,27 @@ async fn undo_on_target(
         tracing::warn!(error = %e, dir = %scratch, "could not remove the interrupted migration's scratch directory on the target");
     }
     Ok(())
+}
+
+/// The capture runs of migration `id`, oldest first: the migration itself, then each
+/// resume of it that began capturing (`<id>r`, `<id>r2`, …: their spools exist).
+fn capture_runs(cfg: &Config, id: &str) -> Vec<String> {
+    let mut runs = vec![id.to_string()];
+    loop {
+        let rid = resume_id(id, runs.len());
+        if !cfg.capture.spool_dir.join(format!("{rid}.spool")).exists() {
+            return runs;
+        }
+        runs.push(rid);
+    }
+}
+
+/// The id of the `k`-th resume of migration `id` (`k` ≥ 1): `<id>r`, then `<id>r2`, ….
+fn resume_id(id: &str, k: usize) -> String {
+    match k {
+        0 | 1 => format!("{id}r"),
+        k => format!("{id}r{k}"),
+    }
 }
 
 /// Points in a finished spool file (`None`: missing or unreadable).

@@ -581,3 +581,41 @@ async fn the_demo_triggers_on_the_predicted_load_and_moves_the_service_losing_no
         .arg(format!("{}/", dir.display()))
         .status();
 }
+
+/// A crash during the resume of a crash resumes again: the migration is killed right after
+/// its repoint, its resume is killed right after its own repoint, and the next run resumes
+/// once more (replaying both interrupted captures, checking both subscriptions) and
+/// finishes, losing nothing. Before, the second resume found its spool name taken and the
+/// migration ended `failed`, waiting for an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_the_resume_resumes_again_losing_nothing() {
+    let svc = service(46).await;
+    let w = svc.writer(800);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for run in ["the migration", "its resume"] {
+        let (ok, out) = migrate_cli(&svc, Some("writers_repointed"));
+        assert!(!ok && out.contains("dying here"), "{run} dies: {out}");
+    }
+    let (ok, out) = migrate_after_settle(&svc);
+    assert!(
+        ok && out.contains("was found and finished"),
+        "the second resume finishes: {out}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ledger = w.finish().await;
+    let problems = workload::check_ledger(&svc.current(), "cyclops", &ledger)
+        .await
+        .unwrap();
+    let missing = problems.iter().filter(|p| p.contains("is missing")).count();
+    assert_eq!(missing, 0, "{problems:#?}");
+    // Two crashes right after a repoint: the documented switch window, twice.
+    let stale = problems.iter().filter(|p| p.contains("has value")).count();
+    assert!(stale <= 10, "{problems:#?}");
+    assert_eq!(ledger.requests_failed, 0);
+    let stacks = svc.stacks_on_disk();
+    assert_eq!(stacks.len(), 1, "the old stack went: {stacks:?}");
+    let spools: Vec<_> = std::fs::read_dir(svc.dir().join("spool"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(spools.is_empty(), "every run's spool is gone: {spools:?}");
+}

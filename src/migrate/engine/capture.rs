@@ -207,25 +207,40 @@ impl Migration<'_> {
         Ok(st)
     }
 
-    /// After a crash past the repoint: with the new capture live, let the old
-    /// subscription's counters settle, then require that it delivered exactly what the
-    /// old spool holds and failed nothing. Then the old subscriptions go.
+    /// After a crash past the repoint: with the new capture live, let each interrupted
+    /// capture's subscription settle, then require that it delivered exactly what its
+    /// spool holds and failed nothing. Then those subscriptions go.
     pub(super) async fn check_interrupted(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Capture;
-        let Some((old, spooled)) = self
+        let earlier = self
             .resume
             .as_ref()
-            .map(|r| (r.subscription.clone(), r.spooled_points))
-        else {
-            return Ok(());
-        };
+            .map(|r| r.earlier.clone())
+            .unwrap_or_default();
         let src = self.src().influx.clone();
-        let mut last = Self::subscriber_stats(&src, &old, p).await?;
+        let live: std::collections::BTreeSet<String> = src
+            .subscriptions()
+            .await
+            .map_err(Self::influx_err(p))?
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        for c in earlier.iter().filter(|c| live.contains(&c.subscription)) {
+            self.check_one_interrupted(&c.subscription, c.spooled_points)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn check_one_interrupted(&mut self, old: &str, spooled: u64) -> Result<(), MigrateError> {
+        let p = Phase::Capture;
+        let src = self.src().influx.clone();
+        let mut last = Self::subscriber_stats(&src, old, p).await?;
         let mut stable_since = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(30);
         while stable_since.elapsed() < Duration::from_millis(500) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let now = Self::subscriber_stats(&src, &old, p).await?;
+            let now = Self::subscriber_stats(&src, old, p).await?;
             if (now.written, now.failed) != (last.written, last.failed) {
                 stable_since = Instant::now();
             }
@@ -240,7 +255,7 @@ impl Migration<'_> {
         }
         let dst = self.dst().influx.clone();
         for s in dst.subscriptions().await.map_err(Self::influx_err(p))? {
-            if s.name.starts_with(&old) {
+            if s.name.starts_with(old) {
                 let _ = dst
                     .drop_subscription(&s.name, &s.database, &s.retention_policy)
                     .await;
@@ -250,7 +265,7 @@ impl Migration<'_> {
             return Err(MigrateError::Failed {
                 phase: p,
                 msg: format!(
-                    "{} write(s) reached the source while the capture was down (the interrupted capture forwarded {} points, its spool holds {spooled}); they are on the source but not on the target",
+                    "{} write(s) reached the source while the capture was down (the interrupted capture {old} forwarded {} points, its spool holds {spooled}); they are on the source but not on the target",
                     last.failed, last.written
                 ),
             });

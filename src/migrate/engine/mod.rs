@@ -288,15 +288,23 @@ pub struct RunOptions {
     pub new_target: bool,
 }
 
-/// What a resumed run takes over from the interrupted one.
+/// What a resumed run takes over from the runs that were interrupted before it.
 #[derive(Debug, Clone)]
 pub struct Resume {
-    /// The interrupted run's spool: what it had not replayed is replayed before anything
-    /// new.
+    /// The interrupted runs' captures, oldest first (the migration itself, then each
+    /// resume that was interrupted in turn).
+    pub earlier: Vec<EarlierCapture>,
+}
+
+/// The capture of an interrupted run.
+#[derive(Debug, Clone)]
+pub struct EarlierCapture {
+    /// Its spool: what was not replayed yet is replayed, in order, before anything new.
     pub spool: std::path::PathBuf,
-    /// The interrupted run's capture subscription, and the points its spool holds. Once the
-    /// new capture is live, every write that subscription failed to forward in between
-    /// reached the source but no spool: then the run stops, safely.
+    /// Its capture subscription, and the points its spool holds. Once the new capture is
+    /// live, every write that subscription failed to forward in between reached the
+    /// source but no spool: then the run stops, safely. A subscription already gone was
+    /// checked and dropped by a later run.
     pub subscription: String,
     pub spooled_points: u64,
 }

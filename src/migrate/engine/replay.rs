@@ -28,18 +28,29 @@ impl Migration<'_> {
         // Catch up with what was captured so far; writers keep writing to the source.
         let dst = self.dst().influx.clone();
         let t = Instant::now();
-        if let Some(old) = self.resume.as_ref().map(|r| r.spool.clone()) {
-            // An interrupted run's capture, first, in its own order.
-            let mut r = SpoolReader::open_finished(&old)
-                .map_err(|source| MigrateError::Spool { phase: p, source })?;
-            // Only what the interrupted run had not replayed yet: replaying older records
-            // again would put back values that writers have overwritten on the target since.
+        let earlier: Vec<_> = self
+            .resume
+            .iter()
+            .flat_map(|r| r.earlier.iter().map(|c| c.spool.clone()))
+            .collect();
+        for old in earlier {
+            // The interrupted runs' captures first, oldest first, each in its own order.
+            let Ok(mut r) = SpoolReader::open_finished(&old) else {
+                // A run interrupted before its capture began spooled nothing.
+                continue;
+            };
+            // Only what was not replayed yet: replaying older records again would put
+            // back values that writers have overwritten on the target since.
             r.seek(replayed_offset(&old))
                 .map_err(|source| MigrateError::Spool { phase: p, source })?;
             let n = replay_ready(&mut r, &dst, p, None).await?;
-            self.progress.note(&format!(
-                "replayed {n} points captured before the interruption"
-            ));
+            // Recorded, so a crash of this run does not replay them once more.
+            record_offset_of(&old, r.offset()).await;
+            if n > 0 {
+                self.progress.note(&format!(
+                    "replayed {n} points captured before the interruption"
+                ));
+            }
             self.report.points_replayed += n;
         }
         let n = replay_ready(&mut reader, &dst, p, None).await?;
@@ -202,7 +213,14 @@ pub async fn replay_spool_tail(
 /// Written after every replay; a crash of this process keeps it (page cache), and a
 /// resumed migration starts its replay there.
 pub(super) async fn record_offset(spool_dir: &std::path::Path, id: &str, offset: u64) {
-    let p = spool_dir.join(format!("{id}.spool.offset"));
+    record_offset_of(&spool_dir.join(format!("{id}.spool")), offset).await
+}
+
+/// [`record_offset`] for the spool file at `spool` (`<spool>.offset`).
+async fn record_offset_of(spool: &std::path::Path, offset: u64) {
+    let mut p = spool.as_os_str().to_owned();
+    p.push(".offset");
+    let p = std::path::PathBuf::from(p);
     // Atomic: a torn offset would read as 0 and replay old records over newer values. Its
     // fsync runs on a blocking thread, never on the workers serving the capture receiver.
     let path = p.clone();
