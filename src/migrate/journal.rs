@@ -256,6 +256,9 @@ pub enum Recovery {
         id: String,
         source: Placement,
         target: Placement,
+        /// The old stack's deletion had begun: its InfluxDB may be gone already, and the
+        /// checks before the deletion were done.
+        old_deleting: bool,
     },
     /// Cutover started but verification did not finish: writers may use the target.
     /// Nothing may be deleted; resume from the cutover.
@@ -340,6 +343,7 @@ impl JournalState {
                 id: m.id.clone(),
                 source,
                 target: t.clone(),
+                old_deleting: m.old_deleting,
             },
             (Some(t), false, true) => Recovery::ResumeCutover {
                 id: m.id.clone(),

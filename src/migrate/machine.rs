@@ -641,46 +641,73 @@ async fn finish(
             // Phase 9: only now, after verification, the old stack goes.
             append(Event::OldStackDeleting)?;
             crash_point("old_stack_deleting");
-            if let Some(old) = &source.stack {
-                let old = match provider.find(&old.name).await {
-                    Ok(Some(found)) => Some(found),
-                    Ok(None) => None,
-                    Err(e) => {
-                        return Err(MachineError::Dispose {
-                            target_url: target.influx_url.clone(),
-                            error: e,
-                        })
-                    }
-                };
-                if let Some(old) = old {
-                    progress.note(&format!("deleting the old stack {}", old.name));
-                    provider
-                        .delete(&old, cfg.provider.delete_timeout)
-                        .await
-                        .map_err(|error| MachineError::Dispose {
-                            target_url: target.influx_url.clone(),
-                            error,
-                        })?;
-                }
-            }
-            append(Event::OldStackDeleted)?;
-            // Phase 10: the caller resets its monitoring window on success.
-            append(Event::WindowReset)?;
-            append(Event::Finished {
-                outcome: Outcome::Succeeded,
-                error: None,
-                report: Some(Box::new(report.clone())),
-            })?;
-            // The spools of interrupted runs of this migration: everything in them is on
-            // the verified target now.
-            for rid in capture_runs(cfg, id) {
-                let spool = cfg.capture.spool_dir.join(format!("{rid}.spool"));
-                let _ = std::fs::remove_file(format!("{}.offset", spool.display()));
-                let _ = std::fs::remove_file(spool);
-            }
-            Ok(report)
+            delete_old_stack(
+                cfg, provider, journal, id, &source, &target, report, progress,
+            )
+            .await
         }
     }
+}
+
+/// Phases 9 and 10 once the old stack's deletion is journaled: delete it (found by name:
+/// a deletion interrupted halfway finishes), record the reset and the success, and remove
+/// the spools of the migration's runs.
+#[allow(clippy::too_many_arguments)]
+async fn delete_old_stack(
+    cfg: &Config,
+    provider: &Provider,
+    journal: &Mutex<Journal>,
+    id: &str,
+    source: &Placement,
+    target: &Placement,
+    report: Report,
+    progress: &dyn Progress,
+) -> Result<Report, MachineError> {
+    let append = |e: Event| -> Result<(), MachineError> {
+        journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(id, e)?;
+        Ok(())
+    };
+    if let Some(old) = &source.stack {
+        let old = match provider.find(&old.name).await {
+            Ok(Some(found)) => Some(found),
+            Ok(None) => None,
+            Err(e) => {
+                return Err(MachineError::Dispose {
+                    target_url: target.influx_url.clone(),
+                    error: e,
+                })
+            }
+        };
+        if let Some(old) = old {
+            progress.note(&format!("deleting the old stack {}", old.name));
+            provider
+                .delete(&old, cfg.provider.delete_timeout)
+                .await
+                .map_err(|error| MachineError::Dispose {
+                    target_url: target.influx_url.clone(),
+                    error,
+                })?;
+        }
+    }
+    append(Event::OldStackDeleted)?;
+    // Phase 10: the caller resets its monitoring window on success.
+    append(Event::WindowReset)?;
+    append(Event::Finished {
+        outcome: Outcome::Succeeded,
+        error: None,
+        report: Some(Box::new(report.clone())),
+    })?;
+    // The spools of interrupted runs of this migration: everything in them is on
+    // the verified target now.
+    for rid in capture_runs(cfg, id) {
+        let spool = cfg.capture.spool_dir.join(format!("{rid}.spool"));
+        let _ = std::fs::remove_file(format!("{}.offset", spool.display()));
+        let _ = std::fs::remove_file(spool);
+    }
+    Ok(report)
 }
 
 /// Why the old stack must be kept, if it must: the source acknowledged writes after the
@@ -786,7 +813,33 @@ async fn recover_locked(
             )?;
             Ok(Some(Outcome::RolledBack))
         }
-        Recovery::FinishDispose { id, source, target } => {
+        Recovery::FinishDispose {
+            id,
+            source,
+            target,
+            old_deleting: true,
+        } => {
+            // The checks before the deletion passed (they come before its record), and the
+            // old InfluxDB may be gone already: only the deletion is left to finish.
+            progress.note(&format!(
+                "recovering migration {id}: interrupted while deleting the old stack, finishing it"
+            ));
+            let report = Report {
+                migration_id: id.clone(),
+                ..Report::default()
+            };
+            delete_old_stack(
+                cfg, provider, &journal, &id, &source, &target, report, progress,
+            )
+            .await
+            .map(|_| Some(Outcome::Succeeded))
+        }
+        Recovery::FinishDispose {
+            id,
+            source,
+            target,
+            old_deleting: false,
+        } => {
             progress.note(&format!("recovering migration {id}: verified before the interruption, finishing the disposal"));
             let src = Influx::from_config(&provider.source_instance(cfg, &source));
             let dst = Influx::from_config(&provider.target_instance(cfg, &target));

@@ -589,3 +589,30 @@ async fn a_straggler_write_lost_by_the_capture_after_verify_keeps_the_old_stack(
 fn svc_target(svc: &Svc) -> Influx {
     source_influx(svc)
 }
+
+/// Killed while deleting the old stack, whose InfluxDB is already stopped (a deletion
+/// half done): the checks before the deletion passed, so settling only finishes it. Found
+/// by the crash campaign: before, settling asked the gone InfluxDB for its counters and
+/// stayed unsettled forever ("cannot read the source's subscriber counters").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_the_old_stack_is_deleted_is_settled_without_its_influxdb() {
+    let svc = service(91).await;
+    let w = svc.writer(500);
+    let child = spawn_migrate(&svc, &[("STATESHIFT_CRASH_AT", "old_stack_deleting")]);
+    let (ok, out) = finish(child);
+    assert!(!ok && out.contains("dying here"), "{out}");
+    let pids = pids_of("influxd", &stack_dir(&svc, ORIGINAL));
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    stop_influxd(pids[0]);
+    let (ok, out) = finish(spawn_migrate(&svc, &[]));
+    assert!(
+        ok && out.contains("was found and finished"),
+        "the deletion is finished: {out}"
+    );
+    assert!(
+        !svc.stacks_on_disk().contains(&ORIGINAL.to_string()),
+        "the old stack is gone"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost_nothing(&svc, &w.finish().await, 5_000, "old stack half deleted").await;
+}

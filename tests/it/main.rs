@@ -8,6 +8,7 @@
 mod kit;
 
 mod api_tls;
+mod campaign;
 mod cli;
 mod common;
 mod faults;

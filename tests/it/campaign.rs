@@ -1,0 +1,190 @@
+//! The crash campaign: under a live writer with its own ledger, `stateshift migrate` is
+//! killed with SIGKILL at random moments spread over a whole migration, and so,
+//! sometimes, is the settling that follows; then the service is settled and migrated
+//! again. Every acknowledged point must be where the service runs, the old stack must
+//! never go before verification, only the current stack may remain, and no operator may
+//! be needed except where the design says so (writes that reached the source while no
+//! capture ran), and then the message must say what to do.
+//!
+//! `STATESHIFT_CAMPAIGN_SEED` replays a campaign; `STATESHIFT_CAMPAIGN_KILLS` sets its
+//! size (default 32). The figures are printed at the end (`--no-capture`).
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::orchestrator::{assert_nothing_lost, migrate_after_settle, migrate_cli, service, Svc};
+
+/// Run `stateshift <args> -c CFG`; once the journal holds `mark` (at once without one),
+/// SIGKILL it after `after`, unless it ended first. Returns whether it was killed.
+fn kill_after(svc: &Svc, args: &[&str], mark: Option<&str>, after: Duration) -> bool {
+    let journal = svc.dir().join("state/svc.journal");
+    let seen = std::fs::read_to_string(&journal).unwrap_or_default().len();
+    let mut child = Command::new(bin())
+        .args(args)
+        .arg("-c")
+        .arg(&svc.cfg_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let mut armed = mark.is_none().then_some(t);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        match armed {
+            Some(at) if at.elapsed() >= after => break,
+            Some(_) => {}
+            None => {
+                let text = std::fs::read_to_string(&journal).unwrap_or_default();
+                if mark.is_some_and(|m| text.get(seen..).is_some_and(|new| new.contains(m))) {
+                    armed = Some(Instant::now());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    true
+}
+
+/// Where a kill is aimed: a moment of the whole run, or shortly after a journal mark
+/// (every step of a migration, in order).
+const MARKS: &[&str] = &[
+    "\"event\":\"stack_creating\"",
+    "\"phase\":\"prepare\"",
+    "\"phase\":\"capture\"",
+    "\"phase\":\"dump\"",
+    "\"phase\":\"transfer\"",
+    "\"phase\":\"restore\"",
+    "\"event\":\"target_creating\"",
+    "\"phase\":\"delta\"",
+    "\"phase\":\"cutover\"",
+    "\"event\":\"writers_repointing\"",
+    "\"event\":\"writers_repointed\"",
+    "\"phase\":\"verify\"",
+    "\"phase\":\"dispose\"",
+    "\"event\":\"old_stack_deleting\"",
+];
+
+/// The step the last migration of the journal was in: its last phase begun, or the
+/// machine's step before the engine.
+fn step_hit(svc: &Svc) -> String {
+    let text = std::fs::read_to_string(svc.dir().join("state/svc.journal")).unwrap_or_default();
+    let last = text.lines().last().unwrap_or("");
+    let mut step = "before start".to_string();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        match v["event"].as_str() {
+            Some("started") => step = "started".into(),
+            Some("stack_creating") => step = "stack create".into(),
+            Some("phase_started") => step = v["phase"].as_str().unwrap_or("?").to_string(),
+            Some("target_creating") => step = "restore (database recorded)".into(),
+            Some("writers_repointing") => step = "repointing".into(),
+            Some("writers_repointed") => step = "repointed".into(),
+            Some("old_stack_deleting") => step = "old stack delete".into(),
+            Some("finished") => step = "finished".into(),
+            _ => {}
+        }
+    }
+    if last.is_empty() {
+        "before start".into()
+    } else {
+        step
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_of_random_kills_loses_nothing_and_needs_no_operator() {
+    let seed: u64 = std::env::var("STATESHIFT_CAMPAIGN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let kills: usize = std::env::var("STATESHIFT_CAMPAIGN_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32);
+    eprintln!("crash campaign: seed {seed} (STATESHIFT_CAMPAIGN_SEED), {kills} kills");
+    let mut rng = fastrand::Rng::with_seed(seed);
+
+    // How long one migration takes here, so the kills spread over all of it.
+    let whole = {
+        let svc = service(47).await;
+        let t = Instant::now();
+        let (ok, out) = migrate_cli(&svc, None);
+        assert!(ok, "{out}");
+        t.elapsed()
+    };
+
+    let mut hits: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut killed, mut settles_killed, mut acked, mut operator) = (0, 0, 0u64, 0);
+    for i in 0..kills {
+        let svc = service(47).await;
+        let w = svc.writer(800);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Half the kills at a random moment of the whole run, half shortly after a
+        // random step begins, so every step is hit.
+        let (mark, at) = if i % 2 == 0 {
+            (None, whole.mul_f64(rng.f64() * 1.1))
+        } else {
+            let m = MARKS[rng.usize(..MARKS.len())];
+            (Some(m), Duration::from_millis(rng.u64(..250)))
+        };
+        let what = format!(
+            "kill {i}: {at:?} after {} (seed {seed})",
+            mark.unwrap_or("the start")
+        );
+        if !kill_after(&svc, &["migrate", "--yes"], mark, at) {
+            *hits.entry("(finished first)".into()).or_default() += 1;
+        } else {
+            killed += 1;
+            let hit = step_hit(&svc);
+            let verified = std::fs::read_to_string(svc.dir().join("state/svc.journal"))
+                .unwrap_or_default()
+                .contains("\"phase\":\"verify\",\"seconds\"");
+            if !verified {
+                assert!(
+                    svc.stacks_on_disk().contains(&"svc-influx-0".to_string()),
+                    "{what} ({hit}): the old stack is never deleted before verification"
+                );
+            }
+            *hits.entry(hit).or_default() += 1;
+        }
+        // A third of the time the settling is killed too, at a random moment.
+        if rng.u8(..3) == 0 && kill_after(&svc, &["recover"], None, whole.mul_f64(rng.f64())) {
+            settles_killed += 1;
+        }
+        let (ok, out) = migrate_after_settle(&svc);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ledger = w.finish().await;
+        acked += ledger.points_acked;
+        if !ok && out.contains("while the capture was down") {
+            // The design's one case for a person: writers wrote to the source while no
+            // capture ran. Nothing is deleted (both stacks stay), and the message says so.
+            operator += 1;
+            assert!(out.contains("nothing was deleted"), "{what}: {out}");
+            assert_eq!(svc.stacks_on_disk().len(), 2, "{what}: both sides are kept");
+            continue;
+        }
+        assert!(ok, "{what}: settled and migrated with no operator: {out}");
+        assert_nothing_lost(&svc.current(), &ledger, 5_000, &what).await;
+        let left = svc.stacks_on_disk();
+        assert_eq!(
+            left.len(),
+            1,
+            "{what}: only the current stack remains: {left:?}"
+        );
+        assert_ne!(left[0], "svc-influx-0", "{what}: the service moved");
+    }
+    eprintln!(
+        "crash campaign (seed {seed}): {kills} runs, {killed} killed mid-migration, {settles_killed} settles killed, {acked} points acknowledged, 0 lost, {operator} needed an operator; steps hit: {hits:?}"
+    );
+    assert!(
+        hits.len() >= 6,
+        "the kills spread over the migration: {hits:?}"
+    );
+}
