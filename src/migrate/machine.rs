@@ -167,6 +167,20 @@ impl Provider {
         }
     }
 
+    /// [`Provider::find`], or what a crash left of the stack: a local stack's directory
+    /// without state (a create or a delete cut short) is found too, so that deleting it
+    /// removes it. Heat keeps a stack's record until its delete completes.
+    async fn find_or_remains(&self, name: &str) -> Result<Option<StackRef>, StackError> {
+        match (self.find(name).await?, self) {
+            (Some(s), _) => Ok(Some(s)),
+            (None, Provider::Local(l)) if l.has_remains(name) => Ok(Some(StackRef {
+                id: String::new(),
+                name: name.to_string(),
+            })),
+            (None, _) => Ok(None),
+        }
+    }
+
     /// How to reach the InfluxDB of the service's source placement (by default the
     /// configured `source`).
     pub fn source_instance(&self, cfg: &Config, p: &Placement) -> InstanceConfig {
@@ -671,7 +685,8 @@ async fn delete_old_stack(
         Ok(())
     };
     if let Some(old) = &source.stack {
-        let old = match provider.find(&old.name).await {
+        // Found by name: a deletion cut short by a crash may have left only remains.
+        let old = match provider.find_or_remains(&old.name).await {
             Ok(Some(found)) => Some(found),
             Ok(None) => None,
             Err(e) => {
@@ -771,18 +786,10 @@ async fn recover_locked(
             // being created under.
             let stack = match (target.as_ref().and_then(|t| t.stack.clone()), creating) {
                 (Some(t), _) => Some(t),
-                (None, Some(name)) => {
-                    match provider.find(&name).await.map_err(MachineError::Stack)? {
-                        Some(s) => Some(s),
-                        // Local stacks: a directory without state (the crash came mid-create) is
-                        // cleaned by name; Heat finds its stacks by name anyway.
-                        None if matches!(provider, Provider::Local(_)) => Some(StackRef {
-                            id: String::new(),
-                            name,
-                        }),
-                        None => None,
-                    }
-                }
+                (None, Some(name)) => provider
+                    .find_or_remains(&name)
+                    .await
+                    .map_err(MachineError::Stack)?,
                 _ => None,
             };
             if let Some(s) = stack {

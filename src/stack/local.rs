@@ -547,6 +547,13 @@ impl LocalStacks {
         self.dir.join("stacks").join(name)
     }
 
+    /// Whether anything of stack `name` is on disk, state or not (a create or a delete
+    /// cut short by a crash leaves a directory without state; [`StackProvider::delete`]
+    /// removes it by name).
+    pub fn has_remains(&self, name: &str) -> bool {
+        self.stack_dir(name).exists()
+    }
+
     fn err(&self, msg: impl Into<String>) -> StackError {
         StackError::Other {
             provider: self.describe(),

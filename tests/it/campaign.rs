@@ -176,7 +176,16 @@ async fn a_campaign_of_random_kills_loses_nothing_and_needs_no_operator() {
         assert_eq!(
             left.len(),
             1,
-            "{what}: only the current stack remains: {left:?}"
+            "{what}: only the current stack remains: {left:?}\n{out}\njournal:\n{}\nfiles:\n{}",
+            std::fs::read_to_string(svc.dir().join("state/svc.journal")).unwrap_or_default(),
+            String::from_utf8_lossy(
+                &Command::new("find")
+                    .arg(svc.dir().join("local/stacks"))
+                    .args(["-maxdepth", "3"])
+                    .output()
+                    .unwrap()
+                    .stdout
+            )
         );
         assert_ne!(left[0], "svc-influx-0", "{what}: the service moved");
     }
