@@ -547,6 +547,27 @@ impl LocalStacks {
         self.dir.join("stacks").join(name)
     }
 
+    /// After a stack's directory is removed: a command that a killed orchestrator had
+    /// already sent over SSH may start only now (its session outlives the VM's sshd) and
+    /// recreate files there (`mkdir -p`, then an `influxd backup` retrying for minutes).
+    /// Found by the crash campaign. Look again, briefly, and remove what came back.
+    async fn remove_late_arrivals(&self, sdir: &Path) -> Result<(), StackError> {
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let late = pids_under(sdir);
+            if late.is_empty() && !sdir.exists() {
+                return Ok(());
+            }
+            stop_pids(&late, sdir).await;
+            if sdir.exists() {
+                remove_stack_dir(sdir)
+                    .await
+                    .map_err(|e| self.err(format!("{}: {e}", sdir.display())))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether anything of stack `name` is on disk, state or not (a create or a delete
     /// cut short by a crash leaves a directory without state; [`StackProvider::delete`]
     /// removes it by name).
@@ -810,6 +831,7 @@ impl StackProvider for LocalStacks {
                 remove_stack_dir(&sdir)
                     .await
                     .map_err(|e| self.err(format!("{}: {e}", sdir.display())))?;
+                self.remove_late_arrivals(&sdir).await?;
             }
             return Ok(());
         };
@@ -838,7 +860,8 @@ impl StackProvider for LocalStacks {
         }
         remove_stack_dir(&sdir)
             .await
-            .map_err(|e| self.err(format!("{}: {e}", sdir.display())))
+            .map_err(|e| self.err(format!("{}: {e}", sdir.display())))?;
+        self.remove_late_arrivals(&sdir).await
     }
 
     async fn find(&self, name: &str) -> Result<Option<StackRef>, StackError> {
