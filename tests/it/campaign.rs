@@ -14,7 +14,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::orchestrator::{assert_nothing_lost, migrate_after_settle, migrate_cli, service, Svc};
+use crate::orchestrator::{
+    assert_nothing_lost, assert_within_switch_window, migrate_after_settle, migrate_cli, service,
+    Svc,
+};
 
 /// Run `stateshift <args> -c CFG`; once the journal holds `mark` (at once without one),
 /// SIGKILL it after `after`, unless it ended first. Returns whether it was killed.
@@ -121,7 +124,7 @@ async fn a_campaign_of_random_kills_loses_nothing_and_needs_no_operator() {
     };
 
     let mut hits: BTreeMap<String, usize> = BTreeMap::new();
-    let (mut killed, mut settles_killed, mut acked, mut operator) = (0, 0, 0u64, 0);
+    let (mut killed, mut settles_killed, mut acked, mut operator, mut stale) = (0, 0, 0u64, 0, 0);
     for i in 0..kills {
         let svc = service(47).await;
         let w = svc.writer(800);
@@ -134,15 +137,15 @@ async fn a_campaign_of_random_kills_loses_nothing_and_needs_no_operator() {
             let m = MARKS[rng.usize(..MARKS.len())];
             (Some(m), Duration::from_millis(rng.u64(..250)))
         };
-        let what = format!(
+        let mut what = format!(
             "kill {i}: {at:?} after {} (seed {seed})",
             mark.unwrap_or("the start")
         );
-        if !kill_after(&svc, &["migrate", "--yes"], mark, at) {
-            *hits.entry("(finished first)".into()).or_default() += 1;
-        } else {
+        let mut hit = "(finished first)".to_string();
+        if kill_after(&svc, &["migrate", "--yes"], mark, at) {
             killed += 1;
-            let hit = step_hit(&svc);
+            hit = step_hit(&svc);
+            what = format!("{what}, killed in {hit}");
             let verified = std::fs::read_to_string(svc.dir().join("state/svc.journal"))
                 .unwrap_or_default()
                 .contains("\"phase\":\"verify\",\"seconds\"");
@@ -152,8 +155,8 @@ async fn a_campaign_of_random_kills_loses_nothing_and_needs_no_operator() {
                     "{what} ({hit}): the old stack is never deleted before verification"
                 );
             }
-            *hits.entry(hit).or_default() += 1;
         }
+        *hits.entry(hit.clone()).or_default() += 1;
         // A third of the time the settling is killed too, at a random moment.
         if rng.u8(..3) == 0 && kill_after(&svc, &["recover"], None, whole.mul_f64(rng.f64())) {
             settles_killed += 1;
@@ -171,7 +174,15 @@ async fn a_campaign_of_random_kills_loses_nothing_and_needs_no_operator() {
             continue;
         }
         assert!(ok, "{what}: settled and migrated with no operator: {out}");
-        assert_nothing_lost(&svc.current(), &ledger, 5_000, &what).await;
+        if hit == "repointing" || hit == "repointed" {
+            // Killed while writers were switching: the documented switch window
+            // (ARCHITECTURE.md "Known limits") applies. A point overwritten on the source
+            // just before the repoint and again on the target while the process was down
+            // can keep the older value. Nothing may be missing; the stale are counted.
+            stale += assert_within_switch_window(&svc, &ledger, &what).await;
+        } else {
+            assert_nothing_lost(&svc.current(), &ledger, 5_000, &what).await;
+        }
         let left = svc.stacks_on_disk();
         assert_eq!(
             left.len(),
@@ -190,7 +201,7 @@ async fn a_campaign_of_random_kills_loses_nothing_and_needs_no_operator() {
         assert_ne!(left[0], "svc-influx-0", "{what}: the service moved");
     }
     eprintln!(
-        "crash campaign (seed {seed}): {kills} runs, {killed} killed mid-migration, {settles_killed} settles killed, {acked} points acknowledged, 0 lost, {operator} needed an operator; steps hit: {hits:?}"
+        "crash campaign (seed {seed}): {kills} runs, {killed} killed mid-migration, {settles_killed} settles killed, {acked} points acknowledged, 0 lost, {stale} stale by the switch window, {operator} needed an operator; steps hit: {hits:?}"
     );
     assert!(
         hits.len() >= 6,

@@ -403,7 +403,11 @@ async fn a_fixed_capture_port_and_the_streamed_transfer_work_together() {
     let lab = lab(LabOptions::default()).await;
     let (path, _) = lab.write_config("").unwrap();
     seed(&lab, "cyclops", 2_000).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+    // A port found free and released can be taken before the capture binds it (CI saw
+    // this once on 127.0.0.1, where every test's client connections take ports): the
+    // port is picked on a loopback address of its own, which nothing else uses.
+    let ip = "127.0.251.1";
+    let port = std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -411,11 +415,11 @@ async fn a_fixed_capture_port_and_the_streamed_transfer_work_together() {
     let env = [
         (
             "STATESHIFT__CAPTURE__LISTEN".to_string(),
-            format!("127.0.0.1:{port}"),
+            format!("{ip}:{port}"),
         ),
         (
             "STATESHIFT__CAPTURE__ADVERTISE_URL".to_string(),
-            format!("http://127.0.0.1:{port}"),
+            format!("http://{ip}:{port}"),
         ),
     ];
     let cfg = stateshift::config::Config::load_with_env(&path, env).unwrap();
