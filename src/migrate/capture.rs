@@ -4,7 +4,8 @@
 //!
 //! Two sinks: [`Sink::Spool`] appends each forwarded write to the on-disk spool (the
 //! delta to replay); [`Sink::Keys`] only counts writes per point (used on the target after
-//! cutover, so verification can tell a writer's legitimate overwrite from a corruption). The receiver answers 204 only after the sink has taken the write; if it
+//! cutover, so verification can tell a writer's legitimate overwrite from a corruption). The receiver answers 204 only after the sink has taken the write (for the
+//! spool: written and synced to disk, see `spool`'s durability contract); if it
 //! cannot, it answers 500, InfluxDB counts a `writeFailure`, and the migration sees it.
 //!
 //! Only the InfluxDB that was subscribed gets in: each receiver has its own random
@@ -362,7 +363,9 @@ async fn take(st: AppState, p: WriteParams, body: Bytes) -> StatusCode {
             let w = w.clone();
             let (rp, prec) = (p.rp.clone(), p.precision.clone());
             let body = body.clone();
-            let r = tokio::task::spawn_blocking(move || w.append(&db, &rp, &prec, &body)).await;
+            // On disk before the 204: an acknowledged write survives a power loss.
+            let r =
+                tokio::task::spawn_blocking(move || w.append_durable(&db, &rp, &prec, &body)).await;
             match r {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {

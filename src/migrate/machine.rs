@@ -895,6 +895,7 @@ async fn recover_locked(
             drop_our_subscriptions(&src, &id).await;
             drop_our_subscriptions(&dst, &id).await;
             // What the interrupted runs captured but had not replayed yet.
+            repair_spools(cfg, &id, progress)?;
             for sid in capture_runs(cfg, &id) {
                 let n = engine::replay_spool_tail(&cfg.capture.spool_dir, &sid, &dst)
                     .await
@@ -930,6 +931,7 @@ async fn recover_locked(
             // The interrupted captures' subscriptions kept forwarding to a dead receiver
             // while we were down; the resumed engine checks their counters once a new
             // capture is live. A resume that was itself interrupted is one more of them.
+            repair_spools(cfg, &id, progress)?;
             let runs = capture_runs(cfg, &id);
             let earlier = runs
                 .iter()
@@ -1035,6 +1037,40 @@ fn capture_runs(cfg: &Config, id: &str) -> Vec<String> {
         }
         runs.push(rid);
     }
+}
+
+/// Cut off the torn tail a power loss may leave in the interrupted runs' spools (never
+/// acknowledged: see the spool's durability contract), saying so. A spool damaged
+/// anywhere else stops the settling: nothing is decided on data that cannot be read.
+fn repair_spools(cfg: &Config, id: &str, progress: &dyn Progress) -> Result<(), MachineError> {
+    for rid in capture_runs(cfg, id) {
+        let path = cfg.capture.spool_dir.join(format!("{rid}.spool"));
+        if !path.exists() {
+            continue;
+        }
+        match super::spool::repair_torn_tail(&path) {
+            Ok(None) => {}
+            Ok(Some(t)) => {
+                let msg = format!(
+                    "cut off a torn tail of {} bytes at byte {} of {}: a forwarded write that was being spooled when the process stopped, never acknowledged to the source (its subscriber counts it as failed)",
+                    t.bytes,
+                    t.offset,
+                    path.display()
+                );
+                tracing::warn!("{msg}");
+                progress.note(&msg);
+            }
+            Err(e) => {
+                return Err(MachineError::Unsettled {
+                    id: id.to_string(),
+                    detail: format!(
+                        "the interrupted capture's spool is damaged where it held acknowledged writes ({e}); nothing is deleted, and the source still has every write"
+                    ),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The id of the `k`-th resume of migration `id` (`k` ≥ 1): `<id>r`, then `<id>r2`, ….

@@ -2,12 +2,25 @@
 //! in arrival order. One record = one forwarded write request:
 //!
 //! ```text
-//! u8 magic 0xC5 | u16 db_len | db | u16 rp_len | rp | u8 prec_len | precision | u32 body_len | body
+//! u8 magic 0xC6 | u16 db_len | db | u16 rp_len | rp | u8 prec_len | precision | u32 body_len | body | u32 crc32
 //! ```
+//!
+//! (all little-endian; the CRC-32 covers every byte before it. Records without the
+//! checksum, magic 0xC5, are still read.)
 //!
 //! The writer publishes the length of complete records through a `watch` channel; a
 //! reader follows the file while it grows and never reads past that length, so it never
 //! sees half a record. The spool lives on disk: the delta is never held in memory.
+//!
+//! **Durability contract.** The capture receiver appends with
+//! [`SpoolWriter::append_durable`]: a record is on disk (`fdatasync`, shared by the
+//! appends that wait together) before the receiver answers 204 to InfluxDB. So after a
+//! power loss every acknowledged write is in the spool, and what follows the last complete
+//! record (a record cut short, or the zeros a file system may leave past the last sync)
+//! was never acknowledged: [`repair_torn_tail`] cuts it off and the resume goes on. The
+//! write it held is on the source, whose subscriber counted it as a failed forward, and
+//! the resume's counter check names it. Anything else that does not decode is corruption
+//! of acknowledged data, and stops the resume with the offset.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -16,7 +29,11 @@ use std::sync::Mutex;
 
 use tokio::sync::watch;
 
-const MAGIC: u8 = 0xC5;
+/// A record with a CRC-32 of everything before it at its end.
+const MAGIC: u8 = 0xC6;
+/// A record without a checksum (written by earlier builds; still read, so a migration
+/// interrupted before an upgrade can resume).
+const MAGIC_V1: u8 = 0xC5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -51,6 +68,9 @@ pub struct SpoolWriter {
     path: PathBuf,
     file: Mutex<(File, u64)>,
     committed: watch::Sender<u64>,
+    /// A second handle for `fdatasync`, and the length known to be on disk: syncing
+    /// never holds up appends, and one sync serves every append it covers.
+    synced: Mutex<(File, u64)>,
 }
 
 impl SpoolWriter {
@@ -65,12 +85,55 @@ impl SpoolWriter {
                 what: "create",
                 source,
             })?;
+        let io = |what, source| SpoolError::Io {
+            path: path.into(),
+            what,
+            source,
+        };
+        let for_sync = file.try_clone().map_err(|e| io("clone the handle", e))?;
+        // The new file's name must survive a power loss too.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        File::open(dir.unwrap_or(Path::new(".")))
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("fsync the directory", e))?;
         let (tx, _) = watch::channel(0);
         Ok(SpoolWriter {
             path: path.into(),
             file: Mutex::new((file, 0)),
             committed: tx,
+            synced: Mutex::new((for_sync, 0)),
         })
+    }
+
+    /// [`SpoolWriter::append`], then wait until the record is on disk. What the capture
+    /// receiver acknowledges must survive a power loss (the module's contract).
+    pub fn append_durable(
+        &self,
+        db: &str,
+        rp: &str,
+        precision: &str,
+        body: &[u8],
+    ) -> Result<u64, SpoolError> {
+        let end = self.append(db, rp, precision, body)?;
+        self.sync_through(end)?;
+        Ok(end)
+    }
+
+    /// Make the first `end` bytes durable. Appends that finish while one sync runs wait
+    /// for it and are then served by the next one (group commit).
+    fn sync_through(&self, end: u64) -> Result<(), SpoolError> {
+        let mut g = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 >= end {
+            return Ok(());
+        }
+        let upto = self.len();
+        g.0.sync_data().map_err(|source| SpoolError::Io {
+            path: self.path.clone(),
+            what: "fsync",
+            source,
+        })?;
+        g.1 = upto;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -93,7 +156,7 @@ impl SpoolWriter {
         let rpl = u16::try_from(rp.len()).map_err(|_| too_long("retention policy"))?;
         let pl = u8::try_from(precision.len()).map_err(|_| too_long("precision"))?;
         let bl = u32::try_from(body.len()).map_err(|_| too_long("body"))?;
-        let mut rec = Vec::with_capacity(10 + db.len() + rp.len() + precision.len() + body.len());
+        let mut rec = Vec::with_capacity(14 + db.len() + rp.len() + precision.len() + body.len());
         rec.push(MAGIC);
         rec.extend_from_slice(&dbl.to_le_bytes());
         rec.extend_from_slice(db.as_bytes());
@@ -103,6 +166,8 @@ impl SpoolWriter {
         rec.extend_from_slice(precision.as_bytes());
         rec.extend_from_slice(&bl.to_le_bytes());
         rec.extend_from_slice(body);
+        let sum = crc32fast::hash(&rec);
+        rec.extend_from_slice(&sum.to_le_bytes());
         let mut g = self.file.lock().unwrap_or_else(|p| p.into_inner());
         g.0.write_all(&rec).map_err(|source| SpoolError::Io {
             path: self.path.clone(),
@@ -289,6 +354,40 @@ impl SpoolReader {
     }
 }
 
+/// Why the bytes at an offset are not a record.
+enum Bad {
+    Io(SpoolError),
+    /// A field runs past the end: a record cut short (or a length field gone wrong).
+    CutShort(String),
+    /// The first byte is not a record's magic byte.
+    Magic(u8),
+    /// A whole record of `len` bytes whose checksum does not match its content.
+    Checksum {
+        len: u64,
+    },
+    /// A checksummed record whose names are not UTF-8 (never written by us).
+    NotUtf8,
+}
+
+impl Bad {
+    fn into_error(self, path: &Path, offset: u64) -> SpoolError {
+        let what = match self {
+            Bad::Io(e) => return e,
+            Bad::CutShort(what) => what,
+            Bad::Magic(m) => format!("bad magic byte {m:#x}"),
+            Bad::Checksum { len } => {
+                format!("the checksum of the {len}-byte record does not match its content")
+            }
+            Bad::NotUtf8 => "a name is not UTF-8".into(),
+        };
+        SpoolError::Corrupt {
+            path: path.into(),
+            offset,
+            what,
+        }
+    }
+}
+
 /// Decode the record that starts at byte `start` of the spool from `r`, reading nothing
 /// at or past byte `end` (the committed length): a length field that points past `end` is
 /// a corrupt record, never an allocation of up to 4 GiB or a read into a record the writer
@@ -299,52 +398,62 @@ fn decode_record(
     start: u64,
     end: u64,
 ) -> Result<(Record, u64), SpoolError> {
-    let corrupt = |what: String| SpoolError::Corrupt {
-        path: path.into(),
-        offset: start,
-        what,
-    };
+    decode(r, path, start, end).map_err(|b| b.into_error(path, start))
+}
+
+fn decode(r: &mut impl Read, path: &Path, start: u64, end: u64) -> Result<(Record, u64), Bad> {
     let mut pos = start;
+    let mut crc = crc32fast::Hasher::new();
     // Read `n` bytes of `field`, within `end`.
-    let mut take = |n: usize, field: &str| -> Result<Vec<u8>, SpoolError> {
+    let mut take = |n: usize, field: &str, crc: &mut crc32fast::Hasher| -> Result<Vec<u8>, Bad> {
         let left = end.saturating_sub(pos);
         if n as u64 > left {
-            return Err(corrupt(format!(
+            return Err(Bad::CutShort(format!(
                 "{field} of {n} bytes runs past the end of the spool ({left} bytes left)"
             )));
         }
         let mut v = vec![0u8; n];
-        r.read_exact(&mut v).map_err(|source| SpoolError::Io {
-            path: path.into(),
-            what: "read",
-            source,
+        r.read_exact(&mut v).map_err(|source| {
+            Bad::Io(SpoolError::Io {
+                path: path.into(),
+                what: "read",
+                source,
+            })
         })?;
+        crc.update(&v);
         pos += n as u64;
         Ok(v)
     };
-    let magic = take(1, "magic byte")?[0];
-    if magic != MAGIC {
-        return Err(corrupt(format!("bad magic byte {magic:#x}")));
+    let magic = take(1, "magic byte", &mut crc)?[0];
+    if magic != MAGIC && magic != MAGIC_V1 {
+        return Err(Bad::Magic(magic));
     }
     let le = |b: Vec<u8>| {
         b.iter()
             .rev()
             .fold(0usize, |n, &x| (n << 8) | usize::from(x))
     };
-    let n = le(take(2, "database name length")?);
-    let db = take(n, "database name")?;
-    let n = le(take(2, "retention policy length")?);
-    let rp = take(n, "retention policy")?;
-    let n = le(take(1, "precision length")?);
-    let precision = take(n, "precision")?;
-    let n = le(take(4, "body length")?);
-    let body = take(n, "body")?;
+    let n = le(take(2, "database name length", &mut crc)?);
+    let db = take(n, "database name", &mut crc)?;
+    let n = le(take(2, "retention policy length", &mut crc)?);
+    let rp = take(n, "retention policy", &mut crc)?;
+    let n = le(take(1, "precision length", &mut crc)?);
+    let precision = take(n, "precision", &mut crc)?;
+    let n = le(take(4, "body length", &mut crc)?);
+    let body = take(n, "body", &mut crc)?;
+    if magic == MAGIC {
+        let sum = crc.clone().finalize();
+        let stored = le(take(4, "checksum", &mut crc)?) as u32;
+        if stored != sum {
+            return Err(Bad::Checksum { len: pos - start });
+        }
+    }
     let (Ok(db), Ok(rp), Ok(precision)) = (
         String::from_utf8(db),
         String::from_utf8(rp),
         String::from_utf8(precision),
     ) else {
-        return Err(corrupt("a name is not UTF-8".into()));
+        return Err(Bad::NotUtf8);
     };
     let record = Record {
         db,
@@ -353,6 +462,81 @@ fn decode_record(
         body,
     };
     Ok((record, pos - start))
+}
+
+/// What [`repair_torn_tail`] found past the last complete record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TornTail {
+    /// Where the spool now ends (the end of its last complete record).
+    pub offset: u64,
+    /// The bytes cut off there.
+    pub bytes: u64,
+}
+
+/// After a crash: cut off a torn tail of the finished spool at `path`, that is a last
+/// record cut short or zero bytes to the end of the file (see the module's contract: it
+/// was never acknowledged). `None` when the spool ends on a complete record. A record
+/// that does not decode and is not such a tail is corruption: an error naming its offset,
+/// and the file is left as it is.
+pub fn repair_torn_tail(path: &Path) -> Result<Option<TornTail>, SpoolError> {
+    let io = |what, source| SpoolError::Io {
+        path: path.into(),
+        what,
+        source,
+    };
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| io("open for repair", e))?;
+    let end = file.metadata().map_err(|e| io("stat", e))?.len();
+    let mut r = BufReader::with_capacity(1 << 20, &file);
+    let mut offset = 0u64;
+    let bad = loop {
+        if offset >= end {
+            return Ok(None);
+        }
+        match decode(&mut r, path, offset, end) {
+            Ok((_, len)) => offset += len,
+            Err(Bad::Io(e)) => return Err(e),
+            Err(bad) => break bad,
+        }
+    };
+    // Torn: a record cut short by the end of the file; or, followed by nothing but zeros
+    // to the end, zeros where a record should start or a whole record that fails its
+    // checksum (a power loss can leave either past the last sync).
+    let zeros_from = |from: u64| -> Result<bool, SpoolError> {
+        let mut rest = Vec::new();
+        let mut f = &file;
+        f.seek(SeekFrom::Start(from))
+            .and_then(|_| f.take(end.saturating_sub(from)).read_to_end(&mut rest))
+            .map_err(|e| io("read the tail", e))?;
+        Ok(rest.iter().all(|&b| b == 0))
+    };
+    let torn = match &bad {
+        Bad::CutShort(_) => true,
+        Bad::Magic(0) => zeros_from(offset)?,
+        Bad::Checksum { len } => zeros_from(offset + len)?,
+        Bad::Magic(_) | Bad::NotUtf8 | Bad::Io(_) => false,
+    };
+    if !torn {
+        let e = bad.into_error(path, offset);
+        return Err(match e {
+            SpoolError::Corrupt { path, offset, what } => SpoolError::Corrupt {
+                what: format!("{what}, with data after it: not a torn tail"),
+                path,
+                offset,
+            },
+            e => e,
+        });
+    }
+    file.set_len(offset)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io("cut off the torn tail", e))?;
+    Ok(Some(TornTail {
+        offset,
+        bytes: end - offset,
+    }))
 }
 
 /// Every record of a whole spool held in memory, through the same decoder the reader
@@ -436,6 +620,94 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest! {
+        /// A power loss leaves the spool cut anywhere, maybe with zeros after the cut
+        /// (a file system's unwritten blocks): the repair keeps exactly the complete
+        /// records before the cut and says what it removed.
+        #[test]
+        fn a_torn_tail_is_cut_back_to_the_last_complete_record(
+            records in prop::collection::vec(record(), 1..6),
+            cut in any::<prop::sample::Index>(),
+            zeros in 0usize..48,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("s");
+            let w = SpoolWriter::create(&p).unwrap();
+            let mut ends = vec![0u64];
+            for r in &records {
+                ends.push(w.append_durable(&r.db, &r.rp, &r.precision, &r.body).unwrap());
+            }
+            drop(w);
+            let mut bytes = std::fs::read(&p).unwrap();
+            let cut = cut.index(bytes.len() + 1);
+            bytes.truncate(cut);
+            bytes.extend(std::iter::repeat_n(0u8, zeros));
+            std::fs::write(&p, &bytes).unwrap();
+            let whole = ends.iter().rposition(|&e| e <= cut as u64).unwrap();
+            let got = repair_torn_tail(&p).unwrap();
+            if ends[whole] == bytes.len() as u64 {
+                prop_assert_eq!(got, None);
+            } else {
+                prop_assert_eq!(
+                    got,
+                    Some(TornTail { offset: ends[whole], bytes: bytes.len() as u64 - ends[whole] })
+                );
+            }
+            let after = std::fs::read(&p).unwrap();
+            prop_assert_eq!(after.len() as u64, ends[whole]);
+            prop_assert_eq!(&decode_all(&p, &after).unwrap(), &records[..whole]);
+        }
+    }
+
+    #[test]
+    fn damage_inside_acknowledged_records_is_corruption_and_the_spool_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let w = SpoolWriter::create(&p).unwrap();
+        w.append_durable("db", "autogen", "ns", b"m v=1 1\n")
+            .unwrap();
+        w.append_durable("db", "autogen", "ns", b"m v=2 2\n")
+            .unwrap();
+        drop(w);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[12] ^= 0x01; // in the first record's body
+        std::fs::write(&p, &bytes).unwrap();
+        match repair_torn_tail(&p) {
+            Err(SpoolError::Corrupt {
+                offset: 0, what, ..
+            }) => {
+                assert!(what.contains("checksum"), "{what}");
+                assert!(what.contains("not a torn tail"), "{what}");
+            }
+            other => panic!("expected corruption at 0, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&p).unwrap(), bytes, "nothing is cut");
+        // The reader refuses the damaged record too, where it would have replayed it.
+        let mut r = SpoolReader::open_finished(&p).unwrap();
+        assert!(matches!(
+            r.next_ready(),
+            Err(SpoolError::Corrupt { offset: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn records_without_a_checksum_from_earlier_builds_still_read() {
+        // magic 0xC5, db "d", rp "r", precision "ns", body "x": the first format.
+        let v1 = [
+            0xC5, 1, 0, b'd', 1, 0, b'r', 2, b'n', b's', 1, 0, 0, 0, b'x',
+        ];
+        let got = decode_all(Path::new("s"), &v1).unwrap();
+        assert_eq!(
+            got,
+            vec![Record {
+                db: "d".into(),
+                rp: "r".into(),
+                precision: "ns".into(),
+                body: b"x".to_vec(),
+            }]
+        );
     }
 
     #[test]
