@@ -482,3 +482,132 @@ async fn verification_streams_the_per_series_aggregates_of_a_measurement_with_ma
     assert_eq!(rep.series, 20_000);
     assert_eq!(rep.source_values, 20_000);
 }
+
+/// A tmpfs of its own mounted on a directory for the length of a test.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "mount a tmpfs on {} (the tests run as root)",
+            dir.display()
+        );
+        Tmpfs(dir.into())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l"])
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system of `dir` to its last 64 KiB the moment the dump begins (the
+/// free-space check of prepare has passed by then: the disk fills *during* the dump).
+struct FillOnDump(std::path::PathBuf);
+
+impl Progress for FillOnDump {
+    fn phase_started(&self, phase: Phase) {
+        if phase != Phase::Dump {
+            return;
+        }
+        let out = std::process::Command::new("df")
+            .args(["-Pk"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let free_kib: u64 = text
+            .lines()
+            .last()
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        let ok = std::process::Command::new("fallocate")
+            .args(["-l", &format!("{}K", free_kib.saturating_sub(64))])
+            .arg(self.0.join("filler"))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "fill {}", self.0.display());
+    }
+}
+
+/// A disk that fills while the dump lands on it is seen within seconds (its free space
+/// is watched during the dump), the dump is stopped and the migration rolls back with
+/// that reason, and the source keeps everything. Before, `influxd backup` retried the
+/// shard for 237 s, then failed with "exit status: 1" and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_disk_that_fills_during_the_dump_rolls_back_within_seconds_and_says_so() {
+    disk_fills_during_the_dump("", "target").await;
+}
+
+/// The same with `migration.transfer: stream`, where the dump lands on the source's own
+/// disk first: the live service's disk, watched the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_disk_that_fills_during_a_streamed_dump_rolls_back_and_says_so() {
+    disk_fills_during_the_dump("  transfer: stream\n", "source").await;
+}
+
+async fn disk_fills_during_the_dump(migration: &str, side: &str) {
+    let lab = lab(LabOptions::default()).await;
+    let (path, _) = lab.write_config("").unwrap();
+    if !migration.is_empty() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replace("migration:\n", &format!("migration:\n{migration}"));
+        std::fs::write(&path, text).unwrap();
+    }
+    let seeded = seed(&lab, "cyclops", 200_000).await;
+    let cfg = stateshift::config::Config::load(&path).unwrap();
+    let target = cfg.target.clone().unwrap();
+    let dir = match side {
+        "target" => &target.work_dir,
+        _ => &cfg.source.work_dir,
+    };
+    let disk = std::path::PathBuf::from(dir);
+    let _fs = Tmpfs::mount(&disk, "256m");
+    let t = std::time::Instant::now();
+    let r = engine::run(&cfg, &target, &FillOnDump(disk.clone())).await;
+    let took = t.elapsed();
+    println!("a full {side} disk during the dump: stopped after {took:?}: {r:?}");
+    match r {
+        Err(MigrateError::Failed {
+            phase: Phase::Dump,
+            msg,
+        }) => {
+            assert!(
+                msg.contains(&format!("the disk of the {side}")) && msg.contains(dir.as_str()),
+                "names the full disk: {msg}"
+            );
+        }
+        other => panic!("expected a dump failure naming the full disk, got {other:?}"),
+    }
+    let n: u64 = counts(&lab.source.client(), "cyclops")
+        .await
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(n, seeded, "the source keeps everything");
+    assert!(
+        lab.target.client().databases().await.unwrap().is_empty(),
+        "nothing was restored on the target"
+    );
+    let left: Vec<_> = std::fs::read_dir(&disk)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n != "filler")
+        .collect();
+    assert!(left.is_empty(), "the scratch dump is removed: {left:?}");
+}

@@ -8,7 +8,6 @@ use super::{MigrateError, Phase};
 use crate::config::InstanceConfig;
 use crate::influx::Influx;
 use crate::remote::{Host, Remote};
-use crate::util::shell_quote;
 
 impl Migration<'_> {
     pub(super) async fn prepare(&mut self) -> Result<(), MigrateError> {
@@ -102,37 +101,30 @@ impl Migration<'_> {
             return Ok(());
         }
         let data = sizes.iter().fold(0u64, |a, &b| a.saturating_add(b));
-        let wd = shell_quote(&cfg.work_dir);
-        let out = target
-            // The nearest existing directory on the work dir's path: prepare (and a dry run)
-            // creates nothing on the target.
-            .run(&format!(
-                "d={wd}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; df -Pk \"$d\" | tail -n 1"
-            ))
+        // The nearest existing directory on the work dir's path: prepare (and a dry run)
+        // creates nothing on the target.
+        let Some(free) = super::transfer::free_bytes(target, &cfg.work_dir)
             .await
-            .map_err(Self::remote_err(p))?;
-        let Some(free_kib) = out
-            .split_whitespace()
-            .nth(3)
-            .and_then(|n| n.parse::<u64>().ok())
+            .map_err(Self::remote_err(p))?
         else {
-            tracing::warn!(output = %out.trim(), "cannot read the target's free space; not checked");
+            tracing::warn!(dir = %cfg.work_dir, "cannot read the target's free space; not checked");
             return Ok(());
         };
-        let (free, need) = (
-            free_kib.saturating_mul(1024),
-            data.saturating_mul(2).saturating_add(1 << 20),
-        );
+        // And the floor below which a dump is stopped (`transfer::DISK_FLOOR`).
+        let need = data
+            .saturating_mul(2)
+            .saturating_add(super::transfer::DISK_FLOOR);
         if free < need {
             return Err(MigrateError::Failed {
                 phase: p,
                 msg: format!(
-                    "not enough disk on the target {}: {} has {} MiB free, the dump and the restored data need about {} MiB (2 x {} MiB of shards on the source)",
+                    "not enough disk on the target {}: {} has {} MiB free, the dump and the restored data need about {} MiB (2 x {} MiB of shards on the source, and {} MiB to spare)",
                     cfg.name,
                     cfg.work_dir,
                     free >> 20,
                     need.div_ceil(1 << 20),
-                    data.div_ceil(1 << 20)
+                    data.div_ceil(1 << 20),
+                    super::transfer::DISK_FLOOR >> 20
                 ),
             });
         }

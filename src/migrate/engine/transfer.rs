@@ -9,7 +9,7 @@ use super::context::Migration;
 use super::{MigrateError, Phase, TargetObject};
 use crate::config::{InstanceConfig, TransferMode};
 use crate::influx::{ident, literal, InfluxError};
-use crate::remote::{Host, Pipes, Remote};
+use crate::remote::{Host, Pipes, Remote, RemoteError};
 use crate::util::shell_quote;
 
 impl Migration<'_> {
@@ -49,12 +49,16 @@ impl Migration<'_> {
         let p = Phase::Dump;
         let dir = Self::scratch(&self.src().cfg, &self.id, "dump");
         self.created.source_dirs.push(dir.clone());
-        let out = self
-            .src()
-            .host
-            .run(&backup_cmd(&self.src().cfg.rpc_address, &dir))
-            .await
-            .map_err(Self::remote_err(p))?;
+        let src = self.src();
+        let cmd = backup_cmd(&src.cfg.rpc_address, &dir);
+        let out = tokio::select! {
+            r = src.host.run(&cmd) => r.map_err(Self::remote_err(p))?,
+            // The source's disk is the live service's: stop long before InfluxDB runs out.
+            free = disk_fills(&src.host, &dir) => {
+                stop_backup(&src.host, &dir).await;
+                return Err(disk_full(p, "source", &src.cfg.name, &dir, free));
+            }
+        };
         self.report.dump_bytes = du_bytes(&out);
         Ok(())
     }
@@ -137,13 +141,7 @@ impl Migration<'_> {
         let r = tokio::select! {
             r = self.dst().host.run(&cmd) => r.map_err(Self::remote_err(p)),
             () = watch_source => {
-                // Dropping the command does not stop `influxd backup` on the target (an
-                // SSH channel or `sh` going away leaves it retrying): stop it by its
-                // scratch directory, which only this migration's backup names.
-                let pattern = format!("[i]nfluxd backup .*{}", regex_quote(&dir));
-                if let Err(e) = self.dst().host.run(&format!("pkill -f -- {} || true", shell_quote(&pattern))).await {
-                    tracing::warn!(error = %e, "could not stop the target's backup");
-                }
+                stop_backup(&self.dst().host, &dir).await;
                 Err(MigrateError::Failed {
                     phase: p,
                     msg: format!(
@@ -151,6 +149,10 @@ impl Migration<'_> {
                         self.src().host.describe()
                     ),
                 })
+            }
+            free = disk_fills(&self.dst().host, &dir) => {
+                stop_backup(&self.dst().host, &dir).await;
+                Err(disk_full(p, "target", &self.dst().cfg.name, &dir, free))
             }
         };
         self.close_forwards(local_fwd, remote_fwd, &rpc_host, rpc_port, src_rpc)
@@ -218,7 +220,15 @@ impl Migration<'_> {
                 msg: "transfer pipes were not opened".into(),
             });
         };
-        let copied = tokio::io::copy(&mut out, &mut inp).await;
+        let copied = tokio::select! {
+            c = tokio::io::copy(&mut out, &mut inp) => c,
+            free = disk_fills(&self.dst().host, &to) => {
+                drop(inp);
+                drop(out);
+                let _ = tokio::join!(tx.finish(), rx.finish());
+                return Err(disk_full(p, "target", &self.dst().cfg.name, &to, free));
+            }
+        };
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut inp).await;
         drop(inp);
         drop(out);
@@ -423,6 +433,74 @@ pub(super) fn backup_cmd(rpc: &str, dir: &str) -> String {
         "rm -rf {q} && mkdir -p {q} && nice -n 10 influxd backup -portable -host {} {q} 2>&1 && du -sb {q}",
         shell_quote(rpc)
     )
+}
+
+/// Below this much free space on the disk a dump lands on, the dump stops: the InfluxDB
+/// on that machine needs room too, and `influxd backup` retries a shard it cannot write
+/// for minutes (measured: 237 s) before it fails without saying why.
+pub(super) const DISK_FLOOR: u64 = 16 << 20;
+
+/// Free bytes of the file system that holds `dir` (or its nearest existing parent) on
+/// `host`; `None` when `df` answers something unreadable.
+pub(super) async fn free_bytes(host: &Host, dir: &str) -> Result<Option<u64>, RemoteError> {
+    let out = host
+        .run(&format!(
+            "d={}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; df -Pk \"$d\" | tail -n 1",
+            shell_quote(dir)
+        ))
+        .await?;
+    Ok(out
+        .split_whitespace()
+        .nth(3)
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(|kib| kib.saturating_mul(1024)))
+}
+
+/// Resolves, with the free bytes, once the disk of `dir` on `host` has less than
+/// [`DISK_FLOOR`] free, looking every second. A disk whose free space cannot be read is
+/// not watched (said once in the log); it never resolves then.
+async fn disk_fills(host: &Host, dir: &str) -> u64 {
+    let mut warned = false;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match free_bytes(host, dir).await {
+            Ok(Some(free)) if free < DISK_FLOOR => return free,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) if warned => {}
+            Ok(None) => {
+                warned = true;
+                tracing::warn!(host = %host.describe(), dir, "cannot read the free space during the dump; not watched");
+            }
+            Err(e) => {
+                warned = true;
+                tracing::warn!(host = %host.describe(), dir, error = %e, "cannot read the free space during the dump; not watched");
+            }
+        }
+    }
+}
+
+fn disk_full(phase: Phase, side: &str, name: &str, dir: &str, free: u64) -> MigrateError {
+    MigrateError::Failed {
+        phase,
+        msg: format!(
+            "the disk of the {side} {name} filled during the dump: {dir} has {} KiB free (the floor is {} MiB); the dump was stopped",
+            free >> 10,
+            DISK_FLOOR >> 20
+        ),
+    }
+}
+
+/// Stop this migration's `influxd backup` on `host`. Dropping the command does not (an SSH
+/// channel or `sh` going away leaves it retrying): it is found by its scratch directory,
+/// which only this migration's backup names.
+async fn stop_backup(host: &Host, dir: &str) {
+    let pattern = format!("[i]nfluxd backup .*{}", regex_quote(dir));
+    if let Err(e) = host
+        .run(&format!("pkill -f -- {} || true", shell_quote(&pattern)))
+        .await
+    {
+        tracing::warn!(error = %e, "could not stop the backup");
+    }
 }
 
 /// `s` as a literal in an extended regular expression (`pkill -f`).
