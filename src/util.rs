@@ -81,6 +81,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `s` as a literal in an extended regular expression (`pkill -f`).
+pub fn regex_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.^$|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A shell command that stops every process whose command line contains `text` (TERM,
+/// then KILL after 5 s), never itself: the pattern's first character is in a group, so
+/// the pattern does not match its own text in the shell's and `pkill`'s command lines.
+/// Run it on its own: a command line that names `text` elsewhere would be stopped too.
+pub fn stop_processes_naming(text: &str) -> String {
+    let mut chars = text.chars();
+    let Some(first) = chars.next() else {
+        return "true".into();
+    };
+    let pattern = format!(
+        "({}){}",
+        regex_quote(&first.to_string()),
+        regex_quote(chars.as_str())
+    );
+    format!(
+        "p={}; pkill -f -- \"$p\"; for i in $(seq 50); do pgrep -f -- \"$p\" >/dev/null || exit 0; sleep 0.1; done; pkill -KILL -f -- \"$p\"; exit 0",
+        shell_quote(&pattern)
+    )
+}
+
 /// Quote `s` for a POSIX shell as one word.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
@@ -275,6 +307,29 @@ mod tests {
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
         assert_eq!(shell_quote(""), "''");
         assert_eq!(shell_quote("a b;rm"), "'a b;rm'");
+    }
+
+    #[test]
+    fn stopping_processes_by_name_stops_them_and_never_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("restore-17 (x)");
+        let mut victim = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("sleep 30; : \"$0\"")
+            .arg(&marker)
+            .spawn()
+            .unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(stop_processes_naming(&marker.display().to_string()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "the stopper survives itself: {out:?}");
+        let status = victim.wait().unwrap();
+        assert!(
+            !status.success(),
+            "the named process was stopped: {status:?}"
+        );
     }
 
     #[test]

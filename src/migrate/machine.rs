@@ -810,6 +810,25 @@ async fn recover_locked(
             // Our capture subscription on the source, if it was created.
             let src = provider.source_instance(cfg, &source);
             drop_our_subscriptions(&Influx::from_config(&src), &id).await;
+            // A streamed dump the killed process started on the source goes on without it,
+            // on the live service's disk: stop it and remove what it wrote.
+            let dump = format!("{}/dump-{id}", src.work_dir.trim_end_matches('/'));
+            use crate::remote::Remote;
+            // (Two commands: one naming the directory would be stopped by the first.)
+            let cleaned = match crate::remote::Host::connect(src.ssh.as_ref()).await {
+                Ok(h) => match h.run(&crate::util::stop_processes_naming(&dump)).await {
+                    Ok(_) => h
+                        .run(&format!("rm -rf {}", crate::util::shell_quote(&dump)))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = cleaned {
+                tracing::warn!(error = %e, dir = %dump, "could not clean the interrupted migration's dump directory on the source");
+            }
             journal.lock().unwrap_or_else(|p| p.into_inner()).append(
                 &id,
                 Event::Finished {
@@ -988,6 +1007,26 @@ async fn undo_on_target(
     use crate::remote::{Host, Remote};
     let inst = provider.target_instance(cfg, target);
     let influx = Influx::from_config(&inst);
+    let scratch = format!("{}/restore-{id}", inst.work_dir.trim_end_matches('/'));
+    let host = Host::connect(inst.ssh.as_ref())
+        .await
+        .map_err(|e| e.to_string());
+    // First what the killed process left running there: its SSH sessions outlive it, and
+    // a restore still going would recreate a database dropped below (found by a test).
+    // Every command a migration runs on the target names its scratch directory.
+    let stopped = match &host {
+        Ok(h) => h
+            .run(&crate::util::stop_processes_naming(&scratch))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.clone()),
+    };
+    if let Err(e) = stopped {
+        return Err(format!(
+            "stopping what the interrupted migration still runs on the target ({e}); nothing is removed until it is stopped, or it could recreate what is removed"
+        ));
+    }
     for object in made.iter().rev() {
         let (q, what) = match object {
             TargetObject::Database(db) => (
@@ -1011,14 +1050,13 @@ async fn undo_on_target(
         }
     }
     drop_our_subscriptions(&influx, id).await;
-    let scratch = format!("{}/restore-{id}", inst.work_dir.trim_end_matches('/'));
-    let removed = match Host::connect(inst.ssh.as_ref()).await {
+    let removed = match &host {
         Ok(h) => h
             .run(&format!("rm -rf {}", crate::util::shell_quote(&scratch)))
             .await
             .map(|_| ())
             .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.clone()),
     };
     if let Err(e) = removed {
         tracing::warn!(error = %e, dir = %scratch, "could not remove the interrupted migration's scratch directory on the target");

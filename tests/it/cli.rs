@@ -396,3 +396,124 @@ async fn a_crash_after_the_restore_on_a_static_target_is_rolled_back_exactly_and
     assert_eq!(code, 0, "the retry migrates: {out}\n{err}");
     assert_eq!(counts(&dst, "cyclops").await, before);
 }
+
+/// Processes on this machine whose command line contains `needle`.
+fn pids_naming(needle: &str) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// A migration to a static target killed while `influxd restore` runs there: the restore
+/// goes on without it (its SSH session outlives the process). Settling stops it before it
+/// removes what the migration made, so nothing comes back afterwards, and the retry
+/// migrates. Before, the orphaned restore recreated the database the rollback had
+/// dropped, and every retry stopped at "target already has database".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_orphaned_by_a_killed_migration_is_stopped_when_settling() {
+    orphaned_by_a_kill(
+        "",
+        "influxd restore -portable -db cyclops -host ",
+        "target/work/restore-",
+    )
+    .await;
+}
+
+/// The same for a streamed dump (`migration.transfer: stream`): the `influxd backup` a
+/// killed migration started on the source, on the live service's disk, is stopped and its
+/// files removed when settling. Before, it ran on and its dump stayed on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_orphaned_on_the_source_by_a_killed_migration_is_stopped_and_removed() {
+    orphaned_by_a_kill(
+        "  transfer: stream\n",
+        "influxd backup -portable -host ",
+        "source/work/dump-",
+    )
+    .await;
+}
+
+/// Kill `stateshift migrate` once a process running `command` in `scratch` (under the
+/// lab's directory) is seen, settle, and check nothing of it runs or comes back.
+async fn orphaned_by_a_kill(migration: &str, command: &str, scratch: &str) {
+    let lab = lab(LabOptions::default()).await;
+    let (p, _) = lab.write_config("").unwrap();
+    if !migration.is_empty() {
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(
+            &p,
+            text.replace("migration:\n", &format!("migration:\n{migration}")),
+        )
+        .unwrap();
+    }
+    seed(&lab, "cyclops", 600_000).await;
+    let before = counts(&lab.source.client(), "cyclops").await;
+    let cfg = p.to_str().unwrap();
+    let scratch = format!("{}/{scratch}", lab.dir.display());
+    let mut child = Command::new(bin())
+        .args(["migrate", "-c", cfg, "--yes"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !pids_naming(command).iter().any(|&pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&scratch))
+    }) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(120),
+            "{command} never started"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the migration ended before {command} was seen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    println!(
+        "{command} still running after the kill: {}",
+        !pids_naming(&scratch).is_empty()
+    );
+
+    let (code, out, err) = run(&["recover", "-c", cfg], &[]);
+    assert!(
+        code == 0 && format!("{out}{err}").contains("rolled back"),
+        "settled as rolled back: {code}\n{out}\n{err}"
+    );
+    assert!(
+        pids_naming(&scratch).is_empty(),
+        "nothing of the interrupted migration runs after settling"
+    );
+    // Whatever had been sent before the kill has had time to land.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let dst = lab.target.client();
+    assert!(
+        dst.databases().await.unwrap().is_empty(),
+        "nothing comes back on the target after the rollback"
+    );
+    for side in ["source/work", "target/work"] {
+        let left: Vec<_> = std::fs::read_dir(lab.dir.join(side))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "no scratch left in {side}: {left:?}\n{out}\n{err}"
+        );
+    }
+    let (code, out, err) = run(&["migrate", "-c", cfg, "--yes"], &[]);
+    assert_eq!(code, 0, "the retry migrates: {out}\n{err}");
+    assert_eq!(counts(&dst, "cyclops").await, before);
+}

@@ -494,25 +494,13 @@ fn disk_full(phase: Phase, side: &str, name: &str, dir: &str, free: u64) -> Migr
 /// channel or `sh` going away leaves it retrying): it is found by its scratch directory,
 /// which only this migration's backup names.
 async fn stop_backup(host: &Host, dir: &str) {
-    let pattern = format!("[i]nfluxd backup .*{}", regex_quote(dir));
+    let pattern = format!("[i]nfluxd backup .*{}", crate::util::regex_quote(dir));
     if let Err(e) = host
         .run(&format!("pkill -f -- {} || true", shell_quote(&pattern)))
         .await
     {
         tracing::warn!(error = %e, "could not stop the backup");
     }
-}
-
-/// `s` as a literal in an extended regular expression (`pkill -f`).
-pub(super) fn regex_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if "\\.^$|?*+()[]{}".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 pub(super) fn du_bytes(out: &str) -> u64 {
