@@ -16,15 +16,14 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use crate::orchestrator::{
     assert_nothing_lost, assert_within_switch_window, migrate_after_settle, migrate_cli, service,
-    Svc,
+    Svc, TOKEN,
 };
 
 /// Run `stateshift <args> -c CFG`; once the journal holds `mark` (at once without one),
 /// SIGKILL it after `after`, unless it ended first. Returns whether it was killed.
 fn kill_after(svc: &Svc, args: &[&str], mark: Option<&str>, after: Duration) -> bool {
-    let journal = svc.dir().join("state/svc.journal");
-    let seen = std::fs::read_to_string(&journal).unwrap_or_default().len();
-    let mut child = Command::new(bin())
+    let seen = journal_len(svc);
+    let child = Command::new(bin())
         .args(args)
         .arg("-c")
         .arg(&svc.cfg_path)
@@ -32,6 +31,25 @@ fn kill_after(svc: &Svc, args: &[&str], mark: Option<&str>, after: Duration) -> 
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    kill_when(svc, child, seen, mark, after)
+}
+
+fn journal_len(svc: &Svc) -> usize {
+    std::fs::read_to_string(svc.dir().join("state/svc.journal"))
+        .unwrap_or_default()
+        .len()
+}
+
+/// SIGKILL `child` `after` the journal, past its first `seen` bytes, holds `mark` (after
+/// `after` from now without one), unless it ended first. Returns whether it was killed.
+fn kill_when(
+    svc: &Svc,
+    mut child: std::process::Child,
+    seen: usize,
+    mark: Option<&str>,
+    after: Duration,
+) -> bool {
+    let journal = svc.dir().join("state/svc.journal");
     let t = Instant::now();
     let mut armed = mark.is_none().then_some(t);
     loop {
@@ -206,5 +224,152 @@ async fn a_campaign_of_random_kills_loses_nothing_and_needs_no_operator() {
     assert!(
         hits.len() >= 6,
         "the kills spread over the migration: {hits:?}"
+    );
+}
+
+/// A daemon on `svc`'s config with its API on a port of its own; returns it and the URL.
+fn start_daemon(svc: &Svc) -> (std::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(bin())
+        .args(["daemon", "-c"])
+        .arg(&svc.cfg_path)
+        .env("STATESHIFT__API__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+/// The daemon's `/status` once it answers and is polling (not migrating, not settling).
+async fn wait_polling(api: &str, what: &str) -> serde_json::Value {
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = http.get(format!("{api}/status")).send().await {
+            if let Ok(st) = r.json::<serde_json::Value>().await {
+                if st["state"] == "polling" {
+                    return st;
+                }
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "{what}: the daemon is not polling after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn post_migrate(api: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("{api}/migrate"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "migration accepted");
+}
+
+/// The daemon killed with SIGKILL in the middle of a migration it runs (asked for through
+/// its API), at random moments and after every step; restarted, it settles what was
+/// interrupted by itself, and the next migration asked of it succeeds. The same checks as
+/// the CLI campaign. `STATESHIFT_CAMPAIGN_DAEMON_KILLS` sets its size (default 12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_of_daemon_kills_loses_nothing_and_needs_no_operator() {
+    let seed: u64 = std::env::var("STATESHIFT_CAMPAIGN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let kills: usize = std::env::var("STATESHIFT_CAMPAIGN_DAEMON_KILLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    eprintln!("daemon crash campaign: seed {seed} (STATESHIFT_CAMPAIGN_SEED), {kills} kills");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut hits: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut killed, mut acked, mut stale) = (0, 0u64, 0);
+    // How long one migration asked of the daemon takes here, so the kills spread over it.
+    let whole = {
+        let svc = service(49).await;
+        let (mut daemon, api) = start_daemon(&svc);
+        wait_polling(&api, "warm-up").await;
+        let t = Instant::now();
+        post_migrate(&api).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let st = wait_polling(&api, "warm-up").await;
+        assert_eq!(st["migrations"][0]["outcome"], "succeeded", "{st:#}");
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        t.elapsed()
+    };
+    for i in 0..kills {
+        let svc = service(49).await;
+        let w = svc.writer(800);
+        let (daemon, api) = start_daemon(&svc);
+        wait_polling(&api, "start").await;
+        let (mark, at) = if i % 2 == 0 {
+            (None, whole.mul_f64(rng.f64() * 1.1))
+        } else {
+            let m = MARKS[rng.usize(..MARKS.len())];
+            (Some(m), Duration::from_millis(rng.u64(..250)))
+        };
+        let mut what = format!(
+            "daemon kill {i}: {at:?} after {} (seed {seed})",
+            mark.unwrap_or("the request")
+        );
+        let seen = journal_len(&svc);
+        post_migrate(&api).await;
+        let mut hit = "(finished first)".to_string();
+        if kill_when(&svc, daemon, seen, mark, at) {
+            killed += 1;
+            hit = step_hit(&svc);
+            what = format!("{what}, killed in {hit}");
+        }
+        *hits.entry(hit.clone()).or_default() += 1;
+        // Restarted, it settles at start-up; then one more migration is asked of it.
+        let (mut daemon, api) = start_daemon(&svc);
+        let st = wait_polling(&api, &what).await;
+        let before = st["migrations"].as_array().map_or(0, |m| m.len());
+        post_migrate(&api).await;
+        let t = Instant::now();
+        let last = loop {
+            let st = wait_polling(&api, &what).await;
+            let m = st["migrations"].as_array().cloned().unwrap_or_default();
+            if m.len() > before && !m[m.len() - 1]["outcome"].is_null() {
+                break m[m.len() - 1].clone();
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "{what}: {st:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &daemon.id().to_string()])
+            .status();
+        let _ = daemon.wait();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ledger = w.finish().await;
+        acked += ledger.points_acked;
+        assert_eq!(
+            last["outcome"], "succeeded",
+            "{what}: settled and migrated with no operator: {last:#}"
+        );
+        if hit == "repointing" || hit == "repointed" {
+            stale += assert_within_switch_window(&svc, &ledger, &what).await;
+        } else {
+            assert_nothing_lost(&svc.current(), &ledger, 5_000, &what).await;
+        }
+        let left = svc.stacks_on_disk();
+        assert_eq!(
+            left.len(),
+            1,
+            "{what}: only the current stack remains: {left:?}"
+        );
+    }
+    eprintln!(
+        "daemon crash campaign (seed {seed}): {kills} runs, {killed} killed mid-migration, {acked} points acknowledged, 0 lost, {stale} stale by the switch window, 0 needed an operator; steps hit: {hits:?}"
     );
 }
