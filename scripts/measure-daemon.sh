@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Measure the orchestrator daemon at rest: resident memory (VmRSS, VmHWM) and CPU time per
 # poll cycle, polling the real Zabbix of scripts/zabbix.sh every second for DURATION
-# seconds (default 30). CPU time is the daemon's user+system time from /proc, so network
+# seconds (default 120: the CPU clock ticks every 10 ms, so a long run resolves a poll). CPU time is the daemon's user+system time from /proc, so network
 # waits are not counted.
 #   scripts/zabbix.sh up && cargo build --release && scripts/measure-daemon.sh [DURATION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dur=${1:-30}
+dur=${1:-120}
 env_file=${STATESHIFT_ZABBIX_DIR:-/tmp/stateshift-zabbix}/env
 [ -f "$env_file" ] || { echo "$env_file missing: run scripts/zabbix.sh up first" >&2; exit 2; }
 # shellcheck disable=SC1090
 . "$env_file"
-bin=target/release/stateshift
+bin=${STATESHIFT_BIN:-target/release/stateshift}
 [ -x "$bin" ] || { echo "$bin missing: run cargo build --release first" >&2; exit 2; }
 dir=$(mktemp -d /tmp/ss-measure.XXXXXX)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT

@@ -247,6 +247,24 @@ struct Orchestrator<'a> {
     progress: &'a dyn Progress,
     shared: Arc<Shared>,
     here: Placement,
+    /// The journal's size and modification time when it last held nothing to settle or
+    /// retire: while it stays so, a look (every poll) does not parse it again.
+    settled_at: Option<(u64, std::time::SystemTime)>,
+}
+
+/// The journal's size and modification time (`None` if it cannot be read).
+fn journal_stamp(cfg: &Config) -> Option<(u64, std::time::SystemTime)> {
+    let m = std::fs::metadata(machine::Paths::of(cfg).journal).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+impl Orchestrator<'_> {
+    fn here_described(&self) -> String {
+        match &self.here.stack {
+            Some(s) => format!("{} ({})", self.here.influx_url, s.name),
+            None => self.here.influx_url.clone(),
+        }
+    }
 }
 
 impl decide::World for Orchestrator<'_> {
@@ -254,6 +272,11 @@ impl decide::World for Orchestrator<'_> {
 
     async fn locate(&mut self) -> String {
         let cfg = self.cfg;
+        let stamp = journal_stamp(cfg);
+        if stamp.is_some() && stamp == self.settled_at {
+            return self.here_described();
+        }
+        self.settled_at = None;
         match machine::state(cfg) {
             Ok(st) => {
                 if st.recovery() != crate::migrate::journal::Recovery::Nothing {
@@ -278,14 +301,22 @@ impl decide::World for Orchestrator<'_> {
             }
         }
         // Read again: a recovery just settled may have moved the service.
+        let stamp = journal_stamp(cfg);
         if let Ok(st) = machine::state(cfg) {
             self.here = machine::current_source(cfg, &st);
             self.shared.set(|s| s.migrations = st.migrations.clone());
+            let pending = st.recovery() != crate::migrate::journal::Recovery::Nothing
+                || st
+                    .migrations
+                    .iter()
+                    .any(|m| m.old_deleted && !m.monitor_retired);
+            // Unchanged since this read (nothing appended in between): later looks
+            // can skip it until it changes.
+            if !pending && stamp == journal_stamp(cfg) {
+                self.settled_at = stamp;
+            }
         }
-        match &self.here.stack {
-            Some(s) => format!("{} ({})", self.here.influx_url, s.name),
-            None => self.here.influx_url.clone(),
-        }
+        self.here_described()
     }
 
     fn url(&self) -> String {
@@ -419,6 +450,7 @@ pub async fn run(
         progress,
         shared: shared.clone(),
         here: source,
+        settled_at: None,
     };
     decide::Decider::new(world, policy, poll, shared.clone())
         .run(rx, shutdown)

@@ -1344,22 +1344,23 @@ impl MetricSource for ZabbixSource {
         if previous.is_some_and(|p| last_clock <= p) {
             return Ok(self.tracker.still(Instant::now(), &rule));
         }
-        // The clock moved: the values since the last one seen, newest first.
-        let since = previous.map_or(last_clock.secs, |p| p.secs);
-        let history = self
-            .client
-            .history(&item.itemid, item.value_type, since, 1)
-            .await?;
-        let newest = history
-            .into_iter()
-            .find(|s| previous.is_none_or(|p| s.clock > p))
-            .or_else(|| {
-                // No history kept for the item (history period 0): item.get's own copy.
-                item.last_value.map(|value| Sample {
-                    value,
-                    clock: last_clock,
-                })
-            });
+        // The clock moved. `item.get` carries the newest value with its clock (Zabbix's
+        // value cache): one call per poll. Only an item without it is asked for its
+        // history.
+        let newest = match item.last_value {
+            Some(value) => Some(Sample {
+                value,
+                clock: last_clock,
+            }),
+            None => {
+                let since = previous.map_or(last_clock.secs, |p| p.secs);
+                self.client
+                    .history(&item.itemid, item.value_type, since, 1)
+                    .await?
+                    .into_iter()
+                    .find(|s| previous.is_none_or(|p| s.clock > p))
+            }
+        };
         match newest {
             Some(sample) => {
                 Ok(self

@@ -187,6 +187,10 @@ async fn a_campaign_of_random_kills_loses_nothing_and_needs_no_operator() {
             // The design's one case for a person: writers wrote to the source while no
             // capture ran. Nothing is deleted (both stacks stay), and the message says so.
             operator += 1;
+            eprintln!(
+                "RELIABILITY | {what} | needed an operator, as designed: {}",
+                out.trim().lines().last().unwrap_or("")
+            );
             assert!(out.contains("nothing was deleted"), "{what}: {out}");
             assert_eq!(svc.stacks_on_disk().len(), 2, "{what}: both sides are kept");
             continue;
@@ -197,7 +201,9 @@ async fn a_campaign_of_random_kills_loses_nothing_and_needs_no_operator() {
             // (ARCHITECTURE.md "Known limits") applies. A point overwritten on the source
             // just before the repoint and again on the target while the process was down
             // can keep the older value. Nothing may be missing; the stale are counted.
-            stale += assert_within_switch_window(&svc, &ledger, &what).await;
+            let n = assert_within_switch_window(&svc, &ledger, &what).await;
+            eprintln!("RELIABILITY | {what} | nothing missing, {n} stale by the switch window");
+            stale += n;
         } else {
             assert_nothing_lost(&svc.current(), &ledger, 5_000, &what).await;
         }
@@ -358,7 +364,9 @@ async fn a_campaign_of_daemon_kills_loses_nothing_and_needs_no_operator() {
             "{what}: settled and migrated with no operator: {last:#}"
         );
         if hit == "repointing" || hit == "repointed" {
-            stale += assert_within_switch_window(&svc, &ledger, &what).await;
+            let n = assert_within_switch_window(&svc, &ledger, &what).await;
+            eprintln!("RELIABILITY | {what} | nothing missing, {n} stale by the switch window");
+            stale += n;
         } else {
             assert_nothing_lost(&svc.current(), &ledger, 5_000, &what).await;
         }
