@@ -313,10 +313,14 @@ mod tests {
     fn stopping_processes_by_name_stops_them_and_never_itself() {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("restore-17 (x)");
+        // Short sleeps, and no inherited output: nothing outlives the test.
         let mut victim = std::process::Command::new("sh")
             .arg("-c")
-            .arg("sleep 30; : \"$0\"")
+            .arg("while :; do sleep 0.1; done")
             .arg(&marker)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let out = std::process::Command::new("sh")
