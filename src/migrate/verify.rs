@@ -4,20 +4,12 @@
 //! 1. Databases, retention policies and field types of the source exist on the target.
 //! 2. Per retention policy, measurement, series and field: the target holds at least as
 //!    many points as the source (the target may hold more: writes after cutover).
-//! 3. Content: the source's time span of each measurement is cut into up to 256 buckets;
-//!    per series, bucket and field, the counts and the sums of numeric fields must agree
-//!    on both sides. A bucket whose counts or sums differ is compared point by point, page
-//!    by page (bounded memory), and so is the whole of a deterministic sample of the
-//!    series. A value that differs is accepted only when the target received a write for
-//!    that very point after cutover (the live `touched` key set, fed by a subscription on
-//!    the target; a mismatch is re-checked once after a settle delay, since forwarding is
-//!    asynchronous); anything else is a corruption.
-//!
-//!    This proves at least what comparing per series did (equal counts and sums per series
-//!    follow from equal counts and sums per bucket, and the sample is the same), and
-//!    more: a point missing in one bucket can no longer hide behind an extra point in
-//!    another. It costs less: only the buckets where the live writers wrote are read
-//!    point by point, not their whole series.
+//! 3. Content: per series, the sums of numeric fields must agree; a series whose counts
+//!    or sums differ, and a sample of the others, is compared point by point, page by
+//!    page (bounded memory). A value that differs is accepted only when the target
+//!    received a write for that very point after cutover (the live `touched` key set,
+//!    fed by a subscription on the target; a mismatch is re-checked once after a settle
+//!    delay, since forwarding is asynchronous); anything else is a corruption.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -44,9 +36,6 @@ pub struct VerifyReport {
     pub source_values: u64,
     pub target_values: u64,
     pub series_compared_point_by_point: usize,
-    /// Time buckets read point by point because their counts or sums differed.
-    #[serde(default)]
-    pub buckets_compared_point_by_point: u64,
     pub points_compared: u64,
     /// Points whose value differs because the target received a newer write after cutover.
     pub overwritten_after_cutover: u64,
@@ -128,108 +117,6 @@ async fn per_series(
         })
         .await?;
     Ok(out)
-}
-
-/// Per series and bucket start time: the aggregates by column (`count_f`, `sum_f`).
-type Buckets = HashMap<Tags, BTreeMap<i64, HashMap<String, Value>>>;
-
-async fn per_bucket(
-    influx: &Influx,
-    db: &str,
-    q: &str,
-    prefix: &str,
-) -> Result<Buckets, InfluxError> {
-    let mut out: Buckets = HashMap::new();
-    influx
-        .query_chunked(db, q, 10_000, |s| {
-            let series = out.entry(tags_of(&s)).or_default();
-            for row in &s.values {
-                let Some(t) = row.first().and_then(Value::as_i64) else {
-                    continue;
-                };
-                let agg = series.entry(t).or_default();
-                for (c, v) in s.columns.iter().zip(row) {
-                    if c.starts_with(prefix) {
-                        agg.insert(c.clone(), v.clone());
-                    }
-                }
-            }
-            Ok(())
-        })
-        .await?;
-    Ok(out)
-}
-
-/// The time of the first (`ASC`) or last (`DESC`) point of a measurement.
-async fn edge(
-    influx: &Influx,
-    db: &str,
-    from: &str,
-    order: &str,
-) -> Result<Option<i64>, InfluxError> {
-    let q = format!("SELECT * FROM {from} WHERE {ALL_TIME} ORDER BY time {order} LIMIT 1");
-    Ok(influx
-        .query(Some(db), &q)
-        .await?
-        .into_iter()
-        .next()
-        .and_then(|s| {
-            s.values
-                .first()
-                .and_then(|r| r.first())
-                .and_then(Value::as_i64)
-        }))
-}
-
-/// The most buckets a measurement's time span is cut into, fewer when it has many series
-/// (about a million bucket aggregates held per side at most).
-fn bucket_count(series: usize) -> i64 {
-    (1_000_000 / series.max(1) as i64).clamp(1, 256)
-}
-
-/// Bucket width in whole microseconds (InfluxQL's `u`) covering `[lo, hi]` in `n` buckets.
-fn bucket_width_us(lo: i64, hi: i64, n: i64) -> i64 {
-    let span_us = ((hi as i128 - lo as i128) / 1000) as i64;
-    span_us / n.max(1) + 1
-}
-
-/// The time ranges of a series' buckets whose aggregates differ between the two sides
-/// (inclusive, clipped to `[lo, hi]`, adjacent ones merged).
-fn differing_ranges(
-    src: Option<&BTreeMap<i64, HashMap<String, Value>>>,
-    dst: Option<&BTreeMap<i64, HashMap<String, Value>>>,
-    width_ns: i64,
-    (lo, hi): (i64, i64),
-) -> Vec<(i64, i64)> {
-    let empty = BTreeMap::new();
-    let (src, dst) = (src.unwrap_or(&empty), dst.unwrap_or(&empty));
-    let mut starts: Vec<i64> = src.keys().chain(dst.keys()).copied().collect();
-    starts.sort_unstable();
-    starts.dedup();
-    let mut out: Vec<(i64, i64)> = Vec::new();
-    for t in starts {
-        let (a, b) = (src.get(&t), dst.get(&t));
-        let same = match (a, b) {
-            (Some(a), Some(b)) => {
-                a.len() == b.len()
-                    && a.iter()
-                        .all(|(f, v)| b.get(f).is_some_and(|w| same_sum(v, w)))
-            }
-            (None, None) => true,
-            // Points on one side only in this bucket: extra ones on the target are a
-            // writer's (read anyway, cheaply), missing ones are named by the comparison.
-            _ => false,
-        };
-        if same {
-            continue;
-        }
-        let range = (t.max(lo), t.saturating_add(width_ns - 1).min(hi));
-        match out.last_mut() {
-            Some(last) if last.1.saturating_add(1) >= range.0 => last.1 = last.1.max(range.1),
-            _ => out.push(range),
-        }
-    }
-    out
 }
 
 /// Equal aggregate sums: integer sums exactly, float sums within a relative 1e-9 (the
@@ -376,60 +263,23 @@ async fn verify_measurement(
         per_series(source, db, &q, "count_"),
         per_series(target, db, &q, "count_")
     )?;
+    let sums = if cfg.content == ContentCheck::Full && !numeric.is_empty() {
+        let sel: Vec<String> = numeric
+            .iter()
+            .map(|f| format!("SUM({}) AS {}", ident(f), ident(&format!("sum_{f}"))))
+            .collect();
+        let q = format!(
+            "SELECT {} FROM {from} WHERE {ALL_TIME} GROUP BY *",
+            sel.join(", ")
+        );
+        Some(tokio::try_join!(
+            per_series(source, db, &q, "sum_"),
+            per_series(target, db, &q, "sum_")
+        )?)
+    } else {
+        None
+    };
     let total = sc.len();
-    // Content: per series, bucket and field, counts and numeric sums on both sides, over
-    // the source's time span cut into buckets of one width.
-    let mut content = None;
-    if cfg.content == ContentCheck::Full {
-        if let (Some(lo), Some(hi)) = tokio::try_join!(
-            edge(source, db, from, "ASC"),
-            edge(source, db, from, "DESC")
-        )? {
-            let width_us = bucket_width_us(lo, hi, bucket_count(total));
-            let within = format!("time >= {lo} AND time <= {hi}");
-            let by = format!("GROUP BY time({width_us}u), * fill(none)");
-            let q = format!("SELECT COUNT(*) FROM {from} WHERE {within} {by}");
-            let (mut sb, mut tb) = tokio::try_join!(
-                per_bucket(source, db, &q, "count_"),
-                per_bucket(target, db, &q, "count_")
-            )?;
-            if !numeric.is_empty() {
-                let sel: Vec<String> = numeric
-                    .iter()
-                    .map(|f| format!("SUM({}) AS {}", ident(f), ident(&format!("sum_{f}"))))
-                    .collect();
-                let q = format!("SELECT {} FROM {from} WHERE {within} {by}", sel.join(", "));
-                let (ss, ts) = tokio::try_join!(
-                    per_bucket(source, db, &q, "sum_"),
-                    per_bucket(target, db, &q, "sum_")
-                )?;
-                // One map per side: the `sum_f` columns beside the `count_f` ones.
-                for (all, sums) in [(&mut sb, ss), (&mut tb, ts)] {
-                    for (tags, buckets) in sums {
-                        let series = all.entry(tags).or_default();
-                        for (t, agg) in buckets {
-                            series.entry(t).or_default().extend(agg);
-                        }
-                    }
-                }
-            }
-            content = Some((sb, tb, width_us.saturating_mul(1000), (lo, hi)));
-        }
-    }
-    // Every tag key of the measurement, for the point queries' conditions.
-    let mut tag_keys: Vec<String> = Vec::new();
-    if content.is_some() {
-        for s in source
-            .query(Some(db), &format!("SHOW TAG KEYS FROM {}", ident(m)))
-            .await?
-        {
-            for row in s.values {
-                if let Some(k) = row.first().and_then(Value::as_str) {
-                    tag_keys.push(k.to_string());
-                }
-            }
-        }
-    }
     for (tags, counts) in &sc {
         rep.series += 1;
         let where_ = format!("{db}.{rp}.{m} [{}]", show_tags(tags));
@@ -437,6 +287,7 @@ async fn verify_measurement(
             rep.problem(format!("{where_}: series is missing on the target"));
             continue;
         };
+        let mut suspicious = false;
         for (f, v) in counts {
             let s = v.as_u64().unwrap_or(0);
             let t = tcounts.get(f).and_then(Value::as_u64).unwrap_or(0);
@@ -444,33 +295,27 @@ async fn verify_measurement(
             rep.target_values += t;
             if t < s {
                 rep.problem(format!("{where_}: field {f:?}: {s} points on the source, only {t} on the target ({} missing)", s - t));
+            } else if t > s {
+                suspicious = true;
             }
         }
-        let Some((sb, tb, width_ns, span)) = &content else {
-            continue;
-        };
-        let ranges = if sampled(tags, cfg.sample_series, total) {
-            vec![*span]
-        } else {
-            let r = differing_ranges(sb.get(tags), tb.get(tags), *width_ns, *span);
-            rep.buckets_compared_point_by_point += r.len() as u64;
-            r
-        };
-        if ranges.is_empty() {
-            continue;
+        if let Some((ss, ts)) = &sums {
+            if let (Some(a), Some(b)) = (ss.get(tags), ts.get(tags)) {
+                suspicious |= a
+                    .iter()
+                    .any(|(f, v)| !b.get(f).is_some_and(|w| same_sum(v, w)));
+            }
         }
-        rep.series_compared_point_by_point += 1;
-        for range in ranges {
-            compare_points(
-                source, target, touched, db, from, m, tags, &tag_keys, range, &where_, rep,
-            )
-            .await?;
+        if cfg.content == ContentCheck::Full
+            && (suspicious || sampled(tags, cfg.sample_series, total))
+        {
+            compare_points(source, target, touched, db, from, m, tags, &where_, rep).await?;
         }
     }
     Ok(())
 }
 
-/// Point-by-point comparison of one series over `range` (inclusive), page by page.
+/// Point-by-point comparison of one series, page by page.
 #[allow(clippy::too_many_arguments)]
 async fn compare_points(
     source: &Influx,
@@ -480,19 +325,25 @@ async fn compare_points(
     from: &str,
     m: &str,
     tags: &Tags,
-    tag_keys: &[String],
-    (start, end): (i64, i64),
     where_: &str,
     rep: &mut VerifyReport,
 ) -> Result<(), InfluxError> {
+    rep.series_compared_point_by_point += 1;
     // Tag conditions must name every tag key of the measurement: a missing tag is ''.
     let mut conds: Vec<String> = tags
         .iter()
         .map(|(k, v)| format!("{} = {}", ident(k), literal(v)))
         .collect();
-    for k in tag_keys {
-        if !tags.contains_key(k) {
-            conds.push(format!("{} = ''", ident(k)));
+    let tag_keys = source
+        .query(Some(db), &format!("SHOW TAG KEYS FROM {}", ident(m)))
+        .await?;
+    for s in tag_keys {
+        for row in s.values {
+            if let Some(k) = row.first().and_then(Value::as_str) {
+                if !tags.contains_key(k) {
+                    conds.push(format!("{} = ''", ident(k)));
+                }
+            }
         }
     }
     let tag_cond = if conds.is_empty() {
@@ -500,9 +351,9 @@ async fn compare_points(
     } else {
         format!(" AND {}", conds.join(" AND "))
     };
-    let mut after: i64 = start.saturating_sub(1);
+    let mut after: i64 = -9_223_372_036_854_775_806;
     loop {
-        let q = format!("SELECT * FROM {from} WHERE time > {after} AND time <= {end}{tag_cond} ORDER BY time ASC LIMIT {PAGE}");
+        let q = format!("SELECT * FROM {from} WHERE time > {after} AND time <= 9223372036854775806{tag_cond} ORDER BY time ASC LIMIT {PAGE}");
         let src = source.query(Some(db), &q).await?;
         let Some(sp) = src.into_iter().next().filter(|s| !s.values.is_empty()) else {
             return Ok(());
@@ -608,58 +459,6 @@ mod tests {
         ));
         assert!(same_sum(&json!(1.0e12), &json!(1.0e12 + 1.0e-4)));
         assert!(!same_sum(&json!(1.5), &json!(2.5)));
-    }
-
-    #[test]
-    fn only_buckets_whose_aggregates_differ_are_read_and_adjacent_ones_merge() {
-        let b = |rows: &[(i64, i64, f64)]| -> BTreeMap<i64, HashMap<String, Value>> {
-            rows.iter()
-                .map(|&(t, n, sum)| {
-                    (
-                        t,
-                        HashMap::from([
-                            ("count_v".to_string(), json!(n)),
-                            ("sum_v".to_string(), json!(sum)),
-                        ]),
-                    )
-                })
-                .collect()
-        };
-        let src = b(&[(0, 3, 1.5), (100, 2, 2.0), (200, 2, 2.0), (300, 1, 1.0)]);
-        // Bucket 100: a value changed (same count); 200: a point more; 400: only here.
-        let dst = b(&[
-            (0, 3, 1.5),
-            (100, 2, 2.5),
-            (200, 3, 3.0),
-            (300, 1, 1.0),
-            (400, 1, 9.0),
-        ]);
-        assert_eq!(
-            differing_ranges(Some(&src), Some(&dst), 100, (-50, 450)),
-            vec![(100, 299), (400, 450)]
-        );
-        // A bucket missing on the target is read (the comparison names its points).
-        assert_eq!(
-            differing_ranges(Some(&src), None, 100, (-50, 450)),
-            vec![(0, 399)]
-        );
-        assert!(differing_ranges(Some(&src), Some(&src), 100, (0, 399)).is_empty());
-    }
-
-    #[test]
-    fn buckets_cover_the_whole_span_in_whole_microseconds() {
-        for (lo, hi, n) in [
-            (0i64, 0i64, 256i64),
-            (-9_223_372_036_854_775_806, 9_223_372_036_854_775_806, 256),
-            (1_700_000_000_000_000_000, 1_700_000_000_999_999_999, 7),
-        ] {
-            let w = bucket_width_us(lo, hi, n) as i128 * 1000;
-            assert!(w >= 1000);
-            assert!(w * n as i128 > hi as i128 - lo as i128, "{lo} {hi} {n}");
-        }
-        assert_eq!(bucket_count(10), 256);
-        assert_eq!(bucket_count(1_000_000), 1);
-        assert_eq!(bucket_count(0), 256);
     }
 
     #[test]

@@ -54,8 +54,8 @@ impl Migration<'_> {
             });
         }
         self.progress.note(&format!(
-            "verified: {} databases, {} series, {} values on the source, {} on the target, {} series compared point by point ({} points, in {} time buckets whose counts or sums differed, and the sampled series whole), {} points overwritten after cutover",
-            rep.databases, rep.series, rep.source_values, rep.target_values, rep.series_compared_point_by_point, rep.points_compared, rep.buckets_compared_point_by_point, rep.overwritten_after_cutover
+            "verified: {} databases, {} series, {} values on the source, {} on the target, {} series compared point by point, {} points overwritten after cutover",
+            rep.databases, rep.series, rep.source_values, rep.target_values, rep.series_compared_point_by_point, rep.overwritten_after_cutover
         ));
         if rep.values_unverifiable > 0 {
             self.progress.note(&format!(
