@@ -57,6 +57,30 @@ fn writer_spec(lab: &Lab, db: &str, rate: u32) -> WriterSpec {
     }
 }
 
+/// How long the live writer runs alone before the migration starts.
+const BASELINE_SECS: u64 = 5;
+
+/// The writer's latency p99 and max per migration phase, next to its baseline with
+/// nothing else running: which phase slows the service's writes down, and by how much.
+fn print_writer_phases(ledger: &workload::Ledger, report: &Report, idle: (u64, u64)) {
+    let row = |name: &str, from: u64, to: u64| {
+        let (p99, n) = ledger.latency_ms_between(from, to, 0.99);
+        let (max, _) = ledger.latency_ms_between(from, to, 1.0);
+        if n > 0 {
+            println!("  {name:<12} {n:>8} {p99:>8.2} {max:>8.2}");
+        }
+    };
+    println!(
+        "writer latency by phase (ms):\n  {:<12} {:>8} {:>8} {:>8}",
+        "phase", "requests", "p99", "max"
+    );
+    row("(alone)", idle.0, idle.1);
+    for p in &report.phases {
+        let to = p.started_unix_ms + (p.seconds * 1000.0).ceil() as u64;
+        row(&p.phase.to_string(), p.started_unix_ms, to);
+    }
+}
+
 /// Benchmark options.
 pub struct BenchOptions {
     pub points: u64,
@@ -159,7 +183,11 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&bdir);
 
     let writer = RunningWriter::start(writer_spec(&lab, db, o.rate));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The writer alone first: its latency with nothing else running is the baseline the
+    // migration's phases are judged against.
+    let idle_from = stateshift::util::now_ms();
+    tokio::time::sleep(Duration::from_secs(BASELINE_SECS)).await;
+    let idle_to = stateshift::util::now_ms();
     // The migration runs as its own `stateshift migrate` process, so its peak RSS is its own.
     let (report, migrate_rss_mb) = migrate_subprocess(&cfg_path, &dir.join("report.json")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -202,6 +230,7 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         ledger.latency_ms(0.99),
         ledger.latency_ms(1.0)
     );
+    print_writer_phases(&ledger, &report, (idle_from, idle_to));
     println!(
         "independent ledger check: {}",
         if problems.is_empty() {

@@ -126,6 +126,8 @@ pub struct Ledger {
     pub points_failed: u64,
     pub requests_failed: u64,
     pub latencies_us: Vec<u32>,
+    /// When each request of `latencies_us` was sent, ms since the Unix epoch.
+    pub sent_unix_ms: Vec<u64>,
     pub urls_used: Vec<String>,
     pub max_stall: Duration,
 }
@@ -133,14 +135,31 @@ pub struct Ledger {
 impl Ledger {
     /// Latency percentile in milliseconds.
     pub fn latency_ms(&self, q: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return 0.0;
-        }
-        let mut v = self.latencies_us.clone();
-        v.sort_unstable();
-        let i = ((v.len() - 1) as f64 * q).round() as usize;
-        v[i.min(v.len() - 1)] as f64 / 1000.0
+        percentile_ms(self.latencies_us.clone(), q)
     }
+
+    /// Latency percentile in milliseconds of the requests sent in `[from, to)` (ms since
+    /// the Unix epoch), and how many there were.
+    pub fn latency_ms_between(&self, from: u64, to: u64, q: f64) -> (f64, usize) {
+        let v: Vec<u32> = self
+            .latencies_us
+            .iter()
+            .zip(&self.sent_unix_ms)
+            .filter(|(_, &at)| at >= from && at < to)
+            .map(|(&l, _)| l)
+            .collect();
+        let n = v.len();
+        (percentile_ms(v, q), n)
+    }
+}
+
+fn percentile_ms(mut v: Vec<u32>, q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i.min(v.len() - 1)] as f64 / 1000.0
 }
 
 /// The measurement the live writer writes.
@@ -224,6 +243,7 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
             batch.push(((host, ts), value));
         }
         let t = Instant::now();
+        ledger.sent_unix_ms.push(stateshift::util::now_ms());
         let r = c.write(&spec.db, None, "ns", Bytes::from(b.build())).await;
         ledger
             .latencies_us

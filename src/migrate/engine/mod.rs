@@ -125,6 +125,10 @@ impl MigrateError {
 pub struct PhaseTiming {
     pub phase: Phase,
     pub seconds: f64,
+    /// When the phase began, milliseconds since the Unix epoch (0 in reports written
+    /// before it was recorded): lets a benchmark put a writer's latencies in their phase.
+    #[serde(default)]
+    pub started_unix_ms: u64,
 }
 
 /// What a migration did; written as JSON by `--report`.
@@ -365,6 +369,7 @@ impl Migration<'_> {
         use plan::Step;
         let phase = step.phase();
         let t = Instant::now();
+        let started_unix_ms = crate::util::now_ms();
         self.journal.phase_started(phase);
         self.progress.phase_started(phase);
         if step != Step::Prepare {
@@ -385,6 +390,7 @@ impl Migration<'_> {
         self.report.phases.push(PhaseTiming {
             phase,
             seconds: t.elapsed().as_secs_f64(),
+            started_unix_ms,
         });
         r?;
         self.journal.phase_done(phase, t.elapsed());
