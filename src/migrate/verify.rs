@@ -86,33 +86,40 @@ fn show_tags(t: &Tags) -> String {
         .join(",")
 }
 
-/// `field -> value` of one aggregate row (`count_f` / `sum_f` columns).
-fn agg_row(s: &Series, prefix: &str) -> HashMap<String, Value> {
-    let mut out = HashMap::new();
-    if let Some(row) = s.values.first() {
+/// One series' aggregates: `field -> count` and `field -> sum` (the `count_f` and
+/// `sum_f` columns of one aggregate row).
+#[derive(Default)]
+struct Aggregates {
+    counts: HashMap<String, Value>,
+    sums: HashMap<String, Value>,
+}
+
+impl Aggregates {
+    fn add_row(&mut self, s: &Series) {
+        let Some(row) = s.values.first() else {
+            return;
+        };
         for (c, v) in s.columns.iter().zip(row) {
-            if let Some(f) = c.strip_prefix(prefix) {
-                out.insert(f.to_string(), v.clone());
+            if let Some(f) = c.strip_prefix("count_") {
+                self.counts.insert(f.to_string(), v.clone());
+            } else if let Some(f) = c.strip_prefix("sum_") {
+                self.sums.insert(f.to_string(), v.clone());
             }
         }
     }
-    out
 }
 
 async fn per_series(
     influx: &Influx,
     db: &str,
     q: &str,
-    prefix: &str,
-) -> Result<HashMap<Tags, HashMap<String, Value>>, InfluxError> {
+) -> Result<HashMap<Tags, Aggregates>, InfluxError> {
     // Streamed: the answer has a row per series, and a measurement may have millions of
     // series; only the aggregates are kept, never the whole answer.
-    let mut out: HashMap<Tags, HashMap<String, Value>> = HashMap::new();
+    let mut out: HashMap<Tags, Aggregates> = HashMap::new();
     influx
         .query_chunked(db, q, 10_000, |s| {
-            out.entry(tags_of(&s))
-                .or_default()
-                .extend(agg_row(&s, prefix));
+            out.entry(tags_of(&s)).or_default().add_row(&s);
             Ok(())
         })
         .await?;
@@ -206,14 +213,14 @@ pub async fn verify(
                 }
             }
             for m in &measurements {
-                let numeric: Vec<&str> = src_fields
+                let fields: Vec<(&str, bool)> = src_fields
                     .iter()
-                    .filter(|(mm, _, t)| mm == m && t.is_numeric())
-                    .map(|(_, f, _)| f.as_str())
+                    .filter(|(mm, _, _)| mm == m)
+                    .map(|(_, f, t)| (f.as_str(), t.is_numeric()))
                     .collect();
                 let from = format!("{}.{}.{}", ident(&db), ident(&rp.name), ident(m));
                 verify_measurement(
-                    source, target, cfg, touched, &db, &rp.name, m, &from, &numeric, &mut rep,
+                    source, target, cfg, touched, &db, &rp.name, m, &from, &fields, &mut rep,
                 )
                 .await?;
             }
@@ -255,42 +262,44 @@ async fn verify_measurement(
     rp: &str,
     m: &str,
     from: &str,
-    numeric: &[&str],
+    fields: &[(&str, bool)],
     rep: &mut VerifyReport,
 ) -> Result<(), InfluxError> {
-    let q = format!("SELECT COUNT(*) FROM {from} WHERE {ALL_TIME} GROUP BY *");
-    let (sc, tc) = tokio::try_join!(
-        per_series(source, db, &q, "count_"),
-        per_series(target, db, &q, "count_")
-    )?;
-    let sums = if cfg.content == ContentCheck::Full && !numeric.is_empty() {
-        let sel: Vec<String> = numeric
-            .iter()
-            .map(|f| format!("SUM({}) AS {}", ident(f), ident(&format!("sum_{f}"))))
-            .collect();
-        let q = format!(
-            "SELECT {} FROM {from} WHERE {ALL_TIME} GROUP BY *",
-            sel.join(", ")
+    if fields.is_empty() {
+        // No field in this retention policy: no point either.
+        return Ok(());
+    }
+    // One scan per side: every field's count and every numeric field's sum together.
+    let with_sums = cfg.content == ContentCheck::Full;
+    let mut sel: Vec<String> = fields
+        .iter()
+        .map(|(f, _)| format!("COUNT({}) AS {}", ident(f), ident(&format!("count_{f}"))))
+        .collect();
+    if with_sums {
+        sel.extend(
+            fields
+                .iter()
+                .filter(|(_, numeric)| *numeric)
+                .map(|(f, _)| format!("SUM({}) AS {}", ident(f), ident(&format!("sum_{f}")))),
         );
-        Some(tokio::try_join!(
-            per_series(source, db, &q, "sum_"),
-            per_series(target, db, &q, "sum_")
-        )?)
-    } else {
-        None
-    };
+    }
+    let q = format!(
+        "SELECT {} FROM {from} WHERE {ALL_TIME} GROUP BY *",
+        sel.join(", ")
+    );
+    let (sc, tc) = tokio::try_join!(per_series(source, db, &q), per_series(target, db, &q))?;
     let total = sc.len();
-    for (tags, counts) in &sc {
+    for (tags, src) in &sc {
         rep.series += 1;
         let where_ = format!("{db}.{rp}.{m} [{}]", show_tags(tags));
-        let Some(tcounts) = tc.get(tags) else {
+        let Some(dst) = tc.get(tags) else {
             rep.problem(format!("{where_}: series is missing on the target"));
             continue;
         };
         let mut suspicious = false;
-        for (f, v) in counts {
+        for (f, v) in &src.counts {
             let s = v.as_u64().unwrap_or(0);
-            let t = tcounts.get(f).and_then(Value::as_u64).unwrap_or(0);
+            let t = dst.counts.get(f).and_then(Value::as_u64).unwrap_or(0);
             rep.source_values += s;
             rep.target_values += t;
             if t < s {
@@ -299,13 +308,10 @@ async fn verify_measurement(
                 suspicious = true;
             }
         }
-        if let Some((ss, ts)) = &sums {
-            if let (Some(a), Some(b)) = (ss.get(tags), ts.get(tags)) {
-                suspicious |= a
-                    .iter()
-                    .any(|(f, v)| !b.get(f).is_some_and(|w| same_sum(v, w)));
-            }
-        }
+        suspicious |= src
+            .sums
+            .iter()
+            .any(|(f, v)| !dst.sums.get(f).is_some_and(|w| same_sum(v, w)));
         if cfg.content == ContentCheck::Full
             && (suspicious || sampled(tags, cfg.sample_series, total))
         {
