@@ -258,6 +258,8 @@ struct RawCutover {
 struct RawVerify {
     content: Option<ContentCheck>,
     sample_series: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    query_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -738,6 +740,10 @@ pub struct VerifyConfig {
     pub content: ContentCheck,
     /// Series per measurement compared point by point even when their aggregates agree.
     pub sample_series: usize,
+    /// The longest one verification query may run without answering (the instances'
+    /// `timeout` is for ordinary requests: an aggregate over a large database takes
+    /// minutes).
+    pub query_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -1132,6 +1138,10 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     let verify = VerifyConfig {
         content: raw.verify.content.unwrap_or(ContentCheck::Full),
         sample_series: raw.verify.sample_series.unwrap_or(3),
+        query_timeout: raw
+            .verify
+            .query_timeout
+            .unwrap_or(Duration::from_secs(1800)),
     };
 
     let m = raw.migration;
@@ -1724,6 +1734,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("source.ssh.host_key_check"), "{e}");
+    }
+
+    #[test]
+    fn verification_queries_have_their_own_limit() {
+        let c = load(MIN, &[]).unwrap();
+        assert_eq!(c.verify.query_timeout, Duration::from_secs(1800));
+        let c = load(&format!("{MIN}verify:\n  query_timeout: 2h\n"), &[]).unwrap();
+        assert_eq!(c.verify.query_timeout, Duration::from_secs(7200));
+        let e = load(&format!("{MIN}verify:\n  query_timeout: long\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("verify.query_timeout"), "{e}");
     }
 
     #[test]

@@ -179,6 +179,7 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     )?;
     let native_restore = t.elapsed().as_secs_f64();
     let native = native_backup + native_restore;
+    println!("native backup -portable + restore -portable: {native:.3} s (backup {native_backup:.3} s, restore {native_restore:.3} s)");
     let _ = native_vm.destroy().await;
     let _ = std::fs::remove_dir_all(&bdir);
 
@@ -216,10 +217,16 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         data / native
     );
     println!(
-        "stateshift whole migration incl. prepare, cutover (quiet period {:?}) and verify: {:.3} s",
-        cfg.capture.quiet_period, report.total_seconds
+        "stateshift whole migration incl. prepare, cutover (quiet period {:?}) and verify: {:.3} s  ratio {:.2}x",
+        cfg.capture.quiet_period,
+        report.total_seconds,
+        report.total_seconds / native
     );
-    println!("  verify: {:.3} s", report.phase_seconds(Phase::Verify));
+    let verify = report.phase_seconds(Phase::Verify);
+    println!(
+        "  verify: {verify:.3} s ({:.0} % of the whole migration)",
+        100.0 * verify / report.total_seconds.max(f64::EPSILON)
+    );
     println!("delta replay throughput: {:.0} points/s ({} points); in this migration: {} points at {:.0} points/s", replay.0, replay.1, report.points_replayed, report.replay_points_per_second);
     println!(
         "writer ({} points/s target): {} points acked, {} failed writes, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",

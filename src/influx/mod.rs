@@ -28,6 +28,10 @@ pub enum InfluxError {
         #[source]
         source: reqwest::Error,
     },
+    /// A request, or the wait between two reads of a streamed answer, outlasted its limit:
+    /// the server answered the connection but not the request in time.
+    #[error("InfluxDB {url}: no answer within {}", humantime::format_duration(*after))]
+    TimedOut { url: String, after: Duration },
     #[error("InfluxDB {url}: authentication failed (HTTP {status}): check the username and password configured for this instance")]
     Auth { url: String, status: u16 },
     #[error("InfluxDB {url}: database {db:?} not found")]
@@ -81,7 +85,7 @@ impl InfluxError {
     /// True when retrying later may succeed (network trouble, 5xx).
     pub fn is_transient(&self) -> bool {
         match self {
-            InfluxError::Unreachable { .. } => true,
+            InfluxError::Unreachable { .. } | InfluxError::TimedOut { .. } => true,
             InfluxError::Http { status, .. } => *status >= 500,
             _ => false,
         }
@@ -197,6 +201,8 @@ pub struct Influx {
     streaming: reqwest::Client,
     auth: Option<(String, Secret)>,
     answer_limit: usize,
+    /// The limit of one request, and of the wait between two reads of a streamed answer.
+    timeout: Duration,
 }
 
 /// The most of one non-streamed answer (schema queries, counts, `GROUP BY *` aggregates)
@@ -237,16 +243,7 @@ impl Influx {
         password: Option<&Secret>,
         timeout: Duration,
     ) -> Influx {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(timeout)
-            .build()
-            .unwrap_or_default();
-        let streaming = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .read_timeout(timeout)
-            .build()
-            .unwrap_or_default();
+        let (http, streaming) = Self::clients(timeout);
         Influx {
             base: url.trim_end_matches('/').to_string(),
             http,
@@ -258,6 +255,32 @@ impl Influx {
                     password.cloned().unwrap_or_else(|| Secret::new("")),
                 )
             }),
+            timeout,
+        }
+    }
+
+    fn clients(timeout: Duration) -> (reqwest::Client, reqwest::Client) {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        let streaming = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        (http, streaming)
+    }
+
+    /// The same server with another request limit (long queries: verification).
+    pub fn with_timeout(&self, timeout: Duration) -> Influx {
+        let (http, streaming) = Self::clients(timeout);
+        Influx {
+            http,
+            streaming,
+            timeout,
+            ..self.clone()
         }
     }
 
@@ -324,9 +347,19 @@ impl Influx {
     }
 
     fn unreachable(&self) -> impl Fn(reqwest::Error) -> InfluxError + '_ {
-        move |source| InfluxError::Unreachable {
-            url: self.base.clone(),
-            source: source.without_url(),
+        move |source| {
+            // A timeout while reading a body surfaces as a "decode" error: say what it is.
+            if source.is_timeout() {
+                InfluxError::TimedOut {
+                    url: self.base.clone(),
+                    after: self.timeout,
+                }
+            } else {
+                InfluxError::Unreachable {
+                    url: self.base.clone(),
+                    source: source.without_url(),
+                }
+            }
         }
     }
 

@@ -165,6 +165,12 @@ pub async fn verify(
     touched: Option<&Mutex<KeySet>>,
     after_interruption: bool,
 ) -> Result<VerifyReport, InfluxError> {
+    // Every query here reads a whole measurement or series: on a large database one runs
+    // for minutes, far beyond what an ordinary request may take.
+    let (source, target) = (
+        &source.with_timeout(cfg.query_timeout),
+        &target.with_timeout(cfg.query_timeout),
+    );
     let mut rep = VerifyReport {
         after_interruption,
         ..VerifyReport::default()

@@ -474,6 +474,7 @@ async fn verification_streams_the_per_series_aggregates_of_a_measurement_with_ma
     let cfg = VerifyConfig {
         content: ContentCheck::Full,
         sample_series: 1,
+        query_timeout: Duration::from_secs(300),
     };
     let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
         .await
@@ -481,6 +482,58 @@ async fn verification_streams_the_per_series_aggregates_of_a_measurement_with_ma
     assert!(rep.ok(), "{:?}", rep.problems);
     assert_eq!(rep.series, 20_000);
     assert_eq!(rep.source_values, 20_000);
+}
+
+/// Verification queries read every value of a database: on a large one an aggregate
+/// answers after minutes, far beyond the per-request timeout of the instance (found at
+/// 100M points: verify failed after cutover with "unreachable: error decoding response
+/// body" 30 s into the first aggregate). They get `verify.query_timeout` instead, and a
+/// query that exceeds it says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_queries_may_run_longer_than_the_instance_timeout() {
+    use stateshift::config::{ContentCheck, VerifyConfig};
+    let lab = lab(LabOptions::default()).await;
+    // 20,000 series x 10 points: the per-series aggregates take far longer than 20 ms.
+    let body: String = (0..200_000)
+        .map(|i| {
+            format!(
+                "usage,account=acct{:05},host=h{} value={i}i {}\n",
+                i % 20_000,
+                (i % 20_000) % 7,
+                1_700_000_000_000_000_000i64 + i as i64
+            )
+        })
+        .collect();
+    for vm in [&lab.source, &lab.target] {
+        let c = vm.client();
+        c.query(None, "CREATE DATABASE big").await.unwrap();
+        c.write("big", None, "ns", body.clone().into())
+            .await
+            .unwrap();
+    }
+    let short = |vm: &stateshift::stack::local::LocalVm| {
+        stateshift::influx::Influx::new(&vm.influx_url(), None, None, Duration::from_millis(20))
+    };
+    let (src, dst) = (short(&lab.source), short(&lab.target));
+    let mut cfg = VerifyConfig {
+        content: ContentCheck::Full,
+        sample_series: 1,
+        query_timeout: Duration::from_secs(300),
+    };
+    let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
+        .await
+        .expect("verification waits verify.query_timeout, not the instance's timeout");
+    assert!(rep.ok(), "{:?}", rep.problems);
+    assert_eq!(rep.series, 20_000);
+    assert_eq!(rep.source_values, 200_000);
+
+    cfg.query_timeout = Duration::from_millis(20);
+    let e = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
+        .await
+        .expect_err("an aggregate over 200,000 points does not answer within 20 ms")
+        .to_string();
+    assert!(e.contains("no answer within 20ms"), "{e}");
+    assert!(!e.contains("decoding"), "{e}");
 }
 
 /// A tmpfs of its own mounted on a directory for the length of a test.

@@ -3,6 +3,7 @@
 
 use super::context::Migration;
 use super::{MigrateError, Phase};
+use crate::influx::InfluxError;
 use crate::migrate::verify;
 
 impl Migration<'_> {
@@ -31,7 +32,16 @@ impl Migration<'_> {
             self.plan.resume,
         )
         .await
-        .map_err(Self::influx_err(p))?;
+        .map_err(|e| match e {
+            InfluxError::TimedOut { .. } => MigrateError::Failed {
+                phase: p,
+                msg: format!(
+                    "{e}: one verification query may take up to verify.query_timeout ({}); raise it for a database this large",
+                    humantime::format_duration(self.cfg.verify.query_timeout)
+                ),
+            },
+            e => Self::influx_err(p)(e),
+        })?;
         self.report.verify = Some(rep.clone());
         if !rep.ok() {
             let mut summary = rep
