@@ -167,6 +167,7 @@ struct RawMonitor {
     cooldown: Option<Duration>,
     consecutive: Option<u32>,
     model: Option<crate::predict::Model>,
+    mode: Option<MonitorMode>,
     zabbix: Option<RawZabbix>,
 }
 
@@ -564,6 +565,18 @@ pub enum MonitorKind {
     Zabbix,
 }
 
+/// `monitor.mode`: whether a prediction over the threshold starts a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MonitorMode {
+    /// It does (the default).
+    Act,
+    /// It is only recorded ("would migrate now: …" in `/status`, the metrics and the
+    /// log); a migration starts by hand only. For watching the trigger's decisions before
+    /// trusting it with a production database.
+    Observe,
+}
+
 /// Where the load comes from with `monitor.kind: zabbix`.
 #[derive(Debug, Clone)]
 pub struct ZabbixMonitorConfig {
@@ -606,6 +619,7 @@ pub struct MonitorConfig {
     pub consecutive: u32,
     /// The predictor (`monitor.model`: guarded, gm11, last or ewma).
     pub model: crate::predict::Model,
+    pub mode: MonitorMode,
     pub zabbix: Option<ZabbixMonitorConfig>,
 }
 
@@ -1242,6 +1256,7 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         threshold: mo.threshold.unwrap_or(10.0),
         cooldown: mo.cooldown.unwrap_or(Duration::from_secs(900)),
         consecutive: mo.consecutive.unwrap_or(3),
+        mode: mo.mode.unwrap_or(MonitorMode::Act),
         model: mo.model.unwrap_or_default(),
         zabbix: match mo.zabbix {
             None => None,
@@ -1282,6 +1297,12 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     };
     if monitor.kind == MonitorKind::Zabbix && monitor.zabbix.is_none() {
         return Err(v.err("monitor.zabbix", "missing; monitor.kind is zabbix"));
+    }
+    if monitor.mode == MonitorMode::Observe && monitor.kind == MonitorKind::None {
+        return Err(v.err(
+            "monitor.mode",
+            "observe needs a load to observe: set monitor.kind to zabbix or process",
+        ));
     }
     if monitor.poll_interval < Duration::from_secs(1) {
         return Err(v.err("monitor.poll_interval", "must be at least 1s"));
@@ -1734,6 +1755,31 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("source.ssh.host_key_check"), "{e}");
+    }
+
+    #[test]
+    fn observe_mode_is_chosen_explicitly_and_needs_a_load_source() {
+        assert_eq!(load(MIN, &[]).unwrap().monitor.mode, MonitorMode::Act);
+        let c = load(
+            &format!("{MIN}monitor:\n  kind: process\n  mode: observe\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.monitor.mode, MonitorMode::Observe);
+        let e = load(&format!("{MIN}monitor:\n  mode: observe\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("monitor.mode") && e.contains("monitor.kind"),
+            "{e}"
+        );
+        let e = load(
+            &format!("{MIN}monitor:\n  kind: process\n  mode: watch\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("monitor.mode"), "{e}");
     }
 
     #[test]

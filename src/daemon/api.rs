@@ -32,6 +32,7 @@ pub struct Metrics {
     load: Gauge<f64, AtomicU64>,
     prediction: Gauge<f64, AtomicU64>,
     triggers: Counter,
+    would_migrate: Counter,
     migrations: Family<Labels, Counter>,
     phase_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
     points_moved: Counter,
@@ -51,6 +52,7 @@ impl Metrics {
             load: Gauge::default(),
             prediction: Gauge::default(),
             triggers: Counter::default(),
+            would_migrate: Counter::default(),
             migrations: Family::default(),
             phase_seconds: Family::default(),
             points_moved: Counter::default(),
@@ -72,6 +74,11 @@ impl Metrics {
                 "triggers",
                 "Migrations triggered by the prediction or by hand",
                 m.triggers.clone(),
+            );
+            r.register(
+                "would_migrate",
+                "Migrations the prediction would have started in observe mode (monitor.mode: observe)",
+                m.would_migrate.clone(),
             );
             r.register("migrations", "Migrations by outcome", m.migrations.clone());
             r.register(
@@ -101,6 +108,9 @@ impl Metrics {
     }
     pub fn trigger(&self) {
         self.triggers.inc();
+    }
+    pub fn would_migrate(&self) {
+        self.would_migrate.inc();
     }
     pub fn migration(&self, outcome: &str, points: u64) {
         self.migrations

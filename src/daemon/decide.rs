@@ -131,6 +131,8 @@ pub(crate) struct Decider<W: World> {
     shared: Arc<Shared>,
     here: String,
     last_start: Option<Instant>,
+    /// `monitor.mode: observe`: a trigger is recorded, never acted on.
+    observe: bool,
 }
 
 impl<W: World> Decider<W> {
@@ -147,7 +149,16 @@ impl<W: World> Decider<W> {
             shared,
             here: String::new(),
             last_start: None,
+            observe: false,
         }
+    }
+
+    /// Observe only: a prediction over the threshold is recorded ("would migrate now")
+    /// and starts the cooldown as a migration would, so the record shows how often the
+    /// daemon would have migrated; only a request migrates.
+    pub(crate) fn observe_only(mut self, on: bool) -> Self {
+        self.observe = on;
+        self
     }
 
     /// Run until `shutdown` is cancelled (at once, or after the migration that runs).
@@ -260,13 +271,45 @@ impl<W: World> Decider<W> {
             st.last_prediction = d.prediction;
             st.last_decision = d.reason.to_string();
         });
-        d.trigger().then(|| {
-            format!(
-                "prediction {:.2} > threshold {}",
-                d.prediction.unwrap_or(f64::NAN),
-                d.threshold
-            )
-        })
+        if !d.trigger() {
+            return None;
+        }
+        let why = format!(
+            "prediction {:.2} > threshold {}",
+            d.prediction.unwrap_or(f64::NAN),
+            d.threshold
+        );
+        if !self.observe {
+            return Some(why);
+        }
+        let polls = self.policy.config().consecutive;
+        let decision = format!(
+            "would migrate now: {why} for {polls} poll{} (observe mode)",
+            if polls == 1 { "" } else { "s" }
+        );
+        tracing::warn!(decision = %decision, window = ?d.window, "not migrating: monitor.mode is observe");
+        self.shared.metrics.would_migrate();
+        let now = Instant::now().into_std();
+        // The service stays where it is: its window stays, the cooldown starts.
+        self.policy.migration_started(now);
+        self.policy.migration_finished(now, false);
+        let record = super::WouldMigrate {
+            at_unix_ms: crate::util::now_ms(),
+            decision: decision.clone(),
+            prediction: d.prediction,
+            threshold: d.threshold,
+            window: d.window.clone(),
+        };
+        self.shared.set(|st| {
+            st.last_decision = decision;
+            st.would_migrate.push(record);
+            let over = st
+                .would_migrate
+                .len()
+                .saturating_sub(super::WOULD_MIGRATE_KEPT);
+            st.would_migrate.drain(..over);
+        });
+        None
     }
 
     async fn migrate(&mut self, why: &str) -> bool {
@@ -409,9 +452,20 @@ mod tests {
         for_: Duration,
         during: impl FnOnce(Arc<Shared>) -> JoinHandle<()>,
     ) -> (Scene, Status) {
+        play_in(false, scene, policy, for_, during).await.0
+    }
+
+    /// [`play`], in observe mode or not; also the metrics as `/metrics` shows them.
+    async fn play_in(
+        observe: bool,
+        scene: Scene,
+        policy: TriggerPolicy,
+        for_: Duration,
+        during: impl FnOnce(Arc<Shared>) -> JoinHandle<()>,
+    ) -> ((Scene, Status), String) {
         let (shared, rx) = shared();
         let stop = CancellationToken::new();
-        let decider = Decider::new(scene, policy, poll(), shared.clone());
+        let decider = Decider::new(scene, policy, poll(), shared.clone()).observe_only(observe);
         let task = tokio::spawn(decider.run(rx, stop.clone()));
         let side = during(shared.clone());
         tokio::time::sleep(for_).await;
@@ -419,7 +473,7 @@ mod tests {
         let scene = task.await.unwrap();
         side.abort();
         let status = shared.status.lock().unwrap().clone();
-        (scene, status)
+        ((scene, status), shared.metrics.encode())
     }
 
     fn nothing(_: Arc<Shared>) -> JoinHandle<()> {
@@ -464,6 +518,73 @@ mod tests {
         assert!(m[0].1.contains("prediction 20.00 > threshold 10"), "{m:?}");
         assert_eq!(status.source_url, "host1");
         assert_eq!(status.window, vec![1.0], "the new host's readings only");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_observe_mode_a_trigger_is_recorded_not_acted_on_and_a_request_still_migrates() {
+        // Host 0 stays loaded: in act mode the third reading migrates (above). Observed,
+        // each trigger is recorded and starts the cooldown (10 s) as a migration would.
+        let load: VecDeque<Reading> = (0..60).map(|i| fresh(20.0, 100 + i)).collect();
+        let scene = Scene {
+            loads: Arc::new(Mutex::new(vec![load, VecDeque::from([fresh(1.0, 900)])])),
+            ..Scene::default()
+        };
+        let ((scene, status), metrics) = play_in(
+            true,
+            scene,
+            policy(3, Duration::from_secs(10)),
+            Duration::from_secs(30),
+            nothing,
+        )
+        .await;
+        assert!(
+            scene.migrations.lock().unwrap().is_empty(),
+            "observe mode never migrates by itself: {:?}",
+            scene.migrations.lock().unwrap()
+        );
+        let n = status.would_migrate.len();
+        assert!((2..=3).contains(&n), "{:?}", status.would_migrate);
+        for w in &status.would_migrate {
+            assert_eq!(
+                w.decision,
+                "would migrate now: prediction 20.00 > threshold 10 for 3 polls (observe mode)"
+            );
+            assert_eq!(w.window, vec![20.0; w.window.len()]);
+            assert_eq!((w.prediction, w.threshold), (Some(20.0), 10.0));
+        }
+        assert_eq!(status.source_url, "host0", "the service did not move");
+        assert!(
+            metrics.contains(&format!("stateshift_would_migrate_total {n}")),
+            "{metrics}"
+        );
+
+        // A request still migrates.
+        let load: VecDeque<Reading> = (0..60).map(|i| fresh(1.0, 100 + i)).collect();
+        let scene = Scene {
+            loads: Arc::new(Mutex::new(vec![load.clone(), load])),
+            ..Scene::default()
+        };
+        let ((scene, status), _) = play_in(
+            true,
+            scene,
+            policy(3, Duration::from_secs(10)),
+            Duration::from_secs(10),
+            |shared| {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    shared
+                        .trigger
+                        .send(Request::now("manual: POST /migrate"))
+                        .await
+                        .unwrap();
+                })
+            },
+        )
+        .await;
+        let m = scene.migrations.lock().unwrap();
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(m[0].1, "manual: POST /migrate");
+        assert!(status.would_migrate.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, MonitorKind};
+use crate::config::{Config, MonitorKind, MonitorMode};
 use crate::migrate::engine::{Phase, Progress};
 use crate::migrate::journal::Placement;
 use crate::migrate::machine::{self, Provider};
@@ -40,7 +40,29 @@ pub struct Status {
     pub last_prediction: Option<f64>,
     pub last_decision: String,
     pub threshold: f64,
+    /// `act` (a prediction over the threshold migrates) or `observe` (it is only recorded
+    /// in `would_migrate`).
+    pub mode: String,
+    /// In observe mode: the migrations the daemon would have started, newest last (the
+    /// last [`WOULD_MIGRATE_KEPT`]).
+    pub would_migrate: Vec<WouldMigrate>,
     pub migrations: Vec<crate::migrate::journal::MigrationSummary>,
+}
+
+/// How many would-be migrations `/status` keeps.
+pub const WOULD_MIGRATE_KEPT: usize = 100;
+
+/// A migration the daemon would have started, in observe mode.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WouldMigrate {
+    /// When, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// What it would have said: `would migrate now: prediction 12.30 > threshold 10 …`.
+    pub decision: String,
+    pub prediction: Option<f64>,
+    pub threshold: f64,
+    /// The window the prediction was made from, oldest first.
+    pub window: Vec<f64>,
 }
 
 /// State shared between the loop and the API.
@@ -404,6 +426,10 @@ pub async fn run(
             state: "polling".into(),
             source_url: source.influx_url.clone(),
             threshold: cfg.monitor.threshold,
+            mode: match cfg.monitor.mode {
+                MonitorMode::Act => "act".into(),
+                MonitorMode::Observe => "observe".into(),
+            },
             migrations: st.migrations.clone(),
             ..Status::default()
         }),
@@ -453,6 +479,7 @@ pub async fn run(
         settled_at: None,
     };
     decide::Decider::new(world, policy, poll, shared.clone())
+        .observe_only(cfg.monitor.mode == MonitorMode::Observe)
         .run(rx, shutdown)
         .await;
     api_token.cancel();
