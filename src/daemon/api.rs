@@ -1,5 +1,5 @@
 //! The daemon's HTTP API (bound to 127.0.0.1 by default; HTTPS with `api.tls_*`, see
-//! [`crate::tls`]): `/healthz`, `/status` (JSON), `/metrics` (Prometheus text),
+//! [`crate::tls`]): `/healthz`, `/livez`, `/readyz`, `/status` (JSON), `/metrics` (Prometheus text),
 //! `POST /migrate` (409 while a migration runs). Reading is open; every request that is
 //! not a GET or HEAD, on any route, needs the bearer token (one layer over the whole
 //! router, so a route added later cannot forget it). A refused token is logged without
@@ -137,6 +137,8 @@ impl Metrics {
 pub fn router(shared: Arc<Shared>) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/migrate", post(migrate))
@@ -179,6 +181,74 @@ async fn healthz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
         ),
         None => (StatusCode::OK, "ok\n".into()),
     }
+}
+
+/// `200 ok` whenever the process answers: restart it only when this fails.
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+/// Polled this many intervals without a fresh reading, the load counts as unreadable.
+const READINGS_MISSED: u64 = 3;
+
+/// Whether the daemon can do its job now, one line per check (`[+]`/`[-]`, as Kubernetes
+/// components answer): its loop runs, no failure past cutover waits for an operator, the
+/// load was read within the last [`READINGS_MISSED`] poll intervals (or a migration
+/// runs, which stops the polling). 200 when every check passes, 503 otherwise.
+async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
+    let loop_runs = s.ready.load(Ordering::SeqCst);
+    let migrating = s.running.load(Ordering::SeqCst);
+    let st = s.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut checks: Vec<(bool, String)> = vec![(
+        loop_runs,
+        if loop_runs {
+            "loop ok".into()
+        } else {
+            "loop: not running (starting, or stopping)".into()
+        },
+    )];
+    let waiting = st.migrations.last().filter(|m| {
+        m.outcome == Some(crate::migrate::journal::Outcome::Failed) && m.resolved_on.is_none()
+    });
+    checks.push(match waiting {
+        Some(m) => (
+            false,
+            format!(
+                "operator: migration {} failed after cutover; run `stateshift resolve -c FILE --on source|target`",
+                m.id
+            ),
+        ),
+        None => (true, "operator ok".into()),
+    });
+    if st.poll_interval_ms > 0 && !migrating {
+        let limit = st.poll_interval_ms * READINGS_MISSED;
+        // Never read fresh: counted from the daemon's start.
+        let since = st.last_fresh_unix_ms.unwrap_or(st.started_unix_ms);
+        let age = crate::util::now_ms().saturating_sub(since);
+        checks.push(if age <= limit {
+            (true, "load ok".into())
+        } else {
+            (
+                false,
+                format!(
+                    "load: no fresh reading for {} s from {} (stateshift_readings in /metrics says why)",
+                    age / 1000,
+                    st.load_source
+                ),
+            )
+        });
+    }
+    let ok = checks.iter().all(|(ok, _)| *ok);
+    let body: String = checks
+        .iter()
+        .map(|(ok, what)| format!("[{}]{what}\n", if *ok { '+' } else { '-' }))
+        .collect();
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body)
 }
 
 async fn status(State(s): State<Arc<Shared>>) -> impl IntoResponse {
@@ -285,6 +355,7 @@ mod tests {
             metrics: Metrics::new(),
             trigger,
             token: token.map(crate::util::Secret::new),
+            ready: std::sync::atomic::AtomicBool::new(false),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -333,12 +404,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn readyz_names_each_check_and_livez_only_says_the_process_answers() {
+        use crate::migrate::journal::{MigrationSummary, Outcome};
+        let api = start(Some("t")).await;
+        let get = |path: &'static str| {
+            let url = format!("{}{path}", api.url);
+            async move {
+                let r = reqwest::get(url).await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            }
+        };
+        assert_eq!(get("/livez").await, (200, "ok\n".to_string()));
+        // The loop has not started.
+        let (code, body) = get("/readyz").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.starts_with("[-]loop: not running"), "{body}");
+        api.shared.ready.store(true, Ordering::SeqCst);
+        assert_eq!(
+            get("/readyz").await,
+            (200, "[+]loop ok\n[+]operator ok\n".into())
+        );
+        // Polled every second, last read fresh 10 s ago.
+        let now = crate::util::now_ms();
+        api.shared.set(|s| {
+            s.poll_interval_ms = 1000;
+            s.started_unix_ms = now - 60_000;
+            s.last_fresh_unix_ms = Some(now - 10_000);
+            s.load_source = "zabbix item x of host h".into();
+        });
+        let (code, body) = get("/readyz").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.contains("[-]load: no fresh reading for 10 s from zabbix item x of host h"),
+            "{body}"
+        );
+        api.shared
+            .set(|s| s.last_fresh_unix_ms = Some(crate::util::now_ms()));
+        assert_eq!(get("/readyz").await.0, 200);
+        // Never read since a start 60 s ago.
+        api.shared.set(|s| s.last_fresh_unix_ms = None);
+        assert!(get("/readyz").await.1.contains("no fresh reading for 60 s"));
+        // A migration stops the polling: the load is not judged then.
+        api.shared.running.store(true, Ordering::SeqCst);
+        assert_eq!(get("/readyz").await.0, 200);
+        api.shared.running.store(false, Ordering::SeqCst);
+        api.shared
+            .set(|s| s.last_fresh_unix_ms = Some(crate::util::now_ms()));
+        // A failure past cutover waits for an operator.
+        api.shared.set(|s| {
+            s.migrations = vec![MigrationSummary {
+                id: "7".into(),
+                outcome: Some(Outcome::Failed),
+                ..MigrationSummary::default()
+            }]
+        });
+        let (code, body) = get("/readyz").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(
+            body.contains("[-]operator: migration 7 failed after cutover"),
+            "{body}"
+        );
+        assert_eq!(get("/livez").await.0, 200, "alive all along");
+        api.stop.cancel();
+    }
+
+    #[tokio::test]
     async fn every_method_but_get_and_head_needs_the_token_on_every_route() {
         let api = start(Some("right-token")).await;
         let url = &api.url;
         let http = reqwest::Client::new();
         for path in [
             "/healthz",
+            "/livez",
+            "/readyz",
             "/status",
             "/metrics",
             "/migrate",
@@ -361,7 +499,7 @@ mod tests {
             "nothing triggered"
         );
         // Reading stays open.
-        for path in ["/healthz", "/status", "/metrics"] {
+        for path in ["/healthz", "/livez", "/status", "/metrics"] {
             let r = http.get(format!("{url}{path}")).send().await.unwrap();
             assert_eq!(r.status(), 200, "GET {path}");
         }

@@ -169,6 +169,7 @@ impl<W: World> Decider<W> {
     ) -> W {
         self.here = self.world.locate().await;
         self.show_source();
+        self.shared.ready.store(true, Ordering::SeqCst);
         let mut feed = Feed::start(self.world.source(), self.poll, None);
         let mut look = tokio::time::interval_at(
             Instant::now() + self.poll.poll_interval,
@@ -215,6 +216,7 @@ impl<W: World> Decider<W> {
             });
             self.shared.running.store(false, Ordering::SeqCst);
         }
+        self.shared.ready.store(false, Ordering::SeqCst);
         feed.stop().await;
         self.world
     }
@@ -251,6 +253,10 @@ impl<W: World> Decider<W> {
             Outcome::Failed { .. } => "error",
         };
         self.shared.metrics.reading(label);
+        if label == "fresh" {
+            self.shared
+                .set(|s| s.last_fresh_unix_ms = Some(crate::util::now_ms()));
+        }
         let Outcome::Pushed(s) = o else { return None };
         self.decide(s)
     }
@@ -422,6 +428,7 @@ mod tests {
             metrics: api::Metrics::new(),
             trigger,
             token: None,
+            ready: AtomicBool::new(false),
         });
         (shared, rx)
     }

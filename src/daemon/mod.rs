@@ -37,6 +37,12 @@ pub struct Status {
     pub load_source: String,
     pub window: Vec<f64>,
     pub last_reading: Option<f64>,
+    /// When the load was last read fresh, ms since the Unix epoch.
+    pub last_fresh_unix_ms: Option<u64>,
+    /// When the daemon started, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// How often the load is read, in ms (0: it is not: `monitor.kind: none`).
+    pub poll_interval_ms: u64,
     pub last_prediction: Option<f64>,
     pub last_decision: String,
     pub threshold: f64,
@@ -72,6 +78,9 @@ pub struct Shared {
     pub metrics: api::Metrics,
     pub trigger: mpsc::Sender<Request>,
     pub token: Option<crate::util::Secret>,
+    /// The decision loop runs (set once it has located the service at start, cleared
+    /// when it stops): what `/readyz` reports first.
+    pub ready: AtomicBool,
 }
 
 impl Shared {
@@ -426,6 +435,11 @@ pub async fn run(
             state: "polling".into(),
             source_url: source.influx_url.clone(),
             threshold: cfg.monitor.threshold,
+            started_unix_ms: crate::util::now_ms(),
+            poll_interval_ms: match cfg.monitor.kind {
+                MonitorKind::None => 0,
+                _ => cfg.monitor.poll_interval.as_millis() as u64,
+            },
             mode: match cfg.monitor.mode {
                 MonitorMode::Act => "act".into(),
                 MonitorMode::Observe => "observe".into(),
@@ -437,6 +451,7 @@ pub async fn run(
         metrics: api::Metrics::new(),
         trigger: tx,
         token: cfg.api.token.clone(),
+        ready: AtomicBool::new(false),
     });
     let api_token = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)

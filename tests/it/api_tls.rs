@@ -154,6 +154,28 @@ async fn the_api_serves_https_with_its_certificate_and_plain_http_on_its_port_fa
         .await
         .unwrap();
     assert_eq!(st["service"], "tls");
+    assert_eq!(st["mode"], "act");
+    let r = https
+        .get(format!("https://{addr}/livez"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Ready once the decision loop has located the service.
+    let mut ready = (0, String::new());
+    for _ in 0..100 {
+        let r = https
+            .get(format!("https://{addr}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        ready = (r.status().as_u16(), r.text().await.unwrap());
+        if ready.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, (200, "[+]loop ok\n[+]operator ok\n".to_string()));
 
     let plain = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
