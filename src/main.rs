@@ -32,11 +32,14 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Where the configuration is when neither `-c` nor `STATESHIFT_CONFIG` says.
+const DEFAULT_CONFIG: &str = "/etc/stateshift/stateshift.yaml";
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Migrate the source InfluxDB to the target named in the config, now.
     Migrate {
-        #[arg(short, long)]
+        #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Do it without asking.
         #[arg(long)]
@@ -64,12 +67,12 @@ enum Cmd {
     },
     /// Run the service orchestrator: poll, predict, migrate, with its HTTP API.
     Daemon {
-        #[arg(short, long)]
+        #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// After a migration failed past cutover: record where the service runs now.
     Resolve {
-        #[arg(short, long)]
+        #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// `source` or `target` of the failed migration.
         #[arg(long, value_parser = ["source", "target"])]
@@ -79,12 +82,12 @@ enum Cmd {
     /// done, and stop: before cutover it is rolled back, after verification its disposal
     /// is finished, in between it is resumed and verified.
     Recover {
-        #[arg(short, long)]
+        #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Show the service's state: where it runs, the last migrations, anything to recover.
     Status {
-        #[arg(short, long)]
+        #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Run the data-migration demo on this machine: two local InfluxDB servers, a live
@@ -141,7 +144,7 @@ enum ConfigCmd {
     /// Load and validate FILE with its environment overrides and secret files, contacting
     /// nothing: exit 0 when the daemon would accept it, 2 with the file and key otherwise.
     Check {
-        #[arg(short, long)]
+        #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }

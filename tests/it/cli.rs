@@ -78,6 +78,35 @@ fn a_missing_config_file_exits_2_naming_it() {
 }
 
 #[test]
+fn the_config_comes_from_stateshift_config_or_the_default_path_when_c_is_not_given() {
+    let d = tempfile::tempdir().unwrap();
+    let good = write(d.path(), "source:\n  influx_url: http://127.0.0.1:8086\n");
+    let (code, _, err) = run(&["config", "check"], &[("STATESHIFT_CONFIG", &good)]);
+    assert_eq!(code, 0, "{err}");
+    let bad = d.path().join("bad.yaml");
+    std::fs::write(&bad, "source:\n  influx_url: \"influx:8086\"\n").unwrap();
+    let bad = bad.display().to_string();
+    let (code, _, err) = run(&["config", "check"], &[("STATESHIFT_CONFIG", &bad)]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&bad) && err.contains("source.influx_url"),
+        "{err}"
+    );
+    // -c wins over the environment.
+    let (code, _, err) = run(
+        &["config", "check", "-c", &good],
+        &[("STATESHIFT_CONFIG", &bad)],
+    );
+    assert_eq!(code, 0, "{err}");
+    // Neither: the default path, said in the help.
+    let (_, out, _) = run(&["daemon", "--help"], &[]);
+    assert!(
+        out.contains("STATESHIFT_CONFIG") && out.contains("/etc/stateshift/stateshift.yaml"),
+        "{out}"
+    );
+}
+
+#[test]
 fn the_example_config_is_valid() {
     let p = concat!(
         env!("CARGO_MANIFEST_DIR"),
