@@ -89,6 +89,9 @@ enum Cmd {
     Status {
         #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// One JSON object on stdout instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the data-migration demo on this machine: two local InfluxDB servers, a live
     /// writer, one migration, an independent count.
@@ -123,6 +126,10 @@ enum Cmd {
         /// The readings, oldest first; `-` reads them from stdin.
         #[arg(allow_negative_numbers = true)]
         values: Vec<String>,
+        /// One JSON object on stdout instead of text (the prediction, or with --eval the
+        /// whole evaluation).
+        #[arg(long, conflicts_with = "bench")]
+        json: bool,
     },
     /// Benchmark the data engine against native backup + restore.
     Bench {
@@ -248,9 +255,10 @@ async fn run(cmd: Cmd) -> ExitCode {
             threshold,
             values,
             bench,
+            json,
         } => match bench {
             Some(n) => predict_bench(window, min, n),
-            None => predict(window, min, &model, eval, threshold, values),
+            None => predict(window, min, &model, eval, threshold, values, json),
         },
         Cmd::Daemon { config } => {
             let cfg = match load_config(&config) {
@@ -327,12 +335,26 @@ async fn run(cmd: Cmd) -> ExitCode {
                 }
             }
         }
-        Cmd::Status { config } => {
+        Cmd::Status { config, json } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             match stateshift::migrate::machine::state(&cfg) {
+                Ok(st) if json => {
+                    let cur = stateshift::migrate::machine::current_source(&cfg, &st);
+                    let unfinished = match st.recovery() {
+                        stateshift::migrate::journal::Recovery::Nothing => None,
+                        r => Some(format!("{r:?}")),
+                    };
+                    print_json(&serde_json::json!({
+                        "service": cfg.service.name,
+                        "influx_url": cur.influx_url,
+                        "stack": cur.stack.as_ref().map(|s| s.name.clone()),
+                        "unfinished": unfinished,
+                        "migrations": st.migrations,
+                    }))
+                }
                 Ok(st) => {
                     let cur = stateshift::migrate::machine::current_source(&cfg, &st);
                     println!(
@@ -432,6 +454,7 @@ fn predict(
     eval: Option<PathBuf>,
     threshold: Option<f64>,
     values: Vec<String>,
+    json: bool,
 ) -> ExitCode {
     use stateshift::predict::{self, eval as ev, Model};
     if window == 0 || min == 0 || min > window {
@@ -448,13 +471,18 @@ fn predict(
         };
         return match ev::parse_trace(&text) {
             Ok(trace) => {
-                println!(
-                    "{}: {} readings, window {window}, min {min}",
-                    path.display(),
-                    trace.len()
-                );
-                println!("{}", ev::evaluate(&trace, window, min, threshold));
-                ExitCode::SUCCESS
+                let report = ev::evaluate(&trace, window, min, threshold);
+                if json {
+                    print_json(&report)
+                } else {
+                    println!(
+                        "{}: {} readings, window {window}, min {min}",
+                        path.display(),
+                        trace.len()
+                    );
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
             }
             Err(e) => {
                 eprintln!("stateshift predict: {}: {e}", path.display());
@@ -496,6 +524,13 @@ fn predict(
         }
     }
     match predict::predict_series(model, &xs, window, min) {
+        Some(v) if json => print_json(&serde_json::json!({
+            "model": model,
+            "window": window,
+            "min": min,
+            "readings": xs[xs.len().saturating_sub(window)..],
+            "prediction": v,
+        })),
         Some(v) => {
             println!("{v}");
             ExitCode::SUCCESS
@@ -505,6 +540,20 @@ fn predict(
                 "stateshift predict: no prediction: {} readings, at least {min} needed",
                 xs.len().min(window)
             );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `value` as pretty JSON on stdout.
+fn print_json(value: &impl serde::Serialize) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stateshift: cannot write JSON: {e}");
             ExitCode::from(1)
         }
     }

@@ -126,7 +126,7 @@ pub fn sustained_overloads(trace: &[f64], threshold: f64) -> Vec<(usize, usize)>
 }
 
 /// How one model did on a trace.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelScore {
     /// The model.
     pub model: Model,
@@ -152,7 +152,7 @@ pub struct ModelScore {
 }
 
 /// Triggers of the policy over a trace, against the sustained overloads.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct TriggerCount {
     /// Anti-flap count used.
     pub consecutive: usize,
@@ -168,7 +168,7 @@ pub struct TriggerCount {
 }
 
 /// The evaluation of every model on one trace. `Display` prints it as a table.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EvalReport {
     /// Readings in the trace.
     pub points: usize,

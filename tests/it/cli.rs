@@ -292,6 +292,15 @@ async fn migrate_cli_moves_the_data_and_writes_a_timing_report() {
         st.contains("succeeded") && st.contains(&lab.target.influx_url()),
         "{st}"
     );
+    let (code, st, err) = run(&["status", "-c", p.to_str().unwrap(), "--json"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let st: serde_json::Value = serde_json::from_str(&st).expect("status --json is JSON");
+    assert_eq!(st["influx_url"], lab.target.influx_url().as_str());
+    assert_eq!(st["unfinished"], serde_json::Value::Null);
+    assert_eq!(st["migrations"][0]["outcome"], "succeeded");
+    assert!(st["migrations"][0]["phases"]
+        .as_array()
+        .is_some_and(|p| !p.is_empty()));
     // Asked again with the same static target: nothing to do there, and it says so
     // (it used to start a migration that stopped at "target already has database").
     let (code, out, err) = run(&["migrate", "-c", p.to_str().unwrap(), "--yes"], &[]);
@@ -545,4 +554,36 @@ async fn orphaned_by_a_kill(migration: &str, command: &str, scratch: &str) {
     let (code, out, err) = run(&["migrate", "-c", cfg, "--yes"], &[]);
     assert_eq!(code, 0, "the retry migrates: {out}\n{err}");
     assert_eq!(counts(&dst, "cyclops").await, before);
+}
+
+#[test]
+fn predict_answers_in_json_when_asked() {
+    let (code, out, err) = run(
+        &["predict", "--json", "--model", "last", "1", "2", "3"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(v["model"], "last");
+    assert_eq!(v["prediction"], 3.0);
+    assert_eq!(v["readings"], serde_json::json!([1.0, 2.0, 3.0]));
+    let trace = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/testdata/traces/ec2_cpu_utilization_24ae8d.csv"
+    );
+    let (code, out, err) = run(
+        &["predict", "--json", "--eval", trace, "--threshold", "2"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(v["threshold"], 2.0);
+    let models: Vec<&str> = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(models, ["guarded", "gm11", "last", "ewma"]);
+    assert!(v["models"][0]["triggers"]["triggers"].is_u64(), "{v}");
 }
