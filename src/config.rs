@@ -301,7 +301,7 @@ fn de_secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D
 // ---------------------------------------------------------------- typed
 
 /// The whole validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Config {
     pub source: InstanceConfig,
     /// A static target host (issue 2's operator-named target). `None` when the target is
@@ -317,7 +317,7 @@ pub struct Config {
     pub api: ApiConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ServiceConfig {
     /// Names the target stacks: `<name>-influx-<migration id>`.
     pub name: String,
@@ -326,7 +326,7 @@ pub struct ServiceConfig {
     pub stack: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProviderKind {
     /// No stacks: migrate to the configured `target`.
@@ -337,7 +337,7 @@ pub enum ProviderKind {
     Heat,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ProviderConfig {
     pub kind: ProviderKind,
     pub local_dir: PathBuf,
@@ -350,7 +350,9 @@ pub struct ProviderConfig {
     pub secret_parameters: BTreeMap<String, Secret>,
     pub(crate) parameter_files: BTreeMap<String, PathBuf>,
     pub environment_files: Vec<PathBuf>,
+    #[serde(serialize_with = "ser_duration")]
     pub create_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
     pub delete_timeout: Duration,
     pub heat: Option<HeatConfig>,
     /// How to reach the VMs of created stacks over SSH (host and port come from the
@@ -362,7 +364,7 @@ pub struct ProviderConfig {
 /// `password`/`password_file` + `project_name`, or `application_credential_id` +
 /// `application_credential_secret`/`..._secret_file`. Its checks are
 /// [`HeatConfig::validate`], run at load and by [`crate::stack::heat::Heat::new`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct HeatConfig {
     /// Keystone's URL, e.g. `https://keystone.example:5000/v3` (`/v3` is added if missing).
     pub auth_url: String,
@@ -386,22 +388,28 @@ pub struct HeatConfig {
     /// `%(project_id)s` and `{project_id}` are replaced by the token's project id).
     pub endpoint_override: Option<String>,
     /// One TCP/TLS connection attempt.
+    #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
     /// One HTTP request, start to end.
+    #[serde(serialize_with = "ser_duration")]
     pub request_timeout: Duration,
     /// How long one call keeps retrying an unreachable or failing (5xx) service.
+    #[serde(serialize_with = "ser_duration")]
     pub retry_budget: Duration,
     /// Deleting a failed or timed-out create waits this long for it to be gone.
+    #[serde(serialize_with = "ser_duration")]
     pub delete_timeout: Duration,
     /// Polls start at 50 ms and back off to this interval (it bounds how late a
     /// `CREATE_COMPLETE` is seen).
+    #[serde(serialize_with = "ser_duration")]
     pub poll_max_interval: Duration,
     /// Renew the token this long before Keystone's `expires_at`.
+    #[serde(serialize_with = "ser_duration")]
     pub token_renew_before: Duration,
 }
 
 /// Which of a catalog entry's endpoints to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CatalogInterface {
     #[default]
@@ -554,7 +562,7 @@ impl RawHeat {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MonitorKind {
     /// No automatic trigger: migrations start by hand only.
@@ -578,7 +586,7 @@ pub enum MonitorMode {
 }
 
 /// Where the load comes from with `monitor.kind: zabbix`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ZabbixMonitorConfig {
     /// The API endpoint, e.g. `http://zabbix.example/api_jsonrpc.php`.
     pub url: String,
@@ -588,6 +596,7 @@ pub struct ZabbixMonitorConfig {
     /// Host name of the InfluxDB VM (after a migration: the new stack's `zabbix_host` output, if any).
     pub host: String,
     pub key: String,
+    #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
     /// What happens to the Zabbix host of an InfluxDB VM once a verified migration has
     /// deleted its stack.
@@ -597,7 +606,7 @@ pub struct ZabbixMonitorConfig {
 }
 
 /// `monitor.zabbix.retire_old_hosts`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RetireHosts {
     /// Delete the old VM's host (and its history) from Zabbix.
@@ -608,13 +617,15 @@ pub enum RetireHosts {
     Keep,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct MonitorConfig {
     pub kind: MonitorKind,
+    #[serde(serialize_with = "ser_duration")]
     pub poll_interval: Duration,
     pub window: usize,
     pub min_readings: usize,
     pub threshold: f64,
+    #[serde(serialize_with = "ser_duration")]
     pub cooldown: Duration,
     pub consecutive: u32,
     /// The predictor (`monitor.model`: guarded, gm11, last or ewma).
@@ -623,7 +634,7 @@ pub struct MonitorConfig {
     pub zabbix: Option<ZabbixMonitorConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Bearer token for every state-changing request (`POST /migrate`); `None`: they are
@@ -647,10 +658,11 @@ impl ApiConfig {
 }
 
 /// The API's certificate and key, ready to serve.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize)]
 pub struct ApiTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    #[serde(skip)]
     pub server: Arc<tokio_rustls::rustls::ServerConfig>,
 }
 
@@ -669,7 +681,7 @@ fn is_loopback(ip: std::net::IpAddr) -> bool {
 }
 
 /// One InfluxDB host: where its HTTP API answers and how to run commands on it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct InstanceConfig {
     pub name: String,
     pub influx_url: String,
@@ -683,10 +695,11 @@ pub struct InstanceConfig {
     /// Scratch directory on the host for dumps and restores.
     pub work_dir: String,
     /// Timeout of one HTTP request to this InfluxDB.
+    #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HostKeyCheck {
     /// Refuse unknown and changed host keys (the default).
@@ -697,7 +710,7 @@ pub enum HostKeyCheck {
     Off,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct SshConfig {
     pub host: String,
     pub port: u16,
@@ -710,12 +723,14 @@ pub struct SshConfig {
     /// whatever `known_hosts_file` holds: a reused address with a new VM behind it works,
     /// an impostor does not.
     pub host_keys: Vec<String>,
+    #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
     /// How long to keep retrying a host that does not accept SSH yet (fresh boot).
+    #[serde(serialize_with = "ser_duration")]
     pub ready_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct CaptureConfig {
     /// Where the capture receiver listens (port 0: any free port).
     pub listen: SocketAddr,
@@ -723,24 +738,28 @@ pub struct CaptureConfig {
     pub advertise_url: Option<String>,
     pub spool_dir: PathBuf,
     /// The old instance must have received no write for this long before the drain.
+    #[serde(serialize_with = "ser_duration")]
     pub quiet_period: Duration,
     /// Give up waiting for quiet after this long (the migration then fails safely).
+    #[serde(serialize_with = "ser_duration")]
     pub quiet_timeout: Duration,
     /// How long to wait for a new subscription to become live.
+    #[serde(serialize_with = "ser_duration")]
     pub live_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct CutoverConfig {
     /// Command that repoints the writers; `{target_url}` is replaced by the target's
     /// InfluxDB URL (shell-quoted). `None`: nothing to repoint (writers follow by other means).
     pub command: Option<String>,
     /// Where the command runs; `None`: on the orchestrator's machine.
     pub ssh: Option<SshConfig>,
+    #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ContentCheck {
     /// Per-series aggregates for every series, point-by-point where they differ, plus a sample.
@@ -749,7 +768,7 @@ pub enum ContentCheck {
     Counts,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct VerifyConfig {
     pub content: ContentCheck,
     /// Series per measurement compared point by point even when their aggregates agree.
@@ -757,10 +776,11 @@ pub struct VerifyConfig {
     /// The longest one verification query may run without answering (the instances'
     /// `timeout` is for ordinary requests: an aggregate over a large database takes
     /// minutes).
+    #[serde(serialize_with = "ser_duration")]
     pub query_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ExistingDatabases {
     /// A database that already exists on the target stops the migration before any change.
@@ -768,7 +788,7 @@ pub enum ExistingDatabases {
 }
 
 /// How the dump reaches the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TransferMode {
     /// `forward` when the SSH servers allow TCP forwarding, else `stream`.
@@ -779,7 +799,7 @@ pub enum TransferMode {
     Stream,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct MigrationConfig {
     /// Orchestrator-side state: journal, reports.
     pub work_dir: PathBuf,
@@ -789,8 +809,22 @@ pub struct MigrationConfig {
     pub transfer: TransferMode,
     /// How long `prepare` keeps asking a target InfluxDB that does not answer yet (a VM
     /// still booting) before it calls the target unreachable.
+    #[serde(serialize_with = "ser_duration")]
     pub target_ready_timeout: Duration,
     pub(crate) user_passwords_file: Option<PathBuf>,
+}
+
+/// A duration as the configuration writes it (`1m 30s`), for `config show`.
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+impl Config {
+    /// The effective configuration as YAML: defaults and environment overrides applied,
+    /// every secret shown as `***` (what `stateshift config show` prints).
+    pub fn to_yaml(&self) -> Result<String, String> {
+        serde_yaml::to_string(self).map_err(|e| e.to_string())
+    }
 }
 
 // ---------------------------------------------------------------- loading

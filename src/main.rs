@@ -154,6 +154,12 @@ enum ConfigCmd {
         #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Print the effective configuration of FILE as YAML: every default, every
+    /// environment override and secret file applied, every secret shown as `***`.
+    Show {
+        #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -189,6 +195,24 @@ async fn run(cmd: Cmd) -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
+            Err(code) => code,
+        },
+        Cmd::Config {
+            cmd: ConfigCmd::Show { config },
+        } => match load_config(&config) {
+            Ok(cfg) => match cfg.to_yaml() {
+                Ok(yaml) => {
+                    println!(
+                        "# {}: the effective configuration (defaults, environment and secret files applied; secrets shown as ***)\n{yaml}",
+                        config.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("stateshift config show: {e}");
+                    ExitCode::from(1)
+                }
+            },
             Err(code) => code,
         },
         Cmd::Migrate {

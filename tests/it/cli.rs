@@ -587,3 +587,48 @@ fn predict_answers_in_json_when_asked() {
     assert_eq!(models, ["guarded", "gm11", "last", "ewma"]);
     assert!(v["models"][0]["triggers"]["triggers"].is_u64(), "{v}");
 }
+
+#[test]
+fn config_show_prints_the_effective_config_with_every_secret_hidden() {
+    let d = tempfile::tempdir().unwrap();
+    let token = d.path().join("token");
+    std::fs::write(&token, "api-token-value-91\n").unwrap();
+    let users = d.path().join("users.yaml");
+    std::fs::write(&users, "bob: user-password-77\n").unwrap();
+    let p = write(
+        d.path(),
+        &format!(
+            "source:\n  influx_url: http://127.0.0.1:8086\n  username: admin\napi:\n  token_file: {}\nmigration:\n  user_passwords_file: {}\n",
+            token.display(),
+            users.display()
+        ),
+    );
+    let (code, out, err) = run(
+        &["config", "show", "-c", &p],
+        &[
+            ("STATESHIFT__SOURCE__PASSWORD", "source-password-42"),
+            ("STATESHIFT__CAPTURE__QUIET_PERIOD", "7s"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    for secret in [
+        "source-password-42",
+        "api-token-value-91",
+        "user-password-77",
+    ] {
+        assert!(!out.contains(secret), "{secret} shown:\n{out}");
+    }
+    let yaml: serde_json::Value = serde_yaml::from_str(&out).expect("YAML");
+    assert_eq!(yaml["source"]["password"], "***");
+    assert_eq!(yaml["api"]["token"], "***");
+    assert_eq!(yaml["migration"]["user_passwords"]["bob"], "***");
+    // The environment override and the defaults, as the config file writes them.
+    assert_eq!(yaml["capture"]["quiet_period"], "7s");
+    assert_eq!(yaml["verify"]["query_timeout"], "30m");
+    assert_eq!(yaml["monitor"]["mode"], "act");
+    assert_eq!(yaml["source"]["influx_url"], "http://127.0.0.1:8086");
+    // A bad file is a config error, as for every command.
+    let bad = write(d.path(), "source:\n  influx_url: \"influx:8086\"\n");
+    let (code, _, err) = run(&["config", "show", "-c", &bad], &[]);
+    assert_eq!(code, 2, "{err}");
+}
