@@ -85,6 +85,16 @@ enum Cmd {
         #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Ask the running daemon to migrate now: `POST /migrate` on its API with the
+    /// configured token (exit 0 accepted, 1 refused or unreachable, 2 config error).
+    Trigger {
+        #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The daemon's API; default from `api.listen` (its loopback address when it
+        /// listens on all), `https` when `api.tls_cert_file` is set (and trusted).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Show the service's state: where it runs, the last migrations, anything to recover.
     Status {
         #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -359,6 +369,13 @@ async fn run(cmd: Cmd) -> ExitCode {
                 }
             }
         }
+        Cmd::Trigger { config, url } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            trigger(&cfg, url).await
+        }
         Cmd::Status { config, json } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
@@ -564,6 +581,74 @@ fn predict(
                 "stateshift predict: no prediction: {} readings, at least {min} needed",
                 xs.len().min(window)
             );
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `stateshift trigger`: `POST /migrate` on the daemon's API.
+async fn trigger(cfg: &stateshift::config::Config, url: Option<String>) -> ExitCode {
+    let Some(token) = &cfg.api.token else {
+        eprintln!("stateshift trigger: the configuration has no api.token_file (or STATESHIFT__API__TOKEN): the daemon refuses every trigger without its token");
+        return ExitCode::from(2);
+    };
+    let url = url.unwrap_or_else(|| {
+        let mut addr = cfg.api.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let scheme = if cfg.api.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{addr}")
+    });
+    let mut http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+    if let Some(tls) = &cfg.api.tls {
+        // The daemon's own certificate is trusted (a self-signed one, as the SO VM makes).
+        let cert = std::fs::read(&tls.cert_file)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string()));
+        match cert {
+            Ok(c) => http = http.add_root_certificate(c),
+            Err(e) => {
+                eprintln!(
+                    "stateshift trigger: api.tls_cert_file {}: {e}",
+                    tls.cert_file.display()
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let http = match http.build() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("stateshift trigger: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let at = format!("{}/migrate", url.trim_end_matches('/'));
+    match http.post(&at).bearer_auth(token.expose()).send().await {
+        Ok(r) => {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            if status == reqwest::StatusCode::ACCEPTED {
+                println!("{url}: {}", body.trim());
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "stateshift trigger: {url} answered {status}: {}",
+                    body.trim()
+                );
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("stateshift trigger: POST {at}: {e}");
             ExitCode::from(1)
         }
     }

@@ -74,6 +74,7 @@ struct Running {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     cert: PathBuf,
+    config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -129,6 +130,7 @@ async fn daemon_with_tls() -> Running {
         stop,
         task,
         cert,
+        config: p,
         _dir: dir,
     }
 }
@@ -416,4 +418,45 @@ fn a_key_file_that_is_not_pem_is_refused_without_quoting_it() {
         e.contains("api.tls_cert_file") && e.contains("no certificate found"),
         "{e}"
     );
+}
+
+/// `stateshift trigger` asks the running daemon over its HTTPS API, trusting the daemon's
+/// certificate from the configuration, with the configured token; a wrong token is
+/// refused and the CLI says so, without the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateshift_trigger_posts_to_the_daemon_with_its_token_over_https() {
+    let d = daemon_with_tls().await;
+    let url = format!("https://{}", d.addr());
+    let wrong = d.config.with_file_name("wrong-token");
+    std::fs::write(&wrong, "not-the-token-5521\n").unwrap();
+    let trigger = |env: Option<&Path>| {
+        let mut c = tokio::process::Command::new(bin());
+        c.args(["trigger", "-c"])
+            .arg(&d.config)
+            .args(["--url", &url]);
+        if let Some(f) = env {
+            c.env("STATESHIFT__API__TOKEN_FILE", f);
+        }
+        async move {
+            let out = c.output().await.unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        }
+    };
+    let (code, out, err) = trigger(Some(&wrong)).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("401") && err.contains("missing or wrong bearer token"),
+        "{err}"
+    );
+    assert!(!err.contains("not-the-token-5521") && !out.contains("not-the-token-5521"));
+    assert!(!d.shared.running.load(std::sync::atomic::Ordering::SeqCst));
+
+    let (code, out, err) = trigger(None).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("migration requested"), "{out}");
+    d.stop().await;
 }
