@@ -11,6 +11,7 @@ command -v influx >/dev/null 2>&1 || need+=(influxdb-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks deploy/prometheus (tests); its server is never started
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

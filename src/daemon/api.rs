@@ -31,6 +31,9 @@ pub struct Metrics {
     readings: Family<Labels, Counter>,
     load: Gauge<f64, AtomicU64>,
     prediction: Gauge<f64, AtomicU64>,
+    threshold: Gauge<f64, AtomicU64>,
+    operator_wait: Gauge,
+    migrating: Gauge,
     triggers: Counter,
     would_migrate: Counter,
     migrations: Family<Labels, Counter>,
@@ -51,6 +54,9 @@ impl Metrics {
             readings: Family::default(),
             load: Gauge::default(),
             prediction: Gauge::default(),
+            threshold: Gauge::default(),
+            operator_wait: Gauge::default(),
+            migrating: Gauge::default(),
             triggers: Counter::default(),
             would_migrate: Counter::default(),
             migrations: Family::default(),
@@ -70,6 +76,17 @@ impl Metrics {
                 "Last one-step-ahead load prediction",
                 m.prediction.clone(),
             );
+            r.register(
+                "threshold",
+                "The trigger's threshold (monitor.threshold)",
+                m.threshold.clone(),
+            );
+            r.register(
+                "operator_wait",
+                "1 while a migration that failed after cutover waits for `stateshift resolve` (nothing migrates until then)",
+                m.operator_wait.clone(),
+            );
+            r.register("migrating", "1 while a migration runs", m.migrating.clone());
             r.register(
                 "triggers",
                 "Migrations triggered by the prediction or by hand",
@@ -123,6 +140,13 @@ impl Metrics {
             .get_or_create(&vec![("phase".into(), phase.to_string())])
             .set(secs);
     }
+    /// Set the gauges that mirror the daemon's state, just before a scrape.
+    fn refresh(&self, st: &super::Status, migrating: bool) {
+        self.threshold.set(st.threshold);
+        self.operator_wait
+            .set(i64::from(waiting_for_operator(st).is_some()));
+        self.migrating.set(i64::from(migrating));
+    }
     pub fn encode(&self) -> String {
         let mut s = String::new();
         let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -165,12 +189,16 @@ where
 
 /// `200 ok` while the daemon can act on its own; `503` and what to run while a migration
 /// that failed past cutover waits for an operator (nothing migrates until then).
+/// The last migration, when it failed after cutover and nobody has run `resolve` yet.
+fn waiting_for_operator(st: &super::Status) -> Option<&crate::migrate::journal::MigrationSummary> {
+    st.migrations.last().filter(|m| {
+        m.outcome == Some(crate::migrate::journal::Outcome::Failed) && m.resolved_on.is_none()
+    })
+}
+
 async fn healthz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     let st = s.status.lock().unwrap_or_else(|p| p.into_inner());
-    let waiting = st.migrations.last().filter(|m| {
-        m.outcome == Some(crate::migrate::journal::Outcome::Failed) && m.resolved_on.is_none()
-    });
-    match waiting {
+    match waiting_for_operator(&st) {
         Some(m) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -207,10 +235,7 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
             "loop: not running (starting, or stopping)".into()
         },
     )];
-    let waiting = st.migrations.last().filter(|m| {
-        m.outcome == Some(crate::migrate::journal::Outcome::Failed) && m.resolved_on.is_none()
-    });
-    checks.push(match waiting {
+    checks.push(match waiting_for_operator(&st) {
         Some(m) => (
             false,
             format!(
@@ -257,6 +282,10 @@ async fn status(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    {
+        let st = s.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.metrics.refresh(&st, s.running.load(Ordering::SeqCst));
+    }
     (
         [(
             "content-type",
@@ -465,6 +494,80 @@ mod tests {
             "{body}"
         );
         assert_eq!(get("/livez").await.0, 200, "alive all along");
+        api.stop.cancel();
+    }
+
+    /// The `stateshift_*` names in `text` (a PromQL expression or a whole file).
+    fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("stateshift_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            out.insert(name);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn every_metric_the_alert_rules_and_the_dashboard_use_is_served() {
+        let api = start(Some("t")).await;
+        // One sample in every family, as a daemon that polled and migrated has.
+        let m = &api.shared.metrics;
+        m.reading("fresh");
+        m.observe(1.0, Some(2.0));
+        m.trigger();
+        m.would_migrate();
+        m.migration("failed", 3);
+        m.phase_seconds(Phase::Verify, 1.5);
+        let served = reqwest::get(format!("{}/metrics", api.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let served: std::collections::BTreeSet<String> = served
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(String::from)
+            .collect();
+        let rules: serde_yaml::Value = serde_yaml::from_str(include_str!(
+            "../../deploy/prometheus/stateshift-alerts.yml"
+        ))
+        .unwrap();
+        let mut used = std::collections::BTreeSet::new();
+        for g in rules["groups"].as_sequence().unwrap() {
+            for r in g["rules"].as_sequence().unwrap() {
+                used.extend(metric_names(r["expr"].as_str().unwrap()));
+            }
+        }
+        assert!(used.len() >= 4, "{used:?}");
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+            "../../deploy/grafana/stateshift-dashboard.json"
+        ))
+        .unwrap();
+        let mut exprs = 0;
+        for p in dashboard["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                used.extend(metric_names(t["expr"].as_str().unwrap()));
+                exprs += 1;
+            }
+        }
+        used.extend(metric_names(
+            dashboard["templating"]["list"][0]["definition"]
+                .as_str()
+                .unwrap(),
+        ));
+        assert!(exprs >= 8, "{exprs} panel queries");
+        let missing: Vec<&String> = used.iter().filter(|n| !served.contains(*n)).collect();
+        assert!(
+            missing.is_empty(),
+            "not in /metrics: {missing:?}\nserved: {served:?}"
+        );
         api.stop.cancel();
     }
 

@@ -11,6 +11,7 @@ mod api_tls;
 mod campaign;
 mod cli;
 mod common;
+mod deploy;
 mod faults;
 mod heat;
 mod heat_migration;
