@@ -141,6 +141,17 @@ enum Cmd {
         #[arg(long, conflicts_with = "bench")]
         json: bool,
     },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff); with --dir, write stateshift.1 and one
+    /// stateshift-COMMAND.1 per command there.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Benchmark the data engine against native backup + restore.
     Bench {
         #[arg(long, default_value = "/tmp/stateshift-bench")]
@@ -369,6 +380,16 @@ async fn run(cmd: Cmd) -> ExitCode {
                 }
             }
         }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "stateshift",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Cmd::Man { dir } => man_pages(dir.as_deref()),
         Cmd::Trigger { config, url } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
@@ -649,6 +670,44 @@ async fn trigger(cfg: &stateshift::config::Config, url: Option<String>) -> ExitC
         }
         Err(e) => {
             eprintln!("stateshift trigger: POST {at}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `stateshift man`: the manual page on stdout, or every page into `dir`.
+fn man_pages(dir: Option<&std::path::Path>) -> ExitCode {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let Some(dir) = dir else {
+        return match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stateshift man: {e}");
+                ExitCode::from(1)
+            }
+        };
+    };
+    let write = |name: &str, page: clap::Command| -> std::io::Result<()> {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page).render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out)
+    };
+    let mut r = std::fs::create_dir_all(dir).and_then(|()| write("stateshift", cmd.clone()));
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name = format!("stateshift-{}", sub.get_name());
+        r = r.and_then(|()| {
+            write(
+                &name,
+                sub.clone()
+                    .display_name(name.clone())
+                    .bin_name(name.clone()),
+            )
+        });
+    }
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stateshift man: {}: {e}", dir.display());
             ExitCode::from(1)
         }
     }
