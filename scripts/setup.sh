@@ -12,6 +12,8 @@ command -v influx >/dev/null 2>&1 || need+=(influxdb-client)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks deploy/prometheus (tests); its server is never started
+command -v chromium >/dev/null 2>&1 || need+=(chromium)       # the status page's browser test (headless)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

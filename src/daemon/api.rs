@@ -1,5 +1,6 @@
 //! The daemon's HTTP API (bound to 127.0.0.1 by default; HTTPS with `api.tls_*`, see
-//! [`crate::tls`]): `/healthz`, `/livez`, `/readyz`, `/status` (JSON), `/metrics` (Prometheus text),
+//! [`crate::tls`]): `/` (the status page, `page/`), `/healthz`, `/livez`, `/readyz`, `/status` (JSON),
+//! `/metrics` (Prometheus text),
 //! `POST /migrate` (409 while a migration runs). Reading is open; every request that is
 //! not a GET or HEAD, on any route, needs the bearer token (one layer over the whole
 //! router, so a route added later cannot forget it). A refused token is logged without
@@ -160,6 +161,8 @@ impl Metrics {
 /// The API's routes, behind the token check for every state-changing request.
 pub fn router(shared: Arc<Shared>) -> axum::Router {
     axum::Router::new()
+        .route("/", get(page))
+        .route("/app.js", get(page_script))
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -209,6 +212,34 @@ async fn healthz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
         ),
         None => (StatusCode::OK, "ok\n".into()),
     }
+}
+
+/// The status page: embedded in the binary, nothing from elsewhere (the content security
+/// policy holds the page to this origin), no secret in it.
+const PAGE: &str = include_str!("page/index.html");
+const PAGE_SCRIPT: &str = include_str!("page/app.js");
+const PAGE_POLICY: &str = "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+}
+
+async fn page_script() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE_SCRIPT,
+    )
 }
 
 /// `200 ok` whenever the process answers: restart it only when this fails.
@@ -577,6 +608,8 @@ mod tests {
         let url = &api.url;
         let http = reqwest::Client::new();
         for path in [
+            "/",
+            "/app.js",
             "/healthz",
             "/livez",
             "/readyz",
@@ -602,7 +635,7 @@ mod tests {
             "nothing triggered"
         );
         // Reading stays open.
-        for path in ["/healthz", "/livez", "/status", "/metrics"] {
+        for path in ["/", "/app.js", "/healthz", "/livez", "/status", "/metrics"] {
             let r = http.get(format!("{url}{path}")).send().await.unwrap();
             assert_eq!(r.status(), 200, "GET {path}");
         }

@@ -276,6 +276,13 @@ impl<W: World> Decider<W> {
             st.last_reading = Some(s.value);
             st.last_prediction = d.prediction;
             st.last_decision = d.reason.to_string();
+            st.history.push(super::HistoryPoint {
+                at_unix_ms: crate::util::now_ms(),
+                load: s.value,
+                prediction: d.prediction,
+            });
+            let over = st.history.len().saturating_sub(super::HISTORY_KEPT);
+            st.history.drain(..over);
         });
         if !d.trigger() {
             return None;

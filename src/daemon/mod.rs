@@ -49,10 +49,24 @@ pub struct Status {
     /// `act` (a prediction over the threshold migrates) or `observe` (it is only recorded
     /// in `would_migrate`).
     pub mode: String,
+    /// The fresh readings with their predictions, oldest first (the last
+    /// [`HISTORY_KEPT`]): the status page's chart.
+    pub history: Vec<HistoryPoint>,
     /// In observe mode: the migrations the daemon would have started, newest last (the
     /// last [`WOULD_MIGRATE_KEPT`]).
     pub would_migrate: Vec<WouldMigrate>,
     pub migrations: Vec<crate::migrate::journal::MigrationSummary>,
+}
+
+/// How many readings `/status` keeps for the chart (a day at one poll a minute).
+pub const HISTORY_KEPT: usize = 1440;
+
+/// One fresh reading and the prediction made with it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HistoryPoint {
+    pub at_unix_ms: u64,
+    pub load: f64,
+    pub prediction: Option<f64>,
 }
 
 /// How many would-be migrations `/status` keeps.
@@ -93,15 +107,27 @@ impl Shared {
 struct LoopProgress<'a> {
     shared: &'a Shared,
     inner: &'a dyn Progress,
+    cfg: &'a Config,
+}
+
+impl LoopProgress<'_> {
+    /// The history as the journal has it now, the running migration's phases included.
+    fn show_journal(&self) {
+        if let Ok(st) = machine::state(self.cfg) {
+            self.shared.set(|s| s.migrations = st.migrations);
+        }
+    }
 }
 
 impl Progress for LoopProgress<'_> {
     fn phase_started(&self, phase: Phase) {
         self.shared.set(|s| s.phase = Some(phase.to_string()));
+        self.show_journal();
         self.inner.phase_started(phase);
     }
     fn phase_done(&self, phase: Phase, took: Duration) {
         self.shared.metrics.phase_seconds(phase, took.as_secs_f64());
+        self.show_journal();
         self.inner.phase_done(phase, took);
     }
     fn note(&self, msg: &str) {
@@ -369,6 +395,7 @@ impl decide::World for Orchestrator<'_> {
         let lp = LoopProgress {
             shared: &self.shared,
             inner: self.progress,
+            cfg: self.cfg,
         };
         // A migration is not interrupted by the first signal: it is the safe point.
         match machine::migrate(self.cfg, self.provider, why, &lp).await {

@@ -19,6 +19,7 @@ mod lab;
 mod malformed;
 mod migration;
 mod orchestrator;
+mod page;
 mod remote;
 mod security;
 mod soak;
