@@ -112,6 +112,9 @@ enum Cmd {
         /// Points to seed on the old server.
         #[arg(long, default_value_t = 200_000)]
         points: u64,
+        /// After the migration, keep the daemon and its status page running until Ctrl-C.
+        #[arg(long)]
+        serve: bool,
     },
     /// Predict the next load value, or evaluate the predictors on a trace.
     Predict {
@@ -469,8 +472,14 @@ async fn run(cmd: Cmd) -> ExitCode {
                 }
             }
         }
-        Cmd::Demo { dir, points } => {
-            match interruptible(cli::demo::run(&dir, points)).await {
+        Cmd::Demo { dir, points, serve } => {
+            let r = interruptible(cli::demo::run(&dir, points, serve)).await;
+            // With --serve, Ctrl-C is how the demo ends once its outcome is known.
+            let r = match (r, cli::demo::SERVED.get()) {
+                (Err(_), Some(o)) if serve => Ok(o.clone()),
+                (r, _) => r,
+            };
+            match r {
                 Ok(o) if o.lost == 0 && o.failed_writes == 0 && o.old_stack_gone => {
                     println!("\ndemo ok: triggered by the prediction, migrated, old stack disposed of, nothing lost");
                     ExitCode::SUCCESS

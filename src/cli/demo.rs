@@ -24,6 +24,7 @@ use stateshift::timeline::probe::{self, JournalFollow, ProbeSpec, RunningProbe};
 use stateshift::timeline::PROBE_DB;
 
 /// What the demo saw.
+#[derive(Debug, Clone)]
 pub struct Outcome2 {
     pub lost: u64,
     pub failed_writes: u64,
@@ -67,7 +68,7 @@ fn start_load(
     })
 }
 
-pub async fn run(dir: &Path, points: u64) -> anyhow::Result<Outcome2> {
+pub async fn run(dir: &Path, points: u64, serve: bool) -> anyhow::Result<Outcome2> {
     println!("stateshift demo: the service orchestrator loop on one machine\n");
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
@@ -82,7 +83,10 @@ pub async fn run(dir: &Path, points: u64) -> anyhow::Result<Outcome2> {
         timeout: Duration::from_secs(60),
     };
     let (stack0, out0) = stacks.create(&spec).await?;
-    let result = run_in(dir, &stacks, &out0, points).await;
+    // Local stacks outlive their creator by design: if the demo is dropped (Ctrl-C), its
+    // servers must not.
+    let _servers = StopOnDrop(local_dir.clone());
+    let result = run_in(dir, &stacks, &out0, points, serve).await;
     // Whatever happened, stop every local stack the demo made.
     for name in std::fs::read_dir(local_dir.join("stacks"))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -95,11 +99,25 @@ pub async fn run(dir: &Path, points: u64) -> anyhow::Result<Outcome2> {
     result
 }
 
+/// Stops every process started under a directory (the local stacks' influxd and sshd).
+struct StopOnDrop(std::path::PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let pattern = stateshift::util::regex_quote(&format!("{}/", self.0.display()));
+        let _ = std::process::Command::new("pkill")
+            .arg("-f")
+            .arg(pattern)
+            .status();
+    }
+}
+
 async fn run_in(
     dir: &Path,
     stacks: &LocalStacks,
     out0: &stateshift::stack::StackOutputs,
     points: u64,
+    serve: bool,
 ) -> anyhow::Result<Outcome2> {
     println!(
         "1. the service's InfluxDB VM is local stack demo-influx-0: influxd + sshd on {}",
@@ -167,14 +185,15 @@ async fn run_in(
     let shared = ready_rx
         .await
         .map_err(|_| anyhow::anyhow!("the daemon did not start"))?;
-    println!(
-        "   its HTTP API: http://{}/status and /metrics",
+    let page = format!(
+        "http://{}/",
         shared
             .status
             .lock()
             .map(|s| s.api.clone())
             .unwrap_or_default()
     );
+    println!("   its status page: {page} (and {page}status, {page}metrics)");
 
     let workers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let stop_load = CancellationToken::new();
@@ -229,10 +248,6 @@ async fn run_in(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ledger = writer.finish().await;
     let st = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
-    stop_daemon.cancel();
-    daemon
-        .await
-        .map_err(|e| anyhow::anyhow!("daemon task: {e}"))??;
     if !succeeded {
         anyhow::bail!("no successful migration within 240 s (last decision: {}; see `stateshift status -c {}`)", st.last_decision, cfg_path.display());
     }
@@ -280,9 +295,24 @@ async fn run_in(
     println!("8. the probe client: {summary}");
     println!("   per-second CSV: {}", csv.display());
     println!("availability timeline: {}", svg.display());
-    Ok(Outcome2 {
+    let outcome = Outcome2 {
         lost,
         failed_writes: ledger.requests_failed,
         old_stack_gone: old_gone,
-    })
+    };
+    if serve {
+        let _ = SERVED.set(outcome.clone());
+        println!("\nserving the status page at {page} until Ctrl-C");
+        // Ctrl-C ends the demo here (`interruptible` stops the local servers with it).
+        std::future::pending::<()>().await;
+    }
+    stop_daemon.cancel();
+    daemon
+        .await
+        .map_err(|e| anyhow::anyhow!("daemon task: {e}"))??;
+    Ok(outcome)
 }
+
+/// With `--serve`: the demo's outcome, set once it is known and the page is being served
+/// until Ctrl-C (which ends the demo by dropping it).
+pub static SERVED: std::sync::OnceLock<Outcome2> = std::sync::OnceLock::new();

@@ -566,18 +566,80 @@ async fn the_demo_triggers_on_the_predicted_load_and_moves_the_service_losing_no
     let dir = tmp.path().join("d");
     // The command a user runs: it exits 0 only when the prediction triggered the
     // migration, no acknowledged point was lost, no write failed and the old stack is gone.
-    let out = tokio::process::Command::new(bin())
-        .args(["demo", "--points", "50000", "--dir"])
+    // With --serve it then keeps its status page up until Ctrl-C.
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(bin())
+        .args(["demo", "--serve", "--points", "50000", "--dir"])
         .arg(&dir)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stdout = String::new();
+    let page = loop {
+        let line = tokio::time::timeout(Duration::from_secs(400), lines.next_line())
+            .await
+            .expect("the demo goes on")
+            .unwrap();
+        let Some(line) = line else {
+            let out = child.wait_with_output().await.unwrap();
+            panic!(
+                "the demo ended before serving: {:?}\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        stdout.push_str(&line);
+        stdout.push('\n');
+        if let Some(url) = line.strip_prefix("serving the status page at ") {
+            break url.trim_end_matches(" until Ctrl-C").to_string();
+        }
+    };
+    let html = reqwest::get(&page).await.unwrap().text().await.unwrap();
+    assert!(html.contains("<title>stateshift</title>"), "{html}");
+    let st: serde_json::Value = reqwest::get(format!("{page}status"))
+        .await
+        .unwrap()
+        .json()
         .await
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(st["migrations"][0]["outcome"], "succeeded", "{st}");
     assert!(
-        out.status.success() && stdout.contains("demo ok"),
-        "the demo runs through a migration losing nothing: {:?}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        st["history"].as_array().is_some_and(|h| !h.is_empty()),
+        "{st}"
+    );
+    // Ctrl-C ends it, with the demo's verdict.
+    let pid = child.id().unwrap() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
+    while let Ok(Some(line)) = lines.next_line().await {
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("Ctrl-C ends the demo")
+        .unwrap();
+    assert!(
+        status.success() && stdout.contains("demo ok"),
+        "the demo runs through a migration losing nothing: {status:?}\n{stdout}"
+    );
+    assert!(
+        reqwest::get(&page).await.is_err(),
+        "nothing serves the page any more"
+    );
+    let left = Command::new("pgrep")
+        .arg("-f")
+        .arg(format!("{}/local/", dir.display()))
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "the demo's servers stopped with it: {}",
+        String::from_utf8_lossy(&left.stdout)
     );
     let tl = std::fs::read_to_string(dir.join("timeline.csv")).unwrap();
     assert!(
