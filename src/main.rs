@@ -144,6 +144,27 @@ enum Cmd {
         #[arg(long, conflicts_with = "bench")]
         json: bool,
     },
+    /// Replay the load readings the daemon recorded (readings.csv in migration.work_dir)
+    /// through other thresholds or models: the migrations each would have started, and when.
+    Replay {
+        #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The readings file (`timestamp,value`); default: the daemon's record.
+        #[arg(long)]
+        readings: Option<PathBuf>,
+        /// A threshold to try (repeat for several); default: monitor.threshold.
+        #[arg(long, allow_negative_numbers = true)]
+        threshold: Vec<f64>,
+        /// The predictor to try (guarded, gm11, last, ewma); default: monitor.model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only the readings of this last stretch of time, e.g. 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// One JSON object on stdout instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -382,6 +403,20 @@ async fn run(cmd: Cmd) -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Cmd::Replay {
+            config,
+            readings,
+            threshold,
+            model,
+            since,
+            json,
+        } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            replay(&cfg, readings, threshold, model, since, json)
         }
         Cmd::Completions { shell } => {
             clap_complete::generate(
@@ -682,6 +717,120 @@ async fn trigger(cfg: &stateshift::config::Config, url: Option<String>) -> ExitC
             ExitCode::from(1)
         }
     }
+}
+
+/// `stateshift replay`: the recorded readings through other settings.
+fn replay(
+    cfg: &stateshift::config::Config,
+    readings: Option<PathBuf>,
+    thresholds: Vec<f64>,
+    model: Option<String>,
+    since: Option<std::time::Duration>,
+    json: bool,
+) -> ExitCode {
+    use stateshift::predict::{policy::PolicyConfig, replay as rp, Model};
+    let path = readings.unwrap_or_else(|| stateshift::daemon::readings_file(cfg));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("stateshift replay: {}: {e} (the daemon records its readings there once it has read the load)", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut all = match rp::parse(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("stateshift replay: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    if let (Some(since), Some(last)) = (since, all.last().map(|r| r.at)) {
+        let from = last.checked_sub(since).unwrap_or(std::time::UNIX_EPOCH);
+        all.retain(|r| r.at >= from);
+    }
+    let model: Model = match model.map(|m| m.parse()).transpose() {
+        Ok(m) => m.unwrap_or(cfg.monitor.model),
+        Err(e) => {
+            eprintln!("stateshift replay: --model: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let thresholds = if thresholds.is_empty() {
+        vec![cfg.monitor.threshold]
+    } else {
+        thresholds
+    };
+    let m = &cfg.monitor;
+    let mut runs = Vec::new();
+    for t in thresholds {
+        let pc = PolicyConfig {
+            threshold: t,
+            min_readings: m.min_readings,
+            window: m.window,
+            cooldown: m.cooldown,
+            consecutive: m.consecutive as usize,
+            model,
+        };
+        match rp::replay(&all, pc) {
+            Ok(w) => runs.push((t, w)),
+            Err(e) => {
+                eprintln!("stateshift replay: threshold {t}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let stamp = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    if json {
+        return print_json(&serde_json::json!({
+            "readings": path,
+            "count": all.len(),
+            "from": all.first().map(|r| stamp(r.at)),
+            "to": all.last().map(|r| stamp(r.at)),
+            "model": model,
+            "window": m.window,
+            "min_readings": m.min_readings,
+            "consecutive": m.consecutive,
+            "cooldown": humantime::format_duration(m.cooldown).to_string(),
+            "runs": runs.iter().map(|(t, w)| serde_json::json!({
+                "threshold": t,
+                "migrations": w.iter().map(|x| serde_json::json!({
+                    "at": stamp(x.at), "prediction": x.prediction,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    match (all.first(), all.last()) {
+        (Some(a), Some(b)) => println!(
+            "{}: {} readings from {} to {}",
+            path.display(),
+            all.len(),
+            stamp(a.at),
+            stamp(b.at)
+        ),
+        _ => println!("{}: no readings", path.display()),
+    }
+    for (t, w) in &runs {
+        let head = format!(
+            "threshold {t} (model {model}, window {}, min {}, {} in a row, cooldown {})",
+            m.window,
+            m.min_readings,
+            m.consecutive,
+            humantime::format_duration(m.cooldown)
+        );
+        match w.len() {
+            0 => println!("{head}: no migration would have started"),
+            n => {
+                println!(
+                    "{head}: {n} migration{} would have started",
+                    if n == 1 { "" } else { "s" }
+                );
+                for x in w {
+                    println!("  {}  prediction {:.2}", stamp(x.at), x.prediction);
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `stateshift man`: the manual page on stdout, or every page into `dir`.

@@ -123,6 +123,10 @@ impl<S: MetricSource + 'static> Feed<S> {
     }
 }
 
+/// The readings record moves to `readings.csv.1` past this size (about 2 million
+/// readings: a month at one a second, years at one a minute).
+const RECORD_MAX_BYTES: u64 = 64 << 20;
+
 /// The loop's state between iterations.
 pub(crate) struct Decider<W: World> {
     world: W,
@@ -133,6 +137,10 @@ pub(crate) struct Decider<W: World> {
     last_start: Option<Instant>,
     /// `monitor.mode: observe`: a trigger is recorded, never acted on.
     observe: bool,
+    /// Where every fresh reading is appended (`timestamp,value`), for `stateshift replay`.
+    record: Option<std::path::PathBuf>,
+    /// A failure to record was logged already.
+    record_warned: bool,
 }
 
 impl<W: World> Decider<W> {
@@ -150,6 +158,43 @@ impl<W: World> Decider<W> {
             here: String::new(),
             last_start: None,
             observe: false,
+            record: None,
+            record_warned: false,
+        }
+    }
+
+    /// Append every fresh reading to `path` (`timestamp,value`, the sample's own clock),
+    /// so `stateshift replay` can run them through other settings later.
+    pub(crate) fn record_readings(mut self, path: Option<std::path::PathBuf>) -> Self {
+        self.record = path;
+        self
+    }
+
+    /// One reading into the record; a file past [`RECORD_MAX_BYTES`] moves to `.1` first.
+    fn record(&mut self, s: &Sample) {
+        use std::io::Write;
+        let Some(path) = &self.record else { return };
+        let at = std::time::UNIX_EPOCH + std::time::Duration::new(s.clock.secs, s.clock.nanos);
+        let r = (|| -> std::io::Result<()> {
+            if std::fs::metadata(path).is_ok_and(|m| m.len() > RECORD_MAX_BYTES) {
+                std::fs::rename(path, path.with_extension("csv.1"))?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            if f.metadata()?.len() == 0 {
+                f.write_all(b"timestamp,value\n")?;
+            }
+            f.write_all(crate::predict::replay::line(at, s.value).as_bytes())
+        })();
+        match r {
+            Ok(()) => self.record_warned = false,
+            Err(e) if !self.record_warned => {
+                self.record_warned = true;
+                tracing::warn!(path = %path.display(), error = %e, "cannot record the load reading (stateshift replay will miss it)");
+            }
+            Err(_) => {}
         }
     }
 
@@ -262,6 +307,7 @@ impl<W: World> Decider<W> {
     }
 
     fn decide(&mut self, s: Sample) -> Option<String> {
+        self.record(&s);
         let d = match self.policy.on_reading(s.value, Instant::now().into_std()) {
             Ok(d) => d,
             Err(e) => {
@@ -599,6 +645,40 @@ mod tests {
         assert_eq!(m.len(), 1, "{m:?}");
         assert_eq!(m[0].1, "manual: POST /migrate");
         assert!(status.would_migrate.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_fresh_reading_is_recorded_once_for_replay() {
+        // A sample repeated by the source counts once, and is recorded once, with the
+        // source's own clock.
+        let load: VecDeque<Reading> = [
+            fresh(2.0, 1_790_000_000),
+            fresh(2.0, 1_790_000_000),
+            fresh(3.5, 1_790_000_060),
+            fresh(4.0, 1_790_000_120),
+        ]
+        .into();
+        let scene = Scene {
+            loads: Arc::new(Mutex::new(vec![load])),
+            ..Scene::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("readings.csv");
+        let (shared, rx) = shared();
+        let stop = CancellationToken::new();
+        let decider = Decider::new(scene, policy(3, POLL), poll(), shared)
+            .record_readings(Some(path.clone()));
+        let task = tokio::spawn(decider.run(rx, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        stop.cancel();
+        task.await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            "timestamp,value\n2026-09-21T14:13:20.000Z,2\n2026-09-21T14:14:20.000Z,3.5\n2026-09-21T14:15:20.000Z,4\n"
+        );
+        let r = crate::predict::replay::parse(&text).unwrap();
+        assert_eq!(r.len(), 3);
     }
 
     #[tokio::test(start_paused = true)]

@@ -58,6 +58,11 @@ pub struct Status {
     pub migrations: Vec<crate::migrate::journal::MigrationSummary>,
 }
 
+/// Where the daemon records every fresh load reading (`stateshift replay` reads it).
+pub fn readings_file(cfg: &Config) -> std::path::PathBuf {
+    cfg.migration.work_dir.join("readings.csv")
+}
+
 /// How many readings `/status` keeps for the chart (a day at one poll a minute).
 pub const HISTORY_KEPT: usize = 1440;
 
@@ -522,6 +527,7 @@ pub async fn run(
     };
     decide::Decider::new(world, policy, poll, shared.clone())
         .observe_only(cfg.monitor.mode == MonitorMode::Observe)
+        .record_readings(Some(readings_file(&cfg)))
         .run(rx, shutdown)
         .await;
     api_token.cancel();

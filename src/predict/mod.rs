@@ -29,6 +29,7 @@ pub mod eval;
 pub mod grey;
 pub mod guarded;
 pub mod policy;
+pub mod replay;
 pub mod synthetic;
 pub mod window;
 

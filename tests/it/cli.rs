@@ -632,3 +632,78 @@ fn config_show_prints_the_effective_config_with_every_secret_hidden() {
     let (code, _, err) = run(&["config", "show", "-c", &bad], &[]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn replay_runs_the_recorded_readings_through_other_thresholds() {
+    let d = tempfile::tempdir().unwrap();
+    let work = d.path().join("state");
+    std::fs::create_dir_all(&work).unwrap();
+    // A reading a minute, as the daemon records them: calm, 30 minutes at 9, calm.
+    let mut text = String::from("timestamp,value\n");
+    for i in 0..60u64 {
+        let v = if (10..40).contains(&i) { 9 } else { 1 };
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_790_000_000 + i * 60);
+        text.push_str(&format!("{},{v}\n", humantime::format_rfc3339_millis(t)));
+    }
+    std::fs::write(work.join("readings.csv"), text).unwrap();
+    let p = write(
+        d.path(),
+        &format!(
+            "source:\n  influx_url: http://127.0.0.1:8086\nmigration:\n  work_dir: {}\nmonitor:\n  threshold: 10\n  window: 5\n  min_readings: 1\n  consecutive: 3\n  cooldown: 10m\n  model: last\n",
+            work.display()
+        ),
+    );
+    let (code, out, err) = run(&["replay", "-c", &p], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("60 readings from 2026-09-21T14:13:20Z"),
+        "{out}"
+    );
+    assert!(out.contains("threshold 10 (model last, window 5, min 1, 3 in a row, cooldown 10m): no migration would have started"), "{out}");
+    let (code, out, err) = run(
+        &[
+            "replay",
+            "-c",
+            &p,
+            "--threshold",
+            "8",
+            "--threshold",
+            "10",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let at8: Vec<&str> = v["runs"][0]["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["at"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        at8,
+        [
+            "2026-09-21T14:25:20Z",
+            "2026-09-21T14:35:20Z",
+            "2026-09-21T14:45:20Z"
+        ],
+        "{out}"
+    );
+    assert_eq!(v["runs"][1]["migrations"], serde_json::json!([]));
+    // The last 20 minutes only: calm.
+    let (code, out, _) = run(
+        &["replay", "-c", &p, "--threshold", "8", "--since", "19m"],
+        &[],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("20 readings") && out.contains("no migration"),
+        "{out}"
+    );
+    // A broken record is named, with its line.
+    std::fs::write(work.join("readings.csv"), "timestamp,value\nnot-a-time,3\n").unwrap();
+    let (code, _, err) = run(&["replay", "-c", &p], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("readings.csv: line 2"), "{err}");
+}
