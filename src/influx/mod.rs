@@ -349,7 +349,8 @@ impl Influx {
     fn unreachable(&self) -> impl Fn(reqwest::Error) -> InfluxError + '_ {
         move |source| {
             // A timeout while reading a body surfaces as a "decode" error: say what it is.
-            if source.is_timeout() {
+            // One while connecting is the network's: the host is unreachable.
+            if source.is_timeout() && !source.is_connect() {
                 InfluxError::TimedOut {
                     url: self.base.clone(),
                     after: self.timeout,
