@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what stateshift's demo and tests need on a fresh Debian (bookworm) machine, as
-# root: InfluxDB 1.x and OpenSSH from Debian, and a Rust toolchain check. Idempotent.
+# root: InfluxDB 1.x and OpenSSH from Debian, promtool and headless Chromium for the tests,
+# and a Rust toolchain check. Idempotent.
 # The servers themselves are started by the demo and the tests, each on its own
 # loopback address, never by this script and never as system services.
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine as root:
-#   installs InfluxDB 1.x and OpenSSH (scripts/setup.sh), starts a real Zabbix 6.0 and a
+#   installs InfluxDB 1.x, OpenSSH, promtool and headless Chromium (scripts/setup.sh), starts a real Zabbix 6.0 and a
 #   real Keystone + Heat on loopback and the VM lab (Debian VMs under QEMU that Heat
 #   creates, on a network namespace), checks formatting and lints, then runs the unit and
 #   integration tests (which start their own InfluxDB and sshd servers on loopback
