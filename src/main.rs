@@ -95,6 +95,25 @@ enum Cmd {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Stop the daemon's running migration: `POST /migrate/abort` on its API with the
+    /// configured token. Before its cutover the migration rolls back (the service stays
+    /// where it runs, the target goes); past it the abort is refused with the reason.
+    /// Waits for the rollback and prints its outcome (exit 0 rolled back, 1 refused,
+    /// unreachable or not settled in time, 2 config error). A `stateshift migrate` in a
+    /// terminal is aborted with Ctrl-C.
+    Abort {
+        #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The daemon's API; default as for `trigger`.
+        #[arg(long)]
+        url: Option<String>,
+        /// Return once the abort is accepted, without waiting for the rollback.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the rollback.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Show the service's state: where it runs, the last migrations, anything to recover.
     Status {
         #[arg(short, long, env = "STATESHIFT_CONFIG", default_value = DEFAULT_CONFIG)]
@@ -435,6 +454,18 @@ async fn run(cmd: Cmd) -> ExitCode {
             };
             trigger(&cfg, url).await
         }
+        Cmd::Abort {
+            config,
+            url,
+            no_wait,
+            timeout,
+        } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            abort(&cfg, url, (!no_wait).then_some(timeout)).await
+        }
         Cmd::Status { config, json } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
@@ -652,69 +683,174 @@ fn predict(
 }
 
 /// `stateshift trigger`: `POST /migrate` on the daemon's API.
-async fn trigger(cfg: &stateshift::config::Config, url: Option<String>) -> ExitCode {
-    let Some(token) = &cfg.api.token else {
-        eprintln!("stateshift trigger: the configuration has no api.token_file (or STATESHIFT__API__TOKEN): the daemon refuses every trigger without its token");
-        return ExitCode::from(2);
-    };
-    let url = url.unwrap_or_else(|| {
-        let mut addr = cfg.api.listen;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(match addr {
-                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        let scheme = if cfg.api.tls.is_some() {
-            "https"
-        } else {
-            "http"
+/// A client of the daemon's API: its URL, and the token and certificate to reach it.
+struct DaemonApi {
+    url: String,
+    http: reqwest::Client,
+    token: stateshift::util::Secret,
+}
+
+impl DaemonApi {
+    /// `cmd` names the command in errors; `Err` is the exit code (2: the configuration).
+    fn new(
+        cfg: &stateshift::config::Config,
+        url: Option<String>,
+        cmd: &str,
+    ) -> Result<DaemonApi, ExitCode> {
+        let Some(token) = cfg.api.token.clone() else {
+            eprintln!("stateshift {cmd}: the configuration has no api.token_file (or STATESHIFT__API__TOKEN): the daemon refuses it without its token");
+            return Err(ExitCode::from(2));
         };
-        format!("{scheme}://{addr}")
-    });
-    let mut http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
-    if let Some(tls) = &cfg.api.tls {
-        // The daemon's own certificate is trusted (a self-signed one, as the SO VM makes).
-        let cert = std::fs::read(&tls.cert_file)
-            .map_err(|e| e.to_string())
-            .and_then(|pem| reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string()));
-        match cert {
-            Ok(c) => http = http.add_root_certificate(c),
+        let url = url.unwrap_or_else(|| {
+            let mut addr = cfg.api.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let scheme = if cfg.api.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{addr}")
+        });
+        let mut http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+        if let Some(tls) = &cfg.api.tls {
+            // The daemon's own certificate is trusted (a self-signed one, as the SO VM makes).
+            let cert = std::fs::read(&tls.cert_file)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string()));
+            match cert {
+                Ok(c) => http = http.add_root_certificate(c),
+                Err(e) => {
+                    eprintln!(
+                        "stateshift {cmd}: api.tls_cert_file {}: {e}",
+                        tls.cert_file.display()
+                    );
+                    return Err(ExitCode::from(2));
+                }
+            }
+        }
+        match http.build() {
+            Ok(http) => Ok(DaemonApi {
+                url: url.trim_end_matches('/').to_string(),
+                http,
+                token,
+            }),
             Err(e) => {
-                eprintln!(
-                    "stateshift trigger: api.tls_cert_file {}: {e}",
-                    tls.cert_file.display()
-                );
-                return ExitCode::from(2);
+                eprintln!("stateshift {cmd}: {e}");
+                Err(ExitCode::from(1))
             }
         }
     }
-    let http = match http.build() {
-        Ok(h) => h,
+
+    /// `POST {path}` with the token: the status and the body, or why nothing answered.
+    async fn post(&self, path: &str) -> Result<(reqwest::StatusCode, String), String> {
+        let at = format!("{}{path}", self.url);
+        let r = self
+            .http
+            .post(&at)
+            .bearer_auth(self.token.expose())
+            .send()
+            .await
+            .map_err(|e| format!("POST {at}: {}", stateshift::util::error_chain(&e)))?;
+        let status = r.status();
+        Ok((
+            status,
+            r.text().await.unwrap_or_default().trim().to_string(),
+        ))
+    }
+
+    /// `GET /status` as JSON.
+    async fn status(&self) -> Result<serde_json::Value, String> {
+        let at = format!("{}/status", self.url);
+        let r = self
+            .http
+            .get(&at)
+            .send()
+            .await
+            .map_err(|e| format!("GET {at}: {}", stateshift::util::error_chain(&e)))?;
+        r.json()
+            .await
+            .map_err(|e| format!("GET {at}: {}", stateshift::util::error_chain(&e)))
+    }
+}
+
+/// `stateshift trigger`: `POST /migrate` on the daemon.
+async fn trigger(cfg: &stateshift::config::Config, url: Option<String>) -> ExitCode {
+    let api = match DaemonApi::new(cfg, url, "trigger") {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    match api.post("/migrate").await {
+        Ok((reqwest::StatusCode::ACCEPTED, body)) => {
+            println!("{}: {body}", api.url);
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("stateshift trigger: {} answered {status}: {body}", api.url);
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("stateshift trigger: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `stateshift abort`: `POST /migrate/abort` on the daemon, then (with `wait`) follow
+/// `/status` until the migration has rolled back and say how it ended.
+async fn abort(
+    cfg: &stateshift::config::Config,
+    url: Option<String>,
+    wait: Option<std::time::Duration>,
+) -> ExitCode {
+    let api = match DaemonApi::new(cfg, url, "abort") {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    match api.post("/migrate/abort").await {
+        Ok((reqwest::StatusCode::ACCEPTED, body)) => println!("{}: {body}", api.url),
+        Ok((status, body)) => {
+            eprintln!("stateshift abort: {} answered {status}: {body}", api.url);
             return ExitCode::from(1);
         }
+        Err(e) => {
+            eprintln!("stateshift abort: {e}; a `stateshift migrate` in a terminal is aborted with Ctrl-C");
+            return ExitCode::from(1);
+        }
+    }
+    let Some(wait) = wait else {
+        return ExitCode::SUCCESS;
     };
-    let at = format!("{}/migrate", url.trim_end_matches('/'));
-    match http.post(&at).bearer_auth(token.expose()).send().await {
-        Ok(r) => {
-            let status = r.status();
-            let body = r.text().await.unwrap_or_default();
-            if status == reqwest::StatusCode::ACCEPTED {
-                println!("{url}: {}", body.trim());
-                ExitCode::SUCCESS
-            } else {
-                eprintln!(
-                    "stateshift trigger: {url} answered {status}: {}",
-                    body.trim()
-                );
-                ExitCode::from(1)
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // Unanswered polls are retried until the deadline: the daemon is busy, not gone.
+        if let Ok(st) = api.status().await {
+            if st["state"] != "migrating" {
+                let last = st["migrations"]
+                    .as_array()
+                    .and_then(|m| m.last())
+                    .cloned()
+                    .unwrap_or_default();
+                let id = last["id"].as_str().unwrap_or("?");
+                let outcome = last["outcome"].as_str().unwrap_or("unknown");
+                let error = last["error"].as_str().unwrap_or("");
+                let on = st["source_url"].as_str().unwrap_or("?");
+                if outcome == "rolled_back" {
+                    println!("migration {id} rolled back ({error}); the service runs on {on}");
+                    return ExitCode::SUCCESS;
+                }
+                eprintln!("stateshift abort: migration {id} ended {outcome} ({error}); the service runs on {on}");
+                return ExitCode::from(1);
             }
         }
-        Err(e) => {
-            eprintln!("stateshift trigger: POST {at}: {e}");
-            ExitCode::from(1)
+        if tokio::time::Instant::now() > deadline {
+            eprintln!("stateshift abort: the rollback did not end within {wait:?} (--timeout); follow it with `stateshift status`");
+            return ExitCode::from(1);
         }
     }
 }
@@ -1012,12 +1148,34 @@ async fn machine_migrate(
             }
         }
     };
+    // SIGINT/SIGTERM (Ctrl-C) aborts the migration: before its cutover it rolls back,
+    // past it the abort is refused and the migration goes on. A second signal exits at
+    // once (the journal lets the next run settle what was interrupted).
+    let abort = stateshift::migrate::abort::Abort::new();
+    let _on_signal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
+        let abort = abort.clone();
+        async move {
+            wait_signal().await;
+            match abort.request("an operator (a signal to stateshift migrate)") {
+                Ok(()) => eprintln!(
+                    "stateshift: aborting: rolling back (a second Ctrl-C exits at once; the next run settles what is left)"
+                ),
+                Err(refused) => eprintln!("stateshift: not aborted: {refused}"),
+            }
+            wait_signal().await;
+            eprintln!(
+                "stateshift: interrupted; the next run settles this migration from its journal"
+            );
+            std::process::exit(130);
+        }
+    }));
     let r = machine::migrate_holding(
         &held,
         cfg,
         &provider,
         "manual: stateshift migrate",
         &BarProgress::new(),
+        &abort,
     )
     .await;
     drop(held);

@@ -1,7 +1,9 @@
 //! The daemon's HTTP API (bound to 127.0.0.1 by default; HTTPS with `api.tls_*`, see
 //! [`crate::tls`]): `/` (the status page, `page/`), `/healthz`, `/livez`, `/readyz`, `/status` (JSON),
 //! `/metrics` (Prometheus text),
-//! `POST /migrate` (409 while a migration runs). Reading is open; every request that is
+//! `POST /migrate` (409 while a migration runs), `POST /migrate/abort` (202 when the running
+//! migration stops and rolls back; 409 with the reason when it is past its cutover or
+//! none runs). Reading is open; every request that is
 //! not a GET or HEAD, on any route, needs the bearer token (one layer over the whole
 //! router, so a route added later cannot forget it). A refused token is logged without
 //! the token.
@@ -169,6 +171,7 @@ pub fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/migrate", post(migrate))
+        .route("/migrate/abort", post(abort))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             require_token,
@@ -394,6 +397,32 @@ async fn migrate(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     }
 }
 
+/// `POST /migrate/abort`; the token was checked by [`require_token`].
+async fn abort(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
+    let running = s.abort.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(abort) = running else {
+        let msg = if s.running.load(Ordering::SeqCst) {
+            "a migration was requested but has not started yet; abort it once it runs\n"
+        } else {
+            "no migration is running\n"
+        };
+        return (StatusCode::CONFLICT, msg.into());
+    };
+    match abort.request("an operator (POST /migrate/abort)") {
+        Ok(()) => {
+            tracing::warn!("abort requested through the API");
+            (
+                StatusCode::ACCEPTED,
+                "abort accepted: the migration stops where it is and rolls back; the service stays where it runs (follow it in /status)\n".into(),
+            )
+        }
+        Err(refused) => {
+            tracing::warn!(%refused, "abort refused");
+            (StatusCode::CONFLICT, format!("abort refused: {refused}\n"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,6 +445,7 @@ mod tests {
             trigger,
             token: token.map(crate::util::Secret::new),
             ready: std::sync::atomic::AtomicBool::new(false),
+            abort: Mutex::new(None),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -482,6 +482,7 @@ mod tests {
             trigger,
             token: None,
             ready: AtomicBool::new(false),
+            abort: Mutex::new(None),
         });
         (shared, rx)
     }

@@ -100,6 +100,9 @@ pub struct Shared {
     /// The decision loop runs (set once it has located the service at start, cleared
     /// when it stops): what `/readyz` reports first.
     pub ready: AtomicBool,
+    /// The running migration's abort switch (`POST /migrate/abort`); None between
+    /// migrations.
+    pub abort: Mutex<Option<crate::migrate::abort::Abort>>,
 }
 
 impl Shared {
@@ -402,8 +405,13 @@ impl decide::World for Orchestrator<'_> {
             inner: self.progress,
             cfg: self.cfg,
         };
-        // A migration is not interrupted by the first signal: it is the safe point.
-        match machine::migrate(self.cfg, self.provider, why, &lp).await {
+        // A migration is not interrupted by the first signal: it is the safe point. An
+        // operator's `POST /migrate/abort` stops it (before its cutover).
+        let abort = crate::migrate::abort::Abort::new();
+        *self.shared.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(abort.clone());
+        let r = machine::migrate_abortable(self.cfg, self.provider, why, &lp, &abort).await;
+        *self.shared.abort.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        match r {
             Ok(rep) => {
                 self.shared
                     .metrics
@@ -419,10 +427,10 @@ impl decide::World for Orchestrator<'_> {
                 outcome == crate::migrate::journal::Outcome::Succeeded
             }
             Err(e) => {
-                let outcome = if matches!(e, machine::MachineError::Busy(_)) {
-                    "busy"
-                } else {
-                    "failed"
+                let outcome = match &e {
+                    machine::MachineError::Busy(_) => "busy",
+                    e if e.aborted_by().is_some() => "aborted",
+                    _ => "failed",
                 };
                 self.shared.metrics.migration(outcome, 0);
                 tracing::error!(error = %e, "migration failed");
@@ -484,6 +492,7 @@ pub async fn run(
         trigger: tx,
         token: cfg.api.token.clone(),
         ready: AtomicBool::new(false),
+        abort: Mutex::new(None),
     });
     let api_token = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)

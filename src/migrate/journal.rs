@@ -66,6 +66,12 @@ pub enum Event {
     WritersRepointing,
     /// The cutover command succeeded.
     WritersRepointed,
+    /// An operator's abort stopped the migration in `phase`, before its repoint: the
+    /// rollback follows (also after a crash: nothing was repointed).
+    AbortRequested {
+        phase: Phase,
+        by: String,
+    },
     /// An operator settled a migration that failed after cutover: the service runs here.
     Resolved {
         on: Placement,
@@ -227,6 +233,8 @@ pub struct MigrationSummary {
     pub window_reset: bool,
     pub outcome: Option<Outcome>,
     pub error: Option<String>,
+    /// An operator aborted it (who); it rolled back, or a restart rolls it back.
+    pub aborted_by: Option<String>,
     /// After a failure past cutover: where an operator said the service runs.
     pub resolved_on: Option<Placement>,
 }
@@ -299,6 +307,7 @@ impl JournalState {
                 Event::PhaseStarted { phase } => m.current_phase = Some(*phase),
                 Event::WritersRepointing => m.cutover_started = true,
                 Event::WritersRepointed => m.repointed = true,
+                Event::AbortRequested { by, .. } => m.aborted_by = Some(by.clone()),
                 Event::Resolved { on } => m.resolved_on = Some(on.clone()),
                 Event::PhaseDone { phase, seconds } => {
                     m.phases.push((*phase, *seconds));

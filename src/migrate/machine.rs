@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::abort::Abort;
 use super::engine::{
     self, EarlierCapture, Journaling, MigrateError, Phase, Progress, Report, Resume, RunOptions,
     TargetObject,
@@ -97,6 +98,17 @@ fn settled_message(id: &str, outcome: Outcome, on: &str) -> String {
 }
 
 impl MachineError {
+    /// Who aborted the migration, when an operator's abort rolled it back.
+    pub fn aborted_by(&self) -> Option<&str> {
+        match self {
+            MachineError::RolledBack { error, .. } => match error.as_ref() {
+                MigrateError::Aborted { by, .. } => Some(by),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// The engine phase that failed, when the engine failed.
     pub fn phase(&self) -> Option<Phase> {
         match self {
@@ -353,6 +365,13 @@ impl Journaling for Journaled<'_> {
         self.append_or_log(Event::WritersRepointed);
         crash_point("writers_repointed");
     }
+    fn aborted(&self, phase: Phase, by: &str) {
+        self.append_or_log(Event::AbortRequested {
+            phase,
+            by: by.to_string(),
+        });
+        crash_point("abort_requested");
+    }
     fn target_creating(&self, object: &TargetObject) -> Result<(), String> {
         self.append(Event::TargetCreating {
             object: object.clone(),
@@ -385,8 +404,19 @@ pub async fn migrate(
     trigger: &str,
     progress: &dyn Progress,
 ) -> Result<Report, MachineError> {
+    migrate_abortable(cfg, provider, trigger, progress, &Abort::new()).await
+}
+
+/// [`migrate`], which `abort` can stop before its cutover ([`crate::migrate::abort`]).
+pub async fn migrate_abortable(
+    cfg: &Config,
+    provider: &Provider,
+    trigger: &str,
+    progress: &dyn Progress,
+    abort: &Abort,
+) -> Result<Report, MachineError> {
     let held = lock(&Paths::of(cfg).lock)?;
-    migrate_holding(&held, cfg, provider, trigger, progress).await
+    migrate_holding(&held, cfg, provider, trigger, progress, abort).await
 }
 
 /// [`migrate`] for a caller that already holds the service's lock (taken with [`lock`] on
@@ -398,6 +428,7 @@ pub async fn migrate_holding(
     provider: &Provider,
     trigger: &str,
     progress: &dyn Progress,
+    abort: &Abort,
 ) -> Result<Report, MachineError> {
     let paths = Paths::of(cfg);
     if let Some(outcome) = recover_locked(cfg, provider, progress).await? {
@@ -457,7 +488,47 @@ pub async fn migrate_holding(
     append(Event::StackCreating { name: name.clone() })?;
     progress.note(&format!("creating the target stack {name}"));
     let spec = target_spec(cfg, name.clone());
-    let target = match provider.create(&spec).await {
+    let created = tokio::select! {
+        biased;
+        by = abort.requested() => Err(by),
+        r = provider.create(&spec) => Ok(r),
+    };
+    let created = match created {
+        Ok(r) => r,
+        Err(by) => {
+            // Cut short while the stack is being created: what exists of it goes, as
+            // after a failed create; until it is gone the journal stays at "creating".
+            append(Event::AbortRequested {
+                phase: Phase::Prepare,
+                by: by.clone(),
+            })?;
+            crash_point("abort_requested");
+            let error = MigrateError::Aborted {
+                phase: Phase::Prepare,
+                by,
+            };
+            progress.note(&format!("{error}: deleting the target stack {name}"));
+            if let Err(why) = delete_leftover(cfg, provider, &name).await {
+                progress.note(&format!(
+                    "the target stack {name} may be left behind ({why}); the next run deletes it"
+                ));
+                return Err(MachineError::RolledBack {
+                    source_url: source.influx_url,
+                    error: Box::new(error),
+                });
+            }
+            append(Event::Finished {
+                outcome: Outcome::RolledBack,
+                error: Some(error.to_string()),
+                report: None,
+            })?;
+            return Err(MachineError::RolledBack {
+                source_url: source.influx_url,
+                error: Box::new(error),
+            });
+        }
+    };
+    let target = match created {
         Ok(Some((stack, outputs))) => Placement {
             influx_url: outputs.influxdb_url.clone(),
             stack: Some(stack),
@@ -514,6 +585,7 @@ pub async fn migrate_holding(
         (&source, &target),
         RunOptions {
             id: Some(id.clone()),
+            abort: Some(abort.clone()),
             ..RunOptions::default()
         },
         progress,
@@ -972,7 +1044,7 @@ async fn recover_locked(
                 RunOptions {
                     id: Some(resume_id(&id, runs.len())),
                     resume: Some(Resume { earlier }),
-                    new_target: false,
+                    ..RunOptions::default()
                 },
                 progress,
             )

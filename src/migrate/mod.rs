@@ -4,6 +4,7 @@
 //! This module never speaks HTTP to a service other than through [`crate::influx`] and
 //! never runs a command other than through [`crate::remote::Remote`].
 
+pub mod abort;
 pub mod capture;
 pub mod engine;
 pub mod journal;

@@ -197,6 +197,7 @@ fn label(e: &Event) -> Option<String> {
         Event::WritersRepointed => "repointed".into(),
         Event::OldStackDeleting => "delete old stack".into(),
         Event::Resolved { .. } => "resolved".into(),
+        Event::AbortRequested { .. } => "abort".into(),
         Event::Finished { outcome, .. } => match outcome {
             Outcome::Succeeded => "succeeded",
             Outcome::RolledBack => "rolled back",

@@ -7,6 +7,7 @@
 #[path = "../../src/kit/mod.rs"]
 mod kit;
 
+mod abort;
 mod api_tls;
 mod campaign;
 mod cli;

@@ -106,6 +106,12 @@ function render(st) {
     phases(m),
   ])));
   $("trigger").disabled = st.state === "migrating";
+  // Past the repoint the daemon refuses an abort: say so instead of offering it.
+  const running = st.migrations.length && !st.migrations[st.migrations.length - 1].outcome
+    ? st.migrations[st.migrations.length - 1] : null;
+  const past = running && running.cutover_started;
+  $("abort").disabled = st.state !== "migrating" || !!past;
+  $("abort").title = past ? "past cutover: writers may use the target, so it cannot be rolled back" : "";
   text("updated", "updated " + new Date().toLocaleTimeString());
 }
 
@@ -127,6 +133,20 @@ $("trigger").addEventListener("click", async () => {
   try {
     const r = await fetch("migrate", { method: "POST", headers: { Authorization: "Bearer " + token } });
     text("note", r.status === 202 ? "migration requested" : "refused (HTTP " + r.status + "): " + (await r.text()).trim());
+  } catch (e) {
+    text("note", "could not reach the daemon: " + e.message);
+  }
+  refresh();
+});
+
+$("abort").addEventListener("click", async () => {
+  const token = window.prompt("API token (api.token_file) to abort the running migration:");
+  if (!token) return;
+  if (!window.confirm("Abort the running migration? Before its cutover it rolls back; the service stays on " + $("source_url").textContent + ".")) return;
+  text("note", "asking…");
+  try {
+    const r = await fetch("migrate/abort", { method: "POST", headers: { Authorization: "Bearer " + token } });
+    text("note", r.status === 202 ? "abort accepted: rolling back" : "refused (HTTP " + r.status + "): " + (await r.text()).trim());
   } catch (e) {
     text("note", "could not reach the daemon: " + e.message);
   }

@@ -60,6 +60,8 @@ pub(super) struct Migration<'a> {
     pub ready_wait: Duration,
     /// The watch receiver's port, reserved at the capture.
     pub watch_listener: Option<tokio::net::TcpListener>,
+    /// An operator's abort ([`crate::migrate::abort`]); closed at the repoint.
+    pub abort: crate::migrate::abort::Abort,
 }
 
 /// The name of a migration's capture subscriptions (`_t` appended: its target watch).
@@ -97,6 +99,7 @@ impl<'a> Migration<'a> {
             resume: None,
             ready_wait: Duration::ZERO,
             watch_listener: None,
+            abort: crate::migrate::abort::Abort::new(),
         }
     }
 }

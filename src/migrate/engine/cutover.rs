@@ -12,6 +12,14 @@ use crate::remote::{Host, Remote, RemoteError};
 use crate::util::shell_quote;
 
 impl Migration<'_> {
+    /// The point of no return for an abort: from here on it is refused. An abort accepted
+    /// just before stops the cutover here, before anything is recorded or run.
+    fn close_abort(&self, p: Phase) -> Result<(), MigrateError> {
+        self.abort
+            .close()
+            .map_err(|by| MigrateError::Aborted { phase: p, by })
+    }
+
     pub(super) async fn cutover(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Cutover;
         // Catch up once more so the lag at the switch is as small as possible.
@@ -48,6 +56,7 @@ impl Migration<'_> {
                 .await
                 .map_err(Self::remote_err(p))?;
             // Recorded first: the command must never run unrecorded.
+            self.close_abort(p)?;
             self.journal
                 .writers_repointing()
                 .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
@@ -115,6 +124,7 @@ impl Migration<'_> {
         if self.cfg.cutover.command.is_none() {
             // Writers follow by other means (DNS, a proxy): they may use the target now,
             // and there is no command to wait for.
+            self.close_abort(p)?;
             self.journal
                 .writers_repointing()
                 .map_err(|msg| MigrateError::Failed { phase: p, msg })?;

@@ -98,6 +98,9 @@ pub enum MigrateError {
     },
     #[error("{phase}: {msg}")]
     Failed { phase: Phase, msg: String },
+    /// An operator stopped the migration before its cutover ([`crate::migrate::abort`]).
+    #[error("{phase}: aborted by {by}")]
+    Aborted { phase: Phase, by: String },
     #[error("verify: the target is missing data; nothing was deleted, the source keeps everything. {summary}")]
     VerifyFailed {
         summary: String,
@@ -111,7 +114,8 @@ impl MigrateError {
             MigrateError::Influx { phase, .. }
             | MigrateError::Remote { phase, .. }
             | MigrateError::Spool { phase, .. }
-            | MigrateError::Failed { phase, .. } => *phase,
+            | MigrateError::Failed { phase, .. }
+            | MigrateError::Aborted { phase, .. } => *phase,
             MigrateError::TargetNotEmpty { .. }
             | MigrateError::MissingPassword { .. }
             | MigrateError::TargetNotReady { .. } => Phase::Prepare,
@@ -188,6 +192,8 @@ pub trait Journaling: Send + Sync {
     fn writers_repointing(&self) -> Result<(), String>;
     /// The cutover command succeeded.
     fn writers_repointed(&self);
+    /// An operator's abort stopped the migration in `phase`; the rollback follows.
+    fn aborted(&self, _phase: Phase, _by: &str) {}
     /// About to create `object` on the target. An error stops the migration before it
     /// is created: unrecorded, a rollback after a crash could not remove it.
     fn target_creating(&self, object: &TargetObject) -> Result<(), String>;
@@ -290,6 +296,9 @@ pub struct RunOptions {
     /// `migration.target_ready_timeout` for its InfluxDB to answer. Otherwise (a static
     /// target that should be up) one try, and an error at once.
     pub new_target: bool,
+    /// An operator's abort: before the repoint it stops the step in progress and rolls
+    /// back; from the repoint on it is refused. None: nobody can abort this run.
+    pub abort: Option<crate::migrate::abort::Abort>,
 }
 
 /// What a resumed run takes over from the runs that were interrupted before it.
@@ -332,6 +341,11 @@ pub async fn run_with(
     // A resumed run starts past the repoint: writers may use the target from the start.
     m.report.cutover_done = opts.resume.is_some();
     m.resume = opts.resume;
+    m.abort = opts.abort.unwrap_or_default();
+    if m.report.cutover_done {
+        // Past an earlier repoint already: nothing to abort.
+        let _ = m.abort.close();
+    }
     m.ready_wait = if opts.new_target {
         cfg.migration.target_ready_timeout
     } else {
@@ -372,21 +386,38 @@ impl Migration<'_> {
         let started_unix_ms = crate::util::now_ms();
         self.journal.phase_started(phase);
         self.progress.phase_started(phase);
-        if step != Step::Prepare {
-            crate::util::fault_hold(&phase.to_string()).await;
-        }
-        let r = match step {
-            Step::Prepare => self.prepare().await,
-            Step::Capture => self.capture().await,
-            Step::CheckInterrupted => self.check_interrupted().await,
-            Step::Dump => self.dump().await,
-            Step::Transfer => self.transfer().await,
-            Step::Restore => self.restore().await,
-            Step::Delta => self.delta().await,
-            Step::Cutover => self.cutover().await,
-            Step::Verify => self.verify().await,
-            Step::Dispose => self.dispose().await,
+        let abort = self.abort.clone();
+        let run = async {
+            if step != Step::Prepare {
+                crate::util::fault_hold(&phase.to_string()).await;
+            }
+            match step {
+                Step::Prepare => self.prepare().await,
+                Step::Capture => self.capture().await,
+                Step::CheckInterrupted => self.check_interrupted().await,
+                Step::Dump => self.dump().await,
+                Step::Transfer => self.transfer().await,
+                Step::Restore => self.restore().await,
+                Step::Delta => self.delta().await,
+                Step::Cutover => self.cutover().await,
+                Step::Verify => self.verify().await,
+                Step::Dispose => self.dispose().await,
+            }
         };
+        // An accepted abort cuts the step short wherever it waits: only possible before
+        // the repoint ([`Abort::close`] refuses it after), so the rollback that follows
+        // undoes it like any failure; commands the step left running on a host are
+        // stopped there ([`Migration::stop_scratch_users`]).
+        let r = tokio::select! {
+            biased;
+            by = abort.requested() => Err(MigrateError::Aborted { phase, by }),
+            r = run => r,
+        };
+        if let Err(MigrateError::Aborted { by, .. }) = &r {
+            self.journal.aborted(phase, by);
+            self.progress
+                .note(&format!("aborted by {by} during {phase}: rolling back"));
+        }
         self.report.phases.push(PhaseTiming {
             phase,
             seconds: t.elapsed().as_secs_f64(),

@@ -5,6 +5,7 @@ use super::context::{sub_name, Migration};
 use super::plan::Undo;
 use super::MigrateError;
 use crate::influx::ident;
+use crate::remote::Remote;
 
 impl Migration<'_> {
     pub(super) async fn drop_subscriptions(&mut self) {
@@ -32,10 +33,31 @@ impl Migration<'_> {
         }
     }
 
+    /// Stop what a step cut short by an abort left running on a host: a dump, a transfer
+    /// or a restore (an SSH channel going away does not stop its command), found by the
+    /// scratch directory it names, which only this migration uses. A restore left running
+    /// could otherwise recreate a database the rollback is about to drop.
+    async fn stop_scratch_users(&self) {
+        for (side, dirs) in [
+            (&self.source, &self.created.source_dirs),
+            (&self.target, &self.created.target_dirs),
+        ] {
+            let Some(side) = side else { continue };
+            for d in dirs {
+                if let Err(e) = side.host.run(&crate::util::stop_processes_naming(d)).await {
+                    tracing::warn!(error = %e, dir = %d, "could not stop the commands using a scratch directory");
+                }
+            }
+        }
+    }
+
     /// Undo what can be undone. Before cutover: everything this migration created on the
     /// target goes, the source is as before. After cutover: nothing is deleted anywhere.
     pub(super) async fn on_failure(&mut self, e: &MigrateError) {
         tracing::error!(phase = %e.phase(), error = %e, "migration failed");
+        if matches!(e, MigrateError::Aborted { .. }) {
+            self.stop_scratch_users().await;
+        }
         let undo = self.plan.undo(self.report.cutover_done);
         if undo == Undo::KeepBoth {
             // Writers may still reach the source: replay what it forwarded before stopping.
