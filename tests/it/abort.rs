@@ -436,7 +436,44 @@ async fn the_daemon_aborts_on_request_before_cutover_and_refuses_past_it() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    // Before the cutover: accepted; the CLI waits for the rollback and says so.
+    // From the page's button, before the cutover: the token and a confirmation, then
+    // accepted, and the page shows the rollback.
+    let driver = crate::page::Driver::start().await;
+    let b = crate::page::Browser::open(&driver).await;
+    b.cmd(
+        reqwest::Method::POST,
+        "/url",
+        serde_json::json!({"url": format!("{api}/")}),
+    )
+    .await;
+    b.wait_text("state", "idle", |t| t == "idle").await;
+    assert_eq!(
+        b.js("return document.getElementById('abort').disabled")
+            .await,
+        true,
+        "nothing to abort while idle"
+    );
+    let (ok, out) = cli(&["trigger"]);
+    assert!(ok, "{out}");
+    wait_phase("restore").await;
+    b.wait_text("phase", "the restore on the page", |t| {
+        t == "phase: restore"
+    })
+    .await;
+    b.click("#abort").await;
+    assert!(b.dialog().await.contains("API token"));
+    b.answer(Some(crate::orchestrator::TOKEN), true).await;
+    assert!(b.dialog().await.starts_with("Abort the running migration?"));
+    b.answer(None, true).await;
+    b.wait_text("note", "accepted", |t| t == "abort accepted: rolling back")
+        .await;
+    b.wait_text("migrations", "the rollback", |t| {
+        t.contains("rolled_back: restore: aborted by an operator (POST /migrate/abort)")
+    })
+    .await;
+    assert_eq!(svc.stacks_on_disk(), vec!["svc-influx-0".to_string()]);
+
+    // From the CLI, before the cutover: accepted; it waits for the rollback and says so.
     let (ok, out) = cli(&["trigger"]);
     assert!(ok, "{out}");
     wait_phase("restore").await;
@@ -452,10 +489,19 @@ async fn the_daemon_aborts_on_request_before_cutover_and_refuses_past_it() {
     let last = st["migrations"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["outcome"], "rolled_back");
     assert_eq!(last["aborted_by"], "an operator (POST /migrate/abort)");
+    assert_eq!(st["migrations"].as_array().unwrap().len(), 2);
     // Past the cutover: refused with the reason; the migration succeeds.
     let (ok, out) = cli(&["trigger"]);
     assert!(ok, "{out}");
     wait_phase("verify").await;
+    b.wait_text("phase", "the verify on the page", |t| t == "phase: verify")
+        .await;
+    assert_eq!(
+        b.js("return document.getElementById('abort').disabled")
+            .await,
+        true,
+        "the page offers no abort past the cutover"
+    );
     let (ok, out) = cli(&["abort"]);
     assert!(!ok, "{out}");
     assert!(out.contains("409"), "{out}");
@@ -463,7 +509,7 @@ async fn the_daemon_aborts_on_request_before_cutover_and_refuses_past_it() {
     let t = Instant::now();
     let st = loop {
         let st = status().await.unwrap();
-        if st["state"] != "migrating" && st["migrations"].as_array().unwrap().len() == 2 {
+        if st["state"] != "migrating" && st["migrations"].as_array().unwrap().len() == 3 {
             break st;
         }
         assert!(
@@ -483,9 +529,10 @@ async fn the_daemon_aborts_on_request_before_cutover_and_refuses_past_it() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("stateshift_migrations_total{outcome=\"aborted\"} 1"),
+        metrics.contains("stateshift_migrations_total{outcome=\"aborted\"} 2"),
         "{metrics}"
     );
+    b.close().await;
     let _ = daemon.kill();
     let _ = daemon.wait();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -13,7 +13,7 @@ use crate::orchestrator::{service_seeded, TOKEN};
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// A chromedriver process on a loopback port, killed on drop.
-struct Driver {
+pub(crate) struct Driver {
     child: std::process::Child,
     url: String,
 }
@@ -26,7 +26,7 @@ impl Drop for Driver {
 }
 
 impl Driver {
-    async fn start() -> Driver {
+    pub(crate) async fn start() -> Driver {
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -61,13 +61,13 @@ impl Driver {
 }
 
 /// One WebDriver session with headless Chromium.
-struct Browser {
+pub(crate) struct Browser {
     http: reqwest::Client,
     base: String,
 }
 
 impl Browser {
-    async fn open(driver: &Driver) -> Browser {
+    pub(crate) async fn open(driver: &Driver) -> Browser {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
@@ -101,7 +101,7 @@ impl Browser {
     }
 
     /// A WebDriver command; its `value` (an error is returned as the value too).
-    async fn cmd(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+    pub(crate) async fn cmd(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
         let mut r = self
             .http
             .request(method.clone(), format!("{}{path}", self.base));
@@ -112,7 +112,7 @@ impl Browser {
         v["value"].clone()
     }
 
-    async fn js(&self, script: &str) -> Value {
+    pub(crate) async fn js(&self, script: &str) -> Value {
         self.cmd(
             reqwest::Method::POST,
             "/execute/sync",
@@ -121,7 +121,7 @@ impl Browser {
         .await
     }
 
-    async fn text_of(&self, id: &str) -> String {
+    pub(crate) async fn text_of(&self, id: &str) -> String {
         self.js(&format!(
             "return document.getElementById('{id}').textContent"
         ))
@@ -132,7 +132,12 @@ impl Browser {
     }
 
     /// Poll the page until `check` holds for the text of `id`.
-    async fn wait_text(&self, id: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+    pub(crate) async fn wait_text(
+        &self,
+        id: &str,
+        what: &str,
+        check: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let t = self.text_of(id).await;
@@ -144,7 +149,7 @@ impl Browser {
         }
     }
 
-    async fn click(&self, css: &str) {
+    pub(crate) async fn click(&self, css: &str) {
         let e = self
             .cmd(
                 reqwest::Method::POST,
@@ -162,7 +167,7 @@ impl Browser {
     }
 
     /// The open prompt or confirm: its text, once it is there.
-    async fn dialog(&self) -> String {
+    pub(crate) async fn dialog(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let v = self
@@ -176,7 +181,7 @@ impl Browser {
         }
     }
 
-    async fn answer(&self, text: Option<&str>, accept: bool) {
+    pub(crate) async fn answer(&self, text: Option<&str>, accept: bool) {
         if let Some(t) = text {
             self.cmd(reqwest::Method::POST, "/alert/text", json!({"text": t}))
                 .await;
@@ -187,7 +192,7 @@ impl Browser {
     }
 
     /// A PNG of the page, into `STATESHIFT_PAGE_SHOTS` (a directory) when it is set.
-    async fn screenshot(&self, name: &str) {
+    pub(crate) async fn screenshot(&self, name: &str) {
         use base64::Engine;
         let v = self
             .cmd(reqwest::Method::GET, "/screenshot", Value::Null)
@@ -201,7 +206,7 @@ impl Browser {
         }
     }
 
-    async fn close(&self) {
+    pub(crate) async fn close(&self) {
         self.cmd(reqwest::Method::DELETE, "", Value::Null).await;
     }
 }
