@@ -5,6 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// A line for the person at the terminal: on stdout, or on stderr while stdout is kept
+/// for a machine (`migrate --json`: [`cli::human_to_stderr`]).
+macro_rules! say {
+    ($($t:tt)*) => { $crate::cli::say_line(&format!($($t)*)) };
+}
+
 mod cli;
 mod kit;
 
@@ -50,6 +56,10 @@ enum Cmd {
         /// Write the per-phase timings and counts as JSON to this file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Print one JSON object on stdout when the migration ends (outcome, where the
+        /// service runs, the error and its phase, the report); progress goes to stderr.
+        #[arg(long, conflicts_with = "dry_run")]
+        json: bool,
         /// Probe the service during the migration (10 writes and reads per second into
         /// the database `stateshift_probe`, created first and migrated with the rest) and
         /// write DIR/timeline.csv and DIR/timeline.svg.
@@ -284,9 +294,13 @@ async fn run(cmd: Cmd) -> ExitCode {
             yes,
             dry_run,
             report,
+            json,
             timeline,
             timeline_rate,
         } => {
+            if json {
+                cli::human_to_stderr();
+            }
             let cfg = match load_config(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -313,17 +327,21 @@ async fn run(cmd: Cmd) -> ExitCode {
                     eprintln!("stateshift: refusing to migrate without --yes (or use --dry-run to check the plan)");
                     return ExitCode::from(2);
                 }
-                return machine_migrate(&cfg, report, timeline.map(|d| (d, timeline_rate))).await;
+                return machine_migrate(&cfg, report, json, timeline.map(|d| (d, timeline_rate)))
+                    .await;
             }
             let Some(target) = cfg.target.clone() else {
                 eprintln!("stateshift: {}: target: missing; provider.kind is static, so the target host must be named here", config.display());
                 return ExitCode::from(2);
             };
-            println!(
+            say!(
                 "plan: migrate {} ({}) -> {} ({})",
-                cfg.source.name, cfg.source.influx_url, target.name, target.influx_url
+                cfg.source.name,
+                cfg.source.influx_url,
+                target.name,
+                target.influx_url
             );
-            println!("      capture -> dump -> transfer -> restore -> delta -> cutover{} -> verify -> dispose", cfg.cutover.command.as_ref().map(|c| format!(" (`{c}`)")).unwrap_or_default());
+            say!("      capture -> dump -> transfer -> restore -> delta -> cutover{} -> verify -> dispose", cfg.cutover.command.as_ref().map(|c| format!(" (`{c}`)")).unwrap_or_default());
             if dry_run {
                 return print_dry_run(engine::preflight(&cfg, &target).await);
             }
@@ -333,7 +351,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             }
             // Through the journaled machine too: the per-service lock, the journal and
             // crash recovery apply to a static target as to a stack.
-            machine_migrate(&cfg, report, timeline.map(|d| (d, timeline_rate))).await
+            machine_migrate(&cfg, report, json, timeline.map(|d| (d, timeline_rate))).await
         }
         Cmd::Predict {
             window,
@@ -1078,6 +1096,7 @@ fn predict_bench(window: usize, min: usize, n: u64) -> ExitCode {
 async fn machine_migrate(
     cfg: &Config,
     report: Option<PathBuf>,
+    json: bool,
     timeline: Option<(PathBuf, u32)>,
 ) -> ExitCode {
     use stateshift::migrate::machine::{self, Provider};
@@ -1097,6 +1116,9 @@ async fn machine_migrate(
         Ok(l) => l,
         Err(e) => {
             eprintln!("stateshift: migration failed: {e}; nothing was probed or migrated");
+            if json {
+                println!("{}", not_started(&e.to_string()));
+            }
             if let Some(path) = &report {
                 let json = serde_json::json!({"error": e.to_string(), "phase": null});
                 if let Err(w) = std::fs::write(path, json.to_string()) {
@@ -1118,6 +1140,9 @@ async fn machine_migrate(
         };
         if let Some(why) = blocked {
             eprintln!("stateshift: {why}; nothing was probed or migrated");
+            if json {
+                println!("{}", not_started(&why));
+            }
             return ExitCode::from(1);
         }
     }
@@ -1179,15 +1204,15 @@ async fn machine_migrate(
     )
     .await;
     drop(held);
-    let (code, json) = match &r {
+    let (code, report_json) = match &r {
         Ok(rep) => {
             bench::print_report(rep);
-            println!(
+            say!(
                 "migration {} succeeded: verified, old stack disposed of",
                 rep.migration_id
             );
             for line in stateshift::daemon::retire_monitor_hosts(cfg).await {
-                println!("{line}");
+                say!("{line}");
             }
             (ExitCode::SUCCESS, serde_json::to_string_pretty(rep))
         }
@@ -1198,7 +1223,7 @@ async fn machine_migrate(
                 ..
             },
         ) => {
-            println!("{e}");
+            say!("{e}");
             (
                 ExitCode::SUCCESS,
                 serde_json::to_string_pretty(&serde_json::json!({"settled": e.to_string()})),
@@ -1223,10 +1248,14 @@ async fn machine_migrate(
             )
         }
     };
+    let mut summary = json.then(|| migrate_json(cfg, &r));
     // The report first: a timeline that cannot be written must not lose it.
-    if let (Some(path), Ok(json)) = (report, json) {
-        if let Err(e) = std::fs::write(&path, json) {
+    if let (Some(path), Ok(text)) = (report, report_json) {
+        if let Err(e) = std::fs::write(&path, text) {
             eprintln!("stateshift: cannot write report {}: {e}", path.display());
+            if let Some(s) = &summary {
+                println!("{s}");
+            }
             return ExitCode::from(1);
         }
     }
@@ -1238,16 +1267,78 @@ async fn machine_migrate(
             cfg.service.name, p.rate
         );
         match probe::finish_into(p, cfg, &dir, &title).await {
-            Ok((csv, svg, summary)) => {
-                println!("availability: {summary}");
-                println!("availability timeline: {}", csv.display());
-                println!("availability timeline: {}", svg.display());
+            Ok((csv, svg, said)) => {
+                say!("availability: {said}");
+                say!("availability timeline: {}", csv.display());
+                say!("availability timeline: {}", svg.display());
+                if let Some(s) = summary.as_mut() {
+                    s["availability"] = serde_json::json!({
+                        "summary": said.to_string(),
+                        "csv": csv,
+                        "svg": svg,
+                    });
+                }
             }
             // The migration's outcome stands; the chart is only a view of it.
             Err(e) => eprintln!("stateshift: the availability timeline was not written: {e}"),
         }
     }
+    if let Some(s) = summary {
+        println!("{s}");
+    }
     code
+}
+
+/// `migrate --json` when nothing started.
+fn not_started(error: &str) -> serde_json::Value {
+    serde_json::json!({
+        "ok": false,
+        "outcome": "not_started",
+        "error": error,
+        "phase": null,
+    })
+}
+
+/// `migrate --json`: how the run ended, as one object. `outcome` is `succeeded`,
+/// `rolled_back` (the service stays where it ran, nothing lost; `aborted_by` says who
+/// when an operator aborted), `failed` (past the cutover: nothing was deleted, see
+/// `error`), `settled` (an interrupted migration was settled instead: `settled` says
+/// how) or `not_started`; `service_runs_on` is where the journal says the service runs
+/// now.
+fn migrate_json(
+    cfg: &Config,
+    r: &Result<engine::Report, stateshift::migrate::machine::MachineError>,
+) -> serde_json::Value {
+    use stateshift::migrate::machine::{self, MachineError};
+    let runs_on = machine::state(cfg)
+        .ok()
+        .map(|st| machine::current_source(cfg, &st).influx_url);
+    let (outcome, settled) = match r {
+        Ok(_) => ("succeeded", None),
+        Err(MachineError::Settled { outcome, .. }) => ("settled", Some(*outcome)),
+        Err(MachineError::RolledBack { .. } | MachineError::Stack(_)) => ("rolled_back", None),
+        Err(
+            MachineError::AfterCutover { .. }
+            | MachineError::LateWrites { .. }
+            | MachineError::Dispose { .. },
+        ) => ("failed", None),
+        Err(_) => ("not_started", None),
+    };
+    let (error, phase, aborted_by) = match r {
+        Ok(_) => (None, None, None),
+        Err(e) => (Some(e.to_string()), e.phase(), e.aborted_by()),
+    };
+    serde_json::json!({
+        "ok": matches!(r, Ok(_))
+            || settled == Some(stateshift::migrate::journal::Outcome::Succeeded),
+        "outcome": outcome,
+        "settled": settled,
+        "error": error,
+        "phase": phase,
+        "aborted_by": aborted_by,
+        "service_runs_on": runs_on,
+        "report": r.as_ref().ok(),
+    })
 }
 
 async fn wait_signal() {
@@ -1276,7 +1367,12 @@ impl BarProgress {
         use std::io::IsTerminal;
         BarProgress {
             bar: std::sync::Mutex::new(None),
-            tty: std::io::stdout().is_terminal(),
+            // The spinner draws on stderr; the lines go where `say!` sends them.
+            tty: if cli::humans_on_stderr() {
+                std::io::stderr().is_terminal()
+            } else {
+                std::io::stdout().is_terminal()
+            },
         }
     }
 }

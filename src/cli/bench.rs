@@ -12,14 +12,17 @@ use stateshift::stack::local::{LocalVm, VmOptions};
 
 /// Print the per-phase timings of a report.
 pub fn print_report(r: &Report) {
-    println!("\n  phase        seconds");
+    say!("\n  phase        seconds");
     for p in &r.phases {
-        println!("  {:<12} {:>8.3}", p.phase.to_string(), p.seconds);
+        say!("  {:<12} {:>8.3}", p.phase.to_string(), p.seconds);
     }
-    println!("  {:<12} {:>8.3}", "total", r.total_seconds);
-    println!(
+    say!("  {:<12} {:>8.3}", "total", r.total_seconds);
+    say!(
         "  dump {} bytes; captured {} points, replayed {} points ({:.0} points/s)",
-        r.dump_bytes, r.points_captured, r.points_replayed, r.replay_points_per_second
+        r.dump_bytes,
+        r.points_captured,
+        r.points_replayed,
+        r.replay_points_per_second
     );
 }
 

@@ -4,20 +4,42 @@
 pub mod bench;
 pub mod demo;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use stateshift::migrate::engine::{Phase, Progress};
+
+static HUMAN_TO_STDERR: AtomicBool = AtomicBool::new(false);
+
+/// From now on, lines for a person go to stderr: stdout is kept for one JSON document.
+pub fn human_to_stderr() {
+    HUMAN_TO_STDERR.store(true, Ordering::Relaxed);
+}
+
+/// Whether lines for a person go to stderr.
+pub fn humans_on_stderr() -> bool {
+    HUMAN_TO_STDERR.load(Ordering::Relaxed)
+}
+
+/// Print a line for a person (`say!`).
+pub fn say_line(line: &str) {
+    if humans_on_stderr() {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
 
 /// Progress printed for a person.
 pub struct PrintProgress;
 impl Progress for PrintProgress {
     fn phase_started(&self, phase: Phase) {
-        println!("  -> {phase}");
+        say!("  -> {phase}");
     }
     fn phase_done(&self, phase: Phase, took: Duration) {
-        println!("     {phase} done in {:.3} s", took.as_secs_f64());
+        say!("     {phase} done in {:.3} s", took.as_secs_f64());
     }
     fn note(&self, msg: &str) {
-        println!("     {msg}");
+        say!("     {msg}");
     }
 }

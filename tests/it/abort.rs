@@ -283,7 +283,7 @@ async fn ctrl_c_aborts_a_cli_migration_and_a_crash_after_the_abort_still_rolls_b
     let cfg = svc.cfg();
     for crash in [None, Some("abort_requested")] {
         let mut c = Command::new(bin());
-        c.args(["migrate", "--yes", "-c"])
+        c.args(["migrate", "--yes", "--json", "-c"])
             .arg(&svc.cfg_path)
             .env("STATESHIFT_FAULT", "hold:dump")
             .stdout(Stdio::piped())
@@ -326,6 +326,15 @@ async fn ctrl_c_aborts_a_cli_migration_and_a_crash_after_the_abort_still_rolls_b
         match crash {
             None => {
                 assert!(text.contains("dump: aborted by an operator"), "{text}");
+                // `--json`: stdout is the outcome alone.
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(v["outcome"], "rolled_back", "{v}");
+                assert_eq!(v["phase"], "dump", "{v}");
+                assert_eq!(
+                    v["aborted_by"], "an operator (a signal to stateshift migrate)",
+                    "{v}"
+                );
+                assert_eq!(v["service_runs_on"], cfg.source.influx_url.as_str(), "{v}");
                 assert!(text.contains("rolled back"), "{text}");
                 assert_eq!(svc.stacks_on_disk(), vec!["svc-influx-0".to_string()]);
             }

@@ -707,3 +707,56 @@ fn replay_runs_the_recorded_readings_through_other_thresholds() {
     assert_eq!(code, 2);
     assert!(err.contains("readings.csv: line 2"), "{err}");
 }
+
+/// `migrate --json`: stdout holds exactly one JSON object saying how the run ended (the
+/// progress goes to stderr), for a success and for a run that could not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_json_prints_one_object_with_the_outcome_and_progress_on_stderr() {
+    let lab = lab(LabOptions::default()).await;
+    let (p, _) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 2_000).await;
+    let (code, out, err) = run(
+        &["migrate", "-c", p.to_str().unwrap(), "--yes", "--json"],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("stdout is one JSON object ({e}): {out}"));
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["outcome"], "succeeded", "{v}");
+    assert_eq!(v["error"], serde_json::Value::Null);
+    assert_eq!(v["service_runs_on"], lab.target.influx_url().as_str());
+    let phases: Vec<&str> = v["report"]["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert!(
+        phases.contains(&"verify") && phases.contains(&"cutover"),
+        "{v}"
+    );
+    assert!(
+        err.contains("plan: migrate") && err.contains("-> dump"),
+        "{err}"
+    );
+    assert!(err.contains("succeeded: verified"), "{err}");
+
+    // Again: the service already runs on the configured target, so nothing starts.
+    let (code, out, err) = run(
+        &["migrate", "-c", p.to_str().unwrap(), "--yes", "--json"],
+        &[],
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["outcome"], "not_started", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("already runs on the configured target"),
+        "{v}"
+    );
+    assert_eq!(v["report"], serde_json::Value::Null);
+}
