@@ -1329,7 +1329,7 @@ fn migrate_json(
         Err(e) => (Some(e.to_string()), e.phase(), e.aborted_by()),
     };
     serde_json::json!({
-        "ok": matches!(r, Ok(_))
+        "ok": r.is_ok()
             || settled == Some(stateshift::migrate::journal::Outcome::Succeeded),
         "outcome": outcome,
         "settled": settled,
