@@ -272,6 +272,7 @@ struct RawMigration {
     transfer: Option<TransferMode>,
     #[serde(default, with = "humantime_serde")]
     target_ready_timeout: Option<Duration>,
+    probe_rate: Option<u32>,
 }
 
 /// A secret given as a scalar: `STATESHIFT__SOURCE__PASSWORD=12345` arrives as a number
@@ -811,6 +812,10 @@ pub struct MigrationConfig {
     /// still booting) before it calls the target unreachable.
     #[serde(serialize_with = "ser_duration")]
     pub target_ready_timeout: Duration,
+    /// The daemon's availability probe during each migration it runs: writes and reads
+    /// per second into the database `stateshift_probe` on the service's InfluxDB,
+    /// recorded as a timeline (`{work_dir}/timelines/<id>/`); 0 turns it off.
+    pub probe_rate: u32,
     pub(crate) user_passwords_file: Option<PathBuf>,
 }
 
@@ -1202,7 +1207,17 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         transfer: m.transfer.unwrap_or(TransferMode::Auto),
         existing_databases: m.existing_databases.unwrap_or(ExistingDatabases::Refuse),
         target_ready_timeout: m.target_ready_timeout.unwrap_or(Duration::from_secs(600)),
+        probe_rate: m.probe_rate.unwrap_or(10),
     };
+    if migration.probe_rate > 1000 {
+        return Err(v.err(
+            "migration.probe_rate",
+            format!(
+                "{} probes per second; at most 1000 (0 turns the probe off)",
+                migration.probe_rate
+            ),
+        ));
+    }
 
     let svc = raw.service;
     let service = ServiceConfig {
@@ -1832,6 +1847,7 @@ mod tests {
     fn the_target_readiness_wait_and_the_old_zabbix_host_policy_have_defaults_and_checks() {
         let c = load(MIN, &[]).unwrap();
         assert_eq!(c.migration.target_ready_timeout, Duration::from_secs(600));
+        assert_eq!(c.migration.probe_rate, 10);
         assert_eq!(
             c.provider.template,
             PathBuf::from("heat-templates/influxdb.yaml")
@@ -1858,5 +1874,22 @@ mod tests {
             RetireHosts::Disable
         );
         assert_eq!(c.migration.target_ready_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn the_probe_rate_is_bounded_and_zero_turns_it_off() {
+        let c = load(&format!("{MIN}migration:\n  probe_rate: 0\n"), &[]).unwrap();
+        assert_eq!(c.migration.probe_rate, 0);
+        let e = load(&format!("{MIN}migration:\n  probe_rate: 5000\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("migration.probe_rate") && e.contains("at most 1000"),
+            "{e}"
+        );
+        let e = load(&format!("{MIN}migration:\n  probe_rate: -1\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("probe_rate"), "{e}");
     }
 }

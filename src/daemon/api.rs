@@ -1,6 +1,7 @@
 //! The daemon's HTTP API (bound to 127.0.0.1 by default; HTTPS with `api.tls_*`, see
 //! [`crate::tls`]): `/` (the status page, `page/`), `/healthz`, `/livez`, `/readyz`, `/status` (JSON),
-//! `/metrics` (Prometheus text),
+//! `/metrics` (Prometheus text), `/migrations/<id>/timeline.svg|csv` (a daemon migration's
+//! availability timeline),
 //! `POST /migrate` (409 while a migration runs), `POST /migrate/abort` (202 when the running
 //! migration stops and rolls back; 409 with the reason when it is past its cutover or
 //! none runs). Reading is open; every request that is
@@ -170,6 +171,7 @@ pub fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/migrations/{id}/{file}", get(timeline_file))
         .route("/migrate", post(migrate))
         .route("/migrate/abort", post(abort))
         .layer(axum::middleware::from_fn_with_state(
@@ -243,6 +245,45 @@ async fn page_script() -> impl IntoResponse {
         ],
         PAGE_SCRIPT,
     )
+}
+
+/// `GET /migrations/<id>/timeline.svg` or `.csv`: the availability timeline the daemon
+/// recorded for migration `id`. Only those two names, and an id of letters, digits, `-`
+/// and `_`: nothing else under the work directory is reachable.
+async fn timeline_file(
+    State(s): State<Arc<Shared>>,
+    axum::extract::Path((id, file)): axum::extract::Path<(String, String)>,
+) -> Response {
+    let content_type = match file.as_str() {
+        "timeline.svg" => "image/svg+xml",
+        "timeline.csv" => "text/csv; charset=utf-8",
+        _ => return (StatusCode::NOT_FOUND, "no such file\n").into_response(),
+    };
+    let id_ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let Some(dir) = s.timelines.as_ref().filter(|_| id_ok) else {
+        return (StatusCode::NOT_FOUND, "no such migration timeline\n").into_response();
+    };
+    match tokio::fs::read(dir.join(&id).join(&file)).await {
+        Ok(body) => (
+            [
+                (header::CONTENT_TYPE, content_type),
+                // An SVG opened on its own is a document of this origin: it may run
+                // nothing and load nothing.
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'none'; style-src 'unsafe-inline'",
+                ),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "no such migration timeline\n").into_response(),
+    }
 }
 
 /// `200 ok` whenever the process answers: restart it only when this fails.
@@ -437,6 +478,11 @@ mod tests {
 
     /// The router on a loopback port, with `token` configured.
     async fn start(token: Option<&str>) -> Api {
+        start_with(token, None).await
+    }
+
+    /// [`start`], serving the timelines in `timelines`.
+    async fn start_with(token: Option<&str>, timelines: Option<std::path::PathBuf>) -> Api {
         let (trigger, triggers) = tokio::sync::mpsc::channel(4);
         let shared = Arc::new(Shared {
             status: Mutex::new(super::super::Status::default()),
@@ -446,6 +492,7 @@ mod tests {
             token: token.map(crate::util::Secret::new),
             ready: std::sync::atomic::AtomicBool::new(false),
             abort: Mutex::new(None),
+            timelines,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -700,6 +747,43 @@ mod tests {
             assert_eq!(r.send().await.unwrap().status(), 401, "{token:?}");
         }
         assert!(!api.shared.running.load(Ordering::SeqCst));
+        api.stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_migration_timeline_is_served_and_nothing_else_under_the_work_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("timelines");
+        std::fs::create_dir_all(dir.join("1700000000000")).unwrap();
+        std::fs::write(dir.join("1700000000000/timeline.svg"), "<svg/>").unwrap();
+        std::fs::write(dir.join("1700000000000/timeline.csv"), "unix_time\n").unwrap();
+        std::fs::write(tmp.path().join("secret"), "not for the web").unwrap();
+        let api = start_with(None, Some(dir)).await;
+        let get = |path: &str| reqwest::get(format!("{}{path}", api.url));
+        let r = get("/migrations/1700000000000/timeline.svg").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "image/svg+xml");
+        assert!(r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .starts_with("default-src 'none'"));
+        assert_eq!(r.text().await.unwrap(), "<svg/>");
+        let r = get("/migrations/1700000000000/timeline.csv").await.unwrap();
+        assert_eq!(r.status(), 200);
+        for bad in [
+            "/migrations/1700000000000/summary.txt",
+            "/migrations/..%2Fsecret/timeline.svg",
+            "/migrations/..%2F..%2Fsecret/timeline.csv",
+            "/migrations/%2E%2E/secret",
+            "/migrations/1800000000000/timeline.svg",
+        ] {
+            let r = get(bad).await.unwrap();
+            assert_eq!(r.status(), 404, "{bad}");
+            assert!(
+                !r.text().await.unwrap().contains("not for the web"),
+                "{bad}"
+            );
+        }
         api.stop.cancel();
     }
 }

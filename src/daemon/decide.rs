@@ -483,6 +483,7 @@ mod tests {
             token: None,
             ready: AtomicBool::new(false),
             abort: Mutex::new(None),
+            timelines: None,
         });
         (shared, rx)
     }

@@ -56,11 +56,38 @@ pub struct Status {
     /// last [`WOULD_MIGRATE_KEPT`]).
     pub would_migrate: Vec<WouldMigrate>,
     pub migrations: Vec<crate::migrate::journal::MigrationSummary>,
+    /// Each migration the daemon probed (`migration.probe_rate`): its id → the
+    /// availability summary; the chart is `GET /migrations/<id>/timeline.svg`.
+    pub availability: std::collections::BTreeMap<String, String>,
 }
 
 /// Where the daemon records every fresh load reading (`stateshift replay` reads it).
 pub fn readings_file(cfg: &Config) -> std::path::PathBuf {
     cfg.migration.work_dir.join("readings.csv")
+}
+
+/// Where the daemon writes the availability timeline of migration `id`.
+pub fn timeline_dir(cfg: &Config, id: &str) -> std::path::PathBuf {
+    cfg.migration.work_dir.join("timelines").join(id)
+}
+
+/// The availability summaries of the timelines recorded so far (id → summary), read
+/// back at start.
+fn recorded_timelines(cfg: &Config) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dirs) = std::fs::read_dir(cfg.migration.work_dir.join("timelines")) else {
+        return out;
+    };
+    for d in dirs.flatten() {
+        let (Ok(id), path) = (d.file_name().into_string(), d.path()) else {
+            continue;
+        };
+        if path.join("timeline.svg").is_file() {
+            let summary = std::fs::read_to_string(path.join("summary.txt")).unwrap_or_default();
+            out.insert(id, summary.trim().to_string());
+        }
+    }
+    out
 }
 
 /// How many readings `/status` keeps for the chart (a day at one poll a minute).
@@ -103,6 +130,9 @@ pub struct Shared {
     /// The running migration's abort switch (`POST /migrate/abort`); None between
     /// migrations.
     pub abort: Mutex<Option<crate::migrate::abort::Abort>>,
+    /// Where the migrations' availability timelines are (`migration.work_dir`/timelines),
+    /// served by `GET /migrations/<id>/timeline.svg|csv`; None: none are served.
+    pub timelines: Option<std::path::PathBuf>,
 }
 
 impl Shared {
@@ -409,7 +439,7 @@ impl decide::World for Orchestrator<'_> {
         // operator's `POST /migrate/abort` stops it (before its cutover).
         let abort = crate::migrate::abort::Abort::new();
         *self.shared.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(abort.clone());
-        let r = machine::migrate_abortable(self.cfg, self.provider, why, &lp, &abort).await;
+        let r = self.migrate_probed(why, &lp, &abort).await;
         *self.shared.abort.lock().unwrap_or_else(|p| p.into_inner()) = None;
         match r {
             Ok(rep) => {
@@ -437,6 +467,85 @@ impl decide::World for Orchestrator<'_> {
                 false
             }
         }
+    }
+}
+
+impl Orchestrator<'_> {
+    /// The migration, under the service's lock, with the availability probe around it
+    /// (`migration.probe_rate`): started before anything changes (2 s of baseline), it
+    /// follows the journal to wherever the writers point, and 3 s after the end its
+    /// timeline is written to [`timeline_dir`] (in the background: the loop goes on).
+    /// No probe when the journal holds anything to settle or waits for an operator (the
+    /// run then only settles or refuses), nor when it cannot start (said in the log).
+    async fn migrate_probed(
+        &self,
+        why: &str,
+        lp: &LoopProgress<'_>,
+        abort: &crate::migrate::abort::Abort,
+    ) -> Result<crate::migrate::engine::Report, machine::MachineError> {
+        use crate::migrate::journal::Recovery;
+        use crate::timeline::probe::{self, JournalFollow, ProbeSpec, RunningProbe};
+        let held = machine::lock(&machine::Paths::of(self.cfg).lock)?;
+        let before = machine::state(self.cfg)?;
+        let last_before = before.migrations.last().map(|m| m.id.clone());
+        let clean = before.recovery() == Recovery::Nothing && before.needs_operator().is_none();
+        let mut running = None;
+        if self.cfg.migration.probe_rate > 0 && clean {
+            let spec = ProbeSpec {
+                rate: self.cfg.migration.probe_rate,
+                // Never past the longest a migration may take.
+                max_duration: Duration::from_secs(24 * 3600),
+                ..ProbeSpec::default()
+            };
+            let started = match JournalFollow::new(self.cfg) {
+                Ok(f) => RunningProbe::start(spec, f).await,
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(p) => {
+                    lp.note("availability probe started (migration.probe_rate); 2 s of baseline before the migration");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    running = Some(p);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the availability probe did not start; migrating without a timeline")
+                }
+            }
+        }
+        let r = machine::migrate_holding(&held, self.cfg, self.provider, why, lp, abort).await;
+        drop(held);
+        let after = machine::state(self.cfg).ok();
+        let id = after
+            .and_then(|st| st.migrations.last().map(|m| m.id.clone()))
+            .filter(|id| Some(id) != last_before.as_ref());
+        if let (Some(p), Some(id)) = (running, id) {
+            let (cfg, shared) = (self.cfg.clone(), self.shared.clone());
+            tokio::spawn(async move {
+                // A few seconds on the service's home after the migration, to show it settled.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let dir = timeline_dir(&cfg, &id);
+                let title = format!(
+                    "stateshift: availability of service {} during migration {id} ({} writes+reads/s)",
+                    cfg.service.name, p.rate
+                );
+                match probe::finish_into(p, &cfg, &dir, &title).await {
+                    Ok((_, svg, summary)) => {
+                        let summary = summary.to_string();
+                        if let Err(e) = std::fs::write(dir.join("summary.txt"), &summary) {
+                            tracing::warn!(error = %e, "cannot write the timeline's summary");
+                        }
+                        tracing::info!(id, svg = %svg.display(), %summary, "availability timeline written");
+                        shared.set(|s| {
+                            s.availability.insert(id, summary);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(id, error = %e, "the availability timeline was not written")
+                    }
+                }
+            });
+        }
+        r
     }
 }
 
@@ -485,6 +594,7 @@ pub async fn run(
                 MonitorMode::Observe => "observe".into(),
             },
             migrations: st.migrations.clone(),
+            availability: recorded_timelines(&cfg),
             ..Status::default()
         }),
         running: AtomicBool::new(false),
@@ -493,6 +603,7 @@ pub async fn run(
         token: cfg.api.token.clone(),
         ready: AtomicBool::new(false),
         abort: Mutex::new(None),
+        timelines: Some(cfg.migration.work_dir.join("timelines")),
     });
     let api_token = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)

@@ -328,6 +328,42 @@ async fn the_status_page_shows_the_live_state_through_a_migration_started_from_i
     for p in ["dump", "restore", "cutover", "verify"] {
         assert!(table.contains(p), "per-phase timings: {table}");
     }
+    // The daemon probed the service through the migration: its availability timeline
+    // is drawn on the page, served by the daemon, and no probe write failed.
+    let summary = b
+        .wait_text("timeline-summary", "the availability summary", |t| {
+            t.contains("s probed")
+        })
+        .await;
+    assert!(summary.contains(" writes, 0 failed"), "{summary}");
+    let t = Instant::now();
+    loop {
+        let w = b
+            .js("const i = document.getElementById('timeline-chart'); return i.complete ? i.naturalWidth : 0")
+            .await;
+        if w.as_u64().is_some_and(|w| w > 0) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the chart never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id = b.text_of("timeline-id").await;
+    let csv = reqwest::get(format!("{api}/migrations/{id}/timeline.csv"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(csv.starts_with(stateshift::timeline::CSV_HEADER), "{csv}");
+    assert!(csv.contains("cutover"), "the phases are marked: {csv}");
+    let table = b.text_of("migrations").await;
+    assert!(
+        table.ends_with("chart"),
+        "each probed migration links its chart: {table}"
+    );
     b.screenshot("page-after.png").await;
 
     // Readable on a phone: nothing wider than the screen.

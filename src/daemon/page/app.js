@@ -81,6 +81,17 @@ function phases(m) {
   return div;
 }
 
+function timelineUrl(id) {
+  return "migrations/" + encodeURIComponent(id) + "/timeline.svg";
+}
+
+function timelineLink(id, label) {
+  const a = document.createElement("a");
+  a.href = timelineUrl(id);
+  a.textContent = label;
+  return a;
+}
+
 function render(st) {
   text("service", "stateshift: " + st.service);
   const [cls, label, detail] = state(st);
@@ -100,11 +111,22 @@ function render(st) {
   $("observe").hidden = !(st.would_migrate && st.would_migrate.length);
   $("would").replaceChildren(...(st.would_migrate || []).slice().reverse()
     .map((w) => row([when(w.at_unix_ms), w.decision])));
+  const avail = st.availability || {};
   $("migrations").replaceChildren(...st.migrations.slice().reverse().map((m) => row([
     m.id, when(m.started_ms), m.trigger,
     m.outcome ? m.outcome + (m.error ? ": " + m.error : "") : "running (" + (m.current_phase || "") + ")",
     phases(m),
+    m.id in avail ? timelineLink(m.id, "chart") : "–",
   ])));
+  // The newest migration with a timeline, as a chart.
+  const newest = st.migrations.slice().reverse().find((m) => m.id in avail);
+  $("timeline").hidden = !newest;
+  if (newest && $("timeline-id").textContent !== newest.id) {
+    text("timeline-id", newest.id);
+    text("timeline-summary", avail[newest.id]);
+    $("timeline-chart").src = timelineUrl(newest.id);
+    $("timeline-link").href = timelineUrl(newest.id);
+  }
   $("trigger").disabled = st.state === "migrating";
   // Past the repoint the daemon refuses an abort: say so instead of offering it.
   const running = st.migrations.length && !st.migrations[st.migrations.length - 1].outcome
