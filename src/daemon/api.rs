@@ -43,6 +43,7 @@ pub struct Metrics {
     migrations: Family<Labels, Counter>,
     phase_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
     points_moved: Counter,
+    capture_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -66,6 +67,7 @@ impl Metrics {
             migrations: Family::default(),
             phase_seconds: Family::default(),
             points_moved: Counter::default(),
+            capture_lost: Counter::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -112,6 +114,11 @@ impl Metrics {
                 "Captured points replayed to targets",
                 m.points_moved.clone(),
             );
+            r.register(
+                "capture_lost_writes",
+                "Writes the source failed to forward to a migration's capture (the migration then stopped: its capture could not be proven complete)",
+                m.capture_lost.clone(),
+            );
         }
         m
     }
@@ -132,6 +139,9 @@ impl Metrics {
     }
     pub fn would_migrate(&self) {
         self.would_migrate.inc();
+    }
+    pub fn capture_lost(&self, writes: u64) {
+        self.capture_lost.inc_by(writes);
     }
     pub fn migration(&self, outcome: &str, points: u64) {
         self.migrations
@@ -629,6 +639,7 @@ mod tests {
         m.observe(1.0, Some(2.0));
         m.trigger();
         m.would_migrate();
+        m.capture_lost(2);
         m.migration("failed", 3);
         m.phase_seconds(Phase::Verify, 1.5);
         let served = reqwest::get(format!("{}/metrics", api.url))

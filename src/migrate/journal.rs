@@ -453,6 +453,53 @@ mod tests {
     }
 
     #[test]
+    fn an_abort_is_remembered_and_an_unfinished_aborted_migration_rolls_back() {
+        let mut rs = vec![
+            rec(
+                "1",
+                Event::Started {
+                    trigger: "manual".into(),
+                    source: placement("old"),
+                },
+            ),
+            rec(
+                "1",
+                Event::StackCreated {
+                    target: placement("new"),
+                },
+            ),
+            rec(
+                "1",
+                Event::AbortRequested {
+                    phase: Phase::Dump,
+                    by: "operator".into(),
+                },
+            ),
+        ];
+        let st = JournalState::from_records(&rs);
+        assert_eq!(st.migrations[0].aborted_by.as_deref(), Some("operator"));
+        // A crash during the abort's rollback: the next start rolls back.
+        assert!(matches!(
+            st.recovery(),
+            Recovery::RollBack {
+                target: Some(_),
+                ..
+            }
+        ));
+        rs.push(rec(
+            "1",
+            Event::Finished {
+                outcome: Outcome::RolledBack,
+                error: Some("dump: aborted by operator".into()),
+                report: None,
+            },
+        ));
+        let st = JournalState::from_records(&rs);
+        assert_eq!(st.recovery(), Recovery::Nothing);
+        assert_eq!(st.migrations[0].aborted_by.as_deref(), Some("operator"));
+    }
+
+    #[test]
     fn a_crash_before_cutover_rolls_back_and_one_after_verify_finishes_the_disposal() {
         let mut rs = vec![
             rec(

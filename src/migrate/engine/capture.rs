@@ -199,6 +199,7 @@ impl Migration<'_> {
         let dropped = st.dropped.saturating_sub(self.drops_at_start);
         let lost = st.failed + dropped;
         if lost > 0 {
+            self.progress.capture_lost(lost);
             return Err(MigrateError::Failed {
                 phase,
                 msg: format!("the source may have failed to forward {lost} captured writes to the capture receiver ({} deliveries of our subscriptions failed: the receiver refused them or did not answer within the source's [subscriber] http-timeout; {dropped} failures counted by the source outside our subscriptions: a full forwarding queue ([subscriber] write-buffer-size), or another subscription failing its deliveries, which InfluxDB counts in the same place); the capture cannot be proven complete", st.failed),
@@ -262,6 +263,8 @@ impl Migration<'_> {
             }
         }
         if last.failed > 0 || last.written != spooled {
+            self.progress
+                .capture_lost((last.failed + last.written.saturating_sub(spooled)).max(1));
             return Err(MigrateError::Failed {
                 phase: p,
                 msg: format!(

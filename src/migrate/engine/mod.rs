@@ -175,6 +175,9 @@ pub trait Progress: Send + Sync {
     fn phase_started(&self, _phase: Phase) {}
     fn phase_done(&self, _phase: Phase, _took: Duration) {}
     fn note(&self, _msg: &str) {}
+    /// The source failed to forward `writes` captured writes: the capture cannot be
+    /// proven complete, and the migration stops (a metric and an alert for the daemon).
+    fn capture_lost(&self, _writes: u64) {}
 }
 
 /// The points of a migration that a restart must know about, recorded durably before the
