@@ -238,6 +238,15 @@ enum ConfigCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if prints_only(&cli.cmd) {
+        // Like any Unix filter, end quietly when the reader goes away (`stateshift
+        // status | head`) instead of panicking on a write to a closed pipe. Only for
+        // commands that change nothing: a migration must never die of its output.
+        // SAFETY: no other thread exists yet, and SIG_DFL is always a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     if let Err(e) = logging::init(filter, LogStyle::detect(cli.log_format)) {
@@ -252,6 +261,19 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(run(cli.cmd))
+}
+
+/// The commands that only read and print.
+fn prints_only(cmd: &Cmd) -> bool {
+    matches!(
+        cmd,
+        Cmd::Config { .. }
+            | Cmd::Status { .. }
+            | Cmd::Predict { .. }
+            | Cmd::Replay { .. }
+            | Cmd::Completions { .. }
+            | Cmd::Man { .. }
+    )
 }
 
 async fn run(cmd: Cmd) -> ExitCode {

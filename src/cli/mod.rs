@@ -21,13 +21,15 @@ pub fn humans_on_stderr() -> bool {
     HUMAN_TO_STDERR.load(Ordering::Relaxed)
 }
 
-/// Print a line for a person (`say!`).
+/// Print a line for a person (`say!`). A closed or full output (`stateshift migrate |
+/// head`) loses the line, never the migration: `println!` would panic.
 pub fn say_line(line: &str) {
-    if humans_on_stderr() {
-        eprintln!("{line}");
+    use std::io::Write;
+    let _ = if humans_on_stderr() {
+        writeln!(std::io::stderr(), "{line}")
     } else {
-        println!("{line}");
-    }
+        writeln!(std::io::stdout(), "{line}")
+    };
 }
 
 /// Progress printed for a person.

@@ -760,3 +760,56 @@ async fn migrate_json_prints_one_object_with_the_outcome_and_progress_on_stderr(
     );
     assert_eq!(v["report"], serde_json::Value::Null);
 }
+
+/// Run `stateshift args` with its stdout a pipe nobody reads any more (`| head` that
+/// has exited): returns how it ended and its stderr.
+fn run_into_closed_pipe(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(bin())
+        .args(args)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A command that only prints ends quietly when its reader has gone, as `cat` does (by
+/// SIGPIPE), instead of panicking on the broken pipe.
+#[test]
+fn a_printing_command_whose_reader_went_away_ends_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "source:\n  influx_url: http://127.0.0.1:8086\ntarget:\n  influx_url: http://127.0.0.1:8087\n",
+    );
+    for args in [
+        vec!["config", "show", "-c", &p],
+        vec!["completions", "bash"],
+        vec!["predict", "1", "2", "3", "4"],
+    ] {
+        let (status, err) = run_into_closed_pipe(&args);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(
+            status.signal(),
+            Some(13),
+            "{args:?}: ended by SIGPIPE: {status:?} {err}"
+        );
+    }
+}
+
+/// A migration whose output nobody reads any more still runs to its end: a line to a
+/// closed pipe is lost, never the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_whose_reader_went_away_still_finishes() {
+    let lab = lab(LabOptions::default()).await;
+    let (p, _) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 1_000).await;
+    let before = counts(&lab.source.client(), "cyclops").await;
+    let (status, err) = run_into_closed_pipe(&["migrate", "-c", p.to_str().unwrap(), "--yes"]);
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(counts(&lab.target.client(), "cyclops").await, before);
+}
