@@ -51,12 +51,34 @@ impl Migration<'_> {
         }
     }
 
+    /// A step cut short while InfluxDB was creating one of our subscriptions never
+    /// recorded it (it is recorded once the server answered): found by name on both
+    /// sides and dropped, as the crash recovery does.
+    async fn drop_unrecorded_subscriptions(&self) {
+        let ours = [sub_name(&self.id), format!("{}_t", sub_name(&self.id))];
+        for side in [&self.source, &self.target].into_iter().flatten() {
+            let Ok(subs) = side.influx.subscriptions().await else {
+                continue;
+            };
+            for s in subs.into_iter().filter(|s| ours.contains(&s.name)) {
+                if let Err(e) = side
+                    .influx
+                    .drop_subscription(&s.name, &s.database, &s.retention_policy)
+                    .await
+                {
+                    tracing::warn!(error = %e, sub = %s.name, "could not drop a subscription of the aborted migration");
+                }
+            }
+        }
+    }
+
     /// Undo what can be undone. Before cutover: everything this migration created on the
     /// target goes, the source is as before. After cutover: nothing is deleted anywhere.
     pub(super) async fn on_failure(&mut self, e: &MigrateError) {
         tracing::error!(phase = %e.phase(), error = %e, "migration failed");
         if matches!(e, MigrateError::Aborted { .. }) {
             self.stop_scratch_users().await;
+            self.drop_unrecorded_subscriptions().await;
         }
         let undo = self.plan.undo(self.report.cutover_done);
         if undo == Undo::KeepBoth {
