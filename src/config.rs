@@ -792,8 +792,12 @@ pub enum ExistingDatabases {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TransferMode {
-    /// `forward` when the SSH servers allow TCP forwarding, else `stream`.
+    /// `shards`, else `forward` when the SSH servers allow TCP forwarding, else `stream`.
     Auto,
+    /// Each shard goes from the source's InfluxDB RPC port into the target's, through SSH
+    /// forwards and this process, speaking the snapshotter protocol: dump, transfer and
+    /// restore in one pass, nothing written to a scratch disk.
+    Shards,
     /// The target runs `influxd backup` against the source through SSH forwards: one pass.
     Forward,
     /// Dump on the source, then stream a tar archive through the orchestrator.

@@ -6,6 +6,7 @@
 //! request log or error message can show them.
 
 pub mod lineproto;
+pub mod snapshotter;
 mod vars;
 
 pub use vars::SubStats;
@@ -614,6 +615,25 @@ impl Influx {
             }
         }
         out.sort();
+        Ok(out)
+    }
+
+    /// Every shard of database `db` by id (`SHOW SHARDS`).
+    pub async fn shard_ids(&self, db: &str) -> Result<Vec<u64>, InfluxError> {
+        let q = "SHOW SHARDS";
+        let mut out = Vec::new();
+        for s in self.query(None, q).await? {
+            for row in &s.values {
+                if str_of(col(&s.columns, row, "database")).as_deref() != Some(db) {
+                    continue;
+                }
+                let id = col(&s.columns, row, "id")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| self.decode_err(q, "a shard without an id"))?;
+                out.push(id);
+            }
+        }
+        out.sort_unstable();
         Ok(out)
     }
 

@@ -231,7 +231,10 @@ async fn an_abort_in_the_middle_of_a_command_stops_it_on_the_host() {
     let w = svc.writer(300);
     let dir: &'static str = Box::leak(svc.dir().display().to_string().into_boxed_str());
     for phase in [Phase::Dump, Phase::Restore] {
-        let cfg = svc.cfg();
+        // The `forward` transfer runs `influxd backup` and `influxd restore` on the hosts;
+        // the default (`shards`) runs nothing there.
+        let mut cfg = svc.cfg();
+        cfg.migration.transfer = stateshift::config::TransferMode::Forward;
         let provider = Provider::from_config(&cfg).unwrap();
         let p = AbortAt {
             at: At::Command(phase, dir),
@@ -567,7 +570,8 @@ impl Drop for KillOnDrop {
 async fn an_abort_during_a_restore_on_a_static_target_leaves_nothing_there() {
     use stateshift::migrate::engine::{self, RunOptions, Unjournaled};
     let lab = lab(Default::default()).await;
-    let (_, cfg) = lab.write_config("").unwrap();
+    let (_, mut cfg) = lab.write_config("").unwrap();
+    cfg.migration.transfer = stateshift::config::TransferMode::Forward;
     let seeded = seed(&lab, "cyclops", 300_000).await;
     let target = cfg.target.clone().unwrap();
     let dir: &'static str = Box::leak(lab.dir.display().to_string().into_boxed_str());

@@ -193,9 +193,13 @@ async fn a_restore_that_prints_the_word_error_while_succeeding_migrates() {
     // budget is not a failed restore.
     let cfg = stateshift::config::Config::load(&p).unwrap();
     let wd = format!("{}/error-budget", cfg.target.as_ref().unwrap().work_dir);
+    // (`forward`: the shards path runs no `influxd restore`.)
     let (code, out, err) = run(
         &["migrate", "-c", p.to_str().unwrap(), "--yes"],
-        &[("STATESHIFT__TARGET__WORK_DIR", &wd)],
+        &[
+            ("STATESHIFT__TARGET__WORK_DIR", &wd),
+            ("STATESHIFT__MIGRATION__TRANSFER", "forward"),
+        ],
     );
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(counts(&lab.target.client(), "error_log").await, before);
@@ -282,8 +286,9 @@ async fn migrate_cli_moves_the_data_and_writes_a_timing_report() {
         .map(|p| p["phase"].as_str().unwrap())
         .collect();
     assert!(
-        out.contains("pulled the dump"),
-        "the forward transfer is the default: {out}"
+        out.contains("streamed")
+            && out.contains("into the target's: dump, transfer and restore in one pass"),
+        "streaming the shards between the RPC ports is the default: {out}"
     );
     // Journaled like any migration: status shows it, and the service now runs on the target.
     let (code, st, _) = run(&["status", "-c", p.to_str().unwrap()], &[]);
@@ -461,7 +466,7 @@ fn pids_naming(needle: &str) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_orphaned_by_a_killed_migration_is_stopped_when_settling() {
     orphaned_by_a_kill(
-        "",
+        "  transfer: forward\n",
         "influxd restore -portable -db cyclops -host ",
         "target/work/restore-",
     )

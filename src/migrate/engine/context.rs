@@ -54,6 +54,8 @@ pub(super) struct Migration<'a> {
     pub reader: Option<SpoolReader>,
     /// The target pulled the dump itself: nothing to transfer.
     pub pulled: bool,
+    /// The shards went straight into the target's InfluxDB: its databases are restored.
+    pub restored: bool,
     /// With a resumed run: what it takes over from the interrupted one.
     pub resume: Option<super::Resume>,
     /// How long `prepare` waits for the target's InfluxDB to answer.
@@ -96,6 +98,7 @@ impl<'a> Migration<'a> {
             source_started: None,
             reader: None,
             pulled: false,
+            restored: false,
             resume: None,
             ready_wait: Duration::ZERO,
             watch_listener: None,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::context::Migration;
 use super::{MigrateError, Phase, TargetObject};
 use crate::config::{InstanceConfig, TransferMode};
-use crate::influx::{ident, literal, InfluxError};
+use crate::influx::{ident, literal, snapshotter, InfluxError};
 use crate::remote::{Host, Pipes, Remote, RemoteError};
 use crate::util::shell_quote;
 
@@ -24,7 +24,30 @@ impl Migration<'_> {
                 r.kill();
             }
         }
-        if self.cfg.migration.transfer != TransferMode::Stream {
+        let mode = self.cfg.migration.transfer;
+        if matches!(mode, TransferMode::Auto | TransferMode::Shards) {
+            match self.stream_shards().await {
+                Ok(r) => {
+                    r?;
+                    self.pulled = true;
+                    self.restored = true;
+                    return Ok(());
+                }
+                Err(why) if mode == TransferMode::Auto => {
+                    tracing::warn!(reason = %why, "cannot stream the shards between the InfluxDB RPC ports; falling back to influxd backup and restore");
+                    self.progress.note(&format!(
+                        "shard streaming unavailable ({why}); falling back to influxd backup and restore"
+                    ));
+                }
+                Err(why) => {
+                    return Err(MigrateError::Failed {
+                        phase: Phase::Dump,
+                        msg: format!("migration.transfer is shards, but {why}"),
+                    })
+                }
+            }
+        }
+        if matches!(mode, TransferMode::Auto | TransferMode::Forward) {
             match self.pull_dump().await {
                 Ok(r) => {
                     r?;
@@ -32,7 +55,7 @@ impl Migration<'_> {
                     self.progress.note("the target pulled the dump from the source's RPC port through SSH forwards (dump and transfer in one pass)");
                     return Ok(());
                 }
-                Err(why) if self.cfg.migration.transfer == TransferMode::Auto => {
+                Err(why) if mode == TransferMode::Auto => {
                     tracing::warn!(reason = %why, "SSH forwarding unavailable; dumping on the source and streaming the archive instead");
                     self.progress.note(&format!(
                         "SSH forwarding unavailable ({why}); falling back to dump + tar stream"
@@ -63,6 +86,191 @@ impl Migration<'_> {
         Ok(())
     }
 
+    /// Stream every shard of the source's databases from its InfluxDB RPC port into the
+    /// target's (both reached through local SSH forwards, so no VM needs the other's
+    /// key): the target's metadata first (databases, retention policies, empty shards),
+    /// then the shards' files, [`SHARD_COPIES`] at a time. Dump, transfer and restore of
+    /// the data in one pass; the restore phase then adds what metadata lacks (users,
+    /// grants, continuous queries). `Err` means nothing was made yet (the caller may fall
+    /// back); `Ok(Err)` is a failure after the target was touched.
+    pub(super) async fn stream_shards(&mut self) -> Result<Result<(), MigrateError>, String> {
+        let src = RpcReach::open(&self.src().host, &self.src().cfg.rpc_address, "source").await?;
+        let dst =
+            match RpcReach::open(&self.dst().host, &self.dst().cfg.rpc_address, "target").await {
+                Ok(d) => d,
+                Err(e) => {
+                    if let Some(f) = src.forward {
+                        f.close(&self.src().host).await;
+                    }
+                    return Err(e);
+                }
+            };
+        let r = self.stream_shards_through(src.addr, dst.addr).await;
+        if let Some(f) = src.forward {
+            f.close(&self.src().host).await;
+        }
+        if let Some(f) = dst.forward {
+            f.close(&self.dst().host).await;
+        }
+        r
+    }
+
+    async fn stream_shards_through(
+        &mut self,
+        from: std::net::SocketAddr,
+        to: std::net::SocketAddr,
+    ) -> Result<Result<(), MigrateError>, String> {
+        let p = Phase::Dump;
+        let fail = |msg: String| MigrateError::Failed { phase: p, msg };
+        let cancel = snapshotter::Cancel::default();
+        let _stop = CancelOnDrop(cancel.clone());
+        // The metadata, with every shard it names; a shard made later holds only points
+        // written since the capture started, which the delta replays.
+        let c = cancel.clone();
+        let meta = tokio::task::spawn_blocking(move || snapshotter::metastore(from, &c))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        // InfluxDB reads an uploaded blob with one read after its JSON decoder's buffer:
+        // through an SSH channel (32 KB packets) a larger one may arrive in pieces and be
+        // refused. `auto` leaves such a source to `influxd restore`, which runs on the
+        // target's own host; `shards` tries, and says so when refused.
+        if meta.len() > META_IN_ONE_PIECE && self.cfg.migration.transfer == TransferMode::Auto {
+            return Err(format!(
+                "the source's metadata is {} bytes, more than the {META_IN_ONE_PIECE} sure to reach the target's RPC port in one piece",
+                meta.len()
+            ));
+        }
+        let mut copies = Vec::new();
+        for db in self.report.databases.clone() {
+            let shards = match self.src().influx.shard_ids(&db).await {
+                Ok(s) => s,
+                Err(e) => return Ok(Err(Self::influx_err(p)(e))),
+            };
+            if let Err(e) = self.claim_target_database(p, &db).await {
+                return Ok(Err(e));
+            }
+            let (c, m, name) = (cancel.clone(), meta.clone(), db.clone());
+            let map = match tokio::task::spawn_blocking(move || {
+                snapshotter::import_database(to, &name, &m, &c)
+            })
+            .await
+            {
+                Ok(Ok(map)) => map,
+                Ok(Err(e)) => {
+                    return Ok(Err(fail(format!(
+                        "importing the metadata of database {db:?}: {e}"
+                    ))))
+                }
+                Err(e) => return Ok(Err(fail(e.to_string()))),
+            };
+            let there = match self.dst().influx.databases().await {
+                Ok(d) => d.contains(&db),
+                Err(e) => return Ok(Err(Self::influx_err(p)(e))),
+            };
+            let missing: Vec<u64> = shards
+                .iter()
+                .filter(|id| !map.contains_key(id))
+                .copied()
+                .collect();
+            if !there || !missing.is_empty() {
+                return Ok(Err(fail(format!(
+                    "the target {} did not import the metadata of database {db:?} (database there: {there}; shards {missing:?} of {} not mapped; its InfluxDB log says why: a metadata blob of {} bytes may have reached it in pieces)",
+                    self.dst().cfg.name,
+                    shards.len(),
+                    meta.len()
+                ))));
+            }
+            copies.extend(map);
+        }
+        let shards = copies.len();
+        let watch_source = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if !self.src().host.alive().await {
+                    return;
+                }
+            }
+        };
+        let scratch = Self::scratch(&self.dst().cfg, &self.id, "restore");
+        let run = async {
+            let mut total = snapshotter::Copied::default();
+            let mut running = tokio::task::JoinSet::new();
+            let mut queue = copies.into_iter();
+            loop {
+                while running.len() < SHARD_COPIES {
+                    let Some((old, new)) = queue.next() else {
+                        break;
+                    };
+                    let c = cancel.clone();
+                    running.spawn_blocking(move || {
+                        snapshotter::copy_shard(from, old, to, new, &c)
+                            .map_err(|e| format!("shard {old} (target shard {new}): {e}"))
+                    });
+                }
+                let Some(done) = running.join_next().await else {
+                    break;
+                };
+                let got = done.map_err(|e| e.to_string()).and_then(|r| r)?;
+                total.files += got.files;
+                total.bytes += got.bytes;
+            }
+            Ok::<_, String>(total)
+        };
+        let lost = |side: &str, host: &Host| {
+            fail(format!(
+                "the SSH connection to the {side} {} was lost during the dump",
+                host.describe()
+            ))
+        };
+        let r = tokio::select! {
+            r = run => match r {
+                Ok(total) => Ok(total),
+                // A forward that stops answering: say which connection went, not which
+                // local port refused.
+                Err(_) if !self.src().host.alive().await => Err(lost("source", &self.src().host)),
+                Err(_) if !self.dst().host.alive().await => Err(lost("target", &self.dst().host)),
+                Err(e) => Err(fail(format!("streaming the shards: {e}"))),
+            },
+            () = watch_source => Err(lost("source", &self.src().host)),
+            free = disk_fills(&self.dst().host, &scratch) => {
+                Err(disk_full(p, "target", &self.dst().cfg.name, &scratch, free))
+            }
+        };
+        cancel.cancel();
+        Ok(r.map(|total| {
+            self.report.dump_bytes = total.bytes;
+            self.progress.note(&format!(
+                "streamed {shards} shards ({} files, {:.1} MB) from the source's InfluxDB RPC port into the target's: dump, transfer and restore in one pass",
+                total.files,
+                total.bytes as f64 / 1e6
+            ));
+        }))
+    }
+
+    /// Record database `db` as this migration's on the target, right before the step that
+    /// creates it: in memory and in the journal, so a half-restored database is ours to
+    /// remove, also after a crash. Re-checked first: a database that appeared on the
+    /// target since prepare is not ours, and a rollback must never drop it.
+    async fn claim_target_database(&mut self, p: Phase, db: &str) -> Result<(), MigrateError> {
+        let now = self
+            .dst()
+            .influx
+            .databases()
+            .await
+            .map_err(Self::influx_err(p))?;
+        if now.iter().any(|d| d == db) {
+            return Err(MigrateError::TargetNotEmpty {
+                target: self.dst().cfg.name.clone(),
+                db: db.to_string(),
+            });
+        }
+        self.created.target_databases.push(db.to_string());
+        self.journal
+            .target_creating(&TargetObject::Database(db.to_string()))
+            .map_err(|msg| MigrateError::Failed { phase: p, msg })
+    }
+
     /// Run `influxd backup` on the target host against the source's RPC port, reached
     /// through a local forward into the source and a remote forward out of the target,
     /// both through this process: no VM-to-VM keys, no copy on the source's disk.
@@ -70,32 +278,10 @@ impl Migration<'_> {
     /// `Ok(Err)` is a failure of the backup itself.
     pub(super) async fn pull_dump(&mut self) -> Result<Result<(), MigrateError>, String> {
         let p = Phase::Dump;
-        let rpc = self.src().cfg.rpc_address.clone();
-        let (rpc_host, rpc_port) = rpc
-            .rsplit_once(':')
-            .and_then(|(h, port)| {
-                port.parse::<u16>()
-                    .ok()
-                    .map(|port| (h.trim_matches(['[', ']']).to_string(), port))
-            })
-            .ok_or_else(|| format!("source.rpc_address {rpc:?} is not host:port"))?;
         // 1. The source's RPC port, as this process reaches it.
-        let mut local_fwd = None;
-        let src_rpc: std::net::SocketAddr = match &self.src().host {
-            Host::Ssh(s) => {
-                let listen = free_local_port().map_err(|e| format!("no free local port: {e}"))?;
-                s.forward_local(listen, &rpc_host, rpc_port)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                local_fwd = Some(listen);
-                listen
-            }
-            Host::Local(_) => tokio::net::lookup_host(rpc.as_str())
-                .await
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| format!("cannot resolve source.rpc_address {rpc:?}"))?,
-        };
+        let src_fwd =
+            RpcReach::open(&self.src().host, &self.src().cfg.rpc_address, "source").await?;
+        let (local_fwd, src_rpc) = (src_fwd.forward.clone(), src_fwd.addr);
         // 2. The target reaches it.
         let mut remote_fwd = None;
         let backup_from = match &self.dst().host {
@@ -117,8 +303,7 @@ impl Migration<'_> {
                 match remote_fwd {
                     Some(port) => format!("127.0.0.1:{port}"),
                     None => {
-                        self.close_forwards(local_fwd, None, &rpc_host, rpc_port, src_rpc)
-                            .await;
+                        self.close_forwards(local_fwd, None, src_rpc).await;
                         return Err(last);
                     }
                 }
@@ -155,24 +340,21 @@ impl Migration<'_> {
                 Err(disk_full(p, "target", &self.dst().cfg.name, &dir, free))
             }
         };
-        self.close_forwards(local_fwd, remote_fwd, &rpc_host, rpc_port, src_rpc)
-            .await;
+        self.close_forwards(local_fwd, remote_fwd, src_rpc).await;
         Ok(r.map(|out| self.report.dump_bytes = du_bytes(&out)))
     }
 
     pub(super) async fn close_forwards(
         &self,
-        local: Option<std::net::SocketAddr>,
+        local: Option<Forward>,
         remote: Option<u16>,
-        rpc_host: &str,
-        rpc_port: u16,
         src_rpc: std::net::SocketAddr,
     ) {
         if let (Some(port), Host::Ssh(t)) = (remote, &self.dst().host) {
             t.close_remote(port, src_rpc).await;
         }
-        if let (Some(listen), Host::Ssh(s)) = (local, &self.src().host) {
-            s.close_local(listen, rpc_host, rpc_port).await;
+        if let Some(f) = local {
+            f.close(&self.src().host).await;
         }
     }
 
@@ -247,27 +429,14 @@ impl Migration<'_> {
         let p = Phase::Restore;
         let dir = Self::scratch(&self.dst().cfg, &self.id, "restore");
         let rpc = self.dst().cfg.rpc_address.clone();
-        for db in self.report.databases.clone() {
-            // Re-checked right before the side effect: a database that appeared on the
-            // target since prepare is not ours, and a rollback must never drop it.
-            let now = self
-                .dst()
-                .influx
-                .databases()
-                .await
-                .map_err(Self::influx_err(p))?;
-            if now.contains(&db) {
-                return Err(MigrateError::TargetNotEmpty {
-                    target: self.dst().cfg.name.clone(),
-                    db,
-                });
-            }
-            // Recorded before the side effect, in memory and in the journal: a half-restored
-            // database is ours to remove, also after a crash.
-            self.created.target_databases.push(db.clone());
-            self.journal
-                .target_creating(&TargetObject::Database(db.clone()))
-                .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
+        // Streamed shards restored the databases already.
+        let databases = if self.restored {
+            Vec::new()
+        } else {
+            self.report.databases.clone()
+        };
+        for db in databases {
+            self.claim_target_database(p, &db).await?;
             // Judged by its exit status (a failure's stderr is in the error) and by the state
             // it leaves; never by words in its output, which names databases and shards.
             let cmd = format!(
@@ -516,3 +685,83 @@ pub(super) fn du_bytes(out: &str) -> u64 {
 pub(super) fn free_local_port() -> std::io::Result<std::net::SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
+
+/// A local forward into a host's port, to close once used.
+#[derive(Clone)]
+pub(super) struct Forward {
+    listen: std::net::SocketAddr,
+    host: String,
+    port: u16,
+}
+
+impl Forward {
+    pub(super) async fn close(self, on: &Host) {
+        if let Host::Ssh(s) = on {
+            s.close_local(self.listen, &self.host, self.port).await;
+        }
+    }
+}
+
+/// A host's InfluxDB RPC port as this process reaches it: directly on a local host,
+/// through a local SSH forward otherwise.
+pub(super) struct RpcReach {
+    pub addr: std::net::SocketAddr,
+    pub forward: Option<Forward>,
+}
+
+impl RpcReach {
+    /// `Err` says why the port cannot be reached (the caller may fall back).
+    pub(super) async fn open(host: &Host, rpc: &str, side: &str) -> Result<RpcReach, String> {
+        let (rpc_host, rpc_port) = rpc
+            .rsplit_once(':')
+            .and_then(|(h, port)| {
+                port.parse::<u16>()
+                    .ok()
+                    .map(|port| (h.trim_matches(['[', ']']).to_string(), port))
+            })
+            .ok_or_else(|| format!("{side}.rpc_address {rpc:?} is not host:port"))?;
+        match host {
+            Host::Ssh(s) => {
+                let listen = free_local_port().map_err(|e| format!("no free local port: {e}"))?;
+                s.forward_local(listen, &rpc_host, rpc_port)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(RpcReach {
+                    addr: listen,
+                    forward: Some(Forward {
+                        listen,
+                        host: rpc_host,
+                        port: rpc_port,
+                    }),
+                })
+            }
+            Host::Local(_) => {
+                let addr = tokio::net::lookup_host(rpc)
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| format!("cannot resolve {side}.rpc_address {rpc:?}"))?;
+                Ok(RpcReach {
+                    addr,
+                    forward: None,
+                })
+            }
+        }
+    }
+}
+
+/// Cancels the shard copies when dropped: an abort or a failure elsewhere drops the
+/// future that runs them, and their blocking threads must not go on writing to the target.
+struct CancelOnDrop(snapshotter::Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// The largest metadata blob `auto` streams (see `stream_shards_through`).
+const META_IN_ONE_PIECE: usize = 30 << 10;
+
+/// Copies running at once: two cores on the machines measured; more only queue on them.
+const SHARD_COPIES: usize = 2;

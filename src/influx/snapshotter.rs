@@ -1,0 +1,309 @@
+//! InfluxDB 1.x's snapshotter protocol on the RPC port (8088): the one `influxd backup`
+//! and `influxd restore -portable` speak, spoken here directly so that a shard goes from
+//! the source's server into the target's in one pass, with no archive on any disk and no
+//! gzip around files that are already compressed.
+//!
+//! A connection starts with the TCP mux byte (3) and a request type byte. Then:
+//! - *metastore backup* (1) and *shard backup* (0): a JSON request, answered with the
+//!   metadata blob (magic, length, protobuf, then the node) or an uncompressed tar of the
+//!   shard's files, named `db/rp/<shard id>/…` (the server flushes its cache first);
+//! - *metastore update* (6): a JSON request, a newline (the Go encoder's), the blob; the
+//!   server imports the one database named into its metadata, creates its shards and
+//!   answers old → new shard ids. An error answers an empty map (and is only logged);
+//! - *shard update* (7): the new shard id (8 bytes, big-endian), then a tar whose names
+//!   start with the target's `db/rp/<new id>/`; the server writes the files into the
+//!   disabled shard, loads them, and closes the connection. It never says whether that
+//!   worked: the migration's verification does.
+//!
+//! Blocking I/O on std sockets: a shard copy runs on a blocking thread, and [`Cancel`]
+//! shuts its sockets to stop it from outside.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Component, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const MUX_HEADER: u8 = 3;
+const MAGIC: u64 = 0x5959_0101;
+const SHARD_BACKUP: u8 = 0;
+const METASTORE_BACKUP: u8 = 1;
+const METASTORE_UPDATE: u8 = 6;
+const SHARD_UPDATE: u8 = 7;
+
+/// Longest silence accepted from a server: a shard backup first flushes the shard's cache
+/// to disk, which takes seconds for a large one.
+const IDLE: Duration = Duration::from_secs(600);
+/// Bounds on what a server may announce, so a wrong peer cannot make us allocate wildly.
+const MAX_META: u64 = 256 << 20;
+const MAX_NODE: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the InfluxDB RPC port {addr}: {what}: {source}")]
+    Io {
+        addr: SocketAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the InfluxDB RPC port {addr}: {msg}")]
+    Protocol { addr: SocketAddr, msg: String },
+    #[error("stopped")]
+    Cancelled,
+}
+
+/// Stops the copies it was handed: their sockets are shut down, so a blocked read or
+/// write returns at once. Shared by clones.
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<Mutex<(bool, Vec<TcpStream>)>>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = true;
+        for s in g.1.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn watch(&self, s: &TcpStream) -> Result<(), SnapshotError> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0 {
+            let _ = s.shutdown(Shutdown::Both);
+            return Err(SnapshotError::Cancelled);
+        }
+        if let Ok(c) = s.try_clone() {
+            g.1.push(c);
+        }
+        Ok(())
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+}
+
+fn io(addr: SocketAddr, what: &'static str) -> impl Fn(std::io::Error) -> SnapshotError {
+    move |source| SnapshotError::Io { addr, what, source }
+}
+
+/// Open a request of `typ`, with its JSON body (none for a shard update).
+fn open(
+    addr: SocketAddr,
+    typ: u8,
+    body: &[u8],
+    cancel: &Cancel,
+) -> Result<TcpStream, SnapshotError> {
+    let s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(io(addr, "connect"))?;
+    cancel.watch(&s)?;
+    s.set_read_timeout(Some(IDLE))
+        .map_err(io(addr, "set a timeout"))?;
+    s.set_write_timeout(Some(IDLE))
+        .map_err(io(addr, "set a timeout"))?;
+    s.set_nodelay(true).map_err(io(addr, "set nodelay"))?;
+    let mut head = vec![MUX_HEADER, typ];
+    head.extend_from_slice(body);
+    (&s).write_all(&head)
+        .map_err(io(addr, "send the request"))?;
+    Ok(s)
+}
+
+fn read_u64(s: &mut impl Read, addr: SocketAddr, what: &'static str) -> Result<u64, SnapshotError> {
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b).map_err(io(addr, what))?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// The server's whole metadata (databases, retention policies, shard groups, users), as
+/// the opaque blob a metastore update takes back.
+pub fn metastore(addr: SocketAddr, cancel: &Cancel) -> Result<Vec<u8>, SnapshotError> {
+    let body = serde_json::json!({ "Type": METASTORE_BACKUP }).to_string() + "\n";
+    let mut s = open(addr, METASTORE_BACKUP, body.as_bytes(), cancel)?;
+    let magic = read_u64(&mut s, addr, "read the metadata header")?;
+    if magic != MAGIC {
+        return Err(SnapshotError::Protocol {
+            addr,
+            msg: format!("the metadata starts with {magic:#x}, not {MAGIC:#x}: is this InfluxDB 1.x's RPC port?"),
+        });
+    }
+    let len = read_u64(&mut s, addr, "read the metadata length")?;
+    if len > MAX_META {
+        return Err(SnapshotError::Protocol {
+            addr,
+            msg: format!("announces {len} bytes of metadata (more than {MAX_META})"),
+        });
+    }
+    let mut blob = vec![0u8; len as usize];
+    s.read_exact(&mut blob)
+        .map_err(io(addr, "read the metadata"))?;
+    let node = read_u64(&mut s, addr, "read the node length")?;
+    if node > MAX_NODE {
+        return Err(SnapshotError::Protocol {
+            addr,
+            msg: format!("announces a node of {node} bytes"),
+        });
+    }
+    std::io::copy(&mut (&s).take(node), &mut std::io::sink()).map_err(io(addr, "read the node"))?;
+    Ok(blob)
+}
+
+/// Import database `db` of `meta` (a [`metastore`] blob) into the server at `addr`: the
+/// database, its retention policies and its shards (empty) appear there. Answers each
+/// source shard id with its new id. The server answers an empty map for any error
+/// (among them: `db` exists already, a blob it could not read).
+pub fn import_database(
+    addr: SocketAddr,
+    db: &str,
+    meta: &[u8],
+    cancel: &Cancel,
+) -> Result<BTreeMap<u64, u64>, SnapshotError> {
+    let req = serde_json::json!({
+        "Type": METASTORE_UPDATE,
+        "BackupDatabase": db,
+        "RestoreDatabase": db,
+        "UploadSize": meta.len(),
+    });
+    // One write: the server reads the blob with one read after its JSON decoder's buffer.
+    let mut body = req.to_string().into_bytes();
+    body.push(b'\n');
+    body.extend_from_slice(meta);
+    let mut s = open(addr, METASTORE_UPDATE, &body, cancel)?;
+    let magic = read_u64(&mut s, addr, "read the shard map header")?;
+    if magic != MAGIC {
+        return Err(SnapshotError::Protocol {
+            addr,
+            msg: format!("the shard map starts with {magic:#x}, not {MAGIC:#x}"),
+        });
+    }
+    let n = read_u64(&mut s, addr, "read the shard map length")?;
+    if n > 1 << 24 {
+        return Err(SnapshotError::Protocol {
+            addr,
+            msg: format!("announces {n} shards"),
+        });
+    }
+    let mut map = BTreeMap::new();
+    for _ in 0..n {
+        let old = read_u64(&mut s, addr, "read the shard map")?;
+        let new = read_u64(&mut s, addr, "read the shard map")?;
+        map.insert(old, new);
+    }
+    Ok(map)
+}
+
+/// What one shard copy moved.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Copied {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Copy shard `old` of the server at `from` into shard `new` of the server at `to` (made
+/// by [`import_database`]), streaming: the source's tar, renamed entry by entry into the
+/// target's shard directory, never held whole. Returns once the target closed the
+/// import, i.e. once it has loaded the files.
+pub fn copy_shard(
+    from: SocketAddr,
+    old: u64,
+    to: SocketAddr,
+    new: u64,
+    cancel: &Cancel,
+) -> Result<Copied, SnapshotError> {
+    let body = serde_json::json!({ "Type": SHARD_BACKUP, "ShardID": old }).to_string() + "\n";
+    let src = open(from, SHARD_BACKUP, body.as_bytes(), cancel)?;
+    let mut head = Vec::with_capacity(8);
+    head.extend_from_slice(&new.to_be_bytes());
+    let dst = open(to, SHARD_UPDATE, &head, cancel)?;
+    let mut copied = Copied::default();
+    let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, &src));
+    let mut out = tar::Builder::new(BufWriter::with_capacity(256 << 10, &dst));
+    let entries = archive
+        .entries()
+        .map_err(io(from, "read the shard's archive"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(io(from, "read the shard's archive"))?;
+        let name = entry
+            .path()
+            .map_err(io(from, "read an entry's name"))?
+            .into_owned();
+        let renamed = rename(&name, new).ok_or_else(|| SnapshotError::Protocol {
+            addr: from,
+            msg: format!("shard {old}'s archive holds {name:?}, not db/rp/{old}/file"),
+        })?;
+        let mut header = entry.header().clone();
+        copied.bytes += entry.size();
+        copied.files += 1;
+        out.append_data(&mut header, &renamed, &mut entry)
+            .map_err(|e| {
+                if cancel.is_cancelled() {
+                    SnapshotError::Cancelled
+                } else {
+                    SnapshotError::Io {
+                        addr: to,
+                        what: "send the shard",
+                        source: e,
+                    }
+                }
+            })?;
+    }
+    let mut w = out
+        .into_inner()
+        .map_err(io(to, "end the shard's archive"))?;
+    w.flush().map_err(io(to, "send the shard"))?;
+    drop(w);
+    dst.shutdown(Shutdown::Write)
+        .map_err(io(to, "end the shard's upload"))?;
+    // The server closes the connection once its import returned; anything else it sends
+    // is not part of the protocol.
+    let mut rest = Vec::new();
+    (&dst)
+        .take(1 << 16)
+        .read_to_end(&mut rest)
+        .map_err(io(to, "wait for the shard's import"))?;
+    Ok(copied)
+}
+
+/// `db/rp/<old>/rest…` → `db/rp/<new>/rest…`.
+fn rename(name: &std::path::Path, new: u64) -> Option<PathBuf> {
+    let parts: Vec<_> = name.components().collect();
+    if parts.len() < 4 || !parts.iter().all(|c| matches!(c, Component::Normal(_))) {
+        return None;
+    }
+    let mut p = PathBuf::new();
+    p.push(parts[0]);
+    p.push(parts[1]);
+    p.push(new.to_string());
+    for c in &parts[3..] {
+        p.push(c);
+    }
+    Some(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn an_entry_moves_to_the_new_shard_and_keeps_its_path_below_it() {
+        assert_eq!(
+            rename(Path::new("cyclops/autogen/6/000000001-000000001.tsm"), 18),
+            Some(PathBuf::from("cyclops/autogen/18/000000001-000000001.tsm"))
+        );
+        assert_eq!(
+            rename(Path::new("db/rp/6/index/L0-00000001.tsl"), 7),
+            Some(PathBuf::from("db/rp/7/index/L0-00000001.tsl"))
+        );
+    }
+
+    #[test]
+    fn an_entry_outside_a_shard_directory_is_refused() {
+        assert_eq!(rename(Path::new("000000001-000000001.tsm"), 1), None);
+        assert_eq!(rename(Path::new("db/rp/6"), 1), None);
+        assert_eq!(rename(Path::new("db/../6/x.tsm"), 1), None);
+        assert_eq!(rename(Path::new("/db/rp/6/x.tsm"), 1), None);
+    }
+}
