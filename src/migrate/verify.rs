@@ -16,6 +16,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::Value;
 
 use super::capture::{point_key, KeySet};
@@ -295,6 +296,7 @@ async fn verify_measurement(
     );
     let (sc, tc) = tokio::try_join!(per_series(source, db, &q), per_series(target, db, &q))?;
     let total = sc.len();
+    let mut to_compare = Vec::new();
     for (tags, src) in &sc {
         rep.series += 1;
         let where_ = format!("{db}.{rp}.{m} [{}]", show_tags(tags));
@@ -321,121 +323,190 @@ async fn verify_measurement(
         if cfg.content == ContentCheck::Full
             && (suspicious || sampled(tags, cfg.sample_series, total))
         {
-            compare_points(source, target, touched, db, from, m, tags, &where_, rep).await?;
+            to_compare.push((tags, where_));
         }
+    }
+    if to_compare.is_empty() {
+        return Ok(());
+    }
+    // Tag conditions must name every tag key of the measurement: a missing tag is ''.
+    let mut tag_keys = Vec::new();
+    for s in source
+        .query(Some(db), &format!("SHOW TAG KEYS FROM {}", ident(m)))
+        .await?
+    {
+        tag_keys.extend(
+            s.values
+                .iter()
+                .filter_map(|row| row.first().and_then(Value::as_str).map(String::from)),
+        );
+    }
+    let series = Series1 {
+        source,
+        target,
+        touched,
+        db,
+        from,
+        m,
+        fields,
+        tag_keys: &tag_keys,
+        after_interruption: rep.after_interruption,
+    };
+    // Two series at a time: each page waits on one server, then the other.
+    let mut pending = Vec::with_capacity(to_compare.len());
+    for (tags, where_) in &to_compare {
+        pending.push(series.compare_points(tags, where_));
+    }
+    let mut checks = futures_util::stream::iter(pending).buffer_unordered(COMPARE_AT_ONCE);
+    while let Some(check) = checks.next().await {
+        check?.add_to(rep);
     }
     Ok(())
 }
 
-/// Point-by-point comparison of one series, page by page.
-#[allow(clippy::too_many_arguments)]
-async fn compare_points(
-    source: &Influx,
-    target: &Influx,
-    touched: Option<&Mutex<KeySet>>,
-    db: &str,
-    from: &str,
-    m: &str,
-    tags: &Tags,
-    where_: &str,
-    rep: &mut VerifyReport,
-) -> Result<(), InfluxError> {
-    rep.series_compared_point_by_point += 1;
-    // Tag conditions must name every tag key of the measurement: a missing tag is ''.
-    let mut conds: Vec<String> = tags
-        .iter()
-        .map(|(k, v)| format!("{} = {}", ident(k), literal(v)))
-        .collect();
-    let tag_keys = source
-        .query(Some(db), &format!("SHOW TAG KEYS FROM {}", ident(m)))
-        .await?;
-    for s in tag_keys {
-        for row in s.values {
-            if let Some(k) = row.first().and_then(Value::as_str) {
-                if !tags.contains_key(k) {
-                    conds.push(format!("{} = ''", ident(k)));
-                }
-            }
+/// Series compared point by point at once.
+const COMPARE_AT_ONCE: usize = 2;
+
+/// What the point-by-point comparison of one series found.
+#[derive(Default)]
+struct PointCheck {
+    compared: u64,
+    overwritten: u64,
+    unverifiable: u64,
+    problems: Vec<String>,
+    pending: Vec<(u64, String)>,
+}
+
+impl PointCheck {
+    fn add_to(self, rep: &mut VerifyReport) {
+        rep.series_compared_point_by_point += 1;
+        rep.points_compared += self.compared;
+        rep.overwritten_after_cutover += self.overwritten;
+        rep.values_unverifiable += self.unverifiable;
+        for p in self.problems {
+            rep.problem(p);
         }
+        rep.pending.extend(self.pending);
     }
-    let tag_cond = if conds.is_empty() {
-        String::new()
-    } else {
-        format!(" AND {}", conds.join(" AND "))
-    };
-    let mut after: i64 = -9_223_372_036_854_775_806;
-    loop {
-        let q = format!("SELECT * FROM {from} WHERE time > {after} AND time <= 9223372036854775806{tag_cond} ORDER BY time ASC LIMIT {PAGE}");
-        let src = source.query(Some(db), &q).await?;
-        let Some(sp) = src.into_iter().next().filter(|s| !s.values.is_empty()) else {
-            return Ok(());
-        };
-        let first = sp
-            .values
-            .first()
-            .and_then(|r| r.first())
-            .and_then(Value::as_i64)
-            .unwrap_or(after);
-        let last = sp
-            .values
-            .last()
-            .and_then(|r| r.first())
-            .and_then(Value::as_i64)
-            .unwrap_or(after);
-        let tq = format!("SELECT * FROM {from} WHERE time >= {first} AND time <= {last}{tag_cond} ORDER BY time ASC");
-        let tp = target
-            .query(Some(db), &tq)
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
-        let mut trows: HashMap<i64, &Vec<Value>> = HashMap::with_capacity(tp.values.len());
-        for r in &tp.values {
-            if let Some(t) = r.first().and_then(Value::as_i64) {
-                trows.insert(t, r);
+}
+
+/// One measurement of one retention policy, as the point-by-point comparison needs it.
+struct Series1<'a> {
+    source: &'a Influx,
+    target: &'a Influx,
+    touched: Option<&'a Mutex<KeySet>>,
+    db: &'a str,
+    from: &'a str,
+    m: &'a str,
+    fields: &'a [(&'a str, bool)],
+    tag_keys: &'a [String],
+    after_interruption: bool,
+}
+
+/// Point-by-point comparison of one series, page by page: the source's page, then the
+/// target's points in the same time range. Only the fields are read (a row of `SELECT *`
+/// repeats every tag value).
+impl Series1<'_> {
+    async fn compare_points(&self, tags: &Tags, where_: &str) -> Result<PointCheck, InfluxError> {
+        let (source, target, db, from, m) = (self.source, self.target, self.db, self.from, self.m);
+        let mut out = PointCheck::default();
+        let mut conds: Vec<String> = tags
+            .iter()
+            .map(|(k, v)| format!("{} = {}", ident(k), literal(v)))
+            .collect();
+        for k in self.tag_keys {
+            if !tags.contains_key(k) {
+                conds.push(format!("{} = ''", ident(k)));
             }
         }
-        let tcol: HashMap<&str, usize> = tp
-            .columns
+        let tag_cond = if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" AND {}", conds.join(" AND "))
+        };
+        let select = self
+            .fields
             .iter()
-            .enumerate()
-            .map(|(i, c)| (c.as_str(), i))
-            .collect();
-        for row in &sp.values {
-            rep.points_compared += 1;
-            let Some(t) = row.first().and_then(Value::as_i64) else {
-                continue;
+            .map(|(f, _)| format!("{}::field", ident(f)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut after: i64 = -9_223_372_036_854_775_806;
+        loop {
+            let q = format!("SELECT {select} FROM {from} WHERE time > {after} AND time <= 9223372036854775806{tag_cond} ORDER BY time ASC LIMIT {PAGE}");
+            let src = source.query(Some(db), &q).await?;
+            let Some(sp) = src.into_iter().next().filter(|s| !s.values.is_empty()) else {
+                return Ok(out);
             };
-            let Some(trow) = trows.get(&t) else {
-                rep.problem(format!("{where_}: point at {t} is missing on the target"));
-                continue;
-            };
-            // Values compare exactly: replay is lossless and both servers print a value alike.
-            let differs = sp.columns.iter().zip(row).skip(1).any(|(c, v)| {
-                let w = tcol
-                    .get(c.as_str())
-                    .and_then(|&i| trow.get(i))
-                    .unwrap_or(&Value::Null);
-                v != w
-            });
-            if differs {
-                let key = point_key(m, tags.iter().map(|(k, v)| (k.as_str(), v.as_str())), t);
-                if is_touched(touched, key) {
-                    rep.overwritten_after_cutover += 1;
-                } else if rep.after_interruption {
-                    rep.values_unverifiable += 1;
-                } else {
-                    rep.pending.push((
-                        key,
-                        format!("{where_}: point at {t} differs: source {row:?}, target {trow:?}"),
-                    ));
+            let first = sp
+                .values
+                .first()
+                .and_then(|r| r.first())
+                .and_then(Value::as_i64)
+                .unwrap_or(after);
+            let last = sp
+                .values
+                .last()
+                .and_then(|r| r.first())
+                .and_then(Value::as_i64)
+                .unwrap_or(after);
+            let tq = format!("SELECT {select} FROM {from} WHERE time >= {first} AND time <= {last}{tag_cond} ORDER BY time ASC");
+            let tp = target
+                .query(Some(db), &tq)
+                .await?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            let mut trows: HashMap<i64, &Vec<Value>> = HashMap::with_capacity(tp.values.len());
+            for r in &tp.values {
+                if let Some(t) = r.first().and_then(Value::as_i64) {
+                    trows.insert(t, r);
                 }
             }
+            let tcol: HashMap<&str, usize> = tp
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.as_str(), i))
+                .collect();
+            for row in &sp.values {
+                out.compared += 1;
+                let Some(t) = row.first().and_then(Value::as_i64) else {
+                    continue;
+                };
+                let Some(trow) = trows.get(&t) else {
+                    out.problems
+                        .push(format!("{where_}: point at {t} is missing on the target"));
+                    continue;
+                };
+                // Values compare exactly: replay is lossless and both servers print a value alike.
+                let differs = sp.columns.iter().zip(row).skip(1).any(|(c, v)| {
+                    let w = tcol
+                        .get(c.as_str())
+                        .and_then(|&i| trow.get(i))
+                        .unwrap_or(&Value::Null);
+                    v != w
+                });
+                if differs {
+                    let key = point_key(m, tags.iter().map(|(k, v)| (k.as_str(), v.as_str())), t);
+                    if is_touched(self.touched, key) {
+                        out.overwritten += 1;
+                    } else if self.after_interruption {
+                        out.unverifiable += 1;
+                    } else {
+                        out.pending.push((
+                            key,
+                            format!(
+                                "{where_}: point at {t} differs: source {row:?}, target {trow:?}"
+                            ),
+                        ));
+                    }
+                }
+            }
+            if sp.values.len() < PAGE {
+                return Ok(out);
+            }
+            after = last;
         }
-        if sp.values.len() < PAGE {
-            return Ok(());
-        }
-        after = last;
     }
 }
 
