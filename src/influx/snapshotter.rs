@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Component, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,21 +44,99 @@ const MAX_NODE: u64 = 1 << 20;
 pub enum SnapshotError {
     #[error("the InfluxDB RPC port {addr}: {what}: {source}")]
     Io {
-        addr: SocketAddr,
+        addr: String,
         what: &'static str,
         #[source]
         source: std::io::Error,
     },
     #[error("the InfluxDB RPC port {addr}: {msg}")]
-    Protocol { addr: SocketAddr, msg: String },
+    Protocol { addr: String, msg: String },
     #[error("stopped")]
     Cancelled,
+}
+
+/// An RPC port as this process reaches it: directly over TCP, or a unix socket that an
+/// SSH forward listens on. `name` says which port it is, for errors.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub at: At,
+    pub name: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum At {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// One connection to an [`Endpoint`].
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    fn connect(e: &Endpoint) -> std::io::Result<Conn> {
+        Ok(match &e.at {
+            At::Tcp(a) => {
+                let s = TcpStream::connect_timeout(a, Duration::from_secs(10))?;
+                s.set_nodelay(true)?;
+                Conn::Tcp(s)
+            }
+            At::Unix(p) => Conn::Unix(UnixStream::connect(p)?),
+        })
+    }
+    fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+    fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.shutdown(how),
+            Conn::Unix(s) => s.shutdown(how),
+        }
+    }
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => {
+                s.set_read_timeout(Some(t))?;
+                s.set_write_timeout(Some(t))
+            }
+            Conn::Unix(s) => {
+                s.set_read_timeout(Some(t))?;
+                s.set_write_timeout(Some(t))
+            }
+        }
+    }
+}
+
+impl Read for &Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match *self {
+            Conn::Tcp(s) => (&*s).read(buf),
+            Conn::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match *self {
+            Conn::Tcp(s) => (&*s).write(buf),
+            Conn::Unix(s) => (&*s).write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Stops the copies it was handed: their sockets are shut down, so a blocked read or
 /// write returns at once. Shared by clones.
 #[derive(Clone, Default)]
-pub struct Cancel(Arc<Mutex<(bool, Vec<TcpStream>)>>);
+pub struct Cancel(Arc<Mutex<(bool, Vec<Conn>)>>);
 
 impl Cancel {
     pub fn cancel(&self) {
@@ -68,7 +147,7 @@ impl Cancel {
         }
     }
 
-    fn watch(&self, s: &TcpStream) -> Result<(), SnapshotError> {
+    fn watch(&self, s: &Conn) -> Result<(), SnapshotError> {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if g.0 {
             let _ = s.shutdown(Shutdown::Both);
@@ -85,77 +164,71 @@ impl Cancel {
     }
 }
 
-fn io(addr: SocketAddr, what: &'static str) -> impl Fn(std::io::Error) -> SnapshotError {
-    move |source| SnapshotError::Io { addr, what, source }
+fn io<'a>(e: &'a Endpoint, what: &'static str) -> impl Fn(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        addr: e.name.clone(),
+        what,
+        source,
+    }
+}
+
+fn protocol(e: &Endpoint, msg: String) -> SnapshotError {
+    SnapshotError::Protocol {
+        addr: e.name.clone(),
+        msg,
+    }
 }
 
 /// Open a request of `typ`, with its JSON body (none for a shard update).
-fn open(
-    addr: SocketAddr,
-    typ: u8,
-    body: &[u8],
-    cancel: &Cancel,
-) -> Result<TcpStream, SnapshotError> {
-    let s =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(io(addr, "connect"))?;
+fn open(at: &Endpoint, typ: u8, body: &[u8], cancel: &Cancel) -> Result<Conn, SnapshotError> {
+    let s = Conn::connect(at).map_err(io(at, "connect"))?;
     cancel.watch(&s)?;
-    s.set_read_timeout(Some(IDLE))
-        .map_err(io(addr, "set a timeout"))?;
-    s.set_write_timeout(Some(IDLE))
-        .map_err(io(addr, "set a timeout"))?;
-    s.set_nodelay(true).map_err(io(addr, "set nodelay"))?;
+    s.set_timeouts(IDLE).map_err(io(at, "set a timeout"))?;
     let mut head = vec![MUX_HEADER, typ];
     head.extend_from_slice(body);
-    (&s).write_all(&head)
-        .map_err(io(addr, "send the request"))?;
+    (&s).write_all(&head).map_err(io(at, "send the request"))?;
     Ok(s)
 }
 
-fn read_u64(s: &mut impl Read, addr: SocketAddr, what: &'static str) -> Result<u64, SnapshotError> {
+fn read_u64(mut s: &Conn, at: &Endpoint, what: &'static str) -> Result<u64, SnapshotError> {
     let mut b = [0u8; 8];
-    s.read_exact(&mut b).map_err(io(addr, what))?;
+    s.read_exact(&mut b).map_err(io(at, what))?;
     Ok(u64::from_be_bytes(b))
 }
 
 /// The server's whole metadata (databases, retention policies, shard groups, users), as
 /// the opaque blob a metastore update takes back.
-pub fn metastore(addr: SocketAddr, cancel: &Cancel) -> Result<Vec<u8>, SnapshotError> {
+pub fn metastore(at: &Endpoint, cancel: &Cancel) -> Result<Vec<u8>, SnapshotError> {
     let body = serde_json::json!({ "Type": METASTORE_BACKUP }).to_string() + "\n";
-    let mut s = open(addr, METASTORE_BACKUP, body.as_bytes(), cancel)?;
-    let magic = read_u64(&mut s, addr, "read the metadata header")?;
+    let s = open(at, METASTORE_BACKUP, body.as_bytes(), cancel)?;
+    let magic = read_u64(&s, at, "read the metadata header")?;
     if magic != MAGIC {
-        return Err(SnapshotError::Protocol {
-            addr,
-            msg: format!("the metadata starts with {magic:#x}, not {MAGIC:#x}: is this InfluxDB 1.x's RPC port?"),
-        });
+        return Err(protocol(at, format!("the metadata starts with {magic:#x}, not {MAGIC:#x}: is this InfluxDB 1.x's RPC port?")));
     }
-    let len = read_u64(&mut s, addr, "read the metadata length")?;
+    let len = read_u64(&s, at, "read the metadata length")?;
     if len > MAX_META {
-        return Err(SnapshotError::Protocol {
-            addr,
-            msg: format!("announces {len} bytes of metadata (more than {MAX_META})"),
-        });
+        return Err(protocol(
+            at,
+            format!("announces {len} bytes of metadata (more than {MAX_META})"),
+        ));
     }
     let mut blob = vec![0u8; len as usize];
-    s.read_exact(&mut blob)
-        .map_err(io(addr, "read the metadata"))?;
-    let node = read_u64(&mut s, addr, "read the node length")?;
+    (&s).read_exact(&mut blob)
+        .map_err(io(at, "read the metadata"))?;
+    let node = read_u64(&s, at, "read the node length")?;
     if node > MAX_NODE {
-        return Err(SnapshotError::Protocol {
-            addr,
-            msg: format!("announces a node of {node} bytes"),
-        });
+        return Err(protocol(at, format!("announces a node of {node} bytes")));
     }
-    std::io::copy(&mut (&s).take(node), &mut std::io::sink()).map_err(io(addr, "read the node"))?;
+    std::io::copy(&mut (&s).take(node), &mut std::io::sink()).map_err(io(at, "read the node"))?;
     Ok(blob)
 }
 
-/// Import database `db` of `meta` (a [`metastore`] blob) into the server at `addr`: the
+/// Import database `db` of `meta` (a [`metastore`] blob) into the server at `at`: the
 /// database, its retention policies and its shards (empty) appear there. Answers each
 /// source shard id with its new id. The server answers an empty map for any error
 /// (among them: `db` exists already, a blob it could not read).
 pub fn import_database(
-    addr: SocketAddr,
+    at: &Endpoint,
     db: &str,
     meta: &[u8],
     cancel: &Cancel,
@@ -170,25 +243,22 @@ pub fn import_database(
     let mut body = req.to_string().into_bytes();
     body.push(b'\n');
     body.extend_from_slice(meta);
-    let mut s = open(addr, METASTORE_UPDATE, &body, cancel)?;
-    let magic = read_u64(&mut s, addr, "read the shard map header")?;
+    let s = open(at, METASTORE_UPDATE, &body, cancel)?;
+    let magic = read_u64(&s, at, "read the shard map header")?;
     if magic != MAGIC {
-        return Err(SnapshotError::Protocol {
-            addr,
-            msg: format!("the shard map starts with {magic:#x}, not {MAGIC:#x}"),
-        });
+        return Err(protocol(
+            at,
+            format!("the shard map starts with {magic:#x}, not {MAGIC:#x}"),
+        ));
     }
-    let n = read_u64(&mut s, addr, "read the shard map length")?;
+    let n = read_u64(&s, at, "read the shard map length")?;
     if n > 1 << 24 {
-        return Err(SnapshotError::Protocol {
-            addr,
-            msg: format!("announces {n} shards"),
-        });
+        return Err(protocol(at, format!("announces {n} shards")));
     }
     let mut map = BTreeMap::new();
     for _ in 0..n {
-        let old = read_u64(&mut s, addr, "read the shard map")?;
-        let new = read_u64(&mut s, addr, "read the shard map")?;
+        let old = read_u64(&s, at, "read the shard map")?;
+        let new = read_u64(&s, at, "read the shard map")?;
         map.insert(old, new);
     }
     Ok(map)
@@ -206,9 +276,9 @@ pub struct Copied {
 /// target's shard directory, never held whole. Returns once the target closed the
 /// import, i.e. once it has loaded the files.
 pub fn copy_shard(
-    from: SocketAddr,
+    from: &Endpoint,
     old: u64,
-    to: SocketAddr,
+    to: &Endpoint,
     new: u64,
     cancel: &Cancel,
 ) -> Result<Copied, SnapshotError> {
@@ -229,9 +299,11 @@ pub fn copy_shard(
             .path()
             .map_err(io(from, "read an entry's name"))?
             .into_owned();
-        let renamed = rename(&name, new).ok_or_else(|| SnapshotError::Protocol {
-            addr: from,
-            msg: format!("shard {old}'s archive holds {name:?}, not db/rp/{old}/file"),
+        let renamed = rename(&name, new).ok_or_else(|| {
+            protocol(
+                from,
+                format!("shard {old}'s archive holds {name:?}, not db/rp/{old}/file"),
+            )
         })?;
         let mut header = entry.header().clone();
         copied.bytes += entry.size();
@@ -241,11 +313,7 @@ pub fn copy_shard(
                 if cancel.is_cancelled() {
                     SnapshotError::Cancelled
                 } else {
-                    SnapshotError::Io {
-                        addr: to,
-                        what: "send the shard",
-                        source: e,
-                    }
+                    io(to, "send the shard")(e)
                 }
             })?;
     }

@@ -294,7 +294,14 @@ async fn verify_measurement(
         "SELECT {} FROM {from} WHERE {ALL_TIME} GROUP BY *",
         sel.join(", ")
     );
+    let t = std::time::Instant::now();
     let (sc, tc) = tokio::try_join!(per_series(source, db, &q), per_series(target, db, &q))?;
+    tracing::debug!(
+        measurement = from,
+        series = sc.len(),
+        seconds = t.elapsed().as_secs_f64(),
+        "verify: aggregates of both sides"
+    );
     let total = sc.len();
     let mut to_compare = Vec::new();
     for (tags, src) in &sc {
@@ -358,9 +365,16 @@ async fn verify_measurement(
         pending.push(series.compare_points(tags, where_));
     }
     let mut checks = futures_util::stream::iter(pending).buffer_unordered(COMPARE_AT_ONCE);
+    let t = std::time::Instant::now();
     while let Some(check) = checks.next().await {
         check?.add_to(rep);
     }
+    tracing::debug!(
+        measurement = from,
+        series = to_compare.len(),
+        seconds = t.elapsed().as_secs_f64(),
+        "verify: point by point"
+    );
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use std::process::Stdio;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-pub use ssh::SshRemote;
+pub use ssh::{Listen, SshRemote};
 
 use crate::config::SshConfig;
 

@@ -62,6 +62,31 @@ impl Drop for PinnedKnownHosts {
     }
 }
 
+/// Where a local forward listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    Tcp(std::net::SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl Listen {
+    fn socket(&self) -> Socket<'_> {
+        match self {
+            Listen::Tcp(a) => (*a).into(),
+            Listen::Unix(p) => Socket::UnixSocket { path: p.into() },
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 impl SshRemote {
     /// Connect, retrying with backoff while the host refuses or does not answer (a VM
     /// still booting) until `ready_timeout`. A host-key mismatch or a refused key stops at
@@ -166,16 +191,19 @@ impl SshRemote {
         self.session.check().await.is_ok()
     }
 
+    /// Listen at `listen` on this machine (a TCP address, or a unix socket, which ssh
+    /// creates with mode 0600) and forward each connection to `host:port` as seen from
+    /// the remote host.
     pub async fn forward_local(
         &self,
-        listen: std::net::SocketAddr,
+        listen: &Listen,
         host: &str,
         port: u16,
     ) -> Result<(), RemoteError> {
         self.session
             .request_port_forward(
                 ForwardType::Local,
-                listen,
+                listen.socket(),
                 Socket::TcpSocket {
                     host: host.into(),
                     port,
@@ -217,12 +245,12 @@ impl SshRemote {
     }
 
     /// Close a forward opened by [`SshRemote::forward_local`].
-    pub async fn close_local(&self, listen: std::net::SocketAddr, host: &str, port: u16) {
+    pub async fn close_local(&self, listen: &Listen, host: &str, port: u16) {
         let _ = self
             .session
             .close_port_forward(
                 ForwardType::Local,
-                listen,
+                listen.socket(),
                 Socket::TcpSocket {
                     host: host.into(),
                     port,

@@ -770,12 +770,29 @@ async fn interleaved_writes_to_several_databases_are_replayed_in_few_requests_an
     );
 }
 
-/// Keeps what a migration says (its notes).
+/// Keeps what a migration says (its notes), and with each note what this process's
+/// private forward directories (`$TMPDIR/stateshift-<pid>-<id>`) hold then: their mode
+/// and their sockets' modes.
 #[derive(Default)]
 struct Notes(std::sync::Mutex<Vec<String>>);
 impl Progress for Notes {
     fn note(&self, msg: &str) {
-        self.0.lock().unwrap().push(msg.to_string());
+        use std::os::unix::fs::PermissionsExt;
+        let mut line = msg.to_string();
+        let prefix = format!("stateshift-{}-", std::process::id());
+        for d in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+            if d.file_name().to_string_lossy().starts_with(&prefix) {
+                let mode = |p: &std::path::Path| {
+                    std::fs::metadata(p).map_or(0, |m| m.permissions().mode() & 0o777)
+                };
+                line += &format!(" [dir {:o}", mode(&d.path()));
+                for e in std::fs::read_dir(d.path()).unwrap().flatten() {
+                    line += &format!(" {} {:o}", e.file_name().to_string_lossy(), mode(&e.path()));
+                }
+                line += "]";
+            }
+        }
+        self.0.lock().unwrap().push(line);
     }
 }
 impl Notes {
@@ -834,6 +851,18 @@ async fn shards_stream_from_rpc_port_to_rpc_port_with_every_database_and_retenti
         said.contains(&format!("streamed {shards} shards")),
         "every shard of both databases streamed: {said}"
     );
+    // The forwards to the unauthenticated RPC ports listen on unix sockets only this user
+    // can reach, in a directory only this user can enter, gone afterwards.
+    assert!(
+        said.contains("[dir 700 source.sock 600 target.sock 600]")
+            || said.contains("[dir 700 target.sock 600 source.sock 600]"),
+        "{said}"
+    );
+    let prefix = format!("stateshift-{}-", std::process::id());
+    assert!(!std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .any(|d| d.file_name().to_string_lossy().starts_with(&prefix)));
     assert!(report.dump_bytes > 0);
     let dst = lab.target.client();
     for db in ["cyclops", "billing"] {

@@ -9,7 +9,7 @@ use super::context::Migration;
 use super::{MigrateError, Phase, TargetObject};
 use crate::config::{InstanceConfig, TransferMode};
 use crate::influx::{ident, literal, snapshotter, InfluxError};
-use crate::remote::{Host, Pipes, Remote, RemoteError};
+use crate::remote::{Host, Listen, Pipes, Remote, RemoteError};
 use crate::util::shell_quote;
 
 impl Migration<'_> {
@@ -94,18 +94,31 @@ impl Migration<'_> {
     /// grants, continuous queries). `Err` means nothing was made yet (the caller may fall
     /// back); `Ok(Err)` is a failure after the target was touched.
     pub(super) async fn stream_shards(&mut self) -> Result<Result<(), MigrateError>, String> {
-        let src = RpcReach::open(&self.src().host, &self.src().cfg.rpc_address, "source").await?;
-        let dst =
-            match RpcReach::open(&self.dst().host, &self.dst().cfg.rpc_address, "target").await {
-                Ok(d) => d,
-                Err(e) => {
-                    if let Some(f) = src.forward {
-                        f.close(&self.src().host).await;
-                    }
-                    return Err(e);
+        let dir = PrivateDir::create(&self.id)?;
+        let src = RpcReach::open(
+            &self.src().host,
+            &self.src().cfg.rpc_address,
+            "source",
+            Some(&dir.0),
+        )
+        .await?;
+        let dst = match RpcReach::open(
+            &self.dst().host,
+            &self.dst().cfg.rpc_address,
+            "target",
+            Some(&dir.0),
+        )
+        .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                if let Some(f) = src.forward {
+                    f.close(&self.src().host).await;
                 }
-            };
-        let r = self.stream_shards_through(src.addr, dst.addr).await;
+                return Err(e);
+            }
+        };
+        let r = self.stream_shards_through(&src.at, &dst.at).await;
         if let Some(f) = src.forward {
             f.close(&self.src().host).await;
         }
@@ -117,8 +130,8 @@ impl Migration<'_> {
 
     async fn stream_shards_through(
         &mut self,
-        from: std::net::SocketAddr,
-        to: std::net::SocketAddr,
+        from: &snapshotter::Endpoint,
+        to: &snapshotter::Endpoint,
     ) -> Result<Result<(), MigrateError>, String> {
         let p = Phase::Dump;
         let fail = |msg: String| MigrateError::Failed { phase: p, msg };
@@ -127,7 +140,8 @@ impl Migration<'_> {
         // The metadata, with every shard it names; a shard made later holds only points
         // written since the capture started, which the delta replays.
         let c = cancel.clone();
-        let meta = tokio::task::spawn_blocking(move || snapshotter::metastore(from, &c))
+        let f = from.clone();
+        let meta = tokio::task::spawn_blocking(move || snapshotter::metastore(&f, &c))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
@@ -150,9 +164,9 @@ impl Migration<'_> {
             if let Err(e) = self.claim_target_database(p, &db).await {
                 return Ok(Err(e));
             }
-            let (c, m, name) = (cancel.clone(), meta.clone(), db.clone());
+            let (c, m, name, t) = (cancel.clone(), meta.clone(), db.clone(), to.clone());
             let map = match tokio::task::spawn_blocking(move || {
-                snapshotter::import_database(to, &name, &m, &c)
+                snapshotter::import_database(&t, &name, &m, &c)
             })
             .await
             {
@@ -202,9 +216,9 @@ impl Migration<'_> {
                     let Some((old, new)) = queue.next() else {
                         break;
                     };
-                    let c = cancel.clone();
+                    let (c, f, t) = (cancel.clone(), from.clone(), to.clone());
                     running.spawn_blocking(move || {
-                        snapshotter::copy_shard(from, old, to, new, &c)
+                        snapshotter::copy_shard(&f, old, &t, new, &c)
                             .map_err(|e| format!("shard {old} (target shard {new}): {e}"))
                     });
                 }
@@ -279,9 +293,17 @@ impl Migration<'_> {
     pub(super) async fn pull_dump(&mut self) -> Result<Result<(), MigrateError>, String> {
         let p = Phase::Dump;
         // 1. The source's RPC port, as this process reaches it.
-        let src_fwd =
-            RpcReach::open(&self.src().host, &self.src().cfg.rpc_address, "source").await?;
-        let (local_fwd, src_rpc) = (src_fwd.forward.clone(), src_fwd.addr);
+        let src_fwd = RpcReach::open(
+            &self.src().host,
+            &self.src().cfg.rpc_address,
+            "source",
+            None,
+        )
+        .await?;
+        let Some(src_rpc) = src_fwd.tcp() else {
+            return Err("the source's RPC port is not reached over TCP".into());
+        };
+        let local_fwd = src_fwd.forward;
         // 2. The target reaches it.
         let mut remote_fwd = None;
         let backup_from = match &self.dst().host {
@@ -687,9 +709,8 @@ pub(super) fn free_local_port() -> std::io::Result<std::net::SocketAddr> {
 }
 
 /// A local forward into a host's port, to close once used.
-#[derive(Clone)]
 pub(super) struct Forward {
-    listen: std::net::SocketAddr,
+    listen: Listen,
     host: String,
     port: u16,
 }
@@ -697,21 +718,31 @@ pub(super) struct Forward {
 impl Forward {
     pub(super) async fn close(self, on: &Host) {
         if let Host::Ssh(s) = on {
-            s.close_local(self.listen, &self.host, self.port).await;
+            s.close_local(&self.listen, &self.host, self.port).await;
+        }
+        if let Listen::Unix(p) = &self.listen {
+            let _ = std::fs::remove_file(p);
         }
     }
 }
 
 /// A host's InfluxDB RPC port as this process reaches it: directly on a local host,
-/// through a local SSH forward otherwise.
+/// through a local SSH forward otherwise, listening on TCP loopback or, given a private
+/// directory, on a unix socket there (mode 0600: no other local user can reach the
+/// unauthenticated RPC port through it).
 pub(super) struct RpcReach {
-    pub addr: std::net::SocketAddr,
+    pub at: snapshotter::Endpoint,
     pub forward: Option<Forward>,
 }
 
 impl RpcReach {
     /// `Err` says why the port cannot be reached (the caller may fall back).
-    pub(super) async fn open(host: &Host, rpc: &str, side: &str) -> Result<RpcReach, String> {
+    pub(super) async fn open(
+        host: &Host,
+        rpc: &str,
+        side: &str,
+        unix_dir: Option<&std::path::Path>,
+    ) -> Result<RpcReach, String> {
         let (rpc_host, rpc_port) = rpc
             .rsplit_once(':')
             .and_then(|(h, port)| {
@@ -722,12 +753,24 @@ impl RpcReach {
             .ok_or_else(|| format!("{side}.rpc_address {rpc:?} is not host:port"))?;
         match host {
             Host::Ssh(s) => {
-                let listen = free_local_port().map_err(|e| format!("no free local port: {e}"))?;
-                s.forward_local(listen, &rpc_host, rpc_port)
+                let listen = match unix_dir {
+                    Some(d) => Listen::Unix(d.join(format!("{side}.sock"))),
+                    None => Listen::Tcp(
+                        free_local_port().map_err(|e| format!("no free local port: {e}"))?,
+                    ),
+                };
+                s.forward_local(&listen, &rpc_host, rpc_port)
                     .await
                     .map_err(|e| e.to_string())?;
+                let at = match &listen {
+                    Listen::Tcp(a) => snapshotter::At::Tcp(*a),
+                    Listen::Unix(p) => snapshotter::At::Unix(p.clone()),
+                };
                 Ok(RpcReach {
-                    addr: listen,
+                    at: snapshotter::Endpoint {
+                        at,
+                        name: format!("{rpc} of the {side} (through SSH to {})", host.describe()),
+                    },
                     forward: Some(Forward {
                         listen,
                         host: rpc_host,
@@ -742,11 +785,45 @@ impl RpcReach {
                     .and_then(|mut a| a.next())
                     .ok_or_else(|| format!("cannot resolve {side}.rpc_address {rpc:?}"))?;
                 Ok(RpcReach {
-                    addr,
+                    at: snapshotter::Endpoint {
+                        at: snapshotter::At::Tcp(addr),
+                        name: format!("{rpc} of the {side}"),
+                    },
                     forward: None,
                 })
             }
         }
+    }
+
+    /// The TCP address, for a forward chained to it (`pull_dump`).
+    fn tcp(&self) -> Option<std::net::SocketAddr> {
+        match &self.at.at {
+            snapshotter::At::Tcp(a) => Some(*a),
+            snapshotter::At::Unix(_) => None,
+        }
+    }
+}
+
+/// A directory only this user can enter, for the forwards' unix sockets; removed when
+/// dropped.
+struct PrivateDir(std::path::PathBuf);
+
+impl PrivateDir {
+    fn create(id: &str) -> Result<PrivateDir, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let d = std::env::temp_dir().join(format!("stateshift-{}-{id}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&d)
+            .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        Ok(PrivateDir(d))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
