@@ -137,6 +137,16 @@ impl Migration<'_> {
         let fail = |msg: String| MigrateError::Failed { phase: p, msg };
         let cancel = snapshotter::Cancel::default();
         let _stop = CancelOnDrop(cancel.clone());
+        // The shards each database has now, listed before the metadata is read: every one
+        // of them is in it, unless retention deleted it in between (its points are gone
+        // from the source too).
+        let mut listed = Vec::new();
+        for db in &self.report.databases {
+            match self.src().influx.shard_ids(db).await {
+                Ok(s) => listed.push(s),
+                Err(e) => return Ok(Err(Self::influx_err(p)(e))),
+            }
+        }
         // The metadata, with every shard it names; a shard made later holds only points
         // written since the capture started, which the delta replays.
         let c = cancel.clone();
@@ -156,11 +166,7 @@ impl Migration<'_> {
             ));
         }
         let mut copies = Vec::new();
-        for db in self.report.databases.clone() {
-            let shards = match self.src().influx.shard_ids(&db).await {
-                Ok(s) => s,
-                Err(e) => return Ok(Err(Self::influx_err(p)(e))),
-            };
+        for (db, shards) in self.report.databases.clone().into_iter().zip(listed) {
             if let Err(e) = self.claim_target_database(p, &db).await {
                 return Ok(Err(e));
             }
@@ -182,14 +188,11 @@ impl Migration<'_> {
                 Ok(d) => d.contains(&db),
                 Err(e) => return Ok(Err(Self::influx_err(p)(e))),
             };
-            let missing: Vec<u64> = shards
-                .iter()
-                .filter(|id| !map.contains_key(id))
-                .copied()
-                .collect();
-            if !there || !missing.is_empty() {
+            // InfluxDB imports a database's metadata whole or not at all, and answers a
+            // failure with an empty map.
+            if !there || (map.is_empty() && !shards.is_empty()) {
                 return Ok(Err(fail(format!(
-                    "the target {} did not import the metadata of database {db:?} (database there: {there}; shards {missing:?} of {} not mapped; its InfluxDB log says why: a metadata blob of {} bytes may have reached it in pieces)",
+                    "the target {} did not import the metadata of database {db:?} (database there: {there}; {} shards on the source, none mapped; its InfluxDB log says why: a metadata blob of {} bytes may have reached it in pieces)",
                     self.dst().cfg.name,
                     shards.len(),
                     meta.len()
