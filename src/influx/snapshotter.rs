@@ -134,33 +134,75 @@ impl Write for &Conn {
 }
 
 /// Stops the copies it was handed: their sockets are shut down, so a blocked read or
-/// write returns at once. Shared by clones.
+/// write returns at once. Shared by clones. A connection is watched only while it is
+/// open (see [`Watched`]): a source with thousands of shards must not pile up
+/// descriptors.
 #[derive(Clone, Default)]
-pub struct Cancel(Arc<Mutex<(bool, Vec<Conn>)>>);
+pub struct Cancel(Arc<Mutex<Watching>>);
+
+#[derive(Default)]
+struct Watching {
+    cancelled: bool,
+    next: u64,
+    conns: std::collections::HashMap<u64, Conn>,
+}
+
+/// A connection [`Cancel`] can shut down, until dropped.
+struct Watched<'a> {
+    conn: Conn,
+    cancel: &'a Cancel,
+    id: u64,
+}
+
+impl std::ops::Deref for Watched<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl Drop for Watched<'_> {
+    fn drop(&mut self) {
+        let mut g = self.cancel.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.conns.remove(&self.id);
+    }
+}
 
 impl Cancel {
     pub fn cancel(&self) {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.0 = true;
-        for s in g.1.drain(..) {
+        g.cancelled = true;
+        for (_, s) in g.conns.drain() {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
 
-    fn watch(&self, s: &Conn) -> Result<(), SnapshotError> {
+    fn watch(&self, conn: Conn) -> Result<Watched<'_>, SnapshotError> {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if g.0 {
-            let _ = s.shutdown(Shutdown::Both);
+        if g.cancelled {
+            let _ = conn.shutdown(Shutdown::Both);
             return Err(SnapshotError::Cancelled);
         }
-        if let Ok(c) = s.try_clone() {
-            g.1.push(c);
+        g.next += 1;
+        let id = g.next;
+        if let Ok(c) = conn.try_clone() {
+            g.conns.insert(id, c);
         }
-        Ok(())
+        Ok(Watched {
+            conn,
+            cancel: self,
+            id,
+        })
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).0
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).cancelled
+    }
+
+    /// Connections watched now (for tests).
+    #[cfg(test)]
+    fn watched(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).conns.len()
     }
 }
 
@@ -180,13 +222,17 @@ fn protocol(e: &Endpoint, msg: String) -> SnapshotError {
 }
 
 /// Open a request of `typ`, with its JSON body (none for a shard update).
-fn open(at: &Endpoint, typ: u8, body: &[u8], cancel: &Cancel) -> Result<Conn, SnapshotError> {
-    let s = Conn::connect(at).map_err(io(at, "connect"))?;
-    cancel.watch(&s)?;
+fn open<'a>(
+    at: &Endpoint,
+    typ: u8,
+    body: &[u8],
+    cancel: &'a Cancel,
+) -> Result<Watched<'a>, SnapshotError> {
+    let s = cancel.watch(Conn::connect(at).map_err(io(at, "connect"))?)?;
     s.set_timeouts(IDLE).map_err(io(at, "set a timeout"))?;
     let mut head = vec![MUX_HEADER, typ];
     head.extend_from_slice(body);
-    (&s).write_all(&head).map_err(io(at, "send the request"))?;
+    (&*s).write_all(&head).map_err(io(at, "send the request"))?;
     Ok(s)
 }
 
@@ -213,13 +259,14 @@ pub fn metastore(at: &Endpoint, cancel: &Cancel) -> Result<Vec<u8>, SnapshotErro
         ));
     }
     let mut blob = vec![0u8; len as usize];
-    (&s).read_exact(&mut blob)
+    (&*s)
+        .read_exact(&mut blob)
         .map_err(io(at, "read the metadata"))?;
     let node = read_u64(&s, at, "read the node length")?;
     if node > MAX_NODE {
         return Err(protocol(at, format!("announces a node of {node} bytes")));
     }
-    std::io::copy(&mut (&s).take(node), &mut std::io::sink()).map_err(io(at, "read the node"))?;
+    std::io::copy(&mut (&*s).take(node), &mut std::io::sink()).map_err(io(at, "read the node"))?;
     Ok(blob)
 }
 
@@ -288,8 +335,8 @@ pub fn copy_shard(
     head.extend_from_slice(&new.to_be_bytes());
     let dst = open(to, SHARD_UPDATE, &head, cancel)?;
     let mut copied = Copied::default();
-    let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, &src));
-    let mut out = tar::Builder::new(BufWriter::with_capacity(256 << 10, &dst));
+    let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, &*src));
+    let mut out = tar::Builder::new(BufWriter::with_capacity(256 << 10, &*dst));
     let entries = archive
         .entries()
         .map_err(io(from, "read the shard's archive"))?;
@@ -327,7 +374,7 @@ pub fn copy_shard(
     // The server closes the connection once its import returned; anything else it sends
     // is not part of the protocol.
     let mut rest = Vec::new();
-    (&dst)
+    (&*dst)
         .take(1 << 16)
         .read_to_end(&mut rest)
         .map_err(io(to, "wait for the shard's import"))?;
@@ -365,6 +412,36 @@ mod tests {
             rename(Path::new("db/rp/6/index/L0-00000001.tsl"), 7),
             Some(PathBuf::from("db/rp/7/index/L0-00000001.tsl"))
         );
+    }
+
+    /// Found on a last read: every connection stayed watched (a descriptor each) until
+    /// the end of the dump, two per shard; with a service's usual 1,024 descriptors a
+    /// source of 500 shards would have failed with "too many open files".
+    #[test]
+    fn a_closed_connection_is_no_longer_held_for_cancelling() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = Endpoint {
+            at: At::Tcp(l.local_addr().unwrap()),
+            name: "test".into(),
+        };
+        let cancel = Cancel::default();
+        for _ in 0..3 {
+            let c = open(&at, SHARD_BACKUP, b"{}\n", &cancel).unwrap();
+            let _peer = l.accept().unwrap();
+            assert_eq!(cancel.watched(), 1);
+            drop(c);
+            assert_eq!(cancel.watched(), 0);
+        }
+        // While open, a cancel shuts it: a blocked read returns at once.
+        let c = open(&at, SHARD_BACKUP, b"{}\n", &cancel).unwrap();
+        let _peer = l.accept().unwrap();
+        cancel.cancel();
+        let mut b = [0u8; 1];
+        assert_eq!((&*c).read(&mut b).unwrap_or(0), 0);
+        assert!(matches!(
+            open(&at, SHARD_BACKUP, b"{}\n", &cancel),
+            Err(SnapshotError::Cancelled)
+        ));
     }
 
     #[test]
