@@ -273,6 +273,29 @@ struct RawMigration {
     #[serde(default, with = "humantime_serde")]
     target_ready_timeout: Option<Duration>,
     probe_rate: Option<u32>,
+    transfer_rate_limit: Option<RateScalar>,
+}
+
+/// A rate in bytes per second as written: a number, or a string like `80MB/s`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RateScalar {
+    N(u64),
+    S(String),
+}
+
+/// `80MB/s`, `80 MiB/s`, `80000000` → bytes per second (`/s` optional; `0` = no limit).
+fn bytes_per_second(r: &RateScalar) -> Result<u64, String> {
+    match r {
+        RateScalar::N(n) => Ok(*n),
+        RateScalar::S(s) => {
+            let t = s.trim();
+            let t = t.strip_suffix("/s").unwrap_or(t).trim_end();
+            t.parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|_| {
+                format!("{s:?} is not a rate: write bytes per second, e.g. \"80MB/s\", \"50MiB/s\" or 0 for no limit")
+            })
+        }
+    }
 }
 
 /// A secret given as a scalar: `STATESHIFT__SOURCE__PASSWORD=12345` arrives as a number
@@ -820,6 +843,11 @@ pub struct MigrationConfig {
     /// per second into the database `stateshift_probe` on the service's InfluxDB,
     /// recorded as a timeline (`{work_dir}/timelines/<id>/`); 0 turns it off.
     pub probe_rate: u32,
+    /// Bytes per second the shard streams may read from the source, all copies together
+    /// (0: as fast as they go). Bounds what a dump takes from the live source's disk, CPU
+    /// and link, at the cost of a longer dump; the `forward` and `stream` fallbacks run
+    /// `influxd backup` on a host and are not bounded by it.
+    pub transfer_rate_limit: u64,
     pub(crate) user_passwords_file: Option<PathBuf>,
 }
 
@@ -1212,6 +1240,12 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         existing_databases: m.existing_databases.unwrap_or(ExistingDatabases::Refuse),
         target_ready_timeout: m.target_ready_timeout.unwrap_or(Duration::from_secs(600)),
         probe_rate: m.probe_rate.unwrap_or(10),
+        transfer_rate_limit: match &m.transfer_rate_limit {
+            None => 0,
+            Some(r) => {
+                bytes_per_second(r).map_err(|e| v.err("migration.transfer_rate_limit", e))?
+            }
+        },
     };
     if migration.probe_rate > 1000 {
         return Err(v.err(
@@ -1878,6 +1912,41 @@ mod tests {
             RetireHosts::Disable
         );
         assert_eq!(c.migration.target_ready_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn the_transfer_rate_limit_reads_bytes_per_second_and_names_a_bad_one() {
+        assert_eq!(load(MIN, &[]).unwrap().migration.transfer_rate_limit, 0);
+        for (given, want) in [
+            ("80MB/s", 80_000_000),
+            ("\"50 MiB/s\"", 50 << 20),
+            ("1.5GB", 1_500_000_000),
+            ("125000", 125_000),
+            ("0", 0),
+        ] {
+            let c = load(
+                &format!("{MIN}migration:\n  transfer_rate_limit: {given}\n"),
+                &[],
+            )
+            .unwrap();
+            assert_eq!(c.migration.transfer_rate_limit, want, "{given}");
+        }
+        let c = load(
+            MIN,
+            &[("STATESHIFT__MIGRATION__TRANSFER_RATE_LIMIT", "20MB/s")],
+        )
+        .unwrap();
+        assert_eq!(c.migration.transfer_rate_limit, 20_000_000);
+        let e = load(
+            &format!("{MIN}migration:\n  transfer_rate_limit: fast\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("migration.transfer_rate_limit") && e.contains("\"fast\" is not a rate"),
+            "{e}"
+        );
     }
 
     #[test]

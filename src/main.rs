@@ -217,6 +217,9 @@ enum Cmd {
         /// Points in the separate delta-replay throughput run.
         #[arg(long, default_value_t = 1_000_000)]
         replay_points: u64,
+        /// The migration's `migration.transfer_rate_limit` (e.g. 80MB/s; 0: none).
+        #[arg(long, default_value = "0")]
+        transfer_rate_limit: String,
     },
 }
 
@@ -605,12 +608,14 @@ async fn run(cmd: Cmd) -> ExitCode {
             points,
             rate,
             replay_points,
+            transfer_rate_limit,
         } => match interruptible(bench::bench(
             &dir,
             &BenchOptions {
                 points,
                 rate,
                 replay_points,
+                transfer_rate_limit,
             },
         ))
         .await

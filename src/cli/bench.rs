@@ -89,6 +89,8 @@ pub struct BenchOptions {
     pub points: u64,
     pub rate: u32,
     pub replay_points: u64,
+    /// `migration.transfer_rate_limit` as the configuration writes it.
+    pub transfer_rate_limit: String,
 }
 
 /// The data-engine benchmark.
@@ -125,12 +127,17 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     }
     let lab = Lab::start(dir, LabOptions::default()).await?;
     let (cfg_path, cfg) = lab
-        .write_config(
-            "verify:
-  content: full
-",
-        )
+        .write_config(&format!(
+            "  transfer_rate_limit: {}\nverify:\n  content: full\n",
+            serde_json::to_string(&o.transfer_rate_limit)?
+        ))
         .map_err(anyhow::Error::msg)?;
+    if cfg.migration.transfer_rate_limit > 0 {
+        println!(
+            "shard streams limited to {:.1} MB/s (migration.transfer_rate_limit)",
+            cfg.migration.transfer_rate_limit as f64 / 1e6
+        );
+    }
     let db = "bench";
     let spec = SeedSpec {
         db: db.into(),

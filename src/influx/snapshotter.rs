@@ -24,7 +24,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Component, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const MUX_HEADER: u8 = 3;
 const MAGIC: u64 = 0x5959_0101;
@@ -206,6 +206,69 @@ impl Cancel {
     }
 }
 
+/// A budget of bytes per second that the copies share: it bounds what the stream takes
+/// from the source's disk and CPU (the source's InfluxDB reads and sends each shard inside
+/// the process that serves the writers, so no `nice` can lower it) and from the link.
+pub struct Pace {
+    per_second: u64,
+    /// When the bytes taken so far are due: the next read waits until then.
+    due: Mutex<Option<Instant>>,
+}
+
+impl Pace {
+    /// `None` when there is no limit (0).
+    pub fn new(per_second: u64) -> Option<Arc<Pace>> {
+        (per_second > 0).then(|| {
+            Arc::new(Pace {
+                per_second,
+                due: Mutex::new(None),
+            })
+        })
+    }
+
+    /// Account for `n` bytes just read; wait (on this blocking thread, in steps short
+    /// enough that a cancel is not kept waiting) until the budget allows them.
+    fn take(&self, n: usize, cancel: &Cancel) -> Result<(), SnapshotError> {
+        let cost = Duration::from_secs_f64(n as f64 / self.per_second as f64);
+        let until = {
+            let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
+            // Time not used (the copy waited on a server) is not saved up as a burst.
+            let start = due.map_or_else(Instant::now, |d| d.max(Instant::now()));
+            let until = start + cost;
+            *due = Some(until);
+            until
+        };
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            if cancel.is_cancelled() {
+                return Err(SnapshotError::Cancelled);
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
+        }
+    }
+}
+
+/// The source's side of a copy, read within a [`Pace`].
+struct Paced<'a, R> {
+    inner: R,
+    pace: Option<&'a Pace>,
+    cancel: &'a Cancel,
+}
+
+impl<R: Read> Read for Paced<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(p) = self.pace {
+            p.take(n, self.cancel)
+                .map_err(|_| std::io::Error::other("stopped"))?;
+        }
+        Ok(n)
+    }
+}
+
 fn io<'a>(e: &'a Endpoint, what: &'static str) -> impl Fn(std::io::Error) -> SnapshotError + 'a {
     move |source| SnapshotError::Io {
         addr: e.name.clone(),
@@ -327,6 +390,7 @@ pub fn copy_shard(
     old: u64,
     to: &Endpoint,
     new: u64,
+    pace: Option<&Pace>,
     cancel: &Cancel,
 ) -> Result<Copied, SnapshotError> {
     let body = serde_json::json!({ "Type": SHARD_BACKUP, "ShardID": old }).to_string() + "\n";
@@ -335,7 +399,12 @@ pub fn copy_shard(
     head.extend_from_slice(&new.to_be_bytes());
     let dst = open(to, SHARD_UPDATE, &head, cancel)?;
     let mut copied = Copied::default();
-    let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, &*src));
+    let paced = Paced {
+        inner: &*src,
+        pace,
+        cancel,
+    };
+    let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, paced));
     let mut out = tar::Builder::new(BufWriter::with_capacity(256 << 10, &*dst));
     let entries = archive
         .entries()
@@ -401,6 +470,35 @@ fn rename(name: &std::path::Path, new: u64) -> Option<PathBuf> {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn a_pace_spreads_what_was_read_over_its_rate_and_stops_when_cancelled() {
+        assert!(Pace::new(0).is_none(), "0 is no limit");
+        let pace = Pace::new(100_000).unwrap();
+        let cancel = Cancel::default();
+        let t = Instant::now();
+        for _ in 0..5 {
+            pace.take(10_000, &cancel).unwrap();
+        }
+        // 50 KB at 100 KB/s: never sooner than half a second.
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        // A cancel ends a wait long before its budget would have.
+        let slow = Pace::new(1).unwrap();
+        let c = cancel.clone();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            c.cancel();
+        });
+        assert!(matches!(
+            slow.take(3_600, &cancel),
+            Err(SnapshotError::Cancelled)
+        ));
+        stopper.join().unwrap();
+    }
 
     #[test]
     fn an_entry_moves_to_the_new_shard_and_keeps_its_path_below_it() {

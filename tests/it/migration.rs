@@ -904,6 +904,49 @@ async fn shards_stream_from_rpc_port_to_rpc_port_with_every_database_and_retenti
     }
 }
 
+/// `migration.transfer_rate_limit` bounds the shard streams: the dump takes at least the
+/// bytes read over the limit, says so, and the data arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_rate_limit_bounds_the_shard_streams() {
+    let lab = lab(LabOptions::default()).await;
+    let limit = 1_000_000u64;
+    let (_, cfg) = lab
+        .write_config(&format!(
+            "  transfer: shards\n  transfer_rate_limit: \"{}MB/s\"\n",
+            limit / 1_000_000
+        ))
+        .unwrap();
+    assert_eq!(cfg.migration.transfer_rate_limit, limit);
+    let seeded = seed(&lab, "cyclops", 40_000).await;
+    let notes = Notes::default();
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &notes)
+        .await
+        .expect("migration succeeds");
+    let said = notes.all();
+    assert!(
+        said.contains("at most 1.0 MB/s (migration.transfer_rate_limit)"),
+        "{said}"
+    );
+    let least = report.dump_bytes as f64 / limit as f64;
+    assert!(
+        least > 0.5,
+        "enough data that an unpaced stream would be faster: {} bytes",
+        report.dump_bytes
+    );
+    let took = report.phase_seconds(Phase::Dump);
+    assert!(
+        took >= least,
+        "{} bytes at {limit} B/s take at least {least:.2} s; the dump took {took:.2} s",
+        report.dump_bytes
+    );
+    let on_target: u64 = counts(&lab.target.client(), "cyclops")
+        .await
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(on_target, seeded);
+}
+
 /// A source RPC address that is not InfluxDB's RPC port (here its HTTP port) stops a
 /// `transfer: shards` migration in the dump with an error naming the port, before
 /// anything is made on the target.

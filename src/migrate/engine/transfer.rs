@@ -35,8 +35,13 @@ impl Migration<'_> {
                 }
                 Err(why) if mode == TransferMode::Auto => {
                     tracing::warn!(reason = %why, "cannot stream the shards between the InfluxDB RPC ports; falling back to influxd backup and restore");
+                    let unbounded = if self.cfg.migration.transfer_rate_limit > 0 {
+                        " (migration.transfer_rate_limit bounds shard streams only: this dump runs at full speed)"
+                    } else {
+                        ""
+                    };
                     self.progress.note(&format!(
-                        "shard streaming unavailable ({why}); falling back to influxd backup and restore"
+                        "shard streaming unavailable ({why}); falling back to influxd backup and restore{unbounded}"
                     ));
                 }
                 Err(why) => {
@@ -214,14 +219,16 @@ impl Migration<'_> {
             let mut total = snapshotter::Copied::default();
             let mut running = tokio::task::JoinSet::new();
             let mut queue = copies.into_iter();
+            let pace = snapshotter::Pace::new(self.cfg.migration.transfer_rate_limit);
             loop {
                 while running.len() < SHARD_COPIES {
                     let Some((old, new)) = queue.next() else {
                         break;
                     };
                     let (c, f, t) = (cancel.clone(), from.clone(), to.clone());
+                    let pace = pace.clone();
                     running.spawn_blocking(move || {
-                        snapshotter::copy_shard(&f, old, &t, new, &c)
+                        snapshotter::copy_shard(&f, old, &t, new, pace.as_deref(), &c)
                             .map_err(|e| format!("shard {old} (target shard {new}): {e}"))
                     });
                 }
@@ -257,8 +264,12 @@ impl Migration<'_> {
         cancel.cancel();
         Ok(r.map(|total| {
             self.report.dump_bytes = total.bytes;
+            let limit = match self.cfg.migration.transfer_rate_limit {
+                0 => String::new(),
+                l => format!(", at most {:.1} MB/s (migration.transfer_rate_limit)", l as f64 / 1e6),
+            };
             self.progress.note(&format!(
-                "streamed {shards} shards ({} files, {:.1} MB) from the source's InfluxDB RPC port into the target's: dump, transfer and restore in one pass",
+                "streamed {shards} shards ({} files, {:.1} MB{limit}) from the source's InfluxDB RPC port into the target's: dump, transfer and restore in one pass",
                 total.files,
                 total.bytes as f64 / 1e6
             ));
