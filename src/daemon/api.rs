@@ -3,8 +3,8 @@
 //! `/metrics` (Prometheus text), `/migrations/<id>/timeline.svg|csv` (a daemon migration's
 //! availability timeline),
 //! `POST /migrate` (409 while a migration runs), `POST /migrate/abort` (202 when the running
-//! migration stops and rolls back; 409 with the reason when it is past its cutover or
-//! none runs). Reading is open; every request that is
+//! migration stops and rolls back; 409 with the reason when it is past its cutover, an
+//! interrupted earlier migration is being settled first, or none runs). Reading is open; every request that is
 //! not a GET or HEAD, on any route, needs the bearer token (one layer over the whole
 //! router, so a route added later cannot forget it). A refused token is logged without
 //! the token.

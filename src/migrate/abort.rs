@@ -34,6 +34,9 @@ enum State {
     },
     /// The writers' repoint was recorded: no abort from here on.
     Closed,
+    /// An earlier, interrupted migration is being settled before this one may start: its
+    /// journal decides (roll back, or resume and finish), not an abort.
+    Settling,
 }
 
 impl std::fmt::Debug for Abort {
@@ -48,6 +51,8 @@ impl std::fmt::Debug for Abort {
 pub enum Refused {
     #[error("the migration is past its cutover: writers may already have written to the target, and rolling it back could lose those writes. Let it finish (verify, then the old stack goes); should it fail, nothing is deleted and `stateshift resolve --on source|target` says where the service runs")]
     PastCutover,
+    #[error("an earlier migration that was interrupted is being settled first (rolled back, or resumed and finished, as its journal says): that cannot be aborted, and no new migration starts after it. Follow it in /status or with `stateshift status`")]
+    Settling,
 }
 
 impl Abort {
@@ -62,6 +67,7 @@ impl Abort {
         let mut st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
         match &*st {
             State::Closed => Err(Refused::PastCutover),
+            State::Settling => Err(Refused::Settling),
             State::Requested { .. } => Ok(()),
             State::Open => {
                 *st = State::Requested { by: by.to_string() };
@@ -85,13 +91,23 @@ impl Abort {
         self.requested_by().unwrap_or_default()
     }
 
+    /// An interrupted earlier migration is about to be settled: refuse aborts with that
+    /// reason (after it, the run ends; no new migration starts). An abort accepted
+    /// already stays accepted: nothing new runs either way.
+    pub fn settling(&self) {
+        let mut st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(&*st, State::Open) {
+            *st = State::Settling;
+        }
+    }
+
     /// The writers are about to be repointed: refuse every abort from now on. `Err` with
     /// who asked when an abort came first: then the repoint must not happen.
     pub fn close(&self) -> Result<(), String> {
         let mut st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
         match &*st {
             State::Requested { by } => Err(by.clone()),
-            State::Open | State::Closed => {
+            State::Open | State::Closed | State::Settling => {
                 *st = State::Closed;
                 Ok(())
             }
@@ -140,6 +156,21 @@ mod tests {
         assert!(e.to_string().contains("stateshift resolve"), "{e}");
         assert_eq!(a.requested_by(), None);
         assert!(a.is_closed());
+    }
+
+    #[test]
+    fn while_an_earlier_migration_is_settled_an_abort_is_refused_and_says_why() {
+        let a = Abort::new();
+        a.settling();
+        let e = a.request("operator").unwrap_err();
+        assert_eq!(e, Refused::Settling);
+        assert!(e.to_string().contains("being settled"), "{e}");
+        assert_eq!(a.requested_by(), None);
+        // One accepted before stays accepted.
+        let b = Abort::new();
+        b.request("page").unwrap();
+        b.settling();
+        assert_eq!(b.requested_by().as_deref(), Some("page"));
     }
 
     #[tokio::test]

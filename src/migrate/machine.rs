@@ -431,6 +431,9 @@ pub async fn migrate_holding(
     abort: &Abort,
 ) -> Result<Report, MachineError> {
     let paths = Paths::of(cfg);
+    if state(cfg)?.recovery() != Recovery::Nothing {
+        abort.settling();
+    }
     if let Some(outcome) = recover_locked(cfg, provider, progress).await? {
         let st = state(cfg)?;
         return Err(MachineError::Settled {

@@ -25,6 +25,8 @@ enum At {
     Phase(Phase, Duration),
     /// In this phase, once an `influxd backup` or `influxd restore` naming this path runs.
     Command(Phase, &'static str),
+    /// While an earlier, interrupted migration is settled before this one.
+    Settling,
 }
 
 /// Progress that asks for the abort at `at` and keeps the answer.
@@ -80,6 +82,9 @@ impl Progress for AbortAt {
     fn note(&self, msg: &str) {
         if self.at == At::StackCreation && msg.starts_with("creating the target stack") {
             self.fire(Duration::from_millis(200));
+        }
+        if self.at == At::Settling && msg.starts_with("recovering migration") {
+            self.fire(Duration::ZERO);
         }
     }
 }
@@ -275,6 +280,51 @@ async fn an_abort_in_the_middle_of_a_command_stops_it_on_the_host() {
         Duration::from_secs(30),
     );
     assert_nothing_lost(&src, &ledger, 300_000, "abort mid-command").await;
+}
+
+/// A migration asked for while an interrupted one waits to be settled settles that one
+/// first, as its journal says, and then stops. An abort during the settling was answered
+/// "accepted: rolls back" and dropped (found on a read of `machine::migrate_holding`);
+/// it is refused now, saying why, and the settling goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_while_an_interrupted_migration_is_settled_is_refused_saying_why() {
+    let svc = service(124).await;
+    let cfg = svc.cfg();
+    let provider = Provider::from_config(&cfg).unwrap();
+    // Interrupted before the cutover (settled by a rollback), and after the verify
+    // (settled by finishing it).
+    for (crash, settled_as) in [
+        ("restore:done", Outcome::RolledBack),
+        ("verify:done", Outcome::Succeeded),
+    ] {
+        let (ok, out) = migrate_cli(&svc, Some(crash));
+        assert!(!ok, "{crash}: {out}");
+        let p = AbortAt {
+            at: At::Settling,
+            abort: Abort::new(),
+            answer: Arc::default(),
+        };
+        let r = machine::migrate_abortable(&cfg, &provider, "abort test", &p, &p.abort).await;
+        assert_eq!(
+            *p.answer.lock().unwrap(),
+            Some(Err(Refused::Settling)),
+            "{crash}"
+        );
+        assert!(
+            Refused::Settling.to_string().contains("being settled"),
+            "the refusal says why"
+        );
+        match r {
+            Err(MachineError::Settled { .. }) => {}
+            other => panic!("{crash}: the run settles and stops: {other:?}"),
+        }
+        let st = machine::state(&cfg).unwrap();
+        assert_eq!(
+            st.migrations.last().unwrap().outcome,
+            Some(settled_as),
+            "{crash}"
+        );
+    }
 }
 
 /// `stateshift migrate` interrupted by Ctrl-C (SIGINT) during the dump rolls back; and a
