@@ -947,6 +947,65 @@ async fn a_transfer_rate_limit_bounds_the_shard_streams() {
     assert_eq!(on_target, seeded);
 }
 
+/// Hundreds of shards stream within a service's usual descriptor limit: each copy's
+/// connections are released when it ends (found on a read: a cancel handle kept a
+/// duplicate of both until the dump ended, two per shard, so a source of about 500
+/// shards failed with "too many open files" under systemd's soft limit of 1,024).
+/// The limit is lowered in this test's own process (nextest runs each test alone in
+/// one) after the servers started, to 150 descriptors above what is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_shards_stream_within_a_low_descriptor_limit() {
+    let lab = lab(LabOptions::default()).await;
+    let (_, cfg) = lab.write_config("  transfer: shards\n").unwrap();
+    let src = lab.source.client();
+    src.query(
+        None,
+        "CREATE DATABASE many WITH DURATION INF SHARD DURATION 1h",
+    )
+    .await
+    .unwrap();
+    // One point an hour for 400 hours: 400 shards, about 13 KB of metadata.
+    let start = now_ns() / 1_000_000_000 - 500 * 3600;
+    let lines: Vec<String> = (0..400)
+        .map(|i| format!("m value={i} {}", start + i * 3600))
+        .collect();
+    src.write("many", None, "s", lines.join("\n").into())
+        .await
+        .unwrap();
+    assert_eq!(shard_count(&src, "many").await, 400);
+    let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+    let limit = open + 150;
+    let mut was = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a stack value.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut was), 0);
+        let low = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: was.rlim_max,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &low), 0);
+    }
+    let notes = Notes::default();
+    let r = engine::run(&cfg, cfg.target.as_ref().unwrap(), &notes).await;
+    // SAFETY: as above.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_NOFILE, &was);
+    }
+    r.unwrap_or_else(|e| panic!("with {limit} descriptors ({open} open before): {e}"));
+    assert!(
+        notes.all().contains("streamed 400 shards"),
+        "{}",
+        notes.all()
+    );
+    assert_eq!(
+        counts(&lab.target.client(), "many").await,
+        vec![("m".to_string(), 400)]
+    );
+}
+
 /// A source RPC address that is not InfluxDB's RPC port (here its HTTP port) stops a
 /// `transfer: shards` migration in the dump with an error naming the port, before
 /// anything is made on the target.
