@@ -447,7 +447,7 @@ impl Series1<'_> {
         let mut after: i64 = -9_223_372_036_854_775_806;
         loop {
             let q = format!("SELECT {select} FROM {from} WHERE time > {after} AND time <= 9223372036854775806{tag_cond} ORDER BY time ASC LIMIT {PAGE}");
-            let src = source.query(Some(db), &q).await?;
+            let src = source.query_packed(Some(db), &q).await?;
             let Some(sp) = src.into_iter().next().filter(|s| !s.values.is_empty()) else {
                 return Ok(out);
             };
@@ -465,7 +465,7 @@ impl Series1<'_> {
                 .unwrap_or(after);
             let tq = format!("SELECT {select} FROM {from} WHERE time >= {first} AND time <= {last}{tag_cond} ORDER BY time ASC");
             let tp = target
-                .query(Some(db), &tq)
+                .query_packed(Some(db), &tq)
                 .await?
                 .into_iter()
                 .next()
