@@ -565,9 +565,20 @@ pub async fn run(
         anyhow::bail!("api.listen: {} is reachable from other machines and no TLS is configured; set api.tls_cert_file and api.tls_key_file, or api.insecure_plain_http: true", cfg.api.listen);
     }
     let provider = Provider::from_config(&cfg)?;
-    // Settle whatever a crash left unfinished before anything else.
-    if let Some(outcome) = machine::recover(&cfg, &provider, progress).await? {
-        tracing::warn!(?outcome, "an interrupted migration was settled at start-up");
+    // Settle whatever a crash left unfinished before anything else. A settle that fails
+    // does not stop the daemon: one that failed past the cutover is journaled as waiting
+    // for an operator, which the API must then say (`/healthz`, the page); any other is
+    // retried by the loop. (Found by the daemon crash campaign: a daemon killed while
+    // repointing exited at its restart instead of saying what to do.)
+    match machine::recover(&cfg, &provider, progress).await {
+        Ok(Some(outcome)) => {
+            tracing::warn!(?outcome, "an interrupted migration was settled at start-up")
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(
+            error = %e,
+            "an interrupted migration could not be settled at start-up; it is retried, unless it waits for an operator"
+        ),
     }
     let model = cfg.monitor.model;
     let policy = TriggerPolicy::new(PolicyConfig {
