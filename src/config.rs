@@ -276,6 +276,9 @@ struct RawMigration {
     transfer_rate_limit: Option<RateScalar>,
 }
 
+/// The least `migration.transfer_rate_limit` taken: 4 GB then take 70 minutes.
+const MIN_TRANSFER_RATE: u64 = 1_000_000;
+
 /// A rate in bytes per second as written: a number, or a string like `80MB/s`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -1247,6 +1250,16 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             }
         },
     };
+    // `40` meant as 40 MB/s would be 40 bytes per second: a dump that never ends.
+    if (1..MIN_TRANSFER_RATE).contains(&migration.transfer_rate_limit) {
+        return Err(v.err(
+            "migration.transfer_rate_limit",
+            format!(
+                "{} bytes per second is below the least accepted, 1MB/s (a plain number counts bytes; write e.g. \"40MB/s\", or 0 for no limit)",
+                migration.transfer_rate_limit
+            ),
+        ));
+    }
     if migration.probe_rate > 1000 {
         return Err(v.err(
             "migration.probe_rate",
@@ -1921,7 +1934,7 @@ mod tests {
             ("80MB/s", 80_000_000),
             ("\"50 MiB/s\"", 50 << 20),
             ("1.5GB", 1_500_000_000),
-            ("125000", 125_000),
+            ("1000000", 1_000_000),
             ("0", 0),
         ] {
             let c = load(
@@ -1947,6 +1960,21 @@ mod tests {
             e.contains("migration.transfer_rate_limit") && e.contains("\"fast\" is not a rate"),
             "{e}"
         );
+        // 40 meant as MB/s is 40 bytes per second: refused, saying how to write it.
+        for tiny in ["40", "500KB/s"] {
+            let e = load(
+                &format!("{MIN}migration:\n  transfer_rate_limit: {tiny}\n"),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("migration.transfer_rate_limit")
+                    && e.contains("below the least accepted, 1MB/s")
+                    && e.contains("a plain number counts bytes"),
+                "{tiny}: {e}"
+            );
+        }
     }
 
     #[test]
