@@ -296,6 +296,30 @@ async fn wait_polling(svc: &Svc, api: &str, what: &str) -> serde_json::Value {
     }
 }
 
+/// Ask the daemon for a migration and wait for its outcome: the last of its migrations
+/// once there are more than `before` and the last one has ended.
+async fn migrate_once(svc: &Svc, api: &str, before: usize, what: &str) -> serde_json::Value {
+    post_migrate(api).await;
+    let t = Instant::now();
+    loop {
+        let st = wait_polling(svc, api, what).await;
+        let m = st["migrations"].as_array().cloned().unwrap_or_default();
+        if m.len() > before && !m[m.len() - 1]["outcome"].is_null() {
+            return m[m.len() - 1].clone();
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{what}: {st:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGTERM: the daemon stops at a safe point.
+fn stop_daemon(daemon: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    let _ = daemon.wait();
+}
+
 async fn post_migrate(api: &str) {
     let r = reqwest::Client::new()
         .post(format!("{api}/migrate"))
@@ -398,21 +422,8 @@ async fn a_campaign_of_daemon_kills_loses_nothing_and_needs_no_operator() {
             continue;
         }
         let before = st["migrations"].as_array().map_or(0, |m| m.len());
-        post_migrate(&api).await;
-        let t = Instant::now();
-        let last = loop {
-            let st = wait_polling(&svc, &api, &what).await;
-            let m = st["migrations"].as_array().cloned().unwrap_or_default();
-            if m.len() > before && !m[m.len() - 1]["outcome"].is_null() {
-                break m[m.len() - 1].clone();
-            }
-            assert!(t.elapsed() < Duration::from_secs(120), "{what}: {st:#}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &daemon.id().to_string()])
-            .status();
-        let _ = daemon.wait();
+        let last = migrate_once(&svc, &api, before, &what).await;
+        stop_daemon(&mut daemon);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let ledger = w.finish().await;
         acked += ledger.points_acked;
@@ -514,21 +525,8 @@ async fn a_daemon_dead_while_repointing_comes_back_and_says_what_to_do() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    post_migrate(&api).await;
-    let t = Instant::now();
-    let next = loop {
-        let st = wait_polling(&svc, &api, "the next migration").await;
-        let m = st["migrations"].as_array().cloned().unwrap_or_default();
-        if m.len() > before && !m[m.len() - 1]["outcome"].is_null() {
-            break m[m.len() - 1].clone();
-        }
-        assert!(t.elapsed() < Duration::from_secs(120), "{st:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let _ = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status();
-    let _ = daemon.wait();
+    let next = migrate_once(&svc, &api, before, "the next migration").await;
+    stop_daemon(&mut daemon);
     assert_eq!(next["outcome"], "succeeded", "{next:#}");
     assert_nothing_lost(&svc.current(), &ledger, 5_000, "after the next migration").await;
     // The old source went with the verified migration; the failed one's target stays for

@@ -947,6 +947,24 @@ async fn a_transfer_rate_limit_bounds_the_shard_streams() {
     assert_eq!(on_target, seeded);
 }
 
+/// Database `many` with hourly shards and one point in each of `n` consecutive hours
+/// (points `m value=0..n`), ending 100 hours ago: `n` shards.
+async fn hourly_shards(src: &Influx, n: i64) {
+    src.query(
+        None,
+        "CREATE DATABASE many WITH DURATION INF SHARD DURATION 1h",
+    )
+    .await
+    .unwrap();
+    let start = now_ns() / 1_000_000_000 - (n + 100) * 3600;
+    let lines: Vec<String> = (0..n)
+        .map(|i| format!("m value={i} {}", start + i * 3600))
+        .collect();
+    src.write("many", None, "s", lines.join("\n").into())
+        .await
+        .unwrap();
+}
+
 /// Hundreds of shards stream within a service's usual descriptor limit: each copy's
 /// connections are released when it ends (found on a read: a cancel handle kept a
 /// duplicate of both until the dump ended, two per shard, so a source of about 500
@@ -958,20 +976,8 @@ async fn hundreds_of_shards_stream_within_a_low_descriptor_limit() {
     let lab = lab(LabOptions::default()).await;
     let (_, cfg) = lab.write_config("  transfer: shards\n").unwrap();
     let src = lab.source.client();
-    src.query(
-        None,
-        "CREATE DATABASE many WITH DURATION INF SHARD DURATION 1h",
-    )
-    .await
-    .unwrap();
-    // One point an hour for 400 hours: 400 shards, about 13 KB of metadata.
-    let start = now_ns() / 1_000_000_000 - 500 * 3600;
-    let lines: Vec<String> = (0..400)
-        .map(|i| format!("m value={i} {}", start + i * 3600))
-        .collect();
-    src.write("many", None, "s", lines.join("\n").into())
-        .await
-        .unwrap();
+    // 400 shards, about 13 KB of metadata.
+    hourly_shards(&src, 400).await;
     assert_eq!(shard_count(&src, "many").await, 400);
     let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
     let limit = open + 150;
@@ -1097,21 +1103,8 @@ async fn shards_from_a_port_that_is_not_influxdbs_rpc_port_fail_naming_it() {
 async fn metadata_too_large_for_one_piece_falls_back_to_influxd_restore() {
     let lab = lab(LabOptions::default()).await;
     let (_, cfg) = lab.write_config("").unwrap();
-    let src = lab.source.client();
-    src.query(
-        None,
-        "CREATE DATABASE many WITH DURATION INF SHARD DURATION 1h",
-    )
-    .await
-    .unwrap();
-    // One point an hour for 1,100 hours: 1,100 shard groups, about 34 KB of metadata.
-    let start = now_ns() / 1_000_000_000 - 1_200 * 3600;
-    let lines: Vec<String> = (0..1_100)
-        .map(|i| format!("m value={i} {}", start + i * 3600))
-        .collect();
-    src.write("many", None, "s", lines.join("\n").into())
-        .await
-        .unwrap();
+    // 1,100 shard groups, about 34 KB of metadata.
+    hourly_shards(&lab.source.client(), 1_100).await;
     let notes = Notes::default();
     engine::run(&cfg, cfg.target.as_ref().unwrap(), &notes)
         .await
