@@ -237,6 +237,16 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         "  verify: {verify:.3} s ({:.0} % of the whole migration)",
         100.0 * verify / report.total_seconds.max(f64::EPSILON)
     );
+    if let Some(v) = report
+        .verify
+        .as_ref()
+        .filter(|v| v.measurements_verified_early > 0)
+    {
+        println!(
+            "  of which compared during the cutover's quiet period, before the verify phase: {} measurements in {:.3} s (that pass overlapped the quiet period; it is not in the verify figure)",
+            v.measurements_verified_early, v.early_seconds
+        );
+    }
     println!("delta replay throughput: {:.0} points/s ({} points); in this migration: {} points at {:.0} points/s", replay.0, replay.1, report.points_replayed, report.replay_points_per_second);
     println!(
         "writer ({} points/s target): {} points acked, {} failed writes, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",

@@ -16,7 +16,7 @@
 //! stored. The secret lives as long as the receiver; it shows in the subscribed
 //! InfluxDB's query log and `SHOW SUBSCRIPTIONS` (admins only), never in ours.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -152,6 +152,53 @@ pub struct ReceiverStats {
     /// Requests refused for missing or wrong credentials (not the subscribed InfluxDB).
     pub unauthorized: AtomicU64,
     last_write: Mutex<Option<Instant>>,
+    /// The measurements the spooled writes went to.
+    written_to: Mutex<WrittenTo>,
+}
+
+/// The measurements of the writes a capture received, per database, up to a cap: what
+/// tells verification which measurements the source may still change
+/// ([`crate::migrate::verify::verify_cold`]).
+#[derive(Debug, Default)]
+struct WrittenTo {
+    names: HashMap<String, HashSet<String>>,
+    count: usize,
+    /// A line whose measurement could not be read, or more names than the cap: any
+    /// measurement may have been written.
+    unknown: bool,
+}
+
+/// Distinct measurements remembered before [`WrittenTo`] gives up and says "any".
+const WRITTEN_TO_CAP: usize = 100_000;
+
+impl WrittenTo {
+    fn record(&mut self, db: &str, body: &str) {
+        if self.unknown {
+            return;
+        }
+        let lines = lineproto::point_lines(body).flat_map(influxdb_line_protocol::parse_lines);
+        for line in lines {
+            let Ok(line) = line else {
+                // InfluxDB took it (it forwarded it); we cannot tell where it went.
+                self.unknown = true;
+                return;
+            };
+            let m = line.series.measurement.as_str();
+            let names = self.names.entry(db.to_string()).or_default();
+            if !names.contains(m) {
+                if self.count >= WRITTEN_TO_CAP {
+                    self.unknown = true;
+                    return;
+                }
+                names.insert(m.to_string());
+                self.count += 1;
+            }
+        }
+    }
+
+    fn contains(&self, db: &str, m: &str) -> bool {
+        self.unknown || self.names.get(db).is_some_and(|n| n.contains(m))
+    }
 }
 
 impl ReceiverStats {
@@ -161,6 +208,16 @@ impl ReceiverStats {
     /// When the last write arrived.
     pub fn last_write(&self) -> Option<Instant> {
         *self.last_write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Whether a write to measurement `m` of database `db` may have arrived (always
+    /// "yes" once the receiver lost track). Recorded before the write is counted in
+    /// [`ReceiverStats::points`]: when the source's forwarded count equals that, every
+    /// forwarded write's measurement is known.
+    pub fn written_to(&self, db: &str, m: &str) -> bool {
+        self.written_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(db, m)
     }
 }
 
@@ -360,6 +417,13 @@ async fn take(st: AppState, p: WriteParams, body: Bytes) -> StatusCode {
     let points = lineproto::count_points(text) as u64;
     match &st.sink {
         Sink::Spool(w) => {
+            // Before the write counts as received (and even if spooling it fails: "maybe
+            // written" is the safe side).
+            st.stats
+                .written_to
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(&db, text);
             let w = w.clone();
             let (rp, prec) = (p.rp.clone(), p.precision.clone());
             let body = body.clone();
@@ -449,6 +513,32 @@ mod tests {
         let mut keys = Vec::new();
         assert!(KeySet::for_each_key(body, "ns", |k| keys.push(k)));
         assert_eq!(keys, vec![point_key("m", std::iter::empty(), 2)]);
+    }
+
+    #[test]
+    fn written_measurements_are_known_per_database_by_their_unescaped_names() {
+        let mut w = WrittenTo::default();
+        w.record("db", "m\\,x\\ y,t=a v=1 1\n# m2 v=1 2\nother v=2i 3\n");
+        assert!(w.contains("db", "m,x y"));
+        assert!(w.contains("db", "other"));
+        assert!(!w.contains("db", "m2"), "a comment writes nothing");
+        assert!(!w.contains("db2", "other"), "per database");
+        assert!(!w.contains("db", "m"));
+    }
+
+    #[test]
+    fn an_unreadable_line_or_too_many_names_mean_any_measurement_may_be_written() {
+        let mut w = WrittenTo::default();
+        w.record("db", "m v=1 1\n,,, 2\n");
+        assert!(w.contains("db", "never-seen"));
+
+        let mut w = WrittenTo::default();
+        let body: String = (0..=WRITTEN_TO_CAP)
+            .map(|i| format!("m{i} v=1 1\n"))
+            .collect();
+        w.record("db", &body);
+        assert!(w.unknown);
+        assert!(w.contains("db", "never-seen"));
     }
 
     #[test]

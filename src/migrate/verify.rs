@@ -10,11 +10,20 @@
 //!    received a write for that very point after cutover (the live `touched` key set,
 //!    fed by a subscription on the target; a mismatch is re-checked once after a settle
 //!    delay, since forwarding is asynchronous); anything else is a corruption.
+//!
+//! Steps 2 and 3 may run for a measurement before the source has gone quiet
+//! ([`verify_cold`], during the cutover's quiet period) when nothing can change it there
+//! any more: its retention policy is captured and no write to it has reached the capture
+//! since the capture started. Such a measurement's source content is then the one the
+//! dump copied, and on the target only a writer's write after cutover can change it, which
+//! the checks above already account for. The final pass ([`verify_after`]) takes that
+//! early result only if the measurement is still unwritten then; anything written in the
+//! meantime (a late writer of the old instance) is compared again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -47,6 +56,13 @@ pub struct VerifyReport {
     after_interruption: bool,
     pub problems: Vec<String>,
     pub problems_truncated: bool,
+    /// Measurements (per retention policy) whose comparison ran during the cutover's quiet
+    /// period and still held at the end ([`verify_cold`]).
+    #[serde(default)]
+    pub measurements_verified_early: usize,
+    /// How long that early pass took (it overlaps the quiet period, not the verify phase).
+    #[serde(default)]
+    pub early_seconds: f64,
     /// Mismatches not (yet) explained by a post-cutover write: (key, description).
     #[serde(skip)]
     pending: Vec<(u64, String)>,
@@ -62,6 +78,52 @@ impl VerifyReport {
     }
     pub fn ok(&self) -> bool {
         self.problems.is_empty()
+    }
+
+    /// Add one measurement's findings, made by an earlier pass.
+    fn absorb(&mut self, o: VerifyReport) {
+        self.series += o.series;
+        self.source_values += o.source_values;
+        self.target_values += o.target_values;
+        self.series_compared_point_by_point += o.series_compared_point_by_point;
+        self.points_compared += o.points_compared;
+        self.overwritten_after_cutover += o.overwritten_after_cutover;
+        self.values_unverifiable += o.values_unverifiable;
+        self.problems_truncated |= o.problems_truncated;
+        for p in o.problems {
+            self.problem(p);
+        }
+        self.pending.extend(o.pending);
+    }
+
+    /// Judge the mismatches left pending, once the target's forwarding had time to settle:
+    /// a point written directly to the target after cutover is an overwrite, anything else
+    /// a corruption.
+    fn settle(&mut self, touched: Option<&Mutex<KeySet>>) {
+        for (key, desc) in std::mem::take(&mut self.pending) {
+            if is_touched(touched, key) {
+                self.overwritten_after_cutover += 1;
+            } else {
+                self.problem(desc);
+            }
+        }
+    }
+}
+
+/// Whether nothing can write to `(database, retention policy, measurement)` on the source
+/// any more (see the module's introduction).
+pub type Cold<'a> = &'a (dyn Fn(&str, &str, &str) -> bool + Send + Sync);
+
+/// Measurements compared before the source went quiet, each with its own findings.
+#[derive(Debug, Default)]
+pub struct Early {
+    done: HashMap<(String, String, String), VerifyReport>,
+    pub seconds: f64,
+}
+
+impl Early {
+    pub fn measurements(&self) -> usize {
+        self.done.len()
     }
 }
 
@@ -166,6 +228,80 @@ pub async fn verify(
     touched: Option<&Mutex<KeySet>>,
     after_interruption: bool,
 ) -> Result<VerifyReport, InfluxError> {
+    verify_after(
+        source,
+        target,
+        cfg,
+        touched,
+        after_interruption,
+        Early::default(),
+        &|_, _, _| false,
+    )
+    .await
+}
+
+/// Steps 2 and 3 for the measurements `cold` names, before the source has gone quiet.
+/// Their findings wait in [`Early`] for [`verify_after`], which keeps them only for the
+/// measurements still cold then. I/O errors are returned; problems stay in the findings.
+pub async fn verify_cold(
+    source: &Influx,
+    target: &Influx,
+    cfg: &VerifyConfig,
+    touched: Option<&Mutex<KeySet>>,
+    cold: Cold<'_>,
+) -> Result<Early, InfluxError> {
+    let started = Instant::now();
+    let (source, target) = (
+        &source.with_timeout(cfg.query_timeout),
+        &target.with_timeout(cfg.query_timeout),
+    );
+    let mut early = Early::default();
+    let target_dbs = target.databases().await?;
+    for db in source.databases().await? {
+        if !target_dbs.contains(&db) {
+            // The final pass names it.
+            continue;
+        }
+        let measurements = source.measurements(&db).await?;
+        for rp in source.retention_policies(&db).await? {
+            let src_fields = source.field_keys_in(&db, &rp.name).await?;
+            for m in &measurements {
+                if !cold(&db, &rp.name, m) {
+                    continue;
+                }
+                let fields = fields_of(&src_fields, m);
+                let from = format!("{}.{}.{}", ident(&db), ident(&rp.name), ident(m));
+                let mut rep = VerifyReport::default();
+                verify_measurement(
+                    source, target, cfg, touched, &db, &rp.name, m, &from, &fields, &mut rep,
+                )
+                .await?;
+                early
+                    .done
+                    .insert((db.clone(), rp.name.clone(), m.clone()), rep);
+            }
+        }
+    }
+    if early.done.values().any(|r| !r.pending.is_empty()) {
+        tokio::time::sleep(SETTLE).await;
+        for rep in early.done.values_mut() {
+            rep.settle(touched);
+        }
+    }
+    early.seconds = started.elapsed().as_secs_f64();
+    Ok(early)
+}
+
+/// Every step, taking from `early` the findings of each measurement still `cold`.
+pub async fn verify_after(
+    source: &Influx,
+    target: &Influx,
+    cfg: &VerifyConfig,
+    touched: Option<&Mutex<KeySet>>,
+    after_interruption: bool,
+    mut early: Early,
+    cold: Cold<'_>,
+) -> Result<VerifyReport, InfluxError> {
     // Every query here reads a whole measurement or series: on a large database one runs
     // for minutes, far beyond what an ordinary request may take.
     let (source, target) = (
@@ -174,6 +310,7 @@ pub async fn verify(
     );
     let mut rep = VerifyReport {
         after_interruption,
+        early_seconds: early.seconds,
         ..VerifyReport::default()
     };
     let target_dbs = target.databases().await?;
@@ -220,11 +357,15 @@ pub async fn verify(
                 }
             }
             for m in &measurements {
-                let fields: Vec<(&str, bool)> = src_fields
-                    .iter()
-                    .filter(|(mm, _, _)| mm == m)
-                    .map(|(_, f, t)| (f.as_str(), t.is_numeric()))
-                    .collect();
+                let key = (db.clone(), rp.name.clone(), m.clone());
+                if let Some(found) = early.done.remove(&key) {
+                    if cold(&db, &rp.name, m) {
+                        rep.absorb(found);
+                        rep.measurements_verified_early += 1;
+                        continue;
+                    }
+                }
+                let fields = fields_of(&src_fields, m);
                 let from = format!("{}.{}.{}", ident(&db), ident(&rp.name), ident(m));
                 verify_measurement(
                     source, target, cfg, touched, &db, &rp.name, m, &from, &fields, &mut rep,
@@ -236,15 +377,18 @@ pub async fn verify(
     if !rep.pending.is_empty() {
         // A write to the target just before we read it may not have been forwarded yet.
         tokio::time::sleep(SETTLE).await;
-        for (key, desc) in std::mem::take(&mut rep.pending) {
-            if is_touched(touched, key) {
-                rep.overwritten_after_cutover += 1;
-            } else {
-                rep.problem(desc);
-            }
-        }
+        rep.settle(touched);
     }
     Ok(rep)
+}
+
+/// A measurement's fields in one retention policy, with whether each is numeric.
+fn fields_of<'a>(fields: &'a [(String, String, FieldType)], m: &str) -> Vec<(&'a str, bool)> {
+    fields
+        .iter()
+        .filter(|(mm, _, _)| mm == m)
+        .map(|(_, f, t)| (f.as_str(), t.is_numeric()))
+        .collect()
 }
 
 /// How long a write to the target may take to reach the watch receiver.

@@ -113,13 +113,15 @@ async fn every_acknowledged_point_survives_a_migration_under_a_live_writer() {
     );
 }
 
-/// Deletes a series on the target when verification starts.
+/// Deletes a series on the target when the cutover starts: after the data is there, and
+/// before any comparison (measurements nothing writes to are compared from the cutover's
+/// quiet period on).
 struct Saboteur {
     target: Influx,
 }
 impl Progress for Saboteur {
     fn phase_started(&self, phase: Phase) {
-        if phase == Phase::Verify {
+        if phase == Phase::Cutover {
             let t = self.target.clone();
             tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(async move {
@@ -1118,5 +1120,130 @@ async fn metadata_too_large_for_one_piece_falls_back_to_influxd_restore() {
     assert_eq!(
         counts(&lab.target.client(), "many").await,
         vec![("m".to_string(), 1_100)]
+    );
+}
+
+/// Writes one point to the source's `usage0` as soon as the writers are repointed: a late
+/// writer of the old instance, during the cutover's quiet period.
+struct LateWriter {
+    source: Influx,
+    at_ns: i64,
+}
+impl Progress for LateWriter {
+    fn note(&self, msg: &str) {
+        if msg.starts_with("writers repointed") {
+            let (s, line) = (
+                self.source.clone(),
+                format!("usage0,host=late value=7.5 {}", self.at_ns),
+            );
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async move {
+                    s.write("cyclops", None, "ns", line.into()).await.unwrap();
+                })
+            });
+        }
+    }
+}
+
+/// Measurements nothing writes to any more are compared during the cutover's quiet
+/// period; one a late writer touches then is compared again after it, whether the early
+/// pass reached it before or after the write (either way only the other two count as
+/// compared early, and the late point is on the target).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_measurement_written_while_the_source_goes_quiet_is_compared_after_it() {
+    let lab = lab(LabOptions::default()).await;
+    let (_, cfg) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 12_000).await;
+    let at_ns = now_ns();
+    let report = engine::run(
+        &cfg,
+        cfg.target.as_ref().unwrap(),
+        &LateWriter {
+            source: lab.source.client(),
+            at_ns,
+        },
+    )
+    .await
+    .expect("migration succeeds");
+    let v = report.verify.expect("verified");
+    assert_eq!(
+        v.measurements_verified_early, 2,
+        "usage1 and usage2 compared during the quiet period, usage0 after it: {v:?}"
+    );
+    assert!(v.early_seconds > 0.0);
+    let late = lab
+        .target
+        .client()
+        .query(
+            Some("cyclops"),
+            &format!("SELECT value FROM usage0 WHERE host = 'late' AND time = {at_ns}"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        late.first().map(|s| s.values.len()),
+        Some(1),
+        "the late point is on the target: {late:?}"
+    );
+}
+
+/// An early comparison proves a measurement only while nothing writes to it: the final
+/// pass takes it for a measurement still cold, and compares again one written since,
+/// where it finds what the target lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_comparison_holds_only_while_nothing_wrote_to_the_measurement() {
+    use stateshift::config::{ContentCheck, VerifyConfig};
+    use stateshift::migrate::verify::{verify_after, verify_cold};
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    let lab = lab(LabOptions::default()).await;
+    let body: String = (0..400)
+        .map(|i| {
+            format!(
+                "{},host=h{} value={i}i {}\n",
+                if i % 2 == 0 { "quiet" } else { "late" },
+                i % 4,
+                1_700_000_000_000_000_000i64 + i as i64
+            )
+        })
+        .collect();
+    let (src, dst) = (lab.source.client(), lab.target.client());
+    for c in [&src, &dst] {
+        c.query(None, "CREATE DATABASE d").await.unwrap();
+        c.write("d", None, "ns", body.clone().into()).await.unwrap();
+    }
+    let cfg = VerifyConfig {
+        content: ContentCheck::Full,
+        sample_series: 1,
+        query_timeout: Duration::from_secs(60),
+    };
+    // What the capture saw written: nothing yet.
+    let written: Mutex<HashSet<String>> = Mutex::default();
+    let cold = |_: &str, _: &str, m: &str| !written.lock().unwrap().contains(m);
+    let early = verify_cold(&src, &dst, &cfg, None, &cold).await.unwrap();
+    assert_eq!(early.measurements(), 2);
+
+    // A late writer of the old instance, whose point never reached the target.
+    src.write(
+        "d",
+        None,
+        "ns",
+        "late,host=h1 value=1i 1800000000000000000".into(),
+    )
+    .await
+    .unwrap();
+    written.lock().unwrap().insert("late".into());
+    let rep = verify_after(&src, &dst, &cfg, None, false, early, &cold)
+        .await
+        .unwrap();
+    assert_eq!(rep.measurements_verified_early, 1, "{rep:?}");
+    assert_eq!(rep.series, 4, "each series counted once: {rep:?}");
+    assert!(
+        rep.problems
+            .iter()
+            .any(|p| p.contains("d.autogen.late [host=h1]")
+                && p.contains("101 points on the source, only 100")),
+        "{:?}",
+        rep.problems
     );
 }

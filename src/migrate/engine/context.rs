@@ -64,7 +64,15 @@ pub(super) struct Migration<'a> {
     pub watch_listener: Option<tokio::net::TcpListener>,
     /// An operator's abort ([`crate::migrate::abort`]); closed at the repoint.
     pub abort: crate::migrate::abort::Abort,
+    /// Verification of the measurements nothing writes to any more, run during the
+    /// cutover's quiet period ([`crate::migrate::verify::verify_cold`]); stopped if the
+    /// migration ends before its verify phase.
+    pub early_verify: Option<EarlyVerify>,
 }
+
+/// The early verification's task.
+pub(super) type EarlyVerify =
+    tokio_util::task::AbortOnDropHandle<Result<crate::migrate::verify::Early, InfluxError>>;
 
 /// The name of a migration's capture subscriptions (`_t` appended: its target watch).
 pub(super) fn sub_name(id: &str) -> String {
@@ -103,6 +111,7 @@ impl<'a> Migration<'a> {
             ready_wait: Duration::ZERO,
             watch_listener: None,
             abort: crate::migrate::abort::Abort::new(),
+            early_verify: None,
         }
     }
 }

@@ -76,6 +76,8 @@ impl Migration<'_> {
     /// target goes, the source is as before. After cutover: nothing is deleted anywhere.
     pub(super) async fn on_failure(&mut self, e: &MigrateError) {
         tracing::error!(phase = %e.phase(), error = %e, "migration failed");
+        // Its findings are moot; its queries would only load both servers.
+        self.early_verify = None;
         if matches!(e, MigrateError::Aborted { .. }) {
             self.stop_scratch_users().await;
             self.drop_unrecorded_subscriptions().await;

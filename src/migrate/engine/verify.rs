@@ -1,12 +1,63 @@
 //! Verify: the target holds everything the source holds (see
 //! [`crate::migrate::verify`] for the comparison), before anything is deleted.
 
+use std::collections::HashSet;
+
 use super::context::Migration;
 use super::{MigrateError, Phase};
 use crate::influx::InfluxError;
-use crate::migrate::verify;
+use crate::migrate::verify::{self, Early};
+
+/// Whether `(database, retention policy, measurement)` is cold: see [`verify::Cold`].
+type ColdFn = Box<dyn Fn(&str, &str, &str) -> bool + Send + Sync>;
 
 impl Migration<'_> {
+    /// Nothing can write to a measurement on the source any more when its retention
+    /// policy is captured and the capture has received no write to it. `None` when that
+    /// cannot be known: a resumed run's capture did not see the writes before the
+    /// interruption.
+    fn cold(&self) -> Option<ColdFn> {
+        if self.plan.resume {
+            return None;
+        }
+        let stats = self.receiver.as_ref()?.stats.clone();
+        let captured: HashSet<(String, String)> =
+            self.created.source_subscriptions.iter().cloned().collect();
+        Some(Box::new(move |db: &str, rp: &str, m: &str| {
+            captured.contains(&(db.to_string(), rp.to_string())) && !stats.written_to(db, m)
+        }))
+    }
+
+    /// Start comparing the cold measurements (the writers have been repointed).
+    pub(super) fn start_early_verify(&mut self) {
+        let Some(cold) = self.cold() else { return };
+        let (source, target) = (self.src().influx.clone(), self.dst().influx.clone());
+        let cfg = self.cfg.verify.clone();
+        let touched = self.touched.clone();
+        self.early_verify = Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            async move { verify::verify_cold(&source, &target, &cfg, touched.as_deref(), &*cold).await },
+        )));
+    }
+
+    /// What the early pass found; nothing when it did not run or failed (the final pass
+    /// then compares everything).
+    async fn early_findings(&mut self) -> Early {
+        let Some(task) = self.early_verify.take() else {
+            return Early::default();
+        };
+        match task.await {
+            Ok(Ok(early)) => early,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "verification during the quiet period failed; comparing everything now");
+                Early::default()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "verification during the quiet period stopped; comparing everything now");
+                Early::default()
+            }
+        }
+    }
+
     pub(super) async fn verify(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Verify;
         if crate::util::fault_injected("capture_receiver_killed_after_cutover") {
@@ -24,12 +75,16 @@ impl Migration<'_> {
                 "points written to the target since cutover"
             );
         }
-        let rep = verify::verify(
+        let early = self.early_findings().await;
+        let cold = self.cold();
+        let rep = verify::verify_after(
             &self.src().influx,
             &self.dst().influx,
             &self.cfg.verify,
             self.touched.as_deref(),
             self.plan.resume,
+            early,
+            cold.as_deref().unwrap_or(&|_, _, _| false),
         )
         .await
         .map_err(|e| match e {
@@ -67,6 +122,12 @@ impl Migration<'_> {
             "verified: {} databases, {} series, {} values on the source, {} on the target, {} series compared point by point, {} points overwritten after cutover",
             rep.databases, rep.series, rep.source_values, rep.target_values, rep.series_compared_point_by_point, rep.overwritten_after_cutover
         ));
+        if rep.measurements_verified_early > 0 {
+            self.progress.note(&format!(
+                "of them, {} measurements compared while the source went quiet ({:.3} s, during the cutover), nothing having written to them since the capture started",
+                rep.measurements_verified_early, rep.early_seconds
+            ));
+        }
         if rep.values_unverifiable > 0 {
             self.progress.note(&format!(
                 "{} point values differ and cannot be judged: they changed on the target while stateshift was down after the repoint",
