@@ -63,6 +63,10 @@ pub struct VerifyReport {
     /// How long that early pass took (it overlaps the quiet period, not the verify phase).
     #[serde(default)]
     pub early_seconds: f64,
+    /// From the first comparison (early or not) to the end of verification: how long the
+    /// migration spent verifying, wherever it overlapped.
+    #[serde(default)]
+    pub span_seconds: f64,
     /// Mismatches not (yet) explained by a post-cutover write: (key, description).
     #[serde(skip)]
     pending: Vec<(u64, String)>,

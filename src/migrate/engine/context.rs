@@ -68,6 +68,8 @@ pub(super) struct Migration<'a> {
     /// cutover's quiet period ([`crate::migrate::verify::verify_cold`]); stopped if the
     /// migration ends before its verify phase.
     pub early_verify: Option<EarlyVerify>,
+    /// When the first comparison began (the early pass's start, or the verify phase's).
+    pub verify_started: Option<std::time::Instant>,
 }
 
 /// The early verification's task.
@@ -112,6 +114,7 @@ impl<'a> Migration<'a> {
             watch_listener: None,
             abort: crate::migrate::abort::Abort::new(),
             early_verify: None,
+            verify_started: None,
         }
     }
 }

@@ -34,6 +34,7 @@ impl Migration<'_> {
         let (source, target) = (self.src().influx.clone(), self.dst().influx.clone());
         let cfg = self.cfg.verify.clone();
         let touched = self.touched.clone();
+        self.verify_started = Some(std::time::Instant::now());
         self.early_verify = Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
             async move { verify::verify_cold(&source, &target, &cfg, touched.as_deref(), &*cold).await },
         )));
@@ -75,6 +76,9 @@ impl Migration<'_> {
                 "points written to the target since cutover"
             );
         }
+        let started = *self
+            .verify_started
+            .get_or_insert_with(std::time::Instant::now);
         let early = self.early_findings().await;
         let cold = self.cold();
         let rep = verify::verify_after(
@@ -97,6 +101,8 @@ impl Migration<'_> {
             },
             e => Self::influx_err(p)(e),
         })?;
+        let mut rep = rep;
+        rep.span_seconds = started.elapsed().as_secs_f64();
         self.report.verify = Some(rep.clone());
         if !rep.ok() {
             let mut summary = rep
