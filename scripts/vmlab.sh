@@ -72,7 +72,9 @@ build_image() {
   fi
   install_pkgs
   local work; work=$(mktemp -d "$CACHE/build.XXXXXX")
-  trap 'rm -rf "$work"' RETURN
+  # A RETURN trap outlives the function that set it: it fires again when the caller
+  # returns, where `work` is unset (`set -u` then failed `up` on every fresh machine).
+  trap 'rm -rf "${work:-}"; trap - RETURN' RETURN
   log "building $IMAGE_NAME with mmdebstrap (Debian bookworm; about a minute)"
   mmdebstrap --quiet --mode=root --variant=minbase --include="$INCLUDE" \
     --essential-hook='echo "/dev/vda / ext4 rw,errors=remount-ro 0 1" > "$1/etc/fstab"' \
