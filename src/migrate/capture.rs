@@ -176,9 +176,17 @@ impl WrittenTo {
         if self.unknown {
             return;
         }
-        let lines = lineproto::point_lines(body).flat_map(influxdb_line_protocol::parse_lines);
-        for line in lines {
-            let Ok(line) = line else {
+        for raw in lineproto::point_lines(body) {
+            // InfluxDB unescapes only `\,` and `\ ` in a measurement name, the crate also
+            // `\\`: a name with any other backslash may be recorded under another spelling.
+            let name = raw_measurement(raw).as_bytes();
+            let other_escape = (0..name.len())
+                .any(|i| name[i] == b'\\' && !matches!(name.get(i + 1), Some(b',' | b' ')));
+            if other_escape {
+                self.unknown = true;
+                return;
+            }
+            let Some(Ok(line)) = influxdb_line_protocol::parse_lines(raw).next() else {
                 // InfluxDB took it (it forwarded it); we cannot tell where it went.
                 self.unknown = true;
                 return;
@@ -199,6 +207,18 @@ impl WrittenTo {
     fn contains(&self, db: &str, m: &str) -> bool {
         self.unknown || self.names.get(db).is_some_and(|n| n.contains(m))
     }
+}
+
+/// A line's measurement as written, escapes kept: from its first character that is not a
+/// space, tab or NUL up to the first `,` or space not preceded by a backslash (as
+/// InfluxDB 1.x scans it).
+fn raw_measurement(line: &str) -> &str {
+    let line = line.trim_start_matches([' ', '\t', '\0']);
+    let b = line.as_bytes();
+    let end = (0..b.len())
+        .find(|&i| (b[i] == b',' || b[i] == b' ') && (i == 0 || b[i - 1] != b'\\'))
+        .unwrap_or(b.len());
+    &line[..end]
 }
 
 impl ReceiverStats {
@@ -524,6 +544,20 @@ mod tests {
         assert!(!w.contains("db", "m2"), "a comment writes nothing");
         assert!(!w.contains("db2", "other"), "per database");
         assert!(!w.contains("db", "m"));
+    }
+
+    #[test]
+    fn a_measurement_name_with_a_backslash_means_any_measurement_may_be_written() {
+        // InfluxDB keeps `a\\b` as it is; the line-protocol crate would record `a\b`.
+        let mut w = WrittenTo::default();
+        w.record("db", "plain v=1 1\na\\\\b,t=x v=1 2\n");
+        assert!(w.unknown);
+        assert!(w.contains("db", "a\\\\b"));
+        // A backslash in a tag value or a string field says nothing about the name.
+        let mut w = WrittenTo::default();
+        w.record("db", "m,path=C:\\\\x s=\"q\\\"\" 1\n");
+        assert!(!w.unknown);
+        assert!(w.contains("db", "m") && !w.contains("db", "n"));
     }
 
     #[test]

@@ -115,12 +115,25 @@ async fn every_acknowledged_point_survives_a_migration_under_a_live_writer() {
 
 /// Deletes a series on the target when the cutover starts: after the data is there, and
 /// before any comparison (measurements nothing writes to are compared from the cutover's
-/// quiet period on).
+/// quiet period on). Writes to the source's `usage1` during the delta, so that both the
+/// early comparison and the verify phase's find a loss.
 struct Saboteur {
+    source: Influx,
     target: Influx,
 }
 impl Progress for Saboteur {
     fn phase_started(&self, phase: Phase) {
+        if phase == Phase::Delta {
+            // A write during the migration: `usage1` is compared after the quiet period,
+            // the other measurements during it.
+            let s = self.source.clone();
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async move {
+                    let line = format!("usage1,host=late value=1.5 {}", now_ns());
+                    s.write("cyclops", None, "ns", line.into()).await.unwrap();
+                })
+            });
+        }
         if phase == Phase::Cutover {
             let t = self.target.clone();
             tokio::task::block_in_place(|| {
@@ -170,13 +183,20 @@ async fn a_sabotaged_target_is_refused_and_the_source_keeps_everything() {
         &cfg,
         cfg.target.as_ref().unwrap(),
         &Saboteur {
+            source: lab.source.client(),
             target: lab.target.client(),
         },
     )
     .await
     .unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, MigrateError::VerifyFailed { .. }), "{msg}");
+    let MigrateError::VerifyFailed { report, .. } = &err else {
+        panic!("verification fails: {msg}");
+    };
+    assert_eq!(
+        report.measurements_verified_early, 3,
+        "usage0, usage2 and year.usage_hourly compared early, the written usage1 after: {report:?}"
+    );
     assert!(
         msg.contains("usage1") && msg.contains("host=h001") && msg.contains("missing"),
         "the error names what is missing: {msg}"
@@ -185,9 +205,15 @@ async fn a_sabotaged_target_is_refused_and_the_source_keeps_everything() {
         msg.contains("cyclops.year.usage_hourly"),
         "a non-default retention policy is verified too: {msg}"
     );
+    let mut expected = before;
+    for (m, n) in &mut expected {
+        if m == "usage1" {
+            *n += 1; // the write during the delta
+        }
+    }
     assert_eq!(
         counts(&lab.source.client(), "cyclops").await,
-        before,
+        expected,
         "the source keeps everything"
     );
 }
@@ -1123,11 +1149,13 @@ async fn metadata_too_large_for_one_piece_falls_back_to_influxd_restore() {
     );
 }
 
-/// Writes one point to the source's `usage0` as soon as the writers are repointed: a late
-/// writer of the old instance, during the cutover's quiet period.
+/// Writes one point to the source's `usage0` a second after the writers are repointed,
+/// inside the 2 s quiet period: a late writer of the old instance, after the early pass
+/// (which takes some 50 ms on this data) has compared `usage0`.
 struct LateWriter {
     source: Influx,
     at_ns: i64,
+    wrote: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 impl Progress for LateWriter {
     fn note(&self, msg: &str) {
@@ -1136,42 +1164,50 @@ impl Progress for LateWriter {
                 self.source.clone(),
                 format!("usage0,host=late value=7.5 {}", self.at_ns),
             );
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(async move {
-                    s.write("cyclops", None, "ns", line.into()).await.unwrap();
-                })
-            });
+            *self.wrote.lock().unwrap() = Some(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                s.write("cyclops", None, "ns", line.into()).await.unwrap();
+            }));
         }
     }
 }
 
 /// Measurements nothing writes to any more are compared during the cutover's quiet
-/// period; one a late writer touches then is compared again after it, whether the early
-/// pass reached it before or after the write (either way only the other two count as
-/// compared early, and the late point is on the target).
+/// period; one a late writer touches after its early comparison is compared again (only
+/// the other two count as compared early), and the late point is on the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_measurement_written_while_the_source_goes_quiet_is_compared_after_it() {
     let lab = lab(LabOptions::default()).await;
     let (_, cfg) = lab.write_config("").unwrap();
     seed(&lab, "cyclops", 12_000).await;
     let at_ns = now_ns();
-    let report = engine::run(
-        &cfg,
-        cfg.target.as_ref().unwrap(),
-        &LateWriter {
-            source: lab.source.client(),
-            at_ns,
-        },
-    )
-    .await
-    .expect("migration succeeds");
+    let late = LateWriter {
+        source: lab.source.client(),
+        at_ns,
+        wrote: Default::default(),
+    };
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &late)
+        .await
+        .expect("migration succeeds");
+    let wrote = late
+        .wrote
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the late writer ran");
+    wrote
+        .await
+        .expect("the late point was written to the source");
     let v = report.verify.expect("verified");
     assert_eq!(
         v.measurements_verified_early, 2,
-        "usage1 and usage2 compared during the quiet period, usage0 after it: {v:?}"
+        "usage1 and usage2 compared during the quiet period, usage0 again after it: {v:?}"
     );
-    assert!(v.early_seconds > 0.0);
-    let late = lab
+    assert!(
+        v.early_seconds > 0.0 && v.span_seconds >= v.early_seconds,
+        "{v:?}"
+    );
+    let found = lab
         .target
         .client()
         .query(
@@ -1181,9 +1217,9 @@ async fn a_measurement_written_while_the_source_goes_quiet_is_compared_after_it(
         .await
         .unwrap();
     assert_eq!(
-        late.first().map(|s| s.values.len()),
+        found.first().map(|s| s.values.len()),
         Some(1),
-        "the late point is on the target: {late:?}"
+        "the late point is on the target: {found:?}"
     );
 }
 

@@ -133,7 +133,7 @@ impl Migration<'_> {
         self.report.cutover_done = true;
         // The writers use the target now: the source serves no one but late writers, and
         // what they cannot change any more can be compared while we wait for them.
-        self.start_early_verify();
+        self.start_early_verify().await;
         // Keep replaying until the source has been quiet for the grace period and every
         // point it forwarded has reached the receiver.
         let quiet = self.cfg.capture.quiet_period;

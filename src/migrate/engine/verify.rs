@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use super::context::Migration;
+use super::context::{sub_name, Migration};
 use super::{MigrateError, Phase};
 use crate::influx::InfluxError;
 use crate::migrate::verify::{self, Early};
@@ -13,24 +13,45 @@ type ColdFn = Box<dyn Fn(&str, &str, &str) -> bool + Send + Sync>;
 
 impl Migration<'_> {
     /// Nothing can write to a measurement on the source any more when its retention
-    /// policy is captured and the capture has received no write to it. `None` when that
-    /// cannot be known: a resumed run's capture did not see the writes before the
-    /// interruption.
-    fn cold(&self) -> Option<ColdFn> {
+    /// policy is captured (our subscription on it was made and is still there: dropping a
+    /// database or retention policy drops its subscriptions, and later writes to one made
+    /// again would reach nothing) and the capture has received no write to it. `None` when
+    /// that cannot be known: a resumed run's capture did not see the writes before the
+    /// interruption, or the source's subscriptions cannot be listed.
+    async fn cold(&self) -> Option<ColdFn> {
         if self.plan.resume {
             return None;
         }
         let stats = self.receiver.as_ref()?.stats.clone();
-        let captured: HashSet<(String, String)> =
-            self.created.source_subscriptions.iter().cloned().collect();
+        let name = sub_name(&self.id);
+        let present: HashSet<(String, String)> = match self.src().influx.subscriptions().await {
+            Ok(subs) => subs
+                .into_iter()
+                .filter(|s| s.name == name)
+                .map(|s| (s.database, s.retention_policy))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the source's subscriptions: every measurement is compared after the quiet period");
+                return None;
+            }
+        };
+        let captured: HashSet<(String, String)> = self
+            .created
+            .source_subscriptions
+            .iter()
+            .filter(|k| present.contains(*k))
+            .cloned()
+            .collect();
         Some(Box::new(move |db: &str, rp: &str, m: &str| {
             captured.contains(&(db.to_string(), rp.to_string())) && !stats.written_to(db, m)
         }))
     }
 
     /// Start comparing the cold measurements (the writers have been repointed).
-    pub(super) fn start_early_verify(&mut self) {
-        let Some(cold) = self.cold() else { return };
+    pub(super) async fn start_early_verify(&mut self) {
+        let Some(cold) = self.cold().await else {
+            return;
+        };
         let (source, target) = (self.src().influx.clone(), self.dst().influx.clone());
         let cfg = self.cfg.verify.clone();
         let touched = self.touched.clone();
@@ -80,7 +101,7 @@ impl Migration<'_> {
             .verify_started
             .get_or_insert_with(std::time::Instant::now);
         let early = self.early_findings().await;
-        let cold = self.cold();
+        let cold = self.cold().await;
         let rep = verify::verify_after(
             &self.src().influx,
             &self.dst().influx,
