@@ -2,6 +2,8 @@
 # What each aggregate of verification costs InfluxDB 1.6 (docs/benchmarks.md): one
 # measurement, 50 series, N points (default 3,000,000) of 4 fields, on a server of its own
 # at 127.0.0.9; each query three times. Needs influxd (scripts/setup.sh), python3, bc.
+# The last lines ask verify's six aggregates as six queries, as `verify.parallel_queries`
+# does, one at a time and two at once, with the CPU time influxd spent on them.
 set -euo pipefail
 N=${N:-3000000}
 W=$(mktemp -d /tmp/stateshift-aggx.XXXXXX); D=$W/data; mkdir -p "$D"
@@ -50,4 +52,23 @@ for name in "COUNT 4 fields|SELECT COUNT(value),COUNT(count),COUNT(unit),COUNT(o
   label=${name%%|*}; query=${name#*|}
   r=(); for k in 1 2 3; do r+=("$(q "$query")"); done
   echo "$label: ${r[*]} s"
+done
+
+# One query per aggregate, N at once (verify.parallel_queries = N); CPU from /proc.
+cpu() { awk '{print $14+$15}' "/proc/$PID/stat"; }
+hz=$(getconf CLK_TCK)
+split() {
+  local n=$1 c0 t0 t1 ps=() i=0
+  c0=$(cpu); t0=$(date +%s.%N)
+  for a in "COUNT(value)" "COUNT(count)" "COUNT(unit)" "COUNT(ok)" "SUM(value)" "SUM(count)"; do
+    q "SELECT $a FROM usage WHERE $ALL GROUP BY *" >/dev/null & ps+=($!)
+    i=$((i + 1)); if (( i % n == 0 )); then wait "${ps[@]}"; ps=(); fi
+  done
+  if (( ${#ps[@]} )); then wait "${ps[@]}"; fi
+  t1=$(date +%s.%N)
+  echo "$(echo "$t1 - $t0" | bc) s (influxd CPU $(echo "scale=2; ($(cpu) - $c0) / $hz" | bc) s)"
+}
+for n in 1 2; do
+  r=(); for k in 1 2 3; do r+=("$(split "$n")"); done
+  echo "verify's 6 aggregates as 6 queries, $n at once: ${r[0]}, ${r[1]}, ${r[2]}"
 done

@@ -261,6 +261,7 @@ struct RawVerify {
     sample_series: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     query_timeout: Option<Duration>,
+    parallel_queries: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -275,6 +276,10 @@ struct RawMigration {
     probe_rate: Option<u32>,
     transfer_rate_limit: Option<RateScalar>,
 }
+
+/// The most `verify.parallel_queries` taken: more queries than a server has cores only
+/// queue inside it, each holding its partial answer.
+const MAX_PARALLEL_QUERIES: usize = 16;
 
 /// The least `migration.transfer_rate_limit` taken: 4 GB then take 70 minutes.
 const MIN_TRANSFER_RATE: u64 = 1_000_000;
@@ -805,6 +810,9 @@ pub struct VerifyConfig {
     /// minutes).
     #[serde(serialize_with = "ser_duration")]
     pub query_timeout: Duration,
+    /// Aggregate queries each server answers at once (one per field and aggregate): one
+    /// InfluxDB 1.6 query keeps about one core busy.
+    pub parallel_queries: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -1230,6 +1238,16 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             .verify
             .query_timeout
             .unwrap_or(Duration::from_secs(1800)),
+        parallel_queries: match raw.verify.parallel_queries {
+            None => 1,
+            Some(n @ 1..=MAX_PARALLEL_QUERIES) => n,
+            Some(n) => {
+                return Err(v.err(
+                    "verify.parallel_queries",
+                    format!("{n} is not between 1 and {MAX_PARALLEL_QUERIES}"),
+                ))
+            }
+        },
     };
 
     let m = raw.migration;
@@ -1927,6 +1945,25 @@ mod tests {
             RetireHosts::Disable
         );
         assert_eq!(c.migration.target_ready_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn verify_parallel_queries_defaults_to_one_and_names_a_count_out_of_range() {
+        assert_eq!(load(MIN, &[]).unwrap().verify.parallel_queries, 1);
+        let c = load(&format!("{MIN}verify:\n  parallel_queries: 4\n"), &[]).unwrap();
+        assert_eq!(c.verify.parallel_queries, 4);
+        let c = load(MIN, &[("STATESHIFT__VERIFY__PARALLEL_QUERIES", "3")]).unwrap();
+        assert_eq!(c.verify.parallel_queries, 3);
+        for bad in ["0", "17"] {
+            let e = load(&format!("{MIN}verify:\n  parallel_queries: {bad}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("verify.parallel_queries")
+                    && e.contains(&format!("{bad} is not between 1 and 16")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -176,21 +176,37 @@ impl Aggregates {
     }
 }
 
+/// Every series' aggregates on one server: one query per aggregate (`queries`), up to
+/// `at_once` of them running together. InfluxDB 1.6 reads the data once per aggregate
+/// whether they come in one statement or several, and one statement keeps about one core
+/// busy; several use the server's other cores.
 async fn per_series(
     influx: &Influx,
     db: &str,
-    q: &str,
+    queries: &[String],
+    at_once: usize,
 ) -> Result<HashMap<Tags, Aggregates>, InfluxError> {
     // Streamed: the answer has a row per series, and a measurement may have millions of
     // series; only the aggregates are kept, never the whole answer.
-    let mut out: HashMap<Tags, Aggregates> = HashMap::new();
-    influx
-        .query_chunked(db, q, 10_000, |s| {
-            out.entry(tags_of(&s)).or_default().add_row(&s);
-            Ok(())
-        })
-        .await?;
-    Ok(out)
+    let out: Mutex<HashMap<Tags, Aggregates>> = Mutex::default();
+    let record = |s: Series| {
+        out.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(tags_of(&s))
+            .or_default()
+            .add_row(&s);
+        Ok(())
+    };
+    let mut pending = Vec::with_capacity(queries.len());
+    for q in queries {
+        pending.push(influx.query_chunked(db, q, 10_000, record));
+    }
+    let mut answers = futures_util::stream::iter(pending).buffer_unordered(at_once.max(1));
+    while let Some(answer) = answers.next().await {
+        answer?;
+    }
+    drop(answers);
+    Ok(out.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// Equal aggregate sums: integer sums exactly, float sums within a relative 1e-9 (the
@@ -428,26 +444,29 @@ async fn verify_measurement(
         // No field in this retention policy: no point either.
         return Ok(());
     }
-    // One scan per side: every field's count and every numeric field's sum together.
+    // Every field's count and every numeric field's sum, each its own query.
     let with_sums = cfg.content == ContentCheck::Full;
-    let mut sel: Vec<String> = fields
+    let mut aggs: Vec<String> = fields
         .iter()
         .map(|(f, _)| format!("COUNT({}) AS {}", ident(f), ident(&format!("count_{f}"))))
         .collect();
     if with_sums {
-        sel.extend(
+        aggs.extend(
             fields
                 .iter()
                 .filter(|(_, numeric)| *numeric)
                 .map(|(f, _)| format!("SUM({}) AS {}", ident(f), ident(&format!("sum_{f}")))),
         );
     }
-    let q = format!(
-        "SELECT {} FROM {from} WHERE {ALL_TIME} GROUP BY *",
-        sel.join(", ")
-    );
+    let queries: Vec<String> = aggs
+        .iter()
+        .map(|a| format!("SELECT {a} FROM {from} WHERE {ALL_TIME} GROUP BY *"))
+        .collect();
     let t = std::time::Instant::now();
-    let (sc, tc) = tokio::try_join!(per_series(source, db, &q), per_series(target, db, &q))?;
+    let (sc, tc) = tokio::try_join!(
+        per_series(source, db, &queries, cfg.parallel_queries),
+        per_series(target, db, &queries, cfg.parallel_queries)
+    )?;
     tracing::debug!(
         measurement = from,
         series = sc.len(),
@@ -464,9 +483,10 @@ async fn verify_measurement(
             continue;
         };
         let mut suspicious = false;
-        for (f, v) in &src.counts {
-            let s = v.as_u64().unwrap_or(0);
-            let t = dst.counts.get(f).and_then(Value::as_u64).unwrap_or(0);
+        // A field a series has no value of has no count (and no sum) in its answer.
+        for (f, _) in fields {
+            let count = |a: &Aggregates| a.counts.get(*f).and_then(Value::as_u64).unwrap_or(0);
+            let (s, t) = (count(src), count(dst));
             rep.source_values += s;
             rep.target_values += t;
             if t < s {
@@ -475,10 +495,13 @@ async fn verify_measurement(
                 suspicious = true;
             }
         }
-        suspicious |= src
-            .sums
-            .iter()
-            .any(|(f, v)| !dst.sums.get(f).is_some_and(|w| same_sum(v, w)));
+        suspicious |= fields.iter().filter(|(_, numeric)| *numeric).any(|(f, _)| {
+            match (src.sums.get(*f), dst.sums.get(*f)) {
+                (None, None) => false,
+                (Some(a), Some(b)) => !same_sum(a, b),
+                _ => true,
+            }
+        });
         if cfg.content == ContentCheck::Full
             && (suspicious || sampled(tags, cfg.sample_series, total))
         {

@@ -503,6 +503,7 @@ async fn verification_streams_the_per_series_aggregates_of_a_measurement_with_ma
         content: ContentCheck::Full,
         sample_series: 1,
         query_timeout: Duration::from_secs(300),
+        parallel_queries: 2,
     };
     let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
         .await
@@ -547,6 +548,7 @@ async fn verification_queries_may_run_longer_than_the_instance_timeout() {
         content: ContentCheck::Full,
         sample_series: 1,
         query_timeout: Duration::from_secs(300),
+        parallel_queries: 2,
     };
     let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
         .await
@@ -562,6 +564,80 @@ async fn verification_queries_may_run_longer_than_the_instance_timeout() {
         .to_string();
     assert!(e.contains("no answer within 20ms"), "{e}");
     assert!(!e.contains("decoding"), "{e}");
+}
+
+/// Verification asks one aggregate per query, `verify.parallel_queries` of them at once, and
+/// puts each series back together from their answers: a value missing from one field, a
+/// numeric value changed, and points only the target holds are judged as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_puts_each_series_together_from_one_query_per_aggregate() {
+    use stateshift::config::{ContentCheck, VerifyConfig};
+    let lab = lab(LabOptions::default()).await;
+    let t0 = 1_700_000_000_000_000_000i64;
+    let at = |i: i64| t0 + i * 1_000_000_000;
+    let line = |host: &str, i: i64, fields: &str| format!("usage,host={host} {fields} {}\n", at(i));
+    let full = |host: &str, i: i64| line(host, i, &format!("v={i}.5,n={i}i,s=\"u{i}\",b=true"));
+    let mut src = String::new();
+    let mut dst = String::new();
+    for host in ["a", "b", "c"] {
+        for i in 0..100 {
+            src.push_str(&full(host, i));
+            dst.push_str(&match (host, i) {
+                // No value of `s` at this point on the target.
+                ("a", 7) => line(host, i, &format!("v={i}.5,n={i}i,b=true")),
+                // Another value of `n`.
+                ("b", 9) => line(host, i, &format!("v={i}.5,n=999i,s=\"u{i}\",b=true")),
+                _ => full(host, i),
+            });
+        }
+    }
+    // A point only the target holds (written after cutover).
+    dst.push_str(&full("c", 500));
+    for (vm, body) in [(&lab.source, &src), (&lab.target, &dst)] {
+        let c = vm.client();
+        c.query(None, "CREATE DATABASE parts").await.unwrap();
+        c.write("parts", None, "ns", body.clone().into())
+            .await
+            .unwrap();
+    }
+    for parallel_queries in [1, 6] {
+        let cfg = VerifyConfig {
+            content: ContentCheck::Full,
+            sample_series: 0,
+            query_timeout: Duration::from_secs(60),
+            parallel_queries,
+        };
+        let rep = stateshift::migrate::verify::verify(
+            &lab.source.client(),
+            &lab.target.client(),
+            &cfg,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        let n = parallel_queries;
+        assert_eq!(rep.series, 3, "{n} at once");
+        assert_eq!(rep.source_values, 3 * 100 * 4, "{n} at once");
+        assert_eq!(rep.target_values, 3 * 100 * 4 - 1 + 4, "{n} at once");
+        // b (a sum differs) and c (more points on the target); a's sums agree.
+        assert_eq!(rep.series_compared_point_by_point, 2, "{n} at once");
+        assert_eq!(rep.problems.len(), 2, "{n} at once: {:?}", rep.problems);
+        assert!(
+            rep.problems.iter().any(|p| p.contains("[host=a]")
+                && p.contains("field \"s\": 100 points on the source, only 99 on the target")),
+            "{n} at once: {:?}",
+            rep.problems
+        );
+        assert!(
+            rep.problems
+                .iter()
+                .any(|p| p.contains("[host=b]")
+                    && p.contains(&format!("point at {} differs", at(9)))),
+            "{n} at once: {:?}",
+            rep.problems
+        );
+    }
 }
 
 /// A tmpfs of its own mounted on a directory for the length of a test.
@@ -1252,6 +1328,7 @@ async fn an_early_comparison_holds_only_while_nothing_wrote_to_the_measurement()
         content: ContentCheck::Full,
         sample_series: 1,
         query_timeout: Duration::from_secs(60),
+        parallel_queries: 2,
     };
     // What the capture saw written: nothing yet.
     let written: Mutex<HashSet<String>> = Mutex::default();
