@@ -20,6 +20,7 @@ SIGNAL_TOKEN='@@SIGNAL_TOKEN@@'
 VOLUME_ID='@@VOLUME_ID@@'
 SO_HOST='@@SO_HOST@@'
 API_PORT='@@API_PORT@@'
+API_NAMES='@@API_NAMES@@'
 BIN_URL='@@STATESHIFT_URL@@'
 BIN_SHA256='@@STATESHIFT_SHA256@@'
 INFLUXDB_HOST='@@INFLUXDB_HOST@@'
@@ -146,16 +147,40 @@ step "pinning the InfluxDB and Cyclops VMs' SSH host keys" known_hosts
 chown -R stateshift:stateshift "$ETC"
 chmod 0600 "$ETC"/*
 
-# --- the API's certificate: made once, kept on the volume
+# --- the API's certificate, kept on the volume: made once for the names it must hold
+# (the VM's fixed IP and the stack's api_names), and again when those change.
+api_sans() {
+  sans="IP:$SO_HOST"
+  for n in $(printf '%s' "$API_NAMES" | tr ', ' '\n\n'); do
+    case "$n" in
+      *:*|*[!0-9.]*) ;;
+      *) sans="$sans,IP:$n"; continue ;;
+    esac
+    case "$n" in
+      *:*) sans="$sans,IP:$n" ;;
+      -*|*.|.*|*..*) echo "api_names: $n is neither a DNS name nor an IP address"; return 1 ;;
+      *) sans="$sans,DNS:$n" ;;
+    esac
+  done
+  printf '%s\n' "$sans"
+}
 api_cert() {
-  [ -s "$STATE/tls/api.crt" ] && [ -s "$STATE/tls/api.key" ] && return 0
+  sans=$(api_sans) || { echo "$sans"; return 1; }
+  crt=$STATE/tls/api.crt key=$STATE/tls/api.key names=$STATE/tls/api.names
+  if [ -s "$crt" ] && [ -s "$key" ]; then
+    # A certificate made before its names were recorded had the fixed IP alone.
+    [ -s "$names" ] || printf 'IP:%s\n' "$SO_HOST" > "$names"
+    [ "$(cat "$names")" = "$sans" ] && return 0
+    echo "the API's certificate names $(cat "$names"); making one for $sans"
+  fi
   install -d -m 0700 -o stateshift -g stateshift "$STATE/tls"
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
-    -subj "/CN=stateshift $SO_HOST" -addext "subjectAltName=IP:$SO_HOST" \
+    -subj "/CN=stateshift $SO_HOST" -addext "subjectAltName=$sans" \
     -addext 'basicConstraints=critical,CA:FALSE' -addext 'extendedKeyUsage=serverAuth' \
-    -keyout "$STATE/tls/api.key" -out "$STATE/tls/api.crt" 2>&1 || return 1
-  chown stateshift:stateshift "$STATE/tls/api.key" "$STATE/tls/api.crt"
-  chmod 0600 "$STATE/tls/api.key"
+    -keyout "$key.new" -out "$crt.new" 2>&1 || return 1
+  mv "$key.new" "$key" && mv "$crt.new" "$crt" && printf '%s\n' "$sans" > "$names"
+  chown stateshift:stateshift "$key" "$crt" "$names"
+  chmod 0600 "$key"
 }
 step "making the API's TLS certificate" api_cert
 

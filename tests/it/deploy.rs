@@ -115,3 +115,91 @@ fn the_debian_package_installs_a_working_binary_a_valid_unit_and_the_kit() {
     assert!(purged, "dpkg --purge: {log}");
     assert!(!Path::new("/usr/bin/stateshift").exists());
 }
+
+/// The SO VM's boot (deploy/boot/so-vm.sh) makes the API's certificate for the VM's fixed
+/// IP and the stack's `api_names`, keeps it while those stay the same, makes it again when
+/// they change, and refuses a name that is neither a DNS name nor an IP address, keeping
+/// the certificate it has. Its two functions run here under `sh`, with real `openssl`.
+#[test]
+fn the_so_boot_makes_the_api_certificate_for_its_names_and_again_when_they_change() {
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/boot/so-vm.sh"))
+            .unwrap();
+    let from = script.find("api_sans() {").expect("api_sans in so-vm.sh");
+    let to = script[from..]
+        .find("step \"making the API's TLS certificate\"")
+        .expect("api_cert's step in so-vm.sh")
+        + from;
+    let functions = &script[from..to];
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().display().to_string();
+    let run = |names: &str| {
+        // install and chown need the VM's stateshift user: their effect here is a directory.
+        let prog = format!(
+            "set -u\ninstall() {{ for a; do d=$a; done; mkdir -p \"$d\"; }}\nchown() {{ :; }}\n\
+             STATE='{state}' SO_HOST=10.0.0.20 API_NAMES='{names}'\n{functions}\napi_cert"
+        );
+        let out = Command::new("sh").arg("-c").arg(prog).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let crt = dir.path().join("tls/api.crt");
+    let sans = || {
+        let (ok, out) = sh(
+            "openssl",
+            &[
+                "x509",
+                "-noout",
+                "-ext",
+                "subjectAltName",
+                "-in",
+                &crt.display().to_string(),
+            ],
+        );
+        assert!(ok, "{out}");
+        out.lines().nth(1).unwrap_or_default().trim().to_string()
+    };
+
+    let (ok, out) = run("");
+    assert!(ok, "{out}");
+    assert_eq!(sans(), "IP Address:10.0.0.20");
+    let first = std::fs::read(&crt).unwrap();
+    let (ok, out) = run("");
+    assert!(ok, "{out}");
+    assert_eq!(std::fs::read(&crt).unwrap(), first, "same names: kept");
+
+    let (ok, out) = run("so.example.org, 192.0.2.7,2001:db8::7");
+    assert!(ok && out.contains("making one for"), "{out}");
+    assert_eq!(
+        sans(),
+        "IP Address:10.0.0.20, DNS:so.example.org, IP Address:192.0.2.7, IP Address:2001:DB8:0:0:0:0:0:7"
+    );
+    let second = std::fs::read(&crt).unwrap();
+
+    for bad in ["-so.example.org", "so..example.org"] {
+        let (ok, out) = run(bad);
+        assert!(!ok, "{bad}: refused");
+        assert!(
+            out.contains(&format!(
+                "api_names: {bad} is neither a DNS name nor an IP address"
+            )),
+            "{out}"
+        );
+        assert_eq!(std::fs::read(&crt).unwrap(), second, "{bad}: kept");
+    }
+
+    // A certificate made before the names were recorded held the fixed IP alone: kept
+    // while no other name is asked for.
+    std::fs::remove_file(dir.path().join("tls/api.names")).unwrap();
+    let (ok, out) = run("so.example.org, 192.0.2.7,2001:db8::7");
+    assert!(ok && out.contains("making one for"), "{out}");
+    std::fs::remove_file(dir.path().join("tls/api.names")).unwrap();
+    std::fs::write(&crt, &first).unwrap();
+    let (ok, out) = run("");
+    assert!(ok, "{out}");
+    assert_eq!(std::fs::read(&crt).unwrap(), first);
+}

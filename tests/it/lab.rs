@@ -577,6 +577,52 @@ pub(crate) fn stripped_binary(dir: &Path) -> (PathBuf, String) {
 
 // ------------------------------------------------------------------ the SO's API
 
+/// The names so-stack's `api_names` gives the API's certificate in the lab test.
+const SO_NAME: &str = "so.rcbaas.lab";
+const SO_EXTRA_IP: &str = "192.0.2.7";
+
+/// The API's certificate holds the SO VM's fixed IP and the stack's `api_names`, and a
+/// client that reaches the API by one of those names (as an operator's DNS would) trusts it.
+async fn api_reached_by_name(api: &Api, ca_pem: &str, so_ip: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("api.crt");
+    std::fs::write(&pem, ca_pem).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(&pem)
+        .output()
+        .unwrap();
+    let sans = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        format!("IP Address:{so_ip}"),
+        format!("DNS:{SO_NAME}"),
+        format!("IP Address:{SO_EXTRA_IP}"),
+    ] {
+        assert!(sans.contains(&want), "{want} in the certificate: {sans}");
+    }
+    let port = reqwest::Url::parse(&api.url)
+        .unwrap()
+        .port_or_known_default()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("{so_ip}:{port}").parse().unwrap();
+    let by_name = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .resolve(SO_NAME, addr)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let r = by_name
+        .get(format!("https://{SO_NAME}:{port}/healthz"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("the API by its name {SO_NAME}: {e:?}"));
+    assert!(
+        r.status().is_success() || r.status().as_u16() == 503,
+        "/healthz by name: {}",
+        r.status()
+    );
+}
+
 pub(crate) struct Api {
     pub(crate) url: String,
     pub(crate) client: reqwest::Client,
@@ -776,6 +822,7 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
                     ("consecutive", "2"),
                     ("cooldown", "3m"),
                     ("boot_timeout", "900"),
+                    ("api_names", &format!("{SO_NAME}, {SO_EXTRA_IP}")),
                 ],
                 &[
                     ("ssh_private_key", &zkey),
@@ -800,6 +847,12 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
             so.outputs["api_url"].as_str().unwrap(),
             report["api_certificate"].as_str().unwrap(),
         );
+        api_reached_by_name(
+            &api,
+            report["api_certificate"].as_str().unwrap(),
+            so.outputs["so_host"].as_str().unwrap(),
+        )
+        .await;
         let st = api.status().await;
         assert_eq!(st["source_url"], o0.influxdb_url.as_str(), "{st:#}");
         assert!(
