@@ -440,15 +440,17 @@ async fn a_crash_after_the_repoint_resumes_or_refuses_safely_and_after_verify_fi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_during_the_dump_and_during_the_delta_is_settled_on_restart() {
-    for (i, phase) in ["\"phase\":\"dump\"", "\"phase\":\"delta\""]
-        .iter()
-        .enumerate()
-    {
+    for (i, name) in ["dump", "delta"].iter().enumerate() {
+        let phase = &format!("\"phase\":\"{name}\"");
         let svc = service(40 + i as u8).await;
         let w = svc.writer(800);
+        // The engine holds 3 s once the phase is journaled: the kill lands inside it even
+        // when the machine is busy (without the hold, the delta's 3 ms were sometimes
+        // over, and the repoint recorded, before the kill: CI, 2026-12-01).
         let mut child = Command::new(bin())
             .args(["migrate", "--yes", "-c"])
             .arg(&svc.cfg_path)
+            .env("STATESHIFT_FAULT", format!("hold:{name}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
