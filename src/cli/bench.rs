@@ -256,7 +256,7 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         .filter(|v| v.measurements_verified_early > 0)
     {
         println!(
-            "  and before it, during the cutover's quiet period: {} measurements compared in {:.3} s (counted in the cutover and verify phases it overlapped, not added)",
+            "  and before it, during the cutover: {} measurements compared in {:.3} s (counted in the cutover and verify phases it overlapped, not added)",
             v.measurements_verified_early, v.early_seconds
         );
     }

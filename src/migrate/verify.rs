@@ -11,14 +11,15 @@
 //!    fed by a subscription on the target; a mismatch is re-checked once after a settle
 //!    delay, since forwarding is asynchronous); anything else is a corruption.
 //!
-//! Steps 2 and 3 may run for a measurement before the source has gone quiet
-//! ([`verify_cold`], during the cutover's quiet period) when nothing can change it there
-//! any more: its retention policy is captured and no write to it has reached the capture
-//! since the capture started. Such a measurement's source content is then the one the
-//! dump copied, and on the target only a writer's write after cutover can change it, which
-//! the checks above already account for. The final pass ([`verify_after`]) takes that
-//! early result only if the measurement is still unwritten then; anything written in the
-//! meantime (a late writer of the old instance) is compared again.
+//! Steps 2 and 3 may run for a measurement during the cutover, its command and quiet
+//! period ([`verify_cold`]), when nothing can change it on the source any more: its
+//! retention policy is captured and no write to it has reached the capture since the
+//! capture started. Such a measurement's source content is then the one the dump copied,
+//! and on the target only a writer's write after the repoint can change it (before, only
+//! replays of captured writes arrive there), which the checks above already account for.
+//! The final pass ([`verify_after`]) takes that early result only if the measurement is
+//! still unwritten then; anything written in the meantime (a writer not yet repointed, a
+//! late writer of the old instance) is compared again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -56,11 +57,11 @@ pub struct VerifyReport {
     after_interruption: bool,
     pub problems: Vec<String>,
     pub problems_truncated: bool,
-    /// Measurements (per retention policy) whose comparison ran during the cutover's quiet
-    /// period and still held at the end ([`verify_cold`]).
+    /// Measurements (per retention policy) whose comparison ran during the cutover and
+    /// still held at the end ([`verify_cold`]).
     #[serde(default)]
     pub measurements_verified_early: usize,
-    /// How long that early pass took (it overlaps the quiet period, not the verify phase).
+    /// How long that early pass took (it overlaps the cutover, not the verify phase).
     #[serde(default)]
     pub early_seconds: f64,
     /// From the first comparison (early or not) to the end of verification: how long the

@@ -65,7 +65,7 @@ pub(super) struct Migration<'a> {
     /// An operator's abort ([`crate::migrate::abort`]); closed at the repoint.
     pub abort: crate::migrate::abort::Abort,
     /// Verification of the measurements nothing writes to any more, run during the
-    /// cutover's quiet period ([`crate::migrate::verify::verify_cold`]); stopped if the
+    /// cutover ([`crate::migrate::verify::verify_cold`]); stopped if the
     /// migration ends before its verify phase.
     pub early_verify: Option<EarlyVerify>,
     /// When the first comparison began (the early pass's start, or the verify phase's).

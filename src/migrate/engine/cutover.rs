@@ -49,6 +49,10 @@ impl Migration<'_> {
         self.touched_receiver = Some(tr);
         self.subscribe(p, false, &format!("{}_t", sub_name(&self.id)), &turl)
             .await?;
+        // What nothing can change on the source any more is compared from now on, through
+        // the command and the quiet period; whatever a writer touches meanwhile is
+        // compared again after them.
+        self.start_early_verify().await;
 
         if let Some(cmd) = &self.cfg.cutover.command {
             let cmd = cmd.replace("{target_url}", &shell_quote(&self.dst().cfg.influx_url));
@@ -131,9 +135,6 @@ impl Migration<'_> {
             self.journal.writers_repointed();
         }
         self.report.cutover_done = true;
-        // The writers use the target now: the source serves no one but late writers, and
-        // what they cannot change any more can be compared while we wait for them.
-        self.start_early_verify().await;
         // Keep replaying until the source has been quiet for the grace period and every
         // point it forwarded has reached the receiver.
         let quiet = self.cfg.capture.quiet_period;

@@ -31,7 +31,7 @@ impl Migration<'_> {
                 .map(|s| (s.database, s.retention_policy))
                 .collect(),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list the source's subscriptions: every measurement is compared after the quiet period");
+                tracing::warn!(error = %e, "cannot list the source's subscriptions: every measurement is compared after the cutover");
                 return None;
             }
         };
@@ -47,7 +47,8 @@ impl Migration<'_> {
         }))
     }
 
-    /// Start comparing the cold measurements (the writers have been repointed).
+    /// Start comparing the cold measurements (the target is watched; the writers may still be
+    /// moving to it).
     pub(super) async fn start_early_verify(&mut self) {
         let Some(cold) = self.cold().await else {
             return;
@@ -70,11 +71,11 @@ impl Migration<'_> {
         match task.await {
             Ok(Ok(early)) => early,
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "verification during the quiet period failed; comparing everything now");
+                tracing::warn!(error = %e, "verification during the cutover failed; comparing everything now");
                 Early::default()
             }
             Err(e) => {
-                tracing::warn!(error = %e, "verification during the quiet period stopped; comparing everything now");
+                tracing::warn!(error = %e, "verification during the cutover stopped; comparing everything now");
                 Early::default()
             }
         }
@@ -151,7 +152,7 @@ impl Migration<'_> {
         ));
         if rep.measurements_verified_early > 0 {
             self.progress.note(&format!(
-                "of them, {} measurements compared while the source went quiet ({:.3} s, during the cutover), nothing having written to them since the capture started",
+                "of them, {} measurements compared during the cutover ({:.3} s), nothing having written to them since the capture started",
                 rep.measurements_verified_early, rep.early_seconds
             ));
         }
