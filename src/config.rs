@@ -810,8 +810,9 @@ pub struct VerifyConfig {
     /// minutes).
     #[serde(serialize_with = "ser_duration")]
     pub query_timeout: Duration,
-    /// Aggregate queries each server answers at once (one per field and aggregate): one
-    /// InfluxDB 1.6 query keeps about one core busy.
+    /// Above 1, verification asks each aggregate (a field's count or sum) in a statement
+    /// of its own, this many at once per server; at 1 one statement asks them all. One
+    /// InfluxDB 1.6 statement keeps about one core busy.
     pub parallel_queries: usize,
 }
 

@@ -177,10 +177,11 @@ impl Aggregates {
     }
 }
 
-/// Every series' aggregates on one server: one query per aggregate (`queries`), up to
-/// `at_once` of them running together. InfluxDB 1.6 reads the data once per aggregate
-/// whether they come in one statement or several, and one statement keeps about one core
-/// busy; several use the server's other cores.
+/// Every series' aggregates on one server, from the answers of `queries` (one statement
+/// asking them all, or one per aggregate), up to `at_once` of them running together.
+/// InfluxDB 1.6 reads the data once per aggregate whether they come in one statement or
+/// several, and one statement keeps about one core busy; several use the server's other
+/// cores.
 async fn per_series(
     influx: &Influx,
     db: &str,
