@@ -8,8 +8,9 @@
 #     only through this user_data, never through a software config), the config
 #     /etc/stateshift/stateshift.yaml, and known_hosts with the SSH host keys the InfluxDB
 #     and Cyclops stacks reported (pinned; new InfluxDB VMs' keys come from their stacks);
-#   - makes the API's TLS certificate once (on the volume), installs the stateshift binary
-#     (checksum verified) and its unit, and starts the daemon;
+#   - makes the API's TLS certificate (on the volume) for the VM's fixed IP and the stack's
+#     api_names, again only when those change, installs the stateshift binary (checksum
+#     verified) and its unit, and starts the daemon;
 #   - tells the stack's WaitCondition (boot/lib.sh), with the VM's SSH host keys and the
 #     API certificate as data.
 # Upgrading the binary later: `sudo stateshift-upgrade URL SHA256` on the VM (installed here).
@@ -150,22 +151,24 @@ chmod 0600 "$ETC"/*
 # --- the API's certificate, kept on the volume: made once for the names it must hold
 # (the VM's fixed IP and the stack's api_names), and again when those change.
 api_sans() {
-  sans="IP:$SO_HOST"
-  for n in $(printf '%s' "$API_NAMES" | tr ', ' '\n\n'); do
-    case "$n" in
-      *:*|*[!0-9.]*) ;;
-      *) sans="$sans,IP:$n"; continue ;;
-    esac
-    case "$n" in
-      *:*) sans="$sans,IP:$n" ;;
-      -*|*.|.*|*..*) echo "api_names: $n is neither a DNS name nor an IP address"; return 1 ;;
-      *) sans="$sans,DNS:$n" ;;
-    esac
-  done
-  printf '%s\n' "$sans"
+  python3 - "$SO_HOST" "$API_NAMES" <<'PY'
+import ipaddress, re, sys
+sans = ["IP:" + sys.argv[1]]
+label = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+for n in re.split(r"[,\s]+", sys.argv[2].strip()):
+    if not n:
+        continue
+    try:
+        sans.append("IP:" + str(ipaddress.ip_address(n)))
+    except ValueError:
+        if len(n) > 253 or re.fullmatch(r"[0-9.]+", n) or not re.fullmatch(rf"{label}(\.{label})*", n):
+            sys.exit(f"api_names: {n} is neither a DNS name nor an IP address")
+        sans.append("DNS:" + n)
+print(",".join(sans))
+PY
 }
 api_cert() {
-  sans=$(api_sans) || { echo "$sans"; return 1; }
+  sans=$(api_sans 2>&1) || { echo "$sans"; return 1; }
   crt=$STATE/tls/api.crt key=$STATE/tls/api.key names=$STATE/tls/api.names
   if [ -s "$crt" ] && [ -s "$key" ]; then
     # A certificate made before its names were recorded had the fixed IP alone.

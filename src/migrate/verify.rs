@@ -408,13 +408,18 @@ pub async fn verify_after(
     Ok(rep)
 }
 
-/// A measurement's fields in one retention policy, with whether each is numeric.
+/// A measurement's fields in one retention policy, with whether each is numeric. A field
+/// stored with another type in another shard is listed once per type by InfluxDB; here
+/// it is one field, numeric if any of its types is.
 fn fields_of<'a>(fields: &'a [(String, String, FieldType)], m: &str) -> Vec<(&'a str, bool)> {
-    fields
-        .iter()
-        .filter(|(mm, _, _)| mm == m)
-        .map(|(_, f, t)| (f.as_str(), t.is_numeric()))
-        .collect()
+    let mut out: Vec<(&str, bool)> = Vec::new();
+    for (_, f, t) in fields.iter().filter(|(mm, _, _)| mm == m) {
+        match out.iter_mut().find(|(g, _)| *g == f.as_str()) {
+            Some((_, numeric)) => *numeric |= t.is_numeric(),
+            None => out.push((f.as_str(), t.is_numeric())),
+        }
+    }
+    out
 }
 
 /// How long a write to the target may take to reach the watch receiver.
@@ -728,6 +733,19 @@ pub async fn field_type(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_field_listed_with_two_types_is_one_field_numeric_if_either_type_is() {
+        let f = |m: &str, n: &str, t| (m.to_string(), n.to_string(), t);
+        let keys = [
+            f("usage", "v", FieldType::String),
+            f("usage", "n", FieldType::Integer),
+            f("usage", "v", FieldType::Float),
+            f("other", "x", FieldType::Boolean),
+        ];
+        assert_eq!(fields_of(&keys, "usage"), [("v", true), ("n", true)]);
+        assert_eq!(fields_of(&keys, "other"), [("x", false)]);
+    }
 
     #[test]
     fn integer_sums_compare_exactly_and_float_sums_with_a_tolerance() {

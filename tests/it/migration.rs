@@ -503,7 +503,7 @@ async fn verification_streams_the_per_series_aggregates_of_a_measurement_with_ma
         content: ContentCheck::Full,
         sample_series: 1,
         query_timeout: Duration::from_secs(300),
-        parallel_queries: 2,
+        parallel_queries: 1,
     };
     let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
         .await
@@ -548,7 +548,7 @@ async fn verification_queries_may_run_longer_than_the_instance_timeout() {
         content: ContentCheck::Full,
         sample_series: 1,
         query_timeout: Duration::from_secs(300),
-        parallel_queries: 2,
+        parallel_queries: 1,
     };
     let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
         .await
@@ -593,6 +593,12 @@ async fn verification_puts_each_series_together_from_one_query_per_aggregate() {
     }
     // A point only the target holds (written after cutover).
     dst.push_str(&full("c", 500));
+    // A series with no value of `s` or `b` on either side: absent from those answers.
+    for i in 0..100 {
+        let l = line("d", i, &format!("v={i}.5,n={i}i"));
+        src.push_str(&l);
+        dst.push_str(&l);
+    }
     for (vm, body) in [(&lab.source, &src), (&lab.target, &dst)] {
         let c = vm.client();
         c.query(None, "CREATE DATABASE parts").await.unwrap();
@@ -617,10 +623,14 @@ async fn verification_puts_each_series_together_from_one_query_per_aggregate() {
         .await
         .unwrap();
         let n = parallel_queries;
-        assert_eq!(rep.series, 3, "{n} at once");
-        assert_eq!(rep.source_values, 3 * 100 * 4, "{n} at once");
-        assert_eq!(rep.target_values, 3 * 100 * 4 - 1 + 4, "{n} at once");
-        // b (a sum differs) and c (more points on the target); a's sums agree.
+        assert_eq!(rep.series, 4, "{n} at once");
+        assert_eq!(rep.source_values, 3 * 100 * 4 + 100 * 2, "{n} at once");
+        assert_eq!(
+            rep.target_values,
+            3 * 100 * 4 - 1 + 4 + 100 * 2,
+            "{n} at once"
+        );
+        // b (a sum differs) and c (more points on the target); a's and d's sums agree.
         assert_eq!(rep.series_compared_point_by_point, 2, "{n} at once");
         assert_eq!(rep.problems.len(), 2, "{n} at once: {:?}", rep.problems);
         assert!(
