@@ -252,6 +252,7 @@ struct RawCutover {
     ssh: Option<RawSsh>,
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
+    synchronous: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -789,6 +790,11 @@ pub struct CutoverConfig {
     pub ssh: Option<SshConfig>,
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
+    /// The command returns only once no writer will write to the source again (it
+    /// restarts them, or waits for them to switch). The drain then ends as soon as the
+    /// source's counters prove every point it took has reached the capture, rather than
+    /// after `capture.quiet_period` (still the fallback when they cannot prove it).
+    pub synchronous: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -1230,7 +1236,14 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             .map(|s| v.ssh("cutover.ssh", s))
             .transpose()?,
         timeout: raw.cutover.timeout.unwrap_or(Duration::from_secs(120)),
+        synchronous: raw.cutover.synchronous.unwrap_or(false),
     };
+    if cutover.synchronous && cutover.command.is_none() {
+        return Err(v.err(
+            "cutover.synchronous",
+            "true, but there is no cutover.command to wait for; without one, writers follow by other means and the drain waits for capture.quiet_period",
+        ));
+    }
 
     let verify = VerifyConfig {
         content: raw.verify.content.unwrap_or(ContentCheck::Full),
@@ -1697,6 +1710,24 @@ mod tests {
         .to_string();
         assert!(
             e.contains("api.tls_key_file") && e.contains("/nonexistent/api.key"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_synchronous_cutover_needs_a_command_and_is_off_by_default() {
+        assert!(!load(MIN, &[]).unwrap().cutover.synchronous);
+        let on = load(
+            &format!("{MIN}cutover:\n  command: \"true\"\n  synchronous: true\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(on.cutover.synchronous);
+        let e = load(&format!("{MIN}cutover:\n  synchronous: true\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cutover.synchronous") && e.contains("cutover.command"),
             "{e}"
         );
     }

@@ -220,6 +220,11 @@ enum Cmd {
         /// The migration's `migration.transfer_rate_limit` (e.g. 80MB/s; 0: none).
         #[arg(long, default_value = "0")]
         transfer_rate_limit: String,
+        /// A cutover command that does not wait for the writer to move: the drain then
+        /// ends after capture.quiet_period (2 s) rather than on the source's counters
+        /// (`cutover.synchronous`, as the RCBaaS deployment's command).
+        #[arg(long)]
+        quiet_drain: bool,
     },
 }
 
@@ -609,6 +614,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             rate,
             replay_points,
             transfer_rate_limit,
+            quiet_drain,
         } => match interruptible(bench::bench(
             &dir,
             &BenchOptions {
@@ -616,6 +622,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                 rate,
                 replay_points,
                 transfer_rate_limit,
+                quiet_drain,
             },
         ))
         .await

@@ -91,6 +91,8 @@ pub struct BenchOptions {
     pub replay_points: u64,
     /// `migration.transfer_rate_limit` as the configuration writes it.
     pub transfer_rate_limit: String,
+    /// The cutover command does not wait for the writer (no `cutover.synchronous`).
+    pub quiet_drain: bool,
 }
 
 /// The data-engine benchmark.
@@ -125,7 +127,14 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
             s.join(", ")
         );
     }
-    let lab = Lab::start(dir, LabOptions::default()).await?;
+    let lab = Lab::start(
+        dir,
+        LabOptions {
+            synchronous_cutover: !o.quiet_drain,
+            ..LabOptions::default()
+        },
+    )
+    .await?;
     let (cfg_path, cfg) = lab
         .write_config(&format!(
             "  transfer_rate_limit: {}\nverify:\n  content: full\n",
@@ -226,9 +235,16 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         "stateshift data phase (capture+dump+transfer+restore+delta): {data:.3} s  ratio {:.2}x",
         data / native
     );
+    let drain = if report.drain_proven {
+        "drain proven by the source's counters".to_string()
+    } else {
+        format!(
+            "drain ended by the {:?} quiet period",
+            cfg.capture.quiet_period
+        )
+    };
     println!(
-        "stateshift whole migration incl. prepare, cutover (quiet period {:?}), verify and dispose (the old stack's deletion is not in it): {:.3} s  ratio {:.2}x",
-        cfg.capture.quiet_period,
+        "stateshift whole migration incl. prepare, cutover ({drain}), verify and dispose (the old stack's deletion is not in it): {:.3} s  ratio {:.2}x",
         report.total_seconds,
         report.total_seconds / native
     );

@@ -9,7 +9,7 @@ pub mod lineproto;
 pub mod snapshotter;
 mod vars;
 
-pub use vars::SubStats;
+pub use vars::{drained, SubStats};
 
 use std::time::Duration;
 

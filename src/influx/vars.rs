@@ -18,6 +18,28 @@ pub struct SubStats {
     /// When the server process started (`system.started`): every counter above restarts
     /// from zero with it, and its in-memory forwarding queue is lost.
     pub started: Option<String>,
+    /// Points that entered the server's points writer since it started (`write`
+    /// `pointReq`): counted as a write request arrives, before it is forwarded to any
+    /// subscription, whatever its origin (HTTP, a continuous query, `_internal`).
+    pub entered: u64,
+    /// Points acknowledged over HTTP since the server started (see
+    /// [`Influx::http_points_written`]), read in the same snapshot.
+    pub http_written: u64,
+}
+
+/// Whether two reads of a server's counters, `first` then `second`, prove that every
+/// point that entered its points writer after `entered_at_start` (read before the
+/// subscriptions named in `first` were made) had been delivered by those subscriptions
+/// when `first` was read, and that nothing entered between the reads. Each point a
+/// subscription delivers entered after the base and before its delivery, and is counted
+/// on entry, so `first.written` <= entries at `first` <= `second.entered` - base; equal
+/// ends make the middle equal. A point that enters but is not forwarded to these
+/// subscriptions (another database or retention policy, `_internal`'s statistics, a
+/// write refused after it entered) keeps the ends apart for good, as does a restart.
+pub fn drained(entered_at_start: u64, first: &SubStats, second: &SubStats) -> bool {
+    first.started == second.started
+        && first.failed == 0
+        && second.entered.checked_sub(entered_at_start) == Some(first.written)
 }
 
 impl Influx {
@@ -98,7 +120,9 @@ fn subscriber_stats(vars: &Value, name: &str) -> SubStats {
     // the subscriber service, and the service's per-subscription queues.
     if let Some(w) = obj.get("write") {
         st.dropped += num(w, "/values/subWriteDrop");
+        st.entered = num(w, "/values/pointReq");
     }
+    st.http_written = http_points_written(vars);
     st.started = obj
         .get("system")
         .and_then(|v| v.get("started"))
@@ -125,7 +149,7 @@ mod tests {
     fn subscriber_counters_are_ours_and_drops_are_what_the_service_counts_beyond_them() {
         let vars = json!({
             "system": {"started": "2026-11-30T05:00:00Z"},
-            "write": {"values": {"subWriteDrop": 2}},
+            "write": {"values": {"subWriteDrop": 2, "pointReq": 123}},
             "subscriber": {"values": {"writeFailures": 10}},
             "subscriber:db:autogen:stateshift_1:http://a": {
                 "tags": {"name": "stateshift_1"},
@@ -144,6 +168,29 @@ mod tests {
         assert_eq!(st.dropped, 5);
         assert_eq!(st.started.as_deref(), Some("2026-11-30T05:00:00Z"));
         assert_eq!(super::http_points_written(&vars), 100);
+        assert_eq!((st.entered, st.http_written), (123, 100));
         assert_eq!(super::http_points_written(&json!([])), 0);
+    }
+
+    #[test]
+    fn the_drain_is_proven_by_equal_ends_from_one_process_with_no_failed_delivery() {
+        let st = |entered, written, failed, started: &str| super::SubStats {
+            entered,
+            written,
+            failed,
+            started: Some(started.into()),
+            ..Default::default()
+        };
+        let (a, b) = ("2026-12-01T09:00:00Z", "2026-12-01T09:05:00Z");
+        assert!(super::drained(100, &st(140, 40, 0, a), &st(140, 40, 0, a)));
+        // Entered 41 since the base, delivered 40: one is queued (or went elsewhere).
+        assert!(!super::drained(100, &st(140, 40, 0, a), &st(141, 40, 0, a)));
+        // Delivered more than entered: the base was not read before the subscriptions.
+        assert!(!super::drained(100, &st(140, 41, 0, a), &st(140, 41, 0, a)));
+        assert!(!super::drained(100, &st(140, 40, 1, a), &st(140, 40, 1, a)));
+        // A restart between the reads: counters from zero again.
+        assert!(!super::drained(0, &st(140, 40, 0, a), &st(40, 40, 0, b)));
+        // Counters below the base (a restart before the first read).
+        assert!(!super::drained(100, &st(0, 0, 0, b), &st(0, 0, 0, b)));
     }
 }

@@ -15,6 +15,8 @@ pub struct Lab {
     pub target: LocalVm,
     /// The writers' configuration file: holds the InfluxDB URL they write to.
     pub url_file: PathBuf,
+    /// See [`LabOptions::synchronous_cutover`].
+    pub synchronous_cutover: bool,
 }
 
 /// Options of a lab.
@@ -22,6 +24,8 @@ pub struct Lab {
 pub struct LabOptions {
     /// Enable InfluxDB authentication on both VMs with this admin user.
     pub admin: Option<(String, Secret)>,
+    /// The cutover command waits until a running writer has moved (`cutover.synchronous`).
+    pub synchronous_cutover: bool,
 }
 
 impl Lab {
@@ -60,6 +64,7 @@ impl Lab {
             source,
             target,
             url_file,
+            synchronous_cutover: opts.synchronous_cutover,
         })
     }
 
@@ -94,11 +99,17 @@ impl Lab {
                 ssh.unwrap_or_default()
             )
         };
+        let d = self.dir.display();
+        let command = if self.synchronous_cutover {
+            // Waits for the writer's ack (when a writer runs); `cutover.timeout` bounds it.
+            format!("command: \"printf '%s' {{target_url}} > {d}/writer-url && if [ -e {d}/writer-url.running ]; then until [ \\\"$(cat {d}/writer-url.ack 2>/dev/null)\\\" = {{target_url}} ]; do sleep 0.005; done; fi\"\n  synchronous: true")
+        } else {
+            format!("command: \"printf '%s' {{target_url}} > {d}/writer-url\"")
+        };
         format!(
-            "{}{}capture:\n  listen: \"127.0.0.1:0\"\n  spool_dir: \"{d}/spool\"\n  quiet_period: 2s\n  quiet_timeout: 60s\ncutover:\n  command: \"printf '%s' {{target_url}} > {d}/writer-url\"\nmigration:\n  work_dir: \"{d}/state\"\n{extra}",
+            "{}{}capture:\n  listen: \"127.0.0.1:0\"\n  spool_dir: \"{d}/spool\"\n  quiet_period: 2s\n  quiet_timeout: 60s\ncutover:\n  {command}\nmigration:\n  work_dir: \"{d}/state\"\n{extra}",
             inst("source", &self.source),
             inst("target", &self.target),
-            d = self.dir.display()
         )
     }
 

@@ -99,7 +99,11 @@ pub async fn seed(influx: &Influx, spec: &SeedSpec) -> Result<u64, InfluxError> 
 }
 
 /// Where the writer sends its writes: re-read before every batch, so a cutover command
-/// that rewrites this file moves the writer (as Cyclops' config does).
+/// that rewrites this file moves the writer (as Cyclops' config does). While it runs,
+/// `<url_file>.running` exists, and `<url_file>.ack` names the URL it writes to: once
+/// the file names a new URL, no request of the writer goes to the old one again (it
+/// writes one batch at a time), so a command that waits for the ack is synchronous
+/// (`cutover.synchronous`).
 #[derive(Debug, Clone)]
 pub struct WriterSpec {
     pub db: String,
@@ -184,6 +188,11 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
     let mut last_ok = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (running, ack) = (
+        side_file(&spec.url_file, "running"),
+        side_file(&spec.url_file, "ack"),
+    );
+    let _ = std::fs::write(&running, "");
     while !stop.is_cancelled() && started.elapsed() < spec.max_duration {
         tokio::select! {
             _ = tick.tick() => {}
@@ -199,6 +208,9 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
                     Duration::from_secs(10),
                 ));
                 ledger.urls_used.push(u.clone());
+                // Written whole then renamed: a reader never sees half a URL.
+                let tmp = side_file(&spec.url_file, "ack.tmp");
+                let _ = std::fs::write(&tmp, &u).and_then(|()| std::fs::rename(&tmp, &ack));
                 url = u;
             }
         }
@@ -267,7 +279,16 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
             }
         }
     }
+    let _ = std::fs::remove_file(&running);
     ledger
+}
+
+/// `<file>.<what>`, next to `file`.
+fn side_file(file: &std::path::Path, what: &str) -> PathBuf {
+    let mut s = file.as_os_str().to_owned();
+    s.push(".");
+    s.push(what);
+    PathBuf::from(s)
 }
 
 /// Independent check: every point in the ledger is on `target` with its latest

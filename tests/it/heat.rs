@@ -827,6 +827,7 @@ async fn every_template_validates_and_renders_its_boot_on_heat() {
                 );
                 assert!(ud.contains("INFLUXDB_HTTP_AUTH_ENABLED=true"));
                 assert!(ud.contains("INFLUXDB_SUBSCRIBER_WRITE_CONCURRENCY=1"));
+                assert!(ud.contains("INFLUXDB_MONITOR_STORE_ENABLED=false"));
                 assert!(ud.contains("ZABBIX_SERVER='10.0.0.5:10051'"));
             }
             "rcbaas.yaml" => {

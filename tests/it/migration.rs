@@ -254,6 +254,7 @@ async fn users_grants_continuous_queries_and_retention_policies_arrive_on_the_ta
     let admin = ("admin".to_string(), Secret::new("s3cret-admin"));
     let lab = lab(LabOptions {
         admin: Some(admin.clone()),
+        ..LabOptions::default()
     })
     .await;
     let pwfile = lab.dir.join("users.yaml");
@@ -335,6 +336,7 @@ async fn users_grants_continuous_queries_and_retention_policies_arrive_on_the_ta
 async fn wrong_influx_credentials_are_named_and_nothing_changes() {
     let lab = lab(LabOptions {
         admin: Some(("admin".into(), Secret::new("right-pass"))),
+        ..LabOptions::default()
     })
     .await;
     let (path, _) = lab.write_config("").unwrap();
@@ -1368,5 +1370,138 @@ async fn an_early_comparison_holds_only_while_nothing_wrote_to_the_measurement()
                 && p.contains("101 points on the source, only 100")),
         "{:?}",
         rep.problems
+    );
+}
+
+/// The source's counters against a subscriber that holds its answer: the drain is not
+/// proven while a forwarded write waits there, is once it has arrived, and never again
+/// after a point entered the source outside the subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_is_proven_only_when_every_point_that_entered_the_source_has_arrived() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let lab = lab(LabOptions::default()).await;
+    let src = lab.source.client();
+    src.query(None, "CREATE DATABASE d").await.unwrap();
+    src.query(
+        None,
+        "CREATE RETENTION POLICY other ON d DURATION INF REPLICATION 1",
+    )
+    .await
+    .unwrap();
+    // A subscriber that answers only when the gate lets it.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let arrived = Arc::new(AtomicU64::new(0));
+    let app = axum::Router::new().route(
+        "/write",
+        axum::routing::post({
+            let (gate, arrived) = (gate.clone(), arrived.clone());
+            move |body: String| async move {
+                if let Ok(p) = gate.acquire().await {
+                    p.forget();
+                }
+                arrived.fetch_add(body.lines().count() as u64, Ordering::SeqCst);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let name = "stateshift_drain";
+    let base = src.subscriber_stats(name).await.unwrap().entered;
+    src.query(
+        None,
+        &format!("CREATE SUBSCRIPTION {name} ON d.autogen DESTINATIONS ALL 'http://{addr}'"),
+    )
+    .await
+    .unwrap();
+    let on = [("d".to_string(), "autogen".to_string())];
+    for _ in 0..250 {
+        if src.live_subscriptions(name, &on).await.unwrap() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let proven = || async {
+        let first = src.subscriber_stats(name).await.unwrap();
+        let second = src.subscriber_stats(name).await.unwrap();
+        (
+            stateshift::influx::drained(base, &first, &second),
+            first.written,
+        )
+    };
+    assert_eq!(proven().await, (true, 0), "nothing entered yet");
+
+    let lines = |rp: &str| {
+        (0..10)
+            .map(|i| format!("m,rp={rp} v={i} {}", 1_700_000_000_000_000_000i64 + i))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    src.write("d", None, "ns", lines("autogen").into())
+        .await
+        .unwrap();
+    // Acknowledged, forwarded, held by the subscriber: entered but not delivered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(proven().await, (false, 0), "a forwarded write is held");
+
+    gate.add_permits(1_000);
+    let mut last = (false, 0);
+    for _ in 0..100 {
+        last = proven().await;
+        if last.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(last, (true, 10), "delivered: proven");
+    assert_eq!(arrived.load(Ordering::SeqCst), 10);
+
+    // Acknowledged by the source, outside the subscription: never proven again.
+    src.write("d", Some("other"), "ns", lines("other").into())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, written) = proven().await;
+    assert!(!ok && written == 10, "{ok} {written}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_cutover_ends_the_drain_on_the_source_counters_and_loses_nothing() {
+    let lab = lab(LabOptions {
+        synchronous_cutover: true,
+        ..LabOptions::default()
+    })
+    .await;
+    let (_, cfg) = lab.write_config("").unwrap();
+    assert!(cfg.cutover.synchronous);
+    seed(&lab, "cyclops", 20_000).await;
+    let w = RunningWriter::start(writer(&lab, "cyclops", 1000));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
+        .await
+        .expect("migration succeeds");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = w.finish().await;
+    assert!(report.drain_proven, "the drain ended on the counters");
+    assert!(
+        report.capture_stop_proven,
+        "the capture stopped on the counters"
+    );
+    assert_eq!(ledger.requests_failed, 0);
+    assert_eq!(ledger.urls_used.len(), 2, "{:?}", ledger.urls_used);
+    let problems = workload::check_ledger(&lab.target.client(), "cyclops", &ledger)
+        .await
+        .unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    // Nothing of the writer's reached the old instance after the capture stopped.
+    let at_stop = report.source_writes_at_capture_stop.expect("counted");
+    assert_eq!(
+        lab.source.client().http_points_written().await.unwrap(),
+        at_stop
     );
 }

@@ -56,6 +56,7 @@ fn assert_no_secret(what: &str, text: &[u8], secrets: &[(&str, String)]) {
 async fn no_secret_reaches_logs_errors_journal_status_or_files() {
     let lab = lab(LabOptions {
         admin: Some(("admin".into(), Secret::new(ADMIN_PW))),
+        ..LabOptions::default()
     })
     .await;
     let d = lab.dir.clone();

@@ -7,10 +7,20 @@ use std::time::{Duration, Instant};
 use super::context::{sub_name, Migration};
 use super::{MigrateError, Phase};
 use crate::config::Config;
-use crate::influx::{ident, literal, Influx, SubStats};
+use crate::influx::{drained, ident, literal, Influx, SubStats};
 use crate::migrate::capture::{Receiver, ReceiverAuth, Sink};
 use crate::migrate::spool::SpoolWriter;
 use crate::util::Secret;
+
+/// What the source's counters say about the capture's forwarding; see
+/// [`Migration::drain_proven`].
+pub(super) enum Drain {
+    /// Everything that entered the source since the capture began has been received.
+    Proven(SubStats),
+    /// Not proven: `entered` points entered the source's points writer since the capture
+    /// began, `delivered` were delivered to the receiver.
+    Unproven { entered: u64, delivered: u64 },
+}
 
 impl Migration<'_> {
     pub(super) async fn capture(&mut self) -> Result<(), MigrateError> {
@@ -44,6 +54,9 @@ impl Migration<'_> {
         let at_start = Self::subscriber_stats(&self.src().influx, &name, p).await?;
         self.drops_at_start = at_start.dropped;
         self.source_started = at_start.started;
+        // Read before the subscriptions exist: every point they will deliver enters the
+        // points writer after this count.
+        self.entered_at_start = Some(at_start.entered);
         let subs = self
             .subscribe(Phase::Capture, true, &name, &auth.in_url(&url))
             .await?;
@@ -206,6 +219,32 @@ impl Migration<'_> {
             });
         }
         Ok(st)
+    }
+
+    /// Whether the source's counters prove that every point that entered it since the
+    /// capture started has reached the receiver: our subscriptions' counters (checked
+    /// complete) read first, the points writer's entry count (`pointReq`) read after, and
+    /// [`drained`] decides. When it cannot prove it (points entered outside the capture)
+    /// the caller falls back on time. Proven: the first read, whose HTTP write count holds
+    /// only points that entered before the second read, all of them received.
+    pub(super) async fn drain_proven(&self, phase: Phase) -> Result<Drain, MigrateError> {
+        let first = self.check_capture_complete(phase).await?;
+        let second = Self::subscriber_stats(&self.src().influx, &sub_name(&self.id), phase).await?;
+        let received = self.receiver.as_ref().map_or(0, |r| r.stats.points());
+        let Some(base) = self.entered_at_start else {
+            return Ok(Drain::Unproven {
+                entered: 0,
+                delivered: first.written,
+            });
+        };
+        if drained(base, &first, &second) && received >= first.written {
+            Ok(Drain::Proven(first))
+        } else {
+            Ok(Drain::Unproven {
+                entered: second.entered.saturating_sub(base),
+                delivered: first.written,
+            })
+        }
     }
 
     /// After a crash past the repoint: with the new capture live, let each interrupted

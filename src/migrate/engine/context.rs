@@ -50,6 +50,9 @@ pub(super) struct Migration<'a> {
     pub drops_at_start: u64,
     /// The source process's start time when the capture started.
     pub source_started: Option<String>,
+    /// Points that had entered the source's points writer (`write` `pointReq`) just
+    /// before the capture's subscriptions were made: the base of [`Self::drain_proven`].
+    pub entered_at_start: Option<u64>,
     /// The replay's position in the spool, kept for the tail after verify.
     pub reader: Option<SpoolReader>,
     /// The target pulled the dump itself: nothing to transfer.
@@ -106,6 +109,7 @@ impl<'a> Migration<'a> {
             touched_receiver: None,
             drops_at_start: 0,
             source_started: None,
+            entered_at_start: None,
             reader: None,
             pulled: false,
             restored: false,

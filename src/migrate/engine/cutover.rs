@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::capture::Drain;
 use super::context::{sub_name, Migration};
 use super::{MigrateError, Phase};
 use crate::migrate::capture::{KeySet, Receiver, Sink};
@@ -135,8 +136,11 @@ impl Migration<'_> {
             self.journal.writers_repointed();
         }
         self.report.cutover_done = true;
-        // Keep replaying until the source has been quiet for the grace period and every
-        // point it forwarded has reached the receiver.
+        // Keep replaying until every point the source took has reached the receiver, and
+        // either the command promised no writer will write there again and the source's
+        // counters prove it (cutover.synchronous), or it has been quiet for the grace period.
+        let proof = self.cfg.cutover.synchronous && self.cfg.cutover.command.is_some();
+        let mut unproven = None;
         let quiet = self.cfg.capture.quiet_period;
         let deadline = Instant::now() + self.cfg.capture.quiet_timeout;
         let stats = self
@@ -150,12 +154,28 @@ impl Migration<'_> {
         let switched = Instant::now();
         loop {
             self.replay_now(p).await?;
+            if proof {
+                match self.drain_proven(p).await? {
+                    Drain::Proven(_) => {
+                        // What was delivered by the proof's first read is in the spool.
+                        self.replay_now(p).await?;
+                        self.report.drain_proven = true;
+                        break;
+                    }
+                    Drain::Unproven { entered, delivered } => unproven = Some((entered, delivered)),
+                }
+            }
             let last = stats.last_write().unwrap_or(switched).max(switched);
             if last.elapsed() >= quiet {
                 let st = self.check_capture_complete(p).await?;
                 let received = stats.points();
                 let lag = self.reader.as_ref().map(|r| r.lag()).unwrap_or(0);
                 if st.written == received && lag == 0 {
+                    if let Some((entered, delivered)) = unproven {
+                        // Said once per migration, so an operator sees why this one
+                        // waited: points reached the source outside the capture.
+                        self.progress.note(&format!("the source's counters did not prove the drain ({entered} points entered it since the capture began, {delivered} were forwarded: a database or retention policy the capture does not cover, such as _internal's statistics, or a write that failed there); ended it after capture.quiet_period instead"));
+                    }
                     break;
                 }
                 tracing::debug!(

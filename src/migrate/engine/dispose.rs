@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::capture::Drain;
 use super::context::{sub_name, Migration};
 use super::{MigrateError, Phase};
 use crate::remote::Remote;
@@ -12,19 +13,27 @@ impl Migration<'_> {
     pub(super) async fn dispose(&mut self) -> Result<(), MigrateError> {
         // Writes that reached the source after verification are forwarded too; a failed
         // forward (or a source restart) now would leave a point only on the old stack,
-        // which is about to be deleted.
-        self.check_capture_complete(Phase::Dispose).await?;
-        // Read before the subscriptions go: a write between this read and the drop is
-        // forwarded and still counted, so the later comparison errs on the safe side.
-        if let Some(src) = &self.source {
-            match src.influx.http_points_written().await {
-                Ok(n) => self.report.source_writes_at_capture_stop = Some(n),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the source's write counters before stopping the capture; the old stack will be kept unless they can be read")
+        // which is about to be deleted. Best: the counters prove that everything the
+        // source took has arrived, and the proof's first read gives the write count a
+        // later write is measured against (it only holds points that arrived).
+        let proven = self.prove_drained(Phase::Dispose).await?;
+        if let Some(n) = proven {
+            self.report.source_writes_at_capture_stop = Some(n);
+            self.report.capture_stop_proven = true;
+        } else {
+            self.check_capture_complete(Phase::Dispose).await?;
+            // Read before the subscriptions go: a write between this read and the drop is
+            // forwarded and still counted, so the later comparison errs on the safe side.
+            if let Some(src) = &self.source {
+                match src.influx.http_points_written().await {
+                    Ok(n) => self.report.source_writes_at_capture_stop = Some(n),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the source's write counters before stopping the capture; the old stack will be kept unless they can be read")
+                    }
                 }
             }
         }
-        let tail = self.stop_capture(Phase::Dispose).await?;
+        let tail = self.stop_capture(Phase::Dispose, proven.is_none()).await?;
         if tail > 0 {
             self.progress.note(&format!(
                 "replayed {tail} points that reached the source after verification"
@@ -58,9 +67,33 @@ impl Migration<'_> {
         }
     }
 
-    /// Stop capturing on the source, let in-flight forwards land, and replay the tail of
-    /// the spool (writes that still reached the source, e.g. from a straggling writer).
-    pub(super) async fn stop_capture(&mut self, phase: Phase) -> Result<u64, MigrateError> {
+    /// Try for a moment to prove the capture drained ([`Self::drain_proven`]); the
+    /// source's HTTP write count of the proof when it holds. A source that takes points
+    /// the capture does not cover never proves it: half a second, then the caller falls
+    /// back on the settle wait.
+    async fn prove_drained(&self, phase: Phase) -> Result<Option<u64>, MigrateError> {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            if let Drain::Proven(first) = self.drain_proven(phase).await? {
+                return Ok(Some(first.http_written));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Stop capturing on the source and replay the tail of the spool (writes that still
+    /// reached the source, e.g. from a straggling writer). With `settle`, first let
+    /// in-flight forwards land (arrivals quiet for 300 ms); without, the caller has proven
+    /// that everything the source took before its count had arrived, and a later write is
+    /// found by that count.
+    pub(super) async fn stop_capture(
+        &mut self,
+        phase: Phase,
+        settle: bool,
+    ) -> Result<u64, MigrateError> {
         let name = sub_name(&self.id);
         if let Some(src) = &self.source {
             for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
@@ -71,7 +104,7 @@ impl Migration<'_> {
         }
         // Forwards already in flight still land: wait until arrivals settle (bounded),
         // stop the receiver, and only then replay the last of the spool.
-        if let Some(r) = &self.receiver {
+        if let (Some(r), true) = (&self.receiver, settle) {
             let stats = r.stats.clone();
             let mut last = stats.points();
             let mut stable = Instant::now();

@@ -156,6 +156,14 @@ pub struct Report {
     /// old stack is deleted means a write reached it that nothing forwarded.
     #[serde(default)]
     pub source_writes_at_capture_stop: Option<u64>,
+    /// The drain after cutover ended on the source's counters' proof (with
+    /// `cutover.synchronous`), not after `capture.quiet_period`.
+    #[serde(default)]
+    pub drain_proven: bool,
+    /// The capture stopped at disposal on the counters' proof that everything the source
+    /// took had arrived, not after the settle wait.
+    #[serde(default)]
+    pub capture_stop_proven: bool,
 }
 
 impl Report {
