@@ -103,7 +103,9 @@ pub async fn seed(influx: &Influx, spec: &SeedSpec) -> Result<u64, InfluxError> 
 /// `<url_file>.running` exists, and `<url_file>.ack` names the URL it writes to: once
 /// the file names a new URL, no request of the writer goes to the old one again (it
 /// writes one batch at a time), so a command that waits for the ack is synchronous
-/// (`cutover.synchronous`).
+/// (`cutover.synchronous`). While `<url_file>.pause` exists the writer sends nothing,
+/// and says so with `<url_file>.paused` once no request of its is in flight (a test holds
+/// it that way while a capture's subscriptions are made).
 #[derive(Debug, Clone)]
 pub struct WriterSpec {
     pub db: String,
@@ -193,6 +195,10 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
         side_file(&spec.url_file, "ack"),
     );
     let _ = std::fs::write(&running, "");
+    let (pause, paused) = (
+        side_file(&spec.url_file, "pause"),
+        side_file(&spec.url_file, "paused"),
+    );
     while !stop.is_cancelled() && started.elapsed() < spec.max_duration {
         tokio::select! {
             _ = tick.tick() => {}
@@ -215,6 +221,11 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
             }
         }
         let Some(c) = &client else { continue };
+        if pause.exists() {
+            let _ = std::fs::write(&paused, "");
+            continue;
+        }
+        let _ = std::fs::remove_file(&paused);
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)

@@ -1482,7 +1482,10 @@ async fn a_synchronous_cutover_ends_the_drain_on_the_source_counters_and_loses_n
     seed(&lab, "cyclops", 20_000).await;
     let w = RunningWriter::start(writer(&lab, "cyclops", 1000));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
+    // A write while the subscriptions are made (a few ms) would leave the proof no base:
+    // the writer holds still from the capture's start to the dump's.
+    let hold = HoldWriterWhileSubscribing(lab.url_file.clone());
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &hold)
         .await
         .expect("migration succeeds");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1504,4 +1507,92 @@ async fn a_synchronous_cutover_ends_the_drain_on_the_source_counters_and_loses_n
         lab.source.client().http_points_written().await.unwrap(),
         at_stop
     );
+}
+
+struct HoldWriterWhileSubscribing(std::path::PathBuf);
+
+impl Progress for HoldWriterWhileSubscribing {
+    fn phase_started(&self, phase: Phase) {
+        let side = |what: &str| {
+            let mut p = self.0.clone().into_os_string();
+            p.push(format!(".{what}"));
+            std::path::PathBuf::from(p)
+        };
+        match phase {
+            Phase::Capture => {
+                std::fs::write(side("pause"), "").unwrap();
+                let t = std::time::Instant::now();
+                while !side("paused").exists() && t.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                assert!(side("paused").exists(), "the writer holds still");
+            }
+            Phase::Prepare => {}
+            _ => {
+                let _ = std::fs::remove_file(side("pause"));
+            }
+        }
+    }
+}
+
+/// A point the source takes outside the capture (here a write to a retention policy that
+/// does not exist: counted on entry, then refused) keeps the counters from proving the
+/// drain: the migration ends it on time instead, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_the_source_takes_outside_the_capture_makes_the_drain_end_on_time() {
+    let lab = lab(LabOptions {
+        synchronous_cutover: true,
+        ..LabOptions::default()
+    })
+    .await;
+    let (_, cfg) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 20_000).await;
+    let w = RunningWriter::start(writer(&lab, "cyclops", 1000));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let hold = WriteOutsideTheCapture {
+        hold: HoldWriterWhileSubscribing(lab.url_file.clone()),
+        url: lab.source.influx_url(),
+        notes: std::sync::Mutex::new(Vec::new()),
+    };
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &hold)
+        .await
+        .expect("migration succeeds");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = w.finish().await;
+    assert!(!report.drain_proven && !report.capture_stop_proven);
+    let notes = hold.notes.lock().unwrap().join("\n");
+    assert!(
+        notes.contains("did not prove the drain") && notes.contains("capture.quiet_period"),
+        "{notes}"
+    );
+    assert_eq!(ledger.requests_failed, 0);
+    let problems = workload::check_ledger(&lab.target.client(), "cyclops", &ledger)
+        .await
+        .unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+struct WriteOutsideTheCapture {
+    hold: HoldWriterWhileSubscribing,
+    url: String,
+    notes: std::sync::Mutex<Vec<String>>,
+}
+
+impl Progress for WriteOutsideTheCapture {
+    fn phase_started(&self, phase: Phase) {
+        self.hold.phase_started(phase);
+        if phase == Phase::Delta {
+            let out = std::process::Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-XPOST"])
+                .arg(format!("{}/write?db=cyclops&rp=nope", self.url))
+                .args(["--data-binary", "outside v=1"])
+                .output()
+                .unwrap();
+            // Refused after it entered the points writer.
+            assert_ne!(String::from_utf8_lossy(&out.stdout), "204");
+        }
+    }
+    fn note(&self, msg: &str) {
+        self.notes.lock().unwrap().push(msg.to_string());
+    }
 }

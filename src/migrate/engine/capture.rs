@@ -20,6 +20,9 @@ pub(super) enum Drain {
     /// Not proven: `entered` points entered the source's points writer since the capture
     /// began, `delivered` were delivered to the receiver.
     Unproven { entered: u64, delivered: u64 },
+    /// Cannot be proven in this migration: writes reached the source while its
+    /// subscriptions were being made (or the capture did not start in this run).
+    NoBase,
 }
 
 impl Migration<'_> {
@@ -54,9 +57,6 @@ impl Migration<'_> {
         let at_start = Self::subscriber_stats(&self.src().influx, &name, p).await?;
         self.drops_at_start = at_start.dropped;
         self.source_started = at_start.started;
-        // Read before the subscriptions exist: every point they will deliver enters the
-        // points writer after this count.
-        self.entered_at_start = Some(at_start.entered);
         let subs = self
             .subscribe(Phase::Capture, true, &name, &auth.in_url(&url))
             .await?;
@@ -64,6 +64,19 @@ impl Migration<'_> {
             "capturing writes of {} retention policies into {url}",
             subs
         ));
+        // The drain's proof counts from the entries read just before the subscriptions
+        // were made. A point that entered before they went live was not forwarded and
+        // would keep the counts apart for good: then the proof is not tried at all.
+        let base = self.entered_at_start.take();
+        let live = Self::subscriber_stats(&self.src().influx, &name, p).await?;
+        if base == Some(live.entered) {
+            self.entered_at_start = base;
+        } else {
+            tracing::info!(
+                entered = live.entered.saturating_sub(base.unwrap_or(0)),
+                "writes reached the source while the capture's subscriptions were being made: the counters cannot prove the drain; it ends on time"
+            );
+        }
         Ok(())
     }
 
@@ -115,45 +128,56 @@ impl Migration<'_> {
         let side = if on_source { self.src() } else { self.dst() };
         let influx = side.influx.clone();
         let mut made = Vec::new();
+        let mut rps = Vec::new();
         for db in influx.databases().await.map_err(Self::influx_err(phase))? {
             for rp in influx
                 .retention_policies(&db)
                 .await
                 .map_err(Self::influx_err(phase))?
             {
-                let q = format!(
-                    "CREATE SUBSCRIPTION {} ON {}.{} DESTINATIONS ALL {}",
-                    ident(name),
-                    ident(&db),
-                    ident(&rp.name),
-                    literal(destination.expose())
-                );
-                // The statement holds the receiver's secret: its error must not echo it.
-                influx
-                    .query(None, &q)
-                    .await
-                    .map_err(|e| MigrateError::Failed {
-                        phase,
-                        msg: format!(
-                            "{}: cannot create subscription {name} on {db}.{}: {}",
-                            influx.url(),
-                            rp.name,
-                            e.to_string().replace(destination.expose(), "***")
-                        ),
-                    })?;
-                made.push((db.clone(), rp.name.clone()));
-                if on_source {
-                    self.created
-                        .source_subscriptions
-                        .push((db.clone(), rp.name.clone()));
-                } else {
-                    self.created
-                        .target_subscriptions
-                        .push((db.clone(), rp.name.clone()));
-                }
+                rps.push((db.clone(), rp));
             }
         }
-        let deadline = Instant::now() + self.cfg.capture.live_timeout;
+        if on_source {
+            // As late as possible: the window until the subscriptions are live should
+            // see no write (see `capture`).
+            self.entered_at_start =
+                Some(Self::subscriber_stats(&influx, name, phase).await?.entered);
+        }
+        for (db, rp) in rps {
+            let q = format!(
+                "CREATE SUBSCRIPTION {} ON {}.{} DESTINATIONS ALL {}",
+                ident(name),
+                ident(&db),
+                ident(&rp.name),
+                literal(destination.expose())
+            );
+            // The statement holds the receiver's secret: its error must not echo it.
+            influx
+                .query(None, &q)
+                .await
+                .map_err(|e| MigrateError::Failed {
+                    phase,
+                    msg: format!(
+                        "{}: cannot create subscription {name} on {db}.{}: {}",
+                        influx.url(),
+                        rp.name,
+                        e.to_string().replace(destination.expose(), "***")
+                    ),
+                })?;
+            made.push((db.clone(), rp.name.clone()));
+            if on_source {
+                self.created
+                    .source_subscriptions
+                    .push((db.clone(), rp.name.clone()));
+            } else {
+                self.created
+                    .target_subscriptions
+                    .push((db.clone(), rp.name.clone()));
+            }
+        }
+        let made_at = Instant::now();
+        let deadline = made_at + self.cfg.capture.live_timeout;
         loop {
             let live = influx
                 .live_subscriptions(name, &made)
@@ -173,7 +197,13 @@ impl Migration<'_> {
                     ),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Often at first: the drain's proof wants the window short (see `capture`).
+            let pause = if made_at.elapsed() < Duration::from_millis(100) {
+                2
+            } else {
+                20
+            };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     }
 
@@ -228,15 +258,13 @@ impl Migration<'_> {
     /// the caller falls back on time. Proven: the first read, whose HTTP write count holds
     /// only points that entered before the second read, all of them received.
     pub(super) async fn drain_proven(&self, phase: Phase) -> Result<Drain, MigrateError> {
+        let Some(base) = self.entered_at_start else {
+            self.check_capture_complete(phase).await?;
+            return Ok(Drain::NoBase);
+        };
         let first = self.check_capture_complete(phase).await?;
         let second = Self::subscriber_stats(&self.src().influx, &sub_name(&self.id), phase).await?;
         let received = self.receiver.as_ref().map_or(0, |r| r.stats.points());
-        let Some(base) = self.entered_at_start else {
-            return Ok(Drain::Unproven {
-                entered: 0,
-                delivered: first.written,
-            });
-        };
         if drained(base, &first, &second) && received >= first.written {
             Ok(Drain::Proven(first))
         } else {

@@ -139,7 +139,7 @@ impl Migration<'_> {
         // Keep replaying until every point the source took has reached the receiver, and
         // either the command promised no writer will write there again and the source's
         // counters prove it (cutover.synchronous), or it has been quiet for the grace period.
-        let proof = self.cfg.cutover.synchronous && self.cfg.cutover.command.is_some();
+        let mut proof = self.cfg.cutover.synchronous && self.cfg.cutover.command.is_some();
         let mut unproven = None;
         let quiet = self.cfg.capture.quiet_period;
         let deadline = Instant::now() + self.cfg.capture.quiet_timeout;
@@ -162,7 +162,13 @@ impl Migration<'_> {
                         self.report.drain_proven = true;
                         break;
                     }
-                    Drain::Unproven { entered, delivered } => unproven = Some((entered, delivered)),
+                    Drain::Unproven { entered, delivered } => {
+                        unproven = Some(format!("{entered} points entered it since the capture began and {delivered} were forwarded; points it takes outside the capture keep them apart: a database or retention policy the capture does not cover, such as _internal's statistics, or a write that failed there"))
+                    }
+                    Drain::NoBase => {
+                        proof = false;
+                        unproven = Some("writes reached it while the capture's subscriptions were being made, before they forwarded anything".into())
+                    }
                 }
             }
             let last = stats.last_write().unwrap_or(switched).max(switched);
@@ -171,10 +177,10 @@ impl Migration<'_> {
                 let received = stats.points();
                 let lag = self.reader.as_ref().map(|r| r.lag()).unwrap_or(0);
                 if st.written == received && lag == 0 {
-                    if let Some((entered, delivered)) = unproven {
+                    if let Some(why) = &unproven {
                         // Said once per migration, so an operator sees why this one
-                        // waited: points reached the source outside the capture.
-                        self.progress.note(&format!("the source's counters did not prove the drain ({entered} points entered it since the capture began, {delivered} were forwarded: a database or retention policy the capture does not cover, such as _internal's statistics, or a write that failed there); ended it after capture.quiet_period instead"));
+                        // waited.
+                        self.progress.note(&format!("the source's counters did not prove the drain ({why}); ended it after capture.quiet_period instead"));
                     }
                     break;
                 }

@@ -74,10 +74,17 @@ impl Migration<'_> {
     async fn prove_drained(&self, phase: Phase) -> Result<Option<u64>, MigrateError> {
         let deadline = Instant::now() + Duration::from_millis(500);
         loop {
-            if let Drain::Proven(first) = self.drain_proven(phase).await? {
-                return Ok(Some(first.http_written));
-            }
+            let (entered, delivered) = match self.drain_proven(phase).await? {
+                Drain::Proven(first) => return Ok(Some(first.http_written)),
+                Drain::Unproven { entered, delivered } => (entered, delivered),
+                Drain::NoBase => return Ok(None),
+            };
             if Instant::now() >= deadline {
+                tracing::info!(
+                    entered,
+                    delivered,
+                    "the source's counters do not prove the capture complete (points entered it outside the capture); stopping it after the settle wait"
+                );
                 return Ok(None);
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
