@@ -25,21 +25,42 @@ pub struct SubStats {
     /// Points acknowledged over HTTP since the server started (see
     /// [`Influx::http_points_written`]), read in the same snapshot.
     pub http_written: u64,
+    /// Write requests that entered the points writer (`write` `req`), counted with
+    /// `entered`.
+    pub requests: u64,
+    /// Write requests the points writer has handed to the subscriber service, or dropped
+    /// there for a full queue (`subWriteOk` + `subWriteDrop`): counted after a request
+    /// has found its shards, which may take a while (a new shard group waits for the
+    /// metadata lock that `CREATE SUBSCRIPTION` also takes).
+    pub handed: u64,
 }
 
 /// Whether two reads of a server's counters, `first` then `second`, prove that every
-/// point that entered its points writer after `entered_at_start` (read before the
-/// subscriptions named in `first` were made) had been delivered by those subscriptions
-/// when `first` was read, and that nothing entered between the reads. Each point a
-/// subscription delivers entered after the base and before its delivery, and is counted
-/// on entry, so `first.written` <= entries at `first` <= `second.entered` - base; equal
-/// ends make the middle equal. A point that enters but is not forwarded to these
-/// subscriptions (another database or retention policy, `_internal`'s statistics, a
-/// write refused after it entered) keeps the ends apart for good, as does a restart.
-pub fn drained(entered_at_start: u64, first: &SubStats, second: &SubStats) -> bool {
+/// point that entered its points writer after `base` (read before the subscriptions
+/// named in `first` were made, and unchanged until they were live: [`clean_start`]) had
+/// been delivered by those subscriptions when `first` was read, and that nothing entered
+/// between the reads. Each point a subscription delivers is counted on entry, so when
+/// every request it delivers entered after the base, `first.written` <= entries at
+/// `first` <= `second.entered` - base, and equal ends make the middle equal. A request
+/// that entered before the base but reached the subscriber service after it (it waited
+/// for its shards) breaks that premise: more requests handed on since the base than
+/// entered says so. A point that enters but is not forwarded to these subscriptions
+/// (another database or retention policy, `_internal`'s statistics, a write refused after
+/// it entered) keeps the ends apart for good, as does a restart.
+pub fn drained(base: &SubStats, first: &SubStats, second: &SubStats) -> bool {
     first.started == second.started
+        && base.started == first.started
         && first.failed == 0
-        && second.entered.checked_sub(entered_at_start) == Some(first.written)
+        && second.entered.checked_sub(base.entered) == Some(first.written)
+        && second.handed.saturating_sub(base.handed)
+            <= second.requests.saturating_sub(base.requests)
+}
+
+/// Whether the subscriptions went live with nothing entering the points writer and no
+/// request from before `base` reaching the subscriber service meanwhile: the condition
+/// for [`drained`] to count from `base`.
+pub fn clean_start(base: &SubStats, live: &SubStats) -> bool {
+    base.started == live.started && base.entered == live.entered && base.handed == live.handed
 }
 
 impl Influx {
@@ -75,16 +96,28 @@ impl Influx {
         name: &str,
         on: &[(String, String)],
     ) -> Result<usize, InfluxError> {
+        Ok(self.live_subscriptions_and_stats(name, on).await?.0)
+    }
+
+    /// [`Self::live_subscriptions`], with the counters of [`Self::subscriber_stats`] read
+    /// in the same request.
+    pub async fn live_subscriptions_and_stats(
+        &self,
+        name: &str,
+        on: &[(String, String)],
+    ) -> Result<(usize, SubStats), InfluxError> {
         let vars = self.debug_vars().await?;
+        let stats = subscriber_stats(&vars, name);
         // `subscriber:<db>:<rp>:<name>:<destination>`.
-        Ok(on
+        let live = on
             .iter()
             .filter(|(db, rp)| {
                 let prefix = format!("subscriber:{db}:{rp}:{name}:");
                 vars.as_object()
                     .is_some_and(|o| o.keys().any(|k| k.starts_with(&prefix)))
             })
-            .count())
+            .count();
+        Ok((live, stats))
     }
 }
 
@@ -121,6 +154,8 @@ fn subscriber_stats(vars: &Value, name: &str) -> SubStats {
     if let Some(w) = obj.get("write") {
         st.dropped += num(w, "/values/subWriteDrop");
         st.entered = num(w, "/values/pointReq");
+        st.requests = num(w, "/values/req");
+        st.handed = num(w, "/values/subWriteOk") + num(w, "/values/subWriteDrop");
     }
     st.http_written = http_points_written(vars);
     st.started = obj
@@ -149,7 +184,7 @@ mod tests {
     fn subscriber_counters_are_ours_and_drops_are_what_the_service_counts_beyond_them() {
         let vars = json!({
             "system": {"started": "2026-11-30T05:00:00Z"},
-            "write": {"values": {"subWriteDrop": 2, "pointReq": 123}},
+            "write": {"values": {"subWriteDrop": 2, "pointReq": 123, "req": 12, "subWriteOk": 9}},
             "subscriber": {"values": {"writeFailures": 10}},
             "subscriber:db:autogen:stateshift_1:http://a": {
                 "tags": {"name": "stateshift_1"},
@@ -169,6 +204,7 @@ mod tests {
         assert_eq!(st.started.as_deref(), Some("2026-11-30T05:00:00Z"));
         assert_eq!(super::http_points_written(&vars), 100);
         assert_eq!((st.entered, st.http_written), (123, 100));
+        assert_eq!((st.requests, st.handed), (12, 11));
         assert_eq!(super::http_points_written(&json!([])), 0);
     }
 
@@ -179,18 +215,34 @@ mod tests {
             written,
             failed,
             started: Some(started.into()),
+            requests: entered / 10,
+            handed: entered / 10,
             ..Default::default()
         };
         let (a, b) = ("2026-12-01T09:00:00Z", "2026-12-01T09:05:00Z");
-        assert!(super::drained(100, &st(140, 40, 0, a), &st(140, 40, 0, a)));
-        // Entered 41 since the base, delivered 40: one is queued (or went elsewhere).
-        assert!(!super::drained(100, &st(140, 40, 0, a), &st(141, 40, 0, a)));
-        // Delivered more than entered: the base was not read before the subscriptions.
-        assert!(!super::drained(100, &st(140, 41, 0, a), &st(140, 41, 0, a)));
-        assert!(!super::drained(100, &st(140, 40, 1, a), &st(140, 40, 1, a)));
-        // A restart between the reads: counters from zero again.
-        assert!(!super::drained(0, &st(140, 40, 0, a), &st(40, 40, 0, b)));
-        // Counters below the base (a restart before the first read).
-        assert!(!super::drained(100, &st(0, 0, 0, b), &st(0, 0, 0, b)));
+        let base = st(100, 0, 0, a);
+        let drained = |first: &super::SubStats, second: &super::SubStats| {
+            super::drained(&base, first, second)
+        };
+        assert!(drained(&st(140, 40, 0, a), &st(140, 40, 0, a)));
+        // Entered 50 since the base, delivered 40: some are queued (or went elsewhere).
+        assert!(!drained(&st(140, 40, 0, a), &st(150, 40, 0, a)));
+        // Delivered more than entered: a request from before the base was delivered.
+        assert!(!drained(&st(150, 60, 0, a), &st(150, 60, 0, a)));
+        assert!(!drained(&st(140, 40, 1, a), &st(140, 40, 1, a)));
+        // A restart between the reads, or since the base: counters from zero again.
+        assert!(!drained(&st(140, 40, 0, a), &st(140, 40, 0, b)));
+        assert!(!drained(&st(140, 40, 0, b), &st(140, 40, 0, b)));
+        // Equal points, but more requests handed on than entered since the base: one of
+        // them entered before it, and its points may hide a queued one.
+        let mut second = st(140, 40, 0, a);
+        second.handed += 1;
+        assert!(!drained(&st(140, 40, 0, a), &second));
+        // A clean start: nothing entered and nothing from before was handed on.
+        assert!(super::clean_start(&base, &st(100, 0, 0, a)));
+        assert!(!super::clean_start(&base, &st(110, 0, 0, a)));
+        let mut late = st(100, 0, 0, a);
+        late.handed += 1;
+        assert!(!super::clean_start(&base, &late));
     }
 }

@@ -1411,7 +1411,7 @@ async fn the_drain_is_proven_only_when_every_point_that_entered_the_source_has_a
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let name = "stateshift_drain";
-    let base = src.subscriber_stats(name).await.unwrap().entered;
+    let base = src.subscriber_stats(name).await.unwrap();
     src.query(
         None,
         &format!("CREATE SUBSCRIPTION {name} ON d.autogen DESTINATIONS ALL 'http://{addr}'"),
@@ -1429,7 +1429,7 @@ async fn the_drain_is_proven_only_when_every_point_that_entered_the_source_has_a
         let first = src.subscriber_stats(name).await.unwrap();
         let second = src.subscriber_stats(name).await.unwrap();
         (
-            stateshift::influx::drained(base, &first, &second),
+            stateshift::influx::drained(&base, &first, &second),
             first.written,
         )
     };

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::context::{sub_name, Migration};
 use super::{MigrateError, Phase};
 use crate::config::Config;
-use crate::influx::{drained, ident, literal, Influx, SubStats};
+use crate::influx::{clean_start, drained, ident, literal, Influx, SubStats};
 use crate::migrate::capture::{Receiver, ReceiverAuth, Sink};
 use crate::migrate::spool::SpoolWriter;
 use crate::util::Secret;
@@ -64,18 +64,20 @@ impl Migration<'_> {
             "capturing writes of {} retention policies into {url}",
             subs
         ));
-        // The drain's proof counts from the entries read just before the subscriptions
-        // were made. A point that entered before they went live was not forwarded and
-        // would keep the counts apart for good: then the proof is not tried at all.
-        let base = self.entered_at_start.take();
-        let live = Self::subscriber_stats(&self.src().influx, &name, p).await?;
-        if base == Some(live.entered) {
-            self.entered_at_start = base;
-        } else {
-            tracing::info!(
-                entered = live.entered.saturating_sub(base.unwrap_or(0)),
+        // The drain's proof counts from the counters read just before the subscriptions
+        // were made. A point that entered before they went live may not have been
+        // forwarded, and a request from before that reached the subscriber service after
+        // may have been: either would falsify the count, so then the proof is not tried.
+        match (self.capture_base.take(), self.capture_live.take()) {
+            (Some(base), Some(live)) if clean_start(&base, &live) => {
+                self.capture_base = Some(base)
+            }
+            (base, live) => tracing::info!(
+                entered = live
+                    .as_ref()
+                    .map_or(0, |l| l.entered.saturating_sub(base.map_or(0, |b| b.entered))),
                 "writes reached the source while the capture's subscriptions were being made: the counters cannot prove the drain; it ends on time"
-            );
+            ),
         }
         Ok(())
     }
@@ -141,8 +143,7 @@ impl Migration<'_> {
         if on_source {
             // As late as possible: the window until the subscriptions are live should
             // see no write (see `capture`).
-            self.entered_at_start =
-                Some(Self::subscriber_stats(&influx, name, phase).await?.entered);
+            self.capture_base = Some(Self::subscriber_stats(&influx, name, phase).await?);
         }
         for (db, rp) in rps {
             let q = format!(
@@ -179,11 +180,14 @@ impl Migration<'_> {
         let made_at = Instant::now();
         let deadline = made_at + self.cfg.capture.live_timeout;
         loop {
-            let live = influx
-                .live_subscriptions(name, &made)
+            let (live, stats) = influx
+                .live_subscriptions_and_stats(name, &made)
                 .await
                 .map_err(Self::influx_err(phase))?;
             if live == made.len() {
+                if on_source {
+                    self.capture_live = Some(stats);
+                }
                 return Ok(made.len());
             }
             if Instant::now() > deadline {
@@ -258,18 +262,19 @@ impl Migration<'_> {
     /// the caller falls back on time. Proven: the first read, whose HTTP write count holds
     /// only points that entered before the second read, all of them received.
     pub(super) async fn drain_proven(&self, phase: Phase) -> Result<Drain, MigrateError> {
-        let Some(base) = self.entered_at_start else {
+        let Some(base) = &self.capture_base else {
             self.check_capture_complete(phase).await?;
             return Ok(Drain::NoBase);
         };
         let first = self.check_capture_complete(phase).await?;
         let second = Self::subscriber_stats(&self.src().influx, &sub_name(&self.id), phase).await?;
-        let received = self.receiver.as_ref().map_or(0, |r| r.stats.points());
-        if drained(base, &first, &second) && received >= first.written {
+        // What InfluxDB counts as delivered our receiver has spooled and counted: it
+        // answers only then.
+        if drained(base, &first, &second) {
             Ok(Drain::Proven(first))
         } else {
             Ok(Drain::Unproven {
-                entered: second.entered.saturating_sub(base),
+                entered: second.entered.saturating_sub(base.entered),
                 delivered: first.written,
             })
         }

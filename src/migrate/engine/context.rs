@@ -50,9 +50,11 @@ pub(super) struct Migration<'a> {
     pub drops_at_start: u64,
     /// The source process's start time when the capture started.
     pub source_started: Option<String>,
-    /// Points that had entered the source's points writer (`write` `pointReq`) just
-    /// before the capture's subscriptions were made: the base of [`Self::drain_proven`].
-    pub entered_at_start: Option<u64>,
+    /// The source's counters read just before the capture's subscriptions were made: the
+    /// base of [`Self::drain_proven`] (`None` when it cannot serve, see `capture`).
+    pub capture_base: Option<crate::influx::SubStats>,
+    /// The same counters from the answer that first showed the subscriptions live.
+    pub capture_live: Option<crate::influx::SubStats>,
     /// The replay's position in the spool, kept for the tail after verify.
     pub reader: Option<SpoolReader>,
     /// The target pulled the dump itself: nothing to transfer.
@@ -109,7 +111,8 @@ impl<'a> Migration<'a> {
             touched_receiver: None,
             drops_at_start: 0,
             source_started: None,
-            entered_at_start: None,
+            capture_base: None,
+            capture_live: None,
             reader: None,
             pulled: false,
             restored: false,

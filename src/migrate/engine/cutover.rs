@@ -1,6 +1,7 @@
 //! Cutover: watch the target, record the repoint, run the cutover command (bounded on
-//! the writers' host), then replay until the source has gone quiet and every point it
-//! forwarded is on the target.
+//! the writers' host), then replay until every point the source forwarded is on the
+//! target and either its counters prove nothing more is on the way (with
+//! `cutover.synchronous`) or it has gone quiet.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,7 +52,7 @@ impl Migration<'_> {
         self.subscribe(p, false, &format!("{}_t", sub_name(&self.id)), &turl)
             .await?;
         // What nothing can change on the source any more is compared from now on, through
-        // the command and the quiet period; whatever a writer touches meanwhile is
+        // the command and the drain; whatever a writer touches meanwhile is
         // compared again after them.
         self.start_early_verify().await;
 
@@ -154,6 +155,11 @@ impl Migration<'_> {
         let switched = Instant::now();
         loop {
             self.replay_now(p).await?;
+            // Each try reads the source's counters twice; a source that never proves it
+            // (points it takes outside the capture) is not asked for the whole quiet period.
+            if proof && switched.elapsed() > Duration::from_secs(1) {
+                proof = false;
+            }
             if proof {
                 match self.drain_proven(p).await? {
                     Drain::Proven(_) => {

@@ -33,7 +33,7 @@ impl Migration<'_> {
                 }
             }
         }
-        let tail = self.stop_capture(Phase::Dispose, proven.is_none()).await?;
+        let tail = self.stop_capture(Phase::Dispose).await?;
         if tail > 0 {
             self.progress.note(&format!(
                 "replayed {tail} points that reached the source after verification"
@@ -68,9 +68,10 @@ impl Migration<'_> {
     }
 
     /// Try for a moment to prove the capture drained ([`Self::drain_proven`]); the
-    /// source's HTTP write count of the proof when it holds. A source that takes points
-    /// the capture does not cover never proves it: half a second, then the caller falls
-    /// back on the settle wait.
+    /// source's HTTP write count of the proof when it holds: every write it counts has
+    /// reached the receiver, where before a forward still in flight after the settle wait
+    /// was lost unnoticed. A source that takes points the capture does not cover never
+    /// proves it: half a second, then the count is read as before.
     async fn prove_drained(&self, phase: Phase) -> Result<Option<u64>, MigrateError> {
         let deadline = Instant::now() + Duration::from_millis(500);
         loop {
@@ -83,7 +84,7 @@ impl Migration<'_> {
                 tracing::info!(
                     entered,
                     delivered,
-                    "the source's counters do not prove the capture complete (points entered it outside the capture); stopping it after the settle wait"
+                    "the source's counters do not prove the capture complete (points entered it outside the capture); stopping it on the settle wait alone"
                 );
                 return Ok(None);
             }
@@ -91,16 +92,11 @@ impl Migration<'_> {
         }
     }
 
-    /// Stop capturing on the source and replay the tail of the spool (writes that still
-    /// reached the source, e.g. from a straggling writer). With `settle`, first let
-    /// in-flight forwards land (arrivals quiet for 300 ms); without, the caller has proven
-    /// that everything the source took before its count had arrived, and a later write is
-    /// found by that count.
-    pub(super) async fn stop_capture(
-        &mut self,
-        phase: Phase,
-        settle: bool,
-    ) -> Result<u64, MigrateError> {
+    /// Stop capturing on the source, let in-flight forwards land, and replay the tail of
+    /// the spool (writes that still reached the source, e.g. from a straggling writer).
+    /// The settle wait stays after a proof: points that enter after the proof's reads (a
+    /// straggler, a continuous query's output) are still forwarded until the drop.
+    pub(super) async fn stop_capture(&mut self, phase: Phase) -> Result<u64, MigrateError> {
         let name = sub_name(&self.id);
         if let Some(src) = &self.source {
             for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
@@ -111,7 +107,7 @@ impl Migration<'_> {
         }
         // Forwards already in flight still land: wait until arrivals settle (bounded),
         // stop the receiver, and only then replay the last of the spool.
-        if let (Some(r), true) = (&self.receiver, settle) {
+        if let Some(r) = &self.receiver {
             let stats = r.stats.clone();
             let mut last = stats.points();
             let mut stable = Instant::now();

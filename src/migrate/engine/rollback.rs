@@ -85,7 +85,7 @@ impl Migration<'_> {
         let undo = self.plan.undo(self.report.cutover_done);
         if undo == Undo::KeepBoth {
             // Writers may still reach the source: replay what it forwarded before stopping.
-            if let Err(e) = self.stop_capture(e.phase(), true).await {
+            if let Err(e) = self.stop_capture(e.phase()).await {
                 tracing::error!(error = %e, "could not replay the last captured writes; the capture spool is kept");
             }
         }
