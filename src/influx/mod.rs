@@ -9,7 +9,7 @@ pub mod lineproto;
 pub mod snapshotter;
 mod vars;
 
-pub use vars::{clean_start, drained, SubStats};
+pub use vars::{drained, SubStats};
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::context::{sub_name, Migration};
 use super::{MigrateError, Phase};
 use crate::config::Config;
-use crate::influx::{clean_start, drained, ident, literal, Influx, SubStats};
+use crate::influx::{drained, ident, literal, Influx, SubStats};
 use crate::migrate::capture::{Receiver, ReceiverAuth, Sink};
 use crate::migrate::spool::SpoolWriter;
 use crate::util::Secret;
@@ -20,8 +20,8 @@ pub(super) enum Drain {
     /// Not proven: `entered` points entered the source's points writer since the capture
     /// began, `delivered` were delivered to the receiver.
     Unproven { entered: u64, delivered: u64 },
-    /// Cannot be proven in this migration: writes reached the source while its
-    /// subscriptions were being made (or the capture did not start in this run).
+    /// Cannot be proven in this migration: the capture has no base (it did not start in
+    /// this run).
     NoBase,
 }
 
@@ -65,19 +65,16 @@ impl Migration<'_> {
             subs
         ));
         // The drain's proof counts from the counters read just before the subscriptions
-        // were made. A point that entered before they went live may not have been
-        // forwarded, and a request from before that reached the subscriber service after
-        // may have been: either would falsify the count, so then the proof is not tried.
-        match (self.capture_base.take(), self.capture_live.take()) {
-            (Some(base), Some(live)) if clean_start(&base, &live) => {
-                self.capture_base = Some(base)
+        // were made. A write that entered before they went live may not have been
+        // forwarded: it is in the dump, and the proof will not hold in this migration
+        // (time decides). Said here, where it is known.
+        if let (Some(base), Some(live)) = (&self.capture_base, self.capture_live.take()) {
+            if live.entered != base.entered {
+                tracing::info!(
+                    points = live.entered.saturating_sub(base.entered),
+                    "writes reached the source while the capture's subscriptions were being made: unless they were forwarded, the counters cannot prove the drain, and time decides"
+                );
             }
-            (base, live) => tracing::info!(
-                entered = live
-                    .as_ref()
-                    .map_or(0, |l| l.entered.saturating_sub(base.map_or(0, |b| b.entered))),
-                "writes reached the source while the capture's subscriptions were being made: the counters cannot prove the drain; it ends on time"
-            ),
         }
         Ok(())
     }

@@ -51,7 +51,7 @@ pub(super) struct Migration<'a> {
     /// The source process's start time when the capture started.
     pub source_started: Option<String>,
     /// The source's counters read just before the capture's subscriptions were made: the
-    /// base of [`Self::drain_proven`] (`None` when it cannot serve, see `capture`).
+    /// base of [`Self::drain_proven`].
     pub capture_base: Option<crate::influx::SubStats>,
     /// The same counters from the answer that first showed the subscriptions live.
     pub capture_live: Option<crate::influx::SubStats>,

@@ -169,11 +169,11 @@ impl Migration<'_> {
                         break;
                     }
                     Drain::Unproven { entered, delivered } => {
-                        unproven = Some(format!("{entered} points entered it since the capture began and {delivered} were forwarded; points it takes outside the capture keep them apart: a database or retention policy the capture does not cover, such as _internal's statistics, or a write that failed there"))
+                        unproven = Some(format!("within 1 s of the command; at the last try {entered} points had entered it since the capture began and {delivered} had been forwarded: points still queued there, or taken outside the capture (a database or retention policy it does not cover, such as _internal's statistics, a write refused there, or one that arrived while the capture's subscriptions were being made)"))
                     }
                     Drain::NoBase => {
                         proof = false;
-                        unproven = Some("writes reached it while the capture's subscriptions were being made, before they forwarded anything".into())
+                        unproven = Some("the capture did not start in this run".into())
                     }
                 }
             }
