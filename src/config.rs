@@ -276,6 +276,7 @@ struct RawMigration {
     target_ready_timeout: Option<Duration>,
     probe_rate: Option<u32>,
     transfer_rate_limit: Option<RateScalar>,
+    idle_nice: Option<i64>,
 }
 
 /// The most `verify.parallel_queries` taken: more queries than a server has cores only
@@ -866,6 +867,13 @@ pub struct MigrationConfig {
     /// and link, at the cost of a longer dump; the `forward` and `stream` fallbacks run
     /// `influxd backup` on a host and are not bounded by it.
     pub transfer_rate_limit: u64,
+    /// The nice value (1–19; 0: off) of the `influxd` the writers are not using during
+    /// the migration: the target's until the repoint (the shard imports, the replays and
+    /// the early comparison run there), the source's from the repoint to the end
+    /// (verification's scans). Each is back to 0 before writers use it and when the
+    /// migration ends. Matters wherever the two servers, or a server and another busy
+    /// process, share CPUs; on a VM of its own the server has nothing to yield to.
+    pub idle_nice: u8,
     pub(crate) user_passwords_file: Option<PathBuf>,
 }
 
@@ -1279,6 +1287,16 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             None => 0,
             Some(r) => {
                 bytes_per_second(r).map_err(|e| v.err("migration.transfer_rate_limit", e))?
+            }
+        },
+        idle_nice: match m.idle_nice {
+            None => 19,
+            Some(n @ 0..=19) => n as u8,
+            Some(n) => {
+                return Err(v.err(
+                    "migration.idle_nice",
+                    format!("{n} is not a nice value between 0 (off) and 19 (the lowest priority)"),
+                ))
             }
         },
     };
@@ -1993,6 +2011,25 @@ mod tests {
             assert!(
                 e.contains("verify.parallel_queries")
                     && e.contains(&format!("{bad} is not between 1 and 16")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_idle_sides_nice_value_defaults_to_19_and_refuses_what_nice_cannot_be() {
+        assert_eq!(load(MIN, &[]).unwrap().migration.idle_nice, 19);
+        let c = load(&format!("{MIN}migration:\n  idle_nice: 0\n"), &[]).unwrap();
+        assert_eq!(c.migration.idle_nice, 0);
+        let c = load(MIN, &[("STATESHIFT__MIGRATION__IDLE_NICE", "10")]).unwrap();
+        assert_eq!(c.migration.idle_nice, 10);
+        for bad in ["20", "-5"] {
+            let e = load(&format!("{MIN}migration:\n  idle_nice: {bad}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("migration.idle_nice")
+                    && e.contains(&format!("{bad} is not a nice value")),
                 "{e}"
             );
         }

@@ -225,6 +225,10 @@ enum Cmd {
         /// (`cutover.synchronous`, as the RCBaaS deployment's command).
         #[arg(long)]
         quiet_drain: bool,
+        /// The migration's `migration.idle_nice`: the nice value of the server the
+        /// writer is not using (0: both at full priority).
+        #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(u8).range(0..=19))]
+        idle_nice: u8,
     },
 }
 
@@ -615,6 +619,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             replay_points,
             transfer_rate_limit,
             quiet_drain,
+            idle_nice,
         } => match interruptible(bench::bench(
             &dir,
             &BenchOptions {
@@ -623,6 +628,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                 replay_points,
                 transfer_rate_limit,
                 quiet_drain,
+                idle_nice,
             },
         ))
         .await

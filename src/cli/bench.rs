@@ -93,6 +93,8 @@ pub struct BenchOptions {
     pub transfer_rate_limit: String,
     /// The cutover command does not wait for the writer (no `cutover.synchronous`).
     pub quiet_drain: bool,
+    /// `migration.idle_nice`.
+    pub idle_nice: u8,
 }
 
 /// The data-engine benchmark.
@@ -137,10 +139,15 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     .await?;
     let (cfg_path, cfg) = lab
         .write_config(&format!(
-            "  transfer_rate_limit: {}\nverify:\n  content: full\n",
-            serde_json::to_string(&o.transfer_rate_limit)?
+            "  transfer_rate_limit: {}\n  idle_nice: {}\nverify:\n  content: full\n",
+            serde_json::to_string(&o.transfer_rate_limit)?,
+            o.idle_nice
         ))
         .map_err(anyhow::Error::msg)?;
+    println!(
+        "the server the writer is not using runs at nice {} (migration.idle_nice)",
+        cfg.migration.idle_nice
+    );
     if cfg.migration.transfer_rate_limit > 0 {
         println!(
             "shard streams limited to {:.1} MB/s (migration.transfer_rate_limit)",

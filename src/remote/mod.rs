@@ -292,6 +292,7 @@ impl Remote for LocalRemote {
 }
 
 /// A host as the configuration names it: local, or reached over SSH.
+#[derive(Clone)]
 pub enum Host {
     Local(LocalRemote),
     Ssh(SshRemote),

@@ -8,12 +8,14 @@ use openssh::{ForwardType, KnownHosts, Session, SessionBuilder, Socket, Stdio};
 use super::{BoxRead, BoxWrite, Pipes, ProcessInner, Remote, RemoteError, RemoteProcess};
 use crate::config::{HostKeyCheck, SshConfig};
 
-/// Commands on a host reached over SSH.
+/// Commands on a host reached over SSH. A clone shares the connection (commands from
+/// several tasks run as channels of one master).
+#[derive(Clone)]
 pub struct SshRemote {
     session: Arc<Session>,
     name: String,
-    /// The known-hosts file made from pinned keys, removed with the session.
-    _pinned: Option<PinnedKnownHosts>,
+    /// The known-hosts file made from pinned keys, removed with the last clone.
+    _pinned: Option<Arc<PinnedKnownHosts>>,
 }
 
 /// A private known-hosts file holding exactly the keys pinned for one host: OpenSSH then
@@ -139,7 +141,7 @@ impl SshRemote {
                     return Ok(SshRemote {
                         session: Arc::new(session),
                         name,
-                        _pinned: pinned,
+                        _pinned: pinned.map(Arc::new),
                     });
                 }
                 Err(e) => {

@@ -70,3 +70,32 @@ impl Progress for Quiet {}
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_stateshift"))
 }
+
+/// The nice values of every thread of process `pid` (Linux keeps one per thread).
+pub fn thread_nices(pid: u32) -> std::collections::BTreeSet<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .map(|stat| {
+            // After the command's closing parenthesis: state is field 3, nice field 19.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            rest.split(' ').nth(16).unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+/// Give every thread of process `pid` the nice value `nice`.
+pub fn renice_all(pid: u32, nice: i32) {
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| Some(t.ok()?.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let ok = std::process::Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p"])
+        .args(&tasks)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "renice {pid}");
+}

@@ -216,6 +216,11 @@ async fn a_sabotaged_target_is_refused_and_the_source_keeps_everything() {
         expected,
         "the source keeps everything"
     );
+    // The source was lowered once it went quiet; failed after the repoint, the migration
+    // gives it its priority back (an operator may send the writers back to it).
+    for vm in [&lab.source, &lab.target] {
+        assert_eq!(thread_nices(vm.pids()[0]), [0].into());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1594,5 +1599,70 @@ impl Progress for WriteOutsideTheCapture {
     }
     fn note(&self, msg: &str) {
         self.notes.lock().unwrap().push(msg.to_string());
+    }
+}
+
+/// The server no writer uses yields its CPU (`migration.idle_nice`): the target from the
+/// dump to the repoint, the source once it went quiet; each gets its own priority back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_no_writer_uses_runs_at_the_idle_nice_value_and_gets_its_own_back() {
+    let lab = lab(LabOptions::default()).await;
+    let (_, cfg) = lab.write_config("").unwrap();
+    assert_eq!(cfg.migration.idle_nice, 19, "on by default");
+    seed(&lab, "cyclops", 20_000).await;
+    let (src, dst) = (lab.source.pids()[0], lab.target.pids()[0]);
+    // An operator's own choice for the source: it must come back as it was.
+    renice_all(src, 5);
+    let seen = NicesSeen {
+        src,
+        dst,
+        at: std::sync::Mutex::new(Vec::new()),
+    };
+    engine::run(&cfg, cfg.target.as_ref().unwrap(), &seen)
+        .await
+        .expect("migration succeeds");
+    let at = seen.at.lock().unwrap().clone();
+    assert_eq!(
+        at,
+        [
+            (Phase::Delta, [5].into(), [19].into()),
+            (Phase::Verify, [19].into(), [0].into()),
+        ],
+        "(phase, source's threads, target's threads)"
+    );
+    assert_eq!(
+        thread_nices(src),
+        [5].into(),
+        "the source's own value, back"
+    );
+    assert_eq!(thread_nices(dst), [0].into());
+}
+
+type Nices = std::collections::BTreeSet<i32>;
+
+/// Records both servers' threads' nice values when the delta starts (after the dump,
+/// before the repoint) and when verification starts (after the drain), once the
+/// lowering the engine started in the background has had up to 5 s to act.
+struct NicesSeen {
+    src: u32,
+    dst: u32,
+    at: std::sync::Mutex<Vec<(Phase, Nices, Nices)>>,
+}
+
+impl Progress for NicesSeen {
+    fn phase_started(&self, phase: Phase) {
+        let lowered = match phase {
+            Phase::Delta => self.dst,
+            Phase::Verify => self.src,
+            _ => return,
+        };
+        let t = std::time::Instant::now();
+        while thread_nices(lowered) != [19].into() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.at
+            .lock()
+            .unwrap()
+            .push((phase, thread_nices(self.src), thread_nices(self.dst)));
     }
 }

@@ -75,6 +75,8 @@ pub(super) struct Migration<'a> {
     pub early_verify: Option<EarlyVerify>,
     /// When the first comparison began (the early pass's start, or the verify phase's).
     pub verify_started: Option<std::time::Instant>,
+    /// The idle side's lowered CPU priority (`migration.idle_nice`).
+    pub priorities: super::priority::Priorities,
 }
 
 /// The early verification's task.
@@ -122,6 +124,7 @@ impl<'a> Migration<'a> {
             abort: crate::migrate::abort::Abort::new(),
             early_verify: None,
             verify_started: None,
+            priorities: Default::default(),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::capture::Drain;
 use super::context::{sub_name, Migration};
+use super::priority::End;
 use super::{MigrateError, Phase};
 use crate::migrate::capture::{KeySet, Receiver, Sink};
 use crate::remote::{Host, Remote, RemoteError};
@@ -24,6 +25,9 @@ impl Migration<'_> {
 
     pub(super) async fn cutover(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Cutover;
+        // The target gets its priority back before any writer uses it (started with the
+        // delta, which a resumed run does too; awaited below).
+        self.raise_priority(End::Target);
         // Catch up once more so the lag at the switch is as small as possible.
         self.replay_now(p).await?;
         self.check_capture_complete(p).await?;
@@ -61,6 +65,7 @@ impl Migration<'_> {
             let host = Host::connect(self.cfg.cutover.ssh.as_ref())
                 .await
                 .map_err(Self::remote_err(p))?;
+            self.priority_settled(End::Target).await;
             // Recorded first: the command must never run unrecorded.
             self.close_abort(p)?;
             self.journal
@@ -130,6 +135,7 @@ impl Migration<'_> {
         if self.cfg.cutover.command.is_none() {
             // Writers follow by other means (DNS, a proxy): they may use the target now,
             // and there is no command to wait for.
+            self.priority_settled(End::Target).await;
             self.close_abort(p)?;
             self.journal
                 .writers_repointing()
@@ -212,6 +218,9 @@ impl Migration<'_> {
                 None => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
+        // The source is quiet: what runs there from now on (verification) yields to the
+        // target, which serves the writers.
+        self.lower_priority(End::Source);
         self.report.points_captured = stats.points();
         self.report.replay_points_per_second = if self.report.replay_seconds > 0.0 {
             self.report.points_replayed as f64 / self.report.replay_seconds

@@ -5,12 +5,15 @@ use std::time::{Duration, Instant};
 
 use super::capture::Drain;
 use super::context::{sub_name, Migration};
+use super::priority::End;
 use super::{MigrateError, Phase};
 use crate::remote::Remote;
 use crate::util::shell_quote;
 
 impl Migration<'_> {
     pub(super) async fn dispose(&mut self) -> Result<(), MigrateError> {
+        // Given back while the capture stops (awaited at the end).
+        self.raise_priority(End::Source);
         // Writes that reached the source after verification are forwarded too; a failed
         // forward (or a source restart) now would leave a point only on the old stack,
         // which is about to be deleted. Best: the counters prove that everything the
@@ -45,6 +48,7 @@ impl Migration<'_> {
             let _ = std::fs::remove_file(s.path());
             let _ = std::fs::remove_file(format!("{}.offset", s.path().display()));
         }
+        self.restore_priorities().await;
         Ok(())
     }
 

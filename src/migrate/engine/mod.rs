@@ -32,6 +32,7 @@ mod cutover;
 mod dispose;
 mod plan;
 mod prepare;
+mod priority;
 mod replay;
 mod rollback;
 mod transfer;

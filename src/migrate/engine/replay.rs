@@ -15,6 +15,9 @@ use crate::migrate::spool::SpoolReader;
 impl Migration<'_> {
     pub(super) async fn delta(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Delta;
+        // The imports are done: the target gets its priority back while the delta and the
+        // cutover's first steps run, in time for the writers (the cutover waits for it).
+        self.raise_priority(super::priority::End::Target);
         let spool = self.spool.clone().ok_or_else(|| MigrateError::Failed {
             phase: p,
             msg: "no capture spool".into(),

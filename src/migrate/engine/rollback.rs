@@ -78,6 +78,9 @@ impl Migration<'_> {
         tracing::error!(phase = %e.phase(), error = %e, "migration failed");
         // Its findings are moot; its queries would only load both servers.
         self.early_verify = None;
+        // Whatever happens next, neither server stays lowered: after the repoint an
+        // operator may send the writers back to the source.
+        self.restore_priorities().await;
         if matches!(e, MigrateError::Aborted { .. }) {
             self.stop_scratch_users().await;
             self.drop_unrecorded_subscriptions().await;

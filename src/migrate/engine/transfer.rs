@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::context::Migration;
+use super::priority::End;
 use super::{MigrateError, Phase, TargetObject};
 use crate::config::{InstanceConfig, TransferMode};
 use crate::influx::{ident, literal, snapshotter, InfluxError};
@@ -24,6 +25,8 @@ impl Migration<'_> {
                 r.kill();
             }
         }
+        // No writer uses the target before the repoint: its imports yield to the source.
+        self.lower_priority(End::Target);
         let mode = self.cfg.migration.transfer;
         if matches!(mode, TransferMode::Auto | TransferMode::Shards) {
             match self.stream_shards().await {
