@@ -263,6 +263,7 @@ struct RawVerify {
     #[serde(default, with = "humantime_serde")]
     query_timeout: Option<Duration>,
     parallel_queries: Option<usize>,
+    target_first: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -821,6 +822,11 @@ pub struct VerifyConfig {
     /// of its own, this many at once per server; at 1 one statement asks them all. One
     /// InfluxDB 1.6 statement keeps about one core busy.
     pub parallel_queries: usize,
+    /// The measurements nothing writes to any more are aggregated on the target before
+    /// the repoint and on the source after it: the full scans never run on the server the
+    /// writers use (only the point-by-point reads of a sample, and whatever was written
+    /// during the migration). Off: both sides at once, from just before the repoint.
+    pub target_first: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -1270,6 +1276,7 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
                 ))
             }
         },
+        target_first: raw.verify.target_first.unwrap_or(true),
     };
 
     let m = raw.migration;
@@ -2004,6 +2011,9 @@ mod tests {
         assert_eq!(c.verify.parallel_queries, 4);
         let c = load(MIN, &[("STATESHIFT__VERIFY__PARALLEL_QUERIES", "3")]).unwrap();
         assert_eq!(c.verify.parallel_queries, 3);
+        assert!(c.verify.target_first, "on by default");
+        let c = load(&format!("{MIN}verify:\n  target_first: false\n"), &[]).unwrap();
+        assert!(!c.verify.target_first);
         for bad in ["0", "17"] {
             let e = load(&format!("{MIN}verify:\n  parallel_queries: {bad}\n"), &[])
                 .unwrap_err()

@@ -229,6 +229,10 @@ enum Cmd {
         /// writer is not using (0: both at full priority).
         #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(u8).range(0..=19))]
         idle_nice: u8,
+        /// The migration's `verify.target_first`: the target's aggregates before the
+        /// repoint, the source's after it (false: both at once).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        verify_target_first: bool,
     },
 }
 
@@ -620,6 +624,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             transfer_rate_limit,
             quiet_drain,
             idle_nice,
+            verify_target_first,
         } => match interruptible(bench::bench(
             &dir,
             &BenchOptions {
@@ -629,6 +634,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                 transfer_rate_limit,
                 quiet_drain,
                 idle_nice,
+                verify_target_first,
             },
         ))
         .await

@@ -95,6 +95,8 @@ pub struct BenchOptions {
     pub quiet_drain: bool,
     /// `migration.idle_nice`.
     pub idle_nice: u8,
+    /// `verify.target_first`.
+    pub verify_target_first: bool,
 }
 
 /// The data-engine benchmark.
@@ -139,14 +141,23 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     .await?;
     let (cfg_path, cfg) = lab
         .write_config(&format!(
-            "  transfer_rate_limit: {}\n  idle_nice: {}\nverify:\n  content: full\n",
+            "  transfer_rate_limit: {}\n  idle_nice: {}\nverify:\n  content: full\n  target_first: {}\n",
             serde_json::to_string(&o.transfer_rate_limit)?,
-            o.idle_nice
+            o.idle_nice,
+            o.verify_target_first
         ))
         .map_err(anyhow::Error::msg)?;
     println!(
         "the server the writer is not using runs at nice {} (migration.idle_nice)",
         cfg.migration.idle_nice
+    );
+    println!(
+        "verification reads the target's aggregates {} (verify.target_first)",
+        if cfg.verify.target_first {
+            "before the repoint, the source's after it"
+        } else {
+            "and the source's at once, from just before the repoint"
+        }
     );
     if cfg.migration.transfer_rate_limit > 0 {
         println!(

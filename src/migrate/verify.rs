@@ -262,26 +262,24 @@ pub async fn verify(
     .await
 }
 
-/// Steps 2 and 3 for the measurements `cold` names, before the source has gone quiet.
-/// Their findings wait in [`Early`] for [`verify_after`], which keeps them only for the
-/// measurements still cold then. I/O errors are returned; problems stay in the findings.
-pub async fn verify_cold(
+/// Database, retention policy, measurement.
+type MeasurementKey = (String, String, String);
+
+/// A measurement nothing writes to any more: database, retention policy, name, and its
+/// fields with whether each is numeric.
+type ColdMeasurement = (String, String, String, Vec<(String, bool)>);
+
+/// The measurements `cold` names that have points (fields) in a retention policy, and
+/// whose database is on the target (the final pass names a missing one).
+async fn cold_measurements(
     source: &Influx,
     target: &Influx,
-    cfg: &VerifyConfig,
-    touched: Option<&Mutex<KeySet>>,
     cold: Cold<'_>,
-) -> Result<Early, InfluxError> {
-    let started = Instant::now();
-    let (source, target) = (
-        &source.with_timeout(cfg.query_timeout),
-        &target.with_timeout(cfg.query_timeout),
-    );
-    let mut early = Early::default();
+) -> Result<Vec<ColdMeasurement>, InfluxError> {
+    let mut out = Vec::new();
     let target_dbs = target.databases().await?;
     for db in source.databases().await? {
         if !target_dbs.contains(&db) {
-            // The final pass names it.
             continue;
         }
         let measurements = source.measurements(&db).await?;
@@ -291,22 +289,123 @@ pub async fn verify_cold(
                 if !cold(&db, &rp.name, m) {
                     continue;
                 }
-                let fields = fields_of(&src_fields, m);
-                if fields.is_empty() {
-                    // No point of it in this retention policy: nothing to compare early.
-                    continue;
+                let fields: Vec<(String, bool)> = fields_of(&src_fields, m)
+                    .into_iter()
+                    .map(|(f, n)| (f.to_string(), n))
+                    .collect();
+                if !fields.is_empty() {
+                    out.push((db.clone(), rp.name.clone(), m.clone(), fields));
                 }
-                let from = format!("{}.{}.{}", ident(&db), ident(&rp.name), ident(m));
-                let mut rep = VerifyReport::default();
-                verify_measurement(
-                    source, target, cfg, touched, &db, &rp.name, m, &from, &fields, &mut rep,
-                )
-                .await?;
-                early
-                    .done
-                    .insert((db.clone(), rp.name.clone(), m.clone()), rep);
             }
         }
+    }
+    Ok(out)
+}
+
+/// The target's aggregates of the measurements nothing writes to any more, read before
+/// the repoint, while no writer uses the target ([`target_first`]).
+#[derive(Default)]
+pub struct TargetFirst {
+    read: HashMap<MeasurementKey, TargetRead>,
+    pub seconds: f64,
+}
+
+/// One measurement's aggregates read on the target before the repoint.
+struct TargetRead {
+    /// The fields asked about (with whether each is numeric).
+    fields: Vec<(String, bool)>,
+    per_series: HashMap<Tags, Aggregates>,
+}
+
+impl TargetFirst {
+    pub fn measurements(&self) -> usize {
+        self.read.len()
+    }
+}
+
+/// Read on the target the aggregates of every measurement `cold` names (`verify.target_first`).
+///
+/// Sound for the same reason as [`verify_cold`]: until the repoint only replays of
+/// captured writes reach the target, and they touch written measurements only, so a cold
+/// measurement holds there what the dump copied; after the repoint a writer can only add
+/// points or overwrite them with newer values, which the comparison already allows (the
+/// target's counts may be higher; a value that differs is judged point by point against
+/// the watch). The point-by-point reads happen after the repoint, on the target as it is
+/// then.
+/// `at_once`: aggregate statements run together on the target (its cores: nothing else
+/// runs there).
+pub async fn target_first(
+    source: &Influx,
+    target: &Influx,
+    cfg: &VerifyConfig,
+    cold: Cold<'_>,
+    at_once: usize,
+) -> Result<TargetFirst, InfluxError> {
+    let started = Instant::now();
+    let target_q = target.with_timeout(cfg.query_timeout);
+    let mut out = TargetFirst::default();
+    for (db, rp, m, fields) in cold_measurements(source, target, cold).await? {
+        let from = format!("{}.{}.{}", ident(&db), ident(&rp), ident(&m));
+        let asked: Vec<(&str, bool)> = fields.iter().map(|(f, n)| (f.as_str(), *n)).collect();
+        let queries = aggregate_queries(cfg, &from, &asked, at_once);
+        let t = Instant::now();
+        let aggs = per_series(&target_q, &db, &queries, at_once).await?;
+        tracing::debug!(
+            measurement = from,
+            series = aggs.len(),
+            seconds = t.elapsed().as_secs_f64(),
+            "verify: the target's aggregates, before the repoint"
+        );
+        out.read.insert(
+            (db, rp, m),
+            TargetRead {
+                fields,
+                per_series: aggs,
+            },
+        );
+    }
+    out.seconds = started.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// Steps 2 and 3 for the measurements `cold` names, before the source has gone quiet.
+/// Their findings wait in [`Early`] for [`verify_after`], which keeps them only for the
+/// measurements still cold then. With `first`, a measurement's target aggregates read
+/// before the repoint are used instead of being read again. `at_once`: the aggregate
+/// statements run together on the source and on the target. I/O errors are returned;
+/// problems stay in the findings.
+pub async fn verify_cold(
+    source: &Influx,
+    target: &Influx,
+    cfg: &VerifyConfig,
+    touched: Option<&Mutex<KeySet>>,
+    cold: Cold<'_>,
+    mut first: TargetFirst,
+    at_once: [usize; 2],
+) -> Result<Early, InfluxError> {
+    let started = Instant::now();
+    let (source, target) = (
+        &source.with_timeout(cfg.query_timeout),
+        &target.with_timeout(cfg.query_timeout),
+    );
+    let mut early = Early::default();
+    for (db, rp, m, fields) in cold_measurements(source, target, cold).await? {
+        let from = format!("{}.{}.{}", ident(&db), ident(&rp), ident(&m));
+        let key = (db, rp, m);
+        // Read about the same fields, or read again.
+        let read = first
+            .read
+            .remove(&key)
+            .filter(|r| r.fields == fields)
+            .map(|r| r.per_series);
+        let fields: Vec<(&str, bool)> = fields.iter().map(|(f, n)| (f.as_str(), *n)).collect();
+        let (db, rp, m) = &key;
+        let mut rep = VerifyReport::default();
+        verify_measurement(
+            source, target, cfg, touched, db, rp, m, &from, &fields, at_once, read, &mut rep,
+        )
+        .await?;
+        early.done.insert(key.clone(), rep);
     }
     if early.done.values().any(|r| !r.pending.is_empty()) {
         tokio::time::sleep(SETTLE).await;
@@ -314,7 +413,7 @@ pub async fn verify_cold(
             rep.settle(touched);
         }
     }
-    early.seconds = started.elapsed().as_secs_f64();
+    early.seconds = started.elapsed().as_secs_f64() + first.seconds;
     Ok(early)
 }
 
@@ -393,8 +492,10 @@ pub async fn verify_after(
                 }
                 let fields = fields_of(&src_fields, m);
                 let from = format!("{}.{}.{}", ident(&db), ident(&rp.name), ident(m));
+                let at_once = [cfg.parallel_queries; 2];
                 verify_measurement(
-                    source, target, cfg, touched, &db, &rp.name, m, &from, &fields, &mut rep,
+                    source, target, cfg, touched, &db, &rp.name, m, &from, &fields, at_once, None,
+                    &mut rep,
                 )
                 .await?;
             }
@@ -434,24 +535,15 @@ fn is_touched(touched: Option<&Mutex<KeySet>>, key: u64) -> bool {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn verify_measurement(
-    source: &Influx,
-    target: &Influx,
+/// The statements that read a measurement's aggregates: every field's count and every
+/// numeric field's sum (with `verify.content: full`), in one statement, or one each when
+/// `at_once` of them are to run together.
+fn aggregate_queries(
     cfg: &VerifyConfig,
-    touched: Option<&Mutex<KeySet>>,
-    db: &str,
-    rp: &str,
-    m: &str,
     from: &str,
     fields: &[(&str, bool)],
-    rep: &mut VerifyReport,
-) -> Result<(), InfluxError> {
-    if fields.is_empty() {
-        // No field in this retention policy: no point either.
-        return Ok(());
-    }
-    // Every field's count and every numeric field's sum.
+    at_once: usize,
+) -> Vec<String> {
     let with_sums = cfg.content == ContentCheck::Full;
     let mut aggs: Vec<String> = fields
         .iter()
@@ -468,25 +560,53 @@ async fn verify_measurement(
     // One at a time, one statement asks them all: the same passes over the data, fewer
     // answers to read (early pass at 10M points, three runs each: 10.6-11.8 s as one
     // statement, 11.2-12.2 s as six).
-    let groups: Vec<String> = if cfg.parallel_queries > 1 {
+    let groups: Vec<String> = if at_once > 1 {
         aggs
     } else {
         vec![aggs.join(", ")]
     };
-    let queries: Vec<String> = groups
+    groups
         .iter()
         .map(|a| format!("SELECT {a} FROM {from} WHERE {ALL_TIME} GROUP BY *"))
-        .collect();
+        .collect()
+}
+
+/// Steps 2 and 3 for one measurement of one retention policy; `at_once`: the aggregate
+/// statements run together on the source and on the target; `target_read`: the
+/// target's aggregates when they were read before ([`target_first`]).
+#[allow(clippy::too_many_arguments)]
+async fn verify_measurement(
+    source: &Influx,
+    target: &Influx,
+    cfg: &VerifyConfig,
+    touched: Option<&Mutex<KeySet>>,
+    db: &str,
+    rp: &str,
+    m: &str,
+    from: &str,
+    fields: &[(&str, bool)],
+    at_once: [usize; 2],
+    target_read: Option<HashMap<Tags, Aggregates>>,
+    rep: &mut VerifyReport,
+) -> Result<(), InfluxError> {
+    if fields.is_empty() {
+        // No field in this retention policy: no point either.
+        return Ok(());
+    }
+    let read = |on, at_once| {
+        let queries = aggregate_queries(cfg, from, fields, at_once);
+        async move { per_series(on, db, &queries, at_once).await }
+    };
     let t = std::time::Instant::now();
-    let (sc, tc) = tokio::try_join!(
-        per_series(source, db, &queries, cfg.parallel_queries),
-        per_series(target, db, &queries, cfg.parallel_queries)
-    )?;
+    let (sc, tc) = match target_read {
+        Some(tc) => (read(source, at_once[0]).await?, tc),
+        None => tokio::try_join!(read(source, at_once[0]), read(target, at_once[1]))?,
+    };
     tracing::debug!(
         measurement = from,
         series = sc.len(),
         seconds = t.elapsed().as_secs_f64(),
-        "verify: aggregates of both sides"
+        "verify: aggregates"
     );
     let total = sc.len();
     let mut to_compare = Vec::new();

@@ -18,6 +18,9 @@ pub(super) struct Side {
     pub cfg: InstanceConfig,
     pub influx: Influx,
     pub host: Host,
+    /// The host's CPUs (`nproc`): how many aggregate statements verification runs at
+    /// once on this server while no writer uses it.
+    pub cpus: usize,
 }
 
 /// Everything this migration created, so a rollback removes exactly that.
@@ -73,6 +76,8 @@ pub(super) struct Migration<'a> {
     /// cutover ([`crate::migrate::verify::verify_cold`]); stopped if the
     /// migration ends before its verify phase.
     pub early_verify: Option<EarlyVerify>,
+    /// The target's side of the early pass, read before the repoint (`verify.target_first`).
+    pub early_first: Option<crate::migrate::verify::TargetFirst>,
     /// When the first comparison began (the early pass's start, or the verify phase's).
     pub verify_started: Option<std::time::Instant>,
     /// The idle side's lowered CPU priority (`migration.idle_nice`).
@@ -123,6 +128,7 @@ impl<'a> Migration<'a> {
             watch_listener: None,
             abort: crate::migrate::abort::Abort::new(),
             early_verify: None,
+            early_first: None,
             verify_started: None,
             priorities: Default::default(),
         }

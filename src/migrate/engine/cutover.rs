@@ -26,8 +26,10 @@ impl Migration<'_> {
     pub(super) async fn cutover(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Cutover;
         // The target gets its priority back before any writer uses it (started with the
-        // delta, which a resumed run does too; awaited below).
-        self.raise_priority(End::Target);
+        // delta, or after the target's aggregates below; awaited before the repoint).
+        if !self.cfg.verify.target_first {
+            self.raise_priority(End::Target);
+        }
         // Catch up once more so the lag at the switch is as small as possible.
         self.replay_now(p).await?;
         self.check_capture_complete(p).await?;
@@ -57,8 +59,15 @@ impl Migration<'_> {
             .await?;
         // What nothing can change on the source any more is compared from now on, through
         // the command and the drain; whatever a writer touches meanwhile is
-        // compared again after them.
-        self.start_early_verify().await;
+        // compared again after them. With verify.target_first, the target's side is read
+        // now, while no writer uses it, and the source's once the writers have left it.
+        if self.cfg.verify.target_first {
+            let first = self.read_target_first().await;
+            self.early_first = Some(first);
+            self.raise_priority(End::Target);
+        } else {
+            self.start_early_verify(Default::default()).await;
+        }
 
         if let Some(cmd) = &self.cfg.cutover.command {
             let cmd = cmd.replace("{target_url}", &shell_quote(&self.dst().cfg.influx_url));
@@ -66,6 +75,11 @@ impl Migration<'_> {
                 .await
                 .map_err(Self::remote_err(p))?;
             self.priority_settled(End::Target).await;
+            // Caught up right before the command: a captured write replayed after it could
+            // land over a writer's newer write of the same point on the target (the switch
+            // window). The reads above (the target's aggregates) take seconds on a large
+            // database, during which the writers go on writing to the source.
+            self.replay_now(p).await?;
             // Recorded first: the command must never run unrecorded.
             self.close_abort(p)?;
             self.journal
@@ -136,6 +150,7 @@ impl Migration<'_> {
             // Writers follow by other means (DNS, a proxy): they may use the target now,
             // and there is no command to wait for.
             self.priority_settled(End::Target).await;
+            self.replay_now(p).await?;
             self.close_abort(p)?;
             self.journal
                 .writers_repointing()
@@ -143,6 +158,9 @@ impl Migration<'_> {
             self.journal.writers_repointed();
         }
         self.report.cutover_done = true;
+        if let Some(first) = self.early_first.take() {
+            self.start_early_verify(first).await;
+        }
         // Keep replaying until every point the source took has reached the receiver, and
         // either the command promised no writer will write there again and the source's
         // counters prove it (cutover.synchronous), or it has been quiet for the grace period.

@@ -53,13 +53,19 @@ impl Migration<'_> {
         );
         let sh = sh.map_err(Self::remote_err(p))?;
         let th = th.map_err(Self::remote_err(p))?;
-        for (h, name) in [(&sh, &src_cfg.name), (&th, &dst_cfg.name)] {
-            h.run("influxd version")
-                .await
-                .map_err(|e| MigrateError::Failed {
-                    phase: p,
-                    msg: format!("{name}: influxd is not runnable on the host ({e})"),
-                })?;
+        let mut cpus = [1usize; 2];
+        for ((h, name), cpus) in [(&sh, &src_cfg.name), (&th, &dst_cfg.name)]
+            .into_iter()
+            .zip(&mut cpus)
+        {
+            let out =
+                h.run("influxd version && nproc")
+                    .await
+                    .map_err(|e| MigrateError::Failed {
+                        phase: p,
+                        msg: format!("{name}: influxd is not runnable on the host ({e})"),
+                    })?;
+            *cpus = host_cpus(&out);
         }
         if !self.plan.resume {
             Self::check_target_space(&src_influx, &th, &dst_cfg).await?;
@@ -77,11 +83,13 @@ impl Migration<'_> {
             cfg: src_cfg,
             influx: src_influx,
             host: sh,
+            cpus: cpus[0],
         });
         self.target = Some(Side {
             cfg: dst_cfg,
             influx: dst_influx,
             host: th,
+            cpus: cpus[1],
         });
         Ok(())
     }
@@ -171,5 +179,31 @@ pub(super) async fn wait_ready(influx: &Influx, timeout: Duration) -> Result<(),
                 })
             }
         }
+    }
+}
+
+/// The CPUs `nproc` printed on the last line of `out`; 1 when it printed nothing usable.
+fn host_cpus(out: &str) -> usize {
+    out.lines()
+        .last()
+        .and_then(|l| l.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_hosts_cpus_are_the_last_line_of_its_answer_and_one_when_unreadable() {
+        assert_eq!(
+            super::host_cpus("InfluxDB v1.6.7 (git: unknown unknown)\n4\n"),
+            4
+        );
+        assert_eq!(
+            super::host_cpus("InfluxDB v1.6.7 (git: unknown unknown)\n"),
+            1
+        );
+        assert_eq!(super::host_cpus("0\n"), 1);
+        assert_eq!(super::host_cpus(""), 1);
     }
 }

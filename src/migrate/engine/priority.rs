@@ -11,11 +11,14 @@
 //! background on the side's SSH connection, after the side's previous change, so a
 //! lowering and its undoing never cross. Before writers use a side, its change back to 0
 //! is awaited; at the end of the migration, success or failure, both sides are back at 0.
-//! Only a crash in between leaves a server lowered (RELIABILITY.md).
+//! Only a crash in between leaves a server lowered (ARCHITECTURE.md, "Known limits").
 
 use super::context::Migration;
 use crate::remote::{Host, Remote};
 use crate::util::shell_quote;
+
+/// The longest a change back is waited for.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Which instance of the migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,13 +246,17 @@ impl Migration<'_> {
             }
             Some((c, false)) => c,
         };
-        if let Ok(Err(e @ (Unchanged::Refused(_) | Unchanged::Unknown(_)))) = change.await {
-            let nice = self.cfg.migration.idle_nice;
-            self.progress.note(&format!(
-                "the {} influxd may still run at nice {nice} (migration.idle_nice): giving it its priority back failed: {e}",
-                end.name()
-            ));
-        }
+        // A host that stopped answering must not hold the repoint or a rollback.
+        let why = match tokio::time::timeout(SETTLE_WAIT, change).await {
+            Ok(Ok(Err(e @ (Unchanged::Refused(_) | Unchanged::Unknown(_))))) => e.to_string(),
+            Ok(_) => return,
+            Err(_) => format!("no answer within {SETTLE_WAIT:?}"),
+        };
+        let nice = self.cfg.migration.idle_nice;
+        self.progress.note(&format!(
+            "the {} influxd may still run at nice {nice} (migration.idle_nice): giving it its priority back failed: {why}",
+            end.name()
+        ));
     }
 
     /// Both sides back to the priority they had, waited for (the migration's end).

@@ -16,8 +16,11 @@ impl Migration<'_> {
     pub(super) async fn delta(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Delta;
         // The imports are done: the target gets its priority back while the delta and the
-        // cutover's first steps run, in time for the writers (the cutover waits for it).
-        self.raise_priority(super::priority::End::Target);
+        // cutover's first steps run, in time for the writers (the cutover waits for it);
+        // with verify.target_first, once its aggregates are read, just before the repoint.
+        if !self.cfg.verify.target_first {
+            self.raise_priority(super::priority::End::Target);
+        }
         let spool = self.spool.clone().ok_or_else(|| MigrateError::Failed {
             phase: p,
             msg: "no capture spool".into(),

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use super::context::{sub_name, Migration};
 use super::{MigrateError, Phase};
 use crate::influx::InfluxError;
-use crate::migrate::verify::{self, Early};
+use crate::migrate::verify::{self, Early, TargetFirst};
 
 /// Whether `(database, retention policy, measurement)` is cold: see [`verify::Cold`].
 type ColdFn = Box<dyn Fn(&str, &str, &str) -> bool + Send + Sync>;
@@ -47,18 +47,68 @@ impl Migration<'_> {
         }))
     }
 
+    /// Read the target's aggregates of the cold measurements now, before the repoint
+    /// (`verify.target_first`): nothing when they cannot be known cold, or the reads
+    /// fail (the early pass then reads both sides).
+    pub(super) async fn read_target_first(&mut self) -> TargetFirst {
+        let Some(cold) = self.cold().await else {
+            return TargetFirst::default();
+        };
+        self.verify_started
+            .get_or_insert_with(std::time::Instant::now);
+        let dst = self.dst();
+        let at_once = dst.cpus.max(self.cfg.verify.parallel_queries);
+        match verify::target_first(
+            &self.src().influx,
+            &dst.influx,
+            &self.cfg.verify,
+            &*cold,
+            at_once,
+        )
+        .await
+        {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the target's aggregates before the repoint; both sides are read after it");
+                TargetFirst::default()
+            }
+        }
+    }
+
     /// Start comparing the cold measurements (the target is watched; the writers may still be
-    /// moving to it).
-    pub(super) async fn start_early_verify(&mut self) {
+    /// moving to it), with the target's aggregates read `first` if any. After
+    /// [`Self::read_target_first`] the writers have left the source: its statements run
+    /// as many at once as it has CPUs.
+    pub(super) async fn start_early_verify(&mut self, first: TargetFirst) {
         let Some(cold) = self.cold().await else {
             return;
         };
         let (source, target) = (self.src().influx.clone(), self.dst().influx.clone());
         let cfg = self.cfg.verify.clone();
         let touched = self.touched.clone();
-        self.verify_started = Some(std::time::Instant::now());
+        let at_once = if self.cfg.verify.target_first {
+            [
+                self.src().cpus.max(cfg.parallel_queries),
+                cfg.parallel_queries,
+            ]
+        } else {
+            [cfg.parallel_queries; 2]
+        };
+        self.verify_started
+            .get_or_insert_with(std::time::Instant::now);
         self.early_verify = Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-            async move { verify::verify_cold(&source, &target, &cfg, touched.as_deref(), &*cold).await },
+            async move {
+                verify::verify_cold(
+                    &source,
+                    &target,
+                    &cfg,
+                    touched.as_deref(),
+                    &*cold,
+                    first,
+                    at_once,
+                )
+                .await
+            },
         )));
     }
 
