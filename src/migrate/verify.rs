@@ -123,6 +123,9 @@ pub type Cold<'a> = &'a (dyn Fn(&str, &str, &str) -> bool + Send + Sync);
 #[derive(Debug, Default)]
 pub struct Early {
     done: HashMap<(String, String, String), VerifyReport>,
+    /// The series each measurement had on the source when it was compared (as
+    /// [`show_tags`] prints them): the final pass checks they are still on the target.
+    series: HashMap<(String, String, String), Vec<String>>,
     pub seconds: f64,
 }
 
@@ -401,11 +404,14 @@ pub async fn verify_cold(
         let fields: Vec<(&str, bool)> = fields.iter().map(|(f, n)| (f.as_str(), *n)).collect();
         let (db, rp, m) = &key;
         let mut rep = VerifyReport::default();
-        verify_measurement(
+        let series = verify_measurement(
             source, target, cfg, touched, db, rp, m, &from, &fields, at_once, read, &mut rep,
         )
         .await?;
         early.done.insert(key.clone(), rep);
+        early
+            .series
+            .insert(key.clone(), series.iter().map(show_tags).collect());
     }
     if early.done.values().any(|r| !r.pending.is_empty()) {
         tokio::time::sleep(SETTLE).await;
@@ -483,8 +489,19 @@ pub async fn verify_after(
             }
             for m in &measurements {
                 let key = (db.clone(), rp.name.clone(), m.clone());
+                let compared_series = early.series.remove(&key);
                 if let Some(found) = early.done.remove(&key) {
                     if cold(&db, &rp.name, m) {
+                        // Compared before: the target as it was then. Its series must
+                        // still be there (an index listing, not a scan of the data).
+                        for gone in
+                            series_gone(target, &db, m, compared_series.unwrap_or_default()).await?
+                        {
+                            rep.problem(format!(
+                                "{db}.{}.{m} [{gone}]: series is missing on the target (it was there when compared during the cutover)",
+                                rp.name
+                            ));
+                        }
                         rep.absorb(found);
                         rep.measurements_verified_early += 1;
                         continue;
@@ -507,6 +524,69 @@ pub async fn verify_after(
         rep.settle(touched);
     }
     Ok(rep)
+}
+
+/// Which of `series` (as [`show_tags`] prints them) the target's index no longer lists
+/// for measurement `m` of `db`, sorted, at most [`MAX_PROBLEMS`] + 1.
+async fn series_gone(
+    target: &Influx,
+    db: &str,
+    m: &str,
+    series: Vec<String>,
+) -> Result<Vec<String>, InfluxError> {
+    if series.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut listed: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let q = format!("SHOW SERIES FROM {}", ident(m));
+    target
+        .query_chunked(db, &q, 10_000, |s: Series| {
+            for row in &s.values {
+                if let Some(tags) = row.first().and_then(Value::as_str).and_then(key_tags) {
+                    listed.insert(show_tags(&tags));
+                }
+            }
+            Ok(())
+        })
+        .await?;
+    let mut gone: Vec<String> = series.into_iter().filter(|s| !listed.contains(s)).collect();
+    gone.sort();
+    gone.truncate(MAX_PROBLEMS + 1);
+    Ok(gone)
+}
+
+/// The tags of a series key as `SHOW SERIES` prints it (`m,k=v,k2=v2`, with `\,`, `\=`
+/// and `\ ` escaped), the empty ones left out as [`tags_of`] does; `None` for a key that
+/// is not one.
+fn key_tags(key: &str) -> Option<Tags> {
+    let mut tags = Tags::new();
+    // The parts between unescaped commas; the first is the measurement.
+    let mut parts: Vec<(Option<String>, String)> = vec![(None, String::new())];
+    let mut chars = key.chars();
+    while let Some(c) = chars.next() {
+        let in_tags = parts.len() > 1;
+        let (k, cur) = parts.last_mut()?;
+        match c {
+            '\\' => match chars.next() {
+                Some(e @ (',' | '=' | ' ')) => cur.push(e),
+                Some(e) => {
+                    cur.push('\\');
+                    cur.push(e);
+                }
+                None => cur.push('\\'),
+            },
+            ',' => parts.push((None, String::new())),
+            '=' if k.is_none() && in_tags => *k = Some(std::mem::take(cur)),
+            c => cur.push(c),
+        }
+    }
+    for (k, v) in parts.into_iter().skip(1) {
+        let k = k?;
+        if !v.is_empty() {
+            tags.insert(k, v);
+        }
+    }
+    Some(tags)
 }
 
 /// A measurement's fields in one retention policy, with whether each is numeric. A field
@@ -588,10 +668,10 @@ async fn verify_measurement(
     at_once: [usize; 2],
     target_read: Option<HashMap<Tags, Aggregates>>,
     rep: &mut VerifyReport,
-) -> Result<(), InfluxError> {
+) -> Result<Vec<Tags>, InfluxError> {
     if fields.is_empty() {
         // No field in this retention policy: no point either.
-        return Ok(());
+        return Ok(Vec::new());
     }
     let read = |on, at_once| {
         let queries = aggregate_queries(cfg, from, fields, at_once);
@@ -643,8 +723,9 @@ async fn verify_measurement(
             to_compare.push((tags, where_));
         }
     }
+    let source_series: Vec<Tags> = sc.keys().cloned().collect();
     if to_compare.is_empty() {
-        return Ok(());
+        return Ok(source_series);
     }
     // Tag conditions must name every tag key of the measurement: a missing tag is ''.
     let mut tag_keys = Vec::new();
@@ -685,7 +766,7 @@ async fn verify_measurement(
         seconds = t.elapsed().as_secs_f64(),
         "verify: point by point"
     );
-    Ok(())
+    Ok(source_series)
 }
 
 /// Series compared point by point at once.
@@ -853,6 +934,28 @@ pub async fn field_type(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_series_key_gives_its_tags_unescaped() {
+        let t = |pairs: &[(&str, &str)]| -> Tags {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(key_tags("usage2,host=h002"), Some(t(&[("host", "h002")])));
+        assert_eq!(key_tags("cpu"), Some(t(&[])));
+        assert_eq!(
+            key_tags(r"we\,ird,a\ b=c\=d\,e,z=1"),
+            Some(t(&[("a b", "c=d,e"), ("z", "1")]))
+        );
+        assert_eq!(key_tags("m,novalue"), None, "a tag without =");
+        // What the comparison names a series by is the same either way.
+        assert_eq!(
+            show_tags(&key_tags("m,b=2,a=1").unwrap()),
+            show_tags(&t(&[("a", "1"), ("b", "2")]))
+        );
+    }
 
     #[test]
     fn a_field_listed_with_two_types_is_one_field_numeric_if_either_type_is() {

@@ -1616,10 +1616,17 @@ impl Progress for WriteOutsideTheCapture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_no_writer_uses_runs_at_the_idle_nice_value_and_gets_its_own_back() {
     let lab = lab(LabOptions::default()).await;
-    let (_, cfg) = lab.write_config("").unwrap();
+    let (_, mut cfg) = lab.write_config("").unwrap();
     assert_eq!(cfg.migration.idle_nice, 19, "on by default");
     seed(&lab, "cyclops", 20_000).await;
     let (src, dst) = (lab.source.pids()[0], lab.target.pids()[0]);
+    // What the target's threads run at when the cutover command starts.
+    let at_command = tempfile::NamedTempFile::new().unwrap();
+    let cmd = cfg.cutover.command.clone().unwrap();
+    cfg.cutover.command = Some(format!(
+        "awk '{{ print $19 }}' /proc/{dst}/task/*/stat | sort -un | tr '\\n' ' ' > {} && {cmd}",
+        at_command.path().display()
+    ));
     // An operator's own choice for the source: it must come back as it was.
     renice_all(src, 5);
     let seen = NicesSeen {
@@ -1638,6 +1645,11 @@ async fn the_server_no_writer_uses_runs_at_the_idle_nice_value_and_gets_its_own_
             (Phase::Verify, [19].into(), [0].into()),
         ],
         "(phase, source's threads, target's threads)"
+    );
+    assert_eq!(
+        std::fs::read_to_string(at_command.path()).unwrap(),
+        "0 ",
+        "the target had its priority back when the writers were repointed"
     );
     assert_eq!(
         thread_nices(src),
@@ -1680,7 +1692,7 @@ impl Progress for NicesSeen {
 /// it arrived and its query (form body and query string, decoded).
 struct QueryLog {
     url: String,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
     /// Held by the first aggregate statement until the test lets it go.
     gate: std::sync::Arc<tokio::sync::Mutex<Option<Gate>>>,
     _server: tokio_util::task::AbortOnDropHandle<()>,
@@ -1694,8 +1706,7 @@ struct Gate {
 
 impl QueryLog {
     async fn start(upstream: String) -> QueryLog {
-        let seen: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>> =
-            Default::default();
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>> = Default::default();
         let gate: std::sync::Arc<tokio::sync::Mutex<Option<Gate>>> = Default::default();
         let client = reqwest::Client::new();
         let app = axum::Router::new().fallback({
@@ -1715,7 +1726,7 @@ impl QueryLog {
                         let _ = g.go.await;
                     }
                 }
-                seen.lock().unwrap().push((std::time::Instant::now(), text));
+                let arrived = unix_ns();
                 let mut out = client.request(parts.method, format!("{upstream}{pq}"));
                 for h in ["authorization", "content-type", "accept"] {
                     if let Some(v) = parts.headers.get(h) {
@@ -1730,6 +1741,11 @@ impl QueryLog {
                     .map(|v| v.as_bytes().to_vec())
                     .unwrap_or_default();
                 let bytes = r.bytes().await.unwrap();
+                seen.lock().unwrap().push(Seen {
+                    arrived,
+                    answered: unix_ns(),
+                    text,
+                });
                 axum::response::Response::builder()
                     .status(status)
                     .header("content-type", ctype)
@@ -1764,21 +1780,36 @@ impl QueryLog {
         (arrived_rx, go_tx)
     }
 
-    /// When each aggregate statement over one of `measurements` arrived.
-    fn aggregates_over(&self, measurements: &[&str]) -> Vec<std::time::Instant> {
+    /// When each aggregate statement over one of `measurements` arrived and was
+    /// answered (ns since the epoch).
+    fn aggregates_over(&self, measurements: &[&str]) -> Vec<(i64, i64)> {
         self.seen
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, q)| {
-                q.contains("COUNT(")
+            .filter(|s| {
+                s.text.contains("COUNT(")
                     && measurements
                         .iter()
-                        .any(|m| q.contains(&format!(".\"{m}\" WHERE")))
+                        .any(|m| s.text.contains(&format!(".\"{m}\" WHERE")))
             })
-            .map(|(t, _)| *t)
+            .map(|s| (s.arrived, s.answered))
             .collect()
     }
+}
+
+/// One request through a [`QueryLog`].
+struct Seen {
+    arrived: i64,
+    answered: i64,
+    text: String,
+}
+
+fn unix_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
 }
 
 /// `application/x-www-form-urlencoded` decoding (`+` is a space, `%XX` a byte).
@@ -1806,18 +1837,6 @@ fn form_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Records when the writers were repointed (the engine's note right after the command).
-#[derive(Default)]
-struct RepointSeen(std::sync::Mutex<Option<std::time::Instant>>);
-
-impl Progress for RepointSeen {
-    fn note(&self, msg: &str) {
-        if msg.starts_with("writers repointed") {
-            *self.0.lock().unwrap() = Some(std::time::Instant::now());
-        }
-    }
-}
-
 /// `verify.target_first` (the default): the full scans of the measurements nothing
 /// writes to run on the target before the writers are repointed to it, and on the source
 /// only after they have left it; the writers' server never runs one.
@@ -1831,28 +1850,39 @@ async fn verification_scans_each_server_only_while_no_writer_uses_it() {
     let target = QueryLog::start(lab.target.influx_url()).await;
     cfg.source.influx_url = source.url.clone();
     cfg.target.as_mut().unwrap().influx_url = target.url.clone();
+    // The cutover command notes when it began and when it ended (ns since the epoch).
+    let marks = tempfile::tempdir().unwrap();
+    let mark = |name: &str| format!("date +%s%N > {}", marks.path().join(name).display());
+    let cmd = cfg.cutover.command.clone().unwrap();
+    cfg.cutover.command = Some(format!("{} && {cmd} && {}", mark("began"), mark("ended")));
     let w = RunningWriter::start(writer(&lab, "cyclops", 200));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let seen = RepointSeen::default();
-    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &seen)
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &Quiet)
         .await
         .expect("migration succeeds");
     let ledger = w.finish().await;
     assert_eq!(ledger.requests_failed, 0);
     let v = report.verify.as_ref().unwrap();
     assert_eq!(v.measurements_verified_early, 3, "{v:?}");
-    let repoint = seen.0.lock().unwrap().expect("the writers were repointed");
+    let read = |name: &str| -> i64 {
+        std::fs::read_to_string(marks.path().join(name))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (began, ended) = (read("began"), read("ended"));
     let cold = ["usage0", "usage1", "usage2"];
     let (on_source, on_target) = (source.aggregates_over(&cold), target.aggregates_over(&cold));
     assert!(!on_target.is_empty());
     assert!(
-        on_target.iter().all(|t| *t < repoint),
-        "the target's scans ran before the repoint"
+        on_target.iter().all(|(_, answered)| *answered < began),
+        "the target's scans were over before the command began"
     );
     assert!(!on_source.is_empty());
     assert!(
-        on_source.iter().all(|t| *t > repoint),
-        "the source's scans ran after it"
+        on_source.iter().all(|(arrived, _)| *arrived > ended),
+        "the source's scans began after the command ended"
     );
     let problems = workload::check_ledger(&lab.target.client(), "cyclops", &ledger)
         .await
@@ -1909,4 +1939,36 @@ async fn a_write_taken_while_the_target_is_read_is_replayed_before_the_writers_m
         .unwrap();
     let v = r[0].values[0][1].as_f64();
     assert_eq!(v, Some(2.0), "the writer's newer value stands: {r:?}");
+}
+
+/// A target already at the idle nice value before the migration (an interrupted one may
+/// have left it so) is not "given back" that value silently: it keeps it, and the
+/// operator is told, with the command that resets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_already_at_the_idle_nice_value_keeps_it_and_the_operator_is_told() {
+    let lab = lab(LabOptions::default()).await;
+    let (_, cfg) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 2_000).await;
+    let dst = lab.target.pids()[0];
+    renice_all(dst, 19);
+    let notes = NotesSeen::default();
+    engine::run(&cfg, cfg.target.as_ref().unwrap(), &notes)
+        .await
+        .expect("migration succeeds");
+    assert_eq!(thread_nices(dst), [19].into());
+    let notes = notes.0.lock().unwrap().join("\n");
+    assert!(
+        notes.contains("the target influxd already ran at nice 19 before this migration")
+            && notes.contains("renice -n 0"),
+        "{notes}"
+    );
+}
+
+#[derive(Default)]
+struct NotesSeen(std::sync::Mutex<Vec<String>>);
+
+impl Progress for NotesSeen {
+    fn note(&self, msg: &str) {
+        self.0.lock().unwrap().push(msg.to_string());
+    }
 }

@@ -17,9 +17,6 @@ use super::context::Migration;
 use crate::remote::{Host, Remote};
 use crate::util::shell_quote;
 
-/// The longest a change back is waited for.
-const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Which instance of the migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum End {
@@ -47,15 +44,20 @@ pub(super) enum Unchanged {
     Refused(String),
     /// It may or may not have run (the connection failed).
     Unknown(String),
-    /// Not tried: a change back after a lowering that changed nothing.
-    Skipped,
+    /// Not given back: the lowering was refused (why).
+    NotLowered(String),
+    /// Not given back: the server already ran at this nice value, at least as low as
+    /// ours, before the lowering (which then left it as it was).
+    AlreadyLow(i32),
 }
 
 impl std::fmt::Display for Unchanged {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Unchanged::Refused(e) | Unchanged::Unknown(e) => f.write_str(e),
-            Unchanged::Skipped => f.write_str("nothing to change back"),
+            Unchanged::Refused(e) | Unchanged::Unknown(e) | Unchanged::NotLowered(e) => {
+                f.write_str(e)
+            }
+            Unchanged::AlreadyLow(n) => write!(f, "it already ran at nice {n}"),
         }
     }
 }
@@ -81,8 +83,8 @@ impl Priorities {
 enum Nice {
     /// This value, if the server's is lower (a server already at least this low stays).
     Lower(u8),
-    /// What the server had before the lowering.
-    Back,
+    /// What the server had before the lowering to this value.
+    Back(u8),
 }
 
 /// A shell command that gives every thread of the process listening on `rpc` (InfluxDB's
@@ -90,7 +92,10 @@ enum Nice {
 /// lowers it, when `only_lower`), and prints its pid and its main thread's nice value
 /// before. A listener on exactly that address wins over one on a wildcard address (the
 /// local provider runs several servers on one port, each on its own loopback address).
-/// Unprivileged users go through `sudo -n`: giving a priority back needs it.
+/// Unprivileged users go through `sudo -n`: giving a priority back needs it. `renice -n`
+/// sets the value (util-linux counts it relative under `POSIXLY_CORRECT`, unset here);
+/// the threads are reniced twice, so one that a lowered thread started meanwhile is not
+/// left behind.
 pub(super) fn renice_cmd(rpc: &str, nice: i32, only_lower: bool) -> Result<String, String> {
     let (host, port) = rpc
         .rsplit_once(':')
@@ -106,8 +111,9 @@ pub(super) fn renice_cmd(rpc: &str, nice: i32, only_lower: bool) -> Result<Strin
         host
     };
     // The local address is ss's fourth column: `127.0.0.1:8088`, `*:8088`, `[::1]:8088`,
-    // `127.0.0.1%lo:8088`; the process column holds `pid=N`.
+    // `[::ffff:127.0.0.1]:8088`, `127.0.0.1%lo:8088`; the process column holds `pid=N`.
     let awk = r#"{ a = $4; sub(/:[0-9]+$/, "", a); sub(/%.*/, "", a); gsub(/\[|\]/, "", a)
+  sub(/^::ffff:/, "", a)
   if (!match($0, /pid=[0-9]+/)) next
   p = substr($0, RSTART + 4, RLENGTH - 4)
   if (a == want) e = p; else if (a == "*" || a == "0.0.0.0" || a == "::") w = p }
@@ -122,8 +128,10 @@ END { if (e != "") print e; else if (w != "") print w }"#;
 pid=$($S ss -Hltnp 'sport = :{port}' | awk -v want={want} {awk})
 [ -n "$pid" ] || {{ echo "no process listens on {rpc_shown} here" >&2; exit 3; }}
 was=$(awk '{{ print $19 }}' /proc/"$pid"/stat) || exit 3
-{keep}$S renice -n {nice} -p "$pid" >/dev/null || exit 4
-$S renice -n {nice} -p $(cd /proc/"$pid"/task && echo *) >/dev/null 2>&1
+{keep}$S env -u POSIXLY_CORRECT renice -n {nice} -p "$pid" >/dev/null || exit 4
+for _ in 1 2; do
+  $S env -u POSIXLY_CORRECT renice -n {nice} -p $(cd /proc/"$pid"/task && echo *) >/dev/null 2>&1
+done
 echo "$pid $was""#,
         want = shell_quote(host),
         awk = shell_quote(awk),
@@ -139,13 +147,27 @@ async fn set_nice(
     nice: i32,
     only_lower: bool,
 ) -> Result<(u32, i32), Unchanged> {
+    use crate::remote::RemoteError;
     let cmd = renice_cmd(rpc, nice, only_lower).map_err(Unchanged::Refused)?;
     let out = host.run(&cmd).await.map_err(|e| match e {
         // The command's own exits, and a shell's "not found": before its first change.
-        crate::remote::RemoteError::Failed {
-            code: Some(3 | 4 | 127),
+        // Said without the script.
+        RemoteError::Failed {
+            host,
+            status,
+            code,
+            stderr,
             ..
-        } => Unchanged::Refused(e.to_string()),
+        } => {
+            let why = format!(
+                "{host}: renice of the influxd on {rpc} failed ({status}): {}",
+                stderr.trim()
+            );
+            match code {
+                Some(3 | 4 | 127) => Unchanged::Refused(why),
+                _ => Unchanged::Unknown(why),
+            }
+        }
         e => Unchanged::Unknown(e.to_string()),
     })?;
     let mut words = out.split_whitespace();
@@ -158,6 +180,39 @@ async fn set_nice(
             "the renice command printed {:?}, not a pid and a nice value",
             out.trim()
         ))),
+    }
+}
+
+/// The longest a change back is waited for at once.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What an operator is told of a change back that ended as `r` (nothing if it worked).
+fn settled_note(end: End, nice: u8, r: Option<Result<(u32, i32), Unchanged>>) -> Option<String> {
+    let side = end.name();
+    match r {
+        None => Some(format!("the {side} influxd may still run at nice {nice} (migration.idle_nice): giving it its priority back did not answer within {SETTLE_WAIT:?}; it is tried again when the migration ends")),
+        Some(Ok(_)) => None,
+        Some(Err(Unchanged::NotLowered(why))) => Some(format!("the {side} influxd was not lowered (migration.idle_nice; it ran at full priority): {why}")),
+        Some(Err(Unchanged::AlreadyLow(was))) => Some(format!("the {side} influxd already ran at nice {was} before this migration (an interrupted migration may have left it so) and keeps it; `renice -n 0` on its threads gives it the default")),
+        Some(Err(e)) => Some(format!("the {side} influxd may still run at nice {nice} (migration.idle_nice): giving it its priority back failed: {e}")),
+    }
+}
+
+/// Wait up to [`SETTLE_WAIT`] for `change`; `None` if it did not end (it is left
+/// running, and handed back).
+async fn wait_change(change: &mut Change) -> Option<Result<(u32, i32), Unchanged>> {
+    match tokio::time::timeout(SETTLE_WAIT, change).await {
+        Ok(Ok(r)) => Some(r),
+        Ok(Err(join)) => Some(Err(Unchanged::Unknown(join.to_string()))),
+        Err(_) => None,
+    }
+}
+
+/// [`wait_change`] for a change that may not have been started (`None`).
+async fn wait_started(c: Option<&mut Change>) -> Option<Option<Result<(u32, i32), Unchanged>>> {
+    match c {
+        Some(c) => Some(wait_change(c).await),
+        None => None,
     }
 }
 
@@ -192,17 +247,21 @@ impl Migration<'_> {
                         }
                         set_nice(&host, &rpc, n.into(), true).await
                     }
-                    Nice::Back => {
-                        let was = match before {
-                            None => return Err(Unchanged::Skipped),
-                            Some(before) => match before.await {
-                                Ok(Ok((_, was))) => was,
-                                Ok(Err(Unchanged::Refused(_) | Unchanged::Skipped)) => {
-                                    return Err(Unchanged::Skipped)
-                                }
-                                // It may have been lowered from anything: the default.
-                                _ => 0,
-                            },
+                    Nice::Back(n) => {
+                        let lowering = match before {
+                            Some(before) => before.await,
+                            None => return Err(Unchanged::NotLowered("never lowered".into())),
+                        };
+                        let was = match lowering {
+                            Ok(Ok((_, was))) if was >= i32::from(n) => {
+                                return Err(Unchanged::AlreadyLow(was))
+                            }
+                            Ok(Ok((_, was))) => was,
+                            Ok(Err(Unchanged::Refused(why) | Unchanged::NotLowered(why))) => {
+                                return Err(Unchanged::NotLowered(why))
+                            }
+                            // It may have been lowered from anything: the default.
+                            _ => 0,
                         };
                         set_nice(&host, &rpc, was, false).await
                     }
@@ -230,41 +289,52 @@ impl Migration<'_> {
 
     /// Start giving `end` back the priority it had, if this migration lowered it.
     pub(super) fn raise_priority(&mut self, end: End) {
-        self.change_priority(end, Nice::Back);
+        self.change_priority(end, Nice::Back(self.cfg.migration.idle_nice));
     }
 
-    /// Wait for `end`'s change back, if one was started; one that failed is said (the
-    /// server then serves at the lower priority until it restarts).
-    pub(super) async fn priority_settled(&mut self, end: End) {
+    /// Take `end`'s change back, if one was started (a lowering stays on record until it
+    /// is given back).
+    fn take_raise(&mut self, end: End) -> Option<Change> {
         let slot = self.priorities.slot(end);
-        let change = match slot.take() {
-            None => return,
-            // A lowering stays on record until it is given back.
-            Some((c, true)) => {
-                *slot = Some((c, true));
-                return;
+        match slot.take() {
+            Some((c, false)) => Some(c),
+            other => {
+                *slot = other;
+                None
             }
-            Some((c, false)) => c,
-        };
-        // A host that stopped answering must not hold the repoint or a rollback.
-        let why = match tokio::time::timeout(SETTLE_WAIT, change).await {
-            Ok(Ok(Err(e @ (Unchanged::Refused(_) | Unchanged::Unknown(_))))) => e.to_string(),
-            Ok(_) => return,
-            Err(_) => format!("no answer within {SETTLE_WAIT:?}"),
-        };
-        let nice = self.cfg.migration.idle_nice;
-        self.progress.note(&format!(
-            "the {} influxd may still run at nice {nice} (migration.idle_nice): giving it its priority back failed: {why}",
-            end.name()
-        ));
+        }
     }
 
-    /// Both sides back to the priority they had, waited for (the migration's end).
+    /// Wait for `end`'s change back, if one was started; one that failed, or that did not
+    /// happen for a reason an operator should know, is said. A host that stopped
+    /// answering does not hold the repoint or a rollback: after [`SETTLE_WAIT`] the change
+    /// is left running and waited for again at the migration's end.
+    pub(super) async fn priority_settled(&mut self, end: End) {
+        let Some(mut change) = self.take_raise(end) else {
+            return;
+        };
+        let r = wait_change(&mut change).await;
+        if r.is_none() {
+            *self.priorities.slot(end) = Some((change, false));
+        }
+        if let Some(note) = settled_note(end, self.cfg.migration.idle_nice, r) {
+            self.progress.note(&note);
+        }
+    }
+
+    /// Both sides back to the priority they had, waited for together (the migration's
+    /// end).
     pub(super) async fn restore_priorities(&mut self) {
         self.raise_priority(End::Source);
         self.raise_priority(End::Target);
-        self.priority_settled(End::Source).await;
-        self.priority_settled(End::Target).await;
+        let (mut s, mut t) = (self.take_raise(End::Source), self.take_raise(End::Target));
+        let (rs, rt) = tokio::join!(wait_started(s.as_mut()), wait_started(t.as_mut()));
+        let nice = self.cfg.migration.idle_nice;
+        for (end, r) in [(End::Source, rs), (End::Target, rt)] {
+            if let Some(note) = r.and_then(|r| settled_note(end, nice, r)) {
+                self.progress.note(&note);
+            }
+        }
     }
 }
 
