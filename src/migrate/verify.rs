@@ -123,9 +123,9 @@ pub type Cold<'a> = &'a (dyn Fn(&str, &str, &str) -> bool + Send + Sync);
 #[derive(Debug, Default)]
 pub struct Early {
     done: HashMap<(String, String, String), VerifyReport>,
-    /// The series each measurement had on the source when it was compared (as
-    /// [`show_tags`] prints them): the final pass checks they are still on the target.
-    series: HashMap<(String, String, String), Vec<String>>,
+    /// The series each measurement had on both servers when it was compared (hashes of
+    /// their tags): the final pass checks they are still on the target.
+    series: HashMap<(String, String, String), std::collections::HashSet<u64>>,
     pub seconds: f64,
 }
 
@@ -411,7 +411,7 @@ pub async fn verify_cold(
         early.done.insert(key.clone(), rep);
         early
             .series
-            .insert(key.clone(), series.iter().map(show_tags).collect());
+            .insert(key.clone(), series.iter().map(tags_hash).collect());
     }
     if early.done.values().any(|r| !r.pending.is_empty()) {
         tokio::time::sleep(SETTLE).await;
@@ -494,8 +494,8 @@ pub async fn verify_after(
                     if cold(&db, &rp.name, m) {
                         // Compared before: the target as it was then. Its series must
                         // still be there (an index listing, not a scan of the data).
-                        for gone in
-                            series_gone(target, &db, m, compared_series.unwrap_or_default()).await?
+                        let compared = compared_series.unwrap_or_default();
+                        for gone in series_gone(source, target, &db, &rp.name, m, &compared).await?
                         {
                             rep.problem(format!(
                                 "{db}.{}.{m} [{gone}]: series is missing on the target (it was there when compared during the cutover)",
@@ -526,33 +526,56 @@ pub async fn verify_after(
     Ok(rep)
 }
 
-/// Which of `series` (as [`show_tags`] prints them) the target's index no longer lists
-/// for measurement `m` of `db`, sorted, at most [`MAX_PROBLEMS`] + 1.
+/// The series of `db`.`rp`.`m` that both servers had when it was compared (`compared`,
+/// hashes of their tags) and that the source's index still lists but the target's no
+/// longer does, named as [`show_tags`] prints them, sorted, at most [`MAX_PROBLEMS`] + 1.
+/// Index listings, not scans of the data; a series gone from both (a shard group that
+/// expired meanwhile) is not a loss.
 async fn series_gone(
+    source: &Influx,
     target: &Influx,
     db: &str,
+    rp: &str,
     m: &str,
-    series: Vec<String>,
+    compared: &std::collections::HashSet<u64>,
 ) -> Result<Vec<String>, InfluxError> {
-    if series.is_empty() {
+    if compared.is_empty() {
         return Ok(Vec::new());
     }
-    let mut listed: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let q = format!("SHOW SERIES FROM {}", ident(m));
-    target
-        .query_chunked(db, &q, 10_000, |s: Series| {
-            for row in &s.values {
-                if let Some(tags) = row.first().and_then(Value::as_str).and_then(key_tags) {
-                    listed.insert(show_tags(&tags));
-                }
-            }
-            Ok(())
-        })
-        .await?;
-    let mut gone: Vec<String> = series.into_iter().filter(|s| !listed.contains(s)).collect();
+    // `SHOW SERIES` looks at the default retention policy unless FROM names one.
+    let q = format!("SHOW SERIES FROM {}.{}", ident(rp), ident(m));
+    let (on_source, on_target) =
+        tokio::try_join!(listed_series(source, db, &q), listed_series(target, db, &q))?;
+    let mut gone: Vec<String> = on_source
+        .iter()
+        .filter(|(h, _)| compared.contains(*h) && !on_target.contains_key(*h))
+        .map(|(_, t)| show_tags(t))
+        .collect();
     gone.sort();
     gone.truncate(MAX_PROBLEMS + 1);
     Ok(gone)
+}
+
+/// The series a `SHOW SERIES` statement lists, by [`tags_hash`].
+async fn listed_series(on: &Influx, db: &str, q: &str) -> Result<HashMap<u64, Tags>, InfluxError> {
+    let mut out: HashMap<u64, Tags> = HashMap::new();
+    on.query_chunked(db, q, 10_000, |s: Series| {
+        for row in &s.values {
+            if let Some(tags) = row.first().and_then(Value::as_str).and_then(key_tags) {
+                out.insert(tags_hash(&tags), tags);
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(out)
+}
+
+/// A series' identity in a few bytes (the early pass keeps one per series).
+fn tags_hash(t: &Tags) -> u64 {
+    let mut h = DefaultHasher::new();
+    t.hash(&mut h);
+    h.finish()
 }
 
 /// The tags of a series key as `SHOW SERIES` prints it (`m,k=v,k2=v2`, with `\,`, `\=`
@@ -723,7 +746,8 @@ async fn verify_measurement(
             to_compare.push((tags, where_));
         }
     }
-    let source_series: Vec<Tags> = sc.keys().cloned().collect();
+    // The series both servers had: a series missing on the target is reported above.
+    let source_series: Vec<Tags> = sc.keys().filter(|t| tc.contains_key(*t)).cloned().collect();
     if to_compare.is_empty() {
         return Ok(source_series);
     }

@@ -186,13 +186,24 @@ async fn set_nice(
 /// The longest a change back is waited for at once.
 const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// What an operator is told of a change back that ended as `r` (nothing if it worked).
-fn settled_note(end: End, nice: u8, r: Option<Result<(u32, i32), Unchanged>>) -> Option<String> {
+/// What an operator is told of a change back that ended as `r` (nothing if it worked);
+/// `last`: the migration ends, nothing waits for the change any more.
+fn settled_note(
+    end: End,
+    nice: u8,
+    r: Option<Result<(u32, i32), Unchanged>>,
+    last: bool,
+) -> Option<String> {
     let side = end.name();
+    let then = if last {
+        "it goes on in the background, unwatched"
+    } else {
+        "it is waited for again when the migration ends"
+    };
     match r {
-        None => Some(format!("the {side} influxd may still run at nice {nice} (migration.idle_nice): giving it its priority back did not answer within {SETTLE_WAIT:?}; it is tried again when the migration ends")),
+        None => Some(format!("the {side} influxd may still run at nice {nice} (migration.idle_nice): giving it its priority back did not answer within {SETTLE_WAIT:?}; {then}")),
         Some(Ok(_)) => None,
-        Some(Err(Unchanged::NotLowered(why))) => Some(format!("the {side} influxd was not lowered (migration.idle_nice; it ran at full priority): {why}")),
+        Some(Err(Unchanged::NotLowered(why))) => Some(format!("the {side} influxd was not lowered (migration.idle_nice; it ran at the priority it had): {why}")),
         Some(Err(Unchanged::AlreadyLow(was))) => Some(format!("the {side} influxd already ran at nice {was} before this migration (an interrupted migration may have left it so) and keeps it; `renice -n 0` on its threads gives it the default")),
         Some(Err(e)) => Some(format!("the {side} influxd may still run at nice {nice} (migration.idle_nice): giving it its priority back failed: {e}")),
     }
@@ -317,7 +328,7 @@ impl Migration<'_> {
         if r.is_none() {
             *self.priorities.slot(end) = Some((change, false));
         }
-        if let Some(note) = settled_note(end, self.cfg.migration.idle_nice, r) {
+        if let Some(note) = settled_note(end, self.cfg.migration.idle_nice, r, false) {
             self.progress.note(&note);
         }
     }
@@ -331,7 +342,7 @@ impl Migration<'_> {
         let (rs, rt) = tokio::join!(wait_started(s.as_mut()), wait_started(t.as_mut()));
         let nice = self.cfg.migration.idle_nice;
         for (end, r) in [(End::Source, rs), (End::Target, rt)] {
-            if let Some(note) = r.and_then(|r| settled_note(end, nice, r)) {
+            if let Some(note) = r.and_then(|r| settled_note(end, nice, r, true)) {
                 self.progress.note(&note);
             }
         }
