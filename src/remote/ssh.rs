@@ -64,6 +64,9 @@ impl Drop for PinnedKnownHosts {
     }
 }
 
+/// How many free ports [`SshRemote::forward_local_tcp`] tries.
+const LOCAL_FORWARD_TRIES: usize = 8;
+
 /// Where a local forward listens.
 #[derive(Debug, Clone)]
 pub enum Listen {
@@ -219,6 +222,59 @@ impl SshRemote {
                     crate::util::error_chain(&e)
                 ),
             })
+    }
+
+    /// Listen on a free TCP port of 127.0.0.1 and forward each connection to `host:port`
+    /// as seen from the remote host; returns where it listens. A free port is found by
+    /// binding port 0 and letting it go, so another socket of this machine may take it
+    /// before ssh binds it (under load, an outgoing connection's ephemeral port does):
+    /// a refused forward is tried again on another port.
+    pub async fn forward_local_tcp(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<std::net::SocketAddr, RemoteError> {
+        let candidates = std::iter::repeat_with(|| {
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
+        });
+        self.forward_local_tcp_on(candidates.take(LOCAL_FORWARD_TRIES), host, port)
+            .await
+    }
+
+    /// [`SshRemote::forward_local_tcp`] on the first of `candidates` that ssh can bind.
+    pub async fn forward_local_tcp_on(
+        &self,
+        candidates: impl IntoIterator<Item = std::io::Result<std::net::SocketAddr>>,
+        host: &str,
+        port: u16,
+    ) -> Result<std::net::SocketAddr, RemoteError> {
+        let mut last = None;
+        let mut tries = 0;
+        for c in candidates {
+            tries += 1;
+            let addr = c.map_err(|e| RemoteError::Ssh {
+                host: self.name.clone(),
+                msg: format!("no free local port to forward to {host}:{port}: {e}"),
+            })?;
+            match self.forward_local(&Listen::Tcp(addr), host, port).await {
+                Ok(()) => return Ok(addr),
+                Err(e) => {
+                    tracing::debug!(host = %self.name, listen = %addr, error = %e, "local forward refused, trying another port");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(match last {
+            Some(RemoteError::Ssh { host, msg }) => RemoteError::Ssh {
+                host,
+                msg: format!("{msg} ({tries} ports tried)"),
+            },
+            Some(e) => e,
+            None => RemoteError::Ssh {
+                host: self.name.clone(),
+                msg: format!("no local port given to forward to {host}:{port}"),
+            },
+        })
     }
 
     /// Forward `127.0.0.1:port` on the remote host to `connect` on this machine.

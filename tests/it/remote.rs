@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 use crate::kit::lab::LabOptions;
 use stateshift::config::HostKeyCheck;
 use stateshift::remote::{Pipes, Remote, RemoteError, SshRemote};
-use stateshift::stack::local::{LocalVm, SshKeys, VmOptions};
+use stateshift::stack::local::{LocalVm, SshKeys, VmOptions, SSH_PORT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
@@ -195,4 +195,50 @@ async fn pinned_host_keys_are_the_only_ones_accepted_whatever_known_hosts_says()
         })
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A local forward whose port another socket took first (the port is picked by binding
+/// port 0 and letting it go; under load an outgoing connection can take it) is tried
+/// again on another port, and the forward it returns does reach the remote end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_forward_whose_port_was_taken_meanwhile_moves_to_another() {
+    let lab = lab(LabOptions::default()).await;
+    let ssh = SshRemote::connect(&lab.source.ssh_config(&lab.keys))
+        .await
+        .unwrap();
+    let sshd = lab.source.addr.to_string();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_at = taken.local_addr().unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let at = ssh
+        .forward_local_tcp_on([Ok(taken_at), Ok(free)], &sshd, SSH_PORT)
+        .await
+        .expect("the second port is used");
+    assert_eq!(at, free);
+    // It reaches the remote end: the sshd's own banner comes through.
+    let mut c = tokio::net::TcpStream::connect(at).await.unwrap();
+    let mut banner = [0u8; 8];
+    c.read_exact(&mut banner).await.unwrap();
+    assert_eq!(&banner, b"SSH-2.0-");
+    ssh.close_local(&stateshift::remote::Listen::Tcp(at), &sshd, SSH_PORT)
+        .await;
+    // Only taken ports: refused, naming the port and how many were tried.
+    let e = ssh
+        .forward_local_tcp_on([Ok(taken_at), Ok(taken_at)], &sshd, SSH_PORT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&taken_at.to_string()) && e.contains("2 ports tried"),
+        "{e}"
+    );
+    // The production path picks its own ports and gets one.
+    let at = ssh.forward_local_tcp(&sshd, SSH_PORT).await.unwrap();
+    let mut c = tokio::net::TcpStream::connect(at).await.unwrap();
+    c.read_exact(&mut banner).await.unwrap();
+    assert_eq!(&banner, b"SSH-2.0-");
+    drop(taken);
 }

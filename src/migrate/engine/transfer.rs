@@ -719,12 +719,6 @@ pub(super) fn du_bytes(out: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released: another process could take it
-/// first, in which case the forward request fails and the caller falls back).
-pub(super) fn free_local_port() -> std::io::Result<std::net::SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
-}
-
 /// A local forward into a host's port, to close once used.
 pub(super) struct Forward {
     listen: Listen,
@@ -771,14 +765,19 @@ impl RpcReach {
         match host {
             Host::Ssh(s) => {
                 let listen = match unix_dir {
-                    Some(d) => Listen::Unix(d.join(format!("{side}.sock"))),
+                    Some(d) => {
+                        let listen = Listen::Unix(d.join(format!("{side}.sock")));
+                        s.forward_local(&listen, &rpc_host, rpc_port)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        listen
+                    }
                     None => Listen::Tcp(
-                        free_local_port().map_err(|e| format!("no free local port: {e}"))?,
+                        s.forward_local_tcp(&rpc_host, rpc_port)
+                            .await
+                            .map_err(|e| e.to_string())?,
                     ),
                 };
-                s.forward_local(&listen, &rpc_host, rpc_port)
-                    .await
-                    .map_err(|e| e.to_string())?;
                 let at = match &listen {
                     Listen::Tcp(a) => snapshotter::At::Tcp(*a),
                     Listen::Unix(p) => snapshotter::At::Unix(p.clone()),
