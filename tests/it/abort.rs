@@ -424,11 +424,7 @@ async fn ctrl_c_aborts_a_cli_migration_and_a_crash_after_the_abort_still_rolls_b
 async fn the_daemon_aborts_on_request_before_cutover_and_refuses_past_it() {
     let svc = service(123).await;
     let w = svc.writer(500);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = server_port();
     let api = format!("http://127.0.0.1:{port}");
     let mut daemon = Command::new(bin())
         .args(["daemon", "-c"])

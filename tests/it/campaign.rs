@@ -250,11 +250,7 @@ fn start_daemon(svc: &Svc) -> (std::process::Child, String) {
 }
 
 fn start_daemon_with(svc: &Svc, env: &[(&str, &str)]) -> (std::process::Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = server_port();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -11,6 +11,25 @@ pub fn now_ns() -> i64 {
         .as_nanos() as i64
 }
 
+/// A port on 127.0.0.1 for a server a test starts by configuration (a daemon's API): free
+/// now, and below the kernel's ephemeral range, so no outgoing connection of this busy
+/// machine takes it before the server binds it, as one can take a port got by binding
+/// port 0 and letting it go (CI failed once on that race, in a local SSH forward).
+pub fn server_port() -> u16 {
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (20_000, ephemeral_from.max(20_001));
+    for _ in 0..1000 {
+        let port = fastrand::u16(lo..hi);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {lo}..{hi}");
+}
+
 pub struct TestLab {
     pub lab: Lab,
     _tmp: tempfile::TempDir,

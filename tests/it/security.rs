@@ -63,11 +63,7 @@ async fn no_secret_reaches_logs_errors_journal_status_or_files() {
     let users = d.join("users.yaml");
     crate::kit::lab::write_secret(&users, &format!("bob: {BOB_PW}\n")).unwrap();
     crate::kit::lab::write_secret(&d.join("api-token"), TOKEN).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = server_port();
     let (cfg_path, _) = lab
         .write_config(&format!(
             "  user_passwords_file: \"{}\"\napi:\n  listen: \"127.0.0.1:{port}\"\n  token_file: \"{}/api-token\"\n",

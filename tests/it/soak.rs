@@ -108,11 +108,7 @@ struct Sample {
 async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
     let seeded = 20_000;
     let svc = service_seeded(90, seeded).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = server_port();
     let api = format!("http://127.0.0.1:{port}");
     let mut daemon = Command::new(bin())
         .args(["daemon", "-c"])
