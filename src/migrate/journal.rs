@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::engine::{Phase, Report, TargetObject};
+use super::engine::{End, Phase, Report, TargetObject};
 use crate::stack::{StackOutputs, StackRef};
 
 pub const VERSION: u32 = 1;
@@ -61,6 +61,16 @@ pub enum Event {
     /// whole, as a stack is).
     TargetCreating {
         object: TargetObject,
+    },
+    /// About to lower this side's `influxd` to nice `nice` (`migration.idle_nice`):
+    /// settling after a crash gives it back.
+    IdleLowering {
+        side: End,
+        nice: u8,
+    },
+    /// That side's `influxd` has its priority back.
+    IdleRestored {
+        side: End,
     },
     /// The cutover command is about to run: writers may use the target from now on.
     WritersRepointing,
@@ -237,6 +247,8 @@ pub struct MigrationSummary {
     pub aborted_by: Option<String>,
     /// After a failure past cutover: where an operator said the service runs.
     pub resolved_on: Option<Placement>,
+    /// The sides whose `influxd` was lowered to this nice value and not given it back.
+    pub idle_lowered: Vec<(End, u8)>,
 }
 
 /// What the journal says, derived purely from its records.
@@ -304,6 +316,11 @@ impl JournalState {
                 Event::StackCreating { name } => m.creating = Some(name.clone()),
                 Event::StackCreated { target } => m.target = Some(target.clone()),
                 Event::TargetCreating { object } => m.made_on_target.push(object.clone()),
+                Event::IdleLowering { side, nice } => {
+                    m.idle_lowered.retain(|(s, _)| s != side);
+                    m.idle_lowered.push((*side, *nice));
+                }
+                Event::IdleRestored { side } => m.idle_lowered.retain(|(s, _)| s != side),
                 Event::PhaseStarted { phase } => m.current_phase = Some(*phase),
                 Event::WritersRepointing => m.cutover_started = true,
                 Event::WritersRepointed => m.repointed = true,
@@ -450,6 +467,43 @@ mod tests {
             at_ms: 1,
             event: e,
         }
+    }
+
+    #[test]
+    fn a_lowered_side_stays_on_record_until_it_is_given_back_and_the_record_reads_back() {
+        let lowering = |side| Event::IdleLowering { side, nice: 19 };
+        let mut rs = vec![
+            rec(
+                "1",
+                Event::Started {
+                    trigger: "manual".into(),
+                    source: placement("old"),
+                },
+            ),
+            rec("1", lowering(End::Target)),
+            rec("1", Event::IdleRestored { side: End::Target }),
+            rec("1", lowering(End::Source)),
+        ];
+        let st = JournalState::from_records(&rs);
+        assert_eq!(st.migrations[0].idle_lowered, vec![(End::Source, 19)]);
+        // A line as written and read back.
+        let line = serde_json::to_string(&rs[1]).unwrap();
+        assert!(
+            line.contains(r#""event":"idle_lowering","side":"target","nice":19"#),
+            "{line}"
+        );
+        let back: Record = serde_json::from_str(&line).unwrap();
+        assert!(matches!(
+            back.event,
+            Event::IdleLowering {
+                side: End::Target,
+                nice: 19
+            }
+        ));
+        rs.push(rec("1", Event::IdleRestored { side: End::Source }));
+        assert!(JournalState::from_records(&rs).migrations[0]
+            .idle_lowered
+            .is_empty());
     }
 
     #[test]

@@ -380,6 +380,13 @@ impl Journaling for Journaled<'_> {
         crash_point("target_creating");
         Ok(())
     }
+    fn idle_lowering(&self, end: engine::End, nice: u8) -> Result<(), String> {
+        self.append(Event::IdleLowering { side: end, nice })
+            .map_err(|e| format!("cannot record the lowering in the journal: {e}"))
+    }
+    fn idle_restored(&self, end: engine::End) {
+        self.append_or_log(Event::IdleRestored { side: end });
+    }
 }
 
 /// Fault injection for the crash tests: with `STATESHIFT_CRASH_AT=<point>` the process
@@ -847,6 +854,7 @@ async fn recover_locked(
         return Ok(None);
     }
     let journal = Mutex::new(Journal::open(&paths.journal)?);
+    let interrupted = st.migrations.last().cloned().unwrap_or_default();
     match decision {
         Recovery::Nothing => Ok(None),
         Recovery::RollBack {
@@ -867,6 +875,7 @@ async fn recover_locked(
                     .map_err(MachineError::Stack)?,
                 _ => None,
             };
+            let target_stays = stack.is_none();
             if let Some(s) = stack {
                 provider
                     .delete(&s, cfg.provider.delete_timeout)
@@ -904,6 +913,15 @@ async fn recover_locked(
             if let Err(e) = cleaned {
                 tracing::warn!(error = %e, dir = %dump, "could not clean the interrupted migration's dump directory on the source");
             }
+            give_back_idle(
+                cfg,
+                provider,
+                &journal,
+                &interrupted,
+                [true, target_stays],
+                progress,
+            )
+            .await;
             journal.lock().unwrap_or_else(|p| p.into_inner()).append(
                 &id,
                 Event::Finished {
@@ -942,6 +960,17 @@ async fn recover_locked(
             old_deleting: false,
         } => {
             progress.note(&format!("recovering migration {id}: verified before the interruption, finishing the disposal"));
+            // The target serves the writers: its priority first. The source keeps its
+            // own if its stack is about to go.
+            give_back_idle(
+                cfg,
+                provider,
+                &journal,
+                &interrupted,
+                [source.stack.is_none(), true],
+                progress,
+            )
+            .await;
             let src = Influx::from_config(&provider.source_instance(cfg, &source));
             let dst = Influx::from_config(&provider.target_instance(cfg, &target));
             // Writes that reached the source after the crash never reached a spool: the
@@ -1022,6 +1051,15 @@ async fn recover_locked(
         }
         Recovery::ResumeCutover { id, source, target } => {
             progress.note(&format!("recovering migration {id}: interrupted after cutover; resuming from the cutover (nothing is deleted unless verification passes)"));
+            give_back_idle(
+                cfg,
+                provider,
+                &journal,
+                &interrupted,
+                [true, true],
+                progress,
+            )
+            .await;
             // The interrupted captures' subscriptions kept forwarding to a dead receiver
             // while we were down; the resumed engine checks their counters once a new
             // capture is live. A resume that was itself interrupted is one more of them.
@@ -1062,6 +1100,51 @@ async fn recover_locked(
             )
             .await
             .map(|_| Some(Outcome::Succeeded))
+        }
+    }
+}
+
+/// Give back the priority an interrupted migration left lowered (`migration.idle_nice`)
+/// on each side that `keep` says stays (source, target): a side whose stack is about to
+/// be deleted is skipped. Never fatal: what cannot be done is said, and tried again at
+/// the next settling if the migration stays unsettled.
+async fn give_back_idle(
+    cfg: &Config,
+    provider: &Provider,
+    journal: &Mutex<Journal>,
+    m: &super::journal::MigrationSummary,
+    keep: [bool; 2],
+    progress: &dyn Progress,
+) {
+    for &(end, nice) in &m.idle_lowered {
+        let (placement, stays) = match end {
+            engine::End::Source => (m.source.as_ref(), keep[0]),
+            engine::End::Target => (m.target.as_ref(), keep[1]),
+        };
+        let Some(p) = placement.filter(|_| stays) else {
+            continue;
+        };
+        let inst = match end {
+            engine::End::Source => provider.source_instance(cfg, p),
+            engine::End::Target => provider.target_instance(cfg, p),
+        };
+        let side = end.name();
+        match engine::give_back_after_crash(&inst, nice).await {
+            Ok((pid, was)) => {
+                if was == i32::from(nice) {
+                    progress.note(&format!("the {side} influxd (pid {pid}) ran at nice {nice}, where the interrupted migration had lowered it (migration.idle_nice): it has nice 0 back, the default"));
+                } else {
+                    tracing::info!(side, pid, was, "the interrupted migration's lowered influxd runs at another nice value: left as it is");
+                }
+                let recorded = journal
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .append(&m.id, Event::IdleRestored { side: end });
+                if let Err(e) = recorded {
+                    tracing::error!(error = %e, "cannot write the journal");
+                }
+            }
+            Err(e) => progress.note(&format!("the {side} influxd may still run at nice {nice}, where the interrupted migration lowered it (migration.idle_nice), and could not be given its priority back: {e}; `renice -n 0` on its threads gives it the default")),
         }
     }
 }

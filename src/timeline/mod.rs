@@ -208,6 +208,8 @@ fn label(e: &Event) -> Option<String> {
         | Event::PhaseDone { .. }
         | Event::WritersRepointing
         | Event::TargetCreating { .. }
+        | Event::IdleLowering { .. }
+        | Event::IdleRestored { .. }
         | Event::OldStackDeleted
         | Event::MonitorHostRetired { .. }
         | Event::WindowReset => return None,

@@ -561,6 +561,79 @@ async fn orphaned_by_a_kill(migration: &str, command: &str, scratch: &str) {
     assert_eq!(counts(&dst, "cyclops").await, before);
 }
 
+/// A migration killed while the target's `influxd` runs at `migration.idle_nice` (the
+/// target yields from the dump to just before the repoint): settling gives it nice 0
+/// back, because the lowering was journaled before it was made, and the retry finds it
+/// at the default. Before, it stayed at 19, and every later migration kept it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_lowered_by_a_killed_migration_gets_its_priority_back_when_settling() {
+    lowered_by_a_kill(false).await;
+}
+
+/// The same for the source, lowered from the end of the drain: the kill lands in the
+/// verification, settling resumes the migration, and the resumed run finds the source at
+/// the default (before, it took the 19 it found for the server's own value and kept it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_lowered_by_a_killed_migration_gets_its_priority_back_when_settling() {
+    lowered_by_a_kill(true).await;
+}
+
+async fn lowered_by_a_kill(source: bool) {
+    let lab = lab(LabOptions::default()).await;
+    let (p, _) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 600_000).await;
+    let before = counts(&lab.source.client(), "cyclops").await;
+    let pid = if source { &lab.source } else { &lab.target }.pids()[0];
+    assert_eq!(thread_nices(pid), [0].into());
+    let cfg = p.to_str().unwrap();
+    let mut child = Command::new(bin())
+        .args(["migrate", "-c", cfg, "--yes"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while thread_nices(pid) != [19].into() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(120),
+            "the server was never lowered"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the migration ended before the server was seen lowered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(thread_nices(pid), [19].into(), "the kill left it lowered");
+
+    let (code, out, err) = run(&["recover", "-c", cfg], &[]);
+    let said = format!("{out}{err}");
+    assert!(
+        code == 0
+            && said.contains(if source { "resuming" } else { "rolled back" })
+            && said.contains("has nice 0 back")
+            && !said.contains("already ran at nice"),
+        "settled, saying so: {code}\n{out}\n{err}"
+    );
+    assert_eq!(thread_nices(pid), [0].into(), "settling gave it back");
+    if !source {
+        let (code, out, err) = run(&["migrate", "-c", cfg, "--yes"], &[]);
+        assert_eq!(code, 0, "the retry migrates: {out}\n{err}");
+        assert!(
+            !format!("{out}{err}").contains("already ran at nice"),
+            "{out}\n{err}"
+        );
+        assert_eq!(
+            thread_nices(pid),
+            [0].into(),
+            "and the retry gave it back too"
+        );
+    }
+    assert_eq!(counts(&lab.target.client(), "cyclops").await, before);
+}
+
 #[test]
 fn predict_answers_in_json_when_asked() {
     let (code, out, err) = run(

@@ -39,6 +39,7 @@ mod transfer;
 mod verify;
 
 use context::Migration;
+pub use priority::{give_back_after_crash, End};
 pub use replay::{replay_ready, replay_spool_tail};
 
 /// Phases in order (DESIGN.md §3; stack creation, disposal of the old stack and the
@@ -209,6 +210,13 @@ pub trait Journaling: Send + Sync {
     /// About to create `object` on the target. An error stops the migration before it
     /// is created: unrecorded, a rollback after a crash could not remove it.
     fn target_creating(&self, object: &TargetObject) -> Result<(), String>;
+    /// About to lower `end`'s `influxd` to nice `nice` (`migration.idle_nice`). An error
+    /// leaves it as it is: unrecorded, settling after a crash would not give it back.
+    fn idle_lowering(&self, _end: End, _nice: u8) -> Result<(), String> {
+        Ok(())
+    }
+    /// `end`'s `influxd` has its priority back (or was never lowered).
+    fn idle_restored(&self, _end: End) {}
 }
 
 /// Something a migration creates on its target.

@@ -11,21 +11,27 @@
 //! background on the side's SSH connection, after the side's previous change, so a
 //! lowering and its undoing never cross. Before writers use a side, its change back to 0
 //! is awaited; at the end of the migration, success or failure, both sides are back at 0.
-//! Only a crash in between leaves a server lowered (ARCHITECTURE.md, "Known limits").
+//! Each lowering is journaled before it is started, and each change back once it is
+//! done: after a crash, settling gives a server still at the lowered value the default
+//! back ([`give_back_after_crash`]).
+
+use serde::{Deserialize, Serialize};
 
 use super::context::Migration;
+use crate::config::InstanceConfig;
 use crate::remote::{Host, Remote};
 use crate::util::shell_quote;
 
 /// Which instance of the migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum End {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum End {
     Source,
     Target,
 }
 
 impl End {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             End::Source => "source",
             End::Target => "target",
@@ -87,16 +93,27 @@ enum Nice {
     Back(u8),
 }
 
+/// When a renice goes ahead, given the main thread's nice value before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum When {
+    /// Always.
+    Always,
+    /// Only if it lowers the priority (a server already at least as low stays).
+    Lowers,
+    /// Only if the server runs at exactly this value.
+    At(i32),
+}
+
 /// A shell command that gives every thread of the process listening on `rpc` (InfluxDB's
-/// RPC address as the host itself sees it, `host:port`) the nice value `nice` (only if it
-/// lowers it, when `only_lower`), and prints its pid and its main thread's nice value
-/// before. A listener on exactly that address wins over one on a wildcard address (the
-/// local provider runs several servers on one port, each on its own loopback address).
+/// RPC address as the host itself sees it, `host:port`) the nice value `nice` (if `when`
+/// says so), and prints its pid and its main thread's nice value before. A listener on
+/// exactly that address wins over one on a wildcard address (the local provider runs
+/// several servers on one port, each on its own loopback address).
 /// Unprivileged users go through `sudo -n`: giving a priority back needs it. `renice -n`
 /// sets the value (util-linux counts it relative under `POSIXLY_CORRECT`, unset here);
 /// the threads are reniced twice, so one that a lowered thread started meanwhile is not
 /// left behind.
-pub(super) fn renice_cmd(rpc: &str, nice: i32, only_lower: bool) -> Result<String, String> {
+pub(super) fn renice_cmd(rpc: &str, nice: i32, when: When) -> Result<String, String> {
     let (host, port) = rpc
         .rsplit_once(':')
         .and_then(|(h, p)| {
@@ -118,10 +135,12 @@ pub(super) fn renice_cmd(rpc: &str, nice: i32, only_lower: bool) -> Result<Strin
   p = substr($0, RSTART + 4, RLENGTH - 4)
   if (a == want) e = p; else if (a == "*" || a == "0.0.0.0" || a == "::") w = p }
 END { if (e != "") print e; else if (w != "") print w }"#;
-    let keep = if only_lower {
-        format!("[ \"$was\" -lt {nice} ] || {{ echo \"$pid $was\"; exit 0; }}\n")
-    } else {
-        String::new()
+    let keep = match when {
+        When::Always => String::new(),
+        When::Lowers => {
+            format!("[ \"$was\" -lt {nice} ] || {{ echo \"$pid $was\"; exit 0; }}\n")
+        }
+        When::At(n) => format!("[ \"$was\" = {n} ] || {{ echo \"$pid $was\"; exit 0; }}\n"),
     };
     Ok(format!(
         r#"S=; [ "$(id -u)" = 0 ] || S="sudo -n"
@@ -139,16 +158,11 @@ echo "$pid $was""#,
     ))
 }
 
-/// Give the `influxd` listening on `rpc` on `host` the nice value `nice`; its pid and
-/// its nice value before.
-async fn set_nice(
-    host: &Host,
-    rpc: &str,
-    nice: i32,
-    only_lower: bool,
-) -> Result<(u32, i32), Unchanged> {
+/// Give the `influxd` listening on `rpc` on `host` the nice value `nice` (if `when`
+/// says so); its pid and its nice value before.
+async fn set_nice(host: &Host, rpc: &str, nice: i32, when: When) -> Result<(u32, i32), Unchanged> {
     use crate::remote::RemoteError;
-    let cmd = renice_cmd(rpc, nice, only_lower).map_err(Unchanged::Refused)?;
+    let cmd = renice_cmd(rpc, nice, when).map_err(Unchanged::Refused)?;
     let out = host.run(&cmd).await.map_err(|e| match e {
         // The command's own exits, and a shell's "not found": before its first change.
         // Said without the script.
@@ -249,6 +263,18 @@ impl Migration<'_> {
             None if !lowering => return,
             before => before.map(|(c, _)| c),
         };
+        if let Nice::Lower(n) = to {
+            // On record first: after a crash, settling gives it back.
+            if let Err(e) = self.journal.idle_lowering(end, n) {
+                *self.priorities.slot(end) = before.map(|c| (c, false));
+                self.progress.note(&format!(
+                    "the {} influxd keeps its priority (migration.idle_nice): {e}",
+                    end.name()
+                ));
+                return;
+            }
+        }
+        let slot = self.priorities.slot(end);
         *slot = Some((
             tokio::spawn(async move {
                 let r = match to {
@@ -256,7 +282,7 @@ impl Migration<'_> {
                         if let Some(before) = before {
                             let _ = before.await;
                         }
-                        set_nice(&host, &rpc, n.into(), true).await
+                        set_nice(&host, &rpc, n.into(), When::Lowers).await
                     }
                     Nice::Back(n) => {
                         let lowering = match before {
@@ -274,7 +300,7 @@ impl Migration<'_> {
                             // It may have been lowered from anything: the default.
                             _ => 0,
                         };
-                        set_nice(&host, &rpc, was, false).await
+                        set_nice(&host, &rpc, was, When::Always).await
                     }
                 };
                 match &r {
@@ -328,8 +354,16 @@ impl Migration<'_> {
         if r.is_none() {
             *self.priorities.slot(end) = Some((change, false));
         }
+        self.record_settled(end, &r);
         if let Some(note) = settled_note(end, self.cfg.migration.idle_nice, r, false) {
             self.progress.note(&note);
+        }
+    }
+
+    /// Journal that `end` needs nothing more after a crash, if its change back `r` says so.
+    fn record_settled(&self, end: End, r: &Option<Result<(u32, i32), Unchanged>>) {
+        if let Some(Ok(_) | Err(Unchanged::NotLowered(_) | Unchanged::AlreadyLow(_))) = r {
+            self.journal.idle_restored(end);
         }
     }
 
@@ -342,11 +376,27 @@ impl Migration<'_> {
         let (rs, rt) = tokio::join!(wait_started(s.as_mut()), wait_started(t.as_mut()));
         let nice = self.cfg.migration.idle_nice;
         for (end, r) in [(End::Source, rs), (End::Target, rt)] {
+            if let Some(r) = &r {
+                self.record_settled(end, r);
+            }
             if let Some(note) = r.and_then(|r| settled_note(end, nice, r, true)) {
                 self.progress.note(&note);
             }
         }
     }
+}
+
+/// After a crash: give the `influxd` of `inst` nice 0 if it still runs at `nice`, the
+/// value an interrupted migration lowered it to (the value it had before was not
+/// journaled; 0 is the default). Its pid and the value it ran at; a server at any other
+/// value is left as it is.
+pub async fn give_back_after_crash(inst: &InstanceConfig, nice: u8) -> Result<(u32, i32), String> {
+    let host = Host::connect(inst.ssh.as_ref())
+        .await
+        .map_err(|e| e.to_string())?;
+    set_nice(&host, &inst.rpc_address, 0, When::At(nice.into()))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -355,7 +405,7 @@ mod tests {
 
     #[test]
     fn a_bad_rpc_address_is_named() {
-        let e = renice_cmd("influxdb", 19, true).unwrap_err();
+        let e = renice_cmd("influxdb", 19, When::Lowers).unwrap_err();
         assert!(e.contains("\"influxdb\" is not host:port"), "{e}");
     }
 }
