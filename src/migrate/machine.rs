@@ -943,6 +943,15 @@ async fn recover_locked(
             progress.note(&format!(
                 "recovering migration {id}: interrupted while deleting the old stack, finishing it"
             ));
+            give_back_idle(
+                cfg,
+                provider,
+                &journal,
+                &interrupted,
+                [source.stack.is_none(), true],
+                progress,
+            )
+            .await;
             let report = Report {
                 migration_id: id.clone(),
                 ..Report::default()
@@ -960,14 +969,14 @@ async fn recover_locked(
             old_deleting: false,
         } => {
             progress.note(&format!("recovering migration {id}: verified before the interruption, finishing the disposal"));
-            // The target serves the writers: its priority first. The source keeps its
-            // own if its stack is about to go.
+            // The source too, although its stack is about to go: the checks below may
+            // keep it.
             give_back_idle(
                 cfg,
                 provider,
                 &journal,
                 &interrupted,
-                [source.stack.is_none(), true],
+                [true, true],
                 progress,
             )
             .await;
@@ -1095,14 +1104,25 @@ async fn recover_locked(
                 r.cutover_done = true;
                 (e, r)
             });
-            finish(
+            let source_goes = source.stack.is_some();
+            let r = finish(
                 cfg, provider, &journal, &id, source, target, result, progress,
             )
-            .await
-            .map(|_| Some(Outcome::Succeeded))
+            .await;
+            // What is still on record as lowered: a side whose giving back above failed
+            // (the resumed run found it already low, and left it so).
+            let after = state(cfg).ok().and_then(|st| st.migrations.last().cloned());
+            if let Some(m) = after.filter(|m| m.id == id) {
+                let keep_source = !(r.is_ok() && source_goes);
+                give_back_idle(cfg, provider, &journal, &m, [keep_source, true], progress).await;
+            }
+            r.map(|_| Some(Outcome::Succeeded))
         }
     }
 }
+
+/// The longest settling waits to give one side its priority back.
+const GIVE_BACK_WAIT: Duration = Duration::from_secs(30);
 
 /// Give back the priority an interrupted migration left lowered (`migration.idle_nice`)
 /// on each side that `keep` says stays (source, target): a side whose stack is about to
@@ -1129,7 +1149,11 @@ async fn give_back_idle(
             engine::End::Target => provider.target_instance(cfg, p),
         };
         let side = end.name();
-        match engine::give_back_after_crash(&inst, nice).await {
+        let given =
+            tokio::time::timeout(GIVE_BACK_WAIT, engine::give_back_after_crash(&inst, nice))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {GIVE_BACK_WAIT:?}")));
+        match given {
             Ok((pid, was)) => {
                 if was == i32::from(nice) {
                     progress.note(&format!("the {side} influxd (pid {pid}) ran at nice {nice}, where the interrupted migration had lowered it (migration.idle_nice): it has nice 0 back, the default"));

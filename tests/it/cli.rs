@@ -567,7 +567,7 @@ async fn orphaned_by_a_kill(migration: &str, command: &str, scratch: &str) {
 /// at the default. Before, it stayed at 19, and every later migration kept it there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_lowered_by_a_killed_migration_gets_its_priority_back_when_settling() {
-    lowered_by_a_kill(false).await;
+    lowered_by_a_kill(false, None).await;
 }
 
 /// The same for the source, lowered from the end of the drain: the kill lands in the
@@ -575,10 +575,20 @@ async fn a_target_lowered_by_a_killed_migration_gets_its_priority_back_when_sett
 /// the default (before, it took the 19 it found for the server's own value and kept it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_lowered_by_a_killed_migration_gets_its_priority_back_when_settling() {
-    lowered_by_a_kill(true).await;
+    lowered_by_a_kill(true, None).await;
 }
 
-async fn lowered_by_a_kill(source: bool) {
+/// The same after a crash right after verification: settling finishes the disposal and
+/// gives the source its priority first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_lowered_by_a_migration_crashed_after_verify_gets_its_priority_back() {
+    lowered_by_a_kill(true, Some("verify:done")).await;
+}
+
+/// Kill `stateshift migrate` once the source's (`source`) or the target's `influxd` runs
+/// at nice 19, or let it die at the journal point `crash_at`; settle; check the server has
+/// nice 0 back and nothing was lost.
+async fn lowered_by_a_kill(source: bool, crash_at: Option<&str>) {
     let lab = lab(LabOptions::default()).await;
     let (p, _) = lab.write_config("").unwrap();
     seed(&lab, "cyclops", 600_000).await;
@@ -588,31 +598,40 @@ async fn lowered_by_a_kill(source: bool) {
     let cfg = p.to_str().unwrap();
     let mut child = Command::new(bin())
         .args(["migrate", "-c", cfg, "--yes"])
+        .envs(crash_at.map(|at| ("STATESHIFT_CRASH_AT", at)))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let t = std::time::Instant::now();
-    while thread_nices(pid) != [19].into() {
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(120),
-            "the server was never lowered"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the migration ended before the server was seen lowered"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
+    if crash_at.is_some() {
+        assert!(!child.wait().unwrap().success(), "it died at {crash_at:?}");
+    } else {
+        let t = std::time::Instant::now();
+        while thread_nices(pid) != [19].into() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(120),
+                "the server was never lowered"
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the migration ended before the server was seen lowered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        let _ = child.wait();
     }
-    child.kill().unwrap();
-    let _ = child.wait();
     assert_eq!(thread_nices(pid), [19].into(), "the kill left it lowered");
 
     let (code, out, err) = run(&["recover", "-c", cfg], &[]);
     let said = format!("{out}{err}");
     assert!(
         code == 0
-            && said.contains(if source { "resuming" } else { "rolled back" })
+            && said.contains(match (source, crash_at) {
+                (false, _) => "rolled back",
+                (true, None) => "resuming",
+                (true, Some(_)) => "finishing the disposal",
+            })
             && said.contains("has nice 0 back")
             && !said.contains("already ran at nice"),
         "settled, saying so: {code}\n{out}\n{err}"

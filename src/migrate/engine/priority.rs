@@ -361,8 +361,10 @@ impl Migration<'_> {
     }
 
     /// Journal that `end` needs nothing more after a crash, if its change back `r` says so.
+    /// A server found already low stays on record: an interrupted migration may have left
+    /// it so, and settling after a resumed run gives it back.
     fn record_settled(&self, end: End, r: &Option<Result<(u32, i32), Unchanged>>) {
-        if let Some(Ok(_) | Err(Unchanged::NotLowered(_) | Unchanged::AlreadyLow(_))) = r {
+        if let Some(Ok(_) | Err(Unchanged::NotLowered(_))) = r {
             self.journal.idle_restored(end);
         }
     }
