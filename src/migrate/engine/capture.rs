@@ -308,7 +308,13 @@ impl Migration<'_> {
         let mut last = Self::subscriber_stats(&src, old, p).await?;
         let mut stable_since = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while stable_since.elapsed() < Duration::from_millis(500) && Instant::now() < deadline {
+        // A failure counted is final (counters only grow): the verdict is in, and with
+        // writers still on the source the counts would never settle (it waited the whole
+        // 30 s for that, found by a test of a kill while repointing).
+        while last.failed == 0
+            && stable_since.elapsed() < Duration::from_millis(500)
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let now = Self::subscriber_stats(&src, old, p).await?;
             if (now.written, now.failed) != (last.written, last.failed) {
@@ -316,6 +322,7 @@ impl Migration<'_> {
             }
             last = now;
         }
+        let settled = stable_since.elapsed() >= Duration::from_millis(500);
         for s in src.subscriptions().await.map_err(Self::influx_err(p))? {
             if s.name == old {
                 let _ = src
@@ -337,8 +344,10 @@ impl Migration<'_> {
             return Err(MigrateError::Failed {
                 phase: p,
                 msg: format!(
-                    "{} write(s) reached the source while the capture was down (the interrupted capture {old} forwarded {} points, its spool holds {spooled}); they are on the source but not on the target",
-                    last.failed, last.written
+                    "{}{} write(s) reached the source while the capture was down (the interrupted capture {old} forwarded {} points, its spool holds {spooled}); they are on the source but not on the target",
+                    if settled { "" } else { "at least " },
+                    last.failed,
+                    last.written
                 ),
             });
         }

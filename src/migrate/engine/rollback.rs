@@ -96,7 +96,7 @@ impl Migration<'_> {
         self.remove_scratch().await;
         if undo == Undo::KeepBoth {
             self.progress.note(&format!(
-                "writers already point at the target {}; the source {} is untouched and keeps all its data; the capture spool is kept",
+                "writers may already use the target {} (the repoint had begun); the source {} is untouched and keeps all its data; the capture spool is kept",
                 self.target_cfg.influx_url, self.cfg.source.influx_url
             ));
             return;
