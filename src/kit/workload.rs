@@ -136,7 +136,13 @@ pub struct Ledger {
     pub sent_unix_ms: Vec<u64>,
     pub urls_used: Vec<String>,
     pub max_stall: Duration,
+    /// The first failed requests (at most [`ERRORS_KEPT`]): how long after the start, and
+    /// the error, for a test that fails on them to say what happened.
+    pub errors: Vec<(Duration, String)>,
 }
+
+/// How many failed requests a [`Ledger`] describes.
+pub const ERRORS_KEPT: usize = 5;
 
 impl Ledger {
     /// Latency percentile in milliseconds.
@@ -285,6 +291,9 @@ pub async fn run_writer(spec: WriterSpec, stop: CancellationToken) -> Ledger {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "writer: write failed");
+                if ledger.errors.len() < ERRORS_KEPT {
+                    ledger.errors.push((started.elapsed(), e.to_string()));
+                }
                 ledger.requests_failed += 1;
                 ledger.points_failed += batch.len() as u64;
             }

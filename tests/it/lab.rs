@@ -1422,7 +1422,13 @@ fn a_target_that_cannot_come_up_fails_before_cutover_is_deleted_and_loses_nothin
             "the writer kept writing: {}",
             ledger.points_acked
         );
-        assert_eq!(ledger.requests_failed, 0, "the writer saw no error");
+        assert_eq!(
+            ledger.requests_failed,
+            0,
+            "the writer saw no error: {:?}\n{}",
+            ledger.errors,
+            lab.consoles()
+        );
         let problems = workload::check_ledger(&admin, "cyclops", &ledger)
             .await
             .unwrap();
