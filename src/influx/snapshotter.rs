@@ -53,6 +53,16 @@ pub enum SnapshotError {
     Protocol { addr: String, msg: String },
     #[error("stopped")]
     Cancelled,
+    /// The shard holds deletions its server has not yet compacted into its data files.
+    /// InfluxDB's restore keeps only a shard's `.tsm` files (1.6's `Engine.Restore`), so
+    /// the deleted points would come back on the target, and no count could tell: a
+    /// target may hold more points than the source (writes after the repoint).
+    #[error("the InfluxDB RPC port {addr}: shard {shard} holds deletions its server has not applied to its files yet ({file}); InfluxDB's restore ignores such a file, so the deleted points would come back on the target. The source applies them at its next compaction of the shard, usually within seconds to minutes: migrate again then")]
+    Deletions {
+        addr: String,
+        shard: u64,
+        file: String,
+    },
 }
 
 /// An RPC port as this process reaches it: directly over TCP, or a unix socket that an
@@ -415,6 +425,13 @@ pub fn copy_shard(
             .path()
             .map_err(io(from, "read an entry's name"))?
             .into_owned();
+        if is_tombstone(&name) {
+            return Err(SnapshotError::Deletions {
+                addr: from.name.clone(),
+                shard: old,
+                file: name.display().to_string(),
+            });
+        }
         let renamed = rename(&name, new).ok_or_else(|| {
             protocol(
                 from,
@@ -448,6 +465,22 @@ pub fn copy_shard(
         .read_to_end(&mut rest)
         .map_err(io(to, "wait for the shard's import"))?;
     Ok(copied)
+}
+
+/// A TSM tombstone file (`<generation>-<sequence>.tombstone`): deletions not yet
+/// compacted into the data files.
+pub fn is_tombstone(name: &std::path::Path) -> bool {
+    name.extension().is_some_and(|e| e == "tombstone")
+}
+
+/// A shell command that prints the first tombstone file of each shard archive
+/// (`*.tar.gz`, as `influxd backup -portable` writes them) in directory `dir`, and
+/// nothing when none holds one (see [`SnapshotError::Deletions`]).
+pub fn tombstones_in_archives_cmd(dir: &str) -> String {
+    format!(
+        "for f in {}/*.tar.gz; do [ -e \"$f\" ] && tar -tzf \"$f\" | grep -m1 '\\.tombstone$'; done; true",
+        crate::util::shell_quote(dir)
+    )
 }
 
 /// `db/rp/<old>/rest…` → `db/rp/<new>/rest…`.

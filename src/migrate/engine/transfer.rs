@@ -474,6 +474,24 @@ impl Migration<'_> {
         } else {
             self.report.databases.clone()
         };
+        if !databases.is_empty() {
+            // What `influxd restore` would silently leave out (see
+            // `SnapshotError::Deletions`): a shard archive holding a tombstone file.
+            let found = self
+                .dst()
+                .host
+                .run(&snapshotter::tombstones_in_archives_cmd(&dir))
+                .await
+                .map_err(Self::remote_err(p))?;
+            if let Some(file) = found.lines().map(str::trim).find(|l| !l.is_empty()) {
+                return Err(MigrateError::Failed {
+                    phase: p,
+                    msg: format!(
+                        "the dump holds deletions the source has not applied to its files yet ({file}); InfluxDB's restore ignores such a file, so the deleted points would come back on the target. The source applies them at its next compaction of the shard, usually within seconds to minutes: migrate again then"
+                    ),
+                });
+            }
+        }
         for db in databases {
             self.claim_target_database(p, &db).await?;
             // Judged by its exit status (a failure's stderr is in the error) and by the state
