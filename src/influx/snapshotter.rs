@@ -416,39 +416,50 @@ pub fn copy_shard(
     };
     let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, paced));
     let mut out = tar::Builder::new(BufWriter::with_capacity(256 << 10, &*dst));
-    let entries = archive
-        .entries()
-        .map_err(io(from, "read the shard's archive"))?;
-    for entry in entries {
-        let mut entry = entry.map_err(io(from, "read the shard's archive"))?;
-        let name = entry
-            .path()
-            .map_err(io(from, "read an entry's name"))?
-            .into_owned();
-        if is_tombstone(&name) {
-            return Err(SnapshotError::Deletions {
-                addr: from.name.clone(),
-                shard: old,
-                file: name.display().to_string(),
-            });
-        }
-        let renamed = rename(&name, new).ok_or_else(|| {
-            protocol(
-                from,
-                format!("shard {old}'s archive holds {name:?}, not db/rp/{old}/file"),
-            )
-        })?;
-        let mut header = entry.header().clone();
-        copied.bytes += entry.size();
-        copied.files += 1;
-        out.append_data(&mut header, &renamed, &mut entry)
-            .map_err(|e| {
-                if cancel.is_cancelled() {
-                    SnapshotError::Cancelled
-                } else {
-                    io(to, "send the shard")(e)
-                }
+    let mut entries = || -> Result<(), SnapshotError> {
+        let entries = archive
+            .entries()
+            .map_err(io(from, "read the shard's archive"))?;
+        for entry in entries {
+            let mut entry = entry.map_err(io(from, "read the shard's archive"))?;
+            let name = entry
+                .path()
+                .map_err(io(from, "read an entry's name"))?
+                .into_owned();
+            if is_tombstone(&name) {
+                return Err(SnapshotError::Deletions {
+                    addr: from.name.clone(),
+                    shard: old,
+                    file: name.display().to_string(),
+                });
+            }
+            let renamed = rename(&name, new).ok_or_else(|| {
+                protocol(
+                    from,
+                    format!("shard {old}'s archive holds {name:?}, not db/rp/{old}/file"),
+                )
             })?;
+            let mut header = entry.header().clone();
+            copied.bytes += entry.size();
+            copied.files += 1;
+            out.append_data(&mut header, &renamed, &mut entry)
+                .map_err(|e| {
+                    if cancel.is_cancelled() {
+                        SnapshotError::Cancelled
+                    } else {
+                        io(to, "send the shard")(e)
+                    }
+                })?;
+        }
+        Ok(())
+    };
+    if let Err(e) = entries() {
+        // Cut the upload off before the builder, dropped, would end the archive: the
+        // target's restore then fails on a truncated archive and loads none of it
+        // (tsm1 `overlay` replaces files only once the whole archive was read), rather
+        // than the entries sent so far.
+        let _ = dst.shutdown(Shutdown::Both);
+        return Err(e);
     }
     let mut w = out
         .into_inner()
@@ -474,11 +485,12 @@ pub fn is_tombstone(name: &std::path::Path) -> bool {
 }
 
 /// A shell command that prints the first tombstone file of each shard archive
-/// (`*.tar.gz`, as `influxd backup -portable` writes them) in directory `dir`, and
-/// nothing when none holds one (see [`SnapshotError::Deletions`]).
+/// (`*.tar.gz`, as `influxd backup -portable` writes them) in directory `dir`, nothing
+/// when none holds one (see [`SnapshotError::Deletions`]), and fails naming an archive
+/// it cannot list.
 pub fn tombstones_in_archives_cmd(dir: &str) -> String {
     format!(
-        "for f in {}/*.tar.gz; do [ -e \"$f\" ] && tar -tzf \"$f\" | grep -m1 '\\.tombstone$'; done; true",
+        "for f in {}/*.tar.gz; do [ -e \"$f\" ] || continue; l=$(tar -tzf \"$f\") || {{ echo \"cannot list $f\" >&2; exit 2; }}; printf '%s\\n' \"$l\" | grep -m1 '\\.tombstone$'; done; exit 0",
         crate::util::shell_quote(dir)
     )
 }
@@ -501,6 +513,83 @@ fn rename(name: &std::path::Path, new: u64) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    /// Run `tombstones_in_archives_cmd` on `dir` with the system's `sh`: (exit code,
+    /// stdout, stderr).
+    fn list_tombstones(dir: &std::path::Path) -> (Option<i32>, String, String) {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(super::tombstones_in_archives_cmd(
+                &dir.display().to_string(),
+            ))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
+    }
+
+    /// Make `<dir>/<archive>` holding `files` under `db/rp/1/`, with the system's tar.
+    fn archive(dir: &std::path::Path, name: &str, files: &[&str]) {
+        let tree = tempfile::tempdir().unwrap();
+        let shard = tree.path().join("db/rp/1");
+        std::fs::create_dir_all(&shard).unwrap();
+        for f in files {
+            std::fs::write(shard.join(f), b"data").unwrap();
+        }
+        let ok = std::process::Command::new("tar")
+            .arg("-czf")
+            .arg(dir.join(name))
+            .arg("-C")
+            .arg(tree.path())
+            .arg("db")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    #[test]
+    fn the_dump_check_names_a_tombstone_and_fails_on_an_archive_it_cannot_read() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a dump dir");
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(
+            list_tombstones(&dir),
+            (Some(0), String::new(), String::new())
+        );
+        archive(&dir, "x.s1.tar.gz", &["000000001-000000002.tsm"]);
+        assert_eq!(
+            list_tombstones(&dir),
+            (Some(0), String::new(), String::new())
+        );
+        archive(
+            &dir,
+            "x.s2.tar.gz",
+            &[
+                "000000001-000000001.tsm",
+                "000000002-000000001.tombstone",
+                "000000002-000000001.tsm",
+            ],
+        );
+        assert_eq!(
+            list_tombstones(&dir),
+            (
+                Some(0),
+                "db/rp/1/000000002-000000001.tombstone".to_string(),
+                String::new()
+            )
+        );
+        std::fs::write(dir.join("x.s3.tar.gz"), b"not gzip").unwrap();
+        let (code, _, err) = list_tombstones(&dir);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains("cannot list") && err.contains("x.s3.tar.gz"),
+            "{err}"
+        );
+    }
+
     use super::*;
     use std::path::Path;
 

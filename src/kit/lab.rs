@@ -26,6 +26,8 @@ pub struct LabOptions {
     pub admin: Option<(String, Secret)>,
     /// The cutover command waits until a running writer has moved (`cutover.synchronous`).
     pub synchronous_cutover: bool,
+    /// More `[data]` settings of both VMs' InfluxDB ([`VmOptions::data_settings`]).
+    pub data_settings: Vec<(String, String)>,
 }
 
 impl Lab {
@@ -47,6 +49,7 @@ impl Lab {
                 admin: opts.admin.clone(),
                 subnet: None,
                 detached: false,
+                data_settings: opts.data_settings.clone(),
             };
             async move { LocalVm::start(&d, o).await }
         };

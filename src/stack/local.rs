@@ -160,6 +160,9 @@ pub struct VmOptions {
     /// Processes outlive this `LocalVm` (own process group, not killed on drop): for
     /// stacks that must survive an orchestrator restart. Stop them with [`stop_pids`].
     pub detached: bool,
+    /// More settings of InfluxDB's `[data]` section, as written in its file (key, value):
+    /// e.g. `("cache-snapshot-write-cold-duration", "\"1s\"")`.
+    pub data_settings: Vec<(String, String)>,
 }
 
 /// A running local VM. Dropping it kills its processes; [`LocalVm::destroy`] also
@@ -238,7 +241,7 @@ bind-address = "{a}:{RPC_PORT}"
   dir = "{d}/data"
   wal-dir = "{d}/wal"
   query-log-enabled = false
-[http]
+{data}[http]
   bind-address = "{a}:{HTTP_PORT}"
   auth-enabled = {auth}
   log-enabled = false
@@ -254,7 +257,13 @@ bind-address = "{a}:{RPC_PORT}"
 [continuous_queries]
   log-enabled = false
 "#,
-            a = self.addr
+            a = self.addr,
+            data = self
+                .opts
+                .data_settings
+                .iter()
+                .map(|(k, v)| format!("  {k} = {v}\n"))
+                .collect::<String>(),
         )
     }
 
@@ -736,6 +745,7 @@ impl StackProvider for LocalStacks {
             admin: None,
             subnet: Some(self.subnet),
             detached: true,
+            data_settings: Vec::new(),
         };
         let started =
             tokio::time::timeout(spec.timeout, LocalVm::start(&sdir.join("vm"), opts)).await;

@@ -345,7 +345,11 @@ impl Migration<'_> {
                 phase: p,
                 msg: format!(
                     "{}{} write(s) reached the source while the capture was down (the interrupted capture {old} forwarded {} points, its spool holds {spooled}); they are on the source but not on the target",
-                    if settled { "" } else { "at least " },
+                    if settled || last.failed == 0 {
+                        ""
+                    } else {
+                        "at least "
+                    },
                     last.failed,
                     last.written
                 ),
