@@ -264,6 +264,7 @@ struct RawVerify {
     query_timeout: Option<Duration>,
     parallel_queries: Option<usize>,
     target_first: Option<bool>,
+    read_back: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -827,6 +828,12 @@ pub struct VerifyConfig {
     /// writers use (only the point-by-point reads of a sample, and whatever was written
     /// during the migration). Off: both sides at once, from just before the repoint.
     pub target_first: bool,
+    /// With `target_first` and shards streamed (`migration.transfer: shards`, the first
+    /// thing `auto` tries): before the repoint, read every shard back from the target and
+    /// compare its files with the ones sent (SHA-256); a database whose shards all match
+    /// needs no aggregate of the measurements nothing writes to any more. Off: aggregates
+    /// for every measurement, as before.
+    pub read_back: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -1277,6 +1284,7 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             }
         },
         target_first: raw.verify.target_first.unwrap_or(true),
+        read_back: raw.verify.read_back.unwrap_or(true),
     };
 
     let m = raw.migration;
@@ -2014,6 +2022,9 @@ mod tests {
         assert!(c.verify.target_first, "on by default");
         let c = load(&format!("{MIN}verify:\n  target_first: false\n"), &[]).unwrap();
         assert!(!c.verify.target_first);
+        assert!(c.verify.read_back, "on by default");
+        let c = load(&format!("{MIN}verify:\n  read_back: false\n"), &[]).unwrap();
+        assert!(!c.verify.read_back);
         for bad in ["0", "17"] {
             let e = load(&format!("{MIN}verify:\n  parallel_queries: {bad}\n"), &[])
                 .unwrap_err()

@@ -233,6 +233,10 @@ enum Cmd {
         /// repoint, the source's after it (false: both at once).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         verify_target_first: bool,
+        /// The migration's `verify.read_back`: the measurements nothing writes to are
+        /// proven by their files, read back from the target (false: by their aggregates).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        verify_read_back: bool,
     },
 }
 
@@ -625,6 +629,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             quiet_drain,
             idle_nice,
             verify_target_first,
+            verify_read_back,
         } => match interruptible(bench::bench(
             &dir,
             &BenchOptions {
@@ -635,6 +640,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                 quiet_drain,
                 idle_nice,
                 verify_target_first,
+                verify_read_back,
             },
         ))
         .await

@@ -97,6 +97,8 @@ pub struct BenchOptions {
     pub idle_nice: u8,
     /// `verify.target_first`.
     pub verify_target_first: bool,
+    /// `verify.read_back`.
+    pub verify_read_back: bool,
 }
 
 /// The data-engine benchmark.
@@ -141,10 +143,11 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     .await?;
     let (cfg_path, cfg) = lab
         .write_config(&format!(
-            "  transfer_rate_limit: {}\n  idle_nice: {}\nverify:\n  content: full\n  target_first: {}\n",
+            "  transfer_rate_limit: {}\n  idle_nice: {}\nverify:\n  content: full\n  target_first: {}\n  read_back: {}\n",
             serde_json::to_string(&o.transfer_rate_limit)?,
             o.idle_nice,
-            o.verify_target_first
+            o.verify_target_first,
+            o.verify_read_back
         ))
         .map_err(anyhow::Error::msg)?;
     println!(
@@ -157,6 +160,14 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
             "before the repoint, the source's after it"
         } else {
             "and the source's at once, from just before the repoint"
+        }
+    );
+    println!(
+        "the measurements nothing writes to are proven {} (verify.read_back)",
+        if cfg.verify.read_back && cfg.verify.target_first {
+            "by their files, read back from the target before the repoint"
+        } else {
+            "by their aggregates"
         }
     );
     if cfg.migration.transfer_rate_limit > 0 {
@@ -294,6 +305,19 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         println!(
             "  and before it, during the cutover: {} measurements compared in {:.3} s (counted in the cutover and verify phases it overlapped, not added)",
             v.measurements_verified_early, v.early_seconds
+        );
+    }
+    if let Some(v) = report
+        .verify
+        .as_ref()
+        .filter(|v| v.measurements_proven_by_files > 0)
+    {
+        println!(
+            "  of them proven by their files (no scan on either server): {} measurements; the target's {} shards read back in {:.3} s ({:.1} MB)",
+            v.measurements_proven_by_files,
+            v.read_back_shards,
+            v.read_back_seconds,
+            v.read_back_bytes as f64 / 1e6
         );
     }
     println!("delta replay throughput: {:.0} points/s ({} points); in this migration: {} points at {:.0} points/s", replay.0, replay.1, report.points_replayed, report.replay_points_per_second);

@@ -385,10 +385,75 @@ pub fn import_database(
 }
 
 /// What one shard copy moved.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Copied {
     pub files: u64,
     pub bytes: u64,
+    /// Every file sent, with its digest: what [`shard_files`] on the target must find.
+    pub sent: Vec<ShardFile>,
+}
+
+/// One file of a shard's archive: its path inside the shard's directory (a TSM file is
+/// `<generation>-<sequence>.tsm`), its size and the SHA-256 of its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardFile {
+    pub name: String,
+    pub size: u64,
+    pub sha256: [u8; 32],
+}
+
+impl ShardFile {
+    fn is_data(&self) -> bool {
+        self.name.ends_with(".tsm")
+    }
+    fn is_tombstone(&self) -> bool {
+        is_tombstone(std::path::Path::new(&self.name))
+    }
+}
+
+/// A reader that digests what passes through it.
+struct Digesting<R> {
+    inner: R,
+    sha: ring::digest::Context,
+    size: u64,
+}
+
+impl<R> Digesting<R> {
+    fn new(inner: R) -> Self {
+        Digesting {
+            inner,
+            sha: ring::digest::Context::new(&ring::digest::SHA256),
+            size: 0,
+        }
+    }
+    fn finish(self, name: String) -> ShardFile {
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(self.sha.finish().as_ref());
+        ShardFile {
+            name,
+            size: self.size,
+            sha256,
+        }
+    }
+}
+
+impl<R: Read> Read for Digesting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+/// The path of an archive entry `db/rp/<shard>/rest…` inside its shard's directory.
+fn in_shard(name: &std::path::Path) -> Option<String> {
+    let parts: Vec<_> = name.components().collect();
+    if parts.len() < 4 || !parts.iter().all(|c| matches!(c, Component::Normal(_))) {
+        return None;
+    }
+    let rest: PathBuf = parts[3..].iter().collect();
+    Some(rest.to_string_lossy().into_owned())
 }
 
 /// Copy shard `old` of the server at `from` into shard `new` of the server at `to` (made
@@ -442,7 +507,8 @@ pub fn copy_shard(
             let mut header = entry.header().clone();
             copied.bytes += entry.size();
             copied.files += 1;
-            out.append_data(&mut header, &renamed, &mut entry)
+            let mut digesting = Digesting::new(&mut entry);
+            out.append_data(&mut header, &renamed, &mut digesting)
                 .map_err(|e| {
                     if cancel.is_cancelled() {
                         SnapshotError::Cancelled
@@ -450,6 +516,9 @@ pub fn copy_shard(
                         io(to, "send the shard")(e)
                     }
                 })?;
+            // `rename` accepted the name, so it has a path inside the shard.
+            let file = in_shard(&name).unwrap_or_default();
+            copied.sent.push(digesting.finish(file));
         }
         Ok(())
     };
@@ -476,6 +545,76 @@ pub fn copy_shard(
         .read_to_end(&mut rest)
         .map_err(io(to, "wait for the shard's import"))?;
     Ok(copied)
+}
+
+/// The files shard `shard` of the server at `at` holds now, each with its digest, read
+/// through the server's own shard backup: the server first writes its cache out to a new
+/// file, then sends the files its engine has open (hard links of them, tombstones
+/// included). A shard the server does not have answers no file (InfluxDB closes the
+/// connection, having only logged why).
+pub fn shard_files(
+    at: &Endpoint,
+    shard: u64,
+    cancel: &Cancel,
+) -> Result<Vec<ShardFile>, SnapshotError> {
+    let body = serde_json::json!({ "Type": SHARD_BACKUP, "ShardID": shard }).to_string() + "\n";
+    let s = open(at, SHARD_BACKUP, body.as_bytes(), cancel)?;
+    let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, &*s));
+    let mut files = Vec::new();
+    let entries = archive
+        .entries()
+        .map_err(io(at, "read the shard's archive"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(io(at, "read the shard's archive"))?;
+        let name = entry
+            .path()
+            .map_err(io(at, "read an entry's name"))?
+            .into_owned();
+        let file = in_shard(&name).ok_or_else(|| {
+            protocol(
+                at,
+                format!("shard {shard}'s archive holds {name:?}, not db/rp/{shard}/file"),
+            )
+        })?;
+        let mut digesting = Digesting::new(&mut entry);
+        std::io::copy(&mut digesting, &mut std::io::sink()).map_err(|e| {
+            if cancel.is_cancelled() {
+                SnapshotError::Cancelled
+            } else {
+                io(at, "read the shard's archive")(e)
+            }
+        })?;
+        files.push(digesting.finish(file));
+    }
+    Ok(files)
+}
+
+/// Why a shard whose files read back as `now` ([`shard_files`]) may not serve every point
+/// of the data files `sent` into it, unchanged; `None` when every data file sent is there
+/// with the same bytes and no deletion is pending. Files added since (the target's cache
+/// written out: replays) are allowed: they can only add points or newer values.
+pub fn files_differ(sent: &[ShardFile], now: &[ShardFile]) -> Option<String> {
+    if let Some(t) = now.iter().find(|f| f.is_tombstone()) {
+        return Some(format!("it holds deletions ({})", t.name));
+    }
+    for f in sent.iter().filter(|f| f.is_data()) {
+        match now.iter().find(|n| n.name == f.name) {
+            None => {
+                return Some(format!(
+                    "{} is no longer there (compacted or removed)",
+                    f.name
+                ))
+            }
+            Some(n) if n != f => {
+                return Some(format!(
+                    "{} differs ({} bytes sent, {} there)",
+                    f.name, f.size, n.size
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 /// A TSM tombstone file (`<generation>-<sequence>.tombstone`): deletions not yet
@@ -670,5 +809,45 @@ mod tests {
         assert_eq!(rename(Path::new("db/rp/6"), 1), None);
         assert_eq!(rename(Path::new("db/../6/x.tsm"), 1), None);
         assert_eq!(rename(Path::new("/db/rp/6/x.tsm"), 1), None);
+    }
+
+    fn file(name: &str, byte: u8) -> ShardFile {
+        ShardFile {
+            name: name.into(),
+            size: 10,
+            sha256: [byte; 32],
+        }
+    }
+
+    #[test]
+    fn a_shard_read_back_proves_the_copy_only_with_every_data_file_sent_unchanged() {
+        let sent = vec![file("000000001-000000002.tsm", 1), file("fields.idx", 9)];
+        // Exactly what was sent, or more files (the cache written out): proven.
+        assert_eq!(files_differ(&sent, &sent), None);
+        let more = vec![sent[0].clone(), file("000000003-000000001.tsm", 3)];
+        assert_eq!(files_differ(&sent, &more), None, "only data files count");
+        // A data file with other bytes, or gone.
+        let why = files_differ(&sent, &[file("000000001-000000002.tsm", 2)]).unwrap();
+        assert!(why.contains("000000001-000000002.tsm differs"), "{why}");
+        let mut longer = file("000000001-000000002.tsm", 1);
+        longer.size = 11;
+        assert!(files_differ(&sent, &[longer]).is_some());
+        let why = files_differ(&sent, &[]).unwrap();
+        assert!(why.contains("no longer there"), "{why}");
+        // A deletion pending, whatever else holds.
+        let why = files_differ(
+            &sent,
+            &[sent[0].clone(), file("000000001-000000002.tombstone", 4)],
+        )
+        .unwrap();
+        assert!(
+            why.contains("deletions (000000001-000000002.tombstone)"),
+            "{why}"
+        );
+        assert_eq!(
+            in_shard(Path::new("db/rp/6/000000001-000000002.tsm")).as_deref(),
+            Some("000000001-000000002.tsm")
+        );
+        assert_eq!(in_shard(Path::new("db/rp/6")), None);
     }
 }

@@ -70,6 +70,17 @@ impl Influx {
         Ok(http_points_written(&self.debug_vars().await?))
     }
 
+    /// Write requests this server's HTTP services are serving right now (the sum of
+    /// `writeReqActive` over its `httpd` services, InfluxDB's gauge of `/write` and
+    /// Prometheus writes between arrival and answer): 0 means every HTTP write that
+    /// arrived before this read has been answered, so an acknowledged one is in its shard.
+    pub async fn http_writes_active(&self) -> Result<u64, InfluxError> {
+        Ok(httpd_sum(
+            &self.debug_vars().await?,
+            "/values/writeReqActive",
+        ))
+    }
+
     /// Forwarding counters of the subscriptions named `name`.
     pub async fn subscriber_stats(&self, name: &str) -> Result<SubStats, InfluxError> {
         Ok(subscriber_stats(&self.debug_vars().await?, name))
@@ -200,8 +211,8 @@ mod tests {
                 "tags": {"name": "other"},
                 "values": {"pointsWritten": 7, "writeFailures": 4}
             },
-            "httpd": {"values": {"pointsWrittenOK": 90, "pointsWrittenFail": 4}},
-            "httpd:2": {"values": {"pointsWrittenOK": 10}}
+            "httpd": {"values": {"pointsWrittenOK": 90, "pointsWrittenFail": 4, "writeReqActive": 2}},
+            "httpd:2": {"values": {"pointsWrittenOK": 10, "writeReqActive": 1}}
         });
         let st = super::subscriber_stats(&vars, "stateshift_1");
         assert_eq!((st.written, st.failed), (40, 3));
@@ -212,6 +223,7 @@ mod tests {
         assert_eq!((st.entered, st.http_written), (123, 100));
         assert_eq!((st.requests, st.handed, st.http_failed), (12, 11, 4));
         assert_eq!(super::http_points_written(&json!([])), 0);
+        assert_eq!(super::httpd_sum(&vars, "/values/writeReqActive"), 3);
     }
 
     #[test]

@@ -64,6 +64,18 @@ pub struct VerifyReport {
     /// How long that early pass took (it overlaps the cutover, not the verify phase).
     #[serde(default)]
     pub early_seconds: f64,
+    /// Of those, the measurements proven by their data files instead of their aggregates:
+    /// every shard of their database read back from the target as the dump sent it
+    /// ([`ReadBack`]).
+    #[serde(default)]
+    pub measurements_proven_by_files: usize,
+    /// That read-back: shards, bytes, seconds.
+    #[serde(default)]
+    pub read_back_shards: usize,
+    #[serde(default)]
+    pub read_back_bytes: u64,
+    #[serde(default)]
+    pub read_back_seconds: f64,
     /// From the first comparison (early or not) to the end of verification: how long the
     /// migration spent verifying, wherever it overlapped.
     #[serde(default)]
@@ -94,6 +106,7 @@ impl VerifyReport {
         self.points_compared += o.points_compared;
         self.overwritten_after_cutover += o.overwritten_after_cutover;
         self.values_unverifiable += o.values_unverifiable;
+        self.measurements_proven_by_files += o.measurements_proven_by_files;
         self.problems_truncated |= o.problems_truncated;
         for p in o.problems {
             self.problem(p);
@@ -127,6 +140,7 @@ pub struct Early {
     /// their tags): the final pass checks they are still on the target.
     series: HashMap<(String, String, String), std::collections::HashSet<u64>>,
     pub seconds: f64,
+    read_back: ReadBack,
 }
 
 impl Early {
@@ -305,11 +319,34 @@ async fn cold_measurements(
     Ok(out)
 }
 
+/// What reading the target's shards back found, before the repoint: the databases whose
+/// every shard the dump streamed the target's engine still holds as sent.
+///
+/// Why that proves a cold measurement of such a database as much as its aggregates and a
+/// sample would (ARCHITECTURE.md, "Verification"): the source's shard backup writes its
+/// cache out before it sends the files (InfluxDB's `Engine.CreateSnapshot`), so the files
+/// sent hold every point acknowledged before it, and a cold measurement has had no write
+/// since the capture started, which was before; the target's own backup sends the files
+/// its engine has open, so the same files, byte for byte (SHA-256), are what it serves.
+/// A deletion pending there (a tombstone) or a file compacted away proves nothing, and
+/// the measurement is compared by its aggregates as before. Files added since hold only
+/// replays, which touch written measurements. The index, rebuilt from the files, is
+/// checked by listing the series on both sides.
+#[derive(Debug, Default, Clone)]
+pub struct ReadBack {
+    pub databases: std::collections::HashSet<String>,
+    pub shards: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
 /// The target's aggregates of the measurements nothing writes to any more, read before
 /// the repoint, while no writer uses the target ([`target_first`]).
 #[derive(Default)]
 pub struct TargetFirst {
     read: HashMap<MeasurementKey, TargetRead>,
+    /// The databases proven by their files: their cold measurements need no aggregate.
+    pub read_back: ReadBack,
     pub seconds: f64,
 }
 
@@ -337,17 +374,25 @@ impl TargetFirst {
 /// then.
 /// `at_once`: aggregate statements run together on the target (its cores: nothing else
 /// runs there).
+/// `read_back`: the databases proven by their files, whose measurements are not read.
 pub async fn target_first(
     source: &Influx,
     target: &Influx,
     cfg: &VerifyConfig,
     cold: Cold<'_>,
     at_once: usize,
+    read_back: ReadBack,
 ) -> Result<TargetFirst, InfluxError> {
     let started = Instant::now();
     let target_q = target.with_timeout(cfg.query_timeout);
-    let mut out = TargetFirst::default();
+    let mut out = TargetFirst {
+        read_back,
+        ..TargetFirst::default()
+    };
     for (db, rp, m, fields) in cold_measurements(source, target, cold).await? {
+        if out.read_back.databases.contains(&db) {
+            continue;
+        }
         let from = format!("{}.{}.{}", ident(&db), ident(&rp), ident(&m));
         let asked: Vec<(&str, bool)> = fields.iter().map(|(f, n)| (f.as_str(), *n)).collect();
         let queries = aggregate_queries(cfg, &from, &asked, at_once);
@@ -367,7 +412,8 @@ pub async fn target_first(
             },
         );
     }
-    out.seconds = started.elapsed().as_secs_f64();
+    // The read-back is part of this side's reading.
+    out.seconds = started.elapsed().as_secs_f64() + out.read_back.seconds;
     Ok(out)
 }
 
@@ -394,6 +440,13 @@ pub async fn verify_cold(
     let mut early = Early::default();
     for (db, rp, m, fields) in cold_measurements(source, target, cold).await? {
         let from = format!("{}.{}.{}", ident(&db), ident(&rp), ident(&m));
+        if first.read_back.databases.contains(&db) {
+            let (rep, series) = series_listed_on_both(source, target, &db, &rp, &m).await?;
+            let key = (db, rp, m);
+            early.done.insert(key.clone(), rep);
+            early.series.insert(key, series);
+            continue;
+        }
         let key = (db, rp, m);
         // Read about the same fields, or read again.
         let read = first
@@ -420,7 +473,41 @@ pub async fn verify_cold(
         }
     }
     early.seconds = started.elapsed().as_secs_f64() + first.seconds;
+    early.read_back = first.read_back;
     Ok(early)
+}
+
+/// A measurement proven by its files ([`ReadBack`]): the series the source's index lists
+/// for it must be listed by the target's too (the index is rebuilt from the files, not
+/// copied). Its findings, and the series it has (hashes of their tags) for the final
+/// pass's check.
+async fn series_listed_on_both(
+    source: &Influx,
+    target: &Influx,
+    db: &str,
+    rp: &str,
+    m: &str,
+) -> Result<(VerifyReport, std::collections::HashSet<u64>), InfluxError> {
+    let q = format!("SHOW SERIES FROM {}.{}", ident(rp), ident(m));
+    let (on_source, on_target) =
+        tokio::try_join!(listed_series(source, db, &q), listed_series(target, db, &q))?;
+    let mut rep = VerifyReport {
+        series: on_source.len(),
+        measurements_proven_by_files: 1,
+        ..VerifyReport::default()
+    };
+    let mut missing: Vec<String> = on_source
+        .iter()
+        .filter(|(h, _)| !on_target.contains_key(*h))
+        .map(|(_, t)| show_tags(t))
+        .collect();
+    missing.sort();
+    for gone in missing.into_iter().take(MAX_PROBLEMS + 1) {
+        rep.problem(format!(
+            "{db}.{rp}.{m} [{gone}]: series is missing from the target's index, although its files are there"
+        ));
+    }
+    Ok((rep, on_source.into_keys().collect()))
 }
 
 /// Every step, taking from `early` the findings of each measurement still `cold`.
@@ -442,6 +529,9 @@ pub async fn verify_after(
     let mut rep = VerifyReport {
         after_interruption,
         early_seconds: early.seconds,
+        read_back_shards: early.read_back.shards,
+        read_back_bytes: early.read_back.bytes,
+        read_back_seconds: early.read_back.seconds,
         ..VerifyReport::default()
     };
     let target_dbs = target.databases().await?;

@@ -512,6 +512,7 @@ async fn verification_streams_the_per_series_aggregates_of_a_measurement_with_ma
         query_timeout: Duration::from_secs(300),
         parallel_queries: 1,
         target_first: false,
+        read_back: false,
     };
     let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
         .await
@@ -558,6 +559,7 @@ async fn verification_queries_may_run_longer_than_the_instance_timeout() {
         query_timeout: Duration::from_secs(300),
         parallel_queries: 1,
         target_first: false,
+        read_back: false,
     };
     let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
         .await
@@ -622,6 +624,7 @@ async fn verification_puts_each_series_together_from_one_query_per_aggregate() {
             query_timeout: Duration::from_secs(60),
             parallel_queries,
             target_first: false,
+            read_back: false,
         };
         let rep = stateshift::migrate::verify::verify(
             &lab.source.client(),
@@ -1350,12 +1353,15 @@ async fn an_early_comparison_holds_only_while_nothing_wrote_to_the_measurement()
         query_timeout: Duration::from_secs(60),
         parallel_queries: 2,
         target_first: true,
+        read_back: false,
     };
     // What the capture saw written: nothing yet.
     let written: Mutex<HashSet<String>> = Mutex::default();
     let cold = |_: &str, _: &str, m: &str| !written.lock().unwrap().contains(m);
     // The target's side first (before a repoint), the source's after.
-    let first = target_first(&src, &dst, &cfg, &cold, 2).await.unwrap();
+    let first = target_first(&src, &dst, &cfg, &cold, 2, Default::default())
+        .await
+        .unwrap();
     assert_eq!(first.measurements(), 2);
     let early = verify_cold(&src, &dst, &cfg, None, &cold, first, [2, 2])
         .await
@@ -1845,6 +1851,8 @@ async fn verification_scans_each_server_only_while_no_writer_uses_it() {
     let lab = lab(LabOptions::default()).await;
     let (_, mut cfg) = lab.write_config("").unwrap();
     assert!(cfg.verify.target_first, "on by default");
+    // The aggregates' timing is what this test is about; the files' proof is below.
+    cfg.verify.read_back = false;
     seed(&lab, "cyclops", 20_000).await;
     let source = QueryLog::start(lab.source.influx_url()).await;
     let target = QueryLog::start(lab.target.influx_url()).await;
@@ -1899,6 +1907,8 @@ async fn verification_scans_each_server_only_while_no_writer_uses_it() {
 async fn a_write_taken_while_the_target_is_read_is_replayed_before_the_writers_move() {
     let lab = lab(LabOptions::default()).await;
     let (_, mut cfg) = lab.write_config("").unwrap();
+    // The window this test holds open is the target's aggregates.
+    cfg.verify.read_back = false;
     seed(&lab, "cyclops", 5_000).await;
     let target = QueryLog::start(lab.target.influx_url()).await;
     cfg.target.as_mut().unwrap().influx_url = target.url.clone();
@@ -2147,5 +2157,272 @@ async fn deletions_a_source_has_not_compacted_yet_never_come_back_on_the_target(
     assert!(
         streamed.is_some() && archived.is_some(),
         "an uncompacted deletion was caught in a shard stream ({streamed:?}) and in a dump ({archived:?})"
+    );
+}
+
+/// `verify.read_back` (the default): the measurements nothing wrote to during the
+/// migration are proven by their files, read back from the target before the repoint,
+/// so neither server runs a scan of them; the writer's measurement is still compared by
+/// its aggregates, and every acknowledged write is on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_measurements_proven_by_their_files_are_scanned_on_neither_server() {
+    let lab = lab(LabOptions::default()).await;
+    let (_, mut cfg) = lab.write_config("").unwrap();
+    assert!(cfg.verify.read_back, "on by default");
+    seed(&lab, "cyclops", 20_000).await;
+    let source = QueryLog::start(lab.source.influx_url()).await;
+    let target = QueryLog::start(lab.target.influx_url()).await;
+    cfg.source.influx_url = source.url.clone();
+    cfg.target.as_mut().unwrap().influx_url = target.url.clone();
+    let w = RunningWriter::start(writer(&lab, "cyclops", 200));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let notes = NotesSeen::default();
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &notes)
+        .await
+        .expect("migration succeeds");
+    let ledger = w.finish().await;
+    assert_eq!(ledger.requests_failed, 0);
+    let v = report.verify.as_ref().unwrap();
+    assert_eq!(v.measurements_proven_by_files, 3, "{v:?}");
+    assert!(v.read_back_shards >= 2 && v.read_back_bytes > 0, "{v:?}");
+    let cold = ["usage0", "usage1", "usage2"];
+    assert_eq!(
+        source.aggregates_over(&cold),
+        vec![],
+        "no scan on the source"
+    );
+    assert_eq!(
+        target.aggregates_over(&cold),
+        vec![],
+        "no scan on the target"
+    );
+    // The writer's measurement is compared by its aggregates, on both sides.
+    let live = [workload::LIVE_MEASUREMENT];
+    assert!(!source.aggregates_over(&live).is_empty());
+    assert!(!target.aggregates_over(&live).is_empty());
+    let notes = notes.0.lock().unwrap().join("\n");
+    assert!(
+        notes.contains("measurements proven by their files"),
+        "the operator is told how: {notes}"
+    );
+    let problems = workload::check_ledger(&lab.target.client(), "cyclops", &ledger)
+        .await
+        .unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert_eq!(
+        counts(&lab.source.client(), "cyclops")
+            .await
+            .into_iter()
+            .filter(|(m, _)| cold.contains(&m.as_str()))
+            .collect::<Vec<_>>(),
+        counts(&lab.target.client(), "cyclops")
+            .await
+            .into_iter()
+            .filter(|(m, _)| cold.contains(&m.as_str()))
+            .collect::<Vec<_>>(),
+    );
+}
+
+/// Deletes points inside a series of a measurement nothing writes to, on the target,
+/// when the cutover starts (after the dump, before the files are read back): a loss no
+/// series listing shows.
+struct DeletesOnTarget(Influx);
+impl Progress for DeletesOnTarget {
+    fn phase_started(&self, phase: Phase) {
+        if phase == Phase::Cutover {
+            let t = self.0.clone();
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async move {
+                    t.query(
+                        Some("cyclops"),
+                        "DELETE FROM \"usage0\" WHERE \"host\" = 'h000' AND time < now() - 5d",
+                    )
+                    .await
+                    .unwrap();
+                })
+            });
+        }
+    }
+}
+
+/// A shard whose files changed on the target after the copy (here a deletion, pending
+/// or already compacted in) proves nothing: its database's measurements are compared by
+/// their aggregates, which find the loss, and the migration is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_whose_files_changed_after_the_copy_is_compared_by_aggregates_and_refused() {
+    let lab = lab(LabOptions::default()).await;
+    let (_, cfg) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 12_000).await;
+    let before = counts(&lab.source.client(), "cyclops").await;
+    let err = engine::run(
+        &cfg,
+        cfg.target.as_ref().unwrap(),
+        &DeletesOnTarget(lab.target.client()),
+    )
+    .await
+    .unwrap_err();
+    let msg = err.to_string();
+    let MigrateError::VerifyFailed { report, .. } = &err else {
+        panic!("verification fails: {msg}");
+    };
+    assert_eq!(report.measurements_proven_by_files, 0, "{report:?}");
+    assert!(
+        msg.contains("usage0") && msg.contains("host=h000"),
+        "the error names the series that lost points: {msg}"
+    );
+    assert_eq!(
+        counts(&lab.source.client(), "cyclops").await,
+        before,
+        "the source keeps everything"
+    );
+}
+
+/// The read-back's comparison on real servers: a shard copied is proven by its files; a
+/// write there afterwards (a replay) adds a file and still proves it; a deletion, or the
+/// shard gone, does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_read_back_proves_the_copy_only_while_every_file_sent_is_there_unchanged() {
+    use stateshift::influx::snapshotter::{self, At, Cancel, Endpoint};
+    let lab = lab(LabOptions::default()).await;
+    let (src, dst) = (lab.source.client(), lab.target.client());
+    let endpoint = |vm: &stateshift::stack::local::LocalVm, name: &str| Endpoint {
+        at: At::Tcp(vm.instance_config(name).rpc_address.parse().unwrap()),
+        name: name.into(),
+    };
+    let (from, to) = (
+        endpoint(&lab.source, "source"),
+        endpoint(&lab.target, "target"),
+    );
+    src.query(None, "CREATE DATABASE bill").await.unwrap();
+    let now = now_ns() / 1_000_000_000;
+    // Two weeks: two shards.
+    let lines: Vec<String> = (0..20_000i64)
+        .map(|i| format!("usage,acct=a{} v={i} {}", i % 5, now - i * 60))
+        .collect();
+    src.write("bill", None, "s", lines.join("\n").into())
+        .await
+        .unwrap();
+    let read_back = |id: u64| {
+        let to = to.clone();
+        move || snapshotter::shard_files(&to, id, &Cancel::default()).unwrap()
+    };
+    let (f, t) = (from.clone(), to.clone());
+    let copied = tokio::task::spawn_blocking(move || {
+        let cancel = Cancel::default();
+        let meta = snapshotter::metastore(&f, &cancel).unwrap();
+        let map = snapshotter::import_database(&t, "bill", &meta, &cancel).unwrap();
+        map.into_iter()
+            .map(|(old, new)| {
+                let c = snapshotter::copy_shard(&f, old, &t, new, None, &cancel).unwrap();
+                (new, c.sent)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(copied.len() >= 2, "{copied:?}");
+    for (new, sent) in &copied {
+        assert!(
+            sent.iter().any(|f| f.name.ends_with(".tsm") && f.size > 0),
+            "{sent:?}"
+        );
+        let now = tokio::task::spawn_blocking(read_back(*new)).await.unwrap();
+        assert_eq!(&now, sent, "the target holds exactly the files sent");
+        assert_eq!(snapshotter::files_differ(sent, &now), None);
+    }
+
+    // A replay into the newest shard: its cache is written out as a file of its own.
+    let (newest, sent) = copied.iter().max_by_key(|(new, _)| *new).unwrap().clone();
+    dst.write(
+        "bill",
+        None,
+        "s",
+        format!("usage,acct=a0 v=1.5 {now}").into(),
+    )
+    .await
+    .unwrap();
+    let after_write = tokio::task::spawn_blocking(read_back(newest))
+        .await
+        .unwrap();
+    assert!(after_write.len() > sent.len(), "{after_write:?}");
+    assert_eq!(snapshotter::files_differ(&sent, &after_write), None);
+
+    // A deletion inside a series: proves nothing any more.
+    dst.query(
+        Some("bill"),
+        &format!(
+            "DELETE FROM usage WHERE acct = 'a1' AND time > {}s",
+            now - 3_600
+        ),
+    )
+    .await
+    .unwrap();
+    let after_delete = tokio::task::spawn_blocking(read_back(newest))
+        .await
+        .unwrap();
+    let why = snapshotter::files_differ(&sent, &after_delete);
+    assert!(
+        why.as_deref().is_some_and(|w| w.contains("deletions")
+            || w.contains("no longer there")
+            || w.contains("differs")),
+        "{why:?}: {after_delete:?}"
+    );
+
+    // The shard gone: nothing read back, nothing proven.
+    dst.query(None, &format!("DROP SHARD {newest}"))
+        .await
+        .unwrap();
+    let gone = tokio::task::spawn_blocking(read_back(newest))
+        .await
+        .unwrap();
+    assert_eq!(gone, vec![]);
+    let why = snapshotter::files_differ(&sent, &gone);
+    assert!(
+        why.as_deref()
+            .is_some_and(|w| w.contains("no longer there")),
+        "{why:?}"
+    );
+}
+
+/// A write the source is still serving once the capture is live may land in its shard
+/// after the dump read that shard, without being forwarded: only the aggregates (which
+/// read what the source holds) would see it missing on the target, so a source never
+/// seen idle gets no proof by files. Here a client holds a `/write` open, its body half
+/// sent, through the whole migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_always_serving_a_write_is_verified_by_aggregates_not_files() {
+    use std::io::Write;
+    let lab = lab(LabOptions::default()).await;
+    let (_, cfg) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 12_000).await;
+    let url = lab.source.influx_url();
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut held = std::net::TcpStream::connect(addr).unwrap();
+    let body = "held,host=h v=1 1700000000000000000\n";
+    write!(
+        held,
+        "POST /write?db=cyclops HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        &body[..5]
+    )
+    .unwrap();
+    held.flush().unwrap();
+    let active = lab.source.client().http_writes_active().await.unwrap();
+    assert_eq!(active, 1, "the held write is being served");
+    let notes = NotesSeen::default();
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &notes)
+        .await
+        .expect("migration succeeds");
+    drop(held);
+    let v = report.verify.as_ref().unwrap();
+    assert_eq!(v.measurements_proven_by_files, 0, "{v:?}");
+    assert_eq!(
+        v.measurements_verified_early, 3,
+        "by their aggregates: {v:?}"
+    );
+    let notes = notes.0.lock().unwrap().join("\n");
+    assert!(
+        notes.contains("serving writes") && notes.contains("by its aggregates"),
+        "{notes}"
     );
 }

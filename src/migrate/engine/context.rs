@@ -82,6 +82,22 @@ pub(super) struct Migration<'a> {
     pub verify_started: Option<std::time::Instant>,
     /// The idle side's lowered CPU priority (`migration.idle_nice`).
     pub priorities: super::priority::Priorities,
+    /// Every shard the dump streamed into the target, with the files sent: what
+    /// verification reads back (`verify.read_back`). Empty when the dump took another way.
+    pub sent_shards: Vec<SentShard>,
+    /// Per database, the shards the source listed before the dump that it did not copy.
+    pub shards_not_sent: std::collections::BTreeMap<String, Vec<u64>>,
+    /// The source was seen serving no HTTP write once the capture was live (see
+    /// `no_write_in_flight`): the shards' files may prove what they hold.
+    pub settled_at_capture: bool,
+}
+
+/// One shard the dump streamed: its database, its id on each side, the files sent.
+pub(super) struct SentShard {
+    pub database: String,
+    pub source: u64,
+    pub target: u64,
+    pub files: Vec<crate::influx::snapshotter::ShardFile>,
 }
 
 /// The early verification's task.
@@ -131,6 +147,9 @@ impl<'a> Migration<'a> {
             early_first: None,
             verify_started: None,
             priorities: Default::default(),
+            sent_shards: Vec::new(),
+            shards_not_sent: Default::default(),
+            settled_at_capture: false,
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use super::context::Migration;
+use super::context::{Migration, SentShard};
 use super::priority::End;
 use super::{MigrateError, Phase, TargetObject};
 use crate::config::{InstanceConfig, TransferMode};
@@ -206,7 +206,17 @@ impl Migration<'_> {
                     meta.len()
                 ))));
             }
-            copies.extend(map);
+            // A shard listed but not mapped (retention removed it in between, or the
+            // target left it out): its database cannot be proven by the files sent.
+            let unmapped: Vec<u64> = shards
+                .iter()
+                .filter(|s| !map.contains_key(s))
+                .copied()
+                .collect();
+            if !unmapped.is_empty() {
+                self.shards_not_sent.insert(db.clone(), unmapped);
+            }
+            copies.extend(map.into_iter().map(|(old, new)| (db.clone(), old, new)));
         }
         let shards = copies.len();
         let watch_source = async {
@@ -220,29 +230,38 @@ impl Migration<'_> {
         let scratch = Self::scratch(&self.dst().cfg, &self.id, "restore");
         let run = async {
             let mut total = snapshotter::Copied::default();
+            let mut sent = Vec::new();
             let mut running = tokio::task::JoinSet::new();
             let mut queue = copies.into_iter();
             let pace = snapshotter::Pace::new(self.cfg.migration.transfer_rate_limit);
             loop {
                 while running.len() < SHARD_COPIES {
-                    let Some((old, new)) = queue.next() else {
+                    let Some((db, old, new)) = queue.next() else {
                         break;
                     };
                     let (c, f, t) = (cancel.clone(), from.clone(), to.clone());
                     let pace = pace.clone();
                     running.spawn_blocking(move || {
                         snapshotter::copy_shard(&f, old, &t, new, pace.as_deref(), &c)
+                            .map(|got| (db, old, new, got))
                             .map_err(|e| format!("shard {old} (target shard {new}): {e}"))
                     });
                 }
                 let Some(done) = running.join_next().await else {
                     break;
                 };
-                let got = done.map_err(|e| e.to_string()).and_then(|r| r)?;
+                let (database, source, target, got) =
+                    done.map_err(|e| e.to_string()).and_then(|r| r)?;
                 total.files += got.files;
                 total.bytes += got.bytes;
+                sent.push(SentShard {
+                    database,
+                    source,
+                    target,
+                    files: got.sent,
+                });
             }
-            Ok::<_, String>(total)
+            Ok::<_, String>((total, sent))
         };
         let lost = |side: &str, host: &Host| {
             fail(format!(
@@ -265,7 +284,8 @@ impl Migration<'_> {
             }
         };
         cancel.cancel();
-        Ok(r.map(|total| {
+        Ok(r.map(|(total, sent)| {
+            self.sent_shards = sent;
             self.report.dump_bytes = total.bytes;
             let limit = match self.cfg.migration.transfer_rate_limit {
                 0 => String::new(),
@@ -840,10 +860,10 @@ impl RpcReach {
 
 /// A directory only this user can enter, for the forwards' unix sockets; removed when
 /// dropped.
-struct PrivateDir(std::path::PathBuf);
+pub(super) struct PrivateDir(pub std::path::PathBuf);
 
 impl PrivateDir {
-    fn create(id: &str) -> Result<PrivateDir, String> {
+    pub(super) fn create(id: &str) -> Result<PrivateDir, String> {
         use std::os::unix::fs::DirBuilderExt;
         let d = std::env::temp_dir().join(format!("stateshift-{}-{id}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -863,7 +883,7 @@ impl Drop for PrivateDir {
 
 /// Cancels the shard copies when dropped: an abort or a failure elsewhere drops the
 /// future that runs them, and their blocking threads must not go on writing to the target.
-struct CancelOnDrop(snapshotter::Cancel);
+pub(super) struct CancelOnDrop(pub snapshotter::Cancel);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {

@@ -1,10 +1,12 @@
 //! Verify: the target holds everything the source holds (see
 //! [`crate::migrate::verify`] for the comparison), before anything is deleted.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use super::context::{sub_name, Migration};
+use super::transfer::{CancelOnDrop, PrivateDir, RpcReach};
 use super::{MigrateError, Phase};
+use crate::influx::snapshotter;
 use crate::influx::InfluxError;
 use crate::migrate::verify::{self, Early, TargetFirst};
 
@@ -56,6 +58,7 @@ impl Migration<'_> {
         };
         self.verify_started
             .get_or_insert_with(std::time::Instant::now);
+        let read_back = self.read_back().await;
         let dst = self.dst();
         let at_once = dst.cpus.max(self.cfg.verify.parallel_queries);
         match verify::target_first(
@@ -64,6 +67,7 @@ impl Migration<'_> {
             &self.cfg.verify,
             &*cold,
             at_once,
+            read_back,
         )
         .await
         {
@@ -73,6 +77,121 @@ impl Migration<'_> {
                 TargetFirst::default()
             }
         }
+    }
+
+    /// Read back from the target every shard the dump streamed into it, while no writer
+    /// uses it, and name the databases whose every shard still holds each file sent, with
+    /// the same bytes ([`verify::ReadBack`]). Nothing proven when `verify.read_back` is off,
+    /// the dump took another way, or the target cannot be reached: the measurements are
+    /// then compared by their aggregates.
+    async fn read_back(&self) -> verify::ReadBack {
+        let mut out = verify::ReadBack::default();
+        if !self.cfg.verify.read_back || self.sent_shards.is_empty() {
+            return out;
+        }
+        if !self.settled_at_capture {
+            self.progress.note("the source was serving writes whenever it was asked once the capture was live: an acknowledged write may have reached a shard after the dump read it, so every measurement is compared by its aggregates, not by its files");
+            return out;
+        }
+        let started = std::time::Instant::now();
+        let dst = self.dst();
+        let dir = match PrivateDir::create(&self.id) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the target's shards back; their measurements are compared by their aggregates");
+                return out;
+            }
+        };
+        let reach = match RpcReach::open(&dst.host, &dst.cfg.rpc_address, "target", Some(&dir.0))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the target's shards back; their measurements are compared by their aggregates");
+                return out;
+            }
+        };
+        let cancel = snapshotter::Cancel::default();
+        let _stop = CancelOnDrop(cancel.clone());
+        let mut running = tokio::task::JoinSet::new();
+        let mut queue = self.sent_shards.iter().enumerate();
+        let mut unproven: BTreeMap<&str, String> = self
+            .shards_not_sent
+            .iter()
+            .map(|(db, ids)| {
+                (
+                    db.as_str(),
+                    format!("source shards {ids:?} were listed before the dump but not copied"),
+                )
+            })
+            .collect();
+        let at_once = dst.cpus.max(1);
+        let mut stopped = false;
+        loop {
+            while running.len() < at_once {
+                let Some((i, shard)) = queue.next() else {
+                    break;
+                };
+                let (c, at, id) = (cancel.clone(), reach.at.clone(), shard.target);
+                running.spawn_blocking(move || (i, snapshotter::shard_files(&at, id, &c)));
+            }
+            let Some(done) = running.join_next().await else {
+                break;
+            };
+            let (i, got) = match done {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading a shard back stopped; every measurement is compared by its aggregates");
+                    stopped = true;
+                    cancel.cancel();
+                    break;
+                }
+            };
+            let shard = &self.sent_shards[i];
+            let why = match got {
+                Ok(now) => {
+                    out.shards += 1;
+                    out.bytes += now.iter().map(|f| f.size).sum::<u64>();
+                    snapshotter::files_differ(&shard.files, &now)
+                }
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = why {
+                unproven.entry(&shard.database).or_insert(format!(
+                    "target shard {} (source shard {}): {why}",
+                    shard.target, shard.source
+                ));
+            }
+        }
+        if let Some(f) = reach.forward {
+            f.close(&dst.host).await;
+        }
+        if !stopped {
+            out.databases = self
+                .sent_shards
+                .iter()
+                .map(|s| s.database.clone())
+                .filter(|db| !unproven.contains_key(db.as_str()))
+                .collect();
+        }
+        out.seconds = started.elapsed().as_secs_f64();
+        for (db, why) in &unproven {
+            tracing::warn!(database = %db, reason = %why, "a shard read back from the target differs from what was sent: this database's measurements are compared by their aggregates");
+            self.progress.note(&format!(
+                "database {db:?}: {why}; its measurements are compared by their aggregates instead of their files"
+            ));
+        }
+        if !out.databases.is_empty() {
+            self.progress.note(&format!(
+                "read {} shards back from the target ({:.1} MB in {:.3} s): every file sent is there unchanged in {} of {} databases",
+                out.shards,
+                out.bytes as f64 / 1e6,
+                out.seconds,
+                out.databases.len(),
+                out.databases.len() + unproven.len()
+            ));
+        }
+        out
     }
 
     /// Start comparing the cold measurements (the target is watched; the writers may still be
@@ -200,6 +319,15 @@ impl Migration<'_> {
             "verified: {} databases, {} series, {} values on the source, {} on the target, {} series compared point by point, {} points overwritten after cutover",
             rep.databases, rep.series, rep.source_values, rep.target_values, rep.series_compared_point_by_point, rep.overwritten_after_cutover
         ));
+        if rep.measurements_proven_by_files > 0 {
+            self.progress.note(&format!(
+                "of them, {} measurements proven by their files: every shard of their database read back from the target as sent ({} shards, {:.1} MB in {:.3} s), their series listed on both sides",
+                rep.measurements_proven_by_files,
+                rep.read_back_shards,
+                rep.read_back_bytes as f64 / 1e6,
+                rep.read_back_seconds
+            ));
+        }
         if rep.measurements_verified_early > 0 {
             self.progress.note(&format!(
                 "of them, {} measurements compared during the cutover ({:.3} s), nothing having written to them since the capture started",
