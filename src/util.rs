@@ -225,6 +225,33 @@ pub async fn fault_hold(phase: &str) {
 }
 
 /// Wall-clock milliseconds since the Unix epoch (0 should the clock be before it).
+/// Run `f` on a thread of its own whose nice value is `nice` (Linux keeps one per
+/// thread): work of this process that the machine's other processes must not wait for,
+/// such as digesting a whole database read back from a server while the writers' server
+/// shares the CPUs. Nice 0 leaves the thread as it is. The answer comes through the
+/// receiver; `Err` if no thread could be started.
+pub fn spawn_niced<T: Send + 'static>(
+    nice: u8,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<T>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("stateshift-niced".into())
+        .spawn(move || {
+            if nice > 0 {
+                // SAFETY: plain system calls on this thread's own id; they touch no memory.
+                // Raising one's own nice value needs no privilege; a failure leaves the
+                // thread at its priority, which is only slower for the others.
+                unsafe {
+                    let tid = libc::gettid();
+                    libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, i32::from(nice));
+                }
+            }
+            let _ = tx.send(f());
+        })?;
+    Ok(rx)
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -250,6 +277,24 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The thread runs at the nice value asked for, and this one keeps its own.
+    #[tokio::test]
+    async fn a_niced_thread_runs_at_its_nice_value_and_leaves_the_caller_as_it_was() {
+        fn own_nice() -> i32 {
+            // SAFETY: reads this thread's priority; errno is reset first as the man page says.
+            unsafe {
+                *libc::__errno_location() = 0;
+                libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t)
+            }
+        }
+        let before = own_nice();
+        let seen = super::spawn_niced(19, own_nice).unwrap().await.unwrap();
+        assert_eq!(seen, 19);
+        let untouched = super::spawn_niced(0, own_nice).unwrap().await.unwrap();
+        assert_eq!(untouched, before, "nice 0 changes nothing");
+        assert_eq!(own_nice(), before);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn retries_double_with_jitter_and_never_wait_past_the_budget() {
         use std::time::Duration;

@@ -9,7 +9,7 @@ pub mod lineproto;
 pub mod snapshotter;
 mod vars;
 
-pub use vars::{drained, SubStats};
+pub use vars::{drained, InFlight, SubStats};
 
 use std::time::Duration;
 

@@ -53,6 +53,15 @@ pub enum SnapshotError {
     Protocol { addr: String, msg: String },
     #[error("stopped")]
     Cancelled,
+    /// The server closed a shard backup without a byte: it failed before it began (1.6
+    /// logs why and closes; an empty shard still sends an archive's end). A cache
+    /// snapshot of the shard already in progress does that, and passes.
+    #[error("the InfluxDB RPC port {addr} answered nothing for shard {shard} ({tries} tries): its InfluxDB log says why (no such shard, or a snapshot of its cache already in progress)")]
+    NothingSent {
+        addr: String,
+        shard: u64,
+        tries: u32,
+    },
     /// The shard holds deletions its server has not yet compacted into its data files.
     /// InfluxDB's restore keeps only a shard's `.tsm` files (1.6's `Engine.Restore`), so
     /// the deleted points would come back on the target, and no count could tell: a
@@ -266,11 +275,14 @@ struct Paced<'a, R> {
     inner: R,
     pace: Option<&'a Pace>,
     cancel: &'a Cancel,
+    /// Bytes read so far.
+    seen: &'a std::cell::Cell<u64>,
 }
 
 impl<R: Read> Read for Paced<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
+        self.seen.set(self.seen.get() + n as u64);
         if let Some(p) = self.pace {
             p.take(n, self.cancel)
                 .map_err(|_| std::io::Error::other("stopped"))?;
@@ -404,7 +416,7 @@ pub struct ShardFile {
 
 impl ShardFile {
     fn is_data(&self) -> bool {
-        self.name.ends_with(".tsm")
+        is_tsm_name(&self.name)
     }
     fn is_tombstone(&self) -> bool {
         is_tombstone(std::path::Path::new(&self.name))
@@ -446,6 +458,17 @@ impl<R: Read> Read for Digesting<R> {
     }
 }
 
+/// A TSM file's name: `<generation>-<sequence>.tsm`, both decimal.
+fn is_tsm_name(name: &str) -> bool {
+    name.strip_suffix(".tsm")
+        .and_then(|stem| stem.split_once('-'))
+        .is_some_and(|(g, q)| {
+            [g, q]
+                .iter()
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
 /// The path of an archive entry `db/rp/<shard>/rest…` inside its shard's directory.
 fn in_shard(name: &std::path::Path) -> Option<String> {
     let parts: Vec<_> = name.components().collect();
@@ -460,7 +483,55 @@ fn in_shard(name: &std::path::Path) -> Option<String> {
 /// by [`import_database`]), streaming: the source's tar, renamed entry by entry into the
 /// target's shard directory, never held whole. Returns once the target closed the
 /// import, i.e. once it has loaded the files.
+/// A backup that sent nothing is tried again, a few times (see
+/// [`SnapshotError::NothingSent`]).
 pub fn copy_shard(
+    from: &Endpoint,
+    old: u64,
+    to: &Endpoint,
+    new: u64,
+    pace: Option<&Pace>,
+    cancel: &Cancel,
+) -> Result<Copied, SnapshotError> {
+    until_something_sent(from, old, cancel, || {
+        copy_shard_once(from, old, to, new, pace, cancel)
+    })
+}
+
+/// Tries of a shard backup that sends nothing, and the pause between them.
+const NOTHING_SENT_TRIES: u32 = 5;
+const NOTHING_SENT_PAUSE: Duration = Duration::from_millis(300);
+
+/// Run `once` until it returns anything but [`SnapshotError::NothingSent`], at most
+/// [`NOTHING_SENT_TRIES`] times.
+fn until_something_sent<T>(
+    at: &Endpoint,
+    shard: u64,
+    cancel: &Cancel,
+    mut once: impl FnMut() -> Result<T, SnapshotError>,
+) -> Result<T, SnapshotError> {
+    for _ in 1..NOTHING_SENT_TRIES {
+        match once() {
+            Err(SnapshotError::NothingSent { .. }) => {
+                std::thread::sleep(NOTHING_SENT_PAUSE);
+                if cancel.is_cancelled() {
+                    return Err(SnapshotError::Cancelled);
+                }
+            }
+            r => return r,
+        }
+    }
+    once().map_err(|e| match e {
+        SnapshotError::NothingSent { .. } => SnapshotError::NothingSent {
+            addr: at.name.clone(),
+            shard,
+            tries: NOTHING_SENT_TRIES,
+        },
+        e => e,
+    })
+}
+
+fn copy_shard_once(
     from: &Endpoint,
     old: u64,
     to: &Endpoint,
@@ -474,10 +545,12 @@ pub fn copy_shard(
     head.extend_from_slice(&new.to_be_bytes());
     let dst = open(to, SHARD_UPDATE, &head, cancel)?;
     let mut copied = Copied::default();
+    let seen = std::cell::Cell::new(0u64);
     let paced = Paced {
         inner: &*src,
         pace,
         cancel,
+        seen: &seen,
     };
     let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, paced));
     let mut out = tar::Builder::new(BufWriter::with_capacity(256 << 10, &*dst));
@@ -504,6 +577,17 @@ pub fn copy_shard(
                     format!("shard {old}'s archive holds {name:?}, not db/rp/{old}/file"),
                 )
             })?;
+            // `rename` accepted the name, so it has a path inside the shard.
+            let file = in_shard(&name).unwrap_or_default();
+            if !is_tsm_name(&file) {
+                // 1.6 links a shard's files by the name each has as it links them: a
+                // compaction that replaces a file in that instant renames it to
+                // `….tsm.tmp`, which InfluxDB's restore skips, points and all.
+                return Err(protocol(
+                    from,
+                    format!("shard {old}'s archive holds {file:?}, not a TSM file: InfluxDB's restore would skip it and the points in it (a file a compaction was replacing as the backup linked it); migrate again"),
+                ));
+            }
             let mut header = entry.header().clone();
             copied.bytes += entry.size();
             copied.files += 1;
@@ -516,9 +600,14 @@ pub fn copy_shard(
                         io(to, "send the shard")(e)
                     }
                 })?;
-            // `rename` accepted the name, so it has a path inside the shard.
-            let file = in_shard(&name).unwrap_or_default();
             copied.sent.push(digesting.finish(file));
+        }
+        if seen.get() == 0 {
+            return Err(SnapshotError::NothingSent {
+                addr: from.name.clone(),
+                shard: old,
+                tries: 1,
+            });
         }
         Ok(())
     };
@@ -550,16 +639,31 @@ pub fn copy_shard(
 /// The files shard `shard` of the server at `at` holds now, each with its digest, read
 /// through the server's own shard backup: the server first writes its cache out to a new
 /// file, then sends the files its engine has open (hard links of them, tombstones
-/// included). A shard the server does not have answers no file (InfluxDB closes the
-/// connection, having only logged why).
+/// included). A backup the server could not make (no such shard, among others) answers
+/// nothing, which is an error, after a few tries.
 pub fn shard_files(
+    at: &Endpoint,
+    shard: u64,
+    cancel: &Cancel,
+) -> Result<Vec<ShardFile>, SnapshotError> {
+    until_something_sent(at, shard, cancel, || shard_files_once(at, shard, cancel))
+}
+
+fn shard_files_once(
     at: &Endpoint,
     shard: u64,
     cancel: &Cancel,
 ) -> Result<Vec<ShardFile>, SnapshotError> {
     let body = serde_json::json!({ "Type": SHARD_BACKUP, "ShardID": shard }).to_string() + "\n";
     let s = open(at, SHARD_BACKUP, body.as_bytes(), cancel)?;
-    let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, &*s));
+    let seen = std::cell::Cell::new(0u64);
+    let counted = Paced {
+        inner: &*s,
+        pace: None,
+        cancel,
+        seen: &seen,
+    };
+    let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, counted));
     let mut files = Vec::new();
     let entries = archive
         .entries()
@@ -586,6 +690,14 @@ pub fn shard_files(
         })?;
         files.push(digesting.finish(file));
     }
+    drop(archive);
+    if seen.get() == 0 {
+        return Err(SnapshotError::NothingSent {
+            addr: at.name.clone(),
+            shard,
+            tries: 1,
+        });
+    }
     Ok(files)
 }
 
@@ -597,7 +709,10 @@ pub fn files_differ(sent: &[ShardFile], now: &[ShardFile]) -> Option<String> {
     if let Some(t) = now.iter().find(|f| f.is_tombstone()) {
         return Some(format!("it holds deletions ({})", t.name));
     }
-    for f in sent.iter().filter(|f| f.is_data()) {
+    if let Some(f) = sent.iter().find(|f| !f.is_data()) {
+        return Some(format!("{} was sent, not a TSM file", f.name));
+    }
+    for f in sent {
         match now.iter().find(|n| n.name == f.name) {
             None => {
                 return Some(format!(
@@ -821,11 +936,19 @@ mod tests {
 
     #[test]
     fn a_shard_read_back_proves_the_copy_only_with_every_data_file_sent_unchanged() {
-        let sent = vec![file("000000001-000000002.tsm", 1), file("fields.idx", 9)];
+        let sent = vec![file("000000001-000000002.tsm", 1)];
         // Exactly what was sent, or more files (the cache written out): proven.
         assert_eq!(files_differ(&sent, &sent), None);
         let more = vec![sent[0].clone(), file("000000003-000000001.tsm", 3)];
-        assert_eq!(files_differ(&sent, &more), None, "only data files count");
+        assert_eq!(files_differ(&sent, &more), None);
+        // A file sent under another name (a compaction's `.tsm.tmp`): the target's
+        // restore skipped it, whatever it holds now.
+        let renamed = vec![sent[0].clone(), file("000000002-000000001.tsm.tmp", 5)];
+        let why = files_differ(&renamed, &renamed).unwrap();
+        assert!(
+            why.contains("000000002-000000001.tsm.tmp was sent, not a TSM file"),
+            "{why}"
+        );
         // A data file with other bytes, or gone.
         let why = files_differ(&sent, &[file("000000001-000000002.tsm", 2)]).unwrap();
         assert!(why.contains("000000001-000000002.tsm differs"), "{why}");
@@ -849,5 +972,20 @@ mod tests {
             Some("000000001-000000002.tsm")
         );
         assert_eq!(in_shard(Path::new("db/rp/6")), None);
+        for good in ["000000001-000000002.tsm", "12-1.tsm"] {
+            assert!(is_tsm_name(good), "{good}");
+        }
+        for bad in [
+            "000000001-000000002.tsm.tmp",
+            "1-2.tombstone",
+            "fields.idx",
+            "-1.tsm",
+            "1-.tsm",
+            "a-1.tsm",
+            "1-2-3.tsm",
+            "x/1-2.tsm",
+        ] {
+            assert!(!is_tsm_name(bad), "{bad}");
+        }
     }
 }

@@ -70,15 +70,9 @@ impl Influx {
         Ok(http_points_written(&self.debug_vars().await?))
     }
 
-    /// Write requests this server's HTTP services are serving right now (the sum of
-    /// `writeReqActive` over its `httpd` services, InfluxDB's gauge of `/write` and
-    /// Prometheus writes between arrival and answer): 0 means every HTTP write that
-    /// arrived before this read has been answered, so an acknowledged one is in its shard.
-    pub async fn http_writes_active(&self) -> Result<u64, InfluxError> {
-        Ok(httpd_sum(
-            &self.debug_vars().await?,
-            "/values/writeReqActive",
-        ))
+    /// What this server is writing right now ([`writes_in_flight`]).
+    pub async fn writes_in_flight(&self) -> Result<Option<InFlight>, InfluxError> {
+        Ok(writes_in_flight(&self.debug_vars().await?))
     }
 
     /// Forwarding counters of the subscriptions named `name`.
@@ -130,6 +124,44 @@ impl Influx {
             .count();
         Ok((live, stats))
     }
+}
+
+/// Writes a server has begun and not ended, read in one `/debug/vars` answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    /// HTTP write requests being served (`httpd` `writeReqActive`, InfluxDB's gauge of
+    /// `/write` and Prometheus writes between arrival and answer).
+    pub http: u64,
+    /// Shard writes begun and not ended, of any origin (a continuous query's output,
+    /// UDP, …): per shard `writeReq` − `writeReqOk` − `writeReqErr`, summed. A write a
+    /// shard refused before its engine saw it is counted in none of the two ends, so a
+    /// shard that ever refused one stays above 0 until its server restarts.
+    pub shards: u64,
+}
+
+/// What `vars` says is being written; `None` when no HTTP service reports
+/// `writeReqActive` (the server cannot say).
+fn writes_in_flight(vars: &Value) -> Option<InFlight> {
+    let obj = vars.as_object()?;
+    let reported = obj
+        .iter()
+        .any(|(k, v)| k.starts_with("httpd") && v.pointer("/values/writeReqActive").is_some());
+    if !reported {
+        return None;
+    }
+    let shards = obj
+        .iter()
+        .filter(|(k, _)| k.starts_with("shard:"))
+        .map(|(_, v)| {
+            num(v, "/values/writeReq")
+                .saturating_sub(num(v, "/values/writeReqOk"))
+                .saturating_sub(num(v, "/values/writeReqErr"))
+        })
+        .sum();
+    Some(InFlight {
+        http: httpd_sum(vars, "/values/writeReqActive"),
+        shards,
+    })
 }
 
 fn num(v: &Value, p: &str) -> u64 {
@@ -223,7 +255,23 @@ mod tests {
         assert_eq!((st.entered, st.http_written), (123, 100));
         assert_eq!((st.requests, st.handed, st.http_failed), (12, 11, 4));
         assert_eq!(super::http_points_written(&json!([])), 0);
-        assert_eq!(super::httpd_sum(&vars, "/values/writeReqActive"), 3);
+        assert_eq!(
+            super::writes_in_flight(&vars),
+            Some(super::InFlight { http: 3, shards: 0 })
+        );
+        assert_eq!(
+            super::writes_in_flight(&json!({"httpd": {"values": {}}})),
+            None
+        );
+        let busy = json!({
+            "httpd": {"values": {"writeReqActive": 0}},
+            "shard:/d/1": {"values": {"writeReq": 10, "writeReqOk": 7, "writeReqErr": 1}},
+            "shard:/d/2": {"values": {"writeReq": 4, "writeReqOk": 4}}
+        });
+        assert_eq!(
+            super::writes_in_flight(&busy),
+            Some(super::InFlight { http: 0, shards: 2 })
+        );
     }
 
     #[test]

@@ -64,7 +64,9 @@ impl Migration<'_> {
             "capturing writes of {} retention policies into {url}",
             subs
         ));
-        self.settled_at_capture = self.no_write_in_flight(p).await;
+        if self.cfg.verify.read_back && self.cfg.verify.target_first {
+            self.files_may_prove = self.no_write_in_flight(p).await;
+        }
         // The drain's proof counts from the counters read just before the subscriptions
         // were made. A write that entered before they went live may not have been
         // forwarded: it is in the dump, and the proof will not hold in this migration
@@ -210,29 +212,46 @@ impl Migration<'_> {
     }
 
     /// Forwarding counters from the source's `/debug/vars`.
-    /// Whether the source, once the capture's subscriptions are live, was seen serving no
-    /// HTTP write (read up to [`IN_FLIGHT_TRIES`] times, [`IN_FLIGHT_PAUSE`] apart). Then
-    /// no acknowledged HTTP write can be missing from both the dump and the capture: one
-    /// dispatched before the subscriptions were live had been answered, so was in its
-    /// shard, before the dump began. Verification proves a measurement by its files
-    /// only then ([`Self::read_back`]); its aggregates never needed it (they read what
-    /// the source holds).
-    async fn no_write_in_flight(&self, p: Phase) -> bool {
+    /// Whether the source, once the capture's subscriptions are live, was seen writing
+    /// nothing: no HTTP write being served and no shard write begun and not ended
+    /// ([`crate::influx::InFlight`]), read up to [`IN_FLIGHT_TRIES`] times,
+    /// [`IN_FLIGHT_PAUSE`] apart. Then no write can be missing from both the dump and the
+    /// capture: one dispatched to the subscriptions before they were live had begun its
+    /// shard writes before (InfluxDB starts them first) and, seen ended, was in its shard
+    /// before the dump began. Verification proves a measurement by its files only then
+    /// ([`Self::read_back`]); its aggregates never needed it (they read what the source
+    /// holds). `Err` says why not.
+    async fn no_write_in_flight(&self, p: Phase) -> Result<(), String> {
+        let mut last = None;
         for _ in 0..IN_FLIGHT_TRIES {
-            match self.src().influx.http_writes_active().await {
-                Ok(0) => return true,
-                Ok(_) => tokio::time::sleep(IN_FLIGHT_PAUSE).await,
+            match self.src().influx.writes_in_flight().await {
+                Ok(None) => {
+                    return Err(
+                        "the source does not report its writes in flight (httpd writeReqActive)"
+                            .into(),
+                    )
+                }
+                Ok(Some(w)) if w.http == 0 && w.shards == 0 => return Ok(()),
+                Ok(Some(w)) => {
+                    last = Some(w);
+                    tokio::time::sleep(IN_FLIGHT_PAUSE).await;
+                }
                 Err(e) => {
-                    tracing::warn!(phase = %p, error = %e, "cannot read the source's writes in flight: verification compares every measurement by its aggregates");
-                    return false;
+                    tracing::warn!(phase = %p, error = %e, "cannot read the source's writes in flight");
+                    return Err(format!(
+                        "the source's writes in flight could not be read ({e})"
+                    ));
                 }
             }
         }
-        tracing::info!(
-            tries = IN_FLIGHT_TRIES,
-            "the source was always serving a write once the capture was live: verification compares every measurement by its aggregates"
-        );
-        false
+        let w = last.unwrap_or(crate::influx::InFlight { http: 0, shards: 0 });
+        Err(format!(
+            "the source was writing whenever it was asked once the capture was live ({} reads {} ms apart; last: {} HTTP writes, {} shard writes in flight)",
+            IN_FLIGHT_TRIES,
+            IN_FLIGHT_PAUSE.as_millis(),
+            w.http,
+            w.shards
+        ))
     }
 
     pub(super) async fn subscriber_stats(

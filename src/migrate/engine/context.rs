@@ -87,9 +87,9 @@ pub(super) struct Migration<'a> {
     pub sent_shards: Vec<SentShard>,
     /// Per database, the shards the source listed before the dump that it did not copy.
     pub shards_not_sent: std::collections::BTreeMap<String, Vec<u64>>,
-    /// The source was seen serving no HTTP write once the capture was live (see
-    /// `no_write_in_flight`): the shards' files may prove what they hold.
-    pub settled_at_capture: bool,
+    /// Whether the shards' files may prove what they hold: the source was seen writing
+    /// nothing once the capture was live (`no_write_in_flight`); `Err` says why not.
+    pub files_may_prove: Result<(), String>,
 }
 
 /// One shard the dump streamed: its database, its id on each side, the files sent.
@@ -149,7 +149,7 @@ impl<'a> Migration<'a> {
             priorities: Default::default(),
             sent_shards: Vec::new(),
             shards_not_sent: Default::default(),
-            settled_at_capture: false,
+            files_may_prove: Err("the capture did not look".into()),
         }
     }
 }

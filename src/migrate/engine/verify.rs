@@ -89,9 +89,28 @@ impl Migration<'_> {
         if !self.cfg.verify.read_back || self.sent_shards.is_empty() {
             return out;
         }
-        if !self.settled_at_capture {
-            self.progress.note("the source was serving writes whenever it was asked once the capture was live: an acknowledged write may have reached a shard after the dump read it, so every measurement is compared by its aggregates, not by its files");
+        if let Err(why) = &self.files_may_prove {
+            self.progress.note(&format!(
+                "{why}: a write may have reached a shard after the dump read it, unforwarded, so every measurement is compared by its aggregates, not by its files"
+            ));
             return out;
+        }
+        // A continuous query restored on the target runs there at once, from the
+        // target's data, and may rewrite points of a measurement the source's capture
+        // calls cold; only the point-by-point comparison would see a value it changed.
+        match self.src().influx.continuous_queries().await {
+            Ok(cqs) if cqs.is_empty() => {}
+            Ok(cqs) => {
+                self.progress.note(&format!(
+                    "the source has {} continuous queries, which the target runs from the restore on: every measurement is compared by its aggregates, not by its files",
+                    cqs.len()
+                ));
+                return out;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the source's continuous queries; every measurement is compared by its aggregates");
+                return out;
+            }
         }
         let started = std::time::Instant::now();
         let dst = self.dst();
@@ -133,13 +152,29 @@ impl Migration<'_> {
                     break;
                 };
                 let (c, at, id) = (cancel.clone(), reach.at.clone(), shard.target);
-                running.spawn_blocking(move || (i, snapshotter::shard_files(&at, id, &c)));
+                // At the idle nice value: where the orchestrator shares the CPUs with the
+                // writers' server, digesting the whole database must not slow them.
+                let nice = self.cfg.migration.idle_nice;
+                let read =
+                    crate::util::spawn_niced(nice, move || snapshotter::shard_files(&at, id, &c));
+                running.spawn(async move {
+                    match read {
+                        Ok(rx) => (i, rx.await.map_err(|e| e.to_string())),
+                        Err(e) => (i, Err(e.to_string())),
+                    }
+                });
             }
             let Some(done) = running.join_next().await else {
                 break;
             };
             let (i, got) = match done {
-                Ok(d) => d,
+                Ok((i, Ok(got))) => (i, got),
+                Ok((_, Err(e))) => {
+                    tracing::warn!(error = %e, "reading a shard back stopped; every measurement is compared by its aggregates");
+                    stopped = true;
+                    cancel.cancel();
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading a shard back stopped; every measurement is compared by its aggregates");
                     stopped = true;
