@@ -165,7 +165,7 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     println!(
         "the measurements nothing writes to are proven {} (verify.read_back)",
         if cfg.verify.read_back && cfg.verify.target_first {
-            "by their files, read back from the target before the repoint"
+            "by their files where the shards read back from the target allow it, else by their aggregates"
         } else {
             "by their aggregates"
         }

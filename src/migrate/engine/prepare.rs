@@ -16,7 +16,67 @@ impl Migration<'_> {
         let dst_cfg = self.target_cfg.clone();
         let src_influx = Influx::from_config(&src_cfg);
         let dst_influx = Influx::from_config(&dst_cfg);
-        let (a, b) = tokio::join!(src_influx.ping(), wait_ready(&dst_influx, self.ready_wait));
+        // SSH connects (hundreds of ms, longer to a booting VM) while InfluxDB is checked;
+        // InfluxDB's answer is still the first error reported.
+        let ssh = async {
+            tokio::join!(
+                Host::connect(src_cfg.ssh.as_ref()),
+                Host::connect(dst_cfg.ssh.as_ref())
+            )
+        };
+        let (checked, (sh, th)) = tokio::join!(self.check_influx(&src_influx, &dst_influx), ssh);
+        let dbs = checked?;
+        let sh = sh.map_err(Self::remote_err(p))?;
+        let th = th.map_err(Self::remote_err(p))?;
+        let space = async {
+            if self.plan.resume {
+                Ok(())
+            } else {
+                Self::check_target_space(&src_influx, &th, &dst_cfg).await
+            }
+        };
+        let (src_cpus, dst_cpus, space) = tokio::join!(
+            influxd_and_cpus(&sh, &src_cfg.name),
+            influxd_and_cpus(&th, &dst_cfg.name),
+            space
+        );
+        let cpus = [src_cpus?, dst_cpus?];
+        space?;
+        if let Some(c) = &self.cfg.cutover.command {
+            if c.trim().is_empty() {
+                return Err(MigrateError::Failed {
+                    phase: p,
+                    msg: "cutover.command is empty".into(),
+                });
+            }
+        }
+        self.report.databases = dbs;
+        self.source = Some(Side {
+            cfg: src_cfg,
+            influx: src_influx,
+            host: sh,
+            cpus: cpus[0],
+        });
+        self.target = Some(Side {
+            cfg: dst_cfg,
+            influx: dst_influx,
+            host: th,
+            cpus: cpus[1],
+        });
+        Ok(())
+    }
+
+    /// Both servers answer, credentials work (a real query on each side), the target holds
+    /// none of the source's databases (unless resuming), and every source user can be
+    /// made on the target. The source's databases.
+    async fn check_influx(
+        &self,
+        src_influx: &Influx,
+        dst_influx: &Influx,
+    ) -> Result<Vec<String>, MigrateError> {
+        let p = Phase::Prepare;
+        let (src_cfg, dst_cfg) = (&self.cfg.source, &self.target_cfg);
+        let (a, b) = tokio::join!(src_influx.ping(), wait_ready(dst_influx, self.ready_wait));
         a.map_err(Self::influx_err(p))?;
         b?;
         // Authentication is checked by a real query on both sides.
@@ -47,51 +107,7 @@ impl Migration<'_> {
                 });
             }
         }
-        let (sh, th) = tokio::join!(
-            Host::connect(src_cfg.ssh.as_ref()),
-            Host::connect(dst_cfg.ssh.as_ref())
-        );
-        let sh = sh.map_err(Self::remote_err(p))?;
-        let th = th.map_err(Self::remote_err(p))?;
-        let mut cpus = [1usize; 2];
-        for ((h, name), cpus) in [(&sh, &src_cfg.name), (&th, &dst_cfg.name)]
-            .into_iter()
-            .zip(&mut cpus)
-        {
-            let out =
-                h.run("influxd version && nproc")
-                    .await
-                    .map_err(|e| MigrateError::Failed {
-                        phase: p,
-                        msg: format!("{name}: influxd is not runnable on the host ({e})"),
-                    })?;
-            *cpus = host_cpus(&out);
-        }
-        if !self.plan.resume {
-            Self::check_target_space(&src_influx, &th, &dst_cfg).await?;
-        }
-        if let Some(c) = &self.cfg.cutover.command {
-            if c.trim().is_empty() {
-                return Err(MigrateError::Failed {
-                    phase: p,
-                    msg: "cutover.command is empty".into(),
-                });
-            }
-        }
-        self.report.databases = dbs;
-        self.source = Some(Side {
-            cfg: src_cfg,
-            influx: src_influx,
-            host: sh,
-            cpus: cpus[0],
-        });
-        self.target = Some(Side {
-            cfg: dst_cfg,
-            influx: dst_influx,
-            host: th,
-            cpus: cpus[1],
-        });
-        Ok(())
+        Ok(dbs)
     }
 
     /// Refuse, before anything is made, a target whose scratch disk cannot hold the dump
@@ -180,6 +196,18 @@ pub(super) async fn wait_ready(influx: &Influx, timeout: Duration) -> Result<(),
             }
         }
     }
+}
+
+/// `influxd` runs on host `h` (instance `name`); the host's CPUs.
+async fn influxd_and_cpus(h: &Host, name: &str) -> Result<usize, MigrateError> {
+    let out = h
+        .run("influxd version && nproc")
+        .await
+        .map_err(|e| MigrateError::Failed {
+            phase: Phase::Prepare,
+            msg: format!("{name}: influxd is not runnable on the host ({e})"),
+        })?;
+    Ok(host_cpus(&out))
 }
 
 /// The CPUs `nproc` printed on the last line of `out`; 1 when it printed nothing usable.
