@@ -483,6 +483,7 @@ fn in_shard(name: &std::path::Path) -> Option<String> {
 /// by [`import_database`]), streaming: the source's tar, renamed entry by entry into the
 /// target's shard directory, never held whole. Returns once the target closed the
 /// import, i.e. once it has loaded the files.
+///
 /// A backup that sent nothing is tried again, a few times (see
 /// [`SnapshotError::NothingSent`]).
 pub fn copy_shard(

@@ -641,11 +641,15 @@ mod tests {
             }
             drop(w);
             let mut bytes = std::fs::read(&p).unwrap();
+            let intact = bytes.clone();
             let cut = cut.index(bytes.len() + 1);
             bytes.truncate(cut);
             bytes.extend(std::iter::repeat_n(0u8, zeros));
             std::fs::write(&p, &bytes).unwrap();
-            let whole = ends.iter().rposition(|&e| e <= cut as u64).unwrap();
+            // The zeros may put back what the cut took (a checksum whose last bytes are
+            // zeros): a record whose bytes are all there, as written, is complete.
+            let same = bytes.iter().zip(&intact).take_while(|(a, b)| a == b).count();
+            let whole = ends.iter().rposition(|&e| e <= same as u64).unwrap();
             let got = repair_torn_tail(&p).unwrap();
             if ends[whole] == bytes.len() as u64 {
                 prop_assert_eq!(got, None);

@@ -211,7 +211,6 @@ impl Migration<'_> {
         }
     }
 
-    /// Forwarding counters from the source's `/debug/vars`.
     /// Whether the source, once the capture's subscriptions are live, was seen writing
     /// nothing: no HTTP write being served and no shard write begun and not ended
     /// ([`crate::influx::InFlight`]), read up to [`IN_FLIGHT_TRIES`] times,
@@ -254,6 +253,7 @@ impl Migration<'_> {
         ))
     }
 
+    /// Forwarding counters from the source's `/debug/vars`.
     pub(super) async fn subscriber_stats(
         influx: &Influx,
         name: &str,

@@ -37,6 +37,7 @@ impl Migration<'_> {
                     return Ok(());
                 }
                 Err(why) if mode == TransferMode::Auto => {
+                    self.no_fallback_without_ssh(&why).await?;
                     tracing::warn!(reason = %why, "cannot stream the shards between the InfluxDB RPC ports; falling back to influxd backup and restore");
                     let unbounded = if self.cfg.migration.transfer_rate_limit > 0 {
                         " (migration.transfer_rate_limit bounds shard streams only: this dump runs at full speed)"
@@ -64,6 +65,7 @@ impl Migration<'_> {
                     return Ok(());
                 }
                 Err(why) if mode == TransferMode::Auto => {
+                    self.no_fallback_without_ssh(&why).await?;
                     tracing::warn!(reason = %why, "SSH forwarding unavailable; dumping on the source and streaming the archive instead");
                     self.progress.note(&format!(
                         "SSH forwarding unavailable ({why}); falling back to dump + tar stream"
@@ -91,6 +93,23 @@ impl Migration<'_> {
             }
         };
         self.report.dump_bytes = du_bytes(&out);
+        Ok(())
+    }
+
+    /// A way of dumping failed with `why`: when the SSH connection to either side is gone,
+    /// the next way would fail on it too, and say less. Fail naming the lost connection.
+    async fn no_fallback_without_ssh(&self, why: &str) -> Result<(), MigrateError> {
+        for (side, host) in [("source", &self.src().host), ("target", &self.dst().host)] {
+            if !host.alive().await {
+                return Err(MigrateError::Failed {
+                    phase: Phase::Dump,
+                    msg: format!(
+                        "the SSH connection to the {side} {} was lost during the dump ({why})",
+                        host.describe()
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 
