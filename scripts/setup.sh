@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what stateshift's demo and tests need on a fresh Debian (bookworm) machine, as
-# root: InfluxDB 1.x and OpenSSH from Debian, promtool and headless Chromium for the tests,
+# root: InfluxDB 1.x, OpenSSH and python3 from Debian, promtool and headless Chromium for the tests,
 # and a Rust toolchain check. Idempotent.
 # The servers themselves are started by the demo and the tests, each on its own
 # loopback address, never by this script and never as system services.
@@ -12,6 +12,7 @@ command -v influx >/dev/null 2>&1 || need+=(influxdb-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+[ -x /usr/bin/python3 ] || need+=(python3)   # the target's host digests its shards read back (verify.read_back_on_host), as a Debian VM does
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks deploy/prometheus (tests); its server is never started
 command -v chromium >/dev/null 2>&1 || need+=(chromium)       # the status page's browser test (headless)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)

@@ -265,6 +265,7 @@ struct RawVerify {
     parallel_queries: Option<usize>,
     target_first: Option<bool>,
     read_back: Option<bool>,
+    read_back_on_host: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -834,6 +835,11 @@ pub struct VerifyConfig {
     /// needs no aggregate of the measurements nothing writes to any more. Off: aggregates
     /// for every measurement, as before.
     pub read_back: bool,
+    /// With `read_back`, on a target reached over SSH: read and digest each shard on the
+    /// target's own host with its `python3`, so only the digests cross SSH, not the
+    /// shard's bytes. A host without `python3` is read through an SSH forward, as when
+    /// this is off.
+    pub read_back_on_host: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -1285,6 +1291,7 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
         },
         target_first: raw.verify.target_first.unwrap_or(true),
         read_back: raw.verify.read_back.unwrap_or(true),
+        read_back_on_host: raw.verify.read_back_on_host.unwrap_or(true),
     };
 
     let m = raw.migration;
@@ -2025,6 +2032,9 @@ mod tests {
         assert!(c.verify.read_back, "on by default");
         let c = load(&format!("{MIN}verify:\n  read_back: false\n"), &[]).unwrap();
         assert!(!c.verify.read_back);
+        assert!(c.verify.read_back_on_host, "on by default");
+        let c = load(&format!("{MIN}verify:\n  read_back_on_host: false\n"), &[]).unwrap();
+        assert!(!c.verify.read_back_on_host);
         for bad in ["0", "17"] {
             let e = load(&format!("{MIN}verify:\n  parallel_queries: {bad}\n"), &[])
                 .unwrap_err()

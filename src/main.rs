@@ -237,6 +237,10 @@ enum Cmd {
         /// proven by their files, read back from the target (false: by their aggregates).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         verify_read_back: bool,
+        /// The migration's `verify.read_back_on_host`: the target's shards are read back
+        /// and digested on its host (false: through an SSH forward, digested here).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        verify_read_back_on_host: bool,
     },
 }
 
@@ -630,6 +634,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             idle_nice,
             verify_target_first,
             verify_read_back,
+            verify_read_back_on_host,
         } => match interruptible(bench::bench(
             &dir,
             &BenchOptions {
@@ -641,6 +646,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                 idle_nice,
                 verify_target_first,
                 verify_read_back,
+                verify_read_back_on_host,
             },
         ))
         .await

@@ -99,6 +99,8 @@ pub struct BenchOptions {
     pub verify_target_first: bool,
     /// `verify.read_back`.
     pub verify_read_back: bool,
+    /// `verify.read_back_on_host`.
+    pub verify_read_back_on_host: bool,
 }
 
 /// The data-engine benchmark.
@@ -143,11 +145,12 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     .await?;
     let (cfg_path, cfg) = lab
         .write_config(&format!(
-            "  transfer_rate_limit: {}\n  idle_nice: {}\nverify:\n  content: full\n  target_first: {}\n  read_back: {}\n",
+            "  transfer_rate_limit: {}\n  idle_nice: {}\nverify:\n  content: full\n  target_first: {}\n  read_back: {}\n  read_back_on_host: {}\n",
             serde_json::to_string(&o.transfer_rate_limit)?,
             o.idle_nice,
             o.verify_target_first,
-            o.verify_read_back
+            o.verify_read_back,
+            o.verify_read_back_on_host
         ))
         .map_err(anyhow::Error::msg)?;
     println!(
@@ -165,7 +168,11 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     println!(
         "the measurements nothing writes to are proven {} (verify.read_back)",
         if cfg.verify.read_back && cfg.verify.target_first {
-            "by their files where the shards read back from the target allow it, else by their aggregates"
+            if cfg.verify.read_back_on_host {
+                "by their files where the shards read back from the target allow it (read and digested on the target's host: verify.read_back_on_host), else by their aggregates"
+            } else {
+                "by their files where the shards read back from the target allow it (through an SSH forward to its RPC port), else by their aggregates"
+            }
         } else {
             "by their aggregates"
         }
@@ -313,11 +320,16 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         .filter(|v| v.measurements_proven_by_files > 0)
     {
         println!(
-            "  of them proven by their files (no scan on either server): {} measurements; the target's {} shards read back in {:.3} s ({:.1} MB)",
+            "  of them proven by their files (no scan on either server): {} measurements; the target's {} shards read back in {:.3} s ({:.1} MB, {})",
             v.measurements_proven_by_files,
             v.read_back_shards,
             v.read_back_seconds,
-            v.read_back_bytes as f64 / 1e6
+            v.read_back_bytes as f64 / 1e6,
+            if v.read_back_on_host {
+                "digested on its host"
+            } else {
+                "digested here"
+            }
         );
     }
     println!("delta replay throughput: {:.0} points/s ({} points); in this migration: {} points at {:.0} points/s", replay.0, replay.1, report.points_replayed, report.replay_points_per_second);

@@ -702,6 +702,184 @@ fn shard_files_once(
     Ok(files)
 }
 
+/// What [`shard_files_on_host_cmd`] runs on the server's own host, with `python3`: the
+/// same shard backup as [`shard_files`], read from the RPC port as that host reaches it
+/// and digested there, several shards at once, so that one line per shard crosses SSH
+/// instead of the shard's bytes. Prints one JSON object per shard, in the order asked:
+/// its `files` (`name`, `size`, `sha256` in hex), or `nothing_sent` (the server answered
+/// nothing that many times, 300 ms apart), or the `error` that stopped its reading.
+const ON_HOST_SCRIPT: &str = r#"import concurrent.futures, hashlib, json, socket, sys, tarfile, time
+host, port, tries, at_once = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+def files(shard):
+    req = bytes([3, 0]) + (json.dumps({"Type": 0, "ShardID": shard}) + "\n").encode()
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(0.3)
+        with socket.create_connection((host, port), timeout=600) as s:
+            s.sendall(req)
+            f = s.makefile("rb", buffering=1 << 20)
+            if not f.peek(1):
+                continue
+            out = []
+            with tarfile.open(fileobj=f, mode="r|", bufsize=1 << 20) as t:
+                for m in t:
+                    h, n, r = hashlib.sha256(), 0, t.extractfile(m)
+                    while r is not None:
+                        b = r.read(1 << 20)
+                        if not b:
+                            break
+                        h.update(b)
+                        n += len(b)
+                    out.append({"name": m.name, "size": n, "sha256": h.hexdigest()})
+            return {"files": out}
+    return {"nothing_sent": tries}
+
+def read(shard):
+    try:
+        r = files(shard)
+    except Exception as e:
+        r = {"error": "%s: %s" % (type(e).__name__, e)}
+    r["shard"] = shard
+    return r
+
+with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+    for r in pool.map(read, [int(a) for a in sys.argv[5:]]):
+        print(json.dumps(r), flush=True)
+"#;
+
+/// Exit code of a shell whose command is not there: no `python3` on the host.
+pub const NO_INTERPRETER: i32 = 127;
+
+/// The shell command that reads `shards` back on the host of the server whose RPC port
+/// that host reaches at `rpc_host`:`rpc_port` ([`ON_HOST_SCRIPT`]), `at_once` at a time,
+/// at nice value `nice`, with Debian's `/usr/bin/python3` (else the first `python3` on
+/// the path; `-I -S`: nothing from the user's environment or site packages). Exits
+/// [`NO_INTERPRETER`] when the host has no `python3`.
+pub fn shard_files_on_host_cmd(
+    nice: u8,
+    rpc_host: &str,
+    rpc_port: u16,
+    at_once: usize,
+    shards: &[u64],
+) -> String {
+    on_host_cmd(
+        &["/usr/bin/python3", "python3"],
+        nice,
+        rpc_host,
+        rpc_port,
+        at_once,
+        shards,
+    )
+}
+
+/// [`shard_files_on_host_cmd`] with the first of `pythons` the host has.
+fn on_host_cmd(
+    pythons: &[&str],
+    nice: u8,
+    rpc_host: &str,
+    rpc_port: u16,
+    at_once: usize,
+    shards: &[u64],
+) -> String {
+    let ids: Vec<String> = shards.iter().map(u64::to_string).collect();
+    let find: Vec<String> = pythons
+        .iter()
+        .map(|p| format!("command -v {}", crate::util::shell_quote(p)))
+        .collect();
+    format!(
+        "p=$({}) || exit {NO_INTERPRETER}; exec nice -n {nice} \"$p\" -I -S -c {} {} {rpc_port} {NOTHING_SENT_TRIES} {} {}",
+        find.join(" || "),
+        crate::util::shell_quote(ON_HOST_SCRIPT),
+        crate::util::shell_quote(rpc_host),
+        at_once.max(1),
+        ids.join(" ")
+    )
+}
+
+/// Each shard's files as [`shard_files_on_host_cmd`] printed them in `out`, or why they
+/// could not be read; `Err` when `out` is not that command's answer. `at` names the RPC
+/// port, for errors.
+#[allow(clippy::type_complexity)]
+pub fn shard_files_on_host(
+    at: &str,
+    out: &str,
+) -> Result<Vec<(u64, Result<Vec<ShardFile>, SnapshotError>)>, SnapshotError> {
+    #[derive(serde::Deserialize)]
+    struct Shard {
+        shard: u64,
+        files: Option<Vec<File>>,
+        nothing_sent: Option<u32>,
+        error: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        name: String,
+        size: u64,
+        sha256: String,
+    }
+    let protocol = |msg: String| SnapshotError::Protocol {
+        addr: at.to_string(),
+        msg,
+    };
+    let file = |shard: u64, f: File| {
+        let name = in_shard(std::path::Path::new(&f.name)).ok_or_else(|| {
+            protocol(format!(
+                "shard {shard}'s archive holds {:?}, not db/rp/{shard}/file",
+                f.name
+            ))
+        })?;
+        let sha256 = sha256_from_hex(&f.sha256).ok_or_else(|| {
+            protocol(format!(
+                "shard {shard} read back on its host: {:?} is not a SHA-256",
+                f.sha256
+            ))
+        })?;
+        Ok(ShardFile {
+            name,
+            size: f.size,
+            sha256,
+        })
+    };
+    out.lines()
+        .map(|l| {
+            let s: Shard = serde_json::from_str(l)
+                .map_err(|e| protocol(format!("reading shards back on its host: {e} in {l:?}")))?;
+            let got = match (s.files, s.nothing_sent, s.error) {
+                (Some(files), None, None) => {
+                    files.into_iter().map(|f| file(s.shard, f)).collect()
+                }
+                (None, Some(tries), None) => Err(SnapshotError::NothingSent {
+                    addr: at.to_string(),
+                    shard: s.shard,
+                    tries,
+                }),
+                (None, None, Some(e)) => Err(protocol(format!(
+                    "reading shard {} back on its host: {e}",
+                    s.shard
+                ))),
+                _ => {
+                    return Err(protocol(format!(
+                        "reading shards back on its host: {l:?} is not one shard's files, nothing sent, or error"
+                    )))
+                }
+            };
+            Ok((s.shard, got))
+        })
+        .collect()
+}
+
+fn sha256_from_hex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(s.as_bytes().chunks(2)) {
+        *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Why a shard whose files read back as `now` ([`shard_files`]) may not serve every point
 /// of the data files `sent` into it, unchanged; `None` when every data file sent is there
 /// with the same bytes and no deletion is pending. Files added since (the target's cache
@@ -925,6 +1103,100 @@ mod tests {
         assert_eq!(rename(Path::new("db/rp/6"), 1), None);
         assert_eq!(rename(Path::new("db/../6/x.tsm"), 1), None);
         assert_eq!(rename(Path::new("/db/rp/6/x.tsm"), 1), None);
+    }
+
+    #[test]
+    fn a_read_back_on_the_host_is_parsed_shard_by_shard_and_refuses_what_it_cannot_trust() {
+        let sha = "ab".repeat(32);
+        let out = format!(
+            "{{\"files\": [{{\"name\": \"db/rp/7/000000001-000000002.tsm\", \"size\": 12, \"sha256\": \"{sha}\"}}], \"shard\": 7}}\n\
+             {{\"nothing_sent\": 5, \"shard\": 8}}\n\
+             {{\"error\": \"ConnectionRefusedError: [Errno 111] Connection refused\", \"shard\": 9}}\n\
+             {{\"files\": [], \"shard\": 10}}\n"
+        );
+        let got = shard_files_on_host("rpc", &out).unwrap();
+        assert_eq!(got.len(), 4);
+        let (7, Ok(files)) = &got[0] else {
+            panic!("{:?}", got[0])
+        };
+        assert_eq!(
+            files,
+            &vec![ShardFile {
+                name: "000000001-000000002.tsm".into(),
+                size: 12,
+                sha256: [0xab; 32],
+            }]
+        );
+        assert!(
+            matches!(
+                &got[1],
+                (
+                    8,
+                    Err(SnapshotError::NothingSent {
+                        shard: 8,
+                        tries: 5,
+                        ..
+                    })
+                )
+            ),
+            "{:?}",
+            got[1]
+        );
+        assert!(
+            matches!(&got[2], (9, Err(SnapshotError::Protocol { msg, .. })) if msg.contains("shard 9") && msg.contains("Connection refused")),
+            "{:?}",
+            got[2]
+        );
+        assert!(matches!(&got[3], (10, Ok(f)) if f.is_empty()));
+
+        // Whatever cannot be trusted is an error naming it, never a file.
+        for (bad, says) in [
+            (format!("{{\"files\": [{{\"name\": \"../7/x.tsm\", \"size\": 1, \"sha256\": \"{sha}\"}}], \"shard\": 7}}"), "not db/rp/7/file"),
+            (format!("{{\"files\": [{{\"name\": \"db/rp/7/x.tsm\", \"size\": 1, \"sha256\": \"{}\"}}], \"shard\": 7}}", &sha[1..]), "is not a SHA-256"),
+            (format!("{{\"files\": [{{\"name\": \"db/rp/7/x.tsm\", \"size\": 1, \"sha256\": \"+{}\"}}], \"shard\": 7}}", &sha[1..]), "is not a SHA-256"),
+            ("{\"files\": [], \"error\": \"x\", \"shard\": 7}".into(), "is not one shard's files"),
+            ("{\"shard\": 7}".into(), "is not one shard's files"),
+            ("Traceback (most recent call last):".into(), "reading shards back on its host"),
+        ] {
+            let e = match shard_files_on_host("rpc", &bad) {
+                Ok(v) => match v.into_iter().next() {
+                    Some((_, Err(e))) => e,
+                    other => panic!("{bad}: {other:?}"),
+                },
+                Err(e) => e,
+            };
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_host_without_python_says_so_by_its_exit_code() {
+        let cmd = on_host_cmd(&["/nonexistent/python3"], 19, "127.0.0.1", 1, 2, &[1, 2]);
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(NO_INTERPRETER));
+        // With one there, the shard whose server does not answer is an error of its own.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(on_host_cmd(
+                &["/nonexistent/python3", "python3"],
+                19,
+                "127.0.0.1",
+                1,
+                2,
+                &[4],
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let got = shard_files_on_host("rpc", &String::from_utf8_lossy(&out.stdout)).unwrap();
+        assert!(
+            matches!(&got[..], [(4, Err(SnapshotError::Protocol { msg, .. }))] if msg.contains("Connection refused")),
+            "{got:?}"
+        );
     }
 
     fn file(name: &str, byte: u8) -> ShardFile {

@@ -76,6 +76,9 @@ pub struct VerifyReport {
     pub read_back_bytes: u64,
     #[serde(default)]
     pub read_back_seconds: f64,
+    /// The shards were read and digested on the target's host (only digests crossed SSH).
+    #[serde(default)]
+    pub read_back_on_host: bool,
     /// From the first comparison (early or not) to the end of verification: how long the
     /// migration spent verifying, wherever it overlapped.
     #[serde(default)]
@@ -335,6 +338,8 @@ async fn cold_measurements(
 #[derive(Debug, Default, Clone)]
 pub struct ReadBack {
     pub databases: std::collections::HashSet<String>,
+    /// Read and digested on the target's host, only the digests crossing SSH.
+    pub on_host: bool,
     pub shards: usize,
     pub bytes: u64,
     pub seconds: f64,
@@ -532,6 +537,7 @@ pub async fn verify_after(
         read_back_shards: early.read_back.shards,
         read_back_bytes: early.read_back.bytes,
         read_back_seconds: early.read_back.seconds,
+        read_back_on_host: early.read_back.on_host,
         ..VerifyReport::default()
     };
     let target_dbs = target.databases().await?;

@@ -513,6 +513,7 @@ async fn verification_streams_the_per_series_aggregates_of_a_measurement_with_ma
         parallel_queries: 1,
         target_first: false,
         read_back: false,
+        read_back_on_host: false,
     };
     let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
         .await
@@ -560,6 +561,7 @@ async fn verification_queries_may_run_longer_than_the_instance_timeout() {
         parallel_queries: 1,
         target_first: false,
         read_back: false,
+        read_back_on_host: false,
     };
     let rep = stateshift::migrate::verify::verify(&src, &dst, &cfg, None, false)
         .await
@@ -625,6 +627,7 @@ async fn verification_puts_each_series_together_from_one_query_per_aggregate() {
             parallel_queries,
             target_first: false,
             read_back: false,
+            read_back_on_host: false,
         };
         let rep = stateshift::migrate::verify::verify(
             &lab.source.client(),
@@ -1354,6 +1357,7 @@ async fn an_early_comparison_holds_only_while_nothing_wrote_to_the_measurement()
         parallel_queries: 2,
         target_first: true,
         read_back: false,
+        read_back_on_host: false,
     };
     // What the capture saw written: nothing yet.
     let written: Mutex<HashSet<String>> = Mutex::default();
@@ -2164,11 +2168,29 @@ async fn deletions_a_source_has_not_compacted_yet_never_come_back_on_the_target(
 /// migration are proven by their files, read back from the target before the repoint,
 /// so neither server runs a scan of them; the writer's measurement is still compared by
 /// its aggregates, and every acknowledged write is on the target.
+///
+/// The target's shards are read back on its host (`verify.read_back_on_host`, the
+/// default: only their digests cross SSH), or through an SSH forward to its RPC port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_measurements_proven_by_their_files_are_scanned_on_neither_server() {
+    cold_measurements_proven_by_their_files(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_measurements_read_back_through_an_ssh_forward_are_proven_the_same() {
+    cold_measurements_proven_by_their_files(false).await;
+}
+
+async fn cold_measurements_proven_by_their_files(on_host: bool) {
     let lab = lab(LabOptions::default()).await;
     let (_, mut cfg) = lab.write_config("").unwrap();
     assert!(cfg.verify.read_back, "on by default");
+    assert!(cfg.verify.read_back_on_host, "on by default");
+    assert!(
+        cfg.target.as_ref().unwrap().ssh.is_some(),
+        "the target is reached over SSH"
+    );
+    cfg.verify.read_back_on_host = on_host;
     seed(&lab, "cyclops", 20_000).await;
     let source = QueryLog::start(lab.source.influx_url()).await;
     let target = QueryLog::start(lab.target.influx_url()).await;
@@ -2185,6 +2207,7 @@ async fn cold_measurements_proven_by_their_files_are_scanned_on_neither_server()
     let v = report.verify.as_ref().unwrap();
     assert_eq!(v.measurements_proven_by_files, 3, "{v:?}");
     assert!(v.read_back_shards >= 2 && v.read_back_bytes > 0, "{v:?}");
+    assert_eq!(v.read_back_on_host, on_host, "{v:?}");
     let cold = ["usage0", "usage1", "usage2"];
     assert_eq!(
         source.aggregates_over(&cold),
@@ -2202,7 +2225,12 @@ async fn cold_measurements_proven_by_their_files_are_scanned_on_neither_server()
     assert!(!target.aggregates_over(&live).is_empty());
     let notes = notes.0.lock().unwrap().join("\n");
     assert!(
-        notes.contains("measurements proven by their files"),
+        notes.contains("measurements proven by their files")
+            && notes.contains(if on_host {
+                "digested on its host"
+            } else {
+                "through its RPC port"
+            }),
         "the operator is told how: {notes}"
     );
     let problems = workload::check_ledger(&lab.target.client(), "cyclops", &ledger)
@@ -2308,9 +2336,30 @@ async fn a_shard_read_back_proves_the_copy_only_while_every_file_sent_is_there_u
     src.write("bill", None, "s", lines.join("\n").into())
         .await
         .unwrap();
+    let rpc = lab.target.instance_config("target").rpc_address;
     let read_back = |id: u64| {
-        let to = to.clone();
-        move || snapshotter::shard_files(&to, id, &Cancel::default()).unwrap()
+        let (to, rpc) = (to.clone(), rpc.clone());
+        move || {
+            let streamed = snapshotter::shard_files(&to, id, &Cancel::default()).unwrap();
+            // The same shard read and digested on its host (`verify.read_back_on_host`,
+            // here this machine): the same files, the same digests.
+            let (host, port) = rpc.rsplit_once(':').unwrap();
+            let cmd =
+                snapshotter::shard_files_on_host_cmd(0, host, port.parse().unwrap(), 2, &[id]);
+            let out = std::process::Command::new("sh")
+                .args(["-c", &cmd])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let on_host =
+                snapshotter::shard_files_on_host("target", &String::from_utf8_lossy(&out.stdout))
+                    .unwrap();
+            assert!(
+                matches!(&on_host[..], [(shard, Ok(files))] if *shard == id && *files == streamed),
+                "on the host: {on_host:?}; streamed: {streamed:?}"
+            );
+            streamed
+        }
     };
     let (f, t) = (from.clone(), to.clone());
     let copied = tokio::task::spawn_blocking(move || {
@@ -2387,6 +2436,19 @@ async fn a_shard_read_back_proves_the_copy_only_while_every_file_sent_is_there_u
     assert!(
         matches!(gone, Err(snapshotter::SnapshotError::NothingSent { shard, tries: 5, .. }) if shard == newest),
         "{gone:?}"
+    );
+    let (host, port) = rpc.rsplit_once(':').unwrap();
+    let cmd = snapshotter::shard_files_on_host_cmd(0, host, port.parse().unwrap(), 2, &[newest]);
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", &cmd])
+        .output()
+        .await
+        .unwrap();
+    let on_host =
+        snapshotter::shard_files_on_host("target", &String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert!(
+        matches!(&on_host[..], [(shard, Err(snapshotter::SnapshotError::NothingSent { tries: 5, .. }))] if *shard == newest),
+        "{on_host:?}"
     );
 }
 

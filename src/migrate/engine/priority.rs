@@ -114,18 +114,12 @@ pub(super) enum When {
 /// the threads are reniced twice, so one that a lowered thread started meanwhile is not
 /// left behind.
 pub(super) fn renice_cmd(rpc: &str, nice: i32, when: When) -> Result<String, String> {
-    let (host, port) = rpc
-        .rsplit_once(':')
-        .and_then(|(h, p)| {
-            p.parse::<u16>()
-                .ok()
-                .map(|p| (h.trim_matches(['[', ']']), p))
-        })
+    let (host, port) = super::transfer::split_rpc_address(rpc)
         .ok_or_else(|| format!("rpc_address {rpc:?} is not host:port"))?;
     let host = if host == "localhost" {
         "127.0.0.1"
     } else {
-        host
+        &host
     };
     // The local address is ss's fourth column: `127.0.0.1:8088`, `*:8088`, `[::1]:8088`,
     // `[::ffff:127.0.0.1]:8088`, `127.0.0.1%lo:8088`; the process column holds `pid=N`.

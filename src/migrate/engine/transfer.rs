@@ -798,6 +798,15 @@ impl Forward {
 /// through a local SSH forward otherwise, listening on TCP loopback or, given a private
 /// directory, on a unix socket there (mode 0600: no other local user can reach the
 /// unauthenticated RPC port through it).
+/// An RPC address `host:port` (`[v6]:port`) as its host and port.
+pub(super) fn split_rpc_address(rpc: &str) -> Option<(String, u16)> {
+    rpc.rsplit_once(':').and_then(|(h, port)| {
+        port.parse::<u16>()
+            .ok()
+            .map(|port| (h.trim_matches(['[', ']']).to_string(), port))
+    })
+}
+
 pub(super) struct RpcReach {
     pub at: snapshotter::Endpoint,
     pub forward: Option<Forward>,
@@ -811,13 +820,7 @@ impl RpcReach {
         side: &str,
         unix_dir: Option<&std::path::Path>,
     ) -> Result<RpcReach, String> {
-        let (rpc_host, rpc_port) = rpc
-            .rsplit_once(':')
-            .and_then(|(h, port)| {
-                port.parse::<u16>()
-                    .ok()
-                    .map(|port| (h.trim_matches(['[', ']']).to_string(), port))
-            })
+        let (rpc_host, rpc_port) = split_rpc_address(rpc)
             .ok_or_else(|| format!("{side}.rpc_address {rpc:?} is not host:port"))?;
         match host {
             Host::Ssh(s) => {

@@ -4,11 +4,16 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::context::{sub_name, Migration};
-use super::transfer::{CancelOnDrop, PrivateDir, RpcReach};
+use super::transfer::{split_rpc_address, CancelOnDrop, PrivateDir, RpcReach};
 use super::{MigrateError, Phase};
 use crate::influx::snapshotter;
 use crate::influx::InfluxError;
 use crate::migrate::verify::{self, Early, TargetFirst};
+use crate::remote::{Host, Remote, RemoteError};
+
+/// Each shard sent (its index in `sent_shards`) with its files as read back from the
+/// target, or why they could not be; `Err`: the reading stopped as a whole.
+type ShardReads = Result<Vec<(usize, Result<Vec<snapshotter::ShardFile>, String>)>, String>;
 
 /// Whether `(database, retention policy, measurement)` is cold: see [`verify::Cold`].
 type ColdFn = Box<dyn Fn(&str, &str, &str) -> bool + Send + Sync>;
@@ -113,27 +118,6 @@ impl Migration<'_> {
             }
         }
         let started = std::time::Instant::now();
-        let dst = self.dst();
-        let dir = match PrivateDir::create(&self.id) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the target's shards back; their measurements are compared by their aggregates");
-                return out;
-            }
-        };
-        let reach = match RpcReach::open(&dst.host, &dst.cfg.rpc_address, "target", Some(&dir.0))
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the target's shards back; their measurements are compared by their aggregates");
-                return out;
-            }
-        };
-        let cancel = snapshotter::Cancel::default();
-        let _stop = CancelOnDrop(cancel.clone());
-        let mut running = tokio::task::JoinSet::new();
-        let mut queue = self.sent_shards.iter().enumerate();
         let mut unproven: BTreeMap<&str, String> = self
             .shards_not_sent
             .iter()
@@ -144,10 +128,155 @@ impl Migration<'_> {
                 )
             })
             .collect();
-        let at_once = dst.cpus.max(1);
-        let mut stopped = false;
+        let reads = match self.read_shards_on_host().await {
+            Some(reads) => {
+                out.on_host = true;
+                reads
+            }
+            None => self.read_shards_through_rpc().await,
+        };
+        let stopped = match reads {
+            Ok(reads) => {
+                for (i, got) in reads {
+                    let shard = &self.sent_shards[i];
+                    let why = match got {
+                        Ok(now) => {
+                            out.shards += 1;
+                            out.bytes += now.iter().map(|f| f.size).sum::<u64>();
+                            snapshotter::files_differ(&shard.files, &now)
+                        }
+                        Err(e) => Some(e),
+                    };
+                    if let Some(why) = why {
+                        unproven.entry(&shard.database).or_insert(format!(
+                            "target shard {} (source shard {}): {why}",
+                            shard.target, shard.source
+                        ));
+                    }
+                }
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the target's shards back stopped; every measurement is compared by its aggregates");
+                true
+            }
+        };
+        if !stopped {
+            out.databases = self
+                .sent_shards
+                .iter()
+                .map(|s| s.database.clone())
+                .filter(|db| !unproven.contains_key(db.as_str()))
+                .collect();
+        }
+        out.seconds = started.elapsed().as_secs_f64();
+        for (db, why) in &unproven {
+            tracing::warn!(database = %db, reason = %why, "a shard read back from the target differs from what was sent: this database's measurements are compared by their aggregates");
+            self.progress.note(&format!(
+                "database {db:?}: {why}; its measurements are compared by their aggregates instead of their files"
+            ));
+        }
+        if !out.databases.is_empty() {
+            self.progress.note(&format!(
+                "read {} shards back from the target ({:.1} MB in {:.3} s, {}): every file sent is there unchanged in {} of {} databases",
+                out.shards,
+                out.bytes as f64 / 1e6,
+                out.seconds,
+                if out.on_host {
+                    "digested on its host"
+                } else {
+                    "through its RPC port"
+                },
+                out.databases.len(),
+                out.databases.len() + unproven.len()
+            ));
+        }
+        out
+    }
+
+    /// Read every shard sent back on the target's own host, in one command
+    /// ([`snapshotter::shard_files_on_host_cmd`]), as many at once as it has CPUs: the
+    /// shards' bytes stay there, only their digests cross SSH. `None` when the target is
+    /// not reached over SSH (its RPC port then is as near as its host),
+    /// `verify.read_back_on_host` is off, or the host has no `python3`: the caller reads
+    /// through the RPC port instead.
+    async fn read_shards_on_host(&self) -> Option<ShardReads> {
+        let dst = self.dst();
+        if !self.cfg.verify.read_back_on_host || !matches!(dst.host, Host::Ssh(_)) {
+            return None;
+        }
+        let (rpc_host, rpc_port) = split_rpc_address(&dst.cfg.rpc_address)?;
+        let ids: Vec<u64> = self.sent_shards.iter().map(|s| s.target).collect();
+        let cmd = snapshotter::shard_files_on_host_cmd(
+            self.cfg.migration.idle_nice,
+            &rpc_host,
+            rpc_port,
+            dst.cpus,
+            &ids,
+        );
+        let out = match dst.host.run(&cmd).await {
+            Ok(out) => out,
+            Err(RemoteError::Failed {
+                code: Some(snapshotter::NO_INTERPRETER),
+                ..
+            }) => {
+                self.progress.note(
+                    "the target's host has no python3: its shards are read back through an SSH forward to its RPC port, bytes and all",
+                );
+                return None;
+            }
+            // Named without the command: it is the whole script.
+            Err(RemoteError::Failed { status, stderr, .. }) => {
+                return Some(Err(format!(
+                    "reading the shards back on {} failed ({status}): {stderr}",
+                    dst.host.describe()
+                )))
+            }
+            Err(RemoteError::Spawn { source, .. } | RemoteError::Io { source, .. }) => {
+                return Some(Err(format!(
+                    "reading the shards back on {}: {source}",
+                    dst.host.describe()
+                )))
+            }
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        let at = format!(
+            "{} of the target (read on {})",
+            dst.cfg.rpc_address,
+            dst.host.describe()
+        );
+        let mut got = match snapshotter::shard_files_on_host(&at, &out) {
+            Ok(got) => got,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        let mut reads = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            let Some(k) = got.iter().position(|(shard, _)| shard == id) else {
+                return Some(Err(format!(
+                    "{at}: shard {id} was not read back (the answer stopped short)"
+                )));
+            };
+            let (_, files) = got.swap_remove(k);
+            reads.push((i, files.map_err(|e| e.to_string())));
+        }
+        Some(Ok(reads))
+    }
+
+    /// Read every shard sent back through the target's RPC port (an SSH forward to it,
+    /// when the target is reached over SSH), digesting here, as many at once as it has
+    /// CPUs, on threads at the idle nice value.
+    async fn read_shards_through_rpc(&self) -> ShardReads {
+        let dst = self.dst();
+        let dir = PrivateDir::create(&self.id)?;
+        let reach = RpcReach::open(&dst.host, &dst.cfg.rpc_address, "target", Some(&dir.0)).await?;
+        let cancel = snapshotter::Cancel::default();
+        let _stop = CancelOnDrop(cancel.clone());
+        let mut running = tokio::task::JoinSet::new();
+        let mut queue = self.sent_shards.iter().enumerate();
+        let mut reads = Vec::with_capacity(self.sent_shards.len());
+        let mut stopped = None;
         loop {
-            while running.len() < at_once {
+            while stopped.is_none() && running.len() < dst.cpus.max(1) {
                 let Some((i, shard)) = queue.next() else {
                     break;
                 };
@@ -167,66 +296,25 @@ impl Migration<'_> {
             let Some(done) = running.join_next().await else {
                 break;
             };
-            let (i, got) = match done {
-                Ok((i, Ok(got))) => (i, got),
+            match done {
+                Ok((i, Ok(got))) => reads.push((i, got.map_err(|e| e.to_string()))),
                 Ok((_, Err(e))) => {
-                    tracing::warn!(error = %e, "reading a shard back stopped; every measurement is compared by its aggregates");
-                    stopped = true;
+                    stopped = Some(e);
                     cancel.cancel();
-                    break;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "reading a shard back stopped; every measurement is compared by its aggregates");
-                    stopped = true;
+                    stopped = Some(e.to_string());
                     cancel.cancel();
-                    break;
                 }
-            };
-            let shard = &self.sent_shards[i];
-            let why = match got {
-                Ok(now) => {
-                    out.shards += 1;
-                    out.bytes += now.iter().map(|f| f.size).sum::<u64>();
-                    snapshotter::files_differ(&shard.files, &now)
-                }
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(why) = why {
-                unproven.entry(&shard.database).or_insert(format!(
-                    "target shard {} (source shard {}): {why}",
-                    shard.target, shard.source
-                ));
             }
         }
         if let Some(f) = reach.forward {
             f.close(&dst.host).await;
         }
-        if !stopped {
-            out.databases = self
-                .sent_shards
-                .iter()
-                .map(|s| s.database.clone())
-                .filter(|db| !unproven.contains_key(db.as_str()))
-                .collect();
+        match stopped {
+            Some(e) => Err(e),
+            None => Ok(reads),
         }
-        out.seconds = started.elapsed().as_secs_f64();
-        for (db, why) in &unproven {
-            tracing::warn!(database = %db, reason = %why, "a shard read back from the target differs from what was sent: this database's measurements are compared by their aggregates");
-            self.progress.note(&format!(
-                "database {db:?}: {why}; its measurements are compared by their aggregates instead of their files"
-            ));
-        }
-        if !out.databases.is_empty() {
-            self.progress.note(&format!(
-                "read {} shards back from the target ({:.1} MB in {:.3} s): every file sent is there unchanged in {} of {} databases",
-                out.shards,
-                out.bytes as f64 / 1e6,
-                out.seconds,
-                out.databases.len(),
-                out.databases.len() + unproven.len()
-            ));
-        }
-        out
     }
 
     /// Start comparing the cold measurements (the target is watched; the writers may still be
