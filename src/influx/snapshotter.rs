@@ -612,7 +612,7 @@ fn copy_shard_once(
         }
         Ok(())
     };
-    if let Err(e) = entries() {
+    if let Err(e) = entries().and_then(|()| archive_ended(archive.into_inner(), from, old)) {
         // Cut the upload off before the builder, dropped, would end the archive: the
         // target's restore then fails on a truncated archive and loads none of it
         // (tsm1 `overlay` replaces files only once the whole archive was read), rather
@@ -691,7 +691,6 @@ fn shard_files_once(
         })?;
         files.push(digesting.finish(file));
     }
-    drop(archive);
     if seen.get() == 0 {
         return Err(SnapshotError::NothingSent {
             addr: at.name.clone(),
@@ -699,7 +698,34 @@ fn shard_files_once(
             tries: 1,
         });
     }
+    archive_ended(archive.into_inner(), at, shard)?;
     Ok(files)
+}
+
+/// Check what is left of a shard's archive once `tar` has read its entries: InfluxDB's
+/// tar writer ends every archive with two zero blocks, and `tar` stops reading at the
+/// first. Nothing left means the stream stopped on an entry's boundary (the server
+/// died, the connection was closed), which `tar` takes for the end: every file after
+/// it would be missing from a shard that looks whole. (A stream cut inside an entry or
+/// a header is already an error.)
+/// The most zeros accepted after an archive's first end block (Go's writer sends 512).
+const TRAILER_MAX: u64 = 64 << 10;
+
+fn archive_ended(rest: impl Read, at: &Endpoint, shard: u64) -> Result<(), SnapshotError> {
+    let mut tail = Vec::new();
+    rest.take(TRAILER_MAX + 1)
+        .read_to_end(&mut tail)
+        .map_err(io(at, "read the end of the shard's archive"))?;
+    if (512..=TRAILER_MAX as usize).contains(&tail.len()) && tail.iter().all(|b| *b == 0) {
+        return Ok(());
+    }
+    Err(protocol(
+        at,
+        format!(
+            "shard {shard}'s archive stopped before its end ({} bytes after its last entry, where InfluxDB sends its end's zero blocks and nothing more): the server or the connection stopped short",
+            tail.len()
+        ),
+    ))
 }
 
 /// What [`shard_files_on_host_cmd`] runs on the server's own host, with `python3`: the
@@ -711,6 +737,32 @@ fn shard_files_once(
 const ON_HOST_SCRIPT: &str = r#"import concurrent.futures, hashlib, json, socket, sys, tarfile, time
 host, port, tries, at_once = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 
+class Counted:
+    def __init__(self, f):
+        self.f, self.n, self.data_end = f, 0, 0
+
+    def read(self, size=-1):
+        b = self.f.read(size)
+        if b:
+            k = len(b) if b[-1] else len(b.rstrip(b"\0"))
+            if k:
+                self.data_end = self.n + k
+            self.n += len(b)
+        return b
+
+class Strict(tarfile.TarInfo):
+    # tarfile takes a header cut short, or one with a bad checksum, for the end.
+    @classmethod
+    def fromtarfile(cls, t):
+        try:
+            return super().fromtarfile(t)
+        except tarfile.EOFHeaderError:
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            raise tarfile.ReadError("the archive stopped before its end (at %d)" % t.offset)
+        except tarfile.HeaderError as e:
+            raise tarfile.ReadError("a bad header at %d: %s" % (t.offset, e))
+
 def files(shard):
     req = bytes([3, 0]) + (json.dumps({"Type": 0, "ShardID": shard}) + "\n").encode()
     for attempt in range(tries):
@@ -721,8 +773,8 @@ def files(shard):
             f = s.makefile("rb", buffering=1 << 20)
             if not f.peek(1):
                 continue
-            out = []
-            with tarfile.open(fileobj=f, mode="r|", bufsize=1 << 20) as t:
+            c, out = Counted(f), []
+            with tarfile.open(fileobj=c, mode="r|", bufsize=1 << 20, tarinfo=Strict) as t:
                 for m in t:
                     h, n, r = hashlib.sha256(), 0, t.extractfile(m)
                     while r is not None:
@@ -732,6 +784,12 @@ def files(shard):
                         h.update(b)
                         n += len(b)
                     out.append({"name": m.name, "size": n, "sha256": h.hexdigest()})
+                while c.n <= t.offset + (1 << 16) and c.read(1 << 16):
+                    pass
+                # tarfile takes a stream cut on an entry's boundary for the end; InfluxDB
+                # ends each archive with two zero blocks, and nothing after them.
+                if not (1024 <= c.n - t.offset <= 1 << 16 and c.data_end <= t.offset):
+                    raise EOFError("the archive stopped before its end (%d bytes, entries to %d)" % (c.n, t.offset))
             return {"files": out}
     return {"nothing_sent": tries}
 
@@ -882,9 +940,18 @@ fn sha256_from_hex(s: &str) -> Option<[u8; 32]> {
 
 /// Why a shard whose files read back as `now` ([`shard_files`]) may not serve every point
 /// of the data files `sent` into it, unchanged; `None` when every data file sent is there
-/// with the same bytes and no deletion is pending. Files added since (the target's cache
-/// written out: replays) are allowed: they can only add points or newer values.
+/// with the same bytes and no deletion is pending, and at least one was sent. Files added
+/// since (the target's cache written out: replays) are allowed: they can only add points
+/// or newer values.
 pub fn files_differ(sent: &[ShardFile], now: &[ShardFile]) -> Option<String> {
+    if !sent.iter().any(ShardFile::is_data) {
+        // InfluxDB 1.6 ends a shard's archive as if whole when it cannot list the
+        // shard's directory (`pkg/tar.Stream` closes its writer on any error): an empty
+        // archive does not show that the shard was empty.
+        return Some(
+            "its backup sent no TSM file (an empty shard, or one the source could not list)".into(),
+        );
+    }
     if let Some(t) = now.iter().find(|f| f.is_tombstone()) {
         return Some(format!("it holds deletions ({})", t.name));
     }
@@ -1169,6 +1236,103 @@ mod tests {
         }
     }
 
+    /// A stand-in for a server that stops (dies, or its connection is closed) on an
+    /// archive entry's boundary, which no real server can be made to do on cue: on
+    /// 127.0.0.1, it answers each shard backup with `archive` and reads each shard
+    /// update to its end.
+    fn serving(archive: Vec<u8>) -> (Endpoint, std::thread::JoinHandle<()>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            // A shard read here, a copy (backup and update), a read on the host.
+            for conn in l.incoming().take(4) {
+                let Ok(mut c) = conn else { return };
+                let mut head = [0u8; 2];
+                if c.read_exact(&mut head).is_err() {
+                    return; // the test is over
+                }
+                if head[1] == SHARD_BACKUP {
+                    let mut line = Vec::new();
+                    let mut b = [0u8; 1];
+                    while c.read_exact(&mut b).is_ok() && b[0] != b'\n' {
+                        line.push(b[0]);
+                    }
+                    let _ = c.write_all(&archive);
+                } else {
+                    let _ = std::io::copy(&mut c, &mut std::io::sink());
+                }
+            }
+        });
+        let e = Endpoint {
+            at: At::Tcp(addr),
+            name: "stand-in".into(),
+        };
+        (e, t)
+    }
+
+    #[test]
+    fn an_archive_cut_on_an_entry_boundary_is_an_error_not_a_shorter_shard() {
+        let mut b = tar::Builder::new(Vec::new());
+        for name in [
+            "db/rp/3/000000001-000000001.tsm",
+            "db/rp/3/000000002-000000001.tsm",
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(600);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, &[7u8; 600][..]).unwrap();
+        }
+        let whole = b.into_inner().unwrap();
+        // Cut after the first entry: its header and its data padded to 1024 bytes.
+        let cut = whole[..512 + 1024].to_vec();
+        // The second entry's header damaged (its checksum no longer matches).
+        let mut damaged = whole.clone();
+        damaged[512 + 1024 + 10] ^= 0x55;
+        // Data after the end's zero blocks.
+        let mut trailing = whole.clone();
+        trailing.extend_from_slice(&[1u8; 512]);
+        let cancel = Cancel::default();
+        for (archive, ends) in [
+            (whole.clone(), Ok(())),
+            (cut, Err("stopped before its end")),
+            (damaged, Err("")),
+            (trailing, Err("stopped before its end")),
+        ] {
+            let (at, _t) = serving(archive.clone());
+            let read = shard_files(&at, 3, &cancel);
+            let copied = copy_shard(&at, 3, &at, 9, None, &cancel);
+            let on_host = {
+                let At::Tcp(a) = at.at else { unreachable!() };
+                let cmd = on_host_cmd(&["python3"], 0, "127.0.0.1", a.port(), 1, &[3]);
+                let out = std::process::Command::new("sh")
+                    .args(["-c", &cmd])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+                shard_files_on_host("stand-in", &String::from_utf8_lossy(&out.stdout)).unwrap()
+            };
+            match ends {
+                Ok(()) => {
+                    assert_eq!(read.unwrap().len(), 2);
+                    assert_eq!(copied.unwrap().sent.len(), 2);
+                    assert!(
+                        matches!(&on_host[..], [(3, Ok(f))] if f.len() == 2),
+                        "{on_host:?}"
+                    );
+                }
+                Err(says) => {
+                    for e in [read.unwrap_err(), copied.unwrap_err()] {
+                        assert!(e.to_string().contains(says), "{e}");
+                    }
+                    assert!(
+                        matches!(&on_host[..], [(3, Err(SnapshotError::Protocol { msg, .. }))] if msg.contains(says)),
+                        "{on_host:?}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_host_without_python_says_so_by_its_exit_code() {
         let cmd = on_host_cmd(&["/nonexistent/python3"], 19, "127.0.0.1", 1, 2, &[1, 2]);
@@ -1230,6 +1394,9 @@ mod tests {
         assert!(files_differ(&sent, &[longer]).is_some());
         let why = files_differ(&sent, &[]).unwrap();
         assert!(why.contains("no longer there"), "{why}");
+        // Nothing sent proves nothing: the source may have failed to list the shard.
+        let why = files_differ(&[], &[]).unwrap();
+        assert!(why.contains("sent no TSM file"), "{why}");
         // A deletion pending, whatever else holds.
         let why = files_differ(
             &sent,

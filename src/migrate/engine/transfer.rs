@@ -794,10 +794,6 @@ impl Forward {
     }
 }
 
-/// A host's InfluxDB RPC port as this process reaches it: directly on a local host,
-/// through a local SSH forward otherwise, listening on TCP loopback or, given a private
-/// directory, on a unix socket there (mode 0600: no other local user can reach the
-/// unauthenticated RPC port through it).
 /// An RPC address `host:port` (`[v6]:port`) as its host and port.
 pub(super) fn split_rpc_address(rpc: &str) -> Option<(String, u16)> {
     rpc.rsplit_once(':').and_then(|(h, port)| {
@@ -807,6 +803,10 @@ pub(super) fn split_rpc_address(rpc: &str) -> Option<(String, u16)> {
     })
 }
 
+/// A host's InfluxDB RPC port as this process reaches it: directly on a local host,
+/// through a local SSH forward otherwise, listening on TCP loopback or, given a private
+/// directory, on a unix socket there (mode 0600: no other local user can reach the
+/// unauthenticated RPC port through it).
 pub(super) struct RpcReach {
     pub at: snapshotter::Endpoint,
     pub forward: Option<Forward>,

@@ -198,8 +198,8 @@ impl Migration<'_> {
     /// ([`snapshotter::shard_files_on_host_cmd`]), as many at once as it has CPUs: the
     /// shards' bytes stay there, only their digests cross SSH. `None` when the target is
     /// not reached over SSH (its RPC port then is as near as its host),
-    /// `verify.read_back_on_host` is off, or the host has no `python3`: the caller reads
-    /// through the RPC port instead.
+    /// `verify.read_back_on_host` is off, or the command fails as a whole (no `python3`
+    /// there, among others): the caller reads through the RPC port instead.
     async fn read_shards_on_host(&self) -> Option<ShardReads> {
         let dst = self.dst();
         if !self.cfg.verify.read_back_on_host || !matches!(dst.host, Host::Ssh(_)) {
@@ -216,29 +216,22 @@ impl Migration<'_> {
         );
         let out = match dst.host.run(&cmd).await {
             Ok(out) => out,
-            Err(RemoteError::Failed {
-                code: Some(snapshotter::NO_INTERPRETER),
-                ..
-            }) => {
-                self.progress.note(
-                    "the target's host has no python3: its shards are read back through an SSH forward to its RPC port, bytes and all",
-                );
+            Err(e) => {
+                // Without `python3` (127), with one too old for `-I`, with more shard ids
+                // than one argument may hold: the forward reads the same shards. The
+                // command, the whole script, is left out of what is said.
+                let why = match &e {
+                    RemoteError::Failed {
+                        code: Some(snapshotter::NO_INTERPRETER),
+                        ..
+                    } => "it has no python3".to_string(),
+                    e => e.to_string().replace(&cmd, "<the read-back script>"),
+                };
+                self.progress.note(&format!(
+                    "the target's shards cannot be read back on its host ({why}): they are read through an SSH forward to its RPC port, bytes and all"
+                ));
                 return None;
             }
-            // Named without the command: it is the whole script.
-            Err(RemoteError::Failed { status, stderr, .. }) => {
-                return Some(Err(format!(
-                    "reading the shards back on {} failed ({status}): {stderr}",
-                    dst.host.describe()
-                )))
-            }
-            Err(RemoteError::Spawn { source, .. } | RemoteError::Io { source, .. }) => {
-                return Some(Err(format!(
-                    "reading the shards back on {}: {source}",
-                    dst.host.describe()
-                )))
-            }
-            Err(e) => return Some(Err(e.to_string())),
         };
         let at = format!(
             "{} of the target (read on {})",
