@@ -423,19 +423,23 @@ impl ShardFile {
     }
 }
 
-/// A reader that digests what passes through it.
+/// A reader of an archive entry's data that digests what passes through it, and fails
+/// when the data ends before the `expected` size its header announced: `tar` then only
+/// reads less (and its builder would pad the shorter data as if it were whole).
 struct Digesting<R> {
     inner: R,
     sha: ring::digest::Context,
     size: u64,
+    expected: u64,
 }
 
 impl<R> Digesting<R> {
-    fn new(inner: R) -> Self {
+    fn new(inner: R, expected: u64) -> Self {
         Digesting {
             inner,
             sha: ring::digest::Context::new(&ring::digest::SHA256),
             size: 0,
+            expected,
         }
     }
     fn finish(self, name: String) -> ShardFile {
@@ -452,6 +456,15 @@ impl<R> Digesting<R> {
 impl<R: Read> Read for Digesting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() && self.size < self.expected {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the archive stopped inside an entry, {} of its {} bytes read",
+                    self.size, self.expected
+                ),
+            ));
+        }
         self.sha.update(&buf[..n]);
         self.size += n as u64;
         Ok(n)
@@ -555,6 +568,8 @@ fn copy_shard_once(
     };
     let mut archive = tar::Archive::new(BufReader::with_capacity(256 << 10, paced));
     let mut out = tar::Builder::new(BufWriter::with_capacity(256 << 10, &*dst));
+    // Whether the upload stopped inside an entry (its header sent, not all its data).
+    let mid_entry = std::cell::Cell::new(false);
     let mut entries = || -> Result<(), SnapshotError> {
         let entries = archive
             .entries()
@@ -590,17 +605,22 @@ fn copy_shard_once(
                 ));
             }
             let mut header = entry.header().clone();
-            copied.bytes += entry.size();
+            let size = entry.size();
+            copied.bytes += size;
             copied.files += 1;
-            let mut digesting = Digesting::new(&mut entry);
+            let mut digesting = Digesting::new(&mut entry, size);
+            mid_entry.set(true);
             out.append_data(&mut header, &renamed, &mut digesting)
                 .map_err(|e| {
                     if cancel.is_cancelled() {
                         SnapshotError::Cancelled
+                    } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        io(from, "read the shard's archive")(e)
                     } else {
                         io(to, "send the shard")(e)
                     }
                 })?;
+            mid_entry.set(false);
             copied.sent.push(digesting.finish(file));
         }
         if seen.get() == 0 {
@@ -613,10 +633,18 @@ fn copy_shard_once(
         Ok(())
     };
     if let Err(e) = entries().and_then(|()| archive_ended(archive.into_inner(), from, old)) {
-        // Cut the upload off before the builder, dropped, would end the archive: the
-        // target's restore then fails on a truncated archive and loads none of it
-        // (tsm1 `overlay` replaces files only once the whole archive was read), rather
-        // than the entries sent so far.
+        // The target's restore must fail and load none of it (tsm1 `overlay` replaces
+        // files only once the whole archive was read), not the entries sent so far. Go's
+        // tar reader takes an upload that ends where a header would start, or inside an
+        // entry's padding, for the archive's end; one that ends inside an entry's data or
+        // a header is an error. So: send what is buffered; stopped between entries, add
+        // half a header; and cut the upload off before the builder, dropped, would end
+        // the archive.
+        let w = out.get_mut();
+        let _ = w.flush();
+        if !mid_entry.get() {
+            let _ = w.write_all(&[0xff; 256]).and_then(|()| w.flush());
+        }
         let _ = dst.shutdown(Shutdown::Both);
         return Err(e);
     }
@@ -681,7 +709,8 @@ fn shard_files_once(
                 format!("shard {shard}'s archive holds {name:?}, not db/rp/{shard}/file"),
             )
         })?;
-        let mut digesting = Digesting::new(&mut entry);
+        let size = entry.size();
+        let mut digesting = Digesting::new(&mut entry, size);
         std::io::copy(&mut digesting, &mut std::io::sink()).map_err(|e| {
             if cancel.is_cancelled() {
                 SnapshotError::Cancelled
@@ -702,15 +731,15 @@ fn shard_files_once(
     Ok(files)
 }
 
+/// The most zeros accepted after an archive's first end block (Go's writer sends 512).
+const TRAILER_MAX: u64 = 64 << 10;
+
 /// Check what is left of a shard's archive once `tar` has read its entries: InfluxDB's
 /// tar writer ends every archive with two zero blocks, and `tar` stops reading at the
 /// first. Nothing left means the stream stopped on an entry's boundary (the server
 /// died, the connection was closed), which `tar` takes for the end: every file after
-/// it would be missing from a shard that looks whole. (A stream cut inside an entry or
-/// a header is already an error.)
-/// The most zeros accepted after an archive's first end block (Go's writer sends 512).
-const TRAILER_MAX: u64 = 64 << 10;
-
+/// it would be missing from a shard that looks whole. (A stream cut inside a header is
+/// already an error to `tar`, and one inside an entry's data is one to [`Digesting`].)
 fn archive_ended(rest: impl Read, at: &Endpoint, shard: u64) -> Result<(), SnapshotError> {
     let mut tail = Vec::new();
     rest.take(TRAILER_MAX + 1)
@@ -722,7 +751,7 @@ fn archive_ended(rest: impl Read, at: &Endpoint, shard: u64) -> Result<(), Snaps
     Err(protocol(
         at,
         format!(
-            "shard {shard}'s archive stopped before its end ({} bytes after its last entry, where InfluxDB sends its end's zero blocks and nothing more): the server or the connection stopped short",
+            "shard {shard}'s archive stopped before its end, or went on after it ({} bytes after its last entry, where InfluxDB sends its end's zero blocks and nothing more): the server or the connection stopped short",
             tail.len()
         ),
     ))
@@ -1238,12 +1267,14 @@ mod tests {
 
     /// A stand-in for a server that stops (dies, or its connection is closed) on an
     /// archive entry's boundary, which no real server can be made to do on cue: on
-    /// 127.0.0.1, it answers each shard backup with `archive` and reads each shard
-    /// update to its end.
-    fn serving(archive: Vec<u8>) -> (Endpoint, std::thread::JoinHandle<()>) {
+    /// 127.0.0.1, it answers each shard backup with `archive` and keeps what each shard
+    /// update sent, whole, in `uploads`.
+    fn serving(archive: Vec<u8>) -> (Endpoint, Arc<Mutex<Vec<Vec<u8>>>>) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let t = std::thread::spawn(move || {
+        let uploads = Arc::new(Mutex::new(Vec::new()));
+        let kept = uploads.clone();
+        std::thread::spawn(move || {
             // A shard read here, a copy (backup and update), a read on the host.
             for conn in l.incoming().take(4) {
                 let Ok(mut c) = conn else { return };
@@ -1259,7 +1290,9 @@ mod tests {
                     }
                     let _ = c.write_all(&archive);
                 } else {
-                    let _ = std::io::copy(&mut c, &mut std::io::sink());
+                    let mut up = Vec::new();
+                    let _ = c.read_to_end(&mut up);
+                    kept.lock().unwrap().push(up);
                 }
             }
         });
@@ -1267,7 +1300,25 @@ mod tests {
             at: At::Tcp(addr),
             name: "stand-in".into(),
         };
-        (e, t)
+        (e, uploads)
+    }
+
+    /// How a tar reader that, like Go's, takes an end where a header would start for
+    /// the archive's end, reads `upload` (after the shard id): its entries' sizes, or
+    /// the error that stops it.
+    fn as_target_reads(upload: &[u8]) -> Result<Vec<u64>, std::io::Error> {
+        let mut a = tar::Archive::new(&upload[8..]);
+        let mut sizes = Vec::new();
+        for e in a.entries()? {
+            let mut e = e?;
+            let want = e.size();
+            let got = std::io::copy(&mut e, &mut std::io::sink())?;
+            if got != want {
+                return Err(std::io::Error::other(format!("{got} of {want} bytes")));
+            }
+            sizes.push(got);
+        }
+        Ok(sizes)
     }
 
     #[test]
@@ -1291,14 +1342,30 @@ mod tests {
         // Data after the end's zero blocks.
         let mut trailing = whole.clone();
         trailing.extend_from_slice(&[1u8; 512]);
+        // Cut inside the second entry's data, and 60 bytes before its end: what the
+        // copy sent of it, padded, would have looked whole to the target.
+        let inside = whole[..512 + 1024 + 512 + 540].to_vec();
         let cancel = Cancel::default();
         for (archive, ends) in [
             (whole.clone(), Ok(())),
-            (cut, Err("stopped before its end")),
-            (damaged, Err("")),
-            (trailing, Err("stopped before its end")),
+            (
+                cut,
+                Err(("stopped before its end", "stopped before its end")),
+            ),
+            (damaged, Err(("", ""))),
+            (
+                trailing,
+                Err(("stopped before its end", "stopped before its end")),
+            ),
+            (
+                inside,
+                Err((
+                    "stopped inside an entry, 540 of its 600 bytes",
+                    "end of data",
+                )),
+            ),
         ] {
-            let (at, _t) = serving(archive.clone());
+            let (at, uploads) = serving(archive.clone());
             let read = shard_files(&at, 3, &cancel);
             let copied = copy_shard(&at, 3, &at, 9, None, &cancel);
             let on_host = {
@@ -1311,8 +1378,15 @@ mod tests {
                 assert!(out.status.success(), "{out:?}");
                 shard_files_on_host("stand-in", &String::from_utf8_lossy(&out.stdout)).unwrap()
             };
+            let upload = uploads
+                .lock()
+                .unwrap()
+                .pop()
+                .expect("the copy sent an upload");
+            let target_read = as_target_reads(&upload);
             match ends {
                 Ok(()) => {
+                    assert_eq!(target_read.unwrap(), vec![600, 600]);
                     assert_eq!(read.unwrap().len(), 2);
                     assert_eq!(copied.unwrap().sent.len(), 2);
                     assert!(
@@ -1320,12 +1394,14 @@ mod tests {
                         "{on_host:?}"
                     );
                 }
-                Err(says) => {
+                Err((says, python_says)) => {
+                    // The target's restore fails: it loads none of the shard.
+                    assert!(target_read.is_err(), "the target read {target_read:?}");
                     for e in [read.unwrap_err(), copied.unwrap_err()] {
                         assert!(e.to_string().contains(says), "{e}");
                     }
                     assert!(
-                        matches!(&on_host[..], [(3, Err(SnapshotError::Protocol { msg, .. }))] if msg.contains(says)),
+                        matches!(&on_host[..], [(3, Err(SnapshotError::Protocol { msg, .. }))] if msg.contains(python_says)),
                         "{on_host:?}"
                     );
                 }
