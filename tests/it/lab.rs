@@ -1567,6 +1567,23 @@ fn a_migration_between_two_heat_created_vms_measured_phase_by_phase() {
                 .unwrap();
         }
         assert_eq!(n, points, "every seeded point is on the target VM");
+        // Nothing wrote to the source during the migration: every measurement was proven
+        // by its files, read back and digested on the target VM itself (its Debian
+        // python3, `verify.read_back_on_host`), only the digests crossing SSH.
+        let v = r
+            .verify
+            .as_ref()
+            .expect("the report holds the verification");
+        assert!(
+            v.read_back_on_host && v.measurements_proven_by_files == 3 && v.read_back_shards > 0,
+            "{v:?}\n{stdout}"
+        );
+        figure(&format!(
+            "the target VM's {} shards read back on its host in {:.2} s ({:.1} MB)",
+            v.read_back_shards,
+            v.read_back_seconds,
+            v.read_back_bytes as f64 / 1e6
+        ));
         assert!(matches!(
             stack_status(&lab.heat, &old_name).await,
             None | Some(StackStatus::Gone)
