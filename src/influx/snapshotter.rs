@@ -760,11 +760,29 @@ fn archive_ended(rest: impl Read, at: &Endpoint, shard: u64) -> Result<(), Snaps
 /// What [`shard_files_on_host_cmd`] runs on the server's own host, with `python3`: the
 /// same shard backup as [`shard_files`], read from the RPC port as that host reaches it
 /// and digested there, several shards at once, so that one line per shard crosses SSH
-/// instead of the shard's bytes. Prints one JSON object per shard, in the order asked:
+/// instead of the shard's bytes. Reads the shard ids from the first line of its stdin
+/// ([`shard_files_on_host_input`]: no argument limit on how many) and stops at once when
+/// its stdin ends after that (the read was given up: a dropped SSH channel kills nothing
+/// on the remote end by itself). Prints one JSON object per shard, in the order asked:
 /// its `files` (`name`, `size`, `sha256` in hex), or `nothing_sent` (the server answered
 /// nothing that many times, 300 ms apart), or the `error` that stopped its reading.
-const ON_HOST_SCRIPT: &str = r#"import concurrent.futures, hashlib, json, socket, sys, tarfile, time
+const ON_HOST_SCRIPT: &str = r#"import concurrent.futures, hashlib, json, os, socket, sys, tarfile, threading, time
 host, port, tries, at_once = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+# The raw descriptor: a thread blocked in sys.stdin's buffer aborts the interpreter's exit.
+line = b""
+while not line.endswith(b"\n"):
+    more = os.read(0, 1 << 16)
+    if not more:
+        break
+    line += more
+shards = [int(a) for a in line.split()]
+
+def given_up():
+    while os.read(0, 1 << 16):
+        pass
+    os._exit(3)
+
+threading.Thread(target=given_up, daemon=True).start()
 
 class Counted:
     def __init__(self, f):
@@ -831,33 +849,33 @@ def read(shard):
     return r
 
 with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
-    for r in pool.map(read, [int(a) for a in sys.argv[5:]]):
+    for r in pool.map(read, shards):
         print(json.dumps(r), flush=True)
 "#;
 
 /// Exit code of a shell whose command is not there: no `python3` on the host.
 pub const NO_INTERPRETER: i32 = 127;
 
-/// The shell command that reads `shards` back on the host of the server whose RPC port
+/// The shell command that reads shards back on the host of the server whose RPC port
 /// that host reaches at `rpc_host`:`rpc_port` ([`ON_HOST_SCRIPT`]), `at_once` at a time,
 /// at nice value `nice`, with Debian's `/usr/bin/python3` (else the first `python3` on
-/// the path; `-I -S`: nothing from the user's environment or site packages). Exits
-/// [`NO_INTERPRETER`] when the host has no `python3`.
-pub fn shard_files_on_host_cmd(
-    nice: u8,
-    rpc_host: &str,
-    rpc_port: u16,
-    at_once: usize,
-    shards: &[u64],
-) -> String {
+/// the path; `-I -S`: nothing from the user's environment or site packages). Which
+/// shards: [`shard_files_on_host_input`] on its stdin, held open until its output ends.
+/// Exits [`NO_INTERPRETER`] when the host has no `python3`.
+pub fn shard_files_on_host_cmd(nice: u8, rpc_host: &str, rpc_port: u16, at_once: usize) -> String {
     on_host_cmd(
         &["/usr/bin/python3", "python3"],
         nice,
         rpc_host,
         rpc_port,
         at_once,
-        shards,
     )
+}
+
+/// What [`shard_files_on_host_cmd`] reads on its stdin: the ids of the shards to read.
+pub fn shard_files_on_host_input(shards: &[u64]) -> Vec<u8> {
+    let ids: Vec<String> = shards.iter().map(u64::to_string).collect();
+    format!("{}\n", ids.join(" ")).into_bytes()
 }
 
 /// [`shard_files_on_host_cmd`] with the first of `pythons` the host has.
@@ -867,20 +885,17 @@ fn on_host_cmd(
     rpc_host: &str,
     rpc_port: u16,
     at_once: usize,
-    shards: &[u64],
 ) -> String {
-    let ids: Vec<String> = shards.iter().map(u64::to_string).collect();
     let find: Vec<String> = pythons
         .iter()
         .map(|p| format!("command -v {}", crate::util::shell_quote(p)))
         .collect();
     format!(
-        "p=$({}) || exit {NO_INTERPRETER}; exec nice -n {nice} \"$p\" -I -S -c {} {} {rpc_port} {NOTHING_SENT_TRIES} {} {}",
+        "p=$({}) || exit {NO_INTERPRETER}; exec nice -n {nice} \"$p\" -I -S -c {} {} {rpc_port} {NOTHING_SENT_TRIES} {}",
         find.join(" || "),
         crate::util::shell_quote(ON_HOST_SCRIPT),
         crate::util::shell_quote(rpc_host),
         at_once.max(1),
-        ids.join(" ")
     )
 }
 
@@ -1370,11 +1385,8 @@ mod tests {
             let copied = copy_shard(&at, 3, &at, 9, None, &cancel);
             let on_host = {
                 let At::Tcp(a) = at.at else { unreachable!() };
-                let cmd = on_host_cmd(&["python3"], 0, "127.0.0.1", a.port(), 1, &[3]);
-                let out = std::process::Command::new("sh")
-                    .args(["-c", &cmd])
-                    .output()
-                    .unwrap();
+                let cmd = on_host_cmd(&["python3"], 0, "127.0.0.1", a.port(), 1);
+                let out = run_with_ids(&cmd, &[3]);
                 assert!(out.status.success(), "{out:?}");
                 shard_files_on_host("stand-in", &String::from_utf8_lossy(&out.stdout)).unwrap()
             };
@@ -1409,34 +1421,87 @@ mod tests {
         }
     }
 
+    /// Run an on-host read here as the target's host would: `sh -c cmd`, the ids on its
+    /// stdin, held open until its output ends.
+    fn run_with_ids(cmd: &str, ids: &[u64]) -> std::process::Output {
+        use std::io::Write;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        // A shell that found no python3 exits without reading it.
+        let _ = stdin.write_all(&shard_files_on_host_input(ids));
+        let mut stdout = Vec::new();
+        std::io::Read::read_to_end(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+        drop(stdin);
+        let mut out = child.wait_with_output().unwrap();
+        out.stdout = stdout;
+        out
+    }
+
     #[test]
     fn a_host_without_python_says_so_by_its_exit_code() {
-        let cmd = on_host_cmd(&["/nonexistent/python3"], 19, "127.0.0.1", 1, 2, &[1, 2]);
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&cmd)
-            .status()
-            .unwrap();
-        assert_eq!(status.code(), Some(NO_INTERPRETER));
+        let cmd = on_host_cmd(&["/nonexistent/python3"], 19, "127.0.0.1", 1, 2);
+        let out = run_with_ids(&cmd, &[1, 2]);
+        assert_eq!(out.status.code(), Some(NO_INTERPRETER));
         // With one there, the shard whose server does not answer is an error of its own.
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(on_host_cmd(
-                &["/nonexistent/python3", "python3"],
-                19,
-                "127.0.0.1",
-                1,
-                2,
-                &[4],
-            ))
-            .output()
-            .unwrap();
+        let cmd = on_host_cmd(&["/nonexistent/python3", "python3"], 19, "127.0.0.1", 1, 2);
+        let out = run_with_ids(&cmd, &[4]);
         assert!(out.status.success(), "{out:?}");
         let got = shard_files_on_host("rpc", &String::from_utf8_lossy(&out.stdout)).unwrap();
         assert!(
             matches!(&got[..], [(4, Err(SnapshotError::Protocol { msg, .. }))] if msg.contains("Connection refused")),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn an_on_host_read_takes_any_number_of_ids_and_stops_when_its_stdin_ends() {
+        // More ids than one argument of a command line may hold (128 KiB): each refused
+        // at once by a port nothing listens on, in the order given.
+        let ids: Vec<u64> = (1_000_000_000..1_000_000_000 + 20_000).collect();
+        assert!(shard_files_on_host_input(&ids).len() > 128 << 10);
+        let cmd = on_host_cmd(&["python3"], 0, "127.0.0.1", 1, 2);
+        let out = run_with_ids(&cmd, &ids);
+        assert!(out.status.success(), "{out:?}");
+        let got = shard_files_on_host("rpc", &String::from_utf8_lossy(&out.stdout)).unwrap();
+        assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids);
+        // A server that takes the request and never answers holds a read for up to its
+        // 600 s socket timeout; the end of its stdin (the orchestrator gave up: its SSH
+        // channel went) stops it at once.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &on_host_cmd(&["python3"], 0, "127.0.0.1", port, 1)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, &shard_files_on_host_input(&[7])).unwrap();
+        let (_held, _) = silent.accept().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "it waits for the server"
+        );
+        drop(stdin);
+        let given_up = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                given_up.elapsed() < std::time::Duration::from_secs(10),
+                "still reading 10 s after its stdin ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(3), "{status:?}");
     }
 
     fn file(name: &str, byte: u8) -> ShardFile {

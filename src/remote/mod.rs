@@ -9,7 +9,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::process::Stdio;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub use ssh::{Listen, SshRemote};
 
@@ -187,39 +187,64 @@ pub trait Remote {
 
     /// Run `cmd` to completion and return its stdout.
     async fn run(&self, cmd: &str) -> Result<String, RemoteError> {
+        self.run_with_input(cmd, None).await
+    }
+
+    /// Run `cmd` with `input` written to its stdin and return its stdout (as
+    /// [`Remote::run`]). Its stdin stays open until its stdout ends, so a command that
+    /// watches for the end of its stdin stops when this future is dropped, even on a host
+    /// reached over SSH, where dropping the channel ends no remote process by itself.
+    async fn run_with_input(&self, cmd: &str, input: Option<&[u8]>) -> Result<String, RemoteError> {
         let mut p = self
             .spawn(
                 cmd,
                 Pipes {
-                    stdin: false,
+                    stdin: input.is_some(),
                     stdout: true,
                 },
             )
             .await?;
-        let mut out = Vec::new();
-        if let Some(o) = p.stdout.take() {
-            // One byte over the limit tells a full answer from a cut one.
-            let n = o
-                .take(RUN_OUTPUT_MAX as u64 + 1)
-                .read_to_end(&mut out)
-                .await
-                .map_err(|source| RemoteError::Io {
-                    host: self.describe(),
-                    cmd: cmd.to_string(),
-                    source,
-                })?;
-            if n > RUN_OUTPUT_MAX {
-                // Dropping the process closes its pipes; the command stops at its next write.
-                return Err(RemoteError::Io {
-                    host: self.describe(),
-                    cmd: cmd.to_string(),
-                    source: std::io::Error::other(format!(
-                        "printed more than {RUN_OUTPUT_MAX} bytes on stdout; refusing to hold more"
-                    )),
-                });
+        // Held until the output has ended; written while the output is read, so that
+        // neither side waits on a full pipe.
+        let mut stdin = p.stdin.take();
+        let write = async {
+            match (stdin.as_mut(), input) {
+                (Some(w), Some(input)) => {
+                    w.write_all(input).await?;
+                    w.flush().await
+                }
+                _ => Ok(()),
             }
+        };
+        let read = async {
+            let mut out = Vec::new();
+            match p.stdout.take() {
+                // One byte over the limit tells a full answer from a cut one.
+                Some(o) => o
+                    .take(RUN_OUTPUT_MAX as u64 + 1)
+                    .read_to_end(&mut out)
+                    .await
+                    .map(|n| (n, out)),
+                None => Ok((0, out)),
+            }
+        };
+        let (written, read) = tokio::join!(write, read);
+        let io_err = |source| RemoteError::Io {
+            host: self.describe(),
+            cmd: cmd.to_string(),
+            source,
+        };
+        let (n, out) = read.map_err(io_err)?;
+        if n > RUN_OUTPUT_MAX {
+            // Dropping the process closes its pipes; the command stops at its next write.
+            return Err(io_err(std::io::Error::other(format!(
+                "printed more than {RUN_OUTPUT_MAX} bytes on stdout; refusing to hold more"
+            ))));
         }
+        drop(stdin);
+        // A command that ended without reading its input says why by its exit status.
         p.finish().await?;
+        written.map_err(io_err)?;
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
@@ -248,9 +273,7 @@ pub trait Remote {
         let n = tokio::io::copy(&mut file, &mut stdin)
             .await
             .map_err(io_err)?;
-        tokio::io::AsyncWriteExt::shutdown(&mut stdin)
-            .await
-            .map_err(io_err)?;
+        stdin.shutdown().await.map_err(io_err)?;
         drop(stdin);
         p.finish().await?;
         Ok(n)

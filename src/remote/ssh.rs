@@ -189,7 +189,6 @@ impl SshRemote {
 }
 
 impl SshRemote {
-    /// Forward `listen` on this machine to `host:port` as seen from the remote host.
     /// Whether the SSH connection still works (the control master answers and its
     /// connection to the host is up).
     pub async fn alive(&self) -> bool {

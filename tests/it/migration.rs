@@ -4,6 +4,7 @@ use crate::kit::lab::LabOptions;
 use crate::kit::workload::{self, RunningWriter, WriterSpec};
 use stateshift::influx::Influx;
 use stateshift::migrate::engine::{self, MigrateError, Phase, Progress};
+use stateshift::remote::{LocalRemote, Remote};
 use stateshift::util::Secret;
 
 use crate::common::*;
@@ -2344,16 +2345,12 @@ async fn a_shard_read_back_proves_the_copy_only_while_every_file_sent_is_there_u
             // The same shard read and digested on its host (`verify.read_back_on_host`,
             // here this machine): the same files, the same digests.
             let (host, port) = rpc.rsplit_once(':').unwrap();
-            let cmd =
-                snapshotter::shard_files_on_host_cmd(0, host, port.parse().unwrap(), 2, &[id]);
-            let out = std::process::Command::new("sh")
-                .args(["-c", &cmd])
-                .output()
+            let cmd = snapshotter::shard_files_on_host_cmd(0, host, port.parse().unwrap(), 2);
+            let ids = snapshotter::shard_files_on_host_input(&[id]);
+            let out = tokio::runtime::Handle::current()
+                .block_on(LocalRemote.run_with_input(&cmd, Some(&ids)))
                 .unwrap();
-            assert!(out.status.success(), "{out:?}");
-            let on_host =
-                snapshotter::shard_files_on_host("target", &String::from_utf8_lossy(&out.stdout))
-                    .unwrap();
+            let on_host = snapshotter::shard_files_on_host("target", &out).unwrap();
             assert!(
                 matches!(&on_host[..], [(shard, Ok(files))] if *shard == id && *files == streamed),
                 "on the host: {on_host:?}; streamed: {streamed:?}"
@@ -2438,14 +2435,15 @@ async fn a_shard_read_back_proves_the_copy_only_while_every_file_sent_is_there_u
         "{gone:?}"
     );
     let (host, port) = rpc.rsplit_once(':').unwrap();
-    let cmd = snapshotter::shard_files_on_host_cmd(0, host, port.parse().unwrap(), 2, &[newest]);
-    let out = tokio::process::Command::new("sh")
-        .args(["-c", &cmd])
-        .output()
+    let cmd = snapshotter::shard_files_on_host_cmd(0, host, port.parse().unwrap(), 2);
+    let out = LocalRemote
+        .run_with_input(
+            &cmd,
+            Some(&snapshotter::shard_files_on_host_input(&[newest])),
+        )
         .await
         .unwrap();
-    let on_host =
-        snapshotter::shard_files_on_host("target", &String::from_utf8_lossy(&out.stdout)).unwrap();
+    let on_host = snapshotter::shard_files_on_host("target", &out).unwrap();
     assert!(
         matches!(&on_host[..], [(shard, Err(snapshotter::SnapshotError::NothingSent { tries: 5, .. }))] if *shard == newest),
         "{on_host:?}"

@@ -246,3 +246,56 @@ async fn a_local_forward_whose_port_was_taken_meanwhile_moves_to_another() {
     assert_eq!(&banner, b"SSH-2.0-");
     drop(taken);
 }
+
+/// A read back on the target's host that the orchestrator gives up (a migration aborted
+/// during its verification) stops there too: dropping an SSH command closes its channel
+/// but signals no remote process, so the command watches its stdin, which
+/// `run_with_input` holds open until the output ends. Its ids come on that stdin, so
+/// any number of shards fits (they were once command-line arguments).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_back_on_the_host_that_is_given_up_stops_there() {
+    use stateshift::influx::snapshotter;
+    let lab = lab(LabOptions::default()).await;
+    let ssh = SshRemote::connect(&lab.source.ssh_config(&lab.keys))
+        .await
+        .unwrap();
+    // It answers over SSH as over a local shell: a refused port is that shard's error.
+    let refused = snapshotter::shard_files_on_host_cmd(0, "127.0.0.1", 1, 2);
+    let out = ssh
+        .run_with_input(
+            &refused,
+            Some(&snapshotter::shard_files_on_host_input(&[5, 6])),
+        )
+        .await
+        .unwrap();
+    let got = snapshotter::shard_files_on_host("rpc", &out).unwrap();
+    assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [5, 6]);
+    assert!(got.iter().all(|(_, r)| r.is_err()), "{got:?}");
+    // A server that takes the request and never answers: the read waits on it (up to
+    // its 600 s socket timeout) until the orchestrator drops it.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let cmd = snapshotter::shard_files_on_host_cmd(0, "127.0.0.1", port, 1);
+    let read = tokio::spawn(async move {
+        ssh.run_with_input(&cmd, Some(&snapshotter::shard_files_on_host_input(&[7])))
+            .await
+    });
+    let (mut held, _) = tokio::time::timeout(Duration::from_secs(30), silent.accept())
+        .await
+        .expect("the read on the host connects")
+        .unwrap();
+    let mut request = [0u8; 2];
+    held.read_exact(&mut request).await.unwrap();
+    assert_eq!(request, [3, 0], "a shard backup request");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!read.is_finished(), "it waits for the server");
+    read.abort();
+    assert!(read.await.unwrap_err().is_cancelled());
+    // The remote python exits: its connection closes.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), held.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_))),
+        "the read on the host still held its connection 10 s after it was given up: {closed:?}"
+    );
+}

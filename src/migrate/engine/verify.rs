@@ -212,14 +212,13 @@ impl Migration<'_> {
             &rpc_host,
             rpc_port,
             dst.cpus,
-            &ids,
         );
-        let out = match dst.host.run(&cmd).await {
+        let ids_in = snapshotter::shard_files_on_host_input(&ids);
+        let out = match dst.host.run_with_input(&cmd, Some(&ids_in)).await {
             Ok(out) => out,
             Err(e) => {
-                // Without `python3` (127), with one too old for `-I`, with more shard ids
-                // than one argument may hold: the forward reads the same shards. The
-                // command, the whole script, is left out of what is said.
+                // Without `python3` (127), with one too old for `-I`: the forward reads the
+                // same shards. The command, the whole script, is left out of what is said.
                 let why = match &e {
                     RemoteError::Failed {
                         code: Some(snapshotter::NO_INTERPRETER),
