@@ -145,6 +145,7 @@ impl Migration<'_> {
             // see no write (see `capture`).
             self.capture_base = Some(Self::subscriber_stats(&influx, name, phase).await?);
         }
+        let based_at = Instant::now();
         for (db, rp) in rps {
             let q = format!(
                 "CREATE SUBSCRIPTION {} ON {}.{} DESTINATIONS ALL {}",
@@ -178,13 +179,22 @@ impl Migration<'_> {
             }
         }
         let made_at = Instant::now();
+        let mut polls = 0u32;
         let deadline = made_at + self.cfg.capture.live_timeout;
         loop {
             let (live, stats) = influx
                 .live_subscriptions_and_stats(name, &made)
                 .await
                 .map_err(Self::influx_err(phase))?;
+            polls += 1;
             if live == made.len() {
+                tracing::debug!(
+                    on_source,
+                    statements_ms = (made_at - based_at).as_secs_f64() * 1e3,
+                    live_ms = made_at.elapsed().as_secs_f64() * 1e3,
+                    polls,
+                    "subscriptions live"
+                );
                 if on_source {
                     self.capture_live = Some(stats);
                 }
