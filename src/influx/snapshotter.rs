@@ -766,7 +766,7 @@ fn archive_ended(rest: impl Read, at: &Endpoint, shard: u64) -> Result<(), Snaps
 /// on the remote end by itself). Prints one JSON object per shard, in the order asked:
 /// its `files` (`name`, `size`, `sha256` in hex), or `nothing_sent` (the server answered
 /// nothing that many times, 300 ms apart), or the `error` that stopped its reading.
-const ON_HOST_SCRIPT: &str = r#"import concurrent.futures, hashlib, json, os, socket, sys, tarfile, threading, time
+const ON_HOST_SCRIPT: &str = r#"import concurrent.futures, hashlib, json, os, socket, sys, threading, time
 host, port, tries, at_once = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 # The raw descriptor: a thread blocked in sys.stdin's buffer aborts the interpreter's exit.
 line = b""
@@ -784,60 +784,112 @@ def given_up():
 
 threading.Thread(target=given_up, daemon=True).start()
 
-class Counted:
-    def __init__(self, f):
-        self.f, self.n, self.data_end = f, 0, 0
+BLOCK, TRAILER_MAX = 512, 1 << 16
+ZEROS = bytes(BLOCK)
 
-    def read(self, size=-1):
-        b = self.f.read(size)
-        if b:
-            k = len(b) if b[-1] else len(b.rstrip(b"\0"))
-            if k:
-                self.data_end = self.n + k
-            self.n += len(b)
-        return b
+def fill(s, view):
+    # As many bytes as `view` holds, unless the stream ends first: how many came.
+    got = 0
+    while got < len(view):
+        k = s.recv_into(view[got:])
+        if not k:
+            break
+        got += k
+    return got
 
-class Strict(tarfile.TarInfo):
-    # tarfile takes a header cut short, or one with a bad checksum, for the end.
-    @classmethod
-    def fromtarfile(cls, t):
-        try:
-            return super().fromtarfile(t)
-        except tarfile.EOFHeaderError:
-            raise
-        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
-            raise tarfile.ReadError("the archive stopped before its end (at %d)" % t.offset)
-        except tarfile.HeaderError as e:
-            raise tarfile.ReadError("a bad header at %d: %s" % (t.offset, e))
+def octal(field, what, at):
+    try:
+        return int(bytes(field).split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise ValueError("a bad header at %d: its %s is not a number" % (at, what))
+
+def pax_records(b, at):
+    # A PAX extended header's "<length> <key>=<value>\n" records.
+    out, i = {}, 0
+    try:
+        while i < len(b):
+            sp = b.index(b" ", i)
+            n = int(b[i:sp])
+            key, eq, value = b[sp + 1:i + n - 1].partition(b"=")
+            if n <= sp - i or not eq or b[i + n - 1:i + n] != b"\n":
+                raise ValueError
+            out[key] = value
+            i += n
+    except ValueError:
+        raise ValueError("a bad PAX header at %d" % at)
+    return out
 
 def files(shard):
+    # The archive is parsed here, 512-byte headers and all, rather than by tarfile, which
+    # copies each byte three or four times: the data goes from the socket into one
+    # buffer and from there into the digest. Go's writer (InfluxDB's) sends each file as
+    # one ustar entry, after a PAX header when its path needs one (non-ASCII, or too long
+    # for ustar), and ends with two zero blocks; anything else is an error, never a
+    # shorter archive.
     req = bytes([3, 0]) + (json.dumps({"Type": 0, "ShardID": shard}) + "\n").encode()
+    head, data = memoryview(bytearray(BLOCK)), memoryview(bytearray(1 << 20))
     for attempt in range(tries):
         if attempt:
             time.sleep(0.3)
         with socket.create_connection((host, port), timeout=600) as s:
             s.sendall(req)
-            f = s.makefile("rb", buffering=1 << 20)
-            if not f.peek(1):
+            got, at, out, pax = fill(s, head), 0, [], None
+            if not got:
                 continue
-            c, out = Counted(f), []
-            with tarfile.open(fileobj=c, mode="r|", bufsize=1 << 20, tarinfo=Strict) as t:
-                for m in t:
-                    h, n, r = hashlib.sha256(), 0, t.extractfile(m)
-                    while r is not None:
-                        b = r.read(1 << 20)
-                        if not b:
+            while True:
+                if got < BLOCK:
+                    raise EOFError("the archive stopped before its end (in a header at %d)" % at)
+                if head == ZEROS:
+                    # Its end: the rest must be zeros, at least one more block of them.
+                    rest = 0
+                    while rest <= TRAILER_MAX:
+                        k = s.recv_into(data)
+                        if not k:
                             break
-                        h.update(b)
-                        n += len(b)
-                    out.append({"name": m.name, "size": n, "sha256": h.hexdigest()})
-                while c.n <= t.offset + (1 << 16) and c.read(1 << 16):
-                    pass
-                # tarfile takes a stream cut on an entry's boundary for the end; InfluxDB
-                # ends each archive with two zero blocks, and nothing after them.
-                if not (1024 <= c.n - t.offset <= 1 << 16 and c.data_end <= t.offset):
-                    raise EOFError("the archive stopped before its end (%d bytes, entries to %d)" % (c.n, t.offset))
-            return {"files": out}
+                        if data[:k] != bytes(k):
+                            raise EOFError("the archive went on after its end (at %d)" % (at + BLOCK + rest))
+                        rest += k
+                    if not BLOCK <= rest <= TRAILER_MAX:
+                        raise EOFError("the archive stopped before its end (%d bytes of zeros after its last entry at %d)" % (BLOCK + rest, at))
+                    return {"files": out}
+                if octal(head[148:156], "checksum", at) != sum(head[:148]) + 8 * 32 + sum(head[156:]):
+                    raise ValueError("a bad header at %d: its checksum does not match" % at)
+                if head[124] & 0x80:
+                    raise ValueError("a header at %d gives its size in base 256" % at)
+                size = octal(head[124:136], "size", at)
+                if head[156] == ord("x") and pax is None and size <= 1 << 20:
+                    body = memoryview(bytearray(size + -size % BLOCK))
+                    if fill(s, body) < len(body):
+                        raise EOFError("the archive stopped inside a PAX header at %d" % at)
+                    pax = pax_records(bytes(body[:size]), at)
+                    at += BLOCK + len(body)
+                    got = fill(s, head)
+                    continue
+                if head[156] not in b"0\0":
+                    raise ValueError("a header at %d is not a plain file's (type %r)" % (at, bytes(head[156:157])))
+                name = bytes(head[:100]).split(b"\0", 1)[0]
+                prefix = bytes(head[345:500]).split(b"\0", 1)[0] if head[257:263] == b"ustar\0" else b""
+                if prefix:
+                    name = prefix + b"/" + name
+                if pax is not None:
+                    name = pax.get(b"path", name)
+                    if not pax.get(b"size", b"0").isdigit():
+                        raise ValueError("a bad PAX header at %d: its size is not a number" % at)
+                    size = int(pax.get(b"size", size))
+                    pax = None
+                h, left = hashlib.sha256(), size
+                while left:
+                    k = s.recv_into(data, min(left, len(data)))
+                    if not k:
+                        raise EOFError("the archive stopped inside an entry at %d (%d of its %d bytes)" % (at, size - left, size))
+                    h.update(data[:k])
+                    left -= k
+                pad = -size % BLOCK
+                if fill(s, data[:pad]) < pad:
+                    raise EOFError("the archive stopped inside an entry's padding at %d" % at)
+                out.append({"name": name.decode("utf-8", "surrogateescape"), "size": size, "sha256": h.hexdigest()})
+                at += BLOCK + size + pad
+                got = fill(s, head)
     return {"nothing_sent": tries}
 
 def read(shard):
@@ -1370,13 +1422,13 @@ mod tests {
             (damaged, Err(("", ""))),
             (
                 trailing,
-                Err(("stopped before its end", "stopped before its end")),
+                Err(("stopped before its end", "went on after its end")),
             ),
             (
                 inside,
                 Err((
                     "stopped inside an entry, 540 of its 600 bytes",
-                    "end of data",
+                    "stopped inside an entry at 1536 (540 of its 600 bytes)",
                 )),
             ),
         ] {
@@ -1419,6 +1471,82 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The paths Go's writer does not put whole in a ustar header's name field: one long
+    /// enough that its start goes in the prefix field, and one with a non-ASCII database
+    /// name, which goes in a PAX header before its entry (with its size, as Go may). The
+    /// read on the host takes both as `tar` does, and odd byte counts pad their entries:
+    /// each reader gives the same names, sizes and digests.
+    #[test]
+    fn paths_in_the_ustar_prefix_or_a_pax_header_read_the_same_on_the_host() {
+        let db = "d".repeat(90);
+        let mut b = tar::Builder::new(Vec::new());
+        for (i, name) in [
+            format!("{db}/rp/3/000000001-000000001.tsm"),
+            format!("{db}/rp/3/fields.idx"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut h = tar::Header::new_ustar();
+            h.set_mode(0o644);
+            h.set_size(1001 + i as u64);
+            h.set_path(name).unwrap();
+            h.set_cksum();
+            b.append(&h, &vec![i as u8 + 1; 1001 + i][..]).unwrap();
+        }
+        let record = |key: &str, value: &str| {
+            // "<length> key=value\n", the length counting its own digits.
+            let rest = format!(" {key}={value}\n");
+            let mut n = rest.len() + 1;
+            while format!("{n}").len() + rest.len() != n {
+                n += 1;
+            }
+            format!("{n}{rest}")
+        };
+        let pax = record("path", "données/rp/3/000000002-000000001.tsm") + &record("size", "777");
+        let mut x = tar::Header::new_ustar();
+        x.set_entry_type(tar::EntryType::XHeader);
+        x.set_size(pax.len() as u64);
+        x.set_path("PaxHeaders.0/000000002-000000001.tsm").unwrap();
+        x.set_cksum();
+        b.append(&x, pax.as_bytes()).unwrap();
+        // Its own header says neither: a name outside any shard, and no size.
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(0);
+        h.set_path("000000002-000000001.tsm").unwrap();
+        h.set_cksum();
+        b.append(&h, &[9u8; 777][..]).unwrap();
+        let archive = b.into_inner().unwrap();
+        assert_ne!(
+            archive[345], 0,
+            "the first path's start is in the prefix field"
+        );
+        let (at, _) = serving(archive);
+        let read = shard_files(&at, 3, &Cancel::default()).unwrap();
+        let At::Tcp(a) = at.at else { unreachable!() };
+        let out = run_with_ids(
+            &on_host_cmd(&["python3"], 0, "127.0.0.1", a.port(), 1),
+            &[3],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let on_host =
+            shard_files_on_host("stand-in", &String::from_utf8_lossy(&out.stdout)).unwrap();
+        let sizes: Vec<_> = read.iter().map(|f| (f.name.as_str(), f.size)).collect();
+        assert_eq!(
+            sizes,
+            [
+                ("000000001-000000001.tsm", 1001),
+                ("fields.idx", 1002),
+                ("000000002-000000001.tsm", 777)
+            ]
+        );
+        assert!(
+            matches!(&on_host[..], [(3, Ok(files))] if *files == read),
+            "on the host: {on_host:?}; here: {read:?}"
+        );
     }
 
     /// Run an on-host read here as the target's host would: `sh -c cmd`, the ids on its
