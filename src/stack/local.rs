@@ -344,12 +344,17 @@ bind-address = "{a}:{RPC_PORT}"
             .map_err(|e| io("read client public key", e))?;
         std::fs::write(&auth, client_pub).map_err(|e| io("write authorized_keys", e))?;
         let conf = self.dir.join("sshd_config");
+        // `SHLVL=1`: Debian's bash sources the user's ~/.bashrc for every command sshd
+        // runs, unless it is a nested shell. These VMs log in as this machine's root, whose
+        // ~/.bashrc is the developer's (here pyenv's init: 0.12 s of CPU per command, most
+        // of a small migration's prepare); a VM's is Debian's default, which costs nothing.
         std::fs::write(
             &conf,
             format!(
                 "ListenAddress {a}:{SSH_PORT}\nHostKey {hk}\nPidFile {d}/sshd.pid\nAuthorizedKeysFile {auth}\n\
                  PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 UsePAM no\nStrictModes no\nLogLevel ERROR\nMaxSessions 50\nMaxStartups 50:30:100\n",
+                 UsePAM no\nStrictModes no\nLogLevel ERROR\nMaxSessions 50\nMaxStartups 50:30:100\n\
+                 SetEnv SHLVL=1\n",
                 hk = keys.host_key.display(),
                 d = self.dir.display(),
                 auth = auth.display()
