@@ -143,15 +143,23 @@ impl RemoteProcess {
                     .then_some(())
                     .ok_or((st.to_string(), st.code()))
             }
-            ProcessInner::Ssh(child) => {
-                let st = child.wait().await.map_err(|e| RemoteError::Ssh {
-                    host: self.host.clone(),
-                    msg: format!("`{}`: {}", self.cmd, crate::util::error_chain(&e)),
-                })?;
-                st.success()
+            ProcessInner::Ssh(child) => match child.wait().await {
+                Ok(st) => st
+                    .success()
                     .then_some(())
-                    .ok_or((st.to_string(), st.code()))
-            }
+                    .ok_or((st.to_string(), st.code())),
+                // openssh reports a remote exit status of 127 (command not found) as this
+                // error, not as a status: it is the command's own failure, as it is here.
+                Err(openssh::Error::Remote(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(("exit status: 127".to_string(), Some(127)))
+                }
+                Err(e) => {
+                    return Err(RemoteError::Ssh {
+                        host: self.host.clone(),
+                        msg: format!("`{}`: {}", self.cmd, crate::util::error_chain(&e)),
+                    })
+                }
+            },
         };
         let stderr = match self.stderr.take() {
             Some(t) => t.await.unwrap_or_default(),
@@ -242,9 +250,13 @@ pub trait Remote {
             ))));
         }
         drop(stdin);
-        // A command that ended without reading its input says why by its exit status.
+        // A command that ended without reading its input says why by its exit status; one
+        // that succeeded without wanting all of it has not failed.
         p.finish().await?;
-        written.map_err(io_err)?;
+        match written {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(io_err(e)),
+            _ => {}
+        }
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 

@@ -64,6 +64,15 @@ async fn ssh_runs_commands_streams_stdio_and_copies_files() {
         }
         other => panic!("expected Failed, got {other:?}", other = other.map(|_| ())),
     }
+    // A command that is not there exits 127, over SSH as here (openssh reports it as an
+    // error of its own): the read-back on the host tells "no python3" by it.
+    match ssh.run("no-such-command-here").await {
+        Err(RemoteError::Failed { code, stderr, .. }) => {
+            assert_eq!(code, Some(127), "{stderr}");
+            assert!(stderr.contains("not found"), "{stderr}");
+        }
+        other => panic!("expected Failed, got {other:?}", other = other.map(|_| ())),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
