@@ -798,10 +798,11 @@ def fill(s, view):
     return got
 
 def octal(field, what, at):
-    try:
-        return int(bytes(field).split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        raise ValueError("a bad header at %d: its %s is not a number" % (at, what))
+    # Octal digits only, as tar's reader takes them (int() would also take "1_0", "0o7").
+    digits = bytes(field).split(b"\0", 1)[0].strip(b" ")
+    if not digits or digits.strip(b"01234567"):
+        raise ValueError("a bad header at %d: its %s is not an octal number" % (at, what))
+    return int(digits, 8)
 
 def pax_records(b, at):
     # A PAX extended header's "<length> <key>=<value>\n" records.
@@ -809,9 +810,11 @@ def pax_records(b, at):
     try:
         while i < len(b):
             sp = b.index(b" ", i)
+            if not b[i:sp].isdigit():
+                raise ValueError
             n = int(b[i:sp])
             key, eq, value = b[sp + 1:i + n - 1].partition(b"=")
-            if n <= sp - i or not eq or b[i + n - 1:i + n] != b"\n":
+            if n <= sp - i or not eq or b[i + n - 1:i + n] != b"\n" or key in out:
                 raise ValueError
             out[key] = value
             i += n
@@ -833,13 +836,15 @@ def files(shard):
             time.sleep(0.3)
         with socket.create_connection((host, port), timeout=600) as s:
             s.sendall(req)
-            got, at, out, pax = fill(s, head), 0, [], None
+            got, at, out, pax, pax_at = fill(s, head), 0, [], None, 0
             if not got:
                 continue
             while True:
                 if got < BLOCK:
                     raise EOFError("the archive stopped before its end (in a header at %d)" % at)
                 if head == ZEROS:
+                    if pax is not None:
+                        raise ValueError("a PAX header at %d describes no entry" % pax_at)
                     # Its end: the rest must be zeros, at least one more block of them.
                     rest = 0
                     while rest <= TRAILER_MAX:
@@ -857,11 +862,11 @@ def files(shard):
                 if head[124] & 0x80:
                     raise ValueError("a header at %d gives its size in base 256" % at)
                 size = octal(head[124:136], "size", at)
-                if head[156] == ord("x") and pax is None and size <= 1 << 20:
+                if head[156] == ord("x") and head[257:263] == b"ustar\0" and pax is None and size <= 1 << 20:
                     body = memoryview(bytearray(size + -size % BLOCK))
                     if fill(s, body) < len(body):
                         raise EOFError("the archive stopped inside a PAX header at %d" % at)
-                    pax = pax_records(bytes(body[:size]), at)
+                    pax, pax_at = pax_records(bytes(body[:size]), at), at
                     at += BLOCK + len(body)
                     got = fill(s, head)
                     continue
@@ -1412,6 +1417,30 @@ mod tests {
         // Cut inside the second entry's data, and 60 bytes before its end: what the
         // copy sent of it, padded, would have looked whole to the target.
         let inside = whole[..512 + 1024 + 512 + 540].to_vec();
+        // A size that Python's int() reads as 600 (0o1130) and tar's reader does not.
+        let mut loose = whole.clone();
+        loose[124..136].copy_from_slice(b"0000001_130\0");
+        loose[148..156].fill(b' ');
+        let sum: u32 = loose[..512].iter().map(|b| u32::from(*b)).sum();
+        loose[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        // A PAX header that describes no entry: the end follows it.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(600);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "db/rp/3/000000001-000000001.tsm", &[7u8; 600][..])
+            .unwrap();
+        let mut x = tar::Header::new_ustar();
+        x.set_entry_type(tar::EntryType::XHeader);
+        x.set_size(48);
+        x.set_path("PaxHeaders.0/2").unwrap();
+        x.set_cksum();
+        b.append(
+            &x,
+            &b"48 path=db/rp/3/000000002-000000001.tsm.xxxxxxx\n"[..],
+        )
+        .unwrap();
+        let pax_at_end = b.into_inner().unwrap();
         let cancel = Cancel::default();
         for (archive, ends) in [
             (whole.clone(), Ok(())),
@@ -1430,6 +1459,11 @@ mod tests {
                     "stopped inside an entry, 540 of its 600 bytes",
                     "stopped inside an entry at 1536 (540 of its 600 bytes)",
                 )),
+            ),
+            (loose, Err(("", "its size is not an octal number"))),
+            (
+                pax_at_end,
+                Err(("", "a PAX header at 1536 describes no entry")),
             ),
         ] {
             let (at, uploads) = serving(archive.clone());
@@ -1611,7 +1645,21 @@ mod tests {
             .unwrap();
         let mut stdin = child.stdin.take().unwrap();
         std::io::Write::write_all(&mut stdin, &shard_files_on_host_input(&[7])).unwrap();
-        let (_held, _) = silent.accept().unwrap();
+        silent.set_nonblocking(true).unwrap();
+        let started = std::time::Instant::now();
+        let _held = loop {
+            match silent.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        started.elapsed() < std::time::Duration::from_secs(30),
+                        "the read never connected"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         std::thread::sleep(std::time::Duration::from_millis(200));
         assert!(
             child.try_wait().unwrap().is_none(),
