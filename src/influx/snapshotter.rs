@@ -512,9 +512,17 @@ pub fn copy_shard(
     })
 }
 
-/// Tries of a shard backup that sends nothing, and the pause between them.
-const NOTHING_SENT_TRIES: u32 = 5;
-const NOTHING_SENT_PAUSE: Duration = Duration::from_millis(300);
+/// Tries of a shard backup that sends nothing. InfluxDB 1.6 sends nothing while a
+/// snapshot of the shard's cache is in progress, and on a server at the idle nice value
+/// with both cores busy one outlasted 5 tries 300 ms apart (100M points, stop 27): the
+/// pauses grow from 300 ms to 2 s, 12.1 s in all ([`nothing_sent_pause`]; the script
+/// read on the host waits the same).
+pub const NOTHING_SENT_TRIES: u32 = 9;
+
+/// The pause after the `failed`-th backup that sent nothing.
+fn nothing_sent_pause(failed: u32) -> Duration {
+    Duration::from_millis((300u64 << failed.saturating_sub(1).min(8)).min(2000))
+}
 
 /// Run `once` until it returns anything but [`SnapshotError::NothingSent`], at most
 /// [`NOTHING_SENT_TRIES`] times.
@@ -524,10 +532,10 @@ fn until_something_sent<T>(
     cancel: &Cancel,
     mut once: impl FnMut() -> Result<T, SnapshotError>,
 ) -> Result<T, SnapshotError> {
-    for _ in 1..NOTHING_SENT_TRIES {
+    for failed in 1..NOTHING_SENT_TRIES {
         match once() {
             Err(SnapshotError::NothingSent { .. }) => {
-                std::thread::sleep(NOTHING_SENT_PAUSE);
+                std::thread::sleep(nothing_sent_pause(failed));
                 if cancel.is_cancelled() {
                     return Err(SnapshotError::Cancelled);
                 }
@@ -765,7 +773,8 @@ fn archive_ended(rest: impl Read, at: &Endpoint, shard: u64) -> Result<(), Snaps
 /// its stdin ends after that (the read was given up: a dropped SSH channel kills nothing
 /// on the remote end by itself). Prints one JSON object per shard, in the order asked:
 /// its `files` (`name`, `size`, `sha256` in hex), or `nothing_sent` (the server answered
-/// nothing that many times, 300 ms apart), or the `error` that stopped its reading.
+/// nothing that many times, the pauses growing as [`nothing_sent_pause`]'s), or the
+/// `error` that stopped its reading.
 const ON_HOST_SCRIPT: &str = r#"import concurrent.futures, hashlib, json, os, socket, sys, threading, time
 host, port, tries, at_once = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 # The raw descriptor: a thread blocked in sys.stdin's buffer aborts the interpreter's exit.
@@ -833,7 +842,7 @@ def files(shard):
     head, data = memoryview(bytearray(BLOCK)), memoryview(bytearray(1 << 20))
     for attempt in range(tries):
         if attempt:
-            time.sleep(0.3)
+            time.sleep(min(0.3 * 2 ** (attempt - 1), 2.0))
         with socket.create_connection((host, port), timeout=600) as s:
             s.sendall(req)
             got, at, out, pax, pax_at = fill(s, head), 0, [], None, 0
@@ -1581,6 +1590,21 @@ mod tests {
             matches!(&on_host[..], [(3, Ok(files))] if *files == read),
             "on the host: {on_host:?}; here: {read:?}"
         );
+    }
+
+    #[test]
+    fn a_backup_that_sends_nothing_is_tried_for_12_s_with_growing_pauses() {
+        let pauses: Vec<u64> = (1..NOTHING_SENT_TRIES)
+            .map(|n| nothing_sent_pause(n).as_millis() as u64)
+            .collect();
+        assert_eq!(pauses, [300, 600, 1200, 2000, 2000, 2000, 2000, 2000]);
+        // The script on the host pauses the same.
+        let script: Vec<u64> = (1..NOTHING_SENT_TRIES)
+            .map(|a| (0.3f64 * 2f64.powi(a as i32 - 1)).min(2.0))
+            .map(|s| (s * 1000.0).round() as u64)
+            .collect();
+        assert_eq!(script, pauses);
+        assert!(ON_HOST_SCRIPT.contains("time.sleep(min(0.3 * 2 ** (attempt - 1), 2.0))"));
     }
 
     /// Run an on-host read here as the target's host would: `sh -c cmd`, the ids on its

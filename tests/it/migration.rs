@@ -2431,7 +2431,7 @@ async fn a_shard_read_back_proves_the_copy_only_while_every_file_sent_is_there_u
     .await
     .unwrap();
     assert!(
-        matches!(gone, Err(snapshotter::SnapshotError::NothingSent { shard, tries: 5, .. }) if shard == newest),
+        matches!(gone, Err(snapshotter::SnapshotError::NothingSent { shard, tries, .. }) if shard == newest && tries == snapshotter::NOTHING_SENT_TRIES),
         "{gone:?}"
     );
     let (host, port) = rpc.rsplit_once(':').unwrap();
@@ -2445,7 +2445,7 @@ async fn a_shard_read_back_proves_the_copy_only_while_every_file_sent_is_there_u
         .unwrap();
     let on_host = snapshotter::shard_files_on_host("target", &out).unwrap();
     assert!(
-        matches!(&on_host[..], [(shard, Err(snapshotter::SnapshotError::NothingSent { tries: 5, .. }))] if *shard == newest),
+        matches!(&on_host[..], [(shard, Err(snapshotter::SnapshotError::NothingSent { tries, .. }))] if *shard == newest && *tries == snapshotter::NOTHING_SENT_TRIES),
         "{on_host:?}"
     );
 }
@@ -2490,7 +2490,10 @@ async fn a_shard_backup_that_sends_nothing_is_an_error_not_an_empty_shard() {
     assert_eq!(empty, vec![]);
     match missing {
         Err(SnapshotError::NothingSent { shard, tries, .. }) => {
-            assert_eq!((shard, tries), (old + 1000, 5));
+            assert_eq!(
+                (shard, tries),
+                (old + 1000, snapshotter::NOTHING_SENT_TRIES)
+            );
         }
         other => panic!("a backup that sent nothing is an error: {other:?}"),
     }
