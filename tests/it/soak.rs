@@ -59,6 +59,13 @@ fn children(pid: u32) -> usize {
         .count()
 }
 
+/// The last `n` lines of a file (what could be read of it).
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Live processes whose command line names a path under `dir`.
 fn processes_under(dir: &Path) -> usize {
     let needle = format!("{}/", dir.display());
@@ -110,12 +117,16 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
     let svc = service_seeded(90, seeded).await;
     let port = server_port();
     let api = format!("http://127.0.0.1:{port}");
+    // The daemon's log, shown when a migration fails: its debug lines say which check
+    // stopped it and with which counters.
+    let log_path = svc.dir().join("daemon.log");
     let mut daemon = Command::new(bin())
         .args(["daemon", "-c"])
         .arg(&svc.cfg_path)
         .env("STATESHIFT__API__LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "stateshift=debug")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let pid = daemon.id();
@@ -172,7 +183,12 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
                 .unwrap_or(false);
             if done && st["state"] == "polling" {
                 let last = &st["migrations"][i - 1];
-                assert_eq!(last["outcome"], "succeeded", "migration {i}: {last:#}");
+                assert_eq!(
+                    last["outcome"],
+                    "succeeded",
+                    "migration {i}: {last:#}\nthe daemon's log, last 80 lines:\n{}",
+                    tail(&log_path, 80)
+                );
                 break;
             }
             assert!(
