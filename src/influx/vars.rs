@@ -13,8 +13,24 @@ pub struct SubStats {
     pub written: u64,
     /// Deliveries the subscriptions failed.
     pub failed: u64,
-    /// Server-wide forwarding drops (cumulative since the server started).
+    /// Server-wide forwarding drops (cumulative since the server started):
+    /// `queue_drops` plus the subscriber service's failures that no listed subscription
+    /// shows (`service_failures` − `listed_failures`).
     pub dropped: u64,
+    /// Write requests the points writer could not hand to the subscriber service, its
+    /// queue being full (`write` `subWriteDrop`).
+    pub queue_drops: u64,
+    /// The subscriber service's failure count (`subscriber` `writeFailures`): every
+    /// subscription's failed deliveries, and each write a subscription's full queue
+    /// refused. InfluxDB 1.x keeps it when a subscription is dropped, and forgets that
+    /// subscription's own counters.
+    pub service_failures: u64,
+    /// Failed deliveries summed over every subscription the server lists now, ours
+    /// included.
+    pub listed_failures: u64,
+    /// The subscriptions the server lists now that are not ours, with their failed
+    /// deliveries (one entry per database, retention policy and destination).
+    pub others: Vec<(String, u64)>,
     /// When the server process started (`system.started`): every counter above restarts
     /// from zero with it, and its in-memory forwarding queue is lost.
     pub started: Option<String>,
@@ -190,17 +206,23 @@ fn subscriber_stats(vars: &Value, name: &str) -> SubStats {
         return st;
     };
     for (k, v) in obj {
-        if k.starts_with("subscriber:")
-            && v.pointer("/tags/name").and_then(Value::as_str) == Some(name)
-        {
-            st.written += num(v, "/values/pointsWritten");
-            st.failed += num(v, "/values/writeFailures");
+        if !k.starts_with("subscriber:") {
+            continue;
+        }
+        let failures = num(v, "/values/writeFailures");
+        st.listed_failures += failures;
+        match v.pointer("/tags/name").and_then(Value::as_str) {
+            Some(n) if n == name => {
+                st.written += num(v, "/values/pointsWritten");
+                st.failed += failures;
+            }
+            other => st.others.push((other.unwrap_or("?").to_string(), failures)),
         }
     }
     // Drops that never reach a subscription's own counters: the points writer's queue to
     // the subscriber service, and the service's per-subscription queues.
     if let Some(w) = obj.get("write") {
-        st.dropped += num(w, "/values/subWriteDrop");
+        st.queue_drops = num(w, "/values/subWriteDrop");
         st.entered = num(w, "/values/pointReq");
         st.requests = num(w, "/values/req");
         st.handed = num(w, "/values/subWriteOk") + num(w, "/values/subWriteDrop");
@@ -213,15 +235,12 @@ fn subscriber_stats(vars: &Value, name: &str) -> SubStats {
         .and_then(Value::as_str)
         .map(str::to_string);
     // The service-level failure count includes every subscription's delivery failures;
-    // what exceeds their sum is queue-full drops.
-    let per_sub: u64 = obj
-        .iter()
-        .filter(|(k, _)| k.starts_with("subscriber:"))
-        .map(|(_, v)| num(v, "/values/writeFailures"))
-        .sum();
+    // what exceeds their sum is queue-full drops, or failures of a subscription the
+    // server no longer lists.
     if let Some(sv) = obj.get("subscriber") {
-        st.dropped += num(sv, "/values/writeFailures").saturating_sub(per_sub);
+        st.service_failures = num(sv, "/values/writeFailures");
     }
+    st.dropped = st.queue_drops + st.service_failures.saturating_sub(st.listed_failures);
     st
 }
 
@@ -250,6 +269,11 @@ mod tests {
         assert_eq!((st.written, st.failed), (40, 3));
         // 2 queue drops + (10 service failures - 7 counted by the subscriptions).
         assert_eq!(st.dropped, 5);
+        assert_eq!(
+            (st.queue_drops, st.service_failures, st.listed_failures),
+            (2, 10, 7)
+        );
+        assert_eq!(st.others, vec![("other".to_string(), 4)]);
         assert_eq!(st.started.as_deref(), Some("2026-11-30T05:00:00Z"));
         assert_eq!(super::http_points_written(&vars), 100);
         assert_eq!((st.entered, st.http_written), (123, 100));

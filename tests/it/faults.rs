@@ -6,8 +6,9 @@
 //!
 //! Faults are real where they can be: processes are killed with signals, connections cut
 //! by killing the sshd serving them, disks filled. Two hooks help place them in time:
-//! `STATESHIFT_FAULT=hold:<phase>` (the engine waits 3 s right after that phase starts)
-//! and `STATESHIFT_FAULT=capture_receiver_killed` (the in-process capture receiver is
+//! `STATESHIFT_FAULT=hold:<phase>` (the engine waits 3 s right after that phase starts;
+//! `hold:subscribing`: after the capture's counters are read, before its subscriptions
+//! are made) and `STATESHIFT_FAULT=capture_receiver_killed` (the in-process capture receiver is
 //! aborted when the dump starts, as if it had crashed).
 
 use std::path::{Path, PathBuf};
@@ -618,4 +619,97 @@ async fn a_crash_while_the_old_stack_is_deleted_is_settled_without_its_influxdb(
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     lost_nothing(&svc, &w.finish().await, 5_000, "old stack half deleted").await;
+}
+
+/// A subscription of someone else's on the source, forwarding `cyclops` to a port where
+/// nothing listens: each write it takes is one failed delivery, shown in its own counters
+/// (and the subscriber service's) until it is dropped. Returns once it has failed some.
+async fn failing_foreign_subscription(src: &Influx) {
+    src.query(
+        None,
+        "CREATE SUBSCRIPTION other ON cyclops.autogen DESTINATIONS ALL 'http://127.0.0.1:1'",
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    while src.subscriber_stats("other").await.unwrap().failed < 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the foreign subscription never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// InfluxDB 1.x forgets a dropped subscription's counters but keeps its failures in the
+/// subscriber service's: from then on they look like forwarding drops. Dropped while the
+/// capture's subscriptions are being made, before the dump, they concern writes the dump
+/// has: the migration goes on (without the re-base at the subscriptions' going live it
+/// stopped, "failed to forward").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_counted_before_the_dump_by_a_subscription_dropped_meanwhile_stop_nothing() {
+    let svc = service(92).await;
+    let w = svc.writer(1000);
+    let src = source_influx(&svc);
+    failing_foreign_subscription(&src).await;
+    let child = spawn_migrate(&svc, &[("STATESHIFT_FAULT", "hold:subscribing")]);
+    wait_journal(&svc, "\"phase\":\"capture\"");
+    // Inside the 3 s hold, after the counters were read.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let failed = src.subscriber_stats("other").await.unwrap().failed;
+    src.drop_subscription("other", "cyclops", "autogen")
+        .await
+        .unwrap();
+    let (ok, out) = finish(child);
+    assert!(
+        ok,
+        "the migration goes on past {failed} forgotten failures: {out}"
+    );
+    assert!(
+        failed >= 20,
+        "the dropped subscription had failed: {failed}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost_nothing(
+        &svc,
+        &w.finish().await,
+        5_000,
+        "foreign subscription dropped",
+    )
+    .await;
+}
+
+/// The same failures counted once the dump has begun cannot be told from a full
+/// forwarding queue of ours: the migration rolls back, and says where the source counted
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_counted_after_the_dump_began_by_a_subscription_dropped_meanwhile_roll_back() {
+    let svc = service(93).await;
+    let w = svc.writer(1000);
+    let src = source_influx(&svc);
+    failing_foreign_subscription(&src).await;
+    let child = spawn_migrate(&svc, &[("STATESHIFT_FAULT", "hold:dump")]);
+    wait_journal(&svc, "\"phase\":\"dump\"");
+    src.drop_subscription("other", "cyclops", "autogen")
+        .await
+        .unwrap();
+    let (ok, out) = finish(child);
+    assert_rolled_back(
+        &svc,
+        ok,
+        &out,
+        &[
+            "failed forwards that no subscription it lists shows",
+            "the capture cannot be proven complete",
+        ],
+    );
+    retry_succeeds(&svc, "foreign subscription dropped during the dump").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost_nothing(
+        &svc,
+        &w.finish().await,
+        5_000,
+        "foreign subscription dropped during the dump",
+    )
+    .await;
 }

@@ -55,8 +55,8 @@ impl Migration<'_> {
         self.receiver = Some(receiver);
         let name = sub_name(&self.id);
         let at_start = Self::subscriber_stats(&self.src().influx, &name, p).await?;
-        self.drops_at_start = at_start.dropped;
-        self.source_started = at_start.started;
+        self.source_started = at_start.started.clone();
+        self.drops_base = at_start;
         let subs = self
             .subscribe(Phase::Capture, true, &name, &auth.in_url(&url))
             .await?;
@@ -64,8 +64,19 @@ impl Migration<'_> {
             "capturing writes of {} retention policies into {url}",
             subs
         ));
+        let quiet = self.no_write_in_flight(p).await;
+        if let Some(live) =
+            drops_base_once_live(&self.drops_base, self.capture_live.as_ref(), quiet.is_ok())
+        {
+            tracing::info!(
+                dropped = live.dropped - self.drops_base.dropped,
+                queue_drops = live.queue_drops.saturating_sub(self.drops_base.queue_drops),
+                "the source counted forwarding drops while the capture's subscriptions were being made; every write they concern was in its shards before the dump began, so they are not counted against the capture"
+            );
+            self.drops_base = live.clone();
+        }
         if self.cfg.verify.read_back && self.cfg.verify.target_first {
-            self.files_may_prove = self.no_write_in_flight(p).await;
+            self.files_may_prove = quiet;
         }
         // The drain's proof counts from the counters read just before the subscriptions
         // were made. A write that entered before they went live may not have been
@@ -144,6 +155,8 @@ impl Migration<'_> {
             // As late as possible: the window until the subscriptions are live should
             // see no write (see `capture`).
             self.capture_base = Some(Self::subscriber_stats(&influx, name, phase).await?);
+            // Fault injection: the fault matrix drops another subscription here.
+            crate::util::fault_hold("subscribing").await;
         }
         let based_at = Instant::now();
         for (db, rp) in rps {
@@ -295,13 +308,27 @@ impl Migration<'_> {
                 ),
             });
         }
-        let dropped = st.dropped.saturating_sub(self.drops_at_start);
+        let base = &self.drops_base;
+        let dropped = st.dropped.saturating_sub(base.dropped);
         let lost = st.failed + dropped;
         if lost > 0 {
+            tracing::warn!(
+                ours_failed = st.failed,
+                dropped,
+                queue_drops = st.queue_drops,
+                queue_drops_at_base = base.queue_drops,
+                service_failures = st.service_failures,
+                service_failures_at_base = base.service_failures,
+                listed_failures = st.listed_failures,
+                listed_failures_at_base = base.listed_failures,
+                others = ?st.others,
+                others_at_base = ?base.others,
+                "the source's forwarding counters do not prove the capture complete"
+            );
             self.progress.capture_lost(lost);
             return Err(MigrateError::Failed {
                 phase,
-                msg: format!("the source may have failed to forward {lost} captured writes to the capture receiver ({} deliveries of our subscriptions failed: the receiver refused them or did not answer within the source's [subscriber] http-timeout; {dropped} failures counted by the source outside our subscriptions: a full forwarding queue ([subscriber] write-buffer-size), or another subscription failing its deliveries, which InfluxDB counts in the same place); the capture cannot be proven complete", st.failed),
+                msg: lost_message(base, &st),
             });
         }
         Ok(st)
@@ -414,6 +441,46 @@ impl Migration<'_> {
     }
 }
 
+/// The counters forwarding drops are counted from once the capture's subscriptions are
+/// live: `live` (the answer that first showed them all live) when the source, read
+/// after it, was seen writing nothing (`quiet`) and had not restarted; `None` keeps
+/// `base`. A drop or failed forward counted by `live` concerns a write request the
+/// points writer had handed on by then. InfluxDB starts a request's shard writes before
+/// it hands the request on, and answers an HTTP write only once they end: a later read
+/// that finds no HTTP write served and no shard write under way finds every such write
+/// in its shards, and so in the dump, which begins after it. Those drops lose nothing;
+/// what is counted after `live` still stops the migration.
+fn drops_base_once_live<'s>(
+    base: &SubStats,
+    live: Option<&'s SubStats>,
+    quiet: bool,
+) -> Option<&'s SubStats> {
+    live.filter(|l| quiet && l.started == base.started && l.dropped > base.dropped)
+}
+
+/// Why the counters `st` do not prove the capture complete since `base`: our
+/// subscriptions' failed deliveries, and the source's forwarding drops split by where
+/// InfluxDB counted them.
+fn lost_message(base: &SubStats, st: &SubStats) -> String {
+    let dropped = st.dropped.saturating_sub(base.dropped);
+    let queue = st.queue_drops.saturating_sub(base.queue_drops).min(dropped);
+    let unlisted = dropped - queue;
+    let others = if st.others.is_empty() {
+        "none".to_string()
+    } else {
+        st.others
+            .iter()
+            .map(|(n, f)| format!("{n} ({f} failed)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "the source may have failed to forward {} captured writes to the capture receiver: {} deliveries of our subscriptions failed (the receiver refused them or did not answer within the source's [subscriber] http-timeout); since the capture began the source could not hand {queue} write requests to its subscriber service (its queue was full), and counted {unlisted} failed forwards that no subscription it lists shows (a subscription's full queue, [subscriber] write-buffer-size, or the failed deliveries of a subscription dropped meanwhile, whose own counters InfluxDB forgets; other subscriptions listed now: {others}); the capture cannot be proven complete",
+        st.failed + dropped,
+        st.failed
+    )
+}
+
 /// `url` with its port replaced (or added): `http://h:1/x` + 9 → `http://h:9/x`.
 pub(super) fn with_port(url: &str, port: u16) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
@@ -456,6 +523,53 @@ mod watch_port_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn counters(started: &str, queue_drops: u64, service: u64, listed: u64) -> SubStats {
+        SubStats {
+            started: Some(started.into()),
+            queue_drops,
+            service_failures: service,
+            listed_failures: listed,
+            dropped: queue_drops + service.saturating_sub(listed),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn drops_counted_while_the_subscriptions_were_made_count_only_if_a_write_was_under_way() {
+        let base = counters("t0", 1, 5, 5);
+        // 57 drops by the time the subscriptions were live, then nothing being written.
+        let live = counters("t0", 58, 5, 5);
+        assert_eq!(
+            drops_base_once_live(&base, Some(&live), true).map(|l| l.dropped),
+            Some(58)
+        );
+        // A write still under way might have been dropped and not be in the dump yet.
+        assert!(drops_base_once_live(&base, Some(&live), false).is_none());
+        // A restart zeroes the counters: nothing to re-base on.
+        assert!(drops_base_once_live(&base, Some(&counters("t1", 58, 5, 5)), true).is_none());
+        // Nothing dropped meanwhile, or no answer read when they went live.
+        assert!(drops_base_once_live(&base, Some(&base), true).is_none());
+        assert!(drops_base_once_live(&base, None, true).is_none());
+    }
+
+    #[test]
+    fn a_capture_not_proven_complete_says_where_the_source_counted_each_loss() {
+        let base = counters("t0", 1, 5, 5);
+        let mut now = counters("t0", 3, 12, 6);
+        now.failed = 1;
+        now.others = vec![("cq_export".into(), 4)];
+        let msg = lost_message(&base, &now);
+        // 1 of ours + 2 queue drops + (12 - 6 - 0 at base) unlisted = 9.
+        assert!(msg.contains("failed to forward 9 captured writes"), "{msg}");
+        assert!(
+            msg.contains("1 deliveries of our subscriptions failed"),
+            "{msg}"
+        );
+        assert!(msg.contains("could not hand 2 write requests"), "{msg}");
+        assert!(msg.contains("counted 6 failed forwards"), "{msg}");
+        assert!(msg.contains("cq_export (4 failed)"), "{msg}");
+    }
 
     #[test]
     fn with_port_replaces_or_adds_the_port_and_keeps_the_rest() {

@@ -49,8 +49,10 @@ pub(super) struct Migration<'a> {
     pub spool: Option<Arc<SpoolWriter>>,
     pub touched: Option<Arc<Mutex<KeySet>>>,
     pub touched_receiver: Option<Receiver>,
-    /// Server-wide forwarding drops on the source when the capture started.
-    pub drops_at_start: u64,
+    /// The source's counters that forwarding drops are counted from: read when the
+    /// capture started, or once its subscriptions were live when every write that
+    /// could have been dropped before was then in its shards (see `Self::capture`).
+    pub drops_base: crate::influx::SubStats,
     /// The source process's start time when the capture started.
     pub source_started: Option<String>,
     /// The source's counters read just before the capture's subscriptions were made: the
@@ -132,7 +134,7 @@ impl<'a> Migration<'a> {
             spool: None,
             touched: None,
             touched_receiver: None,
-            drops_at_start: 0,
+            drops_base: Default::default(),
             source_started: None,
             capture_base: None,
             capture_live: None,
