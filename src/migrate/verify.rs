@@ -8,8 +8,8 @@
 //!    or sums differ, and a sample of the others, is compared point by point, page by
 //!    page (bounded memory). A value that differs is accepted only when the target
 //!    received a write for that very point after cutover (the live `touched` key set,
-//!    fed by a subscription on the target; a mismatch is re-checked once after a settle
-//!    delay, since forwarding is asynchronous); anything else is a corruption.
+//!    fed by a subscription on the target; forwarding is asynchronous, so a mismatch
+//!    waits for that write to be seen, at most 10 s); anything else is a corruption.
 //!
 //! Steps 2 and 3 may run for a measurement during the cutover, its command and quiet
 //! period ([`verify_cold`]), when nothing can change it on the source any more: its
@@ -472,7 +472,12 @@ pub async fn verify_cold(
             .insert(key.clone(), series.iter().map(tags_hash).collect());
     }
     if early.done.values().any(|r| !r.pending.is_empty()) {
-        tokio::time::sleep(SETTLE).await;
+        let keys: Vec<u64> = early
+            .done
+            .values()
+            .flat_map(|r| r.pending.iter().map(|(k, _)| *k))
+            .collect();
+        await_touched(&keys, touched).await;
         for rep in early.done.values_mut() {
             rep.settle(touched);
         }
@@ -616,7 +621,8 @@ pub async fn verify_after(
     }
     if !rep.pending.is_empty() {
         // A write to the target just before we read it may not have been forwarded yet.
-        tokio::time::sleep(SETTLE).await;
+        let keys: Vec<u64> = rep.pending.iter().map(|(k, _)| *k).collect();
+        await_touched(&keys, touched).await;
         rep.settle(touched);
     }
     Ok(rep)
@@ -723,7 +729,24 @@ fn fields_of<'a>(fields: &'a [(String, String, FieldType)], m: &str) -> Vec<(&'a
 }
 
 /// How long a write to the target may take to reach the watch receiver.
-const SETTLE: Duration = Duration::from_secs(1);
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// Wait, at most [`SETTLE`], until a writer's write to each point of `keys` has been seen
+/// on the target. The watch receiver learns of such a write through the target's
+/// forwarding, which is asynchronous and falls behind when the receiver or the link is
+/// slow: a fixed second was too short once InfluxDB queued for it (found by a test that
+/// slows the watch receiver), and longer than needed otherwise. Waiting cannot make a
+/// corrupted point pass: it passes only once a writer's write to that very point after
+/// cutover is seen. Without a watch nothing can arrive.
+async fn await_touched(keys: &[u64], touched: Option<&Mutex<KeySet>>) {
+    if touched.is_none() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    while !keys.iter().all(|&k| is_touched(touched, k)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
 
 /// Whether a writer wrote `key` directly to the target after cutover. With an overflowed
 /// key set the answer is unknown, and unknown is "no": the mismatch is reported.
@@ -1102,6 +1125,33 @@ mod tests {
         ));
         assert!(same_sum(&json!(1.0e12), &json!(1.0e12 + 1.0e-4)));
         assert!(!same_sum(&json!(1.5), &json!(2.5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_mismatch_waits_for_its_points_forward_from_the_target_not_a_fixed_second() {
+        let ks = std::sync::Arc::new(Mutex::new(KeySet::with_cap(10)));
+        let late = ks.clone();
+        // The target's forward of a writer's overwrite arrives 3 s late (a queue there).
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            late.lock().unwrap().arrived(7);
+        });
+        let t = tokio::time::Instant::now();
+        await_touched(&[7], Some(&ks)).await;
+        assert!(
+            is_touched(Some(&ks), 7),
+            "still waiting at {:?}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < SETTLE);
+        // A point no writer wrote is given up at the bound, and reported.
+        await_touched(&[7, 8], Some(&ks)).await;
+        assert!(!is_touched(Some(&ks), 8));
+        assert!(t.elapsed() >= SETTLE);
+        // Without a watch nothing can arrive: no wait.
+        let t = tokio::time::Instant::now();
+        await_touched(&[9], None).await;
+        assert_eq!(t.elapsed(), Duration::ZERO);
     }
 
     #[test]
