@@ -21,7 +21,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -225,6 +225,10 @@ impl ReceiverStats {
     pub fn points(&self) -> u64 {
         self.points.load(Ordering::SeqCst)
     }
+    /// Requests that reached the receiver, taken or not.
+    pub fn arrivals(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst) + self.unauthorized.load(Ordering::SeqCst)
+    }
     /// When the last write arrived.
     pub fn last_write(&self) -> Option<Instant> {
         *self.last_write.lock().unwrap_or_else(|p| p.into_inner())
@@ -247,6 +251,9 @@ struct AppState {
     stats: Arc<ReceiverStats>,
     /// The `Authorization` header value a forwarded write must carry.
     expected: Arc<Secret>,
+    /// Fault injection (`STATESHIFT_FAULT=slow_watch_receiver`): a watch receiver that
+    /// takes 20 ms to answer each write, so that InfluxDB queues for it.
+    slow: bool,
 }
 
 /// The credentials of one receiver: a user name and a random secret, which go into the
@@ -351,6 +358,8 @@ impl Receiver {
         let app = axum::Router::new()
             .route("/write", post(write))
             .with_state(AppState {
+                slow: matches!(sink, Sink::Keys(_))
+                    && crate::util::fault_injected("slow_watch_receiver"),
                 sink,
                 stats: stats.clone(),
                 expected: Arc::new(auth.header()),
@@ -390,6 +399,23 @@ impl Receiver {
             {
                 tracing::warn!(addr = %self.addr, "capture receiver did not stop within 5 s");
             }
+        }
+    }
+}
+
+/// Wait until no request has reached any of `receivers` for `quiet`, at most `max`:
+/// what InfluxDB still delivers for a subscription it was told to drop.
+pub async fn arrivals_settle(receivers: &[Arc<ReceiverStats>], quiet: Duration, max: Duration) {
+    let count = || receivers.iter().map(|r| r.arrivals()).sum::<u64>();
+    let mut last = count();
+    let mut stable = Instant::now();
+    let deadline = Instant::now() + max;
+    while stable.elapsed() < quiet && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let now = count();
+        if now != last {
+            last = now;
+            stable = Instant::now();
         }
     }
 }
@@ -460,6 +486,9 @@ async fn take(st: AppState, p: WriteParams, body: Bytes) -> StatusCode {
             }
         }
         Sink::Keys(set) => {
+            if st.slow {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let mut g = set.lock().unwrap_or_else(|p| p.into_inner());
             if !KeySet::for_each_key(text, &p.precision, |k| g.arrived(k)) {
                 return reject(StatusCode::BAD_REQUEST);

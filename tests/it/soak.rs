@@ -118,8 +118,10 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
     let port = server_port();
     let api = format!("http://127.0.0.1:{port}");
     // The daemon's log, shown when a migration fails: its debug lines say which check
-    // stopped it and with which counters.
-    let log_path = svc.dir().join("daemon.log");
+    // stopped it and with which counters. `SOAK_LOG=path` keeps it after the test.
+    let log_path = std::env::var_os("SOAK_LOG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| svc.dir().join("daemon.log"));
     let mut daemon = Command::new(bin())
         .args(["daemon", "-c"])
         .arg(&svc.cfg_path)

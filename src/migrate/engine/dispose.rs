@@ -112,18 +112,12 @@ impl Migration<'_> {
         // Forwards already in flight still land: wait until arrivals settle (bounded),
         // stop the receiver, and only then replay the last of the spool.
         if let Some(r) = &self.receiver {
-            let stats = r.stats.clone();
-            let mut last = stats.points();
-            let mut stable = Instant::now();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while stable.elapsed() < Duration::from_millis(300) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let now = stats.points();
-                if now != last {
-                    last = now;
-                    stable = Instant::now();
-                }
-            }
+            crate::migrate::capture::arrivals_settle(
+                std::slice::from_ref(&r.stats),
+                Duration::from_millis(300),
+                Duration::from_secs(10),
+            )
+            .await;
         }
         if let Some(r) = self.receiver.take() {
             r.stop().await;

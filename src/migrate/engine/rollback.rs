@@ -1,6 +1,8 @@
 //! Rollback: after a failure, undo what the plan says may be undone. Before any repoint,
 //! everything this migration made on the target goes; after it, nothing is deleted.
 
+use std::time::Duration;
+
 use super::context::{sub_name, Migration};
 use super::plan::Undo;
 use super::MigrateError;
@@ -11,6 +13,8 @@ impl Migration<'_> {
     pub(super) async fn drop_subscriptions(&mut self) {
         let name = sub_name(&self.id);
         let tname = format!("{name}_t");
+        let dropped = !self.created.source_subscriptions.is_empty()
+            || !self.created.target_subscriptions.is_empty();
         if let Some(src) = &self.source {
             for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
                 if let Err(e) = src.influx.drop_subscription(&name, &db, &rp).await {
@@ -24,6 +28,25 @@ impl Migration<'_> {
                     tracing::warn!(error = %e, db, rp, "could not drop the watch subscription on the target");
                 }
             }
+        }
+        // InfluxDB 1.x forgets a dropped subscription's counters at once but still
+        // delivers what it had queued for it. Stopped now, a receiver would fail those
+        // deliveries, and the server would count them as forwarding drops that no
+        // subscription shows: the next migration from it (this target once it serves,
+        // or this source on a retry) would stop on them. So the receivers keep answering
+        // until nothing more arrives.
+        if dropped {
+            let stats: Vec<_> = [&self.receiver, &self.touched_receiver]
+                .into_iter()
+                .flatten()
+                .map(|r| r.stats.clone())
+                .collect();
+            crate::migrate::capture::arrivals_settle(
+                &stats,
+                Duration::from_millis(300),
+                Duration::from_secs(10),
+            )
+            .await;
         }
         if let Some(r) = self.receiver.take() {
             r.stop().await;
