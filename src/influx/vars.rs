@@ -25,12 +25,15 @@ pub struct SubStats {
     /// refused. InfluxDB 1.x keeps it when a subscription is dropped, and forgets that
     /// subscription's own counters.
     pub service_failures: u64,
-    /// Failed deliveries summed over every subscription the server lists now, ours
-    /// included.
+    /// Failed deliveries over every subscription the server lists now, ours included:
+    /// per subscription (database, retention policy, name), its destination that failed
+    /// most. The service counts a request once however many of its destinations failed,
+    /// so a sum over destinations could hide a drop (found by review); the largest can
+    /// only show one too many.
     pub listed_failures: u64,
-    /// The subscriptions the server lists now that are not ours, with their failed
-    /// deliveries (one entry per database, retention policy and destination).
-    pub others: Vec<(String, u64)>,
+    /// The subscriptions the server lists now that are not ours: name → failed
+    /// deliveries, counted as in `listed_failures`.
+    pub others: std::collections::BTreeMap<String, u64>,
     /// When the server process started (`system.started`): every counter above restarts
     /// from zero with it, and its in-memory forwarding queue is lost.
     pub started: Option<String>,
@@ -205,18 +208,30 @@ fn subscriber_stats(vars: &Value, name: &str) -> SubStats {
     let Some(obj) = vars.as_object() else {
         return st;
     };
+    let mut per_sub: std::collections::BTreeMap<(&str, &str, &str), u64> = Default::default();
     for (k, v) in obj {
         if !k.starts_with("subscriber:") {
             continue;
         }
         let failures = num(v, "/values/writeFailures");
+        let tag = |t: &str| {
+            v.pointer(&format!("/tags/{t}"))
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+        };
+        let sub = per_sub
+            .entry((tag("database"), tag("retention_policy"), tag("name")))
+            .or_default();
+        *sub = (*sub).max(failures);
+        if tag("name") == name {
+            st.written += num(v, "/values/pointsWritten");
+            st.failed += failures;
+        }
+    }
+    for ((_, _, n), failures) in per_sub {
         st.listed_failures += failures;
-        match v.pointer("/tags/name").and_then(Value::as_str) {
-            Some(n) if n == name => {
-                st.written += num(v, "/values/pointsWritten");
-                st.failed += failures;
-            }
-            other => st.others.push((other.unwrap_or("?").to_string(), failures)),
+        if n != name {
+            *st.others.entry(n.to_string()).or_default() += failures;
         }
     }
     // Drops that never reach a subscription's own counters: the points writer's queue to
@@ -255,12 +270,18 @@ mod tests {
             "write": {"values": {"subWriteDrop": 2, "pointReq": 123, "req": 12, "subWriteOk": 9}},
             "subscriber": {"values": {"writeFailures": 10}},
             "subscriber:db:autogen:stateshift_1:http://a": {
-                "tags": {"name": "stateshift_1"},
+                "tags": {"database": "db", "retention_policy": "autogen", "name": "stateshift_1"},
                 "values": {"pointsWritten": 40, "writeFailures": 3}
             },
             "subscriber:db:autogen:other:http://b": {
-                "tags": {"name": "other"},
+                "tags": {"database": "db", "retention_policy": "autogen", "name": "other", "destination": "http://b"},
                 "values": {"pointsWritten": 7, "writeFailures": 4}
+            },
+            // A second destination of the same subscription: the service counted each
+            // failed request once, so its failures are not added to the first one's.
+            "subscriber:db:autogen:other:http://c": {
+                "tags": {"database": "db", "retention_policy": "autogen", "name": "other", "destination": "http://c"},
+                "values": {"pointsWritten": 9, "writeFailures": 2}
             },
             "httpd": {"values": {"pointsWrittenOK": 90, "pointsWrittenFail": 4, "writeReqActive": 2}},
             "httpd:2": {"values": {"pointsWrittenOK": 10, "writeReqActive": 1}}
@@ -273,7 +294,7 @@ mod tests {
             (st.queue_drops, st.service_failures, st.listed_failures),
             (2, 10, 7)
         );
-        assert_eq!(st.others, vec![("other".to_string(), 4)]);
+        assert_eq!(st.others, [("other".to_string(), 4)].into());
         assert_eq!(st.started.as_deref(), Some("2026-11-30T05:00:00Z"));
         assert_eq!(super::http_points_written(&vars), 100);
         assert_eq!((st.entered, st.http_written), (123, 100));

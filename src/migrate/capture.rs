@@ -151,6 +151,9 @@ pub struct ReceiverStats {
     pub rejected: AtomicU64,
     /// Requests refused for missing or wrong credentials (not the subscribed InfluxDB).
     pub unauthorized: AtomicU64,
+    /// Requests that carried credentials retired by [`Receiver::rotate`]: answered,
+    /// kept nowhere.
+    pub retired: AtomicU64,
     last_write: Mutex<Option<Instant>>,
     /// The measurements the spooled writes went to.
     written_to: Mutex<WrittenTo>,
@@ -227,7 +230,9 @@ impl ReceiverStats {
     }
     /// Requests that reached the receiver, taken or not.
     pub fn arrivals(&self) -> u64 {
-        self.requests.load(Ordering::SeqCst) + self.unauthorized.load(Ordering::SeqCst)
+        self.requests.load(Ordering::SeqCst)
+            + self.unauthorized.load(Ordering::SeqCst)
+            + self.retired.load(Ordering::SeqCst)
     }
     /// When the last write arrived.
     pub fn last_write(&self) -> Option<Instant> {
@@ -247,13 +252,21 @@ impl ReceiverStats {
 
 #[derive(Clone)]
 struct AppState {
-    sink: Sink,
-    stats: Arc<ReceiverStats>,
-    /// The `Authorization` header value a forwarded write must carry.
-    expected: Arc<Secret>,
+    route: Arc<std::sync::RwLock<Route>>,
     /// Fault injection (`STATESHIFT_FAULT=slow_watch_receiver`): a watch receiver that
     /// takes 20 ms to answer each write, so that InfluxDB queues for it.
     slow: bool,
+}
+
+/// Where a receiver's writes go ([`Receiver::rotate`] changes it).
+struct Route {
+    /// The `Authorization` header value a forwarded write must carry.
+    expected: Secret,
+    sink: Sink,
+    stats: Arc<ReceiverStats>,
+    /// Header values of credentials retired by [`Receiver::rotate`]: a write that
+    /// carries one is answered and kept nowhere.
+    retired: Vec<Secret>,
 }
 
 /// The credentials of one receiver: a user name and a random secret, which go into the
@@ -309,7 +322,9 @@ struct WriteParams {
 /// A running receiver; stops when dropped or on [`Receiver::stop`].
 pub struct Receiver {
     pub addr: SocketAddr,
+    /// The counters of what the current credentials brought (see [`Receiver::rotate`]).
     pub stats: Arc<ReceiverStats>,
+    route: Arc<std::sync::RwLock<Route>>,
     token: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -355,14 +370,19 @@ impl Receiver {
             source,
         })?;
         let stats = Arc::new(ReceiverStats::default());
+        let slow =
+            matches!(sink, Sink::Keys(_)) && crate::util::fault_injected("slow_watch_receiver");
+        let route = Arc::new(std::sync::RwLock::new(Route {
+            expected: auth.header(),
+            sink,
+            stats: stats.clone(),
+            retired: Vec::new(),
+        }));
         let app = axum::Router::new()
             .route("/write", post(write))
             .with_state(AppState {
-                slow: matches!(sink, Sink::Keys(_))
-                    && crate::util::fault_injected("slow_watch_receiver"),
-                sink,
-                stats: stats.clone(),
-                expected: Arc::new(auth.header()),
+                route: route.clone(),
+                slow,
             })
             .layer(axum::extract::DefaultBodyLimit::max(64 << 20));
         let token = CancellationToken::new();
@@ -378,9 +398,25 @@ impl Receiver {
         Ok(Receiver {
             addr,
             stats,
+            route,
             token,
             task: Some(task),
         })
+    }
+
+    /// Take writes that carry `auth` into `sink` from now on, counted in fresh
+    /// [`Receiver::stats`]; writes that carry the credentials used so far are answered
+    /// (204, so that InfluxDB counts no failure for them) and kept nowhere. For a capture
+    /// whose subscriptions are made again on the same port: what the first ones still
+    /// deliver after their drop must neither count nor be replayed.
+    pub fn rotate(&mut self, sink: Sink, auth: &ReceiverAuth) {
+        let stats = Arc::new(ReceiverStats::default());
+        let mut r = self.route.write().unwrap_or_else(|p| p.into_inner());
+        let old = std::mem::replace(&mut r.expected, auth.header());
+        r.retired.push(old);
+        r.sink = sink;
+        r.stats = stats.clone();
+        self.stats = stats;
     }
 
     /// Stop listening at once, as a crashed receiver would: later deliveries are refused
@@ -437,21 +473,50 @@ async fn write(
         .get(AUTHORIZATION)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    if !bool::from(given.ct_eq(st.expected.expose().as_bytes())) {
-        st.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(WWW_AUTHENTICATE, "Basic realm=\"stateshift capture\"")],
-        )
-            .into_response();
+    let is = |s: &Secret| bool::from(given.ct_eq(s.expose().as_bytes()));
+    let (sink, stats) = {
+        let r = st.route.read().unwrap_or_else(|p| p.into_inner());
+        if is(&r.expected) {
+            (Some(r.sink.clone()), r.stats.clone())
+        } else if r.retired.iter().any(is) {
+            (None, r.stats.clone())
+        } else {
+            r.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(WWW_AUTHENTICATE, "Basic realm=\"stateshift capture\"")],
+            )
+                .into_response();
+        }
+    };
+    match sink {
+        Some(sink) => take(&sink, &stats, st.slow, p, body).await.into_response(),
+        None => {
+            // A retired subscription's write: in the dump (see `rotate`). Its
+            // measurement is remembered all the same, the safe side for verification.
+            stats.retired.fetch_add(1, Ordering::Relaxed);
+            if let (Some(db), Ok(text)) = (&p.db, std::str::from_utf8(&body)) {
+                stats
+                    .written_to
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(db, text);
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
     }
-    take(st, p, body).await.into_response()
 }
 
-async fn take(st: AppState, p: WriteParams, body: Bytes) -> StatusCode {
-    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+async fn take(
+    sink: &Sink,
+    stats: &ReceiverStats,
+    slow: bool,
+    p: WriteParams,
+    body: Bytes,
+) -> StatusCode {
+    stats.requests.fetch_add(1, Ordering::Relaxed);
     let reject = |code| {
-        st.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        stats.rejected.fetch_add(1, Ordering::Relaxed);
         code
     };
     let Some(db) = p.db.filter(|d| !d.is_empty()) else {
@@ -461,11 +526,11 @@ async fn take(st: AppState, p: WriteParams, body: Bytes) -> StatusCode {
         return reject(StatusCode::BAD_REQUEST);
     };
     let points = lineproto::count_points(text) as u64;
-    match &st.sink {
+    match sink {
         Sink::Spool(w) => {
             // Before the write counts as received (and even if spooling it fails: "maybe
             // written" is the safe side).
-            st.stats
+            stats
                 .written_to
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -486,7 +551,7 @@ async fn take(st: AppState, p: WriteParams, body: Bytes) -> StatusCode {
             }
         }
         Sink::Keys(set) => {
-            if st.slow {
+            if slow {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let mut g = set.lock().unwrap_or_else(|p| p.into_inner());
@@ -495,11 +560,8 @@ async fn take(st: AppState, p: WriteParams, body: Bytes) -> StatusCode {
             }
         }
     }
-    st.stats.points.fetch_add(points, Ordering::SeqCst);
-    *st.stats
-        .last_write
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    stats.points.fetch_add(points, Ordering::SeqCst);
+    *stats.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     StatusCode::NO_CONTENT
 }
 
@@ -656,6 +718,56 @@ mod tests {
             !g.written_directly(k),
             "a write stateshift replayed itself is not a direct write"
         );
+    }
+
+    #[tokio::test]
+    async fn a_rotated_receiver_answers_the_old_credentials_and_keeps_only_the_new_ones_writes() {
+        let first = Arc::new(Mutex::new(KeySet::with_cap(10)));
+        let second = Arc::new(Mutex::new(KeySet::with_cap(10)));
+        let (a1, a2) = (
+            ReceiverAuth::generate().unwrap(),
+            ReceiverAuth::generate().unwrap(),
+        );
+        let mut r = keys_receiver(&first, &a1).await;
+        let url = format!("http://{}/write?db=d&precision=ns", r.addr);
+        let c = reqwest::Client::new();
+        let send = |a: &ReceiverAuth, body: &'static str| {
+            c.post(&url)
+                .header("Authorization", a.header().expose().to_string())
+                .body(body)
+                .send()
+        };
+        let status = |r: reqwest::Result<reqwest::Response>| r.unwrap().status().as_u16();
+        assert_eq!(status(send(&a1, "m,t=a v=1 1\n").await), 204);
+        let before = r.stats.clone();
+        r.rotate(Sink::Keys(second.clone()), &a2);
+        // What the first subscriptions still deliver: answered, kept nowhere.
+        assert_eq!(status(send(&a1, "n,t=b v=1 2\n").await), 204);
+        assert_eq!(status(send(&a2, "m,t=c v=1 3\n").await), 204);
+        let stranger = ReceiverAuth::generate().unwrap();
+        assert_eq!(status(send(&stranger, "m v=1 4\n").await), 401);
+        assert_eq!(
+            before.points(),
+            1,
+            "the first credentials' count stays theirs"
+        );
+        assert_eq!(
+            r.stats.points(),
+            1,
+            "counted afresh: only the new credentials' write"
+        );
+        assert_eq!(r.stats.retired.load(Ordering::SeqCst), 1);
+        assert_eq!(r.stats.unauthorized.load(Ordering::SeqCst), 1);
+        assert_eq!(r.stats.arrivals(), 3);
+        assert_eq!(first.lock().unwrap().arrivals.len(), 1);
+        assert_eq!(
+            second.lock().unwrap().arrivals.len(),
+            1,
+            "the retired write is kept nowhere"
+        );
+        // Its measurement is remembered: the safe side for verification.
+        assert!(r.stats.written_to("d", "n"));
+        r.stop().await;
     }
 
     #[tokio::test]

@@ -621,6 +621,30 @@ async fn a_crash_while_the_old_stack_is_deleted_is_settled_without_its_influxdb(
     lost_nothing(&svc, &w.finish().await, 5_000, "old stack half deleted").await;
 }
 
+/// `<url_file>.<what>`, the writer's side files.
+fn writer_file(svc: &Svc, what: &str) -> PathBuf {
+    let mut p = svc.url_file.clone().into_os_string();
+    p.push(format!(".{what}"));
+    PathBuf::from(p)
+}
+
+/// Hold the writer still (it says so once no request of its is in flight).
+fn pause_writer(svc: &Svc) {
+    std::fs::write(writer_file(svc, "pause"), "").unwrap();
+    let t = Instant::now();
+    while !writer_file(svc, "paused").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the writer never paused"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn resume_writer(svc: &Svc) {
+    std::fs::remove_file(writer_file(svc, "pause")).unwrap();
+}
+
 /// A subscription of someone else's on the source, forwarding `cyclops` to a port where
 /// nothing listens: each write it takes is one failed delivery, shown in its own counters
 /// (and the subscriber service's) until it is dropped. Returns once it has failed some.
@@ -652,7 +676,15 @@ async fn failures_counted_before_the_dump_by_a_subscription_dropped_meanwhile_st
     let w = svc.writer(1000);
     let src = source_influx(&svc);
     failing_foreign_subscription(&src).await;
-    let child = spawn_migrate(&svc, &[("STATESHIFT_FAULT", "hold:subscribing")]);
+    // No write while the capture subscribes: it makes its subscriptions once.
+    pause_writer(&svc);
+    let child = spawn_migrate(
+        &svc,
+        &[
+            ("STATESHIFT_FAULT", "hold:subscribing"),
+            ("RUST_LOG", "stateshift=info"),
+        ],
+    );
     wait_journal(&svc, "\"phase\":\"capture\"");
     // Inside the 3 s hold, after the counters were read.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -660,6 +692,8 @@ async fn failures_counted_before_the_dump_by_a_subscription_dropped_meanwhile_st
     src.drop_subscription("other", "cyclops", "autogen")
         .await
         .unwrap();
+    wait_journal(&svc, "\"phase\":\"dump\"");
+    resume_writer(&svc);
     let (ok, out) = finish(child);
     assert!(
         ok,
@@ -668,6 +702,12 @@ async fn failures_counted_before_the_dump_by_a_subscription_dropped_meanwhile_st
     assert!(
         failed >= 20,
         "the dropped subscription had failed: {failed}"
+    );
+    // The drop landed between the base and the subscriptions' going live, and the base
+    // moved past it (not before the base, where nothing would have been tested).
+    assert!(
+        out.contains("so they are not counted against the capture"),
+        "{out}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ledger = w.finish().await;
@@ -724,6 +764,8 @@ async fn the_watch_receiver_answers_until_its_dropped_subscription_is_delivered(
     let child = spawn_migrate(&svc, &[("STATESHIFT_FAULT", "slow_watch_receiver")]);
     let (ok, out) = finish(child);
     assert!(ok, "the migration completes: {out}");
+    // Whatever InfluxDB still delivers after the migration has ended fails now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let st = svc.current().subscriber_stats("-").await.unwrap();
     assert_eq!(
         (st.service_failures, st.dropped),
@@ -733,4 +775,68 @@ async fn the_watch_receiver_answers_until_its_dropped_subscription_is_delivered(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ledger = w.finish().await;
     lost_nothing(&svc, &ledger, 5_000, "slow watch receiver").await;
+}
+
+/// A write that enters the source while the capture's subscriptions are being made is in
+/// the dump but may not be forwarded, so the source's counters could never prove the
+/// drain and the cutover would wait `capture.quiet_period`. The capture makes its
+/// subscriptions again, from a fresh base, spool and credentials: the synchronous
+/// cutover then ends on the counters, and the write is on the new instance. (Without
+/// the second attempt: "did not prove the drain".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_while_the_capture_subscribes_makes_it_subscribe_again_and_the_drain_is_proven() {
+    let svc = service(95).await;
+    let w = svc.writer(1000);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pause_writer(&svc);
+    let d = svc.dir().display().to_string();
+    let wait_for_ack = format!(
+        "printf '%s' {{target_url}} > {d}/writer-url && until [ \"$(cat {d}/writer-url.ack 2>/dev/null)\" = {{target_url}} ]; do sleep 0.005; done"
+    );
+    let child = spawn_migrate(
+        &svc,
+        &[
+            ("STATESHIFT_FAULT", "hold:subscribing"),
+            ("STATESHIFT__CUTOVER__COMMAND", &wait_for_ack),
+            ("STATESHIFT__CUTOVER__SYNCHRONOUS", "true"),
+        ],
+    );
+    wait_journal(&svc, "\"phase\":\"capture\"");
+    // Inside the first attempt's 3 s hold: after its base, before its subscriptions.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    source_influx(&svc)
+        .write(
+            "cyclops",
+            None,
+            "ns",
+            "while_subscribing v=1 1700000000000000000".into(),
+        )
+        .await
+        .unwrap();
+    // The second attempt holds 3 s too, with nothing written; the dump follows it.
+    wait_journal(&svc, "\"phase\":\"dump\"");
+    resume_writer(&svc);
+    let (ok, out) = finish(child);
+    assert!(ok, "the migration completes: {out}");
+    assert!(out.contains("subscriptions made 2 times"), "{out}");
+    assert!(
+        !out.contains("did not prove the drain"),
+        "the drain ended on the counters: {out}"
+    );
+    let found = svc
+        .current()
+        .query(Some("cyclops"), "SELECT count(v) FROM while_subscribing")
+        .await
+        .unwrap();
+    assert_eq!(
+        found
+            .first()
+            .and_then(|s| s.values.first())
+            .and_then(|r| r.get(1))
+            .and_then(|v| v.as_u64()),
+        Some(1),
+        "the write made while subscribing is on the new instance: {found:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lost_nothing(&svc, &w.finish().await, 5_000, "write while subscribing").await;
 }

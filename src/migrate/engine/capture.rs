@@ -36,11 +36,12 @@ impl Migration<'_> {
                 spool_dir.display()
             ),
         })?;
+        let spool_path = spool_dir.join(format!("{}.spool", self.id));
         let spool = Arc::new(
-            SpoolWriter::create(&spool_dir.join(format!("{}.spool", self.id)))
+            SpoolWriter::create(&spool_path)
                 .map_err(|source| MigrateError::Spool { phase: p, source })?,
         );
-        let auth = Self::receiver_auth(p)?;
+        let mut auth = Self::receiver_auth(p)?;
         let receiver = Receiver::start(self.cfg.capture.listen, Sink::Spool(spool.clone()), &auth)
             .await
             .map_err(|e| MigrateError::Failed {
@@ -54,20 +55,56 @@ impl Migration<'_> {
         self.spool = Some(spool);
         self.receiver = Some(receiver);
         let name = sub_name(&self.id);
-        let at_start = Self::subscriber_stats(&self.src().influx, &name, p).await?;
-        self.source_started = at_start.started.clone();
-        self.drops_base = at_start;
-        let subs = self
-            .subscribe(Phase::Capture, true, &name, &auth.in_url(&url))
-            .await?;
+        // The drain's proof counts from the counters read just before the subscriptions
+        // are made. A write that enters before they are live may not be forwarded: it is
+        // in the dump, but the proof cannot hold then, and the cutover would wait
+        // `capture.quiet_period`. So the subscriptions are made again, a few times at
+        // most, until none entered meanwhile.
+        let mut attempt = 1;
+        let subs = loop {
+            let at_start = Self::subscriber_stats(&self.src().influx, &name, p).await?;
+            self.source_started = at_start.started.clone();
+            self.drops_base = at_start;
+            let subs = self
+                .subscribe(Phase::Capture, true, &name, &auth.in_url(&url))
+                .await?;
+            let entered =
+                entered_while_subscribing(self.capture_base.as_ref(), self.capture_live.as_ref());
+            if entered == 0 {
+                break subs;
+            }
+            // A resumed run has no dump to hold what the first subscriptions delivered:
+            // it keeps them (found by review).
+            if attempt == CAPTURE_ATTEMPTS || self.plan.resume {
+                tracing::info!(
+                    points = entered,
+                    attempts = attempt,
+                    "writes reached the source while the capture's subscriptions were being made: unless they were forwarded, the counters cannot prove the drain, and time decides"
+                );
+                break subs;
+            }
+            tracing::info!(
+                points = entered,
+                attempt,
+                "writes reached the source while the capture's subscriptions were being made; making them again"
+            );
+            auth = self.subscribe_again(p, &name, &spool_path).await?;
+            attempt += 1;
+        };
         self.progress.note(&format!(
-            "capturing writes of {} retention policies into {url}",
-            subs
+            "capturing writes of {} retention policies into {url}{}",
+            subs,
+            if attempt > 1 {
+                format!(" (subscriptions made {attempt} times: writes reached the source while they were being made)")
+            } else {
+                String::new()
+            }
         ));
         let quiet = self.no_write_in_flight(p).await;
-        if let Some(live) =
-            drops_base_once_live(&self.drops_base, self.capture_live.as_ref(), quiet.is_ok())
-        {
+        // Only a dump holds what was dropped before: a resumed run has none (found by
+        // review).
+        let live = self.capture_live.as_ref().filter(|_| !self.plan.resume);
+        if let Some(live) = drops_base_once_live(&self.drops_base, live, quiet.is_ok()) {
             tracing::info!(
                 dropped = live.dropped - self.drops_base.dropped,
                 queue_drops = live.queue_drops.saturating_sub(self.drops_base.queue_drops),
@@ -78,19 +115,74 @@ impl Migration<'_> {
         if self.cfg.verify.read_back && self.cfg.verify.target_first {
             self.files_may_prove = quiet;
         }
-        // The drain's proof counts from the counters read just before the subscriptions
-        // were made. A write that entered before they went live may not have been
-        // forwarded: it is in the dump, and the proof will not hold in this migration
-        // (time decides). Said here, where it is known.
-        if let (Some(base), Some(live)) = (&self.capture_base, self.capture_live.take()) {
-            if live.entered != base.entered {
-                tracing::info!(
-                    points = live.entered.saturating_sub(base.entered),
-                    "writes reached the source while the capture's subscriptions were being made: unless they were forwarded, the counters cannot prove the drain, and time decides"
-                );
-            }
-        }
+        self.capture_live = None;
         Ok(())
+    }
+
+    /// Make the capture's subscriptions again, from a fresh start: new credentials and
+    /// a new, empty spool (the receiver answers what the dropped subscriptions still
+    /// deliver and keeps none of it: those writes entered before the new subscriptions
+    /// were live, so the dump has them, and replayed after a write of the new window
+    /// they could put an older value back); the subscriptions dropped and gone from
+    /// the source's counters, whose next read is the new base. Returns the new
+    /// credentials.
+    async fn subscribe_again(
+        &mut self,
+        p: Phase,
+        name: &str,
+        spool_path: &std::path::Path,
+    ) -> Result<ReceiverAuth, MigrateError> {
+        let auth = Self::receiver_auth(p)?;
+        // The old spool's file goes first (a spool is never reused); an append still
+        // under way lands in the unlinked file, which nothing replays.
+        self.spool = None;
+        std::fs::remove_file(spool_path).map_err(|e| MigrateError::Failed {
+            phase: p,
+            msg: format!(
+                "cannot remove the capture spool {}: {e}",
+                spool_path.display()
+            ),
+        })?;
+        let spool = Arc::new(
+            SpoolWriter::create(spool_path)
+                .map_err(|source| MigrateError::Spool { phase: p, source })?,
+        );
+        if let Some(r) = self.receiver.as_mut() {
+            r.rotate(Sink::Spool(spool.clone()), &auth);
+        }
+        self.spool = Some(spool);
+        let src = self.src().influx.clone();
+        let made = self.created.source_subscriptions.clone();
+        for (db, rp) in &made {
+            src.drop_subscription(name, db, rp)
+                .await
+                .map_err(Self::influx_err(p))?;
+            self.created
+                .source_subscriptions
+                .retain(|(d, r)| (d, r) != (db, rp));
+        }
+        let deadline = Instant::now() + self.cfg.capture.live_timeout;
+        loop {
+            let live = src
+                .live_subscriptions(name, &made)
+                .await
+                .map_err(Self::influx_err(p))?;
+            if live == 0 {
+                return Ok(auth);
+            }
+            if Instant::now() > deadline {
+                return Err(MigrateError::Failed {
+                    phase: p,
+                    msg: format!(
+                        "{}: {live} of {} dropped subscriptions were still running after {:?}",
+                        src.url(),
+                        made.len(),
+                        self.cfg.capture.live_timeout
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// Bind the watch receiver's address (the capture's, one port above).
@@ -441,6 +533,19 @@ impl Migration<'_> {
     }
 }
 
+/// How many times the capture makes its subscriptions at most, while writes keep
+/// entering the source in the few milliseconds that takes (see `capture`).
+const CAPTURE_ATTEMPTS: u32 = 3;
+
+/// Points that entered the source between the base read and the answer that showed the
+/// subscriptions live; 0 when either is missing.
+fn entered_while_subscribing(base: Option<&SubStats>, live: Option<&SubStats>) -> u64 {
+    match (base, live) {
+        (Some(b), Some(l)) => l.entered.saturating_sub(b.entered),
+        _ => 0,
+    }
+}
+
 /// The counters forwarding drops are counted from once the capture's subscriptions are
 /// live: `live` (the answer that first showed them all live) when the source, read
 /// after it, was seen writing nothing (`quiet`) and had not restarted; `None` keeps
@@ -465,17 +570,22 @@ fn lost_message(base: &SubStats, st: &SubStats) -> String {
     let dropped = st.dropped.saturating_sub(base.dropped);
     let queue = st.queue_drops.saturating_sub(base.queue_drops).min(dropped);
     let unlisted = dropped - queue;
-    let others = if st.others.is_empty() {
+    // Other subscriptions with failures since the base: what may have filled a queue.
+    let others: Vec<String> = st
+        .others
+        .iter()
+        .filter_map(|(n, f)| {
+            let since = f.saturating_sub(base.others.get(n).copied().unwrap_or(0));
+            (since > 0).then(|| format!("{n} ({since} failed)"))
+        })
+        .collect();
+    let others = if others.is_empty() {
         "none".to_string()
     } else {
-        st.others
-            .iter()
-            .map(|(n, f)| format!("{n} ({f} failed)"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        others.join(", ")
     };
     format!(
-        "the source may have failed to forward {} captured writes to the capture receiver: {} deliveries of our subscriptions failed (the receiver refused them or did not answer within the source's [subscriber] http-timeout); since the capture began the source could not hand {queue} write requests to its subscriber service (its queue was full), and counted {unlisted} failed forwards that no subscription it lists shows (a subscription's full queue, [subscriber] write-buffer-size, or the failed deliveries of a subscription dropped meanwhile, whose own counters InfluxDB forgets; other subscriptions listed now: {others}); the capture cannot be proven complete",
+        "the source may have failed to forward {} captured writes to the capture receiver: {} deliveries of our subscriptions failed (the receiver refused them or did not answer within the source's [subscriber] http-timeout); since the capture's base the source could not hand {queue} write requests to its subscriber service (its queue was full), and counted {unlisted} failed forwards that no subscription it lists shows (a subscription's full queue, [subscriber] write-buffer-size, or the failed deliveries of a subscription dropped meanwhile, whose own counters InfluxDB forgets; other subscriptions failing meanwhile: {others}); the capture cannot be proven complete",
         st.failed + dropped,
         st.failed
     )
@@ -556,9 +666,11 @@ mod tests {
     #[test]
     fn a_capture_not_proven_complete_says_where_the_source_counted_each_loss() {
         let base = counters("t0", 1, 5, 5);
+        let mut base = base;
+        base.others = [("cq_export".into(), 1), ("kapacitor".into(), 2)].into();
         let mut now = counters("t0", 3, 12, 6);
         now.failed = 1;
-        now.others = vec![("cq_export".into(), 4)];
+        now.others = [("cq_export".into(), 5), ("kapacitor".into(), 2)].into();
         let msg = lost_message(&base, &now);
         // 1 of ours + 2 queue drops + (12 - 6 - 0 at base) unlisted = 9.
         assert!(msg.contains("failed to forward 9 captured writes"), "{msg}");
@@ -568,7 +680,11 @@ mod tests {
         );
         assert!(msg.contains("could not hand 2 write requests"), "{msg}");
         assert!(msg.contains("counted 6 failed forwards"), "{msg}");
-        assert!(msg.contains("cq_export (4 failed)"), "{msg}");
+        // Only what failed since the base, and only those that failed.
+        assert!(
+            msg.contains("failing meanwhile: cq_export (4 failed))"),
+            "{msg}"
+        );
     }
 
     #[test]
