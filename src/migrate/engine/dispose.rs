@@ -42,13 +42,18 @@ impl Migration<'_> {
                 "replayed {tail} points that reached the source after verification"
             ));
         }
-        self.drop_subscriptions().await;
-        self.remove_scratch().await;
-        if let Some(s) = self.spool.take() {
-            let _ = std::fs::remove_file(s.path());
-            let _ = std::fs::remove_file(format!("{}.offset", s.path().display()));
-        }
-        self.restore_priorities().await;
+        // The receivers answer the dropped subscriptions' last deliveries while the
+        // rest is cleaned up.
+        let stop = self.drop_subscriptions_only().await;
+        let clean_up = async {
+            self.remove_scratch().await;
+            if let Some(s) = self.spool.take() {
+                let _ = std::fs::remove_file(s.path());
+                let _ = std::fs::remove_file(format!("{}.offset", s.path().display()));
+            }
+            self.restore_priorities().await;
+        };
+        tokio::join!(stop.run(), clean_up);
         Ok(())
     }
 

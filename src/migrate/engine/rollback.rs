@@ -9,8 +9,43 @@ use super::MigrateError;
 use crate::influx::ident;
 use crate::remote::Remote;
 
+/// Receivers whose subscriptions were dropped, to stop once nothing more arrives
+/// ([`Migration::drop_subscriptions`]); owns them, so that it can run beside other work.
+pub(super) struct StopReceivers {
+    receivers: Vec<crate::migrate::capture::Receiver>,
+    settle: bool,
+}
+
+impl StopReceivers {
+    /// InfluxDB 1.x forgets a dropped subscription's counters at once but still
+    /// delivers what it had queued for it. Stopped now, a receiver would fail those
+    /// deliveries, and the server would count them as forwarding drops that no
+    /// subscription shows: the next migration from it (this target once it serves, or
+    /// this source on a retry) would stop on them. So the receivers keep answering until
+    /// nothing has arrived for 100 ms (at most 10 s).
+    pub(super) async fn run(self) {
+        if self.settle {
+            let stats: Vec<_> = self.receivers.iter().map(|r| r.stats.clone()).collect();
+            crate::migrate::capture::arrivals_settle(
+                &stats,
+                Duration::from_millis(100),
+                Duration::from_secs(10),
+            )
+            .await;
+        }
+        for r in self.receivers {
+            r.stop().await;
+        }
+    }
+}
+
 impl Migration<'_> {
     pub(super) async fn drop_subscriptions(&mut self) {
+        self.drop_subscriptions_only().await.run().await;
+    }
+
+    /// Drop our subscriptions on both sides; the receivers are handed back, to stop.
+    pub(super) async fn drop_subscriptions_only(&mut self) -> StopReceivers {
         let name = sub_name(&self.id);
         let tname = format!("{name}_t");
         let dropped = !self.created.source_subscriptions.is_empty()
@@ -29,30 +64,12 @@ impl Migration<'_> {
                 }
             }
         }
-        // InfluxDB 1.x forgets a dropped subscription's counters at once but still
-        // delivers what it had queued for it. Stopped now, a receiver would fail those
-        // deliveries, and the server would count them as forwarding drops that no
-        // subscription shows: the next migration from it (this target once it serves,
-        // or this source on a retry) would stop on them. So the receivers keep answering
-        // until nothing more arrives.
-        if dropped {
-            let stats: Vec<_> = [&self.receiver, &self.touched_receiver]
+        StopReceivers {
+            receivers: [self.receiver.take(), self.touched_receiver.take()]
                 .into_iter()
                 .flatten()
-                .map(|r| r.stats.clone())
-                .collect();
-            crate::migrate::capture::arrivals_settle(
-                &stats,
-                Duration::from_millis(300),
-                Duration::from_secs(10),
-            )
-            .await;
-        }
-        if let Some(r) = self.receiver.take() {
-            r.stop().await;
-        }
-        if let Some(r) = self.touched_receiver.take() {
-            r.stop().await;
+                .collect(),
+            settle: dropped,
         }
     }
 
