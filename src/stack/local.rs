@@ -115,9 +115,12 @@ impl SshKeys {
                 }
             }
         }
-        if !keys.known_hosts.exists() {
-            std::fs::write(&keys.known_hosts, "").map_err(|e| io("write known_hosts", e))?;
-        }
+        // Created if missing, never truncated: another process may be trusting a host.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&keys.known_hosts)
+            .map_err(|e| io("create known_hosts", e))?;
         Ok(keys)
     }
 
@@ -132,19 +135,44 @@ impl SshKeys {
     }
 
     /// Record the host key for `addr:port` in the known-hosts file (idempotent).
+    ///
+    /// The line is appended, never the file rewritten: whoever calls this (an
+    /// orchestrator creating a target stack) may be killed at any instant, and a rewrite
+    /// killed between its truncation and its write left the file without the entries it
+    /// held, the service's own source among them (CI, crash campaign: "SSH host key
+    /// verification failed" on the source after a kill in stack create). Two processes
+    /// trusting at once each keep their line too. Bytes that are not text are kept as
+    /// they are; a file that cannot be read is an error, not an empty one.
     pub fn trust(&self, addr: Ipv4Addr, port: u16) -> Result<(), LocalError> {
-        let line = format!("[{addr}]:{port} {}\n", self.host_pub()?);
-        let cur = std::fs::read_to_string(&self.known_hosts).unwrap_or_default();
-        if !cur.contains(line.trim_end()) {
-            let mut s = cur;
-            s.push_str(&line);
-            std::fs::write(&self.known_hosts, s).map_err(|source| LocalError::Io {
-                addr: addr.to_string(),
-                what: "write known_hosts".into(),
-                source,
-            })?;
+        use std::io::Write as _;
+        let line = format!("[{addr}]:{port} {}", self.host_pub()?);
+        let io = |what: &str, source| LocalError::Io {
+            addr: addr.to_string(),
+            what: format!("{what} {}", self.known_hosts.display()),
+            source,
+        };
+        let cur = match std::fs::read(&self.known_hosts) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io("read", e)),
+        };
+        if cur
+            .split(|&b| b == b'\n')
+            .any(|l| l.trim_ascii() == line.as_bytes())
+        {
+            return Ok(());
         }
-        Ok(())
+        let sep = if cur.is_empty() || cur.ends_with(b"\n") {
+            ""
+        } else {
+            "\n"
+        };
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.known_hosts)
+            .and_then(|mut f| f.write_all(format!("{sep}{line}\n").as_bytes()))
+            .map_err(|e| io("append to", e))
     }
 }
 
@@ -884,5 +912,76 @@ impl StackProvider for LocalStacks {
             id: st.id,
             name: st.name,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (tempfile::TempDir, SshKeys) {
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = SshKeys::ensure(&tmp.path().join("keys")).unwrap();
+        (tmp, keys)
+    }
+
+    fn entry(keys: &SshKeys, addr: Ipv4Addr) -> String {
+        format!("[{addr}]:{SSH_PORT} {}", keys.host_pub().unwrap())
+    }
+
+    #[test]
+    fn trusting_a_host_keeps_every_byte_the_known_hosts_file_held() {
+        let (_tmp, keys) = keys();
+        // An operator's comment in Latin-1 and an entry with no final newline: not text
+        // to `read_to_string`, which once made trust start from an empty file.
+        let before = b"# caf\xe9 hosts\n[10.0.0.9]:22 ssh-ed25519 AAAAC3Nz";
+        std::fs::write(&keys.known_hosts, before).unwrap();
+        let a = Ipv4Addr::new(127, 0, 9, 1);
+        keys.trust(a, SSH_PORT).unwrap();
+        keys.trust(a, SSH_PORT).unwrap();
+        let after = std::fs::read(&keys.known_hosts).unwrap();
+        let mut want = before.to_vec();
+        want.extend_from_slice(format!("\n{}\n", entry(&keys, a)).as_bytes());
+        assert_eq!(
+            String::from_utf8_lossy(&after),
+            String::from_utf8_lossy(&want)
+        );
+    }
+
+    #[test]
+    fn hosts_trusted_at_once_from_several_threads_all_stay_trusted() {
+        let (_tmp, keys) = keys();
+        let addrs: Vec<Ipv4Addr> = (1..=200).map(|n| Ipv4Addr::new(127, 0, 9, n)).collect();
+        std::thread::scope(|s| {
+            for chunk in addrs.chunks(25) {
+                let keys = &keys;
+                s.spawn(move || {
+                    for &a in chunk {
+                        keys.trust(a, SSH_PORT).unwrap();
+                    }
+                });
+            }
+        });
+        let text = std::fs::read_to_string(&keys.known_hosts).unwrap();
+        let missing: Vec<_> = addrs
+            .iter()
+            .filter(|&&a| !text.lines().any(|l| l == entry(&keys, a)))
+            .collect();
+        assert!(missing.is_empty(), "entries lost: {missing:?}");
+    }
+
+    #[test]
+    fn a_known_hosts_file_that_cannot_be_read_is_an_error_naming_it() {
+        let (_tmp, keys) = keys();
+        std::fs::remove_file(&keys.known_hosts).unwrap();
+        std::fs::create_dir(&keys.known_hosts).unwrap();
+        let err = keys
+            .trust(Ipv4Addr::new(127, 0, 9, 1), SSH_PORT)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&keys.known_hosts.display().to_string()) && err.contains("read"),
+            "{err}"
+        );
     }
 }
