@@ -33,8 +33,12 @@ pub enum RemoteError {
         code: Option<i32>,
         stderr: String,
     },
-    #[error("{host}: SSH host key verification failed: the key offered by {host} is unknown or has changed; check it and add the right key to the known-hosts file ({known_hosts}), or set host_key_check: accept-new for a host never seen before")]
-    HostKey { host: String, known_hosts: String },
+    #[error("{host}: SSH host key verification failed: {}", problem.explain(host, known_hosts))]
+    HostKey {
+        host: String,
+        known_hosts: String,
+        problem: HostKeyProblem,
+    },
     #[error("{host}: the SSH host key it offers is none of the keys pinned for it (the stack's ssh_host_keys output, or ssh.host_keys): refusing to connect, another machine may answer at this address")]
     PinnedHostKey { host: String },
     #[error("{host}: SSH authentication refused for user {user}: check the identity file and the host's authorized_keys")]
@@ -57,6 +61,42 @@ pub enum RemoteError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What OpenSSH said about a host key it refused: the fix differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKeyProblem {
+    /// The known-hosts file holds no key for the host.
+    Unknown,
+    /// It holds another key for the host than the one offered.
+    Changed,
+    /// OpenSSH refused the key and did not say which.
+    Unclear,
+}
+
+impl HostKeyProblem {
+    /// From OpenSSH's own words on stderr.
+    pub fn from_ssh(stderr: &str) -> Option<HostKeyProblem> {
+        if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+            || (stderr.contains("Host key for") && stderr.contains("has changed"))
+        {
+            Some(HostKeyProblem::Changed)
+        } else if stderr.contains("host key is known for") {
+            Some(HostKeyProblem::Unknown)
+        } else if stderr.contains("Host key verification failed") {
+            Some(HostKeyProblem::Unclear)
+        } else {
+            None
+        }
+    }
+
+    fn explain(&self, host: &str, known_hosts: &str) -> String {
+        match self {
+            HostKeyProblem::Unknown => format!("the known-hosts file ({known_hosts}) holds no key for {host}; add the host's key to it (checked against the VM's console or its stack's ssh_host_keys output), or set host_key_check: accept-new for a host never seen before"),
+            HostKeyProblem::Changed => format!("the key {host} offers is not the one the known-hosts file ({known_hosts}) holds for it: another machine may answer at this address (a reused address, a rebuilt VM); check which before replacing that line"),
+            HostKeyProblem::Unclear => format!("the key offered by {host} is unknown or has changed; check it and add the right key to the known-hosts file ({known_hosts}), or set host_key_check: accept-new for a host never seen before"),
+        }
+    }
 }
 
 impl RemoteError {

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use openssh::{ForwardType, KnownHosts, Session, SessionBuilder, Socket, Stdio};
 
-use super::{BoxRead, BoxWrite, Pipes, ProcessInner, Remote, RemoteError, RemoteProcess};
+use super::{
+    BoxRead, BoxWrite, HostKeyProblem, Pipes, ProcessInner, Remote, RemoteError, RemoteProcess,
+};
 use crate::config::{HostKeyCheck, SshConfig};
 
 /// Commands on a host reached over SSH. A clone shares the connection (commands from
@@ -149,11 +151,7 @@ impl SshRemote {
                 }
                 Err(e) => {
                     let msg = crate::util::error_chain(&e);
-                    if msg.contains("Host key verification failed")
-                        || msg.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
-                        || msg.contains("No ED25519 host key is known")
-                        || msg.contains("host key for")
-                    {
+                    if let Some(problem) = HostKeyProblem::from_ssh(&msg) {
                         if pinned.is_some() {
                             return Err(RemoteError::PinnedHostKey { host: name });
                         }
@@ -164,6 +162,7 @@ impl SshRemote {
                                 .as_ref()
                                 .map(|p| p.display().to_string())
                                 .unwrap_or_else(|| "~/.ssh/known_hosts".into()),
+                            problem,
                         });
                     }
                     if msg.contains("Permission denied") {

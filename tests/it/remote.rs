@@ -2,7 +2,7 @@ use std::time::{Duration, Instant};
 
 use crate::kit::lab::LabOptions;
 use stateshift::config::HostKeyCheck;
-use stateshift::remote::{Pipes, Remote, RemoteError, SshRemote};
+use stateshift::remote::{HostKeyProblem, Pipes, Remote, RemoteError, SshRemote};
 use stateshift::stack::local::{LocalVm, SshKeys, VmOptions, SSH_PORT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -176,7 +176,16 @@ async fn pinned_host_keys_are_the_only_ones_accepted_whatever_known_hosts_says()
     .unwrap();
     // Without pinning, the stale entry wins: refused as a changed key.
     let err = SshRemote::connect(&cfg).await.err().expect("stale key");
-    assert!(matches!(err, RemoteError::HostKey { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RemoteError::HostKey {
+                problem: HostKeyProblem::Changed,
+                ..
+            }
+        ),
+        "{err}"
+    );
     // Pinned: the key the VM reported is accepted, the known_hosts file is not consulted.
     cfg.host_keys = vec![right.clone()];
     let ssh = SshRemote::connect(&cfg).await.expect("pinned key accepted");
@@ -307,4 +316,71 @@ async fn a_read_back_on_the_host_that_is_given_up_stops_there() {
         matches!(closed, Ok(Ok(_))),
         "the read on the host still held its connection 10 s after it was given up: {closed:?}"
     );
+}
+
+/// A known-hosts file that lost the host's line (as one rewritten by a killed process
+/// did) and one that holds another machine's key need different fixes: the error says
+/// which it is, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_host_key_says_whether_the_file_held_no_key_or_another_one() {
+    let tmp = tempfile::Builder::new()
+        .prefix("ss-it")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let keys = SshKeys::ensure(&tmp.path().join("keys")).unwrap();
+    let vm = LocalVm::start(
+        &tmp.path().join("vm"),
+        VmOptions {
+            ssh: Some(keys.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut cfg = vm.ssh_config(&keys);
+    cfg.ready_timeout = Duration::from_secs(5);
+    let file = keys.known_hosts.display().to_string();
+
+    std::fs::write(&keys.known_hosts, "").unwrap();
+    let err = SshRemote::connect(&cfg).await.err().expect("no key known");
+    assert!(
+        matches!(
+            err,
+            RemoteError::HostKey {
+                problem: HostKeyProblem::Unknown,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("holds no key for") && msg.contains(&file),
+        "{msg}"
+    );
+
+    let other = SshKeys::ensure(&tmp.path().join("other")).unwrap();
+    std::fs::write(
+        &keys.known_hosts,
+        format!("[{}]:{} {}\n", cfg.host, cfg.port, host_public_key(&other)),
+    )
+    .unwrap();
+    let msg = SshRemote::connect(&cfg)
+        .await
+        .err()
+        .expect("another key")
+        .to_string();
+    assert!(
+        msg.contains("is not the one") && msg.contains("another machine") && msg.contains(&file),
+        "{msg}"
+    );
+
+    // The right key: connected.
+    std::fs::write(
+        &keys.known_hosts,
+        format!("[{}]:{} {}\n", cfg.host, cfg.port, host_public_key(&keys)),
+    )
+    .unwrap();
+    let ssh = SshRemote::connect(&cfg).await.expect("right key");
+    assert_eq!(ssh.run("echo ok").await.unwrap(), "ok\n");
 }
