@@ -82,6 +82,43 @@ fn print_writer_phases(ledger: &workload::Ledger, report: &Report, idle: (u64, u
         let to = p.started_unix_ms + (p.seconds * 1000.0).ceil() as u64;
         row(&p.phase.to_string(), p.started_unix_ms, to);
     }
+    // Where the slowest writes were sent, within their phase: a spike at a phase's first
+    // milliseconds and one spread over it have different causes.
+    let mut slow: Vec<(u32, u64)> = ledger
+        .latencies_us
+        .iter()
+        .copied()
+        .zip(ledger.sent_unix_ms.iter().copied())
+        .filter(|&(_, at)| at >= idle.0)
+        .collect();
+    slow.sort_unstable_by_key(|&(us, _)| std::cmp::Reverse(us));
+    let at = |ms: u64| {
+        if ms < idle.1 {
+            return format!("(alone) +{:.3} s", (ms - idle.0) as f64 / 1000.0);
+        }
+        report
+            .phases
+            .iter()
+            .rev()
+            .find(|p| p.started_unix_ms <= ms)
+            .map(|p| {
+                format!(
+                    "{} +{:.3} s of {:.3} s",
+                    p.phase,
+                    (ms - p.started_unix_ms) as f64 / 1000.0,
+                    p.seconds
+                )
+            })
+            .unwrap_or_else(|| "before the migration".into())
+    };
+    let list: Vec<String> = slow
+        .iter()
+        .take(5)
+        .map(|&(us, ms)| format!("{:.1} ms at {}", us as f64 / 1000.0, at(ms)))
+        .collect();
+    if !list.is_empty() {
+        println!("  slowest writes: {}", list.join("; "));
+    }
 }
 
 /// Benchmark options.
