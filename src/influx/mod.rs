@@ -11,6 +11,10 @@ mod vars;
 
 pub use vars::{drained, InFlight, SubStats};
 
+/// The database where InfluxDB stores its own statistics (`[monitor] store-enabled`):
+/// never migrated, each server keeping its own.
+pub const MONITOR_DB: &str = "_internal";
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -652,15 +656,25 @@ impl Influx {
         }
     }
 
-    /// User databases (without `_internal`).
+    /// User databases (without [`MONITOR_DB`]).
     pub async fn databases(&self) -> Result<Vec<String>, InfluxError> {
+        let mut out = self.all_databases().await?;
+        out.retain(|n| n != MONITOR_DB);
+        Ok(out)
+    }
+
+    /// Whether the server holds database `name` ([`MONITOR_DB`] included).
+    pub async fn has_database(&self, name: &str) -> Result<bool, InfluxError> {
+        Ok(self.all_databases().await?.iter().any(|n| n == name))
+    }
+
+    async fn all_databases(&self) -> Result<Vec<String>, InfluxError> {
         let series = self.query(None, "SHOW DATABASES").await?;
         let mut out = Vec::new();
         for s in series {
             for row in s.values {
                 match row.first().and_then(Value::as_str) {
-                    Some(n) if n != "_internal" => out.push(n.to_string()),
-                    Some(_) => {}
+                    Some(n) => out.push(n.to_string()),
                     None => return Err(self.decode_err("SHOW DATABASES", "a row without a name")),
                 }
             }
@@ -801,7 +815,7 @@ impl Influx {
     pub async fn continuous_queries(&self) -> Result<Vec<ContinuousQuery>, InfluxError> {
         let mut out = Vec::new();
         for s in self.query(None, "SHOW CONTINUOUS QUERIES").await? {
-            if s.name == "_internal" {
+            if s.name == MONITOR_DB {
                 continue;
             }
             for row in &s.values {

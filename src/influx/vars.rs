@@ -9,10 +9,15 @@ use super::{Influx, InfluxError};
 /// Forwarding counters of one subscription name on a server.
 #[derive(Debug, Default, Clone)]
 pub struct SubStats {
-    /// Points the subscriptions delivered.
+    /// Points the subscriptions delivered, the source's statistics included.
     pub written: u64,
-    /// Deliveries the subscriptions failed.
+    /// Of `written`, the points of the source's statistics ([`super::MONITOR_DB`]).
+    pub monitor_written: u64,
+    /// Deliveries the subscriptions failed, but the statistics' (no writer's point, and
+    /// they keep coming to a receiver that is gone: a crashed run's).
     pub failed: u64,
+    /// Deliveries of the source's statistics the subscriptions failed.
+    pub monitor_failed: u64,
     /// Server-wide forwarding drops (cumulative since the server started):
     /// `queue_drops` plus the subscriber service's failures that no listed subscription
     /// shows (`service_failures` − `listed_failures`).
@@ -224,8 +229,14 @@ fn subscriber_stats(vars: &Value, name: &str) -> SubStats {
             .or_default();
         *sub = (*sub).max(failures);
         if tag("name") == name {
-            st.written += num(v, "/values/pointsWritten");
-            st.failed += failures;
+            let written = num(v, "/values/pointsWritten");
+            st.written += written;
+            if tag("database") == super::MONITOR_DB {
+                st.monitor_written += written;
+                st.monitor_failed += failures;
+            } else {
+                st.failed += failures;
+            }
         }
     }
     for ((_, _, n), failures) in per_sub {
@@ -317,6 +328,27 @@ mod tests {
             super::writes_in_flight(&busy),
             Some(super::InFlight { http: 0, shards: 2 })
         );
+    }
+
+    #[test]
+    fn the_statistics_a_subscription_forwards_count_as_delivered_and_their_failures_apart() {
+        let vars = json!({
+            "subscriber": {"values": {"writeFailures": 9}},
+            "subscriber:db:autogen:stateshift_1:http://a": {
+                "tags": {"database": "db", "retention_policy": "autogen", "name": "stateshift_1"},
+                "values": {"pointsWritten": 40, "writeFailures": 2}
+            },
+            "subscriber:_internal:monitor:stateshift_1:http://a": {
+                "tags": {"database": "_internal", "retention_policy": "monitor", "name": "stateshift_1"},
+                "values": {"pointsWritten": 300, "writeFailures": 7}
+            }
+        });
+        let st = super::subscriber_stats(&vars, "stateshift_1");
+        // The drain's proof compares every delivered point with every entered one.
+        assert_eq!((st.written, st.monitor_written), (340, 300));
+        // A statistic that failed is no writer's loss; it is still a listed failure.
+        assert_eq!((st.failed, st.monitor_failed), (2, 7));
+        assert_eq!((st.listed_failures, st.dropped), (9, 0));
     }
 
     #[test]

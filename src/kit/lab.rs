@@ -3,6 +3,7 @@
 //! would write it. The demo, the benchmark and the tests start from here.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use stateshift::config::Config;
 use stateshift::stack::local::{LocalError, LocalVm, SshKeys, VmOptions};
@@ -28,6 +29,9 @@ pub struct LabOptions {
     pub synchronous_cutover: bool,
     /// More `[data]` settings of both VMs' InfluxDB ([`VmOptions::data_settings`]).
     pub data_settings: Vec<(String, String)>,
+    /// The source's InfluxDB stores its statistics in `_internal` at this interval
+    /// ([`VmOptions::monitor_store`]); the target never does.
+    pub source_monitor_store: Option<Duration>,
 }
 
 impl Lab {
@@ -50,6 +54,7 @@ impl Lab {
                 subnet: None,
                 detached: false,
                 data_settings: opts.data_settings.clone(),
+                monitor_store: opts.source_monitor_store.filter(|_| name == "source"),
             };
             async move { LocalVm::start(&d, o).await }
         };

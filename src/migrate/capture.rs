@@ -33,7 +33,7 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use super::spool::SpoolWriter;
-use crate::influx::lineproto;
+use crate::influx::{lineproto, MONITOR_DB};
 use crate::util::Secret;
 
 /// Where forwarded writes go.
@@ -154,6 +154,9 @@ pub struct ReceiverStats {
     /// Requests that carried credentials retired by [`Receiver::rotate`]: answered,
     /// kept nowhere.
     pub retired: AtomicU64,
+    /// Of `points`, those of the source's own statistics ([`MONITOR_DB`]): spooled for
+    /// the drain's proof, never replayed, and no writer's.
+    pub monitor_points: AtomicU64,
     last_write: Mutex<Option<Instant>>,
     /// The measurements the spooled writes went to.
     written_to: Mutex<WrittenTo>,
@@ -227,6 +230,11 @@ fn raw_measurement(line: &str) -> &str {
 impl ReceiverStats {
     pub fn points(&self) -> u64 {
         self.points.load(Ordering::SeqCst)
+    }
+    /// The points of writers' writes: [`Self::points`] less the source's statistics.
+    pub fn writers_points(&self) -> u64 {
+        self.points()
+            .saturating_sub(self.monitor_points.load(Ordering::SeqCst))
     }
     /// Requests that reached the receiver, taken or not.
     pub fn arrivals(&self) -> u64 {
@@ -526,6 +534,7 @@ async fn take(
         return reject(StatusCode::BAD_REQUEST);
     };
     let points = lineproto::count_points(text) as u64;
+    let statistics = db == MONITOR_DB;
     match sink {
         Sink::Spool(w) => {
             // Before the write counts as received (and even if spooling it fails: "maybe
@@ -559,6 +568,13 @@ async fn take(
                 return reject(StatusCode::BAD_REQUEST);
             }
         }
+    }
+    if statistics {
+        // Counted first: `points` never shows them as a writer's. Statistics arrive
+        // whatever the writers do, so they do not hold the quiet period off either.
+        stats.monitor_points.fetch_add(points, Ordering::SeqCst);
+        stats.points.fetch_add(points, Ordering::SeqCst);
+        return StatusCode::NO_CONTENT;
     }
     stats.points.fetch_add(points, Ordering::SeqCst);
     *stats.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());

@@ -191,6 +191,9 @@ pub struct VmOptions {
     /// More settings of InfluxDB's `[data]` section, as written in its file (key, value):
     /// e.g. `("cache-snapshot-write-cold-duration", "\"1s\"")`.
     pub data_settings: Vec<(String, String)>,
+    /// Store InfluxDB's own statistics in `_internal` at this interval (`[monitor]
+    /// store-enabled`, Debian's default, every 10 s); off when `None`.
+    pub monitor_store: Option<Duration>,
 }
 
 /// A running local VM. Dropping it kills its processes; [`LocalVm::destroy`] also
@@ -281,8 +284,7 @@ bind-address = "{a}:{RPC_PORT}"
 [logging]
   level = "warn"
 [monitor]
-  store-enabled = false
-[continuous_queries]
+{monitor}[continuous_queries]
   log-enabled = false
 "#,
             a = self.addr,
@@ -292,6 +294,13 @@ bind-address = "{a}:{RPC_PORT}"
                 .iter()
                 .map(|(k, v)| format!("  {k} = {v}\n"))
                 .collect::<String>(),
+            monitor = match self.opts.monitor_store {
+                Some(every) => format!(
+                    "  store-enabled = true\n  store-interval = \"{}ms\"\n",
+                    every.as_millis()
+                ),
+                None => "  store-enabled = false\n".into(),
+            },
         )
     }
 
@@ -559,7 +568,9 @@ struct StackState {
 
 /// The embedded stack provider: each stack is one local VM (an `influxd` and an `sshd`
 /// on its own loopback address) whose processes outlive the orchestrator. Its state is
-/// on disk, so a restarted orchestrator finds its stacks again.
+/// on disk, so a restarted orchestrator finds its stacks again. Parameters: `disk_mb`
+/// (the VM's files on a filesystem of that size), `monitor_store_ms` (its InfluxDB
+/// stores its own statistics in `_internal` at that interval).
 pub struct LocalStacks {
     dir: PathBuf,
     keys: SshKeys,
@@ -773,12 +784,30 @@ impl StackProvider for LocalStacks {
                 });
             }
         }
+        // The InfluxDB stores its own statistics in `_internal` every N ms, as
+        // Debian's default does every 10 s (off unless asked: a foreign source's case).
+        let monitor_store = match spec.parameters.get("monitor_store_ms") {
+            None => None,
+            Some(ms) => match ms.parse::<u64>() {
+                Ok(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+                _ => {
+                    let _ = remove_stack_dir(&sdir).await;
+                    return Err(StackError::Invalid {
+                        provider: self.describe(),
+                        msg: format!(
+                            "parameter monitor_store_ms={ms:?}: a whole number of milliseconds above 0"
+                        ),
+                    });
+                }
+            },
+        };
         let opts = VmOptions {
             ssh: Some(self.keys.clone()),
             admin: None,
             subnet: Some(self.subnet),
             detached: true,
             data_settings: Vec::new(),
+            monitor_store,
         };
         let started =
             tokio::time::timeout(spec.timeout, LocalVm::start(&sdir.join("vm"), opts)).await;

@@ -1560,6 +1560,63 @@ impl Progress for HoldWriterWhileSubscribing {
     }
 }
 
+/// A source that stores its own statistics in `_internal` (Debian's default) sends them
+/// through the points writer whose entries the drain's proof counts: the capture forwards
+/// them too, so the proof holds; the replay leaves them out (this target stores no
+/// statistics: a replayed one would find no database there and fail the migration).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_storing_its_statistics_still_proves_the_drain_and_keeps_them_to_itself() {
+    let lab = lab(LabOptions {
+        synchronous_cutover: true,
+        source_monitor_store: Some(Duration::from_millis(500)),
+        ..LabOptions::default()
+    })
+    .await;
+    let (_, cfg) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 20_000).await;
+    // InfluxDB makes the database at its first store.
+    let t = std::time::Instant::now();
+    while !lab.source.client().has_database("_internal").await.unwrap() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no _internal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w = RunningWriter::start(writer(&lab, "cyclops", 1000));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let hold = StatisticsStoredMeanwhile(HoldWriterWhileSubscribing(lab.url_file.clone()));
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &hold)
+        .await
+        .expect("migration succeeds");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = w.finish().await;
+    assert!(
+        report.drain_proven,
+        "the drain ended on the counters, statistics entering the source meanwhile"
+    );
+    assert!(report.capture_stop_proven);
+    assert!(
+        !lab.target.client().has_database("_internal").await.unwrap(),
+        "nothing of the source's statistics reached the target"
+    );
+    assert_eq!(ledger.requests_failed, 0);
+    let problems = workload::check_ledger(&lab.target.client(), "cyclops", &ledger)
+        .await
+        .unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// [`HoldWriterWhileSubscribing`], and 1.5 s before the delta: the source stores its
+/// statistics (every 0.5 s here) between the capture's start and the drain's proof.
+struct StatisticsStoredMeanwhile(HoldWriterWhileSubscribing);
+
+impl Progress for StatisticsStoredMeanwhile {
+    fn phase_started(&self, phase: Phase) {
+        self.0.phase_started(phase);
+        if phase == Phase::Delta {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+    }
+}
+
 /// A point the source takes outside the capture (here a write to a retention policy that
 /// does not exist: counted on entry, then refused) keeps the counters from proving the
 /// drain: the migration ends it on time instead, and loses nothing.

@@ -85,6 +85,15 @@ pub(crate) async fn service(subnet: u8) -> Svc {
 
 /// [`service`] with `points` seeded points (spread over 10 days, 3 measurements).
 pub(crate) async fn service_seeded(subnet: u8, points: u64) -> Svc {
+    service_with(subnet, points, Default::default()).await
+}
+
+/// [`service_seeded`] whose first stack is created with `parameters`.
+pub(crate) async fn service_with(
+    subnet: u8,
+    points: u64,
+    parameters: std::collections::BTreeMap<String, String>,
+) -> Svc {
     let tmp = tempfile::Builder::new()
         .prefix("ss-o")
         .tempdir_in("/tmp")
@@ -95,7 +104,7 @@ pub(crate) async fn service_seeded(subnet: u8, points: u64) -> Svc {
         secret_parameters: Default::default(),
         name: "svc-influx-0".into(),
         template: dir.join("none"),
-        parameters: Default::default(),
+        parameters,
         environment_files: vec![],
         timeout: Duration::from_secs(60),
     };
@@ -436,6 +445,52 @@ async fn a_crash_after_the_repoint_resumes_or_refuses_safely_and_after_verify_fi
     {
         crash_then_restart(p, 31 + i as u8).await;
     }
+}
+
+/// A source that stores its own statistics (here every 300 ms) goes on forwarding them,
+/// after a crash past the repoint, to the crashed run's receiver, which is gone: every
+/// delivery fails. None is a writer's: the restart resumes and loses nothing, and takes
+/// neither those failures nor, once that subscription is dropped and InfluxDB forgets
+/// its counters, the service-wide count that keeps them, for a loss of its capture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_repoint_resumes_although_the_source_stores_its_statistics() {
+    let svc = service_with(
+        97,
+        5_000,
+        [("monitor_store_ms".to_string(), "300".to_string())].into(),
+    )
+    .await;
+    let src = svc.current();
+    let t = Instant::now();
+    while !src.has_database("_internal").await.unwrap() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no _internal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w = svc.writer(800);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, out) = migrate_cli(&svc, Some("cutover:done"));
+    assert!(!ok && out.contains("dying here"), "{out}");
+    // A few stores, each delivery failing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let failing = src
+        .subscriptions()
+        .await
+        .unwrap()
+        .iter()
+        .any(|s| s.database == "_internal");
+    assert!(failing, "the crashed run's capture covered the statistics");
+    let (ok, out) = migrate_after_settle(&svc);
+    assert!(ok, "the restart resumes and finishes: {out}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ledger = w.finish().await;
+    assert_eq!(svc.stacks_on_disk().len(), 1, "{out}");
+    assert_nothing_lost(
+        &svc.current(),
+        &ledger,
+        5_000,
+        "statistics stored meanwhile",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::context::{sub_name, Migration};
 use super::{MigrateError, Phase};
 use crate::config::Config;
-use crate::influx::{drained, ident, literal, Influx, SubStats};
+use crate::influx::{drained, ident, literal, Influx, SubStats, MONITOR_DB};
 use crate::migrate::capture::{Receiver, ReceiverAuth, Sink};
 use crate::migrate::spool::SpoolWriter;
 use crate::util::Secret;
@@ -234,7 +234,21 @@ impl Migration<'_> {
         let influx = side.influx.clone();
         let mut made = Vec::new();
         let mut rps = Vec::new();
-        for db in influx.databases().await.map_err(Self::influx_err(phase))? {
+        let mut dbs = influx.databases().await.map_err(Self::influx_err(phase))?;
+        // A source that stores its statistics (Debian's default) sends them through the
+        // same points writer as the writers' points, and the drain's proof counts every
+        // point that enters it: forwarded too, they keep it provable. The receiver spools
+        // them like any write (a resumed run checks spool against counters) and the
+        // replay leaves them out: the target keeps statistics of its own.
+        if on_source
+            && influx
+                .has_database(MONITOR_DB)
+                .await
+                .map_err(Self::influx_err(phase))?
+        {
+            dbs.push(MONITOR_DB.to_string());
+        }
+        for db in dbs {
             for rp in influx
                 .retention_policies(&db)
                 .await
@@ -497,6 +511,11 @@ impl Migration<'_> {
             last = now;
         }
         let settled = stable_since.elapsed() >= Duration::from_millis(500);
+        // The interrupted capture's subscriptions on the source's statistics failed every
+        // delivery since its receiver went. Dropped, InfluxDB forgets their counters but
+        // keeps those failures in its service-wide count, where this capture would take
+        // them for its own drops: its base takes them in.
+        let moved = Self::subscriber_stats(&src, old, p).await?.monitor_failed;
         for s in src.subscriptions().await.map_err(Self::influx_err(p))? {
             if s.name == old {
                 let _ = src
@@ -504,6 +523,7 @@ impl Migration<'_> {
                     .await;
             }
         }
+        self.drops_base.dropped += moved;
         let dst = self.dst().influx.clone();
         for s in dst.subscriptions().await.map_err(Self::influx_err(p))? {
             if s.name.starts_with(old) {
@@ -512,9 +532,11 @@ impl Migration<'_> {
                     .await;
             }
         }
-        if last.failed > 0 || last.written != spooled {
+        // Of the writers' writes only: the statistics' deliveries are not compared.
+        let written = last.written.saturating_sub(last.monitor_written);
+        if last.failed > 0 || written != spooled {
             self.progress
-                .capture_lost((last.failed + last.written.saturating_sub(spooled)).max(1));
+                .capture_lost((last.failed + written.saturating_sub(spooled)).max(1));
             return Err(MigrateError::Failed {
                 phase: p,
                 msg: format!(
@@ -525,7 +547,7 @@ impl Migration<'_> {
                         "at least "
                     },
                     last.failed,
-                    last.written
+                    written
                 ),
             });
         }

@@ -239,7 +239,7 @@ impl Migration<'_> {
         // The source is quiet: what runs there from now on (verification) yields to the
         // target, which serves the writers.
         self.lower_priority(End::Source);
-        self.report.points_captured = stats.points();
+        self.report.points_captured = stats.writers_points();
         self.report.replay_points_per_second = if self.report.replay_seconds > 0.0 {
             self.report.points_replayed as f64 / self.report.replay_seconds
         } else {

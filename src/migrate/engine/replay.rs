@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::context::Migration;
 use super::{MigrateError, Phase};
-use crate::influx::{lineproto, Influx, InfluxError};
+use crate::influx::{lineproto, Influx, InfluxError, MONITOR_DB};
 use crate::migrate::capture::KeySet;
 use crate::migrate::spool::SpoolReader;
 
@@ -116,6 +116,10 @@ pub async fn replay_ready(
             break;
         }
         for r in ready {
+            if r.db == MONITOR_DB {
+                // The source's own statistics, captured for the drain's proof only.
+                continue;
+            }
             if held + r.body.len() > REPLAY_BATCH_BYTES {
                 for b in &mut open {
                     points += b.flush(target, phase, track).await?;
