@@ -193,7 +193,7 @@ impl Migration<'_> {
                         break;
                     }
                     Drain::Unproven { entered, delivered } => {
-                        unproven = Some(format!("within 1 s of the command; at the last try {entered} points had entered it since the capture began and {delivered} had been forwarded: points still queued there, or taken outside the capture (a database or retention policy it does not cover, such as _internal's statistics, a write refused there, or one that arrived while the capture's subscriptions were being made)"))
+                        unproven = Some(format!("within 1 s of the command; at the last try {entered} points had entered it since the capture began and {delivered} had been forwarded: points still queued there, or taken outside the capture (a database or retention policy it does not cover, a write refused there, or one that arrived while the capture's subscriptions were being made)"))
                     }
                     Drain::NoBase => {
                         proof = false;
