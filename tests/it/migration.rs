@@ -1568,7 +1568,7 @@ impl Progress for HoldWriterWhileSubscribing {
 async fn a_source_storing_its_statistics_still_proves_the_drain_and_keeps_them_to_itself() {
     let lab = lab(LabOptions {
         synchronous_cutover: true,
-        source_monitor_store: Some(Duration::from_millis(500)),
+        source_monitor_store: Some(Duration::from_secs(1)),
         ..LabOptions::default()
     })
     .await;
@@ -1605,7 +1605,7 @@ async fn a_source_storing_its_statistics_still_proves_the_drain_and_keeps_them_t
 }
 
 /// [`HoldWriterWhileSubscribing`], and 1.5 s before the delta: the source stores its
-/// statistics (every 0.5 s here) between the capture's start and the drain's proof.
+/// statistics (every second here) between the capture's start and the drain's proof.
 struct StatisticsStoredMeanwhile(HoldWriterWhileSubscribing);
 
 impl Progress for StatisticsStoredMeanwhile {

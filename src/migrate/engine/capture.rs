@@ -60,6 +60,9 @@ impl Migration<'_> {
         // in the dump, but the proof cannot hold then, and the cutover would wait
         // `capture.quiet_period`. So the subscriptions are made again, a few times at
         // most, until none entered meanwhile.
+        if self.plan.resume {
+            self.drop_interrupted_statistics(p).await?;
+        }
         let mut attempt = 1;
         let subs = loop {
             let at_start = Self::subscriber_stats(&self.src().influx, &name, p).await?;
@@ -490,6 +493,66 @@ impl Migration<'_> {
         Ok(())
     }
 
+    /// A resumed run, before its capture's base: the interrupted captures' subscriptions
+    /// on the source's statistics ([`MONITOR_DB`]) have failed every delivery since their
+    /// receiver went, and go on (the statistics keep coming). They carry no writer's
+    /// point, so they go first. Dropped, InfluxDB forgets their counters but keeps their
+    /// failures in its service-wide count, and delivers what they had queued, failing
+    /// it too: the base is read once that count has not moved for 500 ms (10 s at
+    /// most), so that none of it is taken for this capture's drops. One that fails
+    /// later still is, and stops the migration: safe, not silent. (Adding their last
+    /// count to the base instead missed the failures after it, and, with a DROP that
+    /// failed, hid as many real drops: found by review.)
+    async fn drop_interrupted_statistics(&self, p: Phase) -> Result<(), MigrateError> {
+        let names: Vec<&str> = self
+            .resume
+            .iter()
+            .flat_map(|r| r.earlier.iter().map(|c| c.subscription.as_str()))
+            .collect();
+        let src = self.src().influx.clone();
+        let mut gone = Vec::new();
+        for s in src.subscriptions().await.map_err(Self::influx_err(p))? {
+            if s.database == MONITOR_DB && names.contains(&s.name.as_str()) {
+                src.drop_subscription(&s.name, &s.database, &s.retention_policy)
+                    .await
+                    .map_err(Self::influx_err(p))?;
+                gone.push(s);
+            }
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = None;
+        let mut stable_since = Instant::now();
+        while Instant::now() < deadline {
+            let mut live = 0;
+            for s in &gone {
+                live += src
+                    .live_subscriptions(
+                        &s.name,
+                        &[(s.database.clone(), s.retention_policy.clone())],
+                    )
+                    .await
+                    .map_err(Self::influx_err(p))?;
+            }
+            let failures = Self::subscriber_stats(&src, "", p).await?.service_failures;
+            if live > 0 || last != Some(failures) {
+                stable_since = Instant::now();
+            }
+            last = Some(failures);
+            if stable_since.elapsed() >= Duration::from_millis(500) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(
+            subscriptions = gone.len(),
+            "the interrupted captures' subscriptions on the source's statistics were dropped before this capture's base"
+        );
+        Ok(())
+    }
+
     async fn check_one_interrupted(&mut self, old: &str, spooled: u64) -> Result<(), MigrateError> {
         let p = Phase::Capture;
         let src = self.src().influx.clone();
@@ -511,11 +574,6 @@ impl Migration<'_> {
             last = now;
         }
         let settled = stable_since.elapsed() >= Duration::from_millis(500);
-        // The interrupted capture's subscriptions on the source's statistics failed every
-        // delivery since its receiver went. Dropped, InfluxDB forgets their counters but
-        // keeps those failures in its service-wide count, where this capture would take
-        // them for its own drops: its base takes them in.
-        let moved = Self::subscriber_stats(&src, old, p).await?.monitor_failed;
         for s in src.subscriptions().await.map_err(Self::influx_err(p))? {
             if s.name == old {
                 let _ = src
@@ -523,7 +581,6 @@ impl Migration<'_> {
                     .await;
             }
         }
-        self.drops_base.dropped += moved;
         let dst = self.dst().influx.clone();
         for s in dst.subscriptions().await.map_err(Self::influx_err(p))? {
             if s.name.starts_with(old) {
