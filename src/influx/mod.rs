@@ -141,6 +141,38 @@ pub struct RetentionPolicy {
     pub default: bool,
 }
 
+/// One shard as `SHOW SHARDS` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    pub id: u64,
+    pub database: String,
+    pub retention_policy: String,
+    /// Its shard group's start and end, as the server printed them (RFC 3339, seconds).
+    pub start_time: String,
+    pub end_time: String,
+    /// The nanoseconds since the epoch its shard group covers, both ends included (see
+    /// [`shard_span`]); `None` when the times printed cannot be read.
+    pub span: Option<(i64, i64)>,
+}
+
+/// The nanoseconds since the epoch a shard group printed as `start`..`end` covers, both
+/// ends included: `[start, end)`, widened to whole seconds, because InfluxDB prints them
+/// as RFC 3339 without the fraction (Go's `time.RFC3339` cuts it off), and never past
+/// InfluxDB's last time (`models.MaxNanoTime`). `None` for a time that is not RFC 3339 in
+/// UTC, or before 1970 (which `humantime` does not read): nothing is then known of the
+/// shard's span.
+pub fn shard_span(start: &str, end: &str) -> Option<(i64, i64)> {
+    const MAX_NANO_TIME: i64 = 9_223_372_036_854_775_806;
+    let ns = |t: &str| -> Option<i64> {
+        let at = humantime::parse_rfc3339(t).ok()?;
+        let since = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(i64::try_from(since.as_nanos()).unwrap_or(i64::MAX))
+    };
+    let (from, to) = (ns(start)?, ns(end)?);
+    let to = to.saturating_add(999_999_999).min(MAX_NANO_TIME);
+    (from <= to).then_some((from, to))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct User {
     pub name: String,
@@ -685,20 +717,41 @@ impl Influx {
 
     /// Every shard of database `db` by id (`SHOW SHARDS`).
     pub async fn shard_ids(&self, db: &str) -> Result<Vec<u64>, InfluxError> {
+        let mut out: Vec<u64> = self
+            .shards()
+            .await?
+            .into_iter()
+            .filter(|s| s.database == db)
+            .map(|s| s.id)
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Every shard of every database (`SHOW SHARDS`), with the time its shard group covers.
+    pub async fn shards(&self) -> Result<Vec<Shard>, InfluxError> {
         let q = "SHOW SHARDS";
         let mut out = Vec::new();
         for s in self.query(None, q).await? {
             for row in &s.values {
-                if str_of(col(&s.columns, row, "database")).as_deref() != Some(db) {
-                    continue;
-                }
+                let get = |c: &str| str_of(col(&s.columns, row, c));
                 let id = col(&s.columns, row, "id")
                     .and_then(Value::as_u64)
                     .ok_or_else(|| self.decode_err(q, "a shard without an id"))?;
-                out.push(id);
+                let (start, end) = (get("start_time"), get("end_time"));
+                out.push(Shard {
+                    id,
+                    database: get("database").unwrap_or_default(),
+                    retention_policy: get("retention_policy").unwrap_or_default(),
+                    span: start
+                        .as_deref()
+                        .zip(end.as_deref())
+                        .and_then(|(a, b)| shard_span(a, b)),
+                    start_time: start.unwrap_or_default(),
+                    end_time: end.unwrap_or_default(),
+                });
             }
         }
-        out.sort_unstable();
         Ok(out)
     }
 
@@ -895,6 +948,31 @@ fn str_of(v: Option<&Value>) -> Option<String> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_shard_span_covers_its_group_in_whole_seconds_or_is_unknown() {
+        // 2026-11-02T00:00:00Z is 1,793,577,600 s after the epoch.
+        let day = 86_400 * 1_000_000_000i64;
+        let start = 1_793_577_600 * 1_000_000_000i64;
+        assert_eq!(
+            shard_span("2026-11-02T00:00:00Z", "2026-11-09T00:00:00Z"),
+            Some((start, start + 7 * day + 999_999_999)),
+            "the end's second is covered too: its fraction is not printed"
+        );
+        // InfluxDB's last shard group ends past its last time.
+        assert_eq!(
+            shard_span("2262-04-05T00:00:00Z", "2262-04-12T00:00:00Z").map(|s| s.1),
+            Some(9_223_372_036_854_775_806)
+        );
+        for (a, b) in [
+            ("1969-12-29T00:00:00Z", "1970-01-05T00:00:00Z"),
+            ("2026-11-02", "2026-11-09T00:00:00Z"),
+            ("2026-11-09T00:00:00Z", "2026-11-02T00:00:00Z"),
+            ("", ""),
+        ] {
+            assert_eq!(shard_span(a, b), None, "{a:?}..{b:?}");
+        }
+    }
 
     /// An HTTP/1.1 server on loopback that answers every request with `status` and a
     /// chunked body that never ends (a misbehaving proxy or server); stops when the

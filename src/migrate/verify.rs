@@ -33,8 +33,40 @@ use super::capture::{point_key, KeySet};
 use crate::config::{ContentCheck, VerifyConfig};
 use crate::influx::{ident, literal, FieldType, Influx, InfluxError, Series};
 
-/// InfluxDB's own time bounds (`models.MinNanoTime`/`MaxNanoTime`): a query over all time.
-const ALL_TIME: &str = "time >= -9223372036854775806 AND time <= 9223372036854775806";
+/// A span of time, both ends included, in nanoseconds since the epoch: what an aggregate
+/// or a point-by-point comparison reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Span {
+    pub from: i64,
+    pub to: i64,
+}
+
+impl Span {
+    /// InfluxDB's own time bounds (`models.MinNanoTime`/`MaxNanoTime`): all time.
+    pub const ALL: Span = Span {
+        from: -9_223_372_036_854_775_806,
+        to: 9_223_372_036_854_775_806,
+    };
+
+    fn condition(&self) -> String {
+        format!("time >= {} AND time <= {}", self.from, self.to)
+    }
+}
+
+/// `spans` as the fewest disjoint spans, in order: those that overlap or touch are
+/// merged (InfluxDB 1.x answers nothing to time conditions joined by OR, so each span is
+/// one statement, and a point in two of them would be counted twice).
+pub fn merge_spans(mut spans: Vec<Span>) -> Vec<Span> {
+    spans.sort();
+    let mut out: Vec<Span> = Vec::with_capacity(spans.len());
+    for s in spans {
+        match out.last_mut() {
+            Some(last) if s.from <= last.to.saturating_add(1) => last.to = last.to.max(s.to),
+            _ => out.push(s),
+        }
+    }
+    out
+}
 const PAGE: usize = 10_000;
 const MAX_PROBLEMS: usize = 50;
 
@@ -69,6 +101,10 @@ pub struct VerifyReport {
     /// ([`ReadBack`]).
     #[serde(default)]
     pub measurements_proven_by_files: usize,
+    /// And those proven by their files in part: the spans of time of the shards that did
+    /// not read back as sent were compared by their aggregates.
+    #[serde(default)]
+    pub measurements_proven_partly_by_files: usize,
     /// That read-back: shards, bytes, seconds.
     #[serde(default)]
     pub read_back_shards: usize,
@@ -110,6 +146,7 @@ impl VerifyReport {
         self.overwritten_after_cutover += o.overwritten_after_cutover;
         self.values_unverifiable += o.values_unverifiable;
         self.measurements_proven_by_files += o.measurements_proven_by_files;
+        self.measurements_proven_partly_by_files += o.measurements_proven_partly_by_files;
         self.problems_truncated |= o.problems_truncated;
         for p in o.problems {
             self.problem(p);
@@ -175,7 +212,7 @@ fn show_tags(t: &Tags) -> String {
 }
 
 /// One series' aggregates: `field -> count` and `field -> sum` (the `count_f` and
-/// `sum_f` columns of one aggregate row).
+/// `sum_f` columns of its aggregate rows, added up over the spans of time read).
 #[derive(Default)]
 struct Aggregates {
     counts: HashMap<String, Value>,
@@ -189,12 +226,31 @@ impl Aggregates {
         };
         for (c, v) in s.columns.iter().zip(row) {
             if let Some(f) = c.strip_prefix("count_") {
-                self.counts.insert(f.to_string(), v.clone());
+                add_to(self.counts.entry(f.to_string()).or_insert(Value::Null), v);
             } else if let Some(f) = c.strip_prefix("sum_") {
-                self.sums.insert(f.to_string(), v.clone());
+                add_to(self.sums.entry(f.to_string()).or_insert(Value::Null), v);
             }
         }
     }
+}
+
+/// `total += v` for an aggregate's column: integers (counts, integer sums) exactly, with
+/// Go's wrap-around past `i64` (what one statement over both spans would have given),
+/// anything else as a float. A null adds nothing (a series without a value of the field
+/// in that span).
+fn add_to(total: &mut Value, v: &Value) {
+    *total = match (&*total, v) {
+        (_, Value::Null) => return,
+        (Value::Null, v) => v.clone(),
+        (a, b) => match (a.as_i64(), b.as_i64()) {
+            (Some(x), Some(y)) if !a.is_f64() && !b.is_f64() => Value::from(x.wrapping_add(y)),
+            _ => match (a.as_f64(), b.as_f64()) {
+                (Some(x), Some(y)) => Value::from(x + y),
+                // Not numbers (never asked for): the last one read.
+                _ => b.clone(),
+            },
+        },
+    };
 }
 
 /// Every series' aggregates on one server, from the answers of `queries` (one statement
@@ -331,13 +387,25 @@ async fn cold_measurements(
 /// sent hold every point acknowledged before it, and a cold measurement has had no write
 /// since the capture started, which was before; the target's own backup sends the files
 /// its engine has open, so the same files, byte for byte (SHA-256), are what it serves.
-/// A deletion pending there (a tombstone) or a file compacted away proves nothing, and
-/// the measurement is compared by its aggregates as before. Files added since hold only
-/// replays, which touch written measurements. The index, rebuilt from the files, is
+/// A deletion pending there (a tombstone) or a file compacted away proves nothing of that
+/// shard, whose span of time is then compared by its aggregates. Files added since hold
+/// only replays, which touch written measurements. The index, rebuilt from the files, is
 /// checked by listing the series on both sides.
+///
+/// Per shard: a point of a cold measurement is in one shard of its retention policy on
+/// the source, inside that shard's span (its shard group's start and end). If that shard
+/// read back as sent, its files hold the point on the target; if not, the aggregates of
+/// the span, read on both sides, count it. Shard groups of one retention policy may
+/// overlap (one made after its duration changed), so a span's aggregates also count
+/// points of the proven shards inside it, on both sides alike: more read, nothing less
+/// proven.
 #[derive(Debug, Default, Clone)]
 pub struct ReadBack {
-    pub databases: std::collections::HashSet<String>,
+    /// The databases proven by their files, wholly or in part: per retention policy, the
+    /// spans of time its files do not prove (of the shards that did not read back as sent,
+    /// or were not sent), merged ([`merge_spans`]). A database not here is not proven by
+    /// its files at all.
+    pub databases: HashMap<String, HashMap<String, Vec<Span>>>,
     /// Read and digested on the target's host, only the digests crossing SSH.
     pub on_host: bool,
     pub shards: usize,
@@ -355,10 +423,30 @@ pub struct TargetFirst {
     pub seconds: f64,
 }
 
+impl ReadBack {
+    /// What of `db`.`rp` is compared by its aggregates: `None`, all of it (its database is
+    /// not proven by its files); else the spans of time its files do not prove, none
+    /// when they prove all of it.
+    pub fn unproven(&self, db: &str, rp: &str) -> Option<&[Span]> {
+        self.databases
+            .get(db)
+            .map(|rps| rps.get(rp).map_or(&[][..], Vec::as_slice))
+    }
+
+    /// The spans of time the aggregates of `db`.`rp` read: all time when its files prove
+    /// none of it.
+    fn spans(&self, db: &str, rp: &str) -> Vec<Span> {
+        self.unproven(db, rp)
+            .map_or_else(|| vec![Span::ALL], <[Span]>::to_vec)
+    }
+}
+
 /// One measurement's aggregates read on the target before the repoint.
 struct TargetRead {
     /// The fields asked about (with whether each is numeric).
     fields: Vec<(String, bool)>,
+    /// The spans of time read.
+    spans: Vec<Span>,
     per_series: HashMap<Tags, Aggregates>,
 }
 
@@ -379,7 +467,7 @@ impl TargetFirst {
 /// then.
 /// `at_once`: aggregate statements run together on the target (its cores: nothing else
 /// runs there).
-/// `read_back`: the databases proven by their files, whose measurements are not read.
+/// `read_back`: what the files prove, which is not read.
 pub async fn target_first(
     source: &Influx,
     target: &Influx,
@@ -395,12 +483,13 @@ pub async fn target_first(
         ..TargetFirst::default()
     };
     for (db, rp, m, fields) in cold_measurements(source, target, cold).await? {
-        if out.read_back.databases.contains(&db) {
+        let spans = out.read_back.spans(&db, &rp);
+        if spans.is_empty() {
             continue;
         }
         let from = format!("{}.{}.{}", ident(&db), ident(&rp), ident(&m));
         let asked: Vec<(&str, bool)> = fields.iter().map(|(f, n)| (f.as_str(), *n)).collect();
-        let queries = aggregate_queries(cfg, &from, &asked, at_once);
+        let queries = aggregate_queries(cfg, &from, &asked, at_once, &spans);
         let t = Instant::now();
         let aggs = per_series(&target_q, &db, &queries, at_once).await?;
         tracing::debug!(
@@ -413,6 +502,7 @@ pub async fn target_first(
             (db, rp, m),
             TargetRead {
                 fields,
+                spans,
                 per_series: aggs,
             },
         );
@@ -445,31 +535,47 @@ pub async fn verify_cold(
     let mut early = Early::default();
     for (db, rp, m, fields) in cold_measurements(source, target, cold).await? {
         let from = format!("{}.{}.{}", ident(&db), ident(&rp), ident(&m));
-        if first.read_back.databases.contains(&db) {
-            let (rep, series) = series_listed_on_both(source, target, &db, &rp, &m).await?;
-            let key = (db, rp, m);
+        let spans = first.read_back.spans(&db, &rp);
+        // Proven by its files, wholly or in part: its series listed on both sides.
+        let listed = match first.read_back.unproven(&db, &rp) {
+            Some(_) => Some(series_listed_on_both(source, target, &db, &rp, &m).await?),
+            None => None,
+        };
+        let key = (db, rp, m);
+        if spans.is_empty() {
+            let (rep, series) = listed.unwrap_or_default();
             early.done.insert(key.clone(), rep);
             early.series.insert(key, series);
             continue;
         }
-        let key = (db, rp, m);
-        // Read about the same fields, or read again.
+        // Read about the same fields and spans of time, or read again.
         let read = first
             .read
             .remove(&key)
-            .filter(|r| r.fields == fields)
+            .filter(|r| r.fields == fields && r.spans == spans)
             .map(|r| r.per_series);
         let fields: Vec<(&str, bool)> = fields.iter().map(|(f, n)| (f.as_str(), *n)).collect();
         let (db, rp, m) = &key;
         let mut rep = VerifyReport::default();
         let series = verify_measurement(
-            source, target, cfg, touched, db, rp, m, &from, &fields, at_once, read, &mut rep,
+            source, target, cfg, touched, db, rp, m, &from, &fields, at_once, &spans, read,
+            &mut rep,
         )
         .await?;
+        let series = match listed {
+            // The spans' aggregates saw the series with a point in them; the listing, all.
+            Some((by_files, listed)) => {
+                rep.series = by_files.series;
+                rep.measurements_proven_partly_by_files = 1;
+                for p in by_files.problems {
+                    rep.problem(p);
+                }
+                listed
+            }
+            None => series.iter().map(tags_hash).collect(),
+        };
         early.done.insert(key.clone(), rep);
-        early
-            .series
-            .insert(key.clone(), series.iter().map(tags_hash).collect());
+        early.series.insert(key.clone(), series);
     }
     if early.done.values().any(|r| !r.pending.is_empty()) {
         let keys: Vec<u64> = early
@@ -514,7 +620,7 @@ async fn series_listed_on_both(
     missing.sort();
     for gone in missing.into_iter().take(MAX_PROBLEMS + 1) {
         rep.problem(format!(
-            "{db}.{rp}.{m} [{gone}]: series is missing from the target's index, although its files are there"
+            "{db}.{rp}.{m} [{gone}]: series is missing from the target's index, although the files read back are there"
         ));
     }
     Ok((rep, on_source.into_keys().collect()))
@@ -612,7 +718,18 @@ pub async fn verify_after(
                 let from = format!("{}.{}.{}", ident(&db), ident(&rp.name), ident(m));
                 let at_once = [cfg.parallel_queries; 2];
                 verify_measurement(
-                    source, target, cfg, touched, &db, &rp.name, m, &from, &fields, at_once, None,
+                    source,
+                    target,
+                    cfg,
+                    touched,
+                    &db,
+                    &rp.name,
+                    m,
+                    &from,
+                    &fields,
+                    at_once,
+                    &[Span::ALL],
+                    None,
                     &mut rep,
                 )
                 .await?;
@@ -763,14 +880,15 @@ fn is_touched(touched: Option<&Mutex<KeySet>>, key: u64) -> bool {
     })
 }
 
-/// The statements that read a measurement's aggregates: every field's count and every
-/// numeric field's sum (with `verify.content: full`), in one statement, or one each when
-/// `at_once` of them are to run together.
+/// The statements that read a measurement's aggregates over `spans` of time: every
+/// field's count and every numeric field's sum (with `verify.content: full`), in one
+/// statement per span, or one each when `at_once` of them are to run together.
 fn aggregate_queries(
     cfg: &VerifyConfig,
     from: &str,
     fields: &[(&str, bool)],
     at_once: usize,
+    spans: &[Span],
 ) -> Vec<String> {
     let with_sums = cfg.content == ContentCheck::Full;
     let mut aggs: Vec<String> = fields
@@ -793,15 +911,23 @@ fn aggregate_queries(
     } else {
         vec![aggs.join(", ")]
     };
-    groups
+    spans
         .iter()
-        .map(|a| format!("SELECT {a} FROM {from} WHERE {ALL_TIME} GROUP BY *"))
+        .flat_map(|span| {
+            groups.iter().map(move |a| {
+                format!(
+                    "SELECT {a} FROM {from} WHERE {} GROUP BY *",
+                    span.condition()
+                )
+            })
+        })
         .collect()
 }
 
-/// Steps 2 and 3 for one measurement of one retention policy; `at_once`: the aggregate
-/// statements run together on the source and on the target; `target_read`: the
-/// target's aggregates when they were read before ([`target_first`]).
+/// Steps 2 and 3 for one measurement of one retention policy, over `spans` of time (the
+/// whole measurement with [`Span::ALL`]); `at_once`: the aggregate statements run
+/// together on the source and on the target; `target_read`: the target's aggregates of
+/// the same spans when they were read before ([`target_first`]).
 #[allow(clippy::too_many_arguments)]
 async fn verify_measurement(
     source: &Influx,
@@ -814,6 +940,7 @@ async fn verify_measurement(
     from: &str,
     fields: &[(&str, bool)],
     at_once: [usize; 2],
+    spans: &[Span],
     target_read: Option<HashMap<Tags, Aggregates>>,
     rep: &mut VerifyReport,
 ) -> Result<Vec<Tags>, InfluxError> {
@@ -822,7 +949,7 @@ async fn verify_measurement(
         return Ok(Vec::new());
     }
     let read = |on, at_once| {
-        let queries = aggregate_queries(cfg, from, fields, at_once);
+        let queries = aggregate_queries(cfg, from, fields, at_once, spans);
         async move { per_series(on, db, &queries, at_once).await }
     };
     let t = std::time::Instant::now();
@@ -838,9 +965,17 @@ async fn verify_measurement(
     );
     let total = sc.len();
     let mut to_compare = Vec::new();
+    let within = if spans == [Span::ALL] {
+        String::new()
+    } else {
+        format!(
+            " (in the {} spans of time its files do not prove)",
+            spans.len()
+        )
+    };
     for (tags, src) in &sc {
         rep.series += 1;
-        let where_ = format!("{db}.{rp}.{m} [{}]", show_tags(tags));
+        let where_ = format!("{db}.{rp}.{m} [{}]{within}", show_tags(tags));
         let Some(dst) = tc.get(tags) else {
             rep.problem(format!("{where_}: series is missing on the target"));
             continue;
@@ -897,6 +1032,7 @@ async fn verify_measurement(
         m,
         fields,
         tag_keys: &tag_keys,
+        spans,
         after_interruption: rep.after_interruption,
     };
     // Two series at a time: each page waits on one server, then the other.
@@ -954,15 +1090,16 @@ struct Series1<'a> {
     m: &'a str,
     fields: &'a [(&'a str, bool)],
     tag_keys: &'a [String],
+    /// The spans of time compared.
+    spans: &'a [Span],
     after_interruption: bool,
 }
 
-/// Point-by-point comparison of one series, page by page: the source's page, then the
-/// target's points in the same time range. Only the fields are read (a row of `SELECT *`
-/// repeats every tag value).
+/// Point-by-point comparison of one series in its spans of time, page by page: the
+/// source's page, then the target's points in the same time range. Only the fields are
+/// read (a row of `SELECT *` repeats every tag value).
 impl Series1<'_> {
     async fn compare_points(&self, tags: &Tags, where_: &str) -> Result<PointCheck, InfluxError> {
-        let (source, target, db, from, m) = (self.source, self.target, self.db, self.from, self.m);
         let mut out = PointCheck::default();
         let mut conds: Vec<String> = tags
             .iter()
@@ -984,12 +1121,29 @@ impl Series1<'_> {
             .map(|(f, _)| format!("{}::field", ident(f)))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut after: i64 = -9_223_372_036_854_775_806;
+        for span in self.spans {
+            self.compare_span(span, &select, &tag_cond, tags, where_, &mut out)
+                .await?;
+        }
+        Ok(out)
+    }
+
+    async fn compare_span(
+        &self,
+        span: &Span,
+        select: &str,
+        tag_cond: &str,
+        tags: &Tags,
+        where_: &str,
+        out: &mut PointCheck,
+    ) -> Result<(), InfluxError> {
+        let (source, target, db, from, m) = (self.source, self.target, self.db, self.from, self.m);
+        let mut after: i64 = span.from.saturating_sub(1);
         loop {
-            let q = format!("SELECT {select} FROM {from} WHERE time > {after} AND time <= 9223372036854775806{tag_cond} ORDER BY time ASC LIMIT {PAGE}");
+            let q = format!("SELECT {select} FROM {from} WHERE time > {after} AND time <= {}{tag_cond} ORDER BY time ASC LIMIT {PAGE}", span.to);
             let src = source.query_packed(Some(db), &q).await?;
             let Some(sp) = src.into_iter().next().filter(|s| !s.values.is_empty()) else {
-                return Ok(out);
+                return Ok(());
             };
             let first = sp
                 .values
@@ -1057,7 +1211,7 @@ impl Series1<'_> {
                 }
             }
             if sp.values.len() < PAGE {
-                return Ok(out);
+                return Ok(());
             }
             after = last;
         }
@@ -1131,6 +1285,80 @@ mod tests {
         ));
         assert!(same_sum(&json!(1.0e12), &json!(1.0e12 + 1.0e-4)));
         assert!(!same_sum(&json!(1.5), &json!(2.5)));
+    }
+
+    #[test]
+    fn spans_that_overlap_or_touch_are_read_once() {
+        let s = |from, to| Span { from, to };
+        assert_eq!(
+            merge_spans(vec![s(20, 29), s(0, 9), s(10, 12), s(5, 7), s(40, 50)]),
+            vec![s(0, 12), s(20, 29), s(40, 50)]
+        );
+        assert_eq!(
+            merge_spans(vec![s(0, 9), s(11, 20)]),
+            vec![s(0, 9), s(11, 20)]
+        );
+        assert_eq!(merge_spans(vec![Span::ALL, s(0, 9)]), vec![Span::ALL]);
+        assert_eq!(merge_spans(vec![]), vec![]);
+    }
+
+    #[test]
+    fn aggregates_add_up_over_the_spans_read() {
+        let row = |cols: &[&str], vals: Vec<Value>| Series {
+            columns: cols.iter().map(|c| c.to_string()).collect(),
+            values: vec![vals],
+            ..Series::default()
+        };
+        let mut a = Aggregates::default();
+        let cols = ["time", "count_v", "sum_v", "sum_n"];
+        a.add_row(&row(
+            &cols,
+            vec![json!(0), json!(3), json!(1.5), json!(i64::MAX)],
+        ));
+        a.add_row(&row(&cols, vec![json!(0), json!(2), json!(2), json!(2)]));
+        // A span where the series has no value of `v`.
+        a.add_row(&row(&cols, vec![json!(0), json!(0), Value::Null, json!(1)]));
+        assert_eq!(a.counts["v"], json!(5));
+        assert!(same_sum(&a.sums["v"], &json!(3.5)), "{:?}", a.sums["v"]);
+        assert_eq!(
+            a.sums["n"],
+            json!(i64::MIN + 2),
+            "integer sums wrap as InfluxDB's own sum over both spans would"
+        );
+    }
+
+    #[test]
+    fn the_aggregates_read_each_span_in_its_own_statements() {
+        let cfg = VerifyConfig {
+            content: ContentCheck::Full,
+            sample_series: 0,
+            query_timeout: Duration::from_secs(1),
+            parallel_queries: 1,
+            target_first: true,
+            read_back: true,
+            read_back_on_host: true,
+        };
+        let fields = [("v", true), ("s", false)];
+        let spans = [Span { from: 0, to: 9 }, Span { from: 20, to: 29 }];
+        let one = aggregate_queries(&cfg, "\"m\"", &fields, 1, &spans);
+        assert_eq!(one.len(), 2, "{one:#?}");
+        assert!(
+            one[0].contains("WHERE time >= 0 AND time <= 9 GROUP BY *"),
+            "{one:#?}"
+        );
+        assert!(
+            one[1].contains("WHERE time >= 20 AND time <= 29 GROUP BY *"),
+            "{one:#?}"
+        );
+        // Two counts and one sum, each its own statement, per span.
+        assert_eq!(
+            aggregate_queries(&cfg, "\"m\"", &fields, 2, &spans).len(),
+            6
+        );
+        assert!(
+            aggregate_queries(&cfg, "\"m\"", &fields, 1, &[Span::ALL])[0]
+                .contains("time >= -9223372036854775806 AND time <= 9223372036854775806")
+        );
     }
 
     #[tokio::test(start_paused = true)]

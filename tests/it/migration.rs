@@ -2350,14 +2350,23 @@ async fn a_target_whose_files_changed_after_the_copy_is_compared_by_aggregates_a
     let notes = progress.1 .0.lock().unwrap().join("\n");
     assert!(
         notes.contains("database \"cyclops\": target shard")
-            && notes.contains("compared by their aggregates instead of their files"),
+            && notes.contains("are compared by their aggregates instead of its files"),
         "the read-back ran and says which shard changed: {notes}"
     );
     let msg = err.to_string();
     let MigrateError::VerifyFailed { report, .. } = &err else {
         panic!("verification fails: {msg}");
     };
-    assert_eq!(report.measurements_proven_by_files, 0, "{report:?}");
+    // The newest shard, younger than the deletion, is still proven by its files: the
+    // loss is found by the aggregates of the changed shards' spans alone.
+    assert_eq!(
+        (
+            report.measurements_proven_by_files,
+            report.measurements_proven_partly_by_files
+        ),
+        (0, 3),
+        "{report:?}"
+    );
     assert!(
         msg.contains("usage0") && msg.contains("host=h000"),
         "the error names the series that lost points: {msg}"
@@ -2367,6 +2376,115 @@ async fn a_target_whose_files_changed_after_the_copy_is_compared_by_aggregates_a
         before,
         "the source keeps everything"
     );
+}
+
+/// Deletes, on the target when the cutover starts (after the dump, before the files are
+/// read back), a span of one series of a measurement nothing writes to that holds no
+/// point: nothing is lost, but InfluxDB records the deletion as a tombstone beside every
+/// file whose keys and times it overlaps (`tsm1.batchDelete.DeleteRange`), so that
+/// shard no longer reads back as sent.
+struct EmptyDeletionOnTarget(Influx, i64, NotesSeen);
+impl Progress for EmptyDeletionOnTarget {
+    fn note(&self, msg: &str) {
+        self.2.note(msg);
+    }
+    fn phase_started(&self, phase: Phase) {
+        if phase == Phase::Cutover {
+            let (t, at) = (self.0.clone(), self.1);
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async move {
+                    t.query(
+                        Some("cyclops"),
+                        &format!("DELETE FROM \"usage0\" WHERE \"host\" = 'h000' AND time >= {at} AND time <= {at}"),
+                    )
+                    .await
+                    .unwrap();
+                })
+            });
+        }
+    }
+}
+
+/// A shard that no longer reads back as sent costs the aggregates of its own span of
+/// time, not of its whole database: the other shards stay proven by their files, and
+/// neither server scans the measurements nothing writes to outside that span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_changed_on_the_target_costs_the_aggregates_of_its_span_alone() {
+    let lab = lab(LabOptions::default()).await;
+    let (_, mut cfg) = lab.write_config("").unwrap();
+    seed(&lab, "cyclops", 12_000).await;
+    let src = lab.source.client();
+    // Ten days in 7-day shard groups: two shards at least. The oldest one is changed.
+    let mut shards: Vec<_> = src
+        .shards()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.database == "cyclops")
+        .collect();
+    shards.sort_by_key(|s| s.span);
+    assert!(
+        shards.len() >= 2 && shards.iter().all(|s| s.span.is_some()),
+        "{shards:#?}"
+    );
+    let (from, to) = shards[0].span.unwrap();
+    // Just before the second point h000 has in it: a time where it has none.
+    let rows = src
+        .query(
+            Some("cyclops"),
+            &format!("SELECT \"value\" FROM \"usage0\" WHERE \"host\" = 'h000' AND time >= {from} AND time <= {to} LIMIT 2"),
+        )
+        .await
+        .unwrap();
+    let at = rows[0].values[1][0].as_i64().unwrap() - 1;
+    let before = counts(&src, "cyclops").await;
+    let source = QueryLog::start(lab.source.influx_url()).await;
+    let target = QueryLog::start(lab.target.influx_url()).await;
+    cfg.source.influx_url = source.url.clone();
+    cfg.target.as_mut().unwrap().influx_url = target.url.clone();
+    let progress = EmptyDeletionOnTarget(lab.target.client(), at, NotesSeen::default());
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &progress)
+        .await
+        .expect("nothing was lost: the migration succeeds");
+    let notes = progress.2 .0.lock().unwrap().join("\n");
+    assert!(
+        notes.contains(&format!("(source shard {}): it holds deletions", shards[0].id))
+            && notes.contains(&format!(
+                "its points (retention policy \"autogen\" from {} to {}) are compared by their aggregates instead of its files",
+                shards[0].start_time, shards[0].end_time
+            ))
+            && notes.contains("measurements proven by their files in part"),
+        "the operator is told which shard, which span, and why: {notes}"
+    );
+    let v = report.verify.as_ref().unwrap();
+    assert_eq!(
+        (
+            v.measurements_proven_by_files,
+            v.measurements_proven_partly_by_files
+        ),
+        (0, 3),
+        "{v:?}"
+    );
+    // Every aggregate of a cold measurement, on either side, reads the changed shard's
+    // span alone.
+    let span = format!("WHERE time >= {from} AND time <= {to} GROUP BY *");
+    for (side, log) in [("source", &source), ("target", &target)] {
+        let texts: Vec<String> = log
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.text.contains("COUNT("))
+            .map(|s| s.text.clone())
+            .collect();
+        assert!(!texts.is_empty(), "the {side} aggregates the changed span");
+        assert!(
+            texts.iter().all(|t| t.contains(&span)),
+            "the {side}'s aggregates read {span:?} alone: {texts:#?}"
+        );
+    }
+    assert_eq!(counts(&lab.target.client(), "cyclops").await, before);
+    assert_eq!(counts(&src, "cyclops").await, before);
 }
 
 /// The read-back's comparison on real servers: a shard copied is proven by its files; a

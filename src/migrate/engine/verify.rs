@@ -118,16 +118,61 @@ impl Migration<'_> {
             }
         }
         let started = std::time::Instant::now();
-        let mut unproven: BTreeMap<&str, String> = self
-            .shards_not_sent
-            .iter()
-            .map(|(db, ids)| {
-                (
-                    db.as_str(),
-                    format!("source shards {ids:?} were listed before the dump but not copied"),
+        // A shard that did not read back as sent proves nothing of its span of time, which
+        // the aggregates compare instead; a database with one whose span is unknown (or
+        // when the source's shards cannot be listed) is compared by its aggregates whole.
+        let listing = match self.src().influx.shards().await {
+            Ok(l) => Ok(l),
+            Err(e) => Err(format!("the source's shards could not be listed ({e})")),
+        };
+        let span_of = |db: &str, id: u64| -> Result<(String, verify::Span, String), String> {
+            let listing = listing.as_ref().map_err(Clone::clone)?;
+            let s = listing
+                .iter()
+                .find(|s| s.id == id && s.database == db)
+                .ok_or_else(|| format!("the source no longer lists shard {id}"))?;
+            let (from, to) = s.span.ok_or_else(|| {
+                format!(
+                    "its span of time cannot be read from {:?} to {:?}",
+                    s.start_time, s.end_time
                 )
-            })
-            .collect();
+            })?;
+            Ok((
+                s.retention_policy.clone(),
+                verify::Span { from, to },
+                format!(
+                    "retention policy {:?} from {} to {}",
+                    s.retention_policy, s.start_time, s.end_time
+                ),
+            ))
+        };
+        // Per database: why none of it is proven by its files; or, per shard that is not,
+        // its retention policy, its span, and what is said of it.
+        let mut whole: BTreeMap<String, String> = BTreeMap::new();
+        let mut partly: BTreeMap<String, Vec<(String, verify::Span, String)>> = BTreeMap::new();
+        let mut unproven = |db: &str, id: u64, why: String| {
+            match span_of(db, id) {
+            Ok((rp, span, shown)) => partly.entry(db.to_string()).or_default().push((
+                rp,
+                span,
+                format!("{why}; its points ({shown}) are compared by their aggregates instead of its files"),
+            )),
+            Err(e) => {
+                whole
+                    .entry(db.to_string())
+                    .or_insert(format!("{why}, and {e}"));
+            }
+        }
+        };
+        for (db, ids) in &self.shards_not_sent {
+            for id in ids {
+                unproven(
+                    db,
+                    *id,
+                    format!("source shard {id} was listed before the dump but not copied"),
+                );
+            }
+        }
         let reads = match self.read_shards_on_host().await {
             Some(reads) => {
                 out.on_host = true;
@@ -135,6 +180,7 @@ impl Migration<'_> {
             }
             None => self.read_shards_through_rpc().await,
         };
+        let mut proven = 0;
         let stopped = match reads {
             Ok(reads) => {
                 for (i, got) in reads {
@@ -147,11 +193,18 @@ impl Migration<'_> {
                         }
                         Err(e) => Some(e),
                     };
+                    if why.is_none() {
+                        proven += 1;
+                    }
                     if let Some(why) = why {
-                        unproven.entry(&shard.database).or_insert(format!(
-                            "target shard {} (source shard {}): {why}",
-                            shard.target, shard.source
-                        ));
+                        unproven(
+                            &shard.database,
+                            shard.source,
+                            format!(
+                                "target shard {} (source shard {}): {why}",
+                                shard.target, shard.source
+                            ),
+                        );
                     }
                 }
                 false
@@ -162,23 +215,41 @@ impl Migration<'_> {
             }
         };
         if !stopped {
-            out.databases = self
-                .sent_shards
-                .iter()
-                .map(|s| s.database.clone())
-                .filter(|db| !unproven.contains_key(db.as_str()))
-                .collect();
+            for shard in &self.sent_shards {
+                let db = shard.database.as_str();
+                if whole.contains_key(db) || out.databases.contains_key(db) {
+                    continue;
+                }
+                let mut per_rp: std::collections::HashMap<String, Vec<verify::Span>> =
+                    Default::default();
+                for (rp, span, _) in partly.get(db).into_iter().flatten() {
+                    per_rp.entry(rp.clone()).or_default().push(*span);
+                }
+                let per_rp = per_rp
+                    .into_iter()
+                    .map(|(rp, spans)| (rp, verify::merge_spans(spans)))
+                    .collect();
+                out.databases.insert(db.to_string(), per_rp);
+            }
         }
         out.seconds = started.elapsed().as_secs_f64();
-        for (db, why) in &unproven {
+        for (db, why) in &whole {
             tracing::warn!(database = %db, reason = %why, "a shard read back from the target differs from what was sent: this database's measurements are compared by their aggregates");
             self.progress.note(&format!(
                 "database {db:?}: {why}; its measurements are compared by their aggregates instead of their files"
             ));
         }
+        if !stopped {
+            for (db, shards) in partly.iter().filter(|(db, _)| !whole.contains_key(*db)) {
+                for (_, _, said) in shards {
+                    tracing::warn!(database = %db, reason = %said, "a shard read back from the target differs from what was sent: its span of time is compared by its aggregates");
+                    self.progress.note(&format!("database {db:?}: {said}"));
+                }
+            }
+        }
         if !out.databases.is_empty() {
             self.progress.note(&format!(
-                "read {} shards back from the target ({:.1} MB in {:.3} s, {}): every file sent is there unchanged in {} of {} databases",
+                "read {} shards back from the target ({:.1} MB in {:.3} s, {}): {proven} of the {} sent hold every file sent, unchanged",
                 out.shards,
                 out.bytes as f64 / 1e6,
                 out.seconds,
@@ -187,8 +258,7 @@ impl Migration<'_> {
                 } else {
                     "through its RPC port"
                 },
-                out.databases.len(),
-                out.databases.len() + unproven.len()
+                self.sent_shards.len(),
             ));
         }
         out
@@ -441,6 +511,12 @@ impl Migration<'_> {
                 rep.read_back_shards,
                 rep.read_back_bytes as f64 / 1e6,
                 rep.read_back_seconds
+            ));
+        }
+        if rep.measurements_proven_partly_by_files > 0 {
+            self.progress.note(&format!(
+                "of them, {} measurements proven by their files in part: the spans of time of the shards that did not read back from the target as sent compared by their aggregates, their series listed on both sides",
+                rep.measurements_proven_partly_by_files
             ));
         }
         if rep.measurements_verified_early > 0 {
