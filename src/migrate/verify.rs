@@ -21,7 +21,7 @@
 //! still unwritten then; anything written in the meantime (a writer not yet repointed, a
 //! late writer of the old instance) is compared again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use super::capture::{point_key, KeySet};
 use crate::config::{ContentCheck, VerifyConfig};
-use crate::influx::{ident, literal, FieldType, Influx, InfluxError, Series};
+use crate::influx::{ident, literal, FieldType, Influx, InfluxError, Series, Shard};
 
 /// A span of time, both ends included, in nanoseconds since the epoch: what an aggregate
 /// or a point-by-point comparison reads.
@@ -51,6 +51,31 @@ impl Span {
     fn condition(&self) -> String {
         format!("time >= {} AND time <= {}", self.from, self.to)
     }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Span::ALL {
+            return f.write_str("all time");
+        }
+        let at = |ns: i64| match u64::try_from(ns) {
+            Ok(ns) => {
+                humantime::format_rfc3339_nanos(std::time::UNIX_EPOCH + Duration::from_nanos(ns))
+                    .to_string()
+            }
+            Err(_) => format!("{ns} ns"),
+        };
+        write!(f, "{} to {}", at(self.from), at(self.to))
+    }
+}
+
+/// `spans` named for an operator: the first three, and how many more.
+fn show_spans(spans: &[Span]) -> String {
+    let mut out: Vec<String> = spans.iter().take(3).map(Span::to_string).collect();
+    if spans.len() > 3 {
+        out.push(format!("and {} more", spans.len() - 3));
+    }
+    out.join(", ")
 }
 
 /// `spans` as the fewest disjoint spans, in order: those that overlap or touch are
@@ -211,46 +236,37 @@ fn show_tags(t: &Tags) -> String {
         .join(",")
 }
 
-/// One series' aggregates: `field -> count` and `field -> sum` (the `count_f` and
-/// `sum_f` columns of its aggregate rows, added up over the spans of time read).
+/// One series' aggregates per span of time read (its index in the spans): `(span,
+/// field) -> count` and `(span, field) -> sum` (the `count_f` and `sum_f` columns of its
+/// aggregate rows).
 #[derive(Default)]
 struct Aggregates {
-    counts: HashMap<String, Value>,
-    sums: HashMap<String, Value>,
+    counts: HashMap<(usize, String), Value>,
+    sums: HashMap<(usize, String), Value>,
 }
 
 impl Aggregates {
-    fn add_row(&mut self, s: &Series) {
+    fn add_row(&mut self, span: usize, s: &Series) {
         let Some(row) = s.values.first() else {
             return;
         };
         for (c, v) in s.columns.iter().zip(row) {
             if let Some(f) = c.strip_prefix("count_") {
-                add_to(self.counts.entry(f.to_string()).or_insert(Value::Null), v);
+                self.counts.insert((span, f.to_string()), v.clone());
             } else if let Some(f) = c.strip_prefix("sum_") {
-                add_to(self.sums.entry(f.to_string()).or_insert(Value::Null), v);
+                self.sums.insert((span, f.to_string()), v.clone());
             }
         }
     }
-}
-
-/// `total += v` for an aggregate's column: integers (counts, integer sums) exactly, with
-/// Go's wrap-around past `i64` (what one statement over both spans would have given),
-/// anything else as a float. A null adds nothing (a series without a value of the field
-/// in that span).
-fn add_to(total: &mut Value, v: &Value) {
-    *total = match (&*total, v) {
-        (_, Value::Null) => return,
-        (Value::Null, v) => v.clone(),
-        (a, b) => match (a.as_i64(), b.as_i64()) {
-            (Some(x), Some(y)) if !a.is_f64() && !b.is_f64() => Value::from(x.wrapping_add(y)),
-            _ => match (a.as_f64(), b.as_f64()) {
-                (Some(x), Some(y)) => Value::from(x + y),
-                // Not numbers (never asked for): the last one read.
-                _ => b.clone(),
-            },
-        },
-    };
+    fn count(&self, span: usize, f: &str) -> u64 {
+        self.counts
+            .get(&(span, f.to_string()))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+    fn sum(&self, span: usize, f: &str) -> Option<&Value> {
+        self.sums.get(&(span, f.to_string()))
+    }
 }
 
 /// Every series' aggregates on one server, from the answers of `queries` (one statement
@@ -261,22 +277,23 @@ fn add_to(total: &mut Value, v: &Value) {
 async fn per_series(
     influx: &Influx,
     db: &str,
-    queries: &[String],
+    queries: &[(usize, String)],
     at_once: usize,
 ) -> Result<HashMap<Tags, Aggregates>, InfluxError> {
     // Streamed: the answer has a row per series, and a measurement may have millions of
     // series; only the aggregates are kept, never the whole answer.
     let out: Mutex<HashMap<Tags, Aggregates>> = Mutex::default();
-    let record = |s: Series| {
-        out.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(tags_of(&s))
-            .or_default()
-            .add_row(&s);
-        Ok(())
-    };
+    let out = &out;
     let mut pending = Vec::with_capacity(queries.len());
-    for q in queries {
+    for (span, q) in queries {
+        let record = move |s: Series| {
+            out.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(tags_of(&s))
+                .or_default()
+                .add_row(*span, &s);
+            Ok(())
+        };
         pending.push(influx.query_chunked(db, q, 10_000, record));
     }
     let mut answers = futures_util::stream::iter(pending).buffer_unordered(at_once.max(1));
@@ -284,7 +301,8 @@ async fn per_series(
         answer?;
     }
     drop(answers);
-    Ok(out.into_inner().unwrap_or_else(|e| e.into_inner()))
+    let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(std::mem::take(&mut *out))
 }
 
 /// Equal aggregate sums: integer sums exactly, float sums within a relative 1e-9 (the
@@ -423,6 +441,119 @@ pub struct TargetFirst {
     pub seconds: f64,
 }
 
+/// What the read-back found of one shard of the source: its database, its id there, and
+/// `Ok` when its files prove its points on the target, else why not.
+pub struct Judged {
+    pub database: String,
+    pub source: u64,
+    pub proven: Result<(), String>,
+}
+
+/// Beyond this many spans of time in one retention policy, its cold measurements are
+/// aggregated whole: each span is a statement that answers a row per series, and many
+/// of them would cost more than one scan (found by review).
+pub const MAX_SPANS: usize = 32;
+
+/// What the files prove, from every shard [`Judged`] and the source's shards as `SHOW
+/// SHARDS` lists them now (their retention policies and spans; `Err`, why they cannot
+/// be listed).
+#[derive(Debug, Default)]
+pub struct FilesProve {
+    /// As [`ReadBack::databases`].
+    pub databases: HashMap<String, HashMap<String, Vec<Span>>>,
+    /// The databases the files prove nothing of, with why.
+    pub whole: BTreeMap<String, String>,
+    /// Per database the files prove in part, what is said of each shard that is not.
+    pub spans: BTreeMap<String, Vec<String>>,
+}
+
+/// Which spans of time of which retention policies the files prove ([`ReadBack`]). A
+/// database is proven in part when at least one of its shards is; a shard that is not
+/// adds its span to what its retention policy's aggregates read, unless that span
+/// cannot be known (the shard is no longer listed, its retention policy or times cannot
+/// be read, or the shards cannot be listed): then its database's aggregates read all
+/// time. So does a retention policy none of whose shards is proven, or one with more
+/// than [`MAX_SPANS`] spans.
+pub fn files_prove(judged: &[Judged], listing: Result<&[Shard], &str>) -> FilesProve {
+    let mut out = FilesProve::default();
+    let mut unproven: HashMap<(&str, &str), Vec<Span>> = HashMap::new();
+    let mut proven_rps: HashSet<(&str, &str)> = HashSet::new();
+    let mut proven_dbs: HashSet<&str> = HashSet::new();
+    for j in judged {
+        let db = j.database.as_str();
+        let listed = listing
+            .map_err(|e| format!("the source's shards could not be listed ({e})"))
+            .and_then(|l| {
+                l.iter()
+                    .find(|s| s.id == j.source && s.database == db)
+                    .ok_or_else(|| format!("the source no longer lists shard {}", j.source))
+            });
+        let why = match &j.proven {
+            Ok(()) => {
+                proven_dbs.insert(db);
+                if let Ok(s) = listed {
+                    proven_rps.insert((db, s.retention_policy.as_str()));
+                }
+                continue;
+            }
+            Err(why) => why,
+        };
+        let span = listed.and_then(|s| match s.span {
+            Some((from, to)) if !s.retention_policy.is_empty() => Ok((s, Span { from, to })),
+            _ => Err(format!(
+                "its retention policy ({:?}) or span of time ({:?} to {:?}) cannot be read",
+                s.retention_policy, s.start_time, s.end_time
+            )),
+        });
+        match span {
+            Ok((s, span)) => {
+                unproven
+                    .entry((db, s.retention_policy.as_str()))
+                    .or_default()
+                    .push(span);
+                out.spans.entry(db.to_string()).or_default().push(format!(
+                    "{why}; its points (retention policy {:?} from {} to {}) are compared by their aggregates instead of its files",
+                    s.retention_policy, s.start_time, s.end_time
+                ));
+            }
+            Err(e) => {
+                out.whole
+                    .entry(db.to_string())
+                    .or_insert_with(|| format!("{why}, and {e}"));
+            }
+        }
+    }
+    // A database none of whose shards is proven: the first reason said of it.
+    for j in judged {
+        let db = j.database.as_str();
+        if !proven_dbs.contains(db) && !out.whole.contains_key(db) {
+            let first = out.spans.get(db).and_then(|s| s.first()).cloned();
+            out.whole.insert(
+                db.to_string(),
+                first.unwrap_or_else(|| "no shard of it reads back as sent".into()),
+            );
+        }
+    }
+    for db in &proven_dbs {
+        if out.whole.contains_key(*db) {
+            continue;
+        }
+        let mut per_rp: HashMap<String, Vec<Span>> = HashMap::new();
+        for ((_, rp), spans) in unproven.iter().filter(|((d, _), _)| d == db) {
+            let merged = merge_spans(spans.clone());
+            let spans = if !proven_rps.contains(&(*db, *rp)) || merged.len() > MAX_SPANS {
+                vec![Span::ALL]
+            } else {
+                merged
+            };
+            per_rp.insert(rp.to_string(), spans);
+        }
+        out.databases.insert(db.to_string(), per_rp);
+    }
+    out.spans.retain(|db, _| out.databases.contains_key(db));
+    out
+}
+
 impl ReadBack {
     /// What of `db`.`rp` is compared by its aggregates: `None`, all of it (its database is
     /// not proven by its files); else the spans of time its files do not prove, none
@@ -537,9 +668,10 @@ pub async fn verify_cold(
         let from = format!("{}.{}.{}", ident(&db), ident(&rp), ident(&m));
         let spans = first.read_back.spans(&db, &rp);
         // Proven by its files, wholly or in part: its series listed on both sides.
-        let listed = match first.read_back.unproven(&db, &rp) {
-            Some(_) => Some(series_listed_on_both(source, target, &db, &rp, &m).await?),
-            None => None,
+        let listed = if spans != [Span::ALL] {
+            Some(series_listed_on_both(source, target, &db, &rp, &m).await?)
+        } else {
+            None
         };
         let key = (db, rp, m);
         if spans.is_empty() {
@@ -623,7 +755,14 @@ async fn series_listed_on_both(
             "{db}.{rp}.{m} [{gone}]: series is missing from the target's index, although the files read back are there"
         ));
     }
-    Ok((rep, on_source.into_keys().collect()))
+    // The series both have: one missing is reported here, not again by the final pass.
+    Ok((
+        rep,
+        on_source
+            .into_keys()
+            .filter(|h| on_target.contains_key(h))
+            .collect(),
+    ))
 }
 
 /// Every step, taking from `early` the findings of each measurement still `cold`.
@@ -880,16 +1019,17 @@ fn is_touched(touched: Option<&Mutex<KeySet>>, key: u64) -> bool {
     })
 }
 
-/// The statements that read a measurement's aggregates over `spans` of time: every
-/// field's count and every numeric field's sum (with `verify.content: full`), in one
-/// statement per span, or one each when `at_once` of them are to run together.
+/// The statements that read a measurement's aggregates over `spans` of time, each with
+/// the index of its span: every field's count and every numeric field's sum (with
+/// `verify.content: full`), in one statement per span, or one each when `at_once` of
+/// them are to run together.
 fn aggregate_queries(
     cfg: &VerifyConfig,
     from: &str,
     fields: &[(&str, bool)],
     at_once: usize,
     spans: &[Span],
-) -> Vec<String> {
+) -> Vec<(usize, String)> {
     let with_sums = cfg.content == ContentCheck::Full;
     let mut aggs: Vec<String> = fields
         .iter()
@@ -913,12 +1053,14 @@ fn aggregate_queries(
     };
     spans
         .iter()
-        .flat_map(|span| {
+        .enumerate()
+        .flat_map(|(i, span)| {
             groups.iter().map(move |a| {
-                format!(
+                let q = format!(
                     "SELECT {a} FROM {from} WHERE {} GROUP BY *",
                     span.condition()
-                )
+                );
+                (i, q)
             })
         })
         .collect()
@@ -965,41 +1107,46 @@ async fn verify_measurement(
     );
     let total = sc.len();
     let mut to_compare = Vec::new();
-    let within = if spans == [Span::ALL] {
-        String::new()
-    } else {
-        format!(
-            " (in the {} spans of time its files do not prove)",
-            spans.len()
-        )
+    // Each span compared on its own: a loss in one is not made up for by more in another.
+    let whole = spans == [Span::ALL];
+    let span_said = |i: usize| match spans.get(i) {
+        Some(s) if !whole => format!(" from {s}"),
+        _ => String::new(),
     };
     for (tags, src) in &sc {
         rep.series += 1;
-        let where_ = format!("{db}.{rp}.{m} [{}]{within}", show_tags(tags));
+        let where_ = format!("{db}.{rp}.{m} [{}]", show_tags(tags));
         let Some(dst) = tc.get(tags) else {
-            rep.problem(format!("{where_}: series is missing on the target"));
+            rep.problem(match whole {
+                true => format!("{where_}: series is missing on the target"),
+                false => format!(
+                    "{where_}: series has no point on the target from {}, what its files do not prove",
+                    show_spans(spans)
+                ),
+            });
             continue;
         };
         let mut suspicious = false;
         // A field a series has no value of has no count (and no sum) in its answer.
-        for (f, _) in fields {
-            let count = |a: &Aggregates| a.counts.get(*f).and_then(Value::as_u64).unwrap_or(0);
-            let (s, t) = (count(src), count(dst));
-            rep.source_values += s;
-            rep.target_values += t;
-            if t < s {
-                rep.problem(format!("{where_}: field {f:?}: {s} points on the source, only {t} on the target ({} missing)", s - t));
-            } else if t > s {
-                suspicious = true;
+        for i in 0..spans.len() {
+            for (f, _) in fields {
+                let (s, t) = (src.count(i, f), dst.count(i, f));
+                rep.source_values += s;
+                rep.target_values += t;
+                if t < s {
+                    rep.problem(format!("{where_}: field {f:?}{}: {s} points on the source, only {t} on the target ({} missing)", span_said(i), s - t));
+                } else if t > s {
+                    suspicious = true;
+                }
             }
+            suspicious |= fields.iter().filter(|(_, numeric)| *numeric).any(|(f, _)| {
+                match (src.sum(i, f), dst.sum(i, f)) {
+                    (None, None) => false,
+                    (Some(a), Some(b)) => !same_sum(a, b),
+                    _ => true,
+                }
+            });
         }
-        suspicious |= fields.iter().filter(|(_, numeric)| *numeric).any(|(f, _)| {
-            match (src.sums.get(*f), dst.sums.get(*f)) {
-                (None, None) => false,
-                (Some(a), Some(b)) => !same_sum(a, b),
-                _ => true,
-            }
-        });
         if cfg.content == ContentCheck::Full
             && (suspicious || sampled(tags, cfg.sample_series, total))
         {
@@ -1302,29 +1449,178 @@ mod tests {
         assert_eq!(merge_spans(vec![]), vec![]);
     }
 
+    fn shard(db: &str, rp: &str, id: u64, week: i64) -> Shard {
+        let w = 7 * 86_400 * 1_000_000_000i64;
+        Shard {
+            id,
+            database: db.into(),
+            retention_policy: rp.into(),
+            start_time: format!("week {week}"),
+            end_time: format!("week {}", week + 1),
+            span: Some((week * w, (week + 1) * w)),
+        }
+    }
+
+    fn judged(db: &str, source: u64, proven: bool) -> Judged {
+        Judged {
+            database: db.into(),
+            source,
+            proven: if proven {
+                Ok(())
+            } else {
+                Err(format!("shard {source} changed"))
+            },
+        }
+    }
+
     #[test]
-    fn aggregates_add_up_over_the_spans_read() {
+    fn the_files_prove_every_shard_but_those_that_changed_whose_spans_are_aggregated() {
+        let w = 7 * 86_400 * 1_000_000_000i64;
+        let listing = vec![
+            shard("bill", "autogen", 1, 0),
+            shard("bill", "autogen", 2, 1),
+            shard("bill", "autogen", 3, 2),
+            shard("bill", "autogen", 4, 3),
+            shard("bill", "year", 5, 0),
+            shard("usage", "autogen", 6, 0),
+        ];
+        let j = [
+            judged("bill", 1, false),
+            judged("bill", 2, false),
+            judged("bill", 3, true),
+            judged("bill", 4, false),
+            judged("bill", 5, true),
+            judged("usage", 6, true),
+        ];
+        let p = files_prove(&j, Ok(&listing));
+        let rb = ReadBack {
+            databases: p.databases,
+            ..ReadBack::default()
+        };
+        // Weeks 0 and 1 touch: one span; week 3 another.
+        assert_eq!(
+            rb.unproven("bill", "autogen"),
+            Some(
+                &[
+                    Span { from: 0, to: 2 * w },
+                    Span {
+                        from: 3 * w,
+                        to: 4 * w
+                    }
+                ][..]
+            )
+        );
+        assert_eq!(rb.unproven("bill", "year"), Some(&[][..]));
+        assert_eq!(rb.unproven("usage", "autogen"), Some(&[][..]));
+        assert_eq!(rb.unproven("other", "autogen"), None, "never read back");
+        assert!(p.whole.is_empty(), "{:?}", p.whole);
+        assert_eq!(p.spans["bill"].len(), 3, "{:?}", p.spans);
+        assert!(
+            p.spans["bill"][0].contains("shard 1 changed")
+                && p.spans["bill"][0].contains("from week 0 to week 1"),
+            "{:?}",
+            p.spans
+        );
+    }
+
+    #[test]
+    fn a_span_that_cannot_be_known_sends_the_whole_database_to_the_aggregates() {
+        let mut nameless = shard("bill", "", 2, 1);
+        nameless.retention_policy.clear();
+        let mut timeless = shard("bill", "autogen", 2, 1);
+        timeless.span = None;
+        for listing in [
+            vec![shard("bill", "autogen", 1, 0)],
+            vec![
+                shard("bill", "autogen", 1, 0),
+                shard("usage", "autogen", 2, 1),
+            ],
+            vec![shard("bill", "autogen", 1, 0), nameless],
+            vec![shard("bill", "autogen", 1, 0), timeless],
+        ] {
+            let p = files_prove(
+                &[judged("bill", 1, true), judged("bill", 2, false)],
+                Ok(&listing),
+            );
+            assert!(p.databases.is_empty(), "{listing:?}: {p:?}");
+            assert!(
+                p.whole["bill"].starts_with("shard 2 changed, and "),
+                "{p:?}"
+            );
+        }
+        let p = files_prove(
+            &[judged("bill", 1, true), judged("bill", 2, false)],
+            Err("connection refused"),
+        );
+        assert!(p.databases.is_empty());
+        assert!(p.whole["bill"].contains("could not be listed (connection refused)"));
+        // Nothing to ask when every shard is proven.
+        let p = files_prove(&[judged("bill", 1, true)], Err("not asked"));
+        assert_eq!(p.databases["bill"], HashMap::new());
+    }
+
+    #[test]
+    fn a_retention_policy_with_no_shard_proven_or_too_many_spans_is_aggregated_whole() {
+        let mut listing = vec![shard("bill", "autogen", 1, 0), shard("bill", "year", 2, 0)];
+        let mut j = vec![judged("bill", 1, true), judged("bill", 2, false)];
+        // Every other week changed: more spans than are worth a statement each.
+        for i in 0..(2 * MAX_SPANS as u64 + 2) {
+            listing.push(shard("bill", "autogen", 10 + i, 1 + i as i64));
+            j.push(judged("bill", 10 + i, i % 2 == 1));
+        }
+        let rb = ReadBack {
+            databases: files_prove(&j, Ok(&listing)).databases,
+            ..ReadBack::default()
+        };
+        assert_eq!(rb.unproven("bill", "year"), Some(&[Span::ALL][..]));
+        assert_eq!(rb.unproven("bill", "autogen"), Some(&[Span::ALL][..]));
+        // A database none of whose shards is proven is not proven in part.
+        let p = files_prove(&[judged("bill", 1, false)], Ok(&listing));
+        assert!(p.databases.is_empty() && p.spans.is_empty(), "{p:?}");
+        assert!(p.whole["bill"].starts_with("shard 1 changed"), "{p:?}");
+    }
+
+    #[test]
+    fn a_span_is_named_in_rfc_3339() {
+        assert_eq!(Span::ALL.to_string(), "all time");
+        let s = Span {
+            from: 1_793_577_600_000_000_000,
+            to: 1_793_577_600_999_999_999,
+        };
+        assert_eq!(
+            s.to_string(),
+            "2026-11-02T00:00:00.000000000Z to 2026-11-02T00:00:00.999999999Z"
+        );
+        assert_eq!(show_spans(&[s; 5]).matches(" to ").count(), 3);
+        assert!(show_spans(&[s; 5]).ends_with("and 2 more"));
+    }
+
+    #[test]
+    fn aggregates_are_kept_per_span_read() {
         let row = |cols: &[&str], vals: Vec<Value>| Series {
             columns: cols.iter().map(|c| c.to_string()).collect(),
             values: vec![vals],
             ..Series::default()
         };
         let mut a = Aggregates::default();
-        let cols = ["time", "count_v", "sum_v", "sum_n"];
-        a.add_row(&row(
-            &cols,
-            vec![json!(0), json!(3), json!(1.5), json!(i64::MAX)],
-        ));
-        a.add_row(&row(&cols, vec![json!(0), json!(2), json!(2), json!(2)]));
-        // A span where the series has no value of `v`.
-        a.add_row(&row(&cols, vec![json!(0), json!(0), Value::Null, json!(1)]));
-        assert_eq!(a.counts["v"], json!(5));
-        assert!(same_sum(&a.sums["v"], &json!(3.5)), "{:?}", a.sums["v"]);
+        let cols = ["time", "count_v", "sum_v"];
+        a.add_row(0, &row(&cols, vec![json!(0), json!(3), json!(1.5)]));
+        a.add_row(1, &row(&cols, vec![json!(0), json!(2), json!(2)]));
+        // A statement of its own per aggregate (`verify.parallel_queries`).
+        a.add_row(2, &row(&["time", "count_v"], vec![json!(0), json!(4)]));
+        a.add_row(2, &row(&["time", "sum_v"], vec![json!(0), json!(7)]));
         assert_eq!(
-            a.sums["n"],
-            json!(i64::MIN + 2),
-            "integer sums wrap as InfluxDB's own sum over both spans would"
+            (
+                a.count(0, "v"),
+                a.count(1, "v"),
+                a.count(2, "v"),
+                a.count(3, "v")
+            ),
+            (3, 2, 4, 0)
         );
+        assert_eq!(a.sum(0, "v"), Some(&json!(1.5)));
+        assert_eq!(a.sum(2, "v"), Some(&json!(7)));
+        assert_eq!(a.sum(3, "v"), None);
     }
 
     #[test]
@@ -1343,11 +1639,17 @@ mod tests {
         let one = aggregate_queries(&cfg, "\"m\"", &fields, 1, &spans);
         assert_eq!(one.len(), 2, "{one:#?}");
         assert!(
-            one[0].contains("WHERE time >= 0 AND time <= 9 GROUP BY *"),
+            one[0].0 == 0
+                && one[0]
+                    .1
+                    .contains("WHERE time >= 0 AND time <= 9 GROUP BY *"),
             "{one:#?}"
         );
         assert!(
-            one[1].contains("WHERE time >= 20 AND time <= 29 GROUP BY *"),
+            one[1].0 == 1
+                && one[1]
+                    .1
+                    .contains("WHERE time >= 20 AND time <= 29 GROUP BY *"),
             "{one:#?}"
         );
         // Two counts and one sum, each its own statement, per span.
@@ -1357,6 +1659,7 @@ mod tests {
         );
         assert!(
             aggregate_queries(&cfg, "\"m\"", &fields, 1, &[Span::ALL])[0]
+                .1
                 .contains("time >= -9223372036854775806 AND time <= 9223372036854775806")
         );
     }

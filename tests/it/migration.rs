@@ -2309,22 +2309,22 @@ async fn cold_measurements_proven_by_their_files(on_host: bool) {
     );
 }
 
-/// Deletes points inside a series of a measurement nothing writes to, on the target,
-/// when the cutover starts (after the dump, before the files are read back): a loss no
-/// series listing shows.
-struct DeletesOnTarget(Influx, NotesSeen);
+/// Deletes the points of series `h000` of `usage0` (nothing writes to it) between two
+/// times, on the target, when the cutover starts (after the dump, before the files are
+/// read back): a loss no series listing shows.
+struct DeletesOnTarget(Influx, (i64, i64), NotesSeen);
 impl Progress for DeletesOnTarget {
     fn note(&self, msg: &str) {
-        self.1.note(msg);
+        self.2.note(msg);
     }
     fn phase_started(&self, phase: Phase) {
         if phase == Phase::Cutover {
-            let t = self.0.clone();
+            let (t, (from, to)) = (self.0.clone(), self.1);
             tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current().block_on(async move {
                     t.query(
                         Some("cyclops"),
-                        "DELETE FROM \"usage0\" WHERE \"host\" = 'h000' AND time < now() - 5d",
+                        &format!("DELETE FROM \"usage0\" WHERE \"host\" = 'h000' AND time >= {from} AND time <= {to}"),
                     )
                     .await
                     .unwrap();
@@ -2334,31 +2334,57 @@ impl Progress for DeletesOnTarget {
     }
 }
 
-/// A shard whose files changed on the target after the copy (here a deletion, pending
-/// or already compacted in) proves nothing: its database's measurements are compared by
-/// their aggregates, which find the loss, and the migration is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_target_whose_files_changed_after_the_copy_is_compared_by_aggregates_and_refused() {
-    let lab = lab(LabOptions::default()).await;
+/// The source's shards of `db`, oldest first, each with a span.
+async fn shards_of(on: &Influx, db: &str) -> Vec<stateshift::influx::Shard> {
+    let mut shards: Vec<_> = on
+        .shards()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.database == db)
+        .collect();
+    shards.sort_by_key(|s| s.span);
+    assert!(
+        shards.len() >= 2 && shards.iter().all(|s| s.span.is_some()),
+        "ten days in 7-day shard groups: two shards at least, with their spans: {shards:#?}"
+    );
+    shards
+}
+
+/// Runs a migration whose target loses, when the cutover starts, the points of `h000` of
+/// `usage0` between `from` and `to` (in the oldest shard): it must be refused, naming
+/// that series, with the newer shards still proven by their files, and the source must
+/// keep everything.
+async fn refused_after_a_loss_in_the_oldest_shard(
+    lab: &crate::kit::lab::Lab,
+    from: i64,
+    to: i64,
+) -> String {
     let (_, cfg) = lab.write_config("").unwrap();
-    seed(&lab, "cyclops", 12_000).await;
     let before = counts(&lab.source.client(), "cyclops").await;
-    let progress = DeletesOnTarget(lab.target.client(), NotesSeen::default());
+    let progress = DeletesOnTarget(lab.target.client(), (from, to), NotesSeen::default());
     let err = engine::run(&cfg, cfg.target.as_ref().unwrap(), &progress)
         .await
         .unwrap_err();
-    let notes = progress.1 .0.lock().unwrap().join("\n");
+    let notes = progress.2 .0.lock().unwrap().join("\n");
     assert!(
         notes.contains("database \"cyclops\": target shard")
             && notes.contains("are compared by their aggregates instead of its files"),
         "the read-back ran and says which shard changed: {notes}"
     );
+    let sent = shards_of(&lab.source.client(), "cyclops").await.len();
+    assert!(
+        notes.contains(&format!(
+            "{} of the {sent} sent hold every file sent",
+            sent - 1
+        )),
+        "every shard but the oldest is still proven by its files: {notes}"
+    );
     let msg = err.to_string();
     let MigrateError::VerifyFailed { report, .. } = &err else {
         panic!("verification fails: {msg}");
     };
-    // The newest shard, younger than the deletion, is still proven by its files: the
-    // loss is found by the aggregates of the changed shards' spans alone.
+    // The loss is found by the aggregates of the changed shard's span alone.
     assert_eq!(
         (
             report.measurements_proven_by_files,
@@ -2375,6 +2401,66 @@ async fn a_target_whose_files_changed_after_the_copy_is_compared_by_aggregates_a
         counts(&lab.source.client(), "cyclops").await,
         before,
         "the source keeps everything"
+    );
+    msg
+}
+
+/// A shard whose files changed on the target after the copy (here a deletion, pending
+/// or already compacted in) proves nothing: the aggregates of its span find the loss,
+/// and the migration is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_whose_files_changed_after_the_copy_is_compared_by_aggregates_and_refused() {
+    let lab = lab(LabOptions::default()).await;
+    seed(&lab, "cyclops", 12_000).await;
+    let (from, to) = shards_of(&lab.source.client(), "cyclops").await[0]
+        .span
+        .unwrap();
+    refused_after_a_loss_in_the_oldest_shard(&lab, from, to).await;
+}
+
+/// The same loss, of one point in the last nanosecond of the oldest shard group (InfluxDB
+/// prints a group's end to the second, so its span must be taken to the end of that
+/// second, not cut at it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_lost_in_the_last_nanosecond_of_a_changed_shard_is_found() {
+    let lab = lab(LabOptions::default()).await;
+    seed(&lab, "cyclops", 12_000).await;
+    let src = lab.source.client();
+    let oldest = shards_of(&src, "cyclops").await.remove(0);
+    let end = oldest.span.unwrap().1 - 999_999_999;
+    let last = end - 1;
+    src.write(
+        "cyclops",
+        None,
+        "ns",
+        format!("usage0,host=h000,region=eu value=1.5,count=7i,unit=\"GB\",ok=true {last}").into(),
+    )
+    .await
+    .unwrap();
+    let on = &src;
+    let at = |t: i64| async move {
+        on.query(
+            Some("cyclops"),
+            &format!("SELECT count(\"value\") FROM \"usage0\" WHERE \"host\" = 'h000' AND time >= {t} AND time <= {t}"),
+        )
+        .await
+        .unwrap()
+        .first()
+        .and_then(|s| s.values.first())
+        .and_then(|r| r.get(1))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
+    };
+    assert_eq!(at(last).await, 1, "the point is on the source");
+    assert_eq!(
+        shards_of(&src, "cyclops").await[0].id,
+        oldest.id,
+        "and in the oldest shard, no new one made for it"
+    );
+    let msg = refused_after_a_loss_in_the_oldest_shard(&lab, last, last).await;
+    assert!(
+        msg.contains("1 missing"),
+        "one point is missing, found by its span's aggregates: {msg}"
     );
 }
 

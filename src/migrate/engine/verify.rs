@@ -1,7 +1,7 @@
 //! Verify: the target holds everything the source holds (see
 //! [`crate::migrate::verify`] for the comparison), before anything is deleted.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use super::context::{sub_name, Migration};
 use super::transfer::{split_rpc_address, CancelOnDrop, PrivateDir, RpcReach};
@@ -118,61 +118,21 @@ impl Migration<'_> {
             }
         }
         let started = std::time::Instant::now();
-        // A shard that did not read back as sent proves nothing of its span of time, which
-        // the aggregates compare instead; a database with one whose span is unknown (or
-        // when the source's shards cannot be listed) is compared by its aggregates whole.
-        let listing = match self.src().influx.shards().await {
-            Ok(l) => Ok(l),
-            Err(e) => Err(format!("the source's shards could not be listed ({e})")),
-        };
-        let span_of = |db: &str, id: u64| -> Result<(String, verify::Span, String), String> {
-            let listing = listing.as_ref().map_err(Clone::clone)?;
-            let s = listing
-                .iter()
-                .find(|s| s.id == id && s.database == db)
-                .ok_or_else(|| format!("the source no longer lists shard {id}"))?;
-            let (from, to) = s.span.ok_or_else(|| {
-                format!(
-                    "its span of time cannot be read from {:?} to {:?}",
-                    s.start_time, s.end_time
-                )
-            })?;
-            Ok((
-                s.retention_policy.clone(),
-                verify::Span { from, to },
-                format!(
-                    "retention policy {:?} from {} to {}",
-                    s.retention_policy, s.start_time, s.end_time
-                ),
-            ))
-        };
-        // Per database: why none of it is proven by its files; or, per shard that is not,
-        // its retention policy, its span, and what is said of it.
-        let mut whole: BTreeMap<String, String> = BTreeMap::new();
-        let mut partly: BTreeMap<String, Vec<(String, verify::Span, String)>> = BTreeMap::new();
-        let mut unproven = |db: &str, id: u64, why: String| {
-            match span_of(db, id) {
-            Ok((rp, span, shown)) => partly.entry(db.to_string()).or_default().push((
-                rp,
-                span,
-                format!("{why}; its points ({shown}) are compared by their aggregates instead of its files"),
-            )),
-            Err(e) => {
-                whole
-                    .entry(db.to_string())
-                    .or_insert(format!("{why}, and {e}"));
-            }
-        }
-        };
-        for (db, ids) in &self.shards_not_sent {
-            for id in ids {
-                unproven(
-                    db,
-                    *id,
-                    format!("source shard {id} was listed before the dump but not copied"),
-                );
-            }
-        }
+        // Every shard the source listed before the dump, judged: proven by its files on
+        // the target, or why not.
+        let mut judged: Vec<verify::Judged> = self
+            .shards_not_sent
+            .iter()
+            .flat_map(|(db, ids)| {
+                ids.iter().map(|id| verify::Judged {
+                    database: db.clone(),
+                    source: *id,
+                    proven: Err(format!(
+                        "source shard {id} was listed before the dump but not copied"
+                    )),
+                })
+            })
+            .collect();
         let reads = match self.read_shards_on_host().await {
             Some(reads) => {
                 out.on_host = true;
@@ -180,74 +140,66 @@ impl Migration<'_> {
             }
             None => self.read_shards_through_rpc().await,
         };
-        let mut proven = 0;
-        let stopped = match reads {
-            Ok(reads) => {
-                for (i, got) in reads {
-                    let shard = &self.sent_shards[i];
-                    let why = match got {
-                        Ok(now) => {
-                            out.shards += 1;
-                            out.bytes += now.iter().map(|f| f.size).sum::<u64>();
-                            snapshotter::files_differ(&shard.files, &now)
-                        }
-                        Err(e) => Some(e),
-                    };
-                    if why.is_none() {
-                        proven += 1;
-                    }
-                    if let Some(why) = why {
-                        unproven(
-                            &shard.database,
-                            shard.source,
-                            format!(
-                                "target shard {} (source shard {}): {why}",
-                                shard.target, shard.source
-                            ),
-                        );
-                    }
-                }
-                false
-            }
+        let reads = match reads {
+            Ok(reads) => reads,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the target's shards back stopped; every measurement is compared by its aggregates");
-                true
+                return out;
             }
         };
-        if !stopped {
-            for shard in &self.sent_shards {
-                let db = shard.database.as_str();
-                if whole.contains_key(db) || out.databases.contains_key(db) {
-                    continue;
+        for (i, got) in reads {
+            let shard = &self.sent_shards[i];
+            let why = match got {
+                Ok(now) => {
+                    out.shards += 1;
+                    out.bytes += now.iter().map(|f| f.size).sum::<u64>();
+                    snapshotter::files_differ(&shard.files, &now)
                 }
-                let mut per_rp: std::collections::HashMap<String, Vec<verify::Span>> =
-                    Default::default();
-                for (rp, span, _) in partly.get(db).into_iter().flatten() {
-                    per_rp.entry(rp.clone()).or_default().push(*span);
-                }
-                let per_rp = per_rp
-                    .into_iter()
-                    .map(|(rp, spans)| (rp, verify::merge_spans(spans)))
-                    .collect();
-                out.databases.insert(db.to_string(), per_rp);
-            }
+                Err(e) => Some(e),
+            };
+            judged.push(verify::Judged {
+                database: shard.database.clone(),
+                source: shard.source,
+                proven: match why {
+                    None => Ok(()),
+                    Some(why) => Err(format!(
+                        "target shard {} (source shard {}): {why}",
+                        shard.target, shard.source
+                    )),
+                },
+            });
         }
+        // The spans of the shards that are not proven: asked only when there is one.
+        let listing = if judged.iter().all(|j| j.proven.is_ok()) {
+            Ok(Vec::new())
+        } else {
+            self.src().influx.shards().await.map_err(|e| e.to_string())
+        };
+        let proof = verify::files_prove(&judged, listing.as_deref().map_err(String::as_str));
+        out.databases = proof.databases;
         out.seconds = started.elapsed().as_secs_f64();
-        for (db, why) in &whole {
-            tracing::warn!(database = %db, reason = %why, "a shard read back from the target differs from what was sent: this database's measurements are compared by their aggregates");
+        for (db, why) in &proof.whole {
+            tracing::warn!(database = %db, reason = %why, "the files read back from the target prove nothing of this database: its measurements are compared by their aggregates");
             self.progress.note(&format!(
                 "database {db:?}: {why}; its measurements are compared by their aggregates instead of their files"
             ));
         }
-        if !stopped {
-            for (db, shards) in partly.iter().filter(|(db, _)| !whole.contains_key(*db)) {
-                for (_, _, said) in shards {
-                    tracing::warn!(database = %db, reason = %said, "a shard read back from the target differs from what was sent: its span of time is compared by its aggregates");
-                    self.progress.note(&format!("database {db:?}: {said}"));
-                }
+        // One note per shard, a few at most: a target that compacted many says so once.
+        const SAID: usize = 5;
+        for (db, said) in &proof.spans {
+            for why in said.iter().take(SAID) {
+                tracing::warn!(database = %db, reason = %why, "a shard is not proven by its files: its span of time is compared by its aggregates");
+                self.progress.note(&format!("database {db:?}: {why}"));
+            }
+            if said.len() > SAID {
+                self.progress.note(&format!(
+                    "database {db:?}: and {} more shards not proven by their files, their spans compared by their aggregates",
+                    said.len() - SAID
+                ));
             }
         }
         if !out.databases.is_empty() {
+            let proven = judged.iter().filter(|j| j.proven.is_ok()).count();
             self.progress.note(&format!(
                 "read {} shards back from the target ({:.1} MB in {:.3} s, {}): {proven} of the {} sent hold every file sent, unchanged",
                 out.shards,
@@ -506,7 +458,7 @@ impl Migration<'_> {
         ));
         if rep.measurements_proven_by_files > 0 {
             self.progress.note(&format!(
-                "of them, {} measurements proven by their files: every shard of their database read back from the target as sent ({} shards, {:.1} MB in {:.3} s), their series listed on both sides",
+                "of them, {} measurements proven by their files: every shard of their retention policy read back from the target as sent ({} shards, {:.1} MB in {:.3} s), their series listed on both sides",
                 rep.measurements_proven_by_files,
                 rep.read_back_shards,
                 rep.read_back_bytes as f64 / 1e6,
