@@ -476,9 +476,13 @@ pub struct FilesProve {
 /// than [`MAX_SPANS`] spans.
 pub fn files_prove(judged: &[Judged], listing: Result<&[Shard], &str>) -> FilesProve {
     let mut out = FilesProve::default();
-    let mut unproven: HashMap<(&str, &str), Vec<Span>> = HashMap::new();
+    // Per database and retention policy, each shard not proven: why, and its span.
+    type NotProven<'a> = (&'a str, &'a Shard, Span);
+    let mut unproven: BTreeMap<(&str, &str), Vec<NotProven>> = BTreeMap::new();
     let mut proven_rps: HashSet<(&str, &str)> = HashSet::new();
     let mut proven_dbs: HashSet<&str> = HashSet::new();
+    // A database none of whose shards is proven: the first reason given.
+    let mut first_why: HashMap<&str, &str> = HashMap::new();
     for j in judged {
         let db = j.database.as_str();
         let listed = listing
@@ -496,8 +500,9 @@ pub fn files_prove(judged: &[Judged], listing: Result<&[Shard], &str>) -> FilesP
                 }
                 continue;
             }
-            Err(why) => why,
+            Err(why) => why.as_str(),
         };
+        first_why.entry(db).or_insert(why);
         let span = listed.and_then(|s| match s.span {
             Some((from, to)) if !s.retention_policy.is_empty() => Ok((s, Span { from, to })),
             _ => Err(format!(
@@ -506,16 +511,10 @@ pub fn files_prove(judged: &[Judged], listing: Result<&[Shard], &str>) -> FilesP
             )),
         });
         match span {
-            Ok((s, span)) => {
-                unproven
-                    .entry((db, s.retention_policy.as_str()))
-                    .or_default()
-                    .push(span);
-                out.spans.entry(db.to_string()).or_default().push(format!(
-                    "{why}; its points (retention policy {:?} from {} to {}) are compared by their aggregates instead of its files",
-                    s.retention_policy, s.start_time, s.end_time
-                ));
-            }
+            Ok((s, span)) => unproven
+                .entry((db, s.retention_policy.as_str()))
+                .or_default()
+                .push((why, s, span)),
             Err(e) => {
                 out.whole
                     .entry(db.to_string())
@@ -523,14 +522,11 @@ pub fn files_prove(judged: &[Judged], listing: Result<&[Shard], &str>) -> FilesP
             }
         }
     }
-    // A database none of whose shards is proven: the first reason said of it.
-    for j in judged {
-        let db = j.database.as_str();
+    for (db, why) in first_why {
         if !proven_dbs.contains(db) && !out.whole.contains_key(db) {
-            let first = out.spans.get(db).and_then(|s| s.first()).cloned();
             out.whole.insert(
                 db.to_string(),
-                first.unwrap_or_else(|| "no shard of it reads back as sent".into()),
+                format!("{why} (and no shard of this database reads back as sent)"),
             );
         }
     }
@@ -539,18 +535,41 @@ pub fn files_prove(judged: &[Judged], listing: Result<&[Shard], &str>) -> FilesP
             continue;
         }
         let mut per_rp: HashMap<String, Vec<Span>> = HashMap::new();
-        for ((_, rp), spans) in unproven.iter().filter(|((d, _), _)| d == db) {
-            let merged = merge_spans(spans.clone());
-            let spans = if !proven_rps.contains(&(*db, *rp)) || merged.len() > MAX_SPANS {
-                vec![Span::ALL]
+        let said = out.spans.entry(db.to_string()).or_default();
+        for ((_, rp), shards) in unproven
+            .range((*db, "")..)
+            .take_while(|((d, _), _)| d == db)
+        {
+            let merged = merge_spans(shards.iter().map(|(_, _, span)| *span).collect());
+            let over_all_time = if !proven_rps.contains(&(*db, *rp)) {
+                Some("none of its shards reads back as sent")
+            } else if merged.len() > MAX_SPANS {
+                Some("more spans than are worth a statement each")
             } else {
-                merged
+                None
             };
-            per_rp.insert(rp.to_string(), spans);
+            for (why, s, _) in shards {
+                said.push(match over_all_time {
+                    None => format!(
+                        "{why}; its points (retention policy {rp:?} from {} to {}) are compared by their aggregates instead of its files",
+                        s.start_time, s.end_time
+                    ),
+                    Some(because) => format!(
+                        "{why}; retention policy {rp:?} is compared by its aggregates over all time ({because})"
+                    ),
+                });
+            }
+            per_rp.insert(
+                rp.to_string(),
+                match over_all_time {
+                    Some(_) => vec![Span::ALL],
+                    None => merged,
+                },
+            );
         }
         out.databases.insert(db.to_string(), per_rp);
     }
-    out.spans.retain(|db, _| out.databases.contains_key(db));
+    out.spans.retain(|_, said| !said.is_empty());
     out
 }
 
@@ -669,7 +688,8 @@ pub async fn verify_cold(
         let spans = first.read_back.spans(&db, &rp);
         // Proven by its files, wholly or in part: its series listed on both sides.
         let listed = if spans != [Span::ALL] {
-            Some(series_listed_on_both(source, target, &db, &rp, &m).await?)
+            let wholly = spans.is_empty();
+            Some(series_listed_on_both(source, target, &db, &rp, &m, wholly).await?)
         } else {
             None
         };
@@ -699,6 +719,7 @@ pub async fn verify_cold(
             Some((by_files, listed)) => {
                 rep.series = by_files.series;
                 rep.measurements_proven_partly_by_files = 1;
+                rep.problems_truncated |= by_files.problems_truncated;
                 for p in by_files.problems {
                     rep.problem(p);
                 }
@@ -735,6 +756,7 @@ async fn series_listed_on_both(
     db: &str,
     rp: &str,
     m: &str,
+    wholly: bool,
 ) -> Result<(VerifyReport, std::collections::HashSet<u64>), InfluxError> {
     let q = format!("SHOW SERIES FROM {}.{}", ident(rp), ident(m));
     let (on_source, on_target) =
@@ -750,9 +772,13 @@ async fn series_listed_on_both(
         .map(|(_, t)| show_tags(t))
         .collect();
     missing.sort();
+    let although = match wholly {
+        true => ", although the files read back are there",
+        false => "",
+    };
     for gone in missing.into_iter().take(MAX_PROBLEMS + 1) {
         rep.problem(format!(
-            "{db}.{rp}.{m} [{gone}]: series is missing from the target's index, although the files read back are there"
+            "{db}.{rp}.{m} [{gone}]: series is missing from the target's index{although}"
         ));
     }
     // The series both have: one missing is reported here, not again by the final pass.
@@ -1574,6 +1600,15 @@ mod tests {
         };
         assert_eq!(rb.unproven("bill", "year"), Some(&[Span::ALL][..]));
         assert_eq!(rb.unproven("bill", "autogen"), Some(&[Span::ALL][..]));
+        let said = files_prove(&j, Ok(&listing)).spans.remove("bill").unwrap();
+        assert!(
+            said.iter().any(|s| s.contains(
+                "retention policy \"year\" is compared by its aggregates over all time (none of its shards reads back as sent)"
+            )) && said.iter().any(|s| s.contains(
+                "retention policy \"autogen\" is compared by its aggregates over all time (more spans"
+            )) && !said.iter().any(|s| s.contains("its points")),
+            "the notes say what is read: {said:#?}"
+        );
         // A database none of whose shards is proven is not proven in part.
         let p = files_prove(&[judged("bill", 1, false)], Ok(&listing));
         assert!(p.databases.is_empty() && p.spans.is_empty(), "{p:?}");

@@ -452,9 +452,20 @@ impl Migration<'_> {
                 report: Box::new(rep),
             });
         }
+        let by_files = rep.measurements_proven_by_files + rep.measurements_proven_partly_by_files;
         self.progress.note(&format!(
-            "verified: {} databases, {} series, {} values on the source, {} on the target, {} series compared point by point, {} points overwritten after cutover",
-            rep.databases, rep.series, rep.source_values, rep.target_values, rep.series_compared_point_by_point, rep.overwritten_after_cutover
+            "verified: {} databases, {} series, {} values on the source, {} on the target{}, {} series compared point by point, {} points overwritten after cutover",
+            rep.databases,
+            rep.series,
+            rep.source_values,
+            rep.target_values,
+            if by_files > 0 {
+                " (counted where aggregates were read: not what the files proved)"
+            } else {
+                ""
+            },
+            rep.series_compared_point_by_point,
+            rep.overwritten_after_cutover
         ));
         if rep.measurements_proven_by_files > 0 {
             self.progress.note(&format!(
