@@ -715,15 +715,22 @@ impl Influx {
         Ok(out)
     }
 
-    /// Every shard of database `db` by id (`SHOW SHARDS`).
+    /// Every shard of database `db` by id (`SHOW SHARDS`; a row of another database is
+    /// not read, whatever it holds).
     pub async fn shard_ids(&self, db: &str) -> Result<Vec<u64>, InfluxError> {
-        let mut out: Vec<u64> = self
-            .shards()
-            .await?
-            .into_iter()
-            .filter(|s| s.database == db)
-            .map(|s| s.id)
-            .collect();
+        let q = "SHOW SHARDS";
+        let mut out = Vec::new();
+        for s in self.query(None, q).await? {
+            for row in &s.values {
+                if str_of(col(&s.columns, row, "database")).as_deref() != Some(db) {
+                    continue;
+                }
+                let id = col(&s.columns, row, "id")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| self.decode_err(q, "a shard without an id"))?;
+                out.push(id);
+            }
+        }
         out.sort_unstable();
         Ok(out)
     }

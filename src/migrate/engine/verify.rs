@@ -85,10 +85,11 @@ impl Migration<'_> {
     }
 
     /// Read back from the target every shard the dump streamed into it, while no writer
-    /// uses it, and name the databases whose every shard still holds each file sent, with
-    /// the same bytes ([`verify::ReadBack`]). Nothing proven when `verify.read_back` is off,
-    /// the dump took another way, or the target cannot be reached: the measurements are
-    /// then compared by their aggregates.
+    /// uses it, and say what the files prove: per database, the shards that still hold
+    /// each file sent, with the same bytes, and the spans of time of the others, which
+    /// the aggregates compare ([`verify::ReadBack`], [`verify::files_prove`]). Nothing
+    /// proven when `verify.read_back` is off, the dump took another way, or the target
+    /// cannot be reached: the measurements are then compared by their aggregates.
     async fn read_back(&self) -> verify::ReadBack {
         let mut out = verify::ReadBack::default();
         if !self.cfg.verify.read_back || self.sent_shards.is_empty() {
