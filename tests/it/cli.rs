@@ -605,9 +605,14 @@ async fn lowered_by_a_kill(source: bool, crash_at: Option<&str>) {
     let pid = if source { &lab.source } else { &lab.target }.pids()[0];
     assert_eq!(thread_nices(pid), [0].into());
     let cfg = p.to_str().unwrap();
+    // The source is lowered in the background once the drain ends; when verification
+    // found everything already compared during the cutover, `verify:done` came before
+    // that lowering landed (CI, stop 30: the kill left it at nice 0). Held 3 s after the
+    // verify phase starts, the crash finds it lowered, as the test means it to.
     let mut child = Command::new(bin())
         .args(["migrate", "-c", cfg, "--yes"])
         .envs(crash_at.map(|at| ("STATESHIFT_CRASH_AT", at)))
+        .envs(crash_at.map(|_| ("STATESHIFT_FAULT", "hold:verify")))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
