@@ -222,25 +222,37 @@ impl<W: World> Decider<W> {
         );
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let why = tokio::select! {
+            let (why, look_now) = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(r) = requests.recv() => self.on_request(r),
-                Some(o) = feed.next() => self.on_outcome(o),
-                _ = look.tick() => {
-                    let now = self.world.locate().await;
-                    if now != self.here {
-                        tracing::warn!(from = %self.here, to = %now, "the service moved; polling the new host with a fresh window and the cooldown started");
-                        self.policy.service_moved(Instant::now().into_std());
-                        self.here = now;
-                        feed.stop().await;
-                        feed = Feed::start(self.world.source(), self.poll, None);
-                        self.show_source();
-                        self.shared.set(|s| s.window.clear());
+                Some(r) = requests.recv() => (self.on_request(r), false),
+                Some(o) = feed.next() => {
+                    let why = self.on_outcome(o);
+                    // The look rides on the reading's wake-up: an idle daemon wakes once
+                    // per poll, and the timer fires only while no reading comes (at
+                    // most 1.5 poll intervals after the last look).
+                    let look_now = why.is_none();
+                    if look_now {
+                        // Half an interval of slack: a reading that lands a little later
+                        // than the last one must not find the timer's look just done.
+                        look.reset_after(self.poll.poll_interval + self.poll.poll_interval / 2);
                     }
-                    None
+                    (why, look_now)
                 }
+                _ = look.tick() => (None, true),
             };
+            if look_now {
+                let now = self.world.locate().await;
+                if now != self.here {
+                    tracing::warn!(from = %self.here, to = %now, "the service moved; polling the new host with a fresh window and the cooldown started");
+                    self.policy.service_moved(Instant::now().into_std());
+                    self.here = now;
+                    feed.stop().await;
+                    feed = Feed::start(self.world.source(), self.poll, None);
+                    self.show_source();
+                    self.shared.set(|s| s.window.clear());
+                }
+            }
             let Some(why) = why else { continue };
             if shutdown.is_cancelled() {
                 break;
@@ -408,14 +420,17 @@ mod tests {
         }
     }
 
-    /// One host's readings, one per read; the last one repeats forever.
-    struct Script(VecDeque<Reading>);
+    /// One host's readings, one per read; the last one repeats forever. Each read takes
+    /// the scene's `read_takes`, and its end is recorded in `reads`.
+    struct Script(VecDeque<Reading>, Duration, Arc<Mutex<Vec<Instant>>>);
     impl MetricSource for Script {
         type Error = Scripted;
         fn describe(&self) -> String {
             "script".into()
         }
         async fn read(&mut self) -> Result<Reading, Scripted> {
+            tokio::time::sleep(self.1).await;
+            self.2.lock().unwrap().push(Instant::now());
             let r = if self.0.len() > 1 {
                 self.0.pop_front()
             } else {
@@ -435,10 +450,15 @@ mod tests {
         migration_takes: Duration,
         /// Every host answers at the same URL (a cloud reusing a deleted VM's address).
         same_url: bool,
+        read_takes: Duration,
+        /// When each read ended, and when the loop looked where the service runs.
+        reads: Arc<Mutex<Vec<Instant>>>,
+        looks: Arc<Mutex<Vec<Instant>>>,
     }
     impl World for Scene {
         type Source = Script;
         async fn locate(&mut self) -> String {
+            self.looks.lock().unwrap().push(Instant::now());
             format!("host{}", self.host.lock().unwrap())
         }
         fn url(&self) -> String {
@@ -450,7 +470,7 @@ mod tests {
         fn source(&self) -> Option<Script> {
             let h = *self.host.lock().unwrap();
             let load = self.loads.lock().unwrap().get(h).cloned()?;
-            Some(Script(load))
+            Some(Script(load, self.read_takes, self.reads.clone()))
         }
         fn describe_source(&self) -> String {
             "script".into()
@@ -540,6 +560,57 @@ mod tests {
 
     fn nothing(_: Arc<Shared>) -> JoinHandle<()> {
         tokio::spawn(async {})
+    }
+
+    /// Milliseconds since `t0`.
+    fn since(t0: Instant, at: &[Instant]) -> Vec<u128> {
+        at.iter().map(|t| (*t - t0).as_millis()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_looks_where_the_service_runs_right_after_each_reading() {
+        // Each read takes 300 ms, so readings land between the poll interval's ticks: the
+        // look at the journal rides on each reading's wake-up instead of a timer of its own.
+        let t0 = Instant::now();
+        let scene = Scene {
+            loads: Arc::new(Mutex::new(vec![VecDeque::from([fresh(1.0, 100)])])),
+            read_takes: Duration::from_millis(300),
+            ..Scene::default()
+        };
+        let (scene, _) = play(scene, policy(1, POLL), Duration::from_millis(4500), nothing).await;
+        let reads = since(t0, &scene.reads.lock().unwrap());
+        let looks = since(t0, &scene.looks.lock().unwrap());
+        assert_eq!(reads, vec![300, 1300, 2300, 3300, 4300]);
+        assert_eq!(
+            looks,
+            vec![0, 300, 1300, 2300, 3300, 4300],
+            "one look per reading, at once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_no_reading_comes_the_loop_still_looks_every_poll_interval_and_a_half() {
+        // A source that fails backs off (1, 2, 4 s...); no source at all never reads.
+        for loads in [vec![VecDeque::new()], vec![]] {
+            let t0 = Instant::now();
+            let scene = Scene {
+                loads: Arc::new(Mutex::new(loads.clone())),
+                ..Scene::default()
+            };
+            let (scene, _) =
+                play(scene, policy(1, POLL), Duration::from_millis(8500), nothing).await;
+            let looks = since(t0, &scene.looks.lock().unwrap());
+            assert_eq!(looks.first(), Some(&0), "{loads:?}");
+            if loads.is_empty() {
+                let each_second: Vec<u128> = (0..=8).map(|s| s * 1000).collect();
+                assert_eq!(looks, each_second, "no source: the timer alone");
+            }
+            assert!(
+                looks.windows(2).all(|w| w[1] - w[0] <= 1500) && looks.last() >= Some(&7000),
+                "a look at least once per 1.5 poll intervals with {} sources: {looks:?}",
+                loads.len()
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -346,15 +346,21 @@ struct Orchestrator<'a> {
     progress: &'a dyn Progress,
     shared: Arc<Shared>,
     here: Placement,
-    /// The journal's size and modification time when it last held nothing to settle or
-    /// retire: while it stays so, a look (every poll) does not parse it again.
-    settled_at: Option<(u64, std::time::SystemTime)>,
+    /// The journal's stamp when it last held nothing to settle or retire (or did not
+    /// exist yet): while it stays so, a look (every poll) does not parse it again.
+    settled_at: Option<JournalStamp>,
 }
 
-/// The journal's size and modification time (`None` if it cannot be read).
-fn journal_stamp(cfg: &Config) -> Option<(u64, std::time::SystemTime)> {
-    let m = std::fs::metadata(machine::Paths::of(cfg).journal).ok()?;
-    Some((m.len(), m.modified().ok()?))
+/// A journal's size and modification time; `None` while there is no journal yet.
+type JournalStamp = Option<(u64, std::time::SystemTime)>;
+
+/// The journal's stamp (`None` if it cannot be read).
+fn journal_stamp(cfg: &Config) -> Option<JournalStamp> {
+    match std::fs::metadata(machine::Paths::of(cfg).journal) {
+        Ok(m) => Some(Some((m.len(), m.modified().ok()?))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
+        Err(_) => None,
+    }
 }
 
 impl Orchestrator<'_> {

@@ -302,6 +302,63 @@ async fn the_api_triggers_two_migrations_in_a_row_refuses_bad_tokens_and_concurr
     );
 }
 
+/// A daemon started before any migration (no journal yet) skips parsing the journal
+/// while there is none, and still sees the one a migration by another process (the
+/// CLI) writes: it polls where the service moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_before_any_journal_follows_a_migration_made_by_the_cli() {
+    let svc = service(130).await;
+    // Looks at the journal once a second (no load source: the look's timer alone).
+    let mut yaml = std::fs::read_to_string(&svc.cfg_path).unwrap();
+    yaml.push_str("monitor:\n  poll_interval: 1s\n");
+    std::fs::write(&svc.cfg_path, yaml).unwrap();
+    let cfg = svc.cfg();
+    let journal = machine::Paths::of(&cfg).journal;
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (c2, s2) = (cfg.clone(), stop.clone());
+    let d = tokio::spawn(async move {
+        daemon::run(c2, s2, &stateshift::migrate::engine::LogProgress, Some(tx)).await
+    });
+    let shared = rx.await.unwrap();
+    let before = shared.status.lock().unwrap().source_url.clone();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!journal.exists(), "no journal before the first migration");
+    let (ok, out) = tokio::task::spawn_blocking({
+        let path = svc.cfg_path.clone();
+        move || {
+            let out = Command::new(bin())
+                .args(["migrate", "--yes", "-c"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    let moved_to = std::fs::read_to_string(&svc.url_file).unwrap();
+    assert_ne!(moved_to, before);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = shared.status.lock().unwrap().source_url.clone();
+        if now == moved_to {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon still polls {now} 10 s after the CLI moved the service to {moved_to}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    d.await.unwrap().unwrap();
+}
+
 pub(crate) fn migrate_cli(svc: &Svc, crash_at: Option<&str>) -> (bool, String) {
     let mut c = Command::new(bin());
     c.args(["migrate", "--yes", "-c"]).arg(&svc.cfg_path);
