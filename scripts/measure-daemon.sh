@@ -47,6 +47,7 @@ PY
   python3 "$dir/fwd.py" "$ZBX_API_URL" "$dir/fwd.conns" > "$dir/fwd.port" &
   fwd=$!
   for _ in $(seq 50); do [ -s "$dir/fwd.port" ] && break; sleep 0.1; done
+  [ -s "$dir/fwd.port" ] && kill -0 "$fwd" 2>/dev/null || { echo "the keep-alive forwarder did not start (python3?)" >&2; exit 1; }
   url="http://127.0.0.1:$(cat "$dir/fwd.port")/api_jsonrpc.php"
 fi
 printf '%s' "$ZBX_PASSWORD" > "$dir/zbx.pw"; chmod 600 "$dir/zbx.pw"
@@ -67,11 +68,19 @@ pid=$!
 sleep 2
 # Every thread's time on a CPU, in ns, and the thread ids it came from: a thread that
 # ends in between takes its time with it, so the precise figure needs the same threads.
-ran() { cat /proc/"$pid"/task/*/schedstat | awk '{s += $1} END {printf "%d", s}'; }
+ran() { cat /proc/"$pid"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%d", s}'; }
+# The readings the daemon took, by freshness, from its /metrics: a run whose polls
+# failed measures a daemon backing off, not polling.
+readings() {
+  local api
+  api=$(ss -ltnpH 2>/dev/null | awk -v p="pid=$pid," 'index($0, p) {print $4; exit}')
+  [ -n "$api" ] && curl -sf "http://$api/metrics" | awk '/^stateshift_readings_total/ {
+    split($1, a, "\""); n[a[2]] += $2 } END { for (k in n) printf "%s %d ", k, n[k] }'
+}
 threads() { ls /proc/"$pid"/task | sort | tr '\n' ' '; }
-ticks0=$(awk '{print $14+$15}' "/proc/$pid/stat"); ns0=$(ran); tids0=$(threads)
+ticks0=$(awk '{print $14+$15}' "/proc/$pid/stat"); ns0=$(ran); tids0=$(threads); r0=$(readings || true)
 sleep "$dur"
-ticks1=$(awk '{print $14+$15}' "/proc/$pid/stat"); ns1=$(ran); tids1=$(threads)
+ticks1=$(awk '{print $14+$15}' "/proc/$pid/stat"); ns1=$(ran); tids1=$(threads); r1=$(readings || true)
 kill -0 "$pid" 2>/dev/null || { echo "the daemon ended during the run: $(tail -3 "$dir/log")" >&2; exit 1; }
 hz=$(getconf CLK_TCK)
 rss=$(awk '/VmRSS/{print $2}' "/proc/$pid/status")
@@ -88,3 +97,4 @@ awk -v t0="$ticks0" -v t1="$ticks1" -v n0="$ns0" -v n1="$ns1" -v same="$same" -v
 if [ -n "$fwd" ]; then
   echo "through a keep-alive forwarder: the daemon opened $(grep -c . "$dir/fwd.conns" 2>/dev/null || echo 0) connection(s) in the whole run (its first 2 s included)"
 fi
+echo "readings by freshness (the daemon's /metrics), at the start: ${r0:-none}; at the end: ${r1:-none}"

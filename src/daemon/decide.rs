@@ -7,7 +7,9 @@
 //! - Readings come from a [`Poller`] running in its own task: a sample counts once, by its
 //!   clock, however often the source repeats it; the poller is stopped during a migration
 //!   and, on the same host, resumes after the last clock it pushed.
-//! - Where the service runs is re-read from the journal every poll interval. A move made
+//! - Where the service runs is re-read from the journal after each reading (in its
+//!   wake-up), at most once per half poll interval, or by a timer while no reading comes
+//!   (1.5 intervals after the last reading, then every interval). A move made
 //!   by someone else (a CLI migration, a recovery settled by another process) is treated as
 //!   a migration that succeeded: the old host's window is dropped and the cooldown starts.
 //! - A request (`POST /migrate`) is honoured even during the cooldown: the operator said so.
@@ -221,6 +223,10 @@ impl<W: World> Decider<W> {
             self.poll.poll_interval,
         );
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the last look ended: a look after a reading waits half an interval since
+        // it, so a look slower than the readings (a recovery retried against a cloud
+        // that does not answer) cannot run once per queued reading.
+        let mut looked = Instant::now();
         loop {
             let (why, look_now) = tokio::select! {
                 biased;
@@ -231,11 +237,14 @@ impl<W: World> Decider<W> {
                     // The look rides on the reading's wake-up: an idle daemon wakes once
                     // per poll, and the timer fires only while no reading comes (at
                     // most 1.5 poll intervals after the last look).
-                    let look_now = why.is_none();
-                    if look_now {
-                        // Half an interval of slack: a reading that lands a little later
-                        // than the last one must not find the timer's look just done.
-                        look.reset_after(self.poll.poll_interval + self.poll.poll_interval / 2);
+                    let half = self.poll.poll_interval / 2;
+                    let look_now = why.is_none() && looked.elapsed() >= half;
+                    if why.is_none() {
+                        // The timer waits 1.5 intervals from this look (or the last one, if
+                        // this reading is too close to it): a reading that lands a little
+                        // later than the last one must not find the timer's look just done.
+                        let from = if look_now { Instant::now() } else { looked };
+                        look.reset_at(from + self.poll.poll_interval + half);
                     }
                     (why, look_now)
                 }
@@ -243,6 +252,7 @@ impl<W: World> Decider<W> {
             };
             if look_now {
                 let now = self.world.locate().await;
+                looked = Instant::now();
                 if now != self.here {
                     tracing::warn!(from = %self.here, to = %now, "the service moved; polling the new host with a fresh window and the cooldown started");
                     self.policy.service_moved(Instant::now().into_std());
@@ -451,6 +461,8 @@ mod tests {
         /// Every host answers at the same URL (a cloud reusing a deleted VM's address).
         same_url: bool,
         read_takes: Duration,
+        /// How long a look where the service runs takes.
+        locate_takes: Duration,
         /// When each read ended, and when the loop looked where the service runs.
         reads: Arc<Mutex<Vec<Instant>>>,
         looks: Arc<Mutex<Vec<Instant>>>,
@@ -459,6 +471,7 @@ mod tests {
         type Source = Script;
         async fn locate(&mut self) -> String {
             self.looks.lock().unwrap().push(Instant::now());
+            tokio::time::sleep(self.locate_takes).await;
             format!("host{}", self.host.lock().unwrap())
         }
         fn url(&self) -> String {
@@ -570,7 +583,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_loop_looks_where_the_service_runs_right_after_each_reading() {
         // Each read takes 300 ms, so readings land between the poll interval's ticks: the
-        // look at the journal rides on each reading's wake-up instead of a timer of its own.
+        // look at the journal rides on each reading's wake-up instead of a timer of its
+        // own; the first reading, 300 ms after the start's look, is too close to it.
         let t0 = Instant::now();
         let scene = Scene {
             loads: Arc::new(Mutex::new(vec![VecDeque::from([fresh(1.0, 100)])])),
@@ -583,8 +597,39 @@ mod tests {
         assert_eq!(reads, vec![300, 1300, 2300, 3300, 4300]);
         assert_eq!(
             looks,
-            vec![0, 300, 1300, 2300, 3300, 4300],
-            "one look per reading, at once"
+            vec![0, 1300, 2300, 3300, 4300],
+            "one look per reading, at once, none within half an interval of the last"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_look_slower_than_the_readings_does_not_run_once_per_queued_reading() {
+        // Each look takes 2.5 s (a recovery retried against a cloud that does not answer)
+        // while a reading comes every second: the readings queued meanwhile are counted
+        // at once, not each after a look of its own.
+        let scene = Scene {
+            loads: Arc::new(Mutex::new(vec![VecDeque::from([fresh(1.0, 100)])])),
+            locate_takes: Duration::from_millis(2500),
+            ..Scene::default()
+        };
+        let ((scene, _), metrics) = play_in(
+            false,
+            scene,
+            policy(1, POLL),
+            Duration::from_secs(30),
+            nothing,
+        )
+        .await;
+        let read = scene.reads.lock().unwrap().len();
+        let counted: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("stateshift_readings_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(read >= 28, "{read} reads in 30 s");
+        assert!(
+            counted >= read as f64 - 3.0,
+            "{counted} of {read} readings counted: the rest wait behind looks\n{metrics}"
         );
     }
 
