@@ -118,3 +118,24 @@ pub fn renice_all(pid: u32, nice: i32) {
         .success();
     assert!(ok, "renice {pid}");
 }
+
+/// A daemon running in this process, once its loop is ready.
+pub struct Daemon {
+    /// Cancel it to stop the daemon (after the migration that runs, if any).
+    pub stop: tokio_util::sync::CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// What its API serves (`/status`, the metrics, the trigger).
+    pub shared: std::sync::Arc<stateshift::daemon::Shared>,
+}
+
+/// Start `stateshift daemon` on `cfg` in this process; wait until its loop runs.
+pub async fn start_daemon(cfg: stateshift::config::Config) -> Daemon {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let s2 = stop.clone();
+    let task = tokio::spawn(async move {
+        stateshift::daemon::run(cfg, s2, &stateshift::migrate::engine::LogProgress, Some(tx)).await
+    });
+    let shared = rx.await.expect("the daemon started");
+    Daemon { stop, task, shared }
+}

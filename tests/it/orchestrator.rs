@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 
 use crate::kit::workload::{self, Ledger, RunningWriter, WriterSpec};
 use stateshift::config::Config;
-use stateshift::daemon::{self, Shared};
+use stateshift::daemon::Shared;
 use stateshift::influx::Influx;
 use stateshift::migrate::journal::Outcome;
 use stateshift::migrate::machine;
 use stateshift::stack::local::LocalStacks;
 use stateshift::stack::{StackOutputs, StackProvider, StackSpec};
-use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
 
@@ -209,13 +208,11 @@ async fn the_api_triggers_two_migrations_in_a_row_refuses_bad_tokens_and_concurr
     let svc = service(20).await;
     let cfg = svc.cfg();
     let w = svc.writer(1000);
-    let stop = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (c2, s2) = (cfg.clone(), stop.clone());
-    let d = tokio::spawn(async move {
-        daemon::run(c2, s2, &stateshift::migrate::engine::LogProgress, Some(tx)).await
-    });
-    let shared = rx.await.unwrap();
+    let Daemon {
+        stop,
+        task: d,
+        shared,
+    } = start_daemon(cfg.clone()).await;
     let api = format!("http://{}", shared.status.lock().unwrap().api);
     let http = reqwest::Client::new();
     assert_eq!(
@@ -314,13 +311,11 @@ async fn a_daemon_started_before_any_journal_follows_a_migration_made_by_the_cli
     std::fs::write(&svc.cfg_path, yaml).unwrap();
     let cfg = svc.cfg();
     let journal = machine::Paths::of(&cfg).journal;
-    let stop = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (c2, s2) = (cfg.clone(), stop.clone());
-    let d = tokio::spawn(async move {
-        daemon::run(c2, s2, &stateshift::migrate::engine::LogProgress, Some(tx)).await
-    });
-    let shared = rx.await.unwrap();
+    let Daemon {
+        stop,
+        task: d,
+        shared,
+    } = start_daemon(cfg.clone()).await;
     let before = shared.status.lock().unwrap().source_url.clone();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(!journal.exists(), "no journal before the first migration");

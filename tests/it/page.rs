@@ -5,9 +5,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use stateshift::daemon;
-use tokio_util::sync::CancellationToken;
 
+use crate::common::{start_daemon, Daemon};
 use crate::orchestrator::{service_seeded, TOKEN};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -222,13 +221,11 @@ async fn the_status_page_shows_the_live_state_through_a_migration_started_from_i
     );
     std::fs::write(&svc.cfg_path, yaml).unwrap();
     let cfg = svc.cfg();
-    let stop = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (c2, s2) = (cfg.clone(), stop.clone());
-    let d = tokio::spawn(async move {
-        daemon::run(c2, s2, &stateshift::migrate::engine::LogProgress, Some(tx)).await
-    });
-    let shared = rx.await.unwrap();
+    let Daemon {
+        stop,
+        task: d,
+        shared,
+    } = start_daemon(cfg.clone()).await;
     let api = format!("http://{}", shared.status.lock().unwrap().api);
     let old_url = cfg.source.influx_url.clone();
 

@@ -25,6 +25,8 @@ use stateshift::monitor::{
 };
 use stateshift::util::Secret;
 
+use crate::common::{start_daemon, Daemon};
+
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/zabbix.sh");
 
 pub(crate) struct Env {
@@ -529,13 +531,11 @@ async fn the_daemon_fills_its_window_from_the_real_zabbix() {
         !format!("{cfg:?}").contains(env.password.expose()),
         "the password never prints"
     );
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let s2 = stop.clone();
-    let d2 = tokio::spawn(async move {
-        stateshift::daemon::run(cfg, s2, &stateshift::migrate::engine::LogProgress, Some(tx)).await
-    });
-    let shared = rx.await.unwrap();
+    let Daemon {
+        stop,
+        task: d2,
+        shared,
+    } = start_daemon(cfg).await;
     let t = std::time::Instant::now();
     let window = loop {
         let w = shared.status.lock().unwrap().window.clone();
@@ -583,13 +583,11 @@ async fn real_zabbix_readings_trigger_two_migrations_in_a_row_losing_nothing() {
     std::fs::write(&svc.cfg_path, yaml).unwrap();
     let cfg = svc.cfg();
     let w = svc.writer(800);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let s2 = stop.clone();
-    let d = tokio::spawn(async move {
-        stateshift::daemon::run(cfg, s2, &stateshift::migrate::engine::LogProgress, Some(tx)).await
-    });
-    let shared = rx.await.unwrap();
+    let Daemon {
+        stop,
+        task: d,
+        shared,
+    } = start_daemon(cfg).await;
     let t = Instant::now();
     loop {
         let st = shared.status.lock().unwrap().clone();
