@@ -11,7 +11,7 @@ use std::process::Stdio;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-pub use ssh::{Listen, SshRemote};
+pub use ssh::{cpu_has_aes, Listen, SshRemote};
 
 use crate::config::SshConfig;
 

@@ -16,23 +16,22 @@ use crate::config::{HostKeyCheck, SshConfig};
 pub struct SshRemote {
     session: Arc<Session>,
     name: String,
-    /// The known-hosts file made from pinned keys, removed with the last clone.
-    _pinned: Option<Arc<PinnedKnownHosts>>,
+    /// The files the master was started with (pinned host keys, its configuration),
+    /// removed with the last clone.
+    _files: Arc<Vec<PrivateFile>>,
 }
 
-/// A private known-hosts file holding exactly the keys pinned for one host: OpenSSH then
-/// accepts those keys and nothing else (`StrictHostKeyChecking=yes`), whatever the user's
-/// own known-hosts file says about the address.
-struct PinnedKnownHosts(std::path::PathBuf);
+/// A file only this user can read, named for this process, removed when dropped.
+struct PrivateFile(std::path::PathBuf);
 
-impl PinnedKnownHosts {
-    fn write(c: &SshConfig) -> std::io::Result<PinnedKnownHosts> {
+impl PrivateFile {
+    fn write(what: &str, content: &str) -> std::io::Result<PrivateFile> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!(
-            "stateshift-known-hosts-{}-{n}-{}",
+            "stateshift-{what}-{}-{n}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -44,25 +43,78 @@ impl PinnedKnownHosts {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        let host = if c.port == 22 {
-            c.host.clone()
-        } else {
-            format!("[{}]:{}", c.host, c.port)
-        };
-        for key in &c.host_keys {
-            let mut parts = key.split_whitespace();
-            if let (Some(kind), Some(body)) = (parts.next(), parts.next()) {
-                writeln!(f, "{host} {kind} {body}")?;
-            }
-        }
+        let file = PrivateFile(path);
+        f.write_all(content.as_bytes())?;
         f.sync_all()?;
-        Ok(PinnedKnownHosts(path))
+        Ok(file)
     }
 }
 
-impl Drop for PinnedKnownHosts {
+impl Drop for PrivateFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A private known-hosts file holding exactly the keys pinned for one host: OpenSSH then
+/// accepts those keys and nothing else (`StrictHostKeyChecking=yes`), whatever the user's
+/// own known-hosts file says about the address.
+fn pinned_known_hosts(c: &SshConfig) -> std::io::Result<PrivateFile> {
+    let host = if c.port == 22 {
+        c.host.clone()
+    } else {
+        format!("[{}]:{}", c.host, c.port)
+    };
+    let mut lines = String::new();
+    for key in &c.host_keys {
+        let mut parts = key.split_whitespace();
+        if let (Some(kind), Some(body)) = (parts.next(), parts.next()) {
+            lines.push_str(&format!("{host} {kind} {body}\n"));
+        }
+    }
+    PrivateFile::write("known-hosts", &lines)
+}
+
+/// The ciphers put first where this machine's CPU has AES instructions.
+const AES_GCM_FIRST: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com";
+
+/// The ssh configuration a master starts with (`ssh -F`): the user's and the system's
+/// files, read as ssh reads them without `-F` (the first value found for an option wins,
+/// so whatever they set stays: a `ProxyJump`, their own `Ciphers`), then AES-GCM first
+/// among the default ciphers where `aes` says the CPU has AES instructions. Without
+/// them OpenSSH's order is kept, and `None` is returned: no `-F` at all.
+///
+/// Why: every shard a migration streams crosses two SSH connections, encrypted and
+/// decrypted four times, and the source's end runs beside the writers' server. OpenSSH
+/// puts chacha20-poly1305 first because it is fast without AES instructions; with them,
+/// AES-GCM took half its CPU per byte on both ends here (docs/benchmarks.md, stop 32).
+fn master_config(user_config: &str, aes: bool) -> Option<String> {
+    aes.then(|| {
+        format!(
+            "# Written by stateshift for one SSH master; removed when it is done with it.\n\
+             Include {user_config}\n\
+             Include /etc/ssh/ssh_config\n\
+             Host *\n  Ciphers ^{AES_GCM_FIRST}\n"
+        )
+    })
+}
+
+/// Whether this machine's CPU has AES instructions (AES-GCM is then cheaper than
+/// chacha20-poly1305).
+pub fn cpu_has_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
     }
 }
 
@@ -117,19 +169,27 @@ impl SshRemote {
         if let Some(k) = &c.identity_file {
             b.keyfile(k);
         }
-        let pinned = if c.host_keys.is_empty() {
-            if let Some(k) = &c.known_hosts_file {
-                b.user_known_hosts_file(k);
-            }
-            None
-        } else {
-            let p = PinnedKnownHosts::write(c).map_err(|e| RemoteError::Ssh {
+        let mut files = Vec::new();
+        let pinned = !c.host_keys.is_empty();
+        if pinned {
+            let p = pinned_known_hosts(c).map_err(|e| RemoteError::Ssh {
                 host: name.clone(),
                 msg: format!("cannot write the pinned host keys to a temporary file: {e}"),
             })?;
             b.user_known_hosts_file(&p.0);
-            Some(p)
-        };
+            files.push(p);
+        } else if let Some(k) = &c.known_hosts_file {
+            b.user_known_hosts_file(k);
+        }
+        if let Some(conf) = master_config("~/.ssh/config", cpu_has_aes()) {
+            let f = PrivateFile::write("ssh-config", &conf).map_err(|e| RemoteError::Ssh {
+                host: name.clone(),
+                msg: format!("cannot write the ssh configuration to a temporary file: {e}"),
+            })?;
+            b.config_file(&f.0);
+            files.push(f);
+        }
+        let files = Arc::new(files);
         let start = tokio::time::Instant::now();
         let mut retry = crate::util::Retry::new(
             Duration::from_millis(100),
@@ -146,13 +206,13 @@ impl SshRemote {
                     return Ok(SshRemote {
                         session: Arc::new(session),
                         name,
-                        _pinned: pinned.map(Arc::new),
+                        _files: files,
                     });
                 }
                 Err(e) => {
                     let msg = crate::util::error_chain(&e);
                     if let Some(problem) = HostKeyProblem::from_ssh(&msg) {
-                        if pinned.is_some() {
+                        if pinned {
                             return Err(RemoteError::PinnedHostKey { host: name });
                         }
                         return Err(RemoteError::HostKey {
@@ -352,5 +412,65 @@ impl Remote for SshRemote {
             host: self.name.clone(),
             cmd: cmd.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `ssh` itself makes of `master_config`: `ssh -G` prints the options it would
+    /// use for `host`.
+    fn resolved(conf: &str, host: &str) -> String {
+        let f = PrivateFile::write("test-ssh-config", conf).unwrap();
+        let out = std::process::Command::new("ssh")
+            .args(["-G", "-F"])
+            .arg(&f.0)
+            .arg(host)
+            .output()
+            .expect("ssh (openssh-client) runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn option<'a>(resolved: &'a str, name: &str) -> Option<&'a str> {
+        resolved
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+    }
+
+    #[test]
+    fn aes_gcm_comes_first_only_where_the_cpu_has_aes_instructions() {
+        assert_eq!(master_config("~/.ssh/config", cpu_has_aes()), None);
+        let user = tempfile::NamedTempFile::new().unwrap();
+        let conf = master_config(&user.path().display().to_string(), true).unwrap();
+        let r = resolved(&conf, "192.0.2.1");
+        let ciphers = option(&r, "ciphers").unwrap();
+        assert!(ciphers.starts_with(AES_GCM_FIRST), "{ciphers}");
+        // OpenSSH's other defaults are still offered, after them.
+        assert!(
+            ciphers.contains("chacha20-poly1305@openssh.com"),
+            "{ciphers}"
+        );
+    }
+
+    #[test]
+    fn the_users_own_ssh_configuration_still_applies_and_wins() {
+        let mut user = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut user,
+            b"Host 192.0.2.*\n  ProxyJump bastion.example\n  Ciphers aes256-ctr\n",
+        )
+        .unwrap();
+        let conf = master_config(&user.path().display().to_string(), true).unwrap();
+        let r = resolved(&conf, "192.0.2.1");
+        assert_eq!(option(&r, "proxyjump"), Some("bastion.example"), "{r}");
+        assert_eq!(option(&r, "ciphers"), Some("aes256-ctr"), "{r}");
+        // A host the user's file does not name gets ours.
+        let other = resolved(&conf, "198.51.100.1");
+        assert_eq!(option(&other, "proxyjump"), None, "{other}");
+        assert!(option(&other, "ciphers")
+            .unwrap()
+            .starts_with(AES_GCM_FIRST));
     }
 }

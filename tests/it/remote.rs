@@ -384,3 +384,60 @@ async fn a_refused_host_key_says_whether_the_file_held_no_key_or_another_one() {
     let ssh = SshRemote::connect(&cfg).await.expect("right key");
     assert_eq!(ssh.run("echo ok").await.unwrap(), "ok\n");
 }
+
+/// The SSH masters negotiate AES-GCM where this CPU has AES instructions (half
+/// chacha20-poly1305's CPU per byte of a shard stream, on both ends), OpenSSH's own
+/// choice elsewhere. Seen from the server: an sshd that logs the cipher it agreed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_negotiates_aes_gcm_where_the_cpu_has_aes_instructions() {
+    let tmp = tempfile::Builder::new()
+        .prefix("ss-it")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let keys = SshKeys::ensure(&tmp.path().join("keys")).unwrap();
+    // A VM for its address only: the sshd is this test's own.
+    let vm = LocalVm::start(&tmp.path().join("vm"), VmOptions::default())
+        .await
+        .unwrap();
+    let mut cfg = vm.ssh_config(&keys);
+    cfg.host_keys = vec![host_public_key(&keys)];
+    let d = tmp.path();
+    std::fs::copy(
+        keys.client_key.with_extension("pub"),
+        d.join("authorized_keys"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "ListenAddress {}:{SSH_PORT}\nHostKey {}\nPidFile {}/sshd.pid\nAuthorizedKeysFile {}/authorized_keys\n\
+             PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nLogLevel DEBUG1\n",
+            vm.addr,
+            keys.host_key.display(),
+            d.display(),
+            d.display()
+        ),
+    )
+    .unwrap();
+    let _sshd = tokio::process::Command::new("/usr/sbin/sshd")
+        .arg("-D")
+        .arg("-e")
+        .arg("-f")
+        .arg(d.join("sshd_config"))
+        .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let ssh = SshRemote::connect(&cfg).await.expect("connects");
+    assert_eq!(ssh.run("echo up").await.unwrap(), "up\n");
+    let log = std::fs::read_to_string(d.join("sshd.log")).unwrap();
+    let want = if stateshift::remote::cpu_has_aes() {
+        "aes128-gcm@openssh.com"
+    } else {
+        "chacha20-poly1305@openssh.com"
+    };
+    assert!(
+        log.contains(&format!("kex: client->server cipher: {want} ")),
+        "{log}"
+    );
+}
