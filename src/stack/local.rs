@@ -76,14 +76,13 @@ pub struct SshKeys {
 }
 
 impl SshKeys {
-    /// Generate (or reuse) keys under `dir`.
+    /// Generate (or reuse) keys under `dir`. Safe when several processes call it at once
+    /// (a demo beside a daemon, tests in parallel) and after a process killed halfway:
+    /// each key is generated under a name of its own and linked into place, so a key
+    /// file is whole or absent, and the first process to link it wins; its public half
+    /// is derived from it when missing.
     pub fn ensure(dir: &Path) -> Result<SshKeys, LocalError> {
-        let io = |what: &str, source| LocalError::Io {
-            addr: "ssh-keys".into(),
-            what: what.into(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(|e| io("create key dir", e))?;
+        std::fs::create_dir_all(dir).map_err(|e| key_io(dir, "create key dir", e))?;
         let keys = SshKeys {
             dir: dir.to_path_buf(),
             client_key: dir.join("client_ed25519"),
@@ -92,27 +91,10 @@ impl SshKeys {
         };
         for k in [&keys.client_key, &keys.host_key] {
             if !k.exists() {
-                let st = std::process::Command::new("ssh-keygen")
-                    .args([
-                        "-q",
-                        "-t",
-                        "ed25519",
-                        "-N",
-                        "",
-                        "-C",
-                        "stateshift-local",
-                        "-f",
-                    ])
-                    .arg(k)
-                    .stdin(Stdio::null())
-                    .status()
-                    .map_err(|e| io("run ssh-keygen (is openssh-client installed?)", e))?;
-                if !st.success() {
-                    return Err(LocalError::Start {
-                        addr: "ssh-keys".into(),
-                        what: format!("ssh-keygen failed: {st}"),
-                    });
-                }
+                generate_key(k)?;
+            }
+            if !k.with_extension("pub").exists() {
+                derive_public_key(k)?;
             }
         }
         // Created if missing, never truncated: another process may be trusting a host.
@@ -120,7 +102,7 @@ impl SshKeys {
             .create(true)
             .append(true)
             .open(&keys.known_hosts)
-            .map_err(|e| io("create known_hosts", e))?;
+            .map_err(|e| key_io(&keys.known_hosts, "create", e))?;
         Ok(keys)
     }
 
@@ -174,6 +156,101 @@ impl SshKeys {
             .and_then(|mut f| f.write_all(format!("{sep}{line}\n").as_bytes()))
             .map_err(|e| io("append to", e))
     }
+}
+
+fn key_io(path: &Path, what: &str, source: std::io::Error) -> LocalError {
+    LocalError::Io {
+        addr: "ssh-keys".into(),
+        what: format!("{what} {}", path.display()),
+        source,
+    }
+}
+
+/// A name next to `path` that no other process or call uses.
+fn scratch_name(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+/// Run `ssh-keygen` with `args`; its stdout.
+fn ssh_keygen(args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, LocalError> {
+    let out = std::process::Command::new("ssh-keygen")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| LocalError::Io {
+            addr: "ssh-keys".into(),
+            what: "run ssh-keygen (is openssh-client installed?)".into(),
+            source: e,
+        })?;
+    if !out.status.success() {
+        return Err(LocalError::Start {
+            addr: "ssh-keys".into(),
+            what: format!(
+                "ssh-keygen {} failed ({}): {}",
+                args.iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(out.stdout)
+}
+
+/// A new key at `path` (and its public half), unless another process put one there first:
+/// then that one stays.
+fn generate_key(path: &Path) -> Result<(), LocalError> {
+    let tmp = scratch_name(path);
+    let tmp_pub = tmp.with_extension("tmp.pub");
+    let result = ssh_keygen(&[
+        "-q".as_ref(),
+        "-t".as_ref(),
+        "ed25519".as_ref(),
+        "-N".as_ref(),
+        "".as_ref(),
+        "-C".as_ref(),
+        "stateshift-local".as_ref(),
+        "-f".as_ref(),
+        tmp.as_os_str(),
+    ])
+    .and_then(|_| match std::fs::hard_link(&tmp, path) {
+        // Ours is the key: its public half goes with it.
+        Ok(()) => std::fs::rename(&tmp_pub, path.with_extension("pub"))
+            .map_err(|e| key_io(path, "put the public key of", e)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(key_io(path, "link the new key to", e)),
+    });
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_file(&tmp_pub);
+    result
+}
+
+/// Write the public half of the key at `path` next to it, derived from it.
+fn derive_public_key(path: &Path) -> Result<(), LocalError> {
+    let public = ssh_keygen(&["-y".as_ref(), "-f".as_ref(), path.as_os_str()]).map_err(|e| {
+        LocalError::Start {
+            addr: "ssh-keys".into(),
+            what: format!(
+                "the key {} has no public half and none can be derived from it (remove it, and a new one is made): {e}",
+                path.display()
+            ),
+        }
+    })?;
+    let tmp = scratch_name(&path.with_extension("pub"));
+    let written = std::fs::write(&tmp, &public)
+        .and_then(|()| std::fs::rename(&tmp, path.with_extension("pub")));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(|e| key_io(path, "write the public key of", e))
 }
 
 /// Options for one local VM.
@@ -956,6 +1033,65 @@ mod tests {
 
     fn entry(keys: &SshKeys, addr: Ipv4Addr) -> String {
         format!("[{addr}]:{SSH_PORT} {}", keys.host_pub().unwrap())
+    }
+
+    /// The public key `ssh-keygen` derives from the private key at `path` (type and body).
+    fn derived(path: &Path) -> String {
+        let out = std::process::Command::new("ssh-keygen")
+            .arg("-y")
+            .arg("-f")
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let s = String::from_utf8(out.stdout).unwrap();
+        s.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn a_key_left_without_its_public_half_gets_it_back() {
+        let (tmp, keys) = keys();
+        let before = keys.host_pub().unwrap();
+        // What a process killed between the two files of the old ssh-keygen call left.
+        std::fs::remove_file(keys.host_key.with_extension("pub")).unwrap();
+        let again = SshKeys::ensure(&tmp.path().join("keys")).unwrap();
+        assert_eq!(again.host_pub().unwrap(), before, "the same key");
+    }
+
+    #[test]
+    fn callers_making_the_keys_at_once_all_get_the_same_whole_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let made: Vec<_> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..8).map(|_| s.spawn(|| SshKeys::ensure(&dir))).collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        let host = derived(&dir.join("host_ed25519"));
+        for keys in made {
+            let keys = keys.unwrap();
+            assert_eq!(keys.host_pub().unwrap(), host);
+        }
+        let client = std::fs::read_to_string(dir.join("client_ed25519.pub")).unwrap();
+        assert!(
+            client.starts_with(&derived(&dir.join("client_ed25519"))),
+            "{client}"
+        );
+        let mut left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "client_ed25519",
+                "client_ed25519.pub",
+                "host_ed25519",
+                "host_ed25519.pub",
+                "known_hosts"
+            ],
+            "no scratch file left"
+        );
     }
 
     #[test]
