@@ -909,6 +909,96 @@ impl Config {
     }
 }
 
+/// Where the Debian package installs the stack template.
+const PACKAGED_TEMPLATE: &str = "/usr/share/stateshift/heat-templates/influxdb.yaml";
+
+/// `provider.template` when none is given: the packaged template where it is installed,
+/// else a source checkout's, from the working directory.
+fn default_template() -> PathBuf {
+    if Path::new(PACKAGED_TEMPLATE).exists() {
+        PathBuf::from(PACKAGED_TEMPLATE)
+    } else {
+        PathBuf::from("heat-templates/influxdb.yaml")
+    }
+}
+
+// ---------------------------------------------------------------- relative paths
+
+/// `p` taken relative to `base` (the configuration file's directory) if it is relative.
+fn resolve(p: &mut PathBuf, base: &Path) {
+    if p.is_relative() && !p.as_os_str().is_empty() {
+        *p = base.join(&*p);
+    }
+}
+
+fn resolve_opt(p: &mut Option<PathBuf>, base: &Path) {
+    if let Some(p) = p {
+        resolve(p, base);
+    }
+}
+
+impl RawSsh {
+    fn resolve_paths(&mut self, base: &Path) {
+        resolve_opt(&mut self.identity_file, base);
+        resolve_opt(&mut self.known_hosts_file, base);
+    }
+}
+
+impl RawInstance {
+    fn resolve_paths(&mut self, base: &Path) {
+        resolve_opt(&mut self.password_file, base);
+        // `work_dir` is on the instance's host: not this machine's path.
+        if let Some(ssh) = &mut self.ssh {
+            ssh.resolve_paths(base);
+        }
+    }
+}
+
+impl RawConfig {
+    /// Every path of this machine's that the configuration names, relative ones taken
+    /// from the configuration file's directory (as an operator reads them: next to the
+    /// file), whatever the working directory of the process that loads it. Defaults are
+    /// not paths given, and stay as documented.
+    fn resolve_paths(&mut self, base: &Path) {
+        for inst in [self.source.as_mut(), self.target.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            inst.resolve_paths(base);
+        }
+        resolve_opt(&mut self.capture.spool_dir, base);
+        if let Some(ssh) = &mut self.cutover.ssh {
+            ssh.resolve_paths(base);
+        }
+        resolve_opt(&mut self.migration.work_dir, base);
+        resolve_opt(&mut self.migration.user_passwords_file, base);
+        let pr = &mut self.provider;
+        resolve_opt(&mut pr.local_dir, base);
+        resolve_opt(&mut pr.template, base);
+        for p in pr.parameter_files.iter_mut().flat_map(|m| m.values_mut()) {
+            resolve(p, base);
+        }
+        for p in pr.environment_files.iter_mut().flatten() {
+            resolve(p, base);
+        }
+        if let Some(h) = &mut pr.heat {
+            resolve_opt(&mut h.password_file, base);
+            resolve_opt(&mut h.application_credential_secret_file, base);
+            resolve_opt(&mut h.ca_file, base);
+        }
+        if let Some(ssh) = &mut pr.ssh {
+            ssh.resolve_paths(base);
+        }
+        if let Some(z) = &mut self.monitor.zabbix {
+            resolve_opt(&mut z.password_file, base);
+            resolve_opt(&mut z.api_token_file, base);
+        }
+        resolve_opt(&mut self.api.token_file, base);
+        resolve_opt(&mut self.api.tls_cert_file, base);
+        resolve_opt(&mut self.api.tls_key_file, base);
+    }
+}
+
 // ---------------------------------------------------------------- loading
 
 impl Config {
@@ -977,6 +1067,13 @@ impl Config {
                 msg: with_duration_hint(e.into_inner().to_string()),
             }
         })?;
+        let mut raw = raw;
+        // Only fails without a working directory, where relative paths mean nothing.
+        let base = std::path::absolute(file)
+            .ok()
+            .and_then(|f| f.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        raw.resolve_paths(&base);
         validate(&fname, raw)
     }
 
@@ -1373,9 +1470,7 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             .local_dir
             .unwrap_or_else(|| PathBuf::from("/var/lib/stateshift/local")),
         local_subnet: pr.local_subnet.unwrap_or(10),
-        template: pr
-            .template
-            .unwrap_or_else(|| PathBuf::from("heat-templates/influxdb.yaml")),
+        template: pr.template.unwrap_or_else(default_template),
         parameters: pr
             .parameters
             .unwrap_or_default()
@@ -1561,6 +1656,43 @@ mod tests {
     }
 
     const MIN: &str = "source:\n  influx_url: http://127.0.0.1:8086\n  username: admin\n";
+
+    #[test]
+    fn relative_paths_are_taken_from_the_configuration_files_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join("etc");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(conf.join("source.password"), "s3cret\n").unwrap();
+        let p = conf.join("stateshift.yaml");
+        std::fs::write(
+            &p,
+            "source:\n  influx_url: http://127.0.0.1:8086\n  username: admin\n  \
+             password_file: source.password\n  work_dir: scratch\n  \
+             ssh: {host: 192.0.2.1, identity_file: keys/id_ed25519}\n\
+             provider:\n  template: ../templates/influxdb.yaml\n  \
+             environment_files: [env.yaml, /abs/env.yaml]\n",
+        )
+        .unwrap();
+        // Loaded from elsewhere: the working directory is this crate's, not `etc`.
+        let env = [(
+            "STATESHIFT__CAPTURE__SPOOL_DIR".to_string(),
+            "spool".to_string(),
+        )];
+        let c = Config::load_with_env(&p, env).unwrap();
+        assert_eq!(c.source.password.as_ref().unwrap().expose(), "s3cret");
+        let ssh = c.source.ssh.as_ref().unwrap();
+        assert_eq!(ssh.identity_file, Some(conf.join("keys/id_ed25519")));
+        assert_eq!(c.provider.template, conf.join("../templates/influxdb.yaml"));
+        assert_eq!(
+            c.provider.environment_files,
+            [conf.join("env.yaml"), PathBuf::from("/abs/env.yaml")]
+        );
+        assert_eq!(c.capture.spool_dir, conf.join("spool"));
+        // A path on the instance's own host is not this machine's.
+        assert_eq!(c.source.work_dir, "scratch");
+        // Defaults are as documented.
+        assert_eq!(c.migration.work_dir, PathBuf::from("/var/lib/stateshift"));
+    }
 
     #[test]
     fn environment_overrides_the_file_with_double_underscores() {
@@ -1991,10 +2123,7 @@ mod tests {
         let c = load(MIN, &[]).unwrap();
         assert_eq!(c.migration.target_ready_timeout, Duration::from_secs(600));
         assert_eq!(c.migration.probe_rate, 10);
-        assert_eq!(
-            c.provider.template,
-            PathBuf::from("heat-templates/influxdb.yaml")
-        );
+        assert_eq!(c.provider.template, default_template());
         let z = "monitor:\n  kind: zabbix\n  zabbix:\n    url: http://z/api_jsonrpc.php\n    username: u\n    password: p\n    host: h\n";
         let c = load(&format!("{MIN}{z}"), &[]).unwrap();
         assert_eq!(
