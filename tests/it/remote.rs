@@ -110,8 +110,8 @@ async fn ssh_waits_for_a_host_that_is_still_booting() {
     assert_eq!(ssh.run("echo up").await.unwrap(), "up\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ssh_to_a_host_that_never_answers_gives_up_with_a_clear_error() {
+/// Keys, and a local VM with no sshd (its address only), in a directory of their own.
+async fn vm_without_sshd() -> (tempfile::TempDir, SshKeys, LocalVm) {
     let tmp = tempfile::Builder::new()
         .prefix("ss-it")
         .tempdir_in("/tmp")
@@ -120,6 +120,12 @@ async fn ssh_to_a_host_that_never_answers_gives_up_with_a_clear_error() {
     let vm = LocalVm::start(&tmp.path().join("vm"), VmOptions::default())
         .await
         .unwrap();
+    (tmp, keys, vm)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_to_a_host_that_never_answers_gives_up_with_a_clear_error() {
+    let (_tmp, keys, vm) = vm_without_sshd().await;
     let mut cfg = vm.ssh_config(&keys);
     cfg.ready_timeout = Duration::from_secs(2);
     cfg.host_key_check = HostKeyCheck::Strict;
@@ -390,15 +396,8 @@ async fn a_refused_host_key_says_whether_the_file_held_no_key_or_another_one() {
 /// choice elsewhere. Seen from the server: an sshd that logs the cipher it agreed on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_negotiates_aes_gcm_where_the_cpu_has_aes_instructions() {
-    let tmp = tempfile::Builder::new()
-        .prefix("ss-it")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let keys = SshKeys::ensure(&tmp.path().join("keys")).unwrap();
     // A VM for its address only: the sshd is this test's own.
-    let vm = LocalVm::start(&tmp.path().join("vm"), VmOptions::default())
-        .await
-        .unwrap();
+    let (tmp, keys, vm) = vm_without_sshd().await;
     let mut cfg = vm.ssh_config(&keys);
     cfg.host_keys = vec![host_public_key(&keys)];
     let d = tmp.path();
