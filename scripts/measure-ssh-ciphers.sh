@@ -3,7 +3,8 @@
 # of its own on 127.0.0.9 and a client send SIZE bytes (default 2 GB) through one session,
 # RUNS times (default 3) for each cipher, interleaved. Prints the user and system CPU
 # seconds of the client (`ssh`) and of the server's session process (`sshd`), and the
-# wall time. Needs openssh-server and openssh-client (scripts/setup.sh), GNU time.
+# wall time. As root (sshd's /run/sshd); needs openssh-server and openssh-client
+# (scripts/setup.sh), GNU time.
 set -euo pipefail
 SIZE=${SIZE:-2000000000}
 RUNS=${RUNS:-3}
@@ -25,7 +26,7 @@ CONF
 mkdir -p /run/sshd
 /usr/sbin/sshd -D -e -f "$W/sshd_config" 2> "$W/sshd.log" &
 SSHD=$!
-trap 'kill $SSHD; wait $SSHD 2>/dev/null; rm -rf "$W"' EXIT
+trap 'kill $SSHD 2>/dev/null || true; wait $SSHD 2>/dev/null || true; rm -rf "$W"' EXIT
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.9/"$PORT") 2>/dev/null && break; sleep 0.1; done
 echo "$SIZE bytes through one SSH session, $RUNS runs per cipher (CPU seconds)"
 for run in $(seq "$RUNS"); do

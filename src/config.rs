@@ -915,8 +915,13 @@ const PACKAGED_TEMPLATE: &str = "/usr/share/stateshift/heat-templates/influxdb.y
 /// `provider.template` when none is given: the packaged template where it is installed,
 /// else a source checkout's, from the working directory.
 fn default_template() -> PathBuf {
-    if Path::new(PACKAGED_TEMPLATE).exists() {
-        PathBuf::from(PACKAGED_TEMPLATE)
+    template_or_checkout(Path::new(PACKAGED_TEMPLATE))
+}
+
+/// `packaged` if it exists, else a source checkout's template.
+fn template_or_checkout(packaged: &Path) -> PathBuf {
+    if packaged.exists() {
+        packaged.to_path_buf()
     } else {
         PathBuf::from("heat-templates/influxdb.yaml")
     }
@@ -925,8 +930,10 @@ fn default_template() -> PathBuf {
 // ---------------------------------------------------------------- relative paths
 
 /// `p` taken relative to `base` (the configuration file's directory) if it is relative.
+/// A path from the home directory (`~/.ssh/id_ed25519`) stays as written: ssh expands it
+/// (`-i`, `UserKnownHostsFile`), as it did before relative paths were resolved.
 fn resolve(p: &mut PathBuf, base: &Path) {
-    if p.is_relative() && !p.as_os_str().is_empty() {
+    if p.is_relative() && !p.as_os_str().is_empty() && !p.starts_with("~") {
         *p = base.join(&*p);
     }
 }
@@ -1668,7 +1675,7 @@ mod tests {
             &p,
             "source:\n  influx_url: http://127.0.0.1:8086\n  username: admin\n  \
              password_file: source.password\n  work_dir: scratch\n  \
-             ssh: {host: 192.0.2.1, identity_file: keys/id_ed25519}\n\
+             ssh: {host: 192.0.2.1, identity_file: keys/id_ed25519, known_hosts_file: ~/.ssh/kh}\n\
              provider:\n  template: ../templates/influxdb.yaml\n  \
              environment_files: [env.yaml, /abs/env.yaml]\n",
         )
@@ -1682,6 +1689,8 @@ mod tests {
         assert_eq!(c.source.password.as_ref().unwrap().expose(), "s3cret");
         let ssh = c.source.ssh.as_ref().unwrap();
         assert_eq!(ssh.identity_file, Some(conf.join("keys/id_ed25519")));
+        // ssh expands `~` itself.
+        assert_eq!(ssh.known_hosts_file, Some(PathBuf::from("~/.ssh/kh")));
         assert_eq!(c.provider.template, conf.join("../templates/influxdb.yaml"));
         assert_eq!(
             c.provider.environment_files,
@@ -2124,6 +2133,14 @@ mod tests {
         assert_eq!(c.migration.target_ready_timeout, Duration::from_secs(600));
         assert_eq!(c.migration.probe_rate, 10);
         assert_eq!(c.provider.template, default_template());
+        let d = tempfile::tempdir().unwrap();
+        let packaged = d.path().join("influxdb.yaml");
+        assert_eq!(
+            template_or_checkout(&packaged),
+            PathBuf::from("heat-templates/influxdb.yaml")
+        );
+        std::fs::write(&packaged, "heat_template_version: 2018-08-31\n").unwrap();
+        assert_eq!(template_or_checkout(&packaged), packaged);
         let z = "monitor:\n  kind: zabbix\n  zabbix:\n    url: http://z/api_jsonrpc.php\n    username: u\n    password: p\n    host: h\n";
         let c = load(&format!("{MIN}{z}"), &[]).unwrap();
         assert_eq!(

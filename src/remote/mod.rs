@@ -164,7 +164,12 @@ fn drain_stderr(
 
 enum ProcessInner {
     Local(tokio::process::Child),
-    Ssh(openssh::Child<std::sync::Arc<openssh::Session>>),
+    /// With what the master was started with (files it may read again), kept while the
+    /// command runs.
+    Ssh(
+        openssh::Child<std::sync::Arc<openssh::Session>>,
+        std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    ),
 }
 
 impl RemoteProcess {
@@ -183,7 +188,7 @@ impl RemoteProcess {
                     .then_some(())
                     .ok_or((st.to_string(), st.code()))
             }
-            ProcessInner::Ssh(child) => match child.wait().await {
+            ProcessInner::Ssh(child, _files) => match child.wait().await {
                 Ok(st) => st
                     .success()
                     .then_some(())

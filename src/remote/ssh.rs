@@ -18,7 +18,7 @@ pub struct SshRemote {
     name: String,
     /// The files the master was started with (pinned host keys, its configuration),
     /// removed with the last clone.
-    _files: Arc<Vec<PrivateFile>>,
+    files: Arc<Vec<PrivateFile>>,
 }
 
 /// A file only this user can read, named for this process, removed when dropped.
@@ -78,6 +78,11 @@ fn pinned_known_hosts(c: &SshConfig) -> std::io::Result<PrivateFile> {
 /// The ciphers put first where this machine's CPU has AES instructions.
 const AES_GCM_FIRST: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com";
 
+/// OpenSSH's other default ciphers, after them. Written out rather than `^` (prepend to
+/// the defaults), which older OpenSSH releases do not know: there the master would not
+/// start at all.
+const THEN: &str = "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
+
 /// The ssh configuration a master starts with (`ssh -F`): the user's and the system's
 /// files, read as ssh reads them without `-F` (the first value found for an option wins,
 /// so whatever they set stays: a `ProxyJump`, their own `Ciphers`), then AES-GCM first
@@ -88,13 +93,16 @@ const AES_GCM_FIRST: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com";
 /// decrypted four times, and the source's end runs beside the writers' server. OpenSSH
 /// puts chacha20-poly1305 first because it is fast without AES instructions; with them,
 /// AES-GCM took half its CPU per byte on both ends here (docs/benchmarks.md, stop 32).
+/// Only this machine's CPU is known before the connection: the hosts are assumed to be
+/// alike (a cloud's VMs are, with nova's default `host-model` CPUs). Where they lack AES
+/// instructions, a `Ciphers` line in the user's `~/.ssh/config` puts chacha20 back first.
 fn master_config(user_config: &str, aes: bool) -> Option<String> {
     aes.then(|| {
         format!(
             "# Written by stateshift for one SSH master; removed when it is done with it.\n\
              Include {user_config}\n\
              Include /etc/ssh/ssh_config\n\
-             Host *\n  Ciphers ^{AES_GCM_FIRST}\n"
+             Host *\n  Ciphers {AES_GCM_FIRST},{THEN}\n"
         )
     })
 }
@@ -206,7 +214,7 @@ impl SshRemote {
                     return Ok(SshRemote {
                         session: Arc::new(session),
                         name,
-                        _files: files,
+                        files,
                     });
                 }
                 Err(e) => {
@@ -408,7 +416,9 @@ impl Remote for SshRemote {
             stdin: child.stdin().take().map(|s| Box::pin(s) as BoxWrite),
             stdout: child.stdout().take().map(|s| Box::pin(s) as BoxRead),
             stderr: child.stderr().take().map(super::drain_stderr),
-            inner: ProcessInner::Ssh(child),
+            // The master may outlive every clone of this remote while the command runs,
+            // and ssh reads the pinned known-hosts file again at each rekeying.
+            inner: ProcessInner::Ssh(child, self.files.clone()),
             host: self.name.clone(),
             cmd: cmd.to_string(),
         })

@@ -78,9 +78,10 @@ pub struct SshKeys {
 impl SshKeys {
     /// Generate (or reuse) keys under `dir`. Safe when several processes call it at once
     /// (a demo beside a daemon, tests in parallel) and after a process killed halfway:
-    /// each key is generated under a name of its own and linked into place, so a key
-    /// file is whole or absent, and the first process to link it wins; its public half
-    /// is derived from it when missing.
+    /// each key is generated under a name of its own, written to disk and linked into
+    /// place, so a key file is whole or absent, and the first process to link it wins;
+    /// its public half is derived from it and written again if it is missing or another
+    /// key's.
     pub fn ensure(dir: &Path) -> Result<SshKeys, LocalError> {
         std::fs::create_dir_all(dir).map_err(|e| key_io(dir, "create key dir", e))?;
         let keys = SshKeys {
@@ -93,9 +94,7 @@ impl SshKeys {
             if !k.exists() {
                 generate_key(k)?;
             }
-            if !k.with_extension("pub").exists() {
-                derive_public_key(k)?;
-            }
+            derive_public_key(k)?;
         }
         // Created if missing, never truncated: another process may be trusting a host.
         std::fs::OpenOptions::new()
@@ -221,7 +220,12 @@ fn generate_key(path: &Path) -> Result<(), LocalError> {
         "-f".as_ref(),
         tmp.as_os_str(),
     ])
-    .and_then(|_| match std::fs::hard_link(&tmp, path) {
+    .and_then(|_| {
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| key_io(&tmp, "write to disk the new key", e))
+    })
+    .and_then(|()| match std::fs::hard_link(&tmp, path) {
         // Ours is the key: its public half goes with it.
         Ok(()) => std::fs::rename(&tmp_pub, path.with_extension("pub"))
             .map_err(|e| key_io(path, "put the public key of", e)),
@@ -233,7 +237,8 @@ fn generate_key(path: &Path) -> Result<(), LocalError> {
     result
 }
 
-/// Write the public half of the key at `path` next to it, derived from it.
+/// Write the public half of the key at `path` next to it, derived from it, unless the
+/// file there already holds it.
 fn derive_public_key(path: &Path) -> Result<(), LocalError> {
     let public = ssh_keygen(&["-y".as_ref(), "-f".as_ref(), path.as_os_str()]).map_err(|e| {
         LocalError::Start {
@@ -244,6 +249,18 @@ fn derive_public_key(path: &Path) -> Result<(), LocalError> {
             ),
         }
     })?;
+    let key_of = |text: &[u8]| {
+        String::from_utf8_lossy(text)
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if let Ok(have) = std::fs::read(path.with_extension("pub")) {
+        if key_of(&have) == key_of(&public) {
+            return Ok(());
+        }
+    }
     let tmp = scratch_name(&path.with_extension("pub"));
     let written = std::fs::write(&tmp, &public)
         .and_then(|()| std::fs::rename(&tmp, path.with_extension("pub")));
@@ -1056,6 +1073,20 @@ mod tests {
         std::fs::remove_file(keys.host_key.with_extension("pub")).unwrap();
         let again = SshKeys::ensure(&tmp.path().join("keys")).unwrap();
         assert_eq!(again.host_pub().unwrap(), before, "the same key");
+    }
+
+    #[test]
+    fn a_public_half_of_another_key_is_replaced_by_the_keys_own() {
+        let (tmp, keys) = keys();
+        // A killed process linked a new key in place of a removed one, but not yet its
+        // public half: the old key's stayed.
+        std::fs::copy(
+            keys.client_key.with_extension("pub"),
+            keys.host_key.with_extension("pub"),
+        )
+        .unwrap();
+        let again = SshKeys::ensure(&tmp.path().join("keys")).unwrap();
+        assert_eq!(again.host_pub().unwrap(), derived(&keys.host_key));
     }
 
     #[test]
