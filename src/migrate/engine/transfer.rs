@@ -85,7 +85,13 @@ impl Migration<'_> {
         let src = self.src();
         let cmd = backup_cmd(&src.cfg.rpc_address, &dir);
         let out = tokio::select! {
-            r = src.host.run(&cmd) => r.map_err(Self::remote_err(p))?,
+            r = src.host.run(&cmd) => match r {
+                Ok(out) => out,
+                Err(e) => {
+                    let e = Self::remote_err(p)(e);
+                    return Err(full_or(&src.host, &dir, p, "source", &src.cfg.name, e).await);
+                }
+            },
             // The source's disk is the live service's: stop long before InfluxDB runs out.
             free = disk_fills(&src.host, &dir) => {
                 stop_backup(&src.host, &dir).await;
@@ -295,7 +301,10 @@ impl Migration<'_> {
                 // local port refused.
                 Err(_) if !self.src().host.alive().await => Err(lost("source", &self.src().host)),
                 Err(_) if !self.dst().host.alive().await => Err(lost("target", &self.dst().host)),
-                Err(e) => Err(fail(format!("streaming the shards: {e}"))),
+                Err(e) => {
+                    let e = fail(format!("streaming the shards: {e}"));
+                    Err(full_or(&self.dst().host, &scratch, p, "target", &self.dst().cfg.name, e).await)
+                }
             },
             () = watch_source => Err(lost("source", &self.src().host)),
             free = disk_fills(&self.dst().host, &scratch) => {
@@ -402,7 +411,13 @@ impl Migration<'_> {
         };
         let cmd = backup_cmd(&backup_from, &dir);
         let r = tokio::select! {
-            r = self.dst().host.run(&cmd) => r.map_err(Self::remote_err(p)),
+            r = self.dst().host.run(&cmd) => match r {
+                Ok(out) => Ok(out),
+                Err(e) => {
+                    let e = Self::remote_err(p)(e);
+                    Err(full_or(&self.dst().host, &dir, p, "target", &self.dst().cfg.name, e).await)
+                }
+            },
             () = watch_source => {
                 stop_backup(&self.dst().host, &dir).await;
                 Err(MigrateError::Failed {
@@ -741,6 +756,27 @@ async fn disk_fills(host: &Host, dir: &str) -> u64 {
                 tracing::warn!(host = %host.describe(), dir, error = %e, "cannot read the free space during the dump; not watched");
             }
         }
+    }
+}
+
+/// `e`, a dump's failure, or the full disk it is when the disk of `dir` on `host` is
+/// below [`DISK_FLOOR`] now: `influxd backup` and a shard import can fail on it before
+/// [`disk_fills`] first looks (CI: 0.5 s into a dump of 200,000 points, "exit status: 1"
+/// and nothing else).
+async fn full_or(
+    host: &Host,
+    dir: &str,
+    phase: Phase,
+    side: &str,
+    name: &str,
+    e: MigrateError,
+) -> MigrateError {
+    match free_bytes(host, dir).await {
+        Ok(Some(free)) if free < DISK_FLOOR => {
+            tracing::warn!(error = %e, side, dir, "the dump failed on a full disk");
+            disk_full(phase, side, name, dir, free)
+        }
+        _ => e,
     }
 }
 
