@@ -3,6 +3,7 @@
 //! another one over SSH (the `openssh` crate, host-key checking on by default).
 //! [`Host`] picks one of the two from the configuration.
 
+pub(crate) mod scratch;
 mod ssh;
 
 use std::path::Path;

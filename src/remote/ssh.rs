@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use openssh::{ForwardType, KnownHosts, Session, SessionBuilder, Socket, Stdio};
 
+use super::scratch::ProcessDir;
 use super::{
     BoxRead, BoxWrite, HostKeyProblem, Pipes, ProcessInner, Remote, RemoteError, RemoteProcess,
 };
@@ -18,26 +19,27 @@ pub struct SshRemote {
     name: String,
     /// The files the master was started with (pinned host keys, its configuration),
     /// removed with the last clone.
-    files: Arc<Vec<PrivateFile>>,
+    files: Arc<MasterFiles>,
 }
 
-/// A file only this user can read, named for this process, removed when dropped.
+/// What a master was started with and may read again, in this process's directory (where
+/// its control socket is too); the files are removed before the directory is let go.
+struct MasterFiles {
+    _files: Vec<PrivateFile>,
+    _dir: Arc<ProcessDir>,
+}
+
+/// A file only this user can read, removed when dropped.
 struct PrivateFile(std::path::PathBuf);
 
 impl PrivateFile {
-    fn write(what: &str, content: &str) -> std::io::Result<PrivateFile> {
+    /// Write `content` to a new file named for `what` in `dir`.
+    fn write(dir: &std::path::Path, what: &str, content: &str) -> std::io::Result<PrivateFile> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "stateshift-{what}-{}-{n}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0)
-        ));
+        let path = dir.join(format!("{what}-{n}"));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -59,7 +61,7 @@ impl Drop for PrivateFile {
 /// A private known-hosts file holding exactly the keys pinned for one host: OpenSSH then
 /// accepts those keys and nothing else (`StrictHostKeyChecking=yes`), whatever the user's
 /// own known-hosts file says about the address.
-fn pinned_known_hosts(c: &SshConfig) -> std::io::Result<PrivateFile> {
+fn pinned_known_hosts(dir: &std::path::Path, c: &SshConfig) -> std::io::Result<PrivateFile> {
     let host = if c.port == 22 {
         c.host.clone()
     } else {
@@ -72,7 +74,7 @@ fn pinned_known_hosts(c: &SshConfig) -> std::io::Result<PrivateFile> {
             lines.push_str(&format!("{host} {kind} {body}\n"));
         }
     }
-    PrivateFile::write("known-hosts", &lines)
+    PrivateFile::write(dir, "known-hosts", &lines)
 }
 
 /// The ciphers put first where this machine's CPU has AES instructions.
@@ -160,14 +162,20 @@ impl SshRemote {
     /// once: retrying cannot fix those.
     pub async fn connect(c: &SshConfig) -> Result<SshRemote, RemoteError> {
         let name = format!("{}@{}:{}", c.user, c.host, c.port);
+        super::scratch::sweep_once().await;
+        let dir = super::scratch::process_dir().map_err(|e| RemoteError::Ssh {
+            host: name.clone(),
+            msg: format!("cannot make this process's directory for its SSH connections: {e}"),
+        })?;
         let mut b = SessionBuilder::default();
         b.user(c.user.clone())
             .port(c.port)
             .connect_timeout(c.connect_timeout)
             .server_alive_interval(Duration::from_secs(15))
             // Not the working directory (openssh's default): under systemd that is `/`,
-            // read-only with ProtectSystem=strict.
-            .control_directory(std::env::temp_dir())
+            // read-only with ProtectSystem=strict. This process's own: if it is killed,
+            // the next one closes the master it leaves (`scratch`).
+            .control_directory(dir.path())
             .known_hosts_check(match c.host_key_check {
                 _ if !c.host_keys.is_empty() => KnownHosts::Strict,
                 HostKeyCheck::Strict => KnownHosts::Strict,
@@ -180,7 +188,7 @@ impl SshRemote {
         let mut files = Vec::new();
         let pinned = !c.host_keys.is_empty();
         if pinned {
-            let p = pinned_known_hosts(c).map_err(|e| RemoteError::Ssh {
+            let p = pinned_known_hosts(dir.path(), c).map_err(|e| RemoteError::Ssh {
                 host: name.clone(),
                 msg: format!("cannot write the pinned host keys to a temporary file: {e}"),
             })?;
@@ -190,14 +198,19 @@ impl SshRemote {
             b.user_known_hosts_file(k);
         }
         if let Some(conf) = master_config("~/.ssh/config", cpu_has_aes()) {
-            let f = PrivateFile::write("ssh-config", &conf).map_err(|e| RemoteError::Ssh {
-                host: name.clone(),
-                msg: format!("cannot write the ssh configuration to a temporary file: {e}"),
+            let f = PrivateFile::write(dir.path(), "ssh-config", &conf).map_err(|e| {
+                RemoteError::Ssh {
+                    host: name.clone(),
+                    msg: format!("cannot write the ssh configuration to a temporary file: {e}"),
+                }
             })?;
             b.config_file(&f.0);
             files.push(f);
         }
-        let files = Arc::new(files);
+        let files = Arc::new(MasterFiles {
+            _files: files,
+            _dir: dir,
+        });
         let start = tokio::time::Instant::now();
         let mut retry = crate::util::Retry::new(
             Duration::from_millis(100),
@@ -432,7 +445,8 @@ mod tests {
     /// What `ssh` itself makes of `master_config`: `ssh -G` prints the options it would
     /// use for `host`.
     fn resolved(conf: &str, host: &str) -> String {
-        let f = PrivateFile::write("test-ssh-config", conf).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let f = PrivateFile::write(dir.path(), "test-ssh-config", conf).unwrap();
         let out = std::process::Command::new("ssh")
             .args(["-G", "-F"])
             .arg(&f.0)

@@ -441,6 +441,24 @@ async fn a_crash_after_the_restore_on_a_static_target_is_rolled_back_exactly_and
 }
 
 /// Processes on this machine whose command line contains `needle`.
+/// The directory process `pid` kept its SSH control sockets and files in
+/// (`$TMPDIR/stateshift-proc-NS-PID-START`).
+fn process_dir_of(pid: u32) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(std::env::temp_dir())
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            let name = e.file_name();
+            let fields: Vec<_> = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("stateshift-proc-"))
+                .map(|n| n.split('-').collect())
+                .unwrap_or_default();
+            fields.len() == 3 && fields[1] == pid.to_string()
+        })
+        .map(|e| e.path())
+}
+
 fn pids_naming(needle: &str) -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -524,17 +542,34 @@ async fn orphaned_by_a_kill(migration: &str, command: &str, scratch: &str) {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    let killed = child.id();
     child.kill().unwrap();
     let _ = child.wait();
     println!(
         "{command} still running after the kill: {}",
         !pids_naming(&scratch).is_empty()
     );
+    // What the killed process left: its directory, and the SSH masters whose control
+    // sockets are in it (they outlive it).
+    let left = process_dir_of(killed).expect("the killed migration had its own directory");
+    assert!(
+        !pids_naming(&left.display().to_string()).is_empty(),
+        "the killed migration's SSH masters outlive it"
+    );
 
     let (code, out, err) = run(&["recover", "-c", cfg], &[]);
     assert!(
         code == 0 && format!("{out}{err}").contains("rolled back"),
         "settled as rolled back: {code}\n{out}\n{err}"
+    );
+    assert!(
+        pids_naming(&left.display().to_string()).is_empty(),
+        "the next run closed the killed migration's SSH masters"
+    );
+    assert!(
+        !left.exists(),
+        "and removed its directory {}",
+        left.display()
     );
     assert!(
         pids_naming(&scratch).is_empty(),

@@ -132,14 +132,14 @@ impl Migration<'_> {
             &self.src().host,
             &self.src().cfg.rpc_address,
             "source",
-            Some(&dir.0),
+            Some(&dir.path),
         )
         .await?;
         let dst = match RpcReach::open(
             &self.dst().host,
             &self.dst().cfg.rpc_address,
             "target",
-            Some(&dir.0),
+            Some(&dir.path),
         )
         .await
         {
@@ -917,25 +917,34 @@ impl RpcReach {
 }
 
 /// A directory only this user can enter, for the forwards' unix sockets; removed when
-/// dropped.
-pub(super) struct PrivateDir(pub std::path::PathBuf);
+/// dropped. In this process's directory, which the next stateshift process removes if
+/// this one is killed (`remote::scratch`).
+pub(super) struct PrivateDir {
+    pub path: std::path::PathBuf,
+    _parent: std::sync::Arc<crate::remote::scratch::ProcessDir>,
+}
 
 impl PrivateDir {
     pub(super) fn create(id: &str) -> Result<PrivateDir, String> {
         use std::os::unix::fs::DirBuilderExt;
-        let d = std::env::temp_dir().join(format!("stateshift-{}-{id}", std::process::id()));
+        let parent = crate::remote::scratch::process_dir()
+            .map_err(|e| format!("cannot make this process's temporary directory: {e}"))?;
+        let d = parent.path().join(format!("forwards-{id}"));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&d)
             .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-        Ok(PrivateDir(d))
+        Ok(PrivateDir {
+            path: d,
+            _parent: parent,
+        })
     }
 }
 
 impl Drop for PrivateDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 

@@ -283,7 +283,8 @@ impl Migration<'_> {
     async fn read_shards_through_rpc(&self) -> ShardReads {
         let dst = self.dst();
         let dir = PrivateDir::create(&self.id)?;
-        let reach = RpcReach::open(&dst.host, &dst.cfg.rpc_address, "target", Some(&dir.0)).await?;
+        let reach =
+            RpcReach::open(&dst.host, &dst.cfg.rpc_address, "target", Some(&dir.path)).await?;
         let cancel = snapshotter::Cancel::default();
         let _stop = CancelOnDrop(cancel.clone());
         let mut running = tokio::task::JoinSet::new();
