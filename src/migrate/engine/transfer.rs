@@ -771,8 +771,10 @@ async fn full_or(
     name: &str,
     e: MigrateError,
 ) -> MigrateError {
-    match free_bytes(host, dir).await {
-        Ok(Some(free)) if free < DISK_FLOOR => {
+    // Bounded: the dump has failed already, and a host that does not answer must not hold
+    // its error back (the SSH keep-alive alone would take ~45 s to say so).
+    match tokio::time::timeout(Duration::from_secs(10), free_bytes(host, dir)).await {
+        Ok(Ok(Some(free))) if free < DISK_FLOOR => {
             tracing::warn!(error = %e, side, dir, "the dump failed on a full disk");
             disk_full(phase, side, name, dir, free)
         }
