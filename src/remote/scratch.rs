@@ -9,18 +9,28 @@
 //! by hand has no such care, and six of the CLI tests left two masters each.
 //!
 //! So everything a process keeps there (the masters' control sockets, the files they start
-//! with, the forwards' unix sockets) goes into one directory named for the process: its
-//! pid, the time it started (so a reused pid is not taken for it) and its pid namespace (so
-//! a process of another container sharing `/tmp` is never judged from here). The
-//! directory is removed when the last thing in it is done with; the next stateshift
-//! process that connects over SSH closes the masters of the ones whose process is gone,
-//! and removes them.
+//! with, the forwards' unix sockets) goes into one directory named for the process
+//! (`stateshift-p<pid>-<start>-<pid namespace>`, the last two in hex): its pid, the time
+//! it started (so a reused pid is not taken for it) and its pid namespace (so a process of
+//! another container sharing `/tmp` is never judged from here). The directory is removed
+//! when the last thing in it is done with; the next stateshift process that connects over
+//! SSH closes the masters of the ones whose process is gone, and removes them.
+//!
+//! The name is short on purpose: an SSH control socket's path must fit in 107 bytes
+//! (see [`CONTROL_DIR_MAX`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-const PREFIX: &str = "stateshift-proc-";
+const PREFIX: &str = "stateshift-p";
+
+/// The longest control directory an SSH master can have its socket in: ssh binds
+/// `<dir>/.ssh-connectionXXXXXX/master.<16 random characters>` (openssh's temporary
+/// directory, then ssh's own temporary name), and a unix socket's path holds at most 107
+/// bytes.
+pub(crate) const CONTROL_DIR_MAX: usize =
+    107 - "/.ssh-connectionXXXXXX/master.0123456789abcdef".len();
 
 /// How long closing one left-over master may take (it answers on its control socket at
 /// once, or its socket is dead and the connect fails at once).
@@ -38,9 +48,16 @@ impl ProcessDir {
 
 impl Drop for ProcessDir {
     fn drop(&mut self) {
-        // Only if empty: whatever is still in it belongs to something that outlived its
-        // holders, and the next process's sweep takes it once this one has ended.
-        let _ = std::fs::remove_dir(&self.0);
+        // Under the lock, and only if no new holder took the directory meanwhile (between
+        // the last holder letting go and this, `process_dir` may have found it again).
+        let current = CURRENT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current.upgrade().is_none() {
+            // Only if empty: whatever is still in it belongs to something that outlived
+            // its holders, and the next process's sweep takes it once this one has ended.
+            let _ = std::fs::remove_dir(&self.0);
+        }
     }
 }
 
@@ -53,33 +70,48 @@ struct Owner {
 }
 
 impl Owner {
+    /// This process; its start and namespace are 0 (never judged) where `/proc` is not
+    /// this process's pid namespace's.
     fn me() -> Owner {
         let pid = std::process::id();
+        let ours = std::fs::read_link("/proc/self")
+            .is_ok_and(|p| p.to_str() == Some(pid.to_string().as_str()));
         Owner {
-            pid_ns: pid_namespace().unwrap_or(0),
+            pid_ns: ours.then(pid_namespace).flatten().unwrap_or(0),
             pid,
-            start: process_start(pid).unwrap_or(0),
+            start: ours.then(|| process_start(pid)).flatten().unwrap_or(0),
         }
     }
 
-    fn dir_name(&self) -> String {
-        format!("{PREFIX}{}-{}-{}", self.pid_ns, self.pid, self.start)
+    /// The directory's name; `suffix` tells it from another of the same process (when its
+    /// own name is taken by somebody else's).
+    fn dir_name(&self, suffix: Option<&str>) -> String {
+        let name = format!("{PREFIX}{}-{:x}-{:x}", self.pid, self.start, self.pid_ns);
+        match suffix {
+            Some(s) => format!("{name}-{s}"),
+            None => name,
+        }
     }
 
     fn from_dir_name(name: &str) -> Option<Owner> {
         let mut parts = name.strip_prefix(PREFIX)?.split('-');
         let owner = Owner {
-            pid_ns: parts.next()?.parse().ok()?,
             pid: parts.next()?.parse().ok()?,
-            start: parts.next()?.parse().ok()?,
+            start: u64::from_str_radix(parts.next()?, 16).ok()?,
+            pid_ns: u64::from_str_radix(parts.next()?, 16).ok()?,
         };
-        parts.next().is_none().then_some(owner)
+        let suffix_ok = parts
+            .next()
+            .is_none_or(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()));
+        (suffix_ok && parts.next().is_none()).then_some(owner)
     }
 
     /// Whether this process has ended, as seen from `me`: only said of a process of the
-    /// same pid namespace, and only where `/proc` tells (otherwise nothing is judged).
+    /// same pid namespace, and only where `/proc` tells, for both (otherwise nothing is
+    /// judged).
     fn ended(&self, me: &Owner) -> bool {
-        if me.pid_ns == 0 || me.start == 0 || self.pid_ns != me.pid_ns {
+        let known = |o: &Owner| o.pid_ns != 0 && o.start != 0;
+        if !known(me) || !known(self) || self.pid_ns != me.pid_ns {
             return false;
         }
         process_start(self.pid) != Some(self.start)
@@ -114,9 +146,20 @@ pub(crate) fn process_dir() -> std::io::Result<Arc<ProcessDir>> {
     if let Some(dir) = current.upgrade() {
         return Ok(dir);
     }
-    let dir = Arc::new(ProcessDir(create_private(
-        &std::env::temp_dir().join(Owner::me().dir_name()),
-    )?));
+    let tmp = std::env::temp_dir();
+    let me = Owner::me();
+    let path = match create_private(&tmp.join(me.dir_name(None))) {
+        Ok(p) => p,
+        // Taken by somebody else (the name is easy to guess): one of our own, then.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let suffix: String = std::iter::repeat_with(fastrand::alphanumeric)
+                .take(6)
+                .collect();
+            create_private(&tmp.join(me.dir_name(Some(&suffix))))?
+        }
+        Err(e) => return Err(e),
+    };
+    let dir = Arc::new(ProcessDir(path));
     *current = Arc::downgrade(&dir);
     Ok(dir)
 }
@@ -126,10 +169,13 @@ pub(crate) fn process_dir() -> std::io::Result<Arc<ProcessDir>> {
 /// there is refused: in a directory everybody can write to, it may be somebody's trap.
 fn create_private(path: &Path) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let named = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+    };
     match std::fs::DirBuilder::new().mode(0o700).create(path) {
         Ok(()) => Ok(path.to_path_buf()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let m = std::fs::symlink_metadata(path)?;
+            let m = std::fs::symlink_metadata(path).map_err(named)?;
             // SAFETY: geteuid has no preconditions and cannot fail.
             let euid = unsafe { libc::geteuid() };
             if m.is_dir() && m.uid() == euid && m.permissions().mode() & 0o077 == 0 {
@@ -144,7 +190,7 @@ fn create_private(path: &Path) -> std::io::Result<PathBuf> {
                 ))
             }
         }
-        Err(e) => Err(e),
+        Err(e) => Err(named(e)),
     }
 }
 
@@ -247,12 +293,17 @@ mod tests {
         let me = Owner::me();
         assert_ne!(me.start, 0, "/proc tells when this process started");
         assert_ne!(me.pid_ns, 0, "/proc tells this process's pid namespace");
-        assert_eq!(Owner::from_dir_name(&me.dir_name()), Some(me));
+        assert_eq!(Owner::from_dir_name(&me.dir_name(None)), Some(me));
+        assert_eq!(Owner::from_dir_name(&me.dir_name(Some("a1B2c3"))), Some(me));
         for other in [
-            "stateshift-proc-1-2",
-            "stateshift-proc-1-2-3-4",
-            "stateshift-proc-1-x-3",
+            "stateshift-p1-2",
+            "stateshift-p1-2-3-4-5",
+            "stateshift-p1-2-3-",
+            "stateshift-p1-2-3-a.b",
+            "stateshift-px-2-3",
+            "stateshift-p1-2-g",
             "stateshift-ssh-config-1-0-5",
+            "stateshift-proc-1-2-3",
             "stateshift-demo",
         ] {
             assert_eq!(Owner::from_dir_name(other), None, "{other}");
@@ -282,6 +333,15 @@ mod tests {
             !elsewhere.ended(&me),
             "another pid namespace's process is not judged from here"
         );
+        let unknown_start = Owner {
+            pid,
+            start: 0,
+            ..me
+        };
+        assert!(
+            !unknown_start.ended(&me),
+            "a process that could not tell when it started is not judged"
+        );
     }
 
     #[tokio::test]
@@ -291,15 +351,15 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();
-        let ended = tmp.path().join(Owner { pid, ..me }.dir_name());
-        let mine = tmp.path().join(me.dir_name());
+        let ended = tmp.path().join(Owner { pid, ..me }.dir_name(Some("x")));
+        let mine = tmp.path().join(me.dir_name(None));
         let foreign_ns = tmp.path().join(
             Owner {
                 pid_ns: me.pid_ns + 1,
                 pid,
                 ..me
             }
-            .dir_name(),
+            .dir_name(None),
         );
         for d in [&ended, &mine, &foreign_ns] {
             create_private(d).unwrap();
@@ -333,6 +393,7 @@ mod tests {
             e.to_string().contains("not this user's private directory"),
             "{e}"
         );
+        assert!(e.to_string().contains(&open.display().to_string()), "{e}");
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
         assert!(create_private(&link).is_err(), "a symlink is not taken");

@@ -128,6 +128,20 @@ pub fn cpu_has_aes() -> bool {
     }
 }
 
+/// Whether an SSH master's control socket fits in `dir` (else the master cannot start, and
+/// would be retried until the host's `ready_timeout` with ssh's own terse complaint).
+fn control_dir_fits(dir: &std::path::Path) -> Result<(), String> {
+    let len = dir.as_os_str().len();
+    if len <= super::scratch::CONTROL_DIR_MAX {
+        return Ok(());
+    }
+    Err(format!(
+        "the directory for this process's SSH control sockets, {}, is {len} bytes long: a socket's path must fit in 107, which leaves {} for it; set TMPDIR to a shorter directory",
+        dir.display(),
+        super::scratch::CONTROL_DIR_MAX
+    ))
+}
+
 /// How many free ports [`SshRemote::forward_local_tcp`] tries.
 const LOCAL_FORWARD_TRIES: usize = 8;
 
@@ -166,6 +180,10 @@ impl SshRemote {
         let dir = super::scratch::process_dir().map_err(|e| RemoteError::Ssh {
             host: name.clone(),
             msg: format!("cannot make this process's directory for its SSH connections: {e}"),
+        })?;
+        control_dir_fits(dir.path()).map_err(|msg| RemoteError::Ssh {
+            host: name.clone(),
+            msg,
         })?;
         let mut b = SessionBuilder::default();
         b.user(c.user.clone())
@@ -461,6 +479,21 @@ mod tests {
         resolved
             .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+    }
+
+    #[test]
+    fn a_control_directory_too_long_for_a_socket_is_refused_with_what_to_do() {
+        let fits = format!(
+            "/{}",
+            "d".repeat(super::super::scratch::CONTROL_DIR_MAX - 1)
+        );
+        assert_eq!(control_dir_fits(std::path::Path::new(&fits)), Ok(()));
+        let long = format!("{fits}e");
+        let e = control_dir_fits(std::path::Path::new(&long)).unwrap_err();
+        assert!(e.contains(&long) && e.contains("set TMPDIR"), "{e}");
+        // What ssh binds there, the longest: openssh's directory, ssh's temporary name.
+        let socket = format!("{fits}/.ssh-connectionAbC123/master.0123456789abcdef");
+        assert_eq!(socket.len(), 107);
     }
 
     #[test]

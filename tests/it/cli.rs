@@ -441,24 +441,6 @@ async fn a_crash_after_the_restore_on_a_static_target_is_rolled_back_exactly_and
 }
 
 /// Processes on this machine whose command line contains `needle`.
-/// The directory process `pid` kept its SSH control sockets and files in
-/// (`$TMPDIR/stateshift-proc-NS-PID-START`).
-fn process_dir_of(pid: u32) -> Option<std::path::PathBuf> {
-    std::fs::read_dir(std::env::temp_dir())
-        .ok()?
-        .filter_map(|e| e.ok())
-        .find(|e| {
-            let name = e.file_name();
-            let fields: Vec<_> = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("stateshift-proc-"))
-                .map(|n| n.split('-').collect())
-                .unwrap_or_default();
-            fields.len() == 3 && fields[1] == pid.to_string()
-        })
-        .map(|e| e.path())
-}
-
 fn pids_naming(needle: &str) -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -521,8 +503,14 @@ async fn orphaned_by_a_kill(migration: &str, command: &str, scratch: &str) {
     let before = counts(&lab.source.client(), "cyclops").await;
     let cfg = p.to_str().unwrap();
     let scratch = format!("{}/{scratch}", lab.dir.display());
+    // A temporary directory of their own: no other test's stateshift clears what the
+    // killed one leaves there (any later process would), so only this test's `recover` can.
+    let tmp = lab.dir.join("t");
+    std::fs::create_dir(&tmp).unwrap();
+    let tmp_env = [("TMPDIR", tmp.to_str().unwrap())];
     let mut child = Command::new(bin())
         .args(["migrate", "-c", cfg, "--yes"])
+        .envs(tmp_env)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -542,28 +530,46 @@ async fn orphaned_by_a_kill(migration: &str, command: &str, scratch: &str) {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let killed = child.id();
+    // The migration's own directory, and the SSH masters with their control sockets in it.
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(left.len(), 1, "one directory for the migration: {left:?}");
+    let left = &left[0];
+    let masters = pids_naming(&left.display().to_string());
+    assert!(!masters.is_empty(), "the migration has SSH masters");
     child.kill().unwrap();
     let _ = child.wait();
     println!(
         "{command} still running after the kill: {}",
         !pids_naming(&scratch).is_empty()
     );
-    // What the killed process left: its directory, and the SSH masters whose control
-    // sockets are in it (they outlive it).
-    let left = process_dir_of(killed).expect("the killed migration had its own directory");
-    assert!(
-        !pids_naming(&left.display().to_string()).is_empty(),
+    // Still running as those masters (not as a zombie, not a reused pid).
+    let running = |pids: &[u32]| -> Vec<u32> {
+        pids.iter()
+            .copied()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*left.to_string_lossy()))
+            })
+            .collect()
+    };
+    assert_eq!(
+        running(&masters),
+        masters,
         "the killed migration's SSH masters outlive it"
     );
 
-    let (code, out, err) = run(&["recover", "-c", cfg], &[]);
+    let (code, out, err) = run(&["recover", "-c", cfg], &tmp_env);
     assert!(
         code == 0 && format!("{out}{err}").contains("rolled back"),
         "settled as rolled back: {code}\n{out}\n{err}"
     );
-    assert!(
-        pids_naming(&left.display().to_string()).is_empty(),
+    assert_eq!(
+        running(&masters),
+        Vec::<u32>::new(),
         "the next run closed the killed migration's SSH masters"
     );
     assert!(
