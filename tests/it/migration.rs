@@ -901,27 +901,37 @@ async fn interleaved_writes_to_several_databases_are_replayed_in_few_requests_an
     );
 }
 
+/// This process's private forward directories (`forwards-<id>` in its own directory,
+/// `$TMPDIR/stateshift-p<pid>-...`).
+fn forward_dirs() -> Vec<std::path::PathBuf> {
+    let prefix = format!("stateshift-p{}-", std::process::id());
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|d| d.file_name().to_string_lossy().starts_with(&prefix))
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("forwards-"))
+        .map(|e| e.path())
+        .collect()
+}
+
 /// Keeps what a migration says (its notes), and with each note what this process's
-/// private forward directories (`$TMPDIR/stateshift-<pid>-<id>`) hold then: their mode
-/// and their sockets' modes.
+/// private forward directories hold then: their mode and their sockets' modes.
 #[derive(Default)]
 struct Notes(std::sync::Mutex<Vec<String>>);
 impl Progress for Notes {
     fn note(&self, msg: &str) {
         use std::os::unix::fs::PermissionsExt;
         let mut line = msg.to_string();
-        let prefix = format!("stateshift-{}-", std::process::id());
-        for d in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
-            if d.file_name().to_string_lossy().starts_with(&prefix) {
-                let mode = |p: &std::path::Path| {
-                    std::fs::metadata(p).map_or(0, |m| m.permissions().mode() & 0o777)
-                };
-                line += &format!(" [dir {:o}", mode(&d.path()));
-                for e in std::fs::read_dir(d.path()).unwrap().flatten() {
-                    line += &format!(" {} {:o}", e.file_name().to_string_lossy(), mode(&e.path()));
-                }
-                line += "]";
+        for d in forward_dirs() {
+            let mode = |p: &std::path::Path| {
+                std::fs::metadata(p).map_or(0, |m| m.permissions().mode() & 0o777)
+            };
+            line += &format!(" [dir {:o}", mode(&d));
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                line += &format!(" {} {:o}", e.file_name().to_string_lossy(), mode(&e.path()));
             }
+            line += "]";
         }
         self.0.lock().unwrap().push(line);
     }
@@ -989,11 +999,7 @@ async fn shards_stream_from_rpc_port_to_rpc_port_with_every_database_and_retenti
             || said.contains("[dir 700 target.sock 600 source.sock 600]"),
         "{said}"
     );
-    let prefix = format!("stateshift-{}-", std::process::id());
-    assert!(!std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .any(|d| d.file_name().to_string_lossy().starts_with(&prefix)));
+    assert_eq!(forward_dirs(), Vec::<std::path::PathBuf>::new());
     assert!(report.dump_bytes > 0);
     let dst = lab.target.client();
     for db in ["cyclops", "billing"] {
