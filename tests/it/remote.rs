@@ -208,15 +208,17 @@ async fn pinned_host_keys_are_the_only_ones_accepted_whatever_known_hosts_says()
     assert!(matches!(err, RemoteError::PinnedHostKey { .. }), "{err}");
     assert!(err.to_string().contains("pinned"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
-    // No temporary known-hosts file is left behind.
+    // No temporary known-hosts file is left behind: with no remote left, this process's
+    // directory (`remote::scratch`) is gone, and everything in it.
     let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| {
             e.file_name()
                 .to_string_lossy()
-                .starts_with(&format!("stateshift-known-hosts-{}-", std::process::id()))
+                .starts_with(&format!("stateshift-p{}-", std::process::id()))
         })
+        .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
