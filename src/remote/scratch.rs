@@ -53,7 +53,9 @@ impl Drop for ProcessDir {
         let current = CURRENT
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if current.upgrade().is_none() {
+        // Counted, not upgraded: an `Arc` upgraded here could be the last one, and its drop
+        // would run this again, under the lock this holds.
+        if current.strong_count() == 0 {
             // Only if empty: whatever is still in it belongs to something that outlived
             // its holders, and the next process's sweep takes it once this one has ended.
             let _ = std::fs::remove_dir(&self.0);
