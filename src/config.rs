@@ -279,6 +279,8 @@ struct RawMigration {
     target_ready_timeout: Option<Duration>,
     probe_rate: Option<u32>,
     transfer_rate_limit: Option<RateScalar>,
+    #[serde(default, with = "humantime_serde")]
+    write_time_guard: Option<Duration>,
     idle_nice: Option<i64>,
 }
 
@@ -288,6 +290,11 @@ const MAX_PARALLEL_QUERIES: usize = 16;
 
 /// The least `migration.transfer_rate_limit` taken: 4 GB then take 70 minutes.
 const MIN_TRANSFER_RATE: u64 = 1_000_000;
+
+/// The bounds of `migration.write_time_guard`: under a millisecond no HTTP write is
+/// answered, and over a minute a writer has long given up.
+const MIN_WRITE_TIME_GUARD: Duration = Duration::from_millis(1);
+const MAX_WRITE_TIME_GUARD: Duration = Duration::from_secs(60);
 
 /// A rate in bytes per second as written: a number, or a string like `80MB/s`.
 #[derive(Debug, Deserialize)]
@@ -886,6 +893,14 @@ pub struct MigrationConfig {
     /// and link, at the cost of a longer dump; the `forward` and `stream` fallbacks run
     /// `influxd backup` on a host and are not bounded by it.
     pub transfer_rate_limit: u64,
+    /// The source's mean write time the shard streams keep to (0: off): every half
+    /// second the dump reads the source's HTTP write counters, halves the streams' rate
+    /// when its writes took longer than this on average (or one has been served for the
+    /// whole half second), and raises it again while they take under half of it, up to
+    /// `transfer_rate_limit`. For a source whose disk, CPU or storage backend the dump
+    /// shares with its writers; the `forward` and `stream` fallbacks are not paced.
+    #[serde(serialize_with = "ser_duration")]
+    pub write_time_guard: Duration,
     /// The nice value (1–19; 0: off) of the `influxd` the writers are not using during
     /// the migration: the target's until the repoint (the shard imports, the replays and
     /// the early comparison run there), the source's from the repoint to the end
@@ -1415,6 +1430,7 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
                 bytes_per_second(r).map_err(|e| v.err("migration.transfer_rate_limit", e))?
             }
         },
+        write_time_guard: m.write_time_guard.unwrap_or(Duration::ZERO),
         idle_nice: match m.idle_nice {
             None => 19,
             Some(n @ 0..=19) => n as u8,
@@ -1433,6 +1449,18 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
             format!(
                 "{} bytes per second is below the least accepted, 1MB/s (a plain number counts bytes; write e.g. \"40MB/s\", or 0 for no limit)",
                 migration.transfer_rate_limit
+            ),
+        ));
+    }
+    let guard = migration.write_time_guard;
+    if !guard.is_zero() && !(MIN_WRITE_TIME_GUARD..=MAX_WRITE_TIME_GUARD).contains(&guard) {
+        return Err(v.err(
+            "migration.write_time_guard",
+            format!(
+                "{} is not a mean write time between {} and {} (0s turns the guard off)",
+                humantime::format_duration(guard),
+                humantime::format_duration(MIN_WRITE_TIME_GUARD),
+                humantime::format_duration(MAX_WRITE_TIME_GUARD)
             ),
         ));
     }
@@ -2208,6 +2236,44 @@ mod tests {
                 e.contains("migration.idle_nice")
                     && e.contains(&format!("{bad} is not a nice value")),
                 "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_write_time_guard_reads_a_duration_and_names_one_out_of_bounds() {
+        assert_eq!(
+            load(MIN, &[]).unwrap().migration.write_time_guard,
+            Duration::ZERO
+        );
+        for (given, want) in [("5ms", 5), ("0s", 0), ("1s", 1000)] {
+            let c = load(
+                &format!("{MIN}migration:\n  write_time_guard: {given}\n"),
+                &[],
+            )
+            .unwrap();
+            assert_eq!(
+                c.migration.write_time_guard,
+                Duration::from_millis(want),
+                "{given}"
+            );
+        }
+        let c = load(MIN, &[("STATESHIFT__MIGRATION__WRITE_TIME_GUARD", "20ms")]).unwrap();
+        assert_eq!(c.migration.write_time_guard, Duration::from_millis(20));
+        for (bad, says) in [
+            ("500us", "500us is not a mean write time between 1ms and 1m"),
+            ("2m", "2m is not a mean write time between 1ms and 1m"),
+            ("fast", "migration"),
+        ] {
+            let e = load(
+                &format!("{MIN}migration:\n  write_time_guard: {bad}\n"),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("write_time_guard") && e.contains(says),
+                "{bad}: {e}"
             );
         }
     }

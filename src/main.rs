@@ -220,6 +220,10 @@ enum Cmd {
         /// The migration's `migration.transfer_rate_limit` (e.g. 80MB/s; 0: none).
         #[arg(long, default_value = "0")]
         transfer_rate_limit: String,
+        /// The migration's `migration.write_time_guard`: the source's mean write time
+        /// the shard streams keep to (e.g. 5ms; 0s: off).
+        #[arg(long, default_value = "0s")]
+        write_time_guard: String,
         /// A cutover command that does not wait for the writer to move: the drain then
         /// ends after capture.quiet_period (2 s) rather than on the source's counters
         /// (`cutover.synchronous`, as the RCBaaS deployment's command).
@@ -630,6 +634,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             rate,
             replay_points,
             transfer_rate_limit,
+            write_time_guard,
             quiet_drain,
             idle_nice,
             verify_target_first,
@@ -642,6 +647,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                 rate,
                 replay_points,
                 transfer_rate_limit,
+                write_time_guard,
                 quiet_drain,
                 idle_nice,
                 verify_target_first,

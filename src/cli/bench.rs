@@ -128,6 +128,8 @@ pub struct BenchOptions {
     pub replay_points: u64,
     /// `migration.transfer_rate_limit` as the configuration writes it.
     pub transfer_rate_limit: String,
+    /// `migration.write_time_guard` as the configuration writes it.
+    pub write_time_guard: String,
     /// The cutover command does not wait for the writer (no `cutover.synchronous`).
     pub quiet_drain: bool,
     /// `migration.idle_nice`.
@@ -182,8 +184,9 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     .await?;
     let (cfg_path, cfg) = lab
         .write_config(&format!(
-            "  transfer_rate_limit: {}\n  idle_nice: {}\nverify:\n  content: full\n  target_first: {}\n  read_back: {}\n  read_back_on_host: {}\n",
+            "  transfer_rate_limit: {}\n  write_time_guard: {}\n  idle_nice: {}\nverify:\n  content: full\n  target_first: {}\n  read_back: {}\n  read_back_on_host: {}\n",
             serde_json::to_string(&o.transfer_rate_limit)?,
+            serde_json::to_string(&o.write_time_guard)?,
             o.idle_nice,
             o.verify_target_first,
             o.verify_read_back,
@@ -218,6 +221,12 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         println!(
             "shard streams limited to {:.1} MB/s (migration.transfer_rate_limit)",
             cfg.migration.transfer_rate_limit as f64 / 1e6
+        );
+    }
+    if !cfg.migration.write_time_guard.is_zero() {
+        println!(
+            "shard streams paced to keep the source's mean write time under {} (migration.write_time_guard)",
+            humantime::format_duration(cfg.migration.write_time_guard)
         );
     }
     let db = "bench";

@@ -9,7 +9,7 @@ pub mod lineproto;
 pub mod snapshotter;
 mod vars;
 
-pub use vars::{drained, InFlight, SubStats};
+pub use vars::{drained, InFlight, SubStats, WriteTimes};
 
 /// The database where InfluxDB stores its own statistics (`[monitor] store-enabled`):
 /// never migrated, each server keeping its own.

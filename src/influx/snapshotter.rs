@@ -23,6 +23,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Component, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -229,28 +230,52 @@ impl Cancel {
 /// from the source's disk and CPU (the source's InfluxDB reads and sends each shard inside
 /// the process that serves the writers, so no `nice` can lower it) and from the link.
 pub struct Pace {
-    per_second: u64,
+    /// Bytes per second, all copies together; 0: no limit. A guard may change it while
+    /// the copies run (`migration.write_time_guard`).
+    per_second: AtomicU64,
+    /// Bytes taken so far, all copies together: what a guard measures the stream by.
+    taken: AtomicU64,
     /// When the bytes taken so far are due: the next read waits until then.
     due: Mutex<Option<Instant>>,
 }
 
 impl Pace {
-    /// `None` when there is no limit (0).
-    pub fn new(per_second: u64) -> Option<Arc<Pace>> {
-        (per_second > 0).then(|| {
-            Arc::new(Pace {
-                per_second,
-                due: Mutex::new(None),
-            })
+    /// A pace of `per_second` bytes per second (0: none, until [`Pace::set_rate`]).
+    pub fn new(per_second: u64) -> Arc<Pace> {
+        Arc::new(Pace {
+            per_second: AtomicU64::new(per_second),
+            taken: AtomicU64::new(0),
+            due: Mutex::new(None),
         })
+    }
+
+    /// The rate from the next read on (0: none).
+    pub fn set_rate(&self, per_second: u64) {
+        self.per_second.store(per_second, Ordering::Relaxed);
+    }
+
+    /// The rate now (0: none).
+    pub fn rate(&self) -> u64 {
+        self.per_second.load(Ordering::Relaxed)
+    }
+
+    /// Bytes read through this pace so far.
+    pub fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
     }
 
     /// Account for `n` bytes just read; wait (on this blocking thread, in steps short
     /// enough that a cancel is not kept waiting) until the budget allows them.
     fn take(&self, n: usize, cancel: &Cancel) -> Result<(), SnapshotError> {
-        let cost = Duration::from_secs_f64(n as f64 / self.per_second as f64);
+        self.taken.fetch_add(n as u64, Ordering::Relaxed);
+        let per_second = self.rate();
         let until = {
             let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
+            if per_second == 0 {
+                *due = None;
+                return Ok(());
+            }
+            let cost = Duration::from_secs_f64(n as f64 / per_second as f64);
             // Time not used (the copy waited on a server) is not saved up as a burst.
             let start = due.map_or_else(Instant::now, |d| d.max(Instant::now()));
             let until = start + cost;
@@ -1205,9 +1230,20 @@ mod tests {
 
     #[test]
     fn a_pace_spreads_what_was_read_over_its_rate_and_stops_when_cancelled() {
-        assert!(Pace::new(0).is_none(), "0 is no limit");
-        let pace = Pace::new(100_000).unwrap();
         let cancel = Cancel::default();
+        // 0 is no limit: 10 MB pass at once, and are counted.
+        let free = Pace::new(0);
+        let t = Instant::now();
+        for _ in 0..10 {
+            free.take(1_000_000, &cancel).unwrap();
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(free.taken(), 10_000_000);
+        let pace = Pace::new(100_000);
         let t = Instant::now();
         for _ in 0..5 {
             pace.take(10_000, &cancel).unwrap();
@@ -1218,8 +1254,30 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+        // A rate changed while copies run holds from the next read on: 50 KB more at
+        // 50 KB/s take a second more, and lifting the limit lets the rest through.
+        pace.set_rate(50_000);
+        let t = Instant::now();
+        for _ in 0..5 {
+            pace.take(10_000, &cancel).unwrap();
+        }
+        assert!(
+            t.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            t.elapsed()
+        );
+        pace.set_rate(0);
+        let t = Instant::now();
+        pace.take(10_000_000, &cancel).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(pace.rate(), 0);
+        assert_eq!(pace.taken(), 10_100_000);
         // A cancel ends a wait long before its budget would have.
-        let slow = Pace::new(1).unwrap();
+        let slow = Pace::new(1);
         let c = cancel.clone();
         let stopper = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));

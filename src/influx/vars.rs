@@ -99,6 +99,11 @@ impl Influx {
         Ok(writes_in_flight(&self.debug_vars().await?))
     }
 
+    /// The server's HTTP write counters ([`WriteTimes`]).
+    pub async fn write_times(&self) -> Result<WriteTimes, InfluxError> {
+        Ok(write_times(&self.debug_vars().await?))
+    }
+
     /// Forwarding counters of the subscriptions named `name`.
     pub async fn subscriber_stats(&self, name: &str) -> Result<SubStats, InfluxError> {
         Ok(subscriber_stats(&self.debug_vars().await?, name))
@@ -147,6 +152,35 @@ impl Influx {
             })
             .count();
         Ok((live, stats))
+    }
+}
+
+/// A server's HTTP write requests, read in one `/debug/vars` answer and summed over its
+/// `httpd` services: what the write-time guard measures the writers by. InfluxDB 1.x
+/// counts a request in `writeReq` and `writeReqActive` when it arrives, and adds its time
+/// to `writeReqDurationNs` when it is answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteTimes {
+    /// Requests arrived since the server started (`writeReq`).
+    pub arrived: u64,
+    /// Being served now (`writeReqActive`).
+    pub active: u64,
+    /// The time of every request answered, arrival to answer (`writeReqDurationNs`).
+    pub nanos: u64,
+}
+
+impl WriteTimes {
+    /// Requests answered since the server started.
+    pub fn answered(&self) -> u64 {
+        self.arrived.saturating_sub(self.active)
+    }
+}
+
+fn write_times(vars: &Value) -> WriteTimes {
+    WriteTimes {
+        arrived: httpd_sum(vars, "/values/writeReq"),
+        active: httpd_sum(vars, "/values/writeReqActive"),
+        nanos: httpd_sum(vars, "/values/writeReqDurationNs"),
     }
 }
 
@@ -273,6 +307,26 @@ fn subscriber_stats(vars: &Value, name: &str) -> SubStats {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    #[test]
+    fn write_times_are_the_http_services_counters_summed() {
+        let vars = json!({
+            "httpd:127.0.0.1:8086": {"values": {"writeReq": 10, "writeReqActive": 1, "writeReqDurationNs": 9_000_000, "req": 50}},
+            "httpd:[::1]:8086": {"values": {"writeReq": 5, "writeReqActive": 0, "writeReqDurationNs": 1_000_000}},
+            "shard:/d/1": {"values": {"writeReq": 99}},
+        });
+        let w = super::write_times(&vars);
+        assert_eq!(
+            w,
+            super::WriteTimes {
+                arrived: 15,
+                active: 1,
+                nanos: 10_000_000
+            }
+        );
+        assert_eq!(w.answered(), 14);
+        assert_eq!(super::write_times(&json!({})), super::WriteTimes::default());
+    }
 
     #[test]
     fn subscriber_counters_are_ours_and_drops_are_what_the_service_counts_beyond_them() {

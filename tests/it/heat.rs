@@ -632,6 +632,7 @@ fn params_for(t: &std::path::Path) -> BTreeMap<String, String> {
                 ("api_token", "0123456789abcdef-api-token"),
                 ("access_cidr", "192.168.77.0/24"),
                 ("transfer_rate_limit", "25MB/s"),
+                ("write_time_guard", "5ms"),
             ] {
                 set(k, v);
             }
@@ -971,6 +972,10 @@ fn so_config_loads(text: &str, so_ip: &str) {
     assert_eq!(loaded.source.influx_url, "http://10.0.0.12:8086");
     assert_eq!(loaded.source.username.as_deref(), Some("admin"));
     assert_eq!(loaded.migration.transfer_rate_limit, 25_000_000);
+    assert_eq!(
+        loaded.migration.write_time_guard,
+        std::time::Duration::from_millis(5)
+    );
     for (what, ssh) in [
         ("source", loaded.source.ssh.as_ref()),
         ("cutover", loaded.cutover.ssh.as_ref()),

@@ -1084,6 +1084,108 @@ async fn a_transfer_rate_limit_bounds_the_shard_streams() {
     assert_eq!(on_target, seeded);
 }
 
+/// The dump's phase as a watch (0: not begun, 1: streaming, 2: done), and the notes.
+#[derive(Default)]
+struct DumpWatch {
+    phase: tokio::sync::watch::Sender<u8>,
+    notes: std::sync::Mutex<Vec<String>>,
+}
+
+impl Progress for DumpWatch {
+    fn phase_started(&self, phase: Phase) {
+        if phase == Phase::Dump {
+            self.phase.send_replace(1);
+        }
+    }
+    fn phase_done(&self, phase: Phase, _took: Duration) {
+        if phase == Phase::Dump {
+            self.phase.send_replace(2);
+        }
+    }
+    fn note(&self, msg: &str) {
+        self.notes.lock().unwrap().push(msg.to_string());
+    }
+}
+
+/// `migration.write_time_guard` slows the shard streams while the source's writes take
+/// longer than its goal: a writer of 5,000-point batches (each far over 1 ms) during
+/// the first second and a half of the dump has the guard halve the streams' rate, and
+/// the dump says so; every point, seeded or written meanwhile, arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_time_guard_slows_the_shard_streams_while_the_sources_writes_are_slow() {
+    let lab = lab(LabOptions::default()).await;
+    let ceiling = 3_000_000u64;
+    let (_, cfg) = lab
+        .write_config("  transfer: shards\n  transfer_rate_limit: 3MB/s\n  write_time_guard: 1ms\n")
+        .unwrap();
+    assert_eq!(cfg.migration.write_time_guard, Duration::from_millis(1));
+    let seeded = seed(&lab, "cyclops", 400_000).await;
+    let watch = std::sync::Arc::new(DumpWatch::default());
+    let mut dump = watch.phase.subscribe();
+    let source = lab.source.client();
+    // Bounded: 1.5 s from the dump's start, and never past its end.
+    let writer = tokio::spawn(async move {
+        if dump.wait_for(|p| *p >= 1).await.is_err() {
+            return 0u64;
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+        let base = now_ns() - 3_600_000_000_000;
+        let mut written = 0u64;
+        let mut batch = 0u64;
+        while tokio::time::Instant::now() < until && *dump.borrow() == 1 {
+            let lines: Vec<String> = (0..5_000u64)
+                .map(|i| {
+                    format!(
+                        "guarded,batch={batch} value={i}i {}",
+                        base + (batch * 5_000 + i) as i64
+                    )
+                })
+                .collect();
+            source
+                .write("cyclops", None, "ns", lines.join("\n").into())
+                .await
+                .unwrap();
+            written += 5_000;
+            batch += 1;
+        }
+        written
+    });
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &*watch)
+        .await
+        .expect("migration succeeds");
+    let written = writer.await.unwrap();
+    assert!(written > 0, "the writer wrote during the dump");
+    let said = watch.notes.lock().unwrap().join("\n");
+    let streamed = said
+        .lines()
+        .find(|l| l.starts_with("streamed "))
+        .unwrap_or_else(|| panic!("the dump's note: {said}"));
+    assert!(
+        streamed.contains("slowed ")
+            && streamed.contains("by the source's write time")
+            && streamed.contains("(migration.write_time_guard: 1ms)"),
+        "{streamed}"
+    );
+    // Halved at least once from at most the ceiling.
+    let least: f64 = streamed
+        .split("MB/s at the least")
+        .next()
+        .and_then(|s| s.rsplit("to ").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the least rate in {streamed}"));
+    assert!(least * 1e6 <= ceiling as f64 / 2.0 + 1.0, "{streamed}");
+    assert!(
+        report.phase_seconds(Phase::Dump) >= report.dump_bytes as f64 / ceiling as f64,
+        "the ceiling holds too"
+    );
+    let on_target: u64 = counts(&lab.target.client(), "cyclops")
+        .await
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(on_target, seeded + written);
+}
+
 /// Database `many` with hourly shards and one point in each of `n` consecutive hours
 /// (points `m value=0..n`), ending 100 hours ago: `n` shards.
 async fn hourly_shards(src: &Influx, n: i64) {

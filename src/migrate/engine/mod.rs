@@ -30,6 +30,7 @@ mod capture;
 mod context;
 mod cutover;
 mod dispose;
+mod guard;
 mod plan;
 mod prepare;
 mod priority;

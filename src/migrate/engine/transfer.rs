@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::context::{Migration, SentShard};
+use super::guard::{self, Guard};
 use super::priority::End;
 use super::{MigrateError, Phase, TargetObject};
 use crate::config::{InstanceConfig, TransferMode};
@@ -253,12 +254,17 @@ impl Migration<'_> {
             }
         };
         let scratch = Self::scratch(&self.dst().cfg, &self.id, "restore");
+        let pace = snapshotter::Pace::new(self.cfg.migration.transfer_rate_limit);
+        let guarded = !self.cfg.migration.write_time_guard.is_zero();
+        let mut guard = Guard::new(
+            self.cfg.migration.write_time_guard,
+            self.cfg.migration.transfer_rate_limit,
+        );
         let run = async {
             let mut total = snapshotter::Copied::default();
             let mut sent = Vec::new();
             let mut running = tokio::task::JoinSet::new();
             let mut queue = copies.into_iter();
-            let pace = snapshotter::Pace::new(self.cfg.migration.transfer_rate_limit);
             loop {
                 while running.len() < SHARD_COPIES {
                     let Some((db, old, new)) = queue.next() else {
@@ -267,7 +273,7 @@ impl Migration<'_> {
                     let (c, f, t) = (cancel.clone(), from.clone(), to.clone());
                     let pace = pace.clone();
                     running.spawn_blocking(move || {
-                        snapshotter::copy_shard(&f, old, &t, new, pace.as_deref(), &c)
+                        snapshotter::copy_shard(&f, old, &t, new, Some(&*pace), &c)
                             .map(|got| (db, old, new, got))
                             .map_err(|e| format!("shard {old} (target shard {new}): {e}"))
                     });
@@ -294,7 +300,15 @@ impl Migration<'_> {
                 host.describe()
             ))
         };
+        let paced = async {
+            if guarded {
+                guard::watch(&self.src().influx, &pace, &mut guard).await
+            } else {
+                std::future::pending().await
+            }
+        };
         let r = tokio::select! {
+            never = paced => match never {},
             r = run => match r {
                 Ok(total) => Ok(total),
                 // A forward that stops answering: say which connection went, not which
@@ -315,10 +329,24 @@ impl Migration<'_> {
         Ok(r.map(|(total, sent)| {
             self.sent_shards = sent;
             self.report.dump_bytes = total.bytes;
-            let limit = match self.cfg.migration.transfer_rate_limit {
+            let mut limit = match self.cfg.migration.transfer_rate_limit {
                 0 => String::new(),
                 l => format!(", at most {:.1} MB/s (migration.transfer_rate_limit)", l as f64 / 1e6),
             };
+            if guarded {
+                limit += &match guard.lowest {
+                    None => format!(
+                        ", never slowed by the source's write time (migration.write_time_guard: {})",
+                        humantime::format_duration(self.cfg.migration.write_time_guard)
+                    ),
+                    Some(low) => format!(
+                        ", slowed {} times by the source's write time, to {:.1} MB/s at the least (migration.write_time_guard: {})",
+                        guard.slowdowns,
+                        low as f64 / 1e6,
+                        humantime::format_duration(self.cfg.migration.write_time_guard)
+                    ),
+                };
+            }
             self.progress.note(&format!(
                 "streamed {shards} shards ({} files, {:.1} MB{limit}) from the source's InfluxDB RPC port into the target's: dump, transfer and restore in one pass",
                 total.files,

@@ -1,0 +1,277 @@
+//! The write-time guard (`migration.write_time_guard`): while the shards stream, the
+//! source's writers come first. Every [`TICK`] the guard reads the source's HTTP write
+//! counters (`/debug/vars`) and the bytes the streams read in the tick. When the writes
+//! answered in the tick took longer than the goal on average, or a write has been served
+//! for the whole tick, it halves the streams' rate; while they take under half the goal,
+//! or while nothing writes at all, it raises the rate by an eighth, up to
+//! `migration.transfer_rate_limit`.
+//!
+//! What it measures is what the writers wait for, whatever the cause: the source's CPU,
+//! its disk, or a storage backend the target's volume shares with the source's (a
+//! cloud's Ceph). It reacts a tick late at best, and a disk's backlog of written-out
+//! pages drains at the disk's pace, not the stream's: it bounds how long the writers
+//! suffer, not the first slow write.
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use crate::influx::snapshotter::Pace;
+use crate::influx::{Influx, WriteTimes};
+
+/// How often the guard reads the source's counters.
+pub(super) const TICK: Duration = Duration::from_millis(500);
+
+/// The least rate the guard sets, bytes per second: `migration.transfer_rate_limit`'s
+/// least.
+const FLOOR: u64 = 1_000_000;
+
+/// The guard's state: its goal and what it did.
+#[derive(Debug)]
+pub(super) struct Guard {
+    /// The writes' mean time the streams keep to.
+    goal: Duration,
+    /// `migration.transfer_rate_limit` (0: none): the rate never goes above it.
+    ceiling: u64,
+    /// Times the guard slowed the streams.
+    pub slowdowns: u32,
+    /// The lowest rate it set.
+    pub lowest: Option<u64>,
+}
+
+impl Guard {
+    pub fn new(goal: Duration, ceiling: u64) -> Guard {
+        Guard {
+            goal,
+            ceiling,
+            slowdowns: 0,
+            lowest: None,
+        }
+    }
+
+    /// The rate from now on (0: none), from the rate during the tick, the source's
+    /// counters at its start and end, the bytes the streams read in it and its length.
+    pub fn next(
+        &mut self,
+        rate: u64,
+        before: WriteTimes,
+        after: WriteTimes,
+        streamed: u64,
+        tick: Duration,
+    ) -> u64 {
+        // Counters that went back: the server restarted, and the tick says nothing.
+        if after.arrived < before.arrived || after.nanos < before.nanos {
+            return rate;
+        }
+        let answered = after.answered().saturating_sub(before.answered());
+        let nanos = after.nanos - before.nanos;
+        let goal = self.goal.as_nanos() as u64;
+        // The mean time of the writes answered in the tick; none answered: any write
+        // served at the tick's start still is, and has waited the whole tick.
+        let mean = nanos.checked_div(answered);
+        let slow = match mean {
+            Some(mean) => mean > goal,
+            None => before.active > 0 && after.active > 0 && tick >= self.goal,
+        };
+        let used = (streamed as f64 / tick.as_secs_f64().max(1e-3)) as u64;
+        if slow {
+            // Half of what the streams were allowed, or of what they read if less (with
+            // no limit, what they read is the rate to halve).
+            let base = if rate == 0 { used } else { rate.min(used) };
+            let new = (base / 2).max(FLOOR);
+            self.slowdowns += 1;
+            self.lowest = Some(self.lowest.map_or(new, |l| l.min(new)));
+            return new;
+        }
+        // Calm: quick writes, or none at all (nobody waits). A write that arrived in the
+        // tick and is still served says nothing yet.
+        let calm = match mean {
+            Some(mean) => mean <= goal / 2,
+            None => before.active == 0 && after.active == 0,
+        };
+        // Raised only while the streams use what they have: a rate they do not reach
+        // (they wait on a server) would let a burst through later.
+        if calm && rate > 0 && used >= rate / 4 * 3 {
+            let new = rate + (rate / 8).max(FLOOR);
+            return if self.ceiling > 0 {
+                new.min(self.ceiling)
+            } else {
+                new
+            };
+        }
+        rate
+    }
+}
+
+/// Pace the streams by the source's write time until dropped (the dump's end).
+pub(super) async fn watch(source: &Influx, pace: &Pace, guard: &mut Guard) -> Infallible {
+    let mut last: Option<(Instant, WriteTimes, u64)> = None;
+    loop {
+        let read = tokio::time::timeout(TICK, source.write_times()).await;
+        let (now, taken) = (Instant::now(), pace.taken());
+        match read {
+            Ok(Ok(times)) => {
+                if let Some((then, before, taken_before)) = last {
+                    let rate = pace.rate();
+                    let next = guard.next(
+                        rate,
+                        before,
+                        times,
+                        taken.saturating_sub(taken_before),
+                        now - then,
+                    );
+                    if next != rate {
+                        let answered = times.answered().saturating_sub(before.answered());
+                        let mean_ms = if answered == 0 {
+                            f64::NAN
+                        } else {
+                            times.nanos.saturating_sub(before.nanos) as f64 / answered as f64 / 1e6
+                        };
+                        let (from, to) = (per_second(rate), per_second(next));
+                        if next < rate || rate == 0 {
+                            tracing::info!(
+                                writes = answered,
+                                mean_ms,
+                                served_now = times.active,
+                                from = %from,
+                                to = %to,
+                                "the source's writes are slow: shard streams slowed (migration.write_time_guard)"
+                            );
+                        } else {
+                            tracing::debug!(
+                                writes = answered,
+                                mean_ms,
+                                from = %from,
+                                to = %to,
+                                "shard streams faster"
+                            );
+                        }
+                        pace.set_rate(next);
+                    }
+                }
+                last = Some((now, times, taken));
+            }
+            // No evidence: the next tick starts over.
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "the write-time guard could not read the source's counters");
+                last = None;
+            }
+            Err(_) => {
+                tracing::debug!("the write-time guard's read of the source's counters timed out");
+                last = None;
+            }
+        }
+        tokio::time::sleep(TICK.saturating_sub(now.elapsed())).await;
+    }
+}
+
+/// A rate as the log shows it.
+fn per_second(rate: u64) -> String {
+    match rate {
+        0 => "no limit".into(),
+        r => format!("{:.1} MB/s", r as f64 / 1e6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn times(arrived: u64, active: u64, nanos: u64) -> WriteTimes {
+        WriteTimes {
+            arrived,
+            active,
+            nanos,
+        }
+    }
+
+    #[test]
+    fn slow_writes_halve_the_streams_and_calm_ones_raise_them_to_the_limit() {
+        let mut g = Guard::new(Duration::from_millis(5), 80_000_000);
+        let tick = Duration::from_millis(500);
+        let start = times(100, 0, 100 * MS);
+        // 50 writes in the tick, 20 ms each: with no limit, half of what the streams read.
+        let slow = times(150, 0, 100 * MS + 50 * 20 * MS);
+        assert_eq!(g.next(0, start, slow, 100_000_000, tick), 100_000_000);
+        // With one, half of it, or of what they read if less.
+        assert_eq!(
+            g.next(60_000_000, start, slow, 30_000_000, tick),
+            30_000_000
+        );
+        assert_eq!(g.next(40_000_000, start, slow, 5_000_000, tick), 5_000_000);
+        // Never below the floor.
+        assert_eq!(g.next(1_500_000, start, slow, 0, tick), FLOOR);
+        assert_eq!((g.slowdowns, g.lowest), (4, Some(FLOOR)));
+        // Calm writes (1 ms, under half the goal) while the streams use their rate: an
+        // eighth more, never above the limit.
+        let calm = times(150, 0, 100 * MS + 50 * MS);
+        assert_eq!(
+            g.next(40_000_000, start, calm, 20_000_000, tick),
+            45_000_000
+        );
+        assert_eq!(
+            g.next(75_000_000, start, calm, 37_000_000, tick),
+            80_000_000
+        );
+        // Not while they use less than three quarters of it.
+        assert_eq!(
+            g.next(40_000_000, start, calm, 10_000_000, tick),
+            40_000_000
+        );
+        // With no limit in the configuration, the rate grows as the streams use it.
+        let mut free = Guard::new(Duration::from_millis(5), 0);
+        assert_eq!(
+            free.next(200_000_000, start, calm, 100_000_000, tick),
+            225_000_000
+        );
+        // No limit set and calm writes: still none.
+        assert_eq!(free.next(0, start, calm, 100_000_000, tick), 0);
+        // Between half the goal and the goal: the rate stays.
+        let between = times(150, 0, 100 * MS + 50 * 4 * MS);
+        assert_eq!(
+            g.next(40_000_000, start, between, 20_000_000, tick),
+            40_000_000
+        );
+        assert_eq!(g.slowdowns, 4);
+    }
+
+    #[test]
+    fn a_write_served_for_the_whole_tick_is_slow_and_no_write_at_all_is_calm() {
+        let mut g = Guard::new(Duration::from_millis(5), 0);
+        let tick = Duration::from_millis(500);
+        // One write arrived before the tick and is still served at its end, none answered.
+        let stuck = (times(100, 1, 99 * MS), times(100, 1, 99 * MS));
+        assert_eq!(g.next(0, stuck.0, stuck.1, 50_000_000, tick), 50_000_000);
+        // One that arrived during the tick may be new: no evidence.
+        let new = (times(100, 0, 100 * MS), times(101, 1, 100 * MS));
+        assert_eq!(
+            g.next(30_000_000, new.0, new.1, 15_000_000, tick),
+            30_000_000
+        );
+        // Nothing written at all: nobody waits, the streams may go faster.
+        let idle = (times(100, 0, 100 * MS), times(100, 0, 100 * MS));
+        assert_eq!(
+            g.next(30_000_000, idle.0, idle.1, 15_000_000, tick),
+            33_750_000
+        );
+        // A server restarted (its counters went back): the tick says nothing.
+        let restarted = (times(100, 0, 100 * MS), times(3, 0, MS));
+        assert_eq!(
+            g.next(30_000_000, restarted.0, restarted.1, 15_000_000, tick),
+            30_000_000
+        );
+        let slow_after_restart = (times(100, 0, 100 * MS), times(3, 0, 900 * MS));
+        assert_eq!(
+            g.next(
+                30_000_000,
+                slow_after_restart.0,
+                slow_after_restart.1,
+                15_000_000,
+                tick
+            ),
+            30_000_000
+        );
+        assert_eq!(g.slowdowns, 1);
+    }
+}
