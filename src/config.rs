@@ -895,8 +895,8 @@ pub struct MigrationConfig {
     pub transfer_rate_limit: u64,
     /// The source's mean write time the shard streams keep to (0: off): every half
     /// second the dump reads the source's HTTP write counters, halves the streams' rate
-    /// when its writes took longer than this on average (or one has been served for the
-    /// whole half second), and raises it again while they take under half of it, up to
+    /// when its writes took longer than this on average (or none was answered while one
+    /// was served all along), and raises it again while they take under half of it, up to
     /// `transfer_rate_limit`. For a source whose disk, CPU or storage backend the dump
     /// shares with its writers; the `forward` and `stream` fallbacks are not paced.
     #[serde(serialize_with = "ser_duration")]

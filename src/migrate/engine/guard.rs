@@ -1,8 +1,8 @@
 //! The write-time guard (`migration.write_time_guard`): while the shards stream, the
 //! source's writers come first. Every [`TICK`] the guard reads the source's HTTP write
 //! counters (`/debug/vars`) and the bytes the streams read in the tick. When the writes
-//! answered in the tick took longer than the goal on average, or a write has been served
-//! for the whole tick, it halves the streams' rate; while they take under half the goal,
+//! answered in the tick took longer than the goal on average, or none was answered while
+//! one was served through the whole tick, it halves the streams' rate; while they take under half the goal,
 //! or while nothing writes at all, it raises the rate by an eighth, up to
 //! `migration.transfer_rate_limit`.
 //!
@@ -21,6 +21,13 @@ use crate::influx::{Influx, WriteTimes};
 /// How often the guard reads the source's counters.
 pub(super) const TICK: Duration = Duration::from_millis(500);
 
+/// How long one read of the counters may take (a source of many shards answers a large
+/// `/debug/vars`): the tick judged is the time between two readings, however long.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads in a row that fail before the guard says so (once).
+const FAILED_READS_SAID: u32 = 10;
+
 /// The least rate the guard sets, bytes per second: `migration.transfer_rate_limit`'s
 /// least.
 const FLOOR: u64 = 1_000_000;
@@ -36,6 +43,10 @@ pub(super) struct Guard {
     pub slowdowns: u32,
     /// The lowest rate it set.
     pub lowest: Option<u64>,
+    /// Ticks judged: two readings of the source's counters, one after the other.
+    pub judged: u32,
+    /// Bytes per second the streams read in the tick before the last one judged.
+    last_used: u64,
 }
 
 impl Guard {
@@ -45,6 +56,8 @@ impl Guard {
             ceiling,
             slowdowns: 0,
             lowest: None,
+            judged: 0,
+            last_used: 0,
         }
     }
 
@@ -62,6 +75,7 @@ impl Guard {
         if after.arrived < before.arrived || after.nanos < before.nanos {
             return rate;
         }
+        self.judged += 1;
         let answered = after.answered().saturating_sub(before.answered());
         let nanos = after.nanos - before.nanos;
         let goal = self.goal.as_nanos() as u64;
@@ -73,12 +87,19 @@ impl Guard {
             None => before.active > 0 && after.active > 0 && tick >= self.goal,
         };
         let used = (streamed as f64 / tick.as_secs_f64().max(1e-3)) as u64;
+        let used_before = std::mem::replace(&mut self.last_used, used);
         if slow {
             // Half of what the streams were allowed (with no limit, of what they read).
             // Not of what they read under a limit: a stall holds them too, and halving
             // the little they read in it sent the rate to the floor, where those stalls
             // came back all the same (100M on one disk, docs/benchmarks.md "Stop 34").
-            let base = if rate == 0 { used } else { rate };
+            // With no limit, the larger of this tick's and the one before: a stall that
+            // held the streams in this one leaves them little to halve (found by review).
+            let base = if rate == 0 {
+                used.max(used_before)
+            } else {
+                rate
+            };
             let new = (base / 2).max(FLOOR);
             self.slowdowns += 1;
             self.lowest = Some(self.lowest.map_or(new, |l| l.min(new)));
@@ -107,20 +128,19 @@ impl Guard {
 /// Pace the streams by the source's write time until dropped (the dump's end).
 pub(super) async fn watch(source: &Influx, pace: &Pace, guard: &mut Guard) -> Infallible {
     let mut last: Option<(Instant, WriteTimes, u64)> = None;
+    let mut failed = 0u32;
     loop {
-        let read = tokio::time::timeout(TICK, source.write_times()).await;
+        let read = match tokio::time::timeout(READ_TIMEOUT, source.write_times()).await {
+            Ok(read) => read.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer in {READ_TIMEOUT:?}")),
+        };
         let (now, taken) = (Instant::now(), pace.taken());
         match read {
-            Ok(Ok(times)) => {
+            Ok(times) => {
                 if let Some((then, before, taken_before)) = last {
                     let rate = pace.rate();
-                    let next = guard.next(
-                        rate,
-                        before,
-                        times,
-                        taken.saturating_sub(taken_before),
-                        now - then,
-                    );
+                    let streamed = taken.saturating_sub(taken_before);
+                    let next = guard.next(rate, before, times, streamed, now - then);
                     if next != rate {
                         let answered = times.answered().saturating_sub(before.answered());
                         let mean_ms = if answered == 0 {
@@ -129,11 +149,15 @@ pub(super) async fn watch(source: &Influx, pace: &Pace, guard: &mut Guard) -> In
                             times.nanos.saturating_sub(before.nanos) as f64 / answered as f64 / 1e6
                         };
                         let (from, to) = (per_second(rate), per_second(next));
+                        let read = per_second(
+                            (streamed as f64 / (now - then).as_secs_f64().max(1e-3)) as u64,
+                        );
                         if next < rate || rate == 0 {
                             tracing::info!(
                                 writes = answered,
                                 mean_ms,
                                 served_now = times.active,
+                                streams_read = %read,
                                 from = %from,
                                 to = %to,
                                 "the source's writes are slow: shard streams slowed (migration.write_time_guard)"
@@ -142,6 +166,7 @@ pub(super) async fn watch(source: &Influx, pace: &Pace, guard: &mut Guard) -> In
                             tracing::debug!(
                                 writes = answered,
                                 mean_ms,
+                                streams_read = %read,
                                 from = %from,
                                 to = %to,
                                 "shard streams faster"
@@ -151,14 +176,16 @@ pub(super) async fn watch(source: &Influx, pace: &Pace, guard: &mut Guard) -> In
                     }
                 }
                 last = Some((now, times, taken));
+                failed = 0;
             }
             // No evidence: the next tick starts over.
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "the write-time guard could not read the source's counters");
-                last = None;
-            }
-            Err(_) => {
-                tracing::debug!("the write-time guard's read of the source's counters timed out");
+            Err(why) => {
+                failed += 1;
+                if failed == FAILED_READS_SAID {
+                    tracing::warn!(reads = failed, error = %why, "the write-time guard cannot read the source's counters (/debug/vars): the shard streams keep the rate they have");
+                } else {
+                    tracing::debug!(error = %why, "the write-time guard could not read the source's counters");
+                }
                 last = None;
             }
         }
@@ -237,6 +264,24 @@ mod tests {
             40_000_000
         );
         assert_eq!(g.slowdowns, 4);
+    }
+
+    #[test]
+    fn with_no_limit_a_stalled_tick_halves_what_the_streams_read_before_it() {
+        let mut g = Guard::new(Duration::from_millis(5), 0);
+        let tick = Duration::from_millis(500);
+        // A tick of 50 writes of 1 ms at 100 MB/s with no limit: still none. One more
+        // write arrived in it, and is served at its end.
+        let (start, calm) = (times(100, 0, 100 * MS), times(151, 1, 150 * MS));
+        assert_eq!(g.next(0, start, calm, 50_000_000, tick), 0);
+        // That write is still served at the end of the next tick, none answered, the
+        // streams held too (1 MB read): half of the 100 MB/s before, not of the 2 MB/s.
+        let stuck = times(151, 1, 150 * MS);
+        assert_eq!(g.next(0, calm, stuck, 1_000_000, tick), 50_000_000);
+        assert_eq!((g.judged, g.slowdowns), (2, 1));
+        // Counters that went back are not judged.
+        assert_eq!(g.next(0, calm, start, 1_000_000, tick), 0);
+        assert_eq!(g.judged, 2);
     }
 
     #[test]

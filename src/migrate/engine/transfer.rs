@@ -42,6 +42,8 @@ impl Migration<'_> {
                     tracing::warn!(reason = %why, "cannot stream the shards between the InfluxDB RPC ports; falling back to influxd backup and restore");
                     let unbounded = if self.cfg.migration.transfer_rate_limit > 0 {
                         " (migration.transfer_rate_limit bounds shard streams only: this dump runs at full speed)"
+                    } else if !self.cfg.migration.write_time_guard.is_zero() {
+                        " (migration.write_time_guard paces shard streams only: this dump runs at full speed)"
                     } else {
                         ""
                     };
@@ -333,7 +335,9 @@ impl Migration<'_> {
                 0 => String::new(),
                 l => format!(", at most {:.1} MB/s (migration.transfer_rate_limit)", l as f64 / 1e6),
             };
-            if guarded {
+            if guarded && guard.judged == 0 {
+                limit += ", not paced by the source's write time: its counters (/debug/vars) could not be read (migration.write_time_guard)";
+            } else if guarded {
                 limit += &match guard.lowest {
                     None => format!(
                         ", never slowed by the source's write time (migration.write_time_guard: {})",
