@@ -1,10 +1,10 @@
 //! The write-time guard (`migration.write_time_guard`): while the shards stream, the
 //! source's writers come first. Every [`TICK`] the guard reads the source's HTTP write
 //! counters (`/debug/vars`) and the bytes the streams read in the tick. When the writes
-//! answered in the tick took longer than the goal on average, or none was answered while
-//! one was served through the whole tick, it halves the streams' rate; while they take under half the goal,
-//! or while nothing writes at all, it raises the rate by an eighth, up to
-//! `migration.transfer_rate_limit`.
+//! answered in the tick took longer than the goal on average, or none was answered
+//! while one was served through the whole tick, it halves the streams' rate; while they
+//! take under half the goal, or while nothing writes at all, it raises the rate by an
+//! eighth, up to `migration.transfer_rate_limit`.
 //!
 //! What it measures is what the writers wait for, whatever the cause: the source's CPU,
 //! its disk, or a storage backend the target's volume shares with the source's (a
