@@ -174,6 +174,10 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
             s.join(", ")
         );
     }
+    // What a run that failed before its end left of its native baseline.
+    for sub in ["native", "native-backup-warm", "native-backup"] {
+        let _ = std::fs::remove_dir_all(dir.join(sub));
+    }
     let lab = Lab::start(
         dir,
         LabOptions {
@@ -246,12 +250,13 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     );
 
     // Native baseline on the same data: backup -portable + restore -portable to a fresh server.
-    let native_vm = LocalVm::start(&dir.join("native"), VmOptions::default()).await?;
-    let bdir = dir.join("native-backup");
-    // A first backup flushes the source's cache; time the second, as the migration will
-    // find the cache flushed too.
-    let backup = || {
-        let _ = std::fs::remove_dir_all(&bdir);
+    // Nothing it writes is deleted before the migration is measured: deleting gigabytes on
+    // a file system mounted with online discard (this machine's ext4 is) stalls every
+    // fsync for tens of seconds after (docs/benchmarks.md, stop 35), the source's WAL's
+    // too, which the writer would have counted against the migration.
+    let mut native_vm = LocalVm::start(&dir.join("native"), VmOptions::default()).await?;
+    let backup_into = |bdir: &Path| {
+        let _ = std::fs::remove_dir_all(bdir);
         let t = Instant::now();
         run_cmd(
             "influxd",
@@ -265,8 +270,12 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         )
         .map(|()| t.elapsed().as_secs_f64())
     };
-    backup()?;
-    let native_backup = backup()?;
+    // A first backup flushes the source's cache; time the second, as the migration will
+    // find the cache flushed too. Each into a directory of its own (see above).
+    let warm_bdir = dir.join("native-backup-warm");
+    let bdir = dir.join("native-backup");
+    backup_into(&warm_bdir)?;
+    let native_backup = backup_into(&bdir)?;
     let t = Instant::now();
     run_cmd(
         "influxd",
@@ -281,8 +290,14 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     let native_restore = t.elapsed().as_secs_f64();
     let native = native_backup + native_restore;
     println!("native backup -portable + restore -portable: {native:.3} s (backup {native_backup:.3} s, restore {native_restore:.3} s)");
-    let _ = native_vm.destroy().await;
-    let _ = std::fs::remove_dir_all(&bdir);
+    native_vm.kill_influxd().await;
+    // What the native run left in the page cache goes to disk now, not under the writer.
+    run_cmd("sync", &[])?;
+    let remove_native = || async {
+        let _ = native_vm.destroy().await;
+        let _ = std::fs::remove_dir_all(&warm_bdir);
+        let _ = std::fs::remove_dir_all(&bdir);
+    };
 
     let writer = RunningWriter::start(writer_spec(&lab, db, o.rate));
     // The writer alone first: its latency with nothing else running is the baseline the
@@ -300,6 +315,8 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
 
     // Replay throughput on a sizeable delta.
     let replay = replay_throughput(&lab, o.replay_points).await?;
+    // Only now: nothing measured is left to run.
+    remove_native().await;
 
     let data = [
         Phase::Capture,
