@@ -1109,3 +1109,99 @@ async fn the_so_stack_renders_password_auth_and_a_target_environment_when_given(
     );
     h.delete(&c.stack, Duration::from_secs(60)).await.unwrap();
 }
+
+/// The SO stack's parameters that become the daemon's settings let through Heat only
+/// what the daemon then loads: a value it would refuse is refused at stack create, with
+/// Heat's reason, not after the SO VM's wait condition times out. Each parameter's
+/// definition, as deploy/so-stack.yaml has it, goes to the real Heat in a template of its
+/// own (nothing else in it to create); the daemon reads the same value in a minimal
+/// configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_so_stack_lets_through_heat_only_settings_the_daemon_loads() {
+    let e = env();
+    let h = heat(password_cfg(&e));
+    let so: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/deploy/so-stack.yaml")).unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // (parameter, the daemon's setting, values both take, values the daemon refuses)
+    let cases: [(&str, &str, &[&str], &[&str]); 3] = [
+        (
+            "transfer_rate_limit",
+            "migration:\n  transfer_rate_limit",
+            &["0", "1MB/s", "40MB/s", "1.5GB/s", "2MiB/s"],
+            &["999KB/s", "1KB/s", "0.5MB/s", "40"],
+        ),
+        (
+            "write_time_guard",
+            "migration:\n  write_time_guard",
+            &["0s", "1ms", "5ms", "60s", "60000ms"],
+            &["61s", "99999ms"],
+        ),
+        (
+            "poll_interval",
+            "monitor:\n  poll_interval",
+            &["1s", "30s", "5m", "1000ms"],
+            &["0s", "500ms", "999ms"],
+        ),
+    ];
+    let daemon_loads = |setting: &str, v: &str| {
+        let file = dir.path().join("stateshift.yaml");
+        std::fs::write(
+            &file,
+            format!("source:\n  influx_url: http://127.0.0.1:8086\n  username: admin\n{setting}: \"{v}\"\n"),
+        )
+        .unwrap();
+        stateshift::config::Config::load_unresolved(&file, [])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    for (param, setting, both_take, daemon_refuses) in cases {
+        let def = so["parameters"][param].clone();
+        assert!(
+            def["constraints"].is_sequence(),
+            "{param} has constraints in deploy/so-stack.yaml: {def:?}"
+        );
+        let template = dir.path().join(format!("{param}.yaml"));
+        std::fs::write(
+            &template,
+            serde_yaml::to_string(&serde_json::json!({
+                "heat_template_version": "2018-08-31",
+                "parameters": { param: def },
+                "resources": {},
+                "outputs": { "value": { "value": { "get_param": param } } },
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        for v in both_take {
+            if let Err(err) = daemon_loads(setting, v) {
+                panic!("the daemon loads {param} = {v:?}: {err}");
+            }
+            let s = spec(&unique("pattern"), template.clone(), &[(param, v)]);
+            let c = h
+                .create_raw(&s)
+                .await
+                .unwrap_or_else(|err| panic!("Heat takes {param} = {v:?}: {err}"));
+            h.delete(&c.stack, Duration::from_secs(60)).await.unwrap();
+        }
+        for v in daemon_refuses {
+            assert!(
+                daemon_loads(setting, v).is_err(),
+                "the daemon refuses {param} = {v:?}"
+            );
+            let name = unique("pattern");
+            let err = h
+                .create_raw(&spec(&name, template.clone(), &[(param, v)]))
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("Heat refuses {param} = {v:?}, as the daemon would"));
+            assert!(
+                matches!(&err, StackError::Invalid { msg, .. } if msg.contains(param)),
+                "Heat's refusal names {param}: {err:?}"
+            );
+            assert_eq!(h.find(&name).await.unwrap(), None, "nothing created");
+        }
+    }
+}
