@@ -291,6 +291,17 @@ const MAX_PARALLEL_QUERIES: usize = 16;
 /// The least `migration.transfer_rate_limit` taken: 4 GB then take 70 minutes.
 const MIN_TRANSFER_RATE: u64 = 1_000_000;
 
+/// The longest a poll interval or a stack's create or delete may be: the clocks they are
+/// added to overflow somewhere past it, and a week is already no answer.
+const MAX_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn over_a_week(d: Duration) -> String {
+    format!(
+        "{} is longer than the most accepted, a week (7d)",
+        humantime::format_duration(d)
+    )
+}
+
 /// The bounds of `migration.write_time_guard`: under a millisecond no HTTP write is
 /// answered, and over a minute a writer has long given up.
 const MIN_WRITE_TIME_GUARD: Duration = Duration::from_millis(1);
@@ -1540,6 +1551,14 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     if provider.kind == ProviderKind::Heat && provider.heat.is_none() {
         return Err(v.err("provider.heat", "missing; provider.kind is heat"));
     }
+    for (key, d) in [
+        ("provider.create_timeout", provider.create_timeout),
+        ("provider.delete_timeout", provider.delete_timeout),
+    ] {
+        if d > MAX_WAIT {
+            return Err(v.err(key, over_a_week(d)));
+        }
+    }
     if let Some(h) = &provider.heat {
         h.validate().map_err(|e| v.err(e.key, e.msg))?;
     }
@@ -1608,6 +1627,9 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     }
     if monitor.poll_interval < Duration::from_secs(1) {
         return Err(v.err("monitor.poll_interval", "must be at least 1s"));
+    }
+    if monitor.poll_interval > MAX_WAIT {
+        return Err(v.err("monitor.poll_interval", over_a_week(monitor.poll_interval)));
     }
     if monitor.window == 0 || monitor.min_readings == 0 || monitor.min_readings > monitor.window {
         return Err(v.err(
@@ -2238,6 +2260,35 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn a_poll_interval_or_stack_timeout_over_a_week_is_refused_and_named() {
+        for (yaml, key) in [
+            (
+                "monitor:\n  poll_interval: 3000000000000000h\n",
+                "monitor.poll_interval",
+            ),
+            ("monitor:\n  poll_interval: 8d\n", "monitor.poll_interval"),
+            (
+                "provider:\n  create_timeout: 100000000000000h\n",
+                "provider.create_timeout",
+            ),
+            (
+                "provider:\n  delete_timeout: 8d\n",
+                "provider.delete_timeout",
+            ),
+        ] {
+            let e = load(&format!("{MIN}{yaml}"), &[]).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("a week"), "{yaml}: {e}");
+        }
+        let c = load(
+            &format!("{MIN}monitor:\n  poll_interval: 7d\nprovider:\n  create_timeout: 7d\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.monitor.poll_interval, MAX_WAIT);
+        assert_eq!(c.provider.create_timeout, MAX_WAIT);
     }
 
     #[test]

@@ -1126,7 +1126,7 @@ async fn the_so_stack_lets_through_heat_only_settings_the_daemon_loads() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     // (parameter, the daemon's setting, values both take, values the daemon refuses)
-    let cases: [(&str, &str, &[&str], &[&str]); 3] = [
+    let cases: [(&str, &str, &[&str], &[&str]); 4] = [
         (
             "transfer_rate_limit",
             "migration:\n  transfer_rate_limit",
@@ -1142,8 +1142,14 @@ async fn the_so_stack_lets_through_heat_only_settings_the_daemon_loads() {
         (
             "poll_interval",
             "monitor:\n  poll_interval",
-            &["1s", "30s", "5m", "1000ms"],
-            &["0s", "500ms", "999ms"],
+            &["1s", "30s", "5m", "1000ms", "99h"],
+            &["0s", "500ms", "999ms", "3000000000000000h"],
+        ),
+        (
+            "target_create_timeout",
+            "provider:\n  create_timeout",
+            &["0s", "20m", "30m", "99h"],
+            &["100000000000000h", "8d"],
         ),
     ];
     let daemon_loads = |setting: &str, v: &str| {
@@ -1192,11 +1198,16 @@ async fn the_so_stack_lets_through_heat_only_settings_the_daemon_loads() {
                 "the daemon refuses {param} = {v:?}"
             );
             let name = unique("pattern");
-            let err = h
+            let err = match h
                 .create_raw(&spec(&name, template.clone(), &[(param, v)]))
                 .await
-                .err()
-                .unwrap_or_else(|| panic!("Heat refuses {param} = {v:?}, as the daemon would"));
+            {
+                Ok(c) => {
+                    h.delete(&c.stack, Duration::from_secs(60)).await.unwrap();
+                    panic!("Heat refuses {param} = {v:?}, as the daemon would");
+                }
+                Err(err) => err,
+            };
             assert!(
                 matches!(&err, StackError::Invalid { msg, .. } if msg.contains(param)),
                 "Heat's refusal names {param}: {err:?}"
