@@ -250,10 +250,10 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     );
 
     // Native baseline on the same data: backup -portable + restore -portable to a fresh server.
-    // Nothing it writes is deleted before the migration is measured: deleting gigabytes on
-    // a file system mounted with online discard (this machine's ext4 is) stalls every
-    // fsync for tens of seconds after (docs/benchmarks.md, stop 35), the source's WAL's
-    // too, which the writer would have counted against the migration.
+    // Nothing it writes is deleted before the migration is measured: after gigabytes are
+    // deleted on a file system mounted with online discard (this machine's ext4 is),
+    // fsyncs wait up to half a second for about 20 s (docs/benchmarks.md, stop 35), the
+    // source's WAL's too, which the writer would have counted against the migration.
     let mut native_vm = LocalVm::start(&dir.join("native"), VmOptions::default()).await?;
     let backup_into = |bdir: &Path| {
         let _ = std::fs::remove_dir_all(bdir);

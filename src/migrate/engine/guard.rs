@@ -51,6 +51,8 @@ pub(super) struct Guard {
     /// Slow ticks still to be taken, after a cut, for the stall that made it (see
     /// [`Guard::next`]), not as reasons for more cuts.
     held: u8,
+    /// Slow ticks so taken: the rate held.
+    pub holds: u32,
 }
 
 impl Guard {
@@ -63,6 +65,7 @@ impl Guard {
             judged: 0,
             last_used: 0,
             held: 0,
+            holds: 0,
         }
     }
 
@@ -95,13 +98,14 @@ impl Guard {
         let used_before = std::mem::replace(&mut self.last_used, used);
         // One stall is seen up to three times: while it is served, once it is answered,
         // and in the writes queued behind it. It is cut for once: the two slow ticks
-        // after a cut hold the rate (a quick one ends the hold), so writes that stay slow
-        // halve it every 1.5 s, not every tick (stop 34's 100M log: one stall took the
-        // streams from 95 to 11.9 MB/s in 1.5 s, docs/benchmarks.md "Stop 35").
+        // after a cut hold the rate (a tick not judged slow ends the hold), so writes
+        // that stay slow halve it every third tick, not every tick (stop 35's 100M log,
+        // docs/benchmarks.md: one stall took the streams from 133 to 16.6 MB/s in 1 s).
         if !slow {
             self.held = 0;
         } else if self.held > 0 {
             self.held -= 1;
+            self.holds += 1;
             return rate;
         }
         if slow {
@@ -157,7 +161,14 @@ pub(super) async fn watch(source: &Influx, pace: &Pace, guard: &mut Guard) -> In
                 if let Some((then, before, taken_before)) = last {
                     let rate = pace.rate();
                     let streamed = taken.saturating_sub(taken_before);
+                    let holds = guard.holds;
                     let next = guard.next(rate, before, times, streamed, now - then);
+                    if guard.holds > holds {
+                        tracing::info!(
+                            rate = %per_second(rate),
+                            "the source's writes are still slow: the rate holds, one cut for one stall (migration.write_time_guard)"
+                        );
+                    }
                     if next != rate {
                         let answered = times.answered().saturating_sub(before.answered());
                         let mean_ms = if answered == 0 {
@@ -205,6 +216,8 @@ pub(super) async fn watch(source: &Influx, pace: &Pace, guard: &mut Guard) -> In
                     tracing::debug!(error = %why, "the write-time guard could not read the source's counters");
                 }
                 last = None;
+                // The ticks a hold counts are half seconds: a gap in the readings ends it.
+                guard.held = 0;
             }
         }
         tokio::time::sleep(TICK.saturating_sub(now.elapsed())).await;
@@ -303,7 +316,7 @@ mod tests {
         assert_eq!(g.next(40_000_000, t1, t2, 1_000_000, tick), 40_000_000);
         let t3 = times(120, 0, t2.nanos + 20 * 300 * MS);
         assert_eq!(g.next(40_000_000, t2, t3, 1_000_000, tick), 40_000_000);
-        assert_eq!(g.slowdowns, 1);
+        assert_eq!((g.slowdowns, g.holds), (1, 2));
         // Still slow a third tick on: that is news, a second cut.
         let t4 = times(150, 0, t3.nanos + 30 * 10 * MS);
         assert_eq!(g.next(40_000_000, t3, t4, 20_000_000, tick), 20_000_000);
