@@ -295,6 +295,30 @@ const MIN_TRANSFER_RATE: u64 = 1_000_000;
 /// added to overflow somewhere past it, and a week is already no answer.
 const MAX_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// `s` as an http(s) URL with a host and no credentials, trimmed and without a trailing
+/// `/`; else what is wrong with it. An `@` anywhere is refused before anything is parsed,
+/// and no message then repeats the URL: it may hold a password.
+fn http_url(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('/');
+    if s.contains('@') {
+        return Err("credentials in the URL are not accepted (they would show in logs); use username and password_file".into());
+    }
+    if s.contains(char::is_whitespace) {
+        return Err(format!("expected an http(s) URL without spaces, got {s:?}"));
+    }
+    // The URL is kept as written, and parts of stateshift take it apart at `://`, which
+    // a parser's leniency (`http:host`) would not have.
+    if !(s.starts_with("http://") || s.starts_with("https://")) {
+        return Err(format!("expected http(s) URL, got {s:?}"));
+    }
+    let u = reqwest::Url::parse(s)
+        .map_err(|e| format!("expected http(s) URL like \"http://10.0.0.5:8086\", got {s:?}: {e}"))?;
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(format!("expected http(s) URL with a host, got {s:?}"));
+    }
+    Ok(s.to_string())
+}
+
 fn over_a_week(d: Duration) -> String {
     format!(
         "{} is longer than the most accepted, a week (7d)",
@@ -527,22 +551,14 @@ impl HeatConfig {
                 msg: msg.to_string(),
             })
         };
-        let u = self.auth_url.trim();
-        if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() < 10 {
+        if let Err(e) = http_url(&self.auth_url) {
             return err(
                 "provider.heat.auth_url",
-                &format!(
-                    "expected Keystone's http(s) URL, e.g. https://keystone:5000/v3, got {u:?}"
-                ),
+                &format!("{e} (Keystone's, e.g. https://keystone:5000/v3)"),
             );
         }
-        if let Some(o) = &self.endpoint_override {
-            if !(o.starts_with("http://") || o.starts_with("https://")) {
-                return err(
-                    "provider.heat.endpoint_override",
-                    &format!("expected an http(s) URL, got {o:?}"),
-                );
-            }
+        if let Some(Err(e)) = self.endpoint_override.as_deref().map(http_url) {
+            return err("provider.heat.endpoint_override", &e);
         }
         let app = self.application_credential_id.is_some()
             || self.application_credential_secret.is_some()
@@ -1263,19 +1279,7 @@ impl V<'_> {
                 "missing; expected an http(s) URL like \"http://10.0.0.5:8086\"",
             )
         })?;
-        let s = s.trim().trim_end_matches('/');
-        let rest = s
-            .strip_prefix("http://")
-            .or_else(|| s.strip_prefix("https://"))
-            .ok_or_else(|| self.err(key, format!("expected http(s) URL, got {s:?}")))?;
-        let authority = rest.split('/').next().unwrap_or("");
-        if authority.contains('@') {
-            return Err(self.err(key, "credentials in the URL are not accepted (they would show in logs); use username and password_file"));
-        }
-        if rest.is_empty() || rest.contains(char::is_whitespace) {
-            return Err(self.err(key, format!("expected http(s) URL with a host, got {s:?}")));
-        }
-        Ok(s.to_string())
+        http_url(s).map_err(|e| self.err(key, e))
     }
 
     fn instance(&self, section: &str, r: RawInstance) -> Result<InstanceConfig, ConfigError> {
@@ -1643,6 +1647,26 @@ fn validate(file: &str, raw: RawConfig) -> Result<Config, ConfigError> {
     if !monitor.threshold.is_finite() {
         return Err(v.err("monitor.threshold", "must be a finite number"));
     }
+    if monitor.cooldown > MAX_WAIT {
+        return Err(v.err("monitor.cooldown", over_a_week(monitor.cooldown)));
+    }
+    // What else the daemon's trigger policy refuses when it starts is refused here, by its
+    // key, so that `config check` answers as the daemon would.
+    crate::predict::policy::PolicyConfig {
+        threshold: monitor.threshold,
+        min_readings: monitor.min_readings,
+        window: monitor.window,
+        cooldown: monitor.cooldown,
+        consecutive: monitor.consecutive as usize,
+        model: monitor.model,
+    }
+    .validate()
+    .map_err(|e| match e {
+        crate::predict::PredictError::InvalidPolicy { field, problem } => {
+            v.err(&format!("monitor.{field}"), problem)
+        }
+        other => v.err("monitor", other.to_string()),
+    })?;
     let ap = raw.api;
     let listen_s = ap.listen.unwrap_or_else(|| "127.0.0.1:9180".into());
     let listen: SocketAddr = listen_s
@@ -2263,7 +2287,7 @@ mod tests {
     }
 
     #[test]
-    fn a_poll_interval_or_stack_timeout_over_a_week_is_refused_and_named() {
+    fn a_poll_interval_cooldown_or_stack_timeout_over_a_week_is_refused_and_named() {
         for (yaml, key) in [
             (
                 "monitor:\n  poll_interval: 3000000000000000h\n",
@@ -2278,6 +2302,12 @@ mod tests {
                 "provider:\n  delete_timeout: 8d\n",
                 "provider.delete_timeout",
             ),
+            // Past the clock, a cooldown would silently become none (checked_add).
+            ("monitor:\n  cooldown: 8d\n", "monitor.cooldown"),
+            (
+                "monitor:\n  cooldown: 18446744073709551615s\n",
+                "monitor.cooldown",
+            ),
         ] {
             let e = load(&format!("{MIN}{yaml}"), &[]).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains("a week"), "{yaml}: {e}");
@@ -2289,6 +2319,52 @@ mod tests {
         .unwrap();
         assert_eq!(c.monitor.poll_interval, MAX_WAIT);
         assert_eq!(c.provider.create_timeout, MAX_WAIT);
+    }
+
+    #[test]
+    fn what_the_trigger_policy_refuses_at_start_is_refused_at_load() {
+        // `config check` passed it; the daemon then refused it at start.
+        let e = load(&format!("{MIN}monitor:\n  consecutive: 0\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("monitor.consecutive"), "{e}");
+        let c = load(&format!("{MIN}monitor:\n  consecutive: 1\n"), &[]).unwrap();
+        assert_eq!(c.monitor.consecutive, 1);
+    }
+
+    #[test]
+    fn a_url_with_credentials_or_no_host_is_refused_by_key_and_never_repeated() {
+        let heat = |url: &str| {
+            format!("{MIN}provider:\n  kind: heat\n  heat:\n    auth_url: {url}\n    username: so\n    password: pw\n    project_name: svc\n")
+        };
+        let zabbix = |url: &str| {
+            format!("{MIN}monitor:\n  kind: zabbix\n  zabbix:\n    url: {url}\n    username: so\n    password: pw\n    host: h\n")
+        };
+        let influx = |url: &str| format!("source:\n  influx_url: {url}\n  username: admin\n");
+        let cases: [(&dyn Fn(&str) -> String, &str); 3] = [
+            (&heat, "provider.heat.auth_url"),
+            (&zabbix, "monitor.zabbix.url"),
+            (&influx, "source.influx_url"),
+        ];
+        for (yaml, key) in cases {
+            for bad in [
+                "http://so:Kx9-never-shown@keystone:5000/v3",
+                "http://so:Kx9-never-shown/x@keystone:5000/v3",
+                "http://:5000",
+                "ftp://keystone",
+                "keystone:5000",
+                "http://keystone:99999",
+                "http:keystone:5000/v3",
+                "http:/keystone",
+            ] {
+                let e = load(&yaml(bad), &[]).unwrap_err().to_string();
+                assert!(e.contains(key), "{bad}: {e}");
+                assert!(!e.contains("Kx9-never-shown"), "no password in {e}");
+            }
+            // A short host is a host (Heat's check once wanted 10 characters).
+            let url = "http://ks";
+            load(&yaml(url), &[]).unwrap_or_else(|e| panic!("{key} = {url}: {e}"));
+        }
     }
 
     #[test]
