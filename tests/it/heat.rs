@@ -864,7 +864,6 @@ async fn every_template_validates_and_renders_its_boot_on_heat() {
                 );
             }
             "so-stack.yaml" => {
-                let ip = "";
                 assert_eq!(o["api_url"], "https://:8443");
                 assert_eq!(o["capture_url"], "http://:8899");
                 for (path, want) in [
@@ -886,8 +885,8 @@ async fn every_template_validates_and_renders_its_boot_on_heat() {
                 ] {
                     assert!(unit.lines().any(|l| l == line), "unit: {line}");
                 }
-                let config = heredoc(&ud, "\"$ETC/stateshift.yaml\"");
-                so_config_loads(&config, ip);
+                let config = with_so_address(&heredoc(&ud, "\"$ETC/stateshift.yaml\""));
+                so_config_loads(&config, RENDER_SO_IP);
                 let template = heredoc(&ud, "/opt/stateshift/heat-templates/influxdb.yaml");
                 assert_eq!(
                     template.trim_end(),
@@ -913,6 +912,19 @@ async fn every_template_validates_and_renders_its_boot_on_heat() {
 
 /// The daemon's own loader accepts the config so-stack renders (secret paths redirected),
 /// and it says what the deployment needs.
+/// Under the render environment the SO's port is `OS::Heat::None`, so its address renders
+/// empty (`http://:8899`) where a cloud puts the port's fixed IP; the daemon refuses a URL
+/// with no host. This puts an address in before the file is loaded.
+const RENDER_SO_IP: &str = "192.0.2.10";
+
+fn with_so_address(config: &str) -> String {
+    assert!(
+        config.contains("advertise_url: http://:"),
+        "the SO's address renders empty here: {config}"
+    );
+    config.replace("http://:", &format!("http://{RENDER_SO_IP}:"))
+}
+
 fn so_config_loads(text: &str, so_ip: &str) {
     let conf: serde_yaml::Value = serde_yaml::from_str(text)
         .unwrap_or_else(|e| panic!("the daemon's config is YAML: {e}\n{text}"));
@@ -1087,7 +1099,7 @@ async fn the_so_stack_renders_password_auth_and_a_target_environment_when_given(
         .trim_end(),
         "resource_registry:\n  OS::Nova::Server: My::Server"
     );
-    let text = heredoc(&ud, "\"$ETC/stateshift.yaml\"");
+    let text = with_so_address(&heredoc(&ud, "\"$ETC/stateshift.yaml\""));
     let conf: serde_yaml::Value = serde_yaml::from_str(&text)
         .unwrap_or_else(|e| panic!("the daemon's config is YAML: {e}\n{text}"));
     // The whole rendered configuration loads as the daemon will load it (its secret
@@ -1110,6 +1122,106 @@ async fn the_so_stack_renders_password_auth_and_a_target_environment_when_given(
     h.delete(&c.stack, Duration::from_secs(60)).await.unwrap();
 }
 
+/// Every parameter the SO stack writes into the daemon's configuration reaches it as the
+/// text the operator gave, even text YAML would read as something else: a service named
+/// 2024, a user named null (once read as no user: the default), a domain named 007 (once
+/// the number 7), a network whose name holds `: ` and ` #`. Both ways to authenticate
+/// to Heat, on the real Heat; the rendered file is loaded as the daemon loads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_so_stack_hands_every_text_parameter_to_the_daemon_as_given() {
+    let e = env();
+    let h = heat(password_cfg(&e));
+    let t = PathBuf::from(format!("{ROOT}/deploy/so-stack.yaml"));
+    let typed = [
+        ("service_name", "2024"),
+        ("influxdb_stack", "null"),
+        ("influxdb_admin_user", "true"),
+        ("influxdb_host", "1e3"),
+        ("cyclops_host", "007"),
+        ("ssh_user", "null"),
+        ("network", "Net #1: ops"),
+        ("heat_region", "1"),
+        ("zabbix_user", "123"),
+        ("zabbix_host", "0x1F"),
+        ("target_create_timeout", "90m"),
+        ("poll_interval", "45s"),
+        ("cooldown", "0s"),
+        ("threshold", "0.85"),
+        ("consecutive", "100"),
+    ];
+    for app_cred in [false, true] {
+        let mut s = spec(&unique("so-typed"), t.clone(), &[]);
+        s.parameters = params_for(&t);
+        let auth: &[(&str, &str)] = if app_cred {
+            &[("heat_application_credential_id", "123")]
+        } else {
+            s.parameters.remove("heat_application_credential_id");
+            s.parameters.remove("heat_application_credential_secret");
+            &[
+                ("heat_username", "null"),
+                ("heat_password", "heat-password"),
+                ("heat_project", "true"),
+                ("heat_user_domain", "007"),
+                ("heat_project_domain", "false"),
+            ]
+        };
+        for (k, v) in typed.iter().chain(auth) {
+            s.parameters.insert(k.to_string(), v.to_string());
+        }
+        s.environment_files = vec![render_env()];
+        let c = h.create_raw(&s).await.unwrap();
+        let ud = rendered_user_data(&h, &c.stack, "server").await;
+        h.delete(&c.stack, Duration::from_secs(60)).await.unwrap();
+        let text = with_so_address(&heredoc(&ud, "\"$ETC/stateshift.yaml\""));
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &text).unwrap();
+        let c = stateshift::config::Config::load_unresolved(file.path(), [])
+            .unwrap_or_else(|e| panic!("the rendered configuration is valid: {e}\n{text}"));
+        assert_eq!(c.service.name, "2024");
+        assert_eq!(c.service.stack.as_deref(), Some("null"));
+        assert_eq!(c.source.name, "null");
+        assert_eq!(c.source.username.as_deref(), Some("true"));
+        let ssh = |s: Option<&stateshift::config::SshConfig>| {
+            let s = s.expect("an ssh section is rendered");
+            (s.host.clone(), s.user.clone())
+        };
+        assert_eq!(ssh(c.source.ssh.as_ref()), ("1e3".into(), "null".into()));
+        assert_eq!(ssh(c.cutover.ssh.as_ref()), ("007".into(), "null".into()));
+        assert_eq!(c.provider.ssh.as_ref().map(|s| s.user.as_str()), Some("null"));
+        assert_eq!(
+            c.provider.parameters.get("network").map(String::as_str),
+            Some("Net #1: ops")
+        );
+        assert_eq!(
+            c.provider.parameters.get("influxdb_admin_user").map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(c.provider.create_timeout, Duration::from_secs(90 * 60));
+        let m = &c.monitor;
+        assert_eq!(
+            (m.poll_interval, m.cooldown, m.threshold, m.consecutive),
+            (Duration::from_secs(45), Duration::ZERO, 0.85, 100)
+        );
+        let z = m.zabbix.as_ref().expect("monitor.zabbix is rendered");
+        assert_eq!((z.username.as_deref(), z.host.as_str()), (Some("123"), "0x1F"));
+        let hc = c.provider.heat.as_ref().expect("provider.heat is rendered");
+        assert_eq!(hc.region.as_deref(), Some("1"));
+        if app_cred {
+            assert_eq!(hc.application_credential_id.as_deref(), Some("123"));
+        } else {
+            assert_eq!(
+                (
+                    hc.username.as_deref(),
+                    hc.project_name.as_deref(),
+                    hc.user_domain_name.as_str(),
+                    hc.project_domain_name.as_str()
+                ),
+                (Some("null"), Some("true"), "007", "false")
+            );
+        }
+    }
+}
+
 /// The SO stack's parameters that become the daemon's settings let through Heat only
 /// what the daemon then loads: a value it would refuse is refused at stack create, with
 /// Heat's reason, not after the SO VM's wait condition times out. Each parameter's
@@ -1125,8 +1237,11 @@ async fn the_so_stack_lets_through_heat_only_settings_the_daemon_loads() {
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // (parameter, the daemon's setting, values both take, values the daemon refuses)
-    let cases: [(&str, &str, &[&str], &[&str]); 4] = [
+    // (parameter, the daemon's setting as the SO stack writes it (a value in `"` is
+    // quoted there), values both take, values the daemon refuses)
+    let heat_auth = "provider:\n  kind: heat\n  heat:\n    username: so\n    password: pw\n    project_name: p\n    auth_url";
+    let zabbix_url = "monitor:\n  kind: zabbix\n  zabbix:\n    username: so\n    password: pw\n    host: h\n    url";
+    let cases: [(&str, &str, &[&str], &[&str]); 11] = [
         (
             "transfer_rate_limit",
             "migration:\n  transfer_rate_limit",
@@ -1151,14 +1266,64 @@ async fn the_so_stack_lets_through_heat_only_settings_the_daemon_loads() {
             &["0s", "20m", "30m", "99h"],
             &["100000000000000h", "8d"],
         ),
+        (
+            "cooldown",
+            "monitor:\n  cooldown",
+            &["0s", "15m", "99h", "99999s"],
+            &["8d", "99999999999999999999s"],
+        ),
+        // Heat's numbers take nan, inf and 2.5: these two are text with a pattern.
+        (
+            "threshold",
+            "monitor:\n  threshold: {}",
+            &["10", "0.85", "0", "250000"],
+            &["nan", "inf", "1,5"],
+        ),
+        (
+            "consecutive",
+            "monitor:\n  consecutive: {}",
+            &["1", "3", "100"],
+            &["0", "2.5", "-1"],
+        ),
+        (
+            "heat_auth_url",
+            heat_auth,
+            &["http://ks", "https://keystone.example:5000/v3", "http://[fd00::1]:5000/v3"],
+            &["http://so:pw@ks:5000/v3", "http://:5000/v3", "https://"],
+        ),
+        (
+            "zabbix_api_url",
+            zabbix_url,
+            &["http://10.0.0.5/api_jsonrpc.php", "https://zabbix.example/zabbix/api_jsonrpc.php"],
+            &["http://so:pw@zabbix/api_jsonrpc.php", "http://:80/api_jsonrpc.php"],
+        ),
+        (
+            "influxdb_url",
+            "source:\n  username: admin\n  influx_url",
+            &["http://10.0.0.12:8086", "http://[fd00::2]:8086/"],
+            &["http://:8086", "http://10.0.0.12:80860"],
+        ),
+        // Any name, but no `"` or `\` that would end or escape its quoted place.
+        (
+            "network",
+            "provider:\n  parameters:\n    network",
+            &["lab", "Net #1: ops", "5e1f2c3a-0b6d-4f7e-9a2b-1c3d4e5f6a7b"],
+            &["lab\"", "a\\x"],
+        ),
     ];
     let daemon_loads = |setting: &str, v: &str| {
         let file = dir.path().join("stateshift.yaml");
-        std::fs::write(
-            &file,
-            format!("source:\n  influx_url: http://127.0.0.1:8086\n  username: admin\n{setting}: \"{v}\"\n"),
-        )
-        .unwrap();
+        let line = if setting.contains("{}") {
+            setting.replace("{}", v)
+        } else {
+            format!("{setting}: \"{v}\"")
+        };
+        let source = if setting.starts_with("source:") {
+            ""
+        } else {
+            "source:\n  influx_url: http://127.0.0.1:8086\n  username: admin\n"
+        };
+        std::fs::write(&file, format!("{source}{line}\n")).unwrap();
         stateshift::config::Config::load_unresolved(&file, [])
             .map(|_| ())
             .map_err(|e| e.to_string())
