@@ -23,7 +23,7 @@ use stateshift::migrate::engine;
 #[derive(Parser)]
 #[command(
     name = "stateshift",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("STATESHIFT_COMMIT"), ")"),
     about = "Move a live InfluxDB service to a fresh instance, losing nothing"
 )]
 struct Cli {

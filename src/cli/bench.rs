@@ -144,6 +144,11 @@ pub struct BenchOptions {
 
 /// The data-engine benchmark.
 pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
+    println!(
+        "stateshift bench, built from {} ({} build)",
+        env!("STATESHIFT_COMMIT"),
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    );
     // A local stack: create until influxd answers, then delete.
     {
         use stateshift::stack::{StackProvider, StackSpec};

@@ -76,7 +76,12 @@ fn the_debian_package_installs_a_working_binary_a_valid_unit_and_the_kit() {
     assert!(ok, "dpkg -i: {log}");
     let check = || -> Result<(), String> {
         let (ok, v) = sh("/usr/bin/stateshift", &["--version"]);
-        if !ok || v.trim() != format!("stateshift {}", env!("CARGO_PKG_VERSION")) {
+        let want = format!(
+            "stateshift {} ({})",
+            env!("CARGO_PKG_VERSION"),
+            env!("STATESHIFT_COMMIT")
+        );
+        if !ok || v.trim() != want {
             return Err(format!("stateshift --version: {v}"));
         }
         let unit = "/lib/systemd/system/stateshift.service";
