@@ -311,8 +311,9 @@ fn http_url(s: &str) -> Result<String, String> {
     if !(s.starts_with("http://") || s.starts_with("https://")) {
         return Err(format!("expected http(s) URL, got {s:?}"));
     }
-    let u = reqwest::Url::parse(s)
-        .map_err(|e| format!("expected http(s) URL like \"http://10.0.0.5:8086\", got {s:?}: {e}"))?;
+    let u = reqwest::Url::parse(s).map_err(|e| {
+        format!("expected http(s) URL like \"http://10.0.0.5:8086\", got {s:?}: {e}")
+    })?;
     if u.host_str().is_none_or(str::is_empty) {
         return Err(format!("expected http(s) URL with a host, got {s:?}"));
     }
@@ -2334,19 +2335,16 @@ mod tests {
 
     #[test]
     fn a_url_with_credentials_or_no_host_is_refused_by_key_and_never_repeated() {
-        let heat = |url: &str| {
-            format!("{MIN}provider:\n  kind: heat\n  heat:\n    auth_url: {url}\n    username: so\n    password: pw\n    project_name: svc\n")
-        };
-        let zabbix = |url: &str| {
-            format!("{MIN}monitor:\n  kind: zabbix\n  zabbix:\n    url: {url}\n    username: so\n    password: pw\n    host: h\n")
-        };
-        let influx = |url: &str| format!("source:\n  influx_url: {url}\n  username: admin\n");
-        let cases: [(&dyn Fn(&str) -> String, &str); 3] = [
-            (&heat, "provider.heat.auth_url"),
-            (&zabbix, "monitor.zabbix.url"),
-            (&influx, "source.influx_url"),
-        ];
-        for (yaml, key) in cases {
+        // Each section with its URL at `URL`.
+        let heat = format!("{MIN}provider:\n  kind: heat\n  heat:\n    auth_url: URL\n    username: so\n    password: pw\n    project_name: svc\n");
+        let zabbix = format!("{MIN}monitor:\n  kind: zabbix\n  zabbix:\n    url: URL\n    username: so\n    password: pw\n    host: h\n");
+        let influx = "source:\n  influx_url: URL\n  username: admin\n".to_string();
+        for (section, key) in [
+            (heat, "provider.heat.auth_url"),
+            (zabbix, "monitor.zabbix.url"),
+            (influx, "source.influx_url"),
+        ] {
+            let yaml = |url: &str| section.replace("URL", url);
             for bad in [
                 "http://so:Kx9-never-shown@keystone:5000/v3",
                 "http://so:Kx9-never-shown/x@keystone:5000/v3",

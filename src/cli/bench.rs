@@ -147,7 +147,11 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     println!(
         "stateshift bench, built from {} ({} build)",
         env!("STATESHIFT_COMMIT"),
-        if cfg!(debug_assertions) { "debug" } else { "release" }
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
     // A local stack: create until influxd answers, then delete.
     {

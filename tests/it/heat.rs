@@ -1187,13 +1187,19 @@ async fn the_so_stack_hands_every_text_parameter_to_the_daemon_as_given() {
         };
         assert_eq!(ssh(c.source.ssh.as_ref()), ("1e3".into(), "null".into()));
         assert_eq!(ssh(c.cutover.ssh.as_ref()), ("007".into(), "null".into()));
-        assert_eq!(c.provider.ssh.as_ref().map(|s| s.user.as_str()), Some("null"));
+        assert_eq!(
+            c.provider.ssh.as_ref().map(|s| s.user.as_str()),
+            Some("null")
+        );
         assert_eq!(
             c.provider.parameters.get("network").map(String::as_str),
             Some("Net #1: ops")
         );
         assert_eq!(
-            c.provider.parameters.get("influxdb_admin_user").map(String::as_str),
+            c.provider
+                .parameters
+                .get("influxdb_admin_user")
+                .map(String::as_str),
             Some("true")
         );
         assert_eq!(c.provider.create_timeout, Duration::from_secs(90 * 60));
@@ -1203,7 +1209,10 @@ async fn the_so_stack_hands_every_text_parameter_to_the_daemon_as_given() {
             (Duration::from_secs(45), Duration::ZERO, 0.85, 100)
         );
         let z = m.zabbix.as_ref().expect("monitor.zabbix is rendered");
-        assert_eq!((z.username.as_deref(), z.host.as_str()), (Some("123"), "0x1F"));
+        assert_eq!(
+            (z.username.as_deref(), z.host.as_str()),
+            (Some("123"), "0x1F")
+        );
         let hc = c.provider.heat.as_ref().expect("provider.heat is rendered");
         assert_eq!(hc.region.as_deref(), Some("1"));
         if app_cred {
@@ -1288,14 +1297,24 @@ async fn the_so_stack_lets_through_heat_only_settings_the_daemon_loads() {
         (
             "heat_auth_url",
             heat_auth,
-            &["http://ks", "https://keystone.example:5000/v3", "http://[fd00::1]:5000/v3"],
+            &[
+                "http://ks",
+                "https://keystone.example:5000/v3",
+                "http://[fd00::1]:5000/v3",
+            ],
             &["http://so:pw@ks:5000/v3", "http://:5000/v3", "https://"],
         ),
         (
             "zabbix_api_url",
             zabbix_url,
-            &["http://10.0.0.5/api_jsonrpc.php", "https://zabbix.example/zabbix/api_jsonrpc.php"],
-            &["http://so:pw@zabbix/api_jsonrpc.php", "http://:80/api_jsonrpc.php"],
+            &[
+                "http://10.0.0.5/api_jsonrpc.php",
+                "https://zabbix.example/zabbix/api_jsonrpc.php",
+            ],
+            &[
+                "http://so:pw@zabbix/api_jsonrpc.php",
+                "http://:80/api_jsonrpc.php",
+            ],
         ),
         (
             "influxdb_url",
