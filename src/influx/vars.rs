@@ -142,17 +142,34 @@ impl Influx {
     ) -> Result<(usize, SubStats), InfluxError> {
         let vars = self.debug_vars().await?;
         let stats = subscriber_stats(&vars, name);
-        // `subscriber:<db>:<rp>:<name>:<destination>`.
-        let live = on
-            .iter()
-            .filter(|(db, rp)| {
-                let prefix = format!("subscriber:{db}:{rp}:{name}:");
-                vars.as_object()
-                    .is_some_and(|o| o.keys().any(|k| k.starts_with(&prefix)))
-            })
-            .count();
+        let live = live_each(&vars, name, on).filter(|live| *live).count();
         Ok((live, stats))
     }
+
+    /// For each `(database, retention policy)` of `on`, whether the subscription `name`
+    /// on it runs, in that order.
+    pub async fn live_each(
+        &self,
+        name: &str,
+        on: &[(String, String)],
+    ) -> Result<Vec<bool>, InfluxError> {
+        let vars = self.debug_vars().await?;
+        Ok(live_each(&vars, name, on).collect())
+    }
+}
+
+/// Whether each subscription `name` on `on` runs, in one `/debug/vars` answer: the
+/// subscriber service shows one it runs as `subscriber:<db>:<rp>:<name>:<destination>`.
+fn live_each<'a>(
+    vars: &'a Value,
+    name: &'a str,
+    on: &'a [(String, String)],
+) -> impl Iterator<Item = bool> + 'a {
+    on.iter().map(move |(db, rp)| {
+        let prefix = format!("subscriber:{db}:{rp}:{name}:");
+        vars.as_object()
+            .is_some_and(|o| o.keys().any(|k| k.starts_with(&prefix)))
+    })
 }
 
 /// A server's HTTP write requests, read in one `/debug/vars` answer and summed over its

@@ -268,27 +268,21 @@ impl Migration<'_> {
             crate::util::fault_hold("subscribing").await;
         }
         let based_at = Instant::now();
+        // Fault injection (`STATESHIFT_FAULT=subscription_unseen`): the last subscription
+        // is left out of the first round, as if the server had not taken it up (below).
+        let unseen = crate::util::fault_injected("subscription_unseen")
+            .then(|| rps.last().map(|(db, rp)| (db.clone(), rp.name.clone())))
+            .flatten();
         for (db, rp) in rps {
-            let q = format!(
-                "CREATE SUBSCRIPTION {} ON {}.{} DESTINATIONS ALL {}",
-                ident(name),
-                ident(&db),
-                ident(&rp.name),
-                literal(destination.expose())
-            );
-            // The statement holds the receiver's secret: its error must not echo it.
-            influx
-                .query(None, &q)
-                .await
-                .map_err(|e| MigrateError::Failed {
-                    phase,
-                    msg: format!(
-                        "{}: cannot create subscription {name} on {db}.{}: {}",
-                        influx.url(),
-                        rp.name,
-                        e.to_string().replace(destination.expose(), "***")
-                    ),
-                })?;
+            if unseen.as_ref() != Some(&(db.clone(), rp.name.clone())) {
+                create_subscription(&influx, phase, name, &db, &rp.name, destination).await?;
+            } else {
+                tracing::warn!(
+                    db,
+                    rp = rp.name,
+                    "STATESHIFT_FAULT=subscription_unseen: not made in the first round"
+                );
+            }
             made.push((db.clone(), rp.name.clone()));
             if on_source {
                 self.created
@@ -303,12 +297,46 @@ impl Migration<'_> {
         let made_at = Instant::now();
         let mut polls = 0u32;
         let deadline = made_at + self.cfg.capture.live_timeout;
+        let mut remake_at = made_at + REMAKE_UNSEEN_AFTER;
         loop {
             let (live, stats) = influx
                 .live_subscriptions_and_stats(name, &made)
                 .await
                 .map_err(Self::influx_err(phase))?;
             polls += 1;
+            if live < made.len() && Instant::now() >= remake_at && Instant::now() < deadline {
+                // InfluxDB 1.x's subscriber service can miss a change made right after
+                // another (it asks for the next change only once the last one is taken
+                // up), and a subscription it missed starts only with the next change of
+                // its metadata. Those not live yet are made again: two changes of their
+                // own. Dropping one that was not running loses no delivery; the window
+                // until all are live only grows, which the capture's counters cover.
+                let unseen: Vec<(String, String)> = influx
+                    .live_each(name, &made)
+                    .await
+                    .map_err(Self::influx_err(phase))?
+                    .into_iter()
+                    .zip(&made)
+                    .filter(|(live, _)| !live)
+                    .map(|(_, sub)| sub.clone())
+                    .collect();
+                tracing::warn!(
+                    on_source,
+                    unseen = ?unseen,
+                    after_ms = made_at.elapsed().as_millis() as u64,
+                    "subscriptions not live yet: made again (InfluxDB can miss a subscription made right after another)"
+                );
+                for (db, rp) in &unseen {
+                    match influx.drop_subscription(name, db, rp).await {
+                        Ok(()) => {}
+                        Err(e) if e.to_string().contains("subscription not found") => {}
+                        Err(e) => return Err(Self::influx_err(phase)(e)),
+                    }
+                    create_subscription(&influx, phase, name, db, rp, destination).await?;
+                }
+                remake_at = Instant::now() + REMAKE_UNSEEN_AFTER;
+                continue;
+            }
             if live == made.len() {
                 tracing::debug!(
                     on_source,
@@ -707,6 +735,42 @@ mod watch_port_tests {
         assert_eq!(super::watch_port(0), 0);
         assert_eq!(super::watch_port(u16::MAX), 0);
     }
+}
+
+/// How long the capture's subscriptions may take to go live before the ones that have
+/// not are made again: far above the few milliseconds they take, so that a busy server
+/// is not given more changes to take up, and well inside `capture.live_timeout`.
+const REMAKE_UNSEEN_AFTER: Duration = Duration::from_secs(2);
+
+/// `CREATE SUBSCRIPTION name ON db.rp DESTINATIONS ALL destination`. The statement holds
+/// the receiver's secret: its error does not echo it.
+async fn create_subscription(
+    influx: &Influx,
+    phase: Phase,
+    name: &str,
+    db: &str,
+    rp: &str,
+    destination: &Secret,
+) -> Result<(), MigrateError> {
+    let q = format!(
+        "CREATE SUBSCRIPTION {} ON {}.{} DESTINATIONS ALL {}",
+        ident(name),
+        ident(db),
+        ident(rp),
+        literal(destination.expose())
+    );
+    influx
+        .query(None, &q)
+        .await
+        .map(|_| ())
+        .map_err(|e| MigrateError::Failed {
+            phase,
+            msg: format!(
+                "{}: cannot create subscription {name} on {db}.{rp}: {}",
+                influx.url(),
+                e.to_string().replace(destination.expose(), "***")
+            ),
+        })
 }
 
 #[cfg(test)]
