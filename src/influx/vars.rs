@@ -130,20 +130,12 @@ impl Influx {
         name: &str,
         on: &[(String, String)],
     ) -> Result<usize, InfluxError> {
-        Ok(self.live_subscriptions_and_stats(name, on).await?.0)
-    }
-
-    /// [`Self::live_subscriptions`], with the counters of [`Self::subscriber_stats`] read
-    /// in the same request.
-    pub async fn live_subscriptions_and_stats(
-        &self,
-        name: &str,
-        on: &[(String, String)],
-    ) -> Result<(usize, SubStats), InfluxError> {
-        let vars = self.debug_vars().await?;
-        let stats = subscriber_stats(&vars, name);
-        let live = live_each(&vars, name, on).filter(|live| *live).count();
-        Ok((live, stats))
+        Ok(self
+            .live_each(name, on)
+            .await?
+            .into_iter()
+            .filter(|r| *r)
+            .count())
     }
 
     /// For each `(database, retention policy)` of `on`, whether the subscription `name`
@@ -155,6 +147,20 @@ impl Influx {
     ) -> Result<Vec<bool>, InfluxError> {
         let vars = self.debug_vars().await?;
         Ok(live_each(&vars, name, on).collect())
+    }
+
+    /// [`Self::live_each`], with the counters of [`Self::subscriber_stats`] read in the
+    /// same request.
+    pub async fn live_each_and_stats(
+        &self,
+        name: &str,
+        on: &[(String, String)],
+    ) -> Result<(Vec<bool>, SubStats), InfluxError> {
+        let vars = self.debug_vars().await?;
+        Ok((
+            live_each(&vars, name, on).collect(),
+            subscriber_stats(&vars, name),
+        ))
     }
 }
 

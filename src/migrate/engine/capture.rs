@@ -68,13 +68,27 @@ impl Migration<'_> {
             let at_start = Self::subscriber_stats(&self.src().influx, &name, p).await?;
             self.source_started = at_start.started.clone();
             self.drops_base = at_start;
-            let subs = self
-                .subscribe(Phase::Capture, true, &name, &auth.in_url(&url))
+            let destination = auth.in_url(&url);
+            let (subs, remade) = self
+                .subscribe(Phase::Capture, true, &name, &destination)
                 .await?;
             let entered =
                 entered_while_subscribing(self.capture_base.as_ref(), self.capture_live.as_ref());
             if entered == 0 {
                 break subs;
+            }
+            // A subscription made again may have started just before its DROP: what it
+            // delivered then, followed by writes in the gap that only the dump holds,
+            // would put an older value back at the replay. Another attempt starts from
+            // an empty spool; on the last one the migration stops, before the dump.
+            if remade && attempt == CAPTURE_ATTEMPTS && !self.plan.resume {
+                return Err(MigrateError::Failed {
+                    phase: p,
+                    msg: format!(
+                        "{}: the capture's subscriptions had to be made again on its last attempt ({CAPTURE_ATTEMPTS}; InfluxDB had not taken them up), while {entered} point(s) reached the source: the order of what they delivered cannot be vouched for, so the migration stops before the dump; the next one makes them afresh",
+                        self.src().influx.url()
+                    ),
+                });
             }
             // A resumed run has no dump to hold what the first subscriptions delivered:
             // it keeps them (found by review).
@@ -91,7 +105,9 @@ impl Migration<'_> {
                 attempt,
                 "writes reached the source while the capture's subscriptions were being made; making them again"
             );
-            auth = self.subscribe_again(p, &name, &spool_path).await?;
+            auth = self
+                .subscribe_again(p, &name, &spool_path, &destination)
+                .await?;
             attempt += 1;
         };
         self.progress.note(&format!(
@@ -134,6 +150,7 @@ impl Migration<'_> {
         p: Phase,
         name: &str,
         spool_path: &std::path::Path,
+        old_destination: &Secret,
     ) -> Result<ReceiverAuth, MigrateError> {
         let auth = Self::receiver_auth(p)?;
         // The old spool's file goes first (a spool is never reused); an append still
@@ -156,22 +173,68 @@ impl Migration<'_> {
         self.spool = Some(spool);
         let src = self.src().influx.clone();
         let made = self.created.source_subscriptions.clone();
+        // Fault injection (`STATESHIFT_FAULT=drop_unseen`): the last DROP of the first
+        // such round is left out, as if the server had missed it (it runs on, below).
+        let unseen = fault_once("drop_unseen", true)
+            .then(|| made.last().cloned())
+            .flatten();
         for (db, rp) in &made {
-            src.drop_subscription(name, db, rp)
-                .await
-                .map_err(Self::influx_err(p))?;
+            if unseen.as_ref() == Some(&(db.clone(), rp.clone())) {
+                tracing::warn!(
+                    db,
+                    rp,
+                    "STATESHIFT_FAULT=drop_unseen: not dropped in the first round"
+                );
+            } else {
+                src.drop_subscription(name, db, rp)
+                    .await
+                    .map_err(Self::influx_err(p))?;
+            }
             self.created
                 .source_subscriptions
                 .retain(|(d, r)| (d, r) != (db, rp));
         }
-        let deadline = Instant::now() + self.cfg.capture.live_timeout;
+        let dropped_at = Instant::now();
+        let deadline = dropped_at + self.cfg.capture.live_timeout;
+        let mut nudge_at = dropped_at + remake_after(self.cfg.capture.live_timeout);
         loop {
-            let live = src
-                .live_subscriptions(name, &made)
+            let running = src
+                .live_each(name, &made)
                 .await
                 .map_err(Self::influx_err(p))?;
+            let live = running.iter().filter(|r| **r).count();
             if live == 0 {
                 return Ok(auth);
+            }
+            if Instant::now() >= nudge_at && Instant::now() < deadline {
+                // The same race as in `subscribe`: a DROP made right after another can go
+                // unseen, its subscription running on. Made again with the destination it
+                // has (the server keeps the writer it runs: nothing new starts; the
+                // receiver answers and discards what comes with the old credentials),
+                // then dropped: a change of its own for the server to take up.
+                let still: Vec<(String, String)> = made
+                    .iter()
+                    .zip(&running)
+                    .filter(|(_, r)| **r)
+                    .map(|(sub, _)| sub.clone())
+                    .collect();
+                tracing::warn!(
+                    still = ?still,
+                    after_ms = dropped_at.elapsed().as_millis() as u64,
+                    "dropped subscriptions still running: made and dropped again (InfluxDB can miss a change made right after another)"
+                );
+                for (db, rp) in still {
+                    self.created
+                        .source_subscriptions
+                        .push((db.clone(), rp.clone()));
+                    create_subscription(&src, p, name, &db, &rp, old_destination, true).await?;
+                    drop_subscription_if_any(&src, p, name, &db, &rp).await?;
+                    self.created
+                        .source_subscriptions
+                        .retain(|(d, r)| (d, r) != (&db, &rp));
+                }
+                nudge_at = Instant::now() + remake_after(self.cfg.capture.live_timeout);
+                continue;
             }
             if Instant::now() > deadline {
                 return Err(MigrateError::Failed {
@@ -232,7 +295,7 @@ impl Migration<'_> {
         on_source: bool,
         name: &str,
         destination: &Secret,
-    ) -> Result<usize, MigrateError> {
+    ) -> Result<(usize, bool), MigrateError> {
         let side = if on_source { self.src() } else { self.dst() };
         let influx = side.influx.clone();
         let mut made = Vec::new();
@@ -269,13 +332,15 @@ impl Migration<'_> {
         }
         let based_at = Instant::now();
         // Fault injection (`STATESHIFT_FAULT=subscription_unseen`): the last subscription
-        // is left out of the first round, as if the server had not taken it up (below).
-        let unseen = crate::util::fault_injected("subscription_unseen")
+        // of the first round on each side is left out, as if the server had not taken it
+        // up (below); once per side and process, as the race strikes.
+        let unseen = fault_once("subscription_unseen", on_source)
             .then(|| rps.last().map(|(db, rp)| (db.clone(), rp.name.clone())))
             .flatten();
         for (db, rp) in rps {
             if unseen.as_ref() != Some(&(db.clone(), rp.name.clone())) {
-                create_subscription(&influx, phase, name, &db, &rp.name, destination).await?;
+                create_subscription(&influx, phase, name, &db, &rp.name, destination, false)
+                    .await?;
             } else {
                 tracing::warn!(
                     db,
@@ -297,28 +362,27 @@ impl Migration<'_> {
         let made_at = Instant::now();
         let mut polls = 0u32;
         let deadline = made_at + self.cfg.capture.live_timeout;
-        let mut remake_at = made_at + REMAKE_UNSEEN_AFTER;
+        let mut remake_at = made_at + remake_after(self.cfg.capture.live_timeout);
+        let mut remade = false;
         loop {
-            let (live, stats) = influx
-                .live_subscriptions_and_stats(name, &made)
+            let (running, stats) = influx
+                .live_each_and_stats(name, &made)
                 .await
                 .map_err(Self::influx_err(phase))?;
+            let live = running.iter().filter(|r| **r).count();
             polls += 1;
             if live < made.len() && Instant::now() >= remake_at && Instant::now() < deadline {
                 // InfluxDB 1.x's subscriber service can miss a change made right after
                 // another (it asks for the next change only once the last one is taken
                 // up), and a subscription it missed starts only with the next change of
-                // its metadata. Those not live yet are made again: two changes of their
-                // own. Dropping one that was not running loses no delivery; the window
-                // until all are live only grows, which the capture's counters cover.
-                let unseen: Vec<(String, String)> = influx
-                    .live_each(name, &made)
-                    .await
-                    .map_err(Self::influx_err(phase))?
-                    .into_iter()
-                    .zip(&made)
-                    .filter(|(live, _)| !live)
-                    .map(|(_, sub)| sub.clone())
+                // its metadata. Those not live yet are dropped and made again: changes of
+                // their own. One that started between this read and its DROP would leave
+                // a gap in its deliveries: the caller knows, by `remade`.
+                let unseen: Vec<(String, String)> = made
+                    .iter()
+                    .zip(&running)
+                    .filter(|(_, r)| !**r)
+                    .map(|(sub, _)| sub.clone())
                     .collect();
                 tracing::warn!(
                     on_source,
@@ -327,14 +391,11 @@ impl Migration<'_> {
                     "subscriptions not live yet: made again (InfluxDB can miss a subscription made right after another)"
                 );
                 for (db, rp) in &unseen {
-                    match influx.drop_subscription(name, db, rp).await {
-                        Ok(()) => {}
-                        Err(e) if e.to_string().contains("subscription not found") => {}
-                        Err(e) => return Err(Self::influx_err(phase)(e)),
-                    }
-                    create_subscription(&influx, phase, name, db, rp, destination).await?;
+                    drop_subscription_if_any(&influx, phase, name, db, rp).await?;
+                    create_subscription(&influx, phase, name, db, rp, destination, false).await?;
                 }
-                remake_at = Instant::now() + REMAKE_UNSEEN_AFTER;
+                remade = true;
+                remake_at = Instant::now() + remake_after(self.cfg.capture.live_timeout);
                 continue;
             }
             if live == made.len() {
@@ -348,7 +409,7 @@ impl Migration<'_> {
                 if on_source {
                     self.capture_live = Some(stats);
                 }
-                return Ok(made.len());
+                return Ok((made.len(), remade));
             }
             if Instant::now() > deadline {
                 return Err(MigrateError::Failed {
@@ -727,23 +788,51 @@ pub(super) fn watch_port(capture: u16) -> u16 {
     }
 }
 
-#[cfg(test)]
-mod watch_port_tests {
-    #[test]
-    fn the_watch_receiver_listens_one_port_above_the_capture_or_anywhere() {
-        assert_eq!(super::watch_port(8899), 8900);
-        assert_eq!(super::watch_port(0), 0);
-        assert_eq!(super::watch_port(u16::MAX), 0);
+/// How long subscriptions may take to go live (or, dropped, to stop) before the server
+/// is given a change of their own again: 2 s, far above the few milliseconds they take,
+/// so that a busy server is not given more changes to take up; a third of
+/// `capture.live_timeout` when that is shorter, so that there is time for it.
+fn remake_after(live_timeout: Duration) -> Duration {
+    Duration::from_secs(2).min(live_timeout / 3)
+}
+
+/// Fault injection: whether `fault` is in `STATESHIFT_FAULT` and has not struck yet on
+/// this side (source or target) in this process.
+fn fault_once(fault: &str, on_source: bool) -> bool {
+    use std::sync::Mutex;
+    static STRUCK: Mutex<Vec<(String, bool)>> = Mutex::new(Vec::new());
+    if !crate::util::fault_injected(fault) {
+        return false;
+    }
+    let mut struck = STRUCK.lock().unwrap_or_else(|e| e.into_inner());
+    let key = (fault.to_string(), on_source);
+    if struck.contains(&key) {
+        return false;
+    }
+    struck.push(key);
+    true
+}
+
+/// `DROP SUBSCRIPTION name ON db.rp`; one already gone is not an error.
+async fn drop_subscription_if_any(
+    influx: &Influx,
+    phase: Phase,
+    name: &str,
+    db: &str,
+    rp: &str,
+) -> Result<(), MigrateError> {
+    match influx.drop_subscription(name, db, rp).await {
+        Ok(()) => Ok(()),
+        Err(crate::influx::InfluxError::Query { msg, .. }) if msg == "subscription not found" => {
+            Ok(())
+        }
+        Err(source) => Err(MigrateError::Influx { phase, source }),
     }
 }
 
-/// How long the capture's subscriptions may take to go live before the ones that have
-/// not are made again: far above the few milliseconds they take, so that a busy server
-/// is not given more changes to take up, and well inside `capture.live_timeout`.
-const REMAKE_UNSEEN_AFTER: Duration = Duration::from_secs(2);
-
-/// `CREATE SUBSCRIPTION name ON db.rp DESTINATIONS ALL destination`. The statement holds
-/// the receiver's secret: its error does not echo it.
+/// `CREATE SUBSCRIPTION name ON db.rp DESTINATIONS ALL destination`; with `exists_ok`,
+/// one there already is not an error. The statement holds the receiver's secret: its
+/// error does not echo it.
 async fn create_subscription(
     influx: &Influx,
     phase: Phase,
@@ -751,6 +840,7 @@ async fn create_subscription(
     db: &str,
     rp: &str,
     destination: &Secret,
+    exists_ok: bool,
 ) -> Result<(), MigrateError> {
     let q = format!(
         "CREATE SUBSCRIPTION {} ON {}.{} DESTINATIONS ALL {}",
@@ -759,18 +849,32 @@ async fn create_subscription(
         ident(rp),
         literal(destination.expose())
     );
-    influx
-        .query(None, &q)
-        .await
-        .map(|_| ())
-        .map_err(|e| MigrateError::Failed {
+    match influx.query(None, &q).await {
+        Ok(_) => Ok(()),
+        Err(crate::influx::InfluxError::Query { msg, .. })
+            if exists_ok && msg == "subscription already exists" =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(MigrateError::Failed {
             phase,
             msg: format!(
                 "{}: cannot create subscription {name} on {db}.{rp}: {}",
                 influx.url(),
                 e.to_string().replace(destination.expose(), "***")
             ),
-        })
+        }),
+    }
+}
+
+#[cfg(test)]
+mod watch_port_tests {
+    #[test]
+    fn the_watch_receiver_listens_one_port_above_the_capture_or_anywhere() {
+        assert_eq!(super::watch_port(8899), 8900);
+        assert_eq!(super::watch_port(0), 0);
+        assert_eq!(super::watch_port(u16::MAX), 0);
+    }
 }
 
 #[cfg(test)]

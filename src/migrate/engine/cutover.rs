@@ -55,6 +55,8 @@ impl Migration<'_> {
         let turl = tauth.in_url(&self.advertise(tr.addr));
         self.touched = Some(touched);
         self.touched_receiver = Some(tr);
+        // A watch subscription made again (`remade`) has no order to keep: nothing
+        // writes to the target before the repoint.
         self.subscribe(p, false, &format!("{}_t", sub_name(&self.id)), &turl)
             .await?;
         // What nothing can change on the source any more is compared from now on, through
