@@ -271,9 +271,29 @@ async fn a_subscription_change_the_server_missed_is_made_again() {
             "made again ({side}): {out}"
         );
     }
+    // The source's DROP when the capture starts afresh, the target's watch at disposal.
+    for side in ["on_source=true", "on_source=false"] {
+        assert!(
+            out.lines().any(|l| l
+                .contains("dropped subscriptions still running: made and dropped again")
+                && l.contains(side)),
+            "dropped again ({side}): {out}"
+        );
+    }
+    // The watch subscription the server missed dropping would forward every write of the
+    // new production server to a receiver that is gone, until its next metadata change.
+    let vars = svc.current().debug_vars().await.unwrap();
+    let running: Vec<&str> = vars
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with("subscriber:"))
+        // Not the destination: it holds the receiver's secret.
+        .map(|k| k.split(":http").next().unwrap_or(k))
+        .collect();
     assert!(
-        out.contains("dropped subscriptions still running: made and dropped again"),
-        "{out}"
+        running.is_empty(),
+        "the new production server runs no subscription after the migration: {running:?}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     lost_nothing(

@@ -105,9 +105,7 @@ impl Migration<'_> {
                 attempt,
                 "writes reached the source while the capture's subscriptions were being made; making them again"
             );
-            auth = self
-                .subscribe_again(p, &name, &spool_path, &destination)
-                .await?;
+            auth = self.subscribe_again(p, &name, &spool_path).await?;
             attempt += 1;
         };
         self.progress.note(&format!(
@@ -150,7 +148,6 @@ impl Migration<'_> {
         p: Phase,
         name: &str,
         spool_path: &std::path::Path,
-        old_destination: &Secret,
     ) -> Result<ReceiverAuth, MigrateError> {
         let auth = Self::receiver_auth(p)?;
         // The old spool's file goes first (a spool is never reused); an append still
@@ -172,83 +169,29 @@ impl Migration<'_> {
         }
         self.spool = Some(spool);
         let src = self.src().influx.clone();
-        let made = self.created.source_subscriptions.clone();
-        // Fault injection (`STATESHIFT_FAULT=drop_unseen`): the last DROP of the first
-        // such round is left out, as if the server had missed it (it runs on, below).
-        let unseen = fault_once("drop_unseen", true)
-            .then(|| made.last().cloned())
-            .flatten();
-        for (db, rp) in &made {
-            if unseen.as_ref() == Some(&(db.clone(), rp.clone())) {
-                tracing::warn!(
-                    db,
-                    rp,
-                    "STATESHIFT_FAULT=drop_unseen: not dropped in the first round"
-                );
-            } else {
-                src.drop_subscription(name, db, rp)
-                    .await
-                    .map_err(Self::influx_err(p))?;
+        let made = std::mem::take(&mut self.created.source_subscriptions);
+        let within = self.cfg.capture.live_timeout;
+        let still = match drop_until_stopped(&src, p, true, name, &made, within).await {
+            Ok(still) => still,
+            Err(e) => {
+                // Some may be left: the rollback drops them (one gone is no error there).
+                self.created.source_subscriptions = made;
+                return Err(e);
             }
-            self.created
-                .source_subscriptions
-                .retain(|(d, r)| (d, r) != (db, rp));
+        };
+        if !still.is_empty() {
+            let n = still.len();
+            self.created.source_subscriptions = still;
+            return Err(MigrateError::Failed {
+                phase: p,
+                msg: format!(
+                    "{}: {n} of {} dropped subscriptions were still running after {within:?}",
+                    src.url(),
+                    made.len(),
+                ),
+            });
         }
-        let dropped_at = Instant::now();
-        let deadline = dropped_at + self.cfg.capture.live_timeout;
-        let mut nudge_at = dropped_at + remake_after(self.cfg.capture.live_timeout);
-        loop {
-            let running = src
-                .live_each(name, &made)
-                .await
-                .map_err(Self::influx_err(p))?;
-            let live = running.iter().filter(|r| **r).count();
-            if live == 0 {
-                return Ok(auth);
-            }
-            if Instant::now() >= nudge_at && Instant::now() < deadline {
-                // The same race as in `subscribe`: a DROP made right after another can go
-                // unseen, its subscription running on. Made again with the destination it
-                // has (the server keeps the writer it runs: nothing new starts; the
-                // receiver answers and discards what comes with the old credentials),
-                // then dropped: a change of its own for the server to take up.
-                let still: Vec<(String, String)> = made
-                    .iter()
-                    .zip(&running)
-                    .filter(|(_, r)| **r)
-                    .map(|(sub, _)| sub.clone())
-                    .collect();
-                tracing::warn!(
-                    still = ?still,
-                    after_ms = dropped_at.elapsed().as_millis() as u64,
-                    "dropped subscriptions still running: made and dropped again (InfluxDB can miss a change made right after another)"
-                );
-                for (db, rp) in still {
-                    self.created
-                        .source_subscriptions
-                        .push((db.clone(), rp.clone()));
-                    create_subscription(&src, p, name, &db, &rp, old_destination, true).await?;
-                    drop_subscription_if_any(&src, p, name, &db, &rp).await?;
-                    self.created
-                        .source_subscriptions
-                        .retain(|(d, r)| (d, r) != (&db, &rp));
-                }
-                nudge_at = Instant::now() + remake_after(self.cfg.capture.live_timeout);
-                continue;
-            }
-            if Instant::now() > deadline {
-                return Err(MigrateError::Failed {
-                    phase: p,
-                    msg: format!(
-                        "{}: {live} of {} dropped subscriptions were still running after {:?}",
-                        src.url(),
-                        made.len(),
-                        self.cfg.capture.live_timeout
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        Ok(auth)
     }
 
     /// Bind the watch receiver's address (the capture's, one port above).
@@ -585,7 +528,8 @@ impl Migration<'_> {
     /// A resumed run, before its capture's base: the interrupted captures' subscriptions
     /// on the source's statistics ([`MONITOR_DB`]) have failed every delivery since their
     /// receiver went, and go on (the statistics keep coming). They carry no writer's
-    /// point, so they go first. Dropped, InfluxDB forgets their counters but keeps their
+    /// point, so they go first, until the server runs none ([`drop_until_stopped`]: a
+    /// DROP it missed ran on silently before). Dropped, InfluxDB forgets their counters but keeps their
     /// failures in its service-wide count, and delivers what they had queued, failing
     /// it too: the base is read once that count has not moved for 500 ms (10 s at
     /// most), so that none of it is taken for this capture's drops. One that fails
@@ -599,29 +543,40 @@ impl Migration<'_> {
             .flat_map(|r| r.earlier.iter().map(|c| c.subscription.as_str()))
             .collect();
         let src = self.src().influx.clone();
-        let mut gone = Vec::new();
+        let mut gone: Vec<(String, Vec<(String, String)>)> = Vec::new();
         for s in src.subscriptions().await.map_err(Self::influx_err(p))? {
             if s.database == MONITOR_DB && names.contains(&s.name.as_str()) {
-                src.drop_subscription(&s.name, &s.database, &s.retention_policy)
-                    .await
-                    .map_err(Self::influx_err(p))?;
-                gone.push(s);
+                let on = (s.database, s.retention_policy);
+                match gone.iter_mut().find(|(n, _)| *n == s.name) {
+                    Some((_, subs)) => subs.push(on),
+                    None => gone.push((s.name, vec![on])),
+                }
             }
         }
         if gone.is_empty() {
             return Ok(());
+        }
+        let within = self.cfg.capture.live_timeout;
+        for (name, subs) in &gone {
+            let still = drop_until_stopped(&src, p, true, name, subs, within).await?;
+            if !still.is_empty() {
+                // Its failures would be taken for this capture's drops: the migration
+                // stops on them, safe but needless.
+                tracing::warn!(
+                    subscription = name,
+                    still = ?still,
+                    "an interrupted capture's subscription on the source's statistics still runs {within:?} after its DROP (InfluxDB missed it): its failed forwards may be counted against this capture"
+                );
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut last = None;
         let mut stable_since = Instant::now();
         while Instant::now() < deadline {
             let mut live = 0;
-            for s in &gone {
+            for (name, subs) in &gone {
                 live += src
-                    .live_subscriptions(
-                        &s.name,
-                        &[(s.database.clone(), s.retention_policy.clone())],
-                    )
+                    .live_subscriptions(name, subs)
                     .await
                     .map_err(Self::influx_err(p))?;
             }
@@ -636,7 +591,7 @@ impl Migration<'_> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tracing::info!(
-            subscriptions = gone.len(),
+            subscriptions = gone.iter().map(|(_, subs)| subs.len()).sum::<usize>(),
             "the interrupted captures' subscriptions on the source's statistics were dropped before this capture's base"
         );
         Ok(())
@@ -813,8 +768,96 @@ fn fault_once(fault: &str, on_source: bool) -> bool {
     true
 }
 
+/// Drop the subscriptions `name` on each `(database, retention policy)` of `subs` and
+/// wait, `within` at most, until the server runs none of them. InfluxDB 1.x can miss a
+/// DROP made right after another change of its metadata (the race `subscribe` meets),
+/// and the subscription then runs on until the next change, forwarding every write to a
+/// receiver that is about to stop: each one a failed forward, counted as a forwarding
+/// drop against the next capture on that server. One still running after
+/// [`remake_after`] is made again with the destination it had (the server keeps the
+/// writer it runs: nothing new starts) and dropped: a change of its own for the server
+/// to take up. Returns those still running at the end; a server's error at once.
+pub(super) async fn drop_until_stopped(
+    influx: &Influx,
+    phase: Phase,
+    on_source: bool,
+    name: &str,
+    subs: &[(String, String)],
+    within: Duration,
+) -> Result<Vec<(String, String)>, MigrateError> {
+    if subs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let err = |source| MigrateError::Influx { phase, source };
+    // Their destinations, read before they go (the metadata forgets them with the DROP).
+    let destinations: Vec<((String, String), Secret)> = influx
+        .subscriptions()
+        .await
+        .map_err(err)?
+        .into_iter()
+        .filter(|s| s.name == name)
+        .filter_map(|s| {
+            let d = s.destinations.into_iter().next()?;
+            Some(((s.database, s.retention_policy), Secret::new(d)))
+        })
+        .collect();
+    // Fault injection (`STATESHIFT_FAULT=drop_unseen`): the last DROP of the first such
+    // round on each side is left out, as if the server had missed it (it runs on, below).
+    let unseen = fault_once("drop_unseen", on_source)
+        .then(|| subs.last().cloned())
+        .flatten();
+    for (db, rp) in subs {
+        if unseen.as_ref() == Some(&(db.clone(), rp.clone())) {
+            tracing::warn!(
+                db,
+                rp,
+                on_source,
+                "STATESHIFT_FAULT=drop_unseen: not dropped in the first round"
+            );
+        } else {
+            drop_subscription_if_any(influx, phase, name, db, rp).await?;
+        }
+    }
+    let dropped_at = Instant::now();
+    let deadline = dropped_at + within;
+    let mut nudge_at = dropped_at + remake_after(within);
+    loop {
+        let running = influx.live_each(name, subs).await.map_err(err)?;
+        let still: Vec<(String, String)> = subs
+            .iter()
+            .zip(&running)
+            .filter(|(_, r)| **r)
+            .map(|(sub, _)| sub.clone())
+            .collect();
+        let now = Instant::now();
+        if still.is_empty() || now >= deadline {
+            return Ok(still);
+        }
+        if now >= nudge_at {
+            tracing::warn!(
+                on_source,
+                still = ?still,
+                after_ms = dropped_at.elapsed().as_millis() as u64,
+                "dropped subscriptions still running: made and dropped again (InfluxDB can miss a change made right after another)"
+            );
+            for sub in &still {
+                // One whose destination is not known cannot be made as it was: a DROP
+                // of one already gone is no change, so only time can end it.
+                if let Some((_, d)) = destinations.iter().find(|(s, _)| s == sub) {
+                    let (db, rp) = sub;
+                    create_subscription(influx, phase, name, db, rp, d, true).await?;
+                    drop_subscription_if_any(influx, phase, name, db, rp).await?;
+                }
+            }
+            nudge_at = Instant::now() + remake_after(within);
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// `DROP SUBSCRIPTION name ON db.rp`; one already gone is not an error.
-async fn drop_subscription_if_any(
+pub(super) async fn drop_subscription_if_any(
     influx: &Influx,
     phase: Phase,
     name: &str,

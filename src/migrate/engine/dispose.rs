@@ -44,7 +44,7 @@ impl Migration<'_> {
         }
         // The receivers answer the dropped subscriptions' last deliveries while the
         // rest is cleaned up.
-        let stop = self.drop_subscriptions_only().await;
+        let stop = self.drop_subscriptions_only(Phase::Dispose).await;
         let clean_up = async {
             self.remove_scratch().await;
             if let Some(s) = self.spool.take() {
@@ -107,13 +107,8 @@ impl Migration<'_> {
     /// straggler, a continuous query's output) are still forwarded until the drop.
     pub(super) async fn stop_capture(&mut self, phase: Phase) -> Result<u64, MigrateError> {
         let name = sub_name(&self.id);
-        if let Some(src) = &self.source {
-            for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
-                if let Err(e) = src.influx.drop_subscription(&name, &db, &rp).await {
-                    tracing::warn!(error = %e, db, rp, "could not drop the capture subscription on the source");
-                }
-            }
-        }
+        let subs = std::mem::take(&mut self.created.source_subscriptions);
+        self.drop_ours(phase, true, &name, &subs).await;
         // Forwards already in flight still land: wait until arrivals settle (bounded),
         // stop the receiver, and only then replay the last of the spool.
         if let Some(r) = &self.receiver {

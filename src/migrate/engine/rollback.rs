@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use super::capture::drop_until_stopped;
 use super::context::{sub_name, Migration};
 use super::plan::Undo;
-use super::MigrateError;
+use super::{MigrateError, Phase};
 use crate::influx::ident;
 use crate::remote::Remote;
 
@@ -40,36 +41,55 @@ impl StopReceivers {
 }
 
 impl Migration<'_> {
-    pub(super) async fn drop_subscriptions(&mut self) {
-        self.drop_subscriptions_only().await.run().await;
+    pub(super) async fn drop_subscriptions(&mut self, phase: Phase) {
+        self.drop_subscriptions_only(phase).await.run().await;
     }
 
-    /// Drop our subscriptions on both sides; the receivers are handed back, to stop.
-    pub(super) async fn drop_subscriptions_only(&mut self) -> StopReceivers {
+    /// Drop our subscriptions on both sides, and wait until the servers run none of
+    /// them ([`drop_until_stopped`]); the receivers are handed back, to stop.
+    pub(super) async fn drop_subscriptions_only(&mut self, phase: Phase) -> StopReceivers {
         let name = sub_name(&self.id);
         let tname = format!("{name}_t");
         let dropped = !self.created.source_subscriptions.is_empty()
             || !self.created.target_subscriptions.is_empty();
-        if let Some(src) = &self.source {
-            for (db, rp) in std::mem::take(&mut self.created.source_subscriptions) {
-                if let Err(e) = src.influx.drop_subscription(&name, &db, &rp).await {
-                    tracing::warn!(error = %e, db, rp, "could not drop the capture subscription on the source");
-                }
-            }
-        }
-        if let Some(dst) = &self.target {
-            for (db, rp) in std::mem::take(&mut self.created.target_subscriptions) {
-                if let Err(e) = dst.influx.drop_subscription(&tname, &db, &rp).await {
-                    tracing::warn!(error = %e, db, rp, "could not drop the watch subscription on the target");
-                }
-            }
-        }
+        let source = std::mem::take(&mut self.created.source_subscriptions);
+        self.drop_ours(phase, true, &name, &source).await;
+        let target = std::mem::take(&mut self.created.target_subscriptions);
+        self.drop_ours(phase, false, &tname, &target).await;
         StopReceivers {
             receivers: [self.receiver.take(), self.touched_receiver.take()]
                 .into_iter()
                 .flatten()
                 .collect(),
             settle: dropped,
+        }
+    }
+
+    /// Drop our subscriptions `name` on `subs` of one side and wait until its server
+    /// runs none of them ([`drop_until_stopped`]). Never fails: the rollback or the
+    /// disposal goes on; what could not be done is said.
+    pub(super) async fn drop_ours(
+        &self,
+        phase: Phase,
+        on_source: bool,
+        name: &str,
+        subs: &[(String, String)],
+    ) {
+        let (side, what) = if on_source {
+            (&self.source, "capture subscription on the source")
+        } else {
+            (&self.target, "watch subscription on the target")
+        };
+        let Some(side) = side else { return };
+        let within = self.cfg.capture.live_timeout;
+        match drop_until_stopped(&side.influx, phase, on_source, name, subs, within).await {
+            Ok(still) if still.is_empty() => {}
+            Ok(still) => tracing::warn!(
+                server = %side.influx.url(),
+                still = ?still,
+                "the {what} still runs {within:?} after its DROP (InfluxDB missed it): the server stops it at its next change of metadata or restart, and until then fails every write it forwards, counted as forwarding drops"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not drop the {what}"),
         }
     }
 
@@ -132,7 +152,7 @@ impl Migration<'_> {
                 tracing::error!(error = %e, "could not replay the last captured writes; the capture spool is kept");
             }
         }
-        self.drop_subscriptions().await;
+        self.drop_subscriptions(e.phase()).await;
         self.remove_scratch().await;
         if undo == Undo::KeepBoth {
             self.progress.note(&format!(
