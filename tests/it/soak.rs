@@ -195,7 +195,8 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
             }
             assert!(
                 t.elapsed() < Duration::from_secs(120),
-                "migration {i} did not finish: {st:#}"
+                "migration {i} did not finish: {st:#}\nthe daemon's log, last 80 lines:\n{}",
+                tail(&log_path, 80)
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
