@@ -7,6 +7,14 @@
 //! the goal, or while nothing writes at all, it raises the rate by an eighth, up to
 //! `migration.transfer_rate_limit`.
 //!
+//! A goal at or under what the writes take anyway (with the capture on, and whatever
+//! else the server does) would hold the streams at their floor for good (stop 36: 3 ms,
+//! 1 MB/s, a dump of over an hour). So the guard learns: writes still slow after
+//! [`LEARN_TICKS`] ticks with the streams at their floor are the writers' own time, not
+//! the dump's; their mean becomes the baseline, and the goal half again over it (never
+//! under the one configured), said in a warning. Calm is then under halfway from the
+//! baseline to the goal.
+//!
 //! What it measures is what the writers wait for, whatever the cause: the source's CPU,
 //! its disk, or a storage backend the target's volume shares with the source's (a
 //! cloud's Ceph). It reacts a tick late at best, and a disk's backlog of written-out
@@ -33,6 +41,14 @@ const FAILED_READS_SAID: u32 = 10;
 /// least.
 const FLOOR: u64 = 1_000_000;
 
+/// Slow ticks in a row with the streams at the floor after which the writes' mean in
+/// them is taken as their own time (3 s): long enough that a stall the streams caused
+/// before the floor has been answered and judged.
+const LEARN_TICKS: u32 = 6;
+
+/// The least writes answered in those ticks for a mean to learn from.
+const LEARN_WRITES: u64 = 10;
+
 /// The guard's state: its goal and what it did.
 #[derive(Debug)]
 pub(super) struct Guard {
@@ -53,6 +69,13 @@ pub(super) struct Guard {
     held: u8,
     /// Slow ticks so taken: the rate held.
     pub holds: u32,
+    /// The writes' own mean time, learned at the floor (none: zero).
+    baseline: Duration,
+    /// Slow ticks in a row at the floor, and the writes answered in them, their time.
+    at_floor: (u32, u64, u64),
+    /// The goal configured, if the guard raised its own: the writes' mean learned at
+    /// the floor, and the goal set from it.
+    pub learned: Option<(Duration, Duration)>,
 }
 
 impl Guard {
@@ -66,7 +89,35 @@ impl Guard {
             last_used: 0,
             held: 0,
             holds: 0,
+            baseline: Duration::ZERO,
+            at_floor: (0, 0, 0),
+            learned: None,
         }
+    }
+
+    /// Learn the writes' own time from slow ticks at the floor (see the module's
+    /// documentation); whether the goal was raised.
+    fn learn(&mut self, rate: u64, slow: bool, answered: u64, nanos: u64) -> bool {
+        if !(slow && rate > 0 && rate <= FLOOR) {
+            self.at_floor = (0, 0, 0);
+            return false;
+        }
+        let (ticks, writes, time) = self.at_floor;
+        self.at_floor = (ticks + 1, writes + answered, time + nanos);
+        let (ticks, writes, time) = self.at_floor;
+        if ticks < LEARN_TICKS || writes < LEARN_WRITES {
+            return false;
+        }
+        self.at_floor = (0, 0, 0);
+        let own = Duration::from_nanos(time / writes);
+        let goal = own + own / 2;
+        if goal <= self.goal {
+            return false;
+        }
+        self.baseline = own;
+        self.goal = goal;
+        self.learned = Some((own, goal));
+        true
     }
 
     /// The rate from now on (0: none), from the rate during the tick, the source's
@@ -94,6 +145,12 @@ impl Guard {
             Some(mean) => mean > goal,
             None => before.active > 0 && after.active > 0 && tick >= self.goal,
         };
+        if self.learn(rate, slow, answered, nanos) {
+            // The floor was the writers' own time: the hold that comes with a cut ends,
+            // and the rate holds until the writes are calm by the new goal.
+            self.held = 0;
+            return rate;
+        }
         let used = (streamed as f64 / tick.as_secs_f64().max(1e-3)) as u64;
         let used_before = std::mem::replace(&mut self.last_used, used);
         // One stall is seen up to three times: while it is served, once it is answered,
@@ -128,8 +185,10 @@ impl Guard {
         }
         // Calm: quick writes, or none at all (nobody waits). A write that arrived in the
         // tick and is still served says nothing yet.
+        // Under halfway from the writes' own time (none learned: zero) to the goal.
+        let baseline = self.baseline.as_nanos() as u64;
         let calm = match mean {
-            Some(mean) => mean <= goal / 2,
+            Some(mean) => mean <= baseline + goal.saturating_sub(baseline) / 2,
             None => before.active == 0 && after.active == 0,
         };
         // Raised only while the streams use what they have: a rate they do not reach
@@ -161,8 +220,16 @@ pub(super) async fn watch(source: &Influx, pace: &Pace, guard: &mut Guard) -> In
                 if let Some((then, before, taken_before)) = last {
                     let rate = pace.rate();
                     let streamed = taken.saturating_sub(taken_before);
-                    let holds = guard.holds;
+                    let (holds, learned) = (guard.holds, guard.learned);
                     let next = guard.next(rate, before, times, streamed, now - then);
+                    if let (Some((own, goal)), true) = (guard.learned, guard.learned != learned) {
+                        tracing::warn!(
+                            own_ms = own.as_secs_f64() * 1e3,
+                            goal_ms = goal.as_secs_f64() * 1e3,
+                            floor = %per_second(FLOOR),
+                            "the source's writes stay slow with the shard streams at their floor: that is their own time, not the dump's, so the guard keeps to half again over it from now on (migration.write_time_guard is at or under what the service's writes take; set it above their usual mean, /debug/vars httpd writeReqDurationNs / writeReq)"
+                        );
+                    }
                     if guard.holds > holds {
                         tracing::info!(
                             rate = %per_second(rate),
@@ -345,6 +412,94 @@ mod tests {
         // Counters that went back are not judged.
         assert_eq!(g.next(0, calm, start, 1_000_000, tick), 0);
         assert_eq!(g.judged, 2);
+    }
+
+    #[test]
+    fn writes_still_slow_at_the_floor_are_their_own_time_and_raise_the_goal() {
+        let mut g = Guard::new(Duration::from_millis(3), 0);
+        let tick = Duration::from_millis(500);
+        // 50 writes of 4 ms a tick, whatever the streams do: the first tick halves them,
+        // and so on down to the floor (a cut, then two ticks held, each time).
+        let mut t = times(100, 0, 100 * MS);
+        let mut slow_tick = |g: &mut Guard, rate: u64| {
+            let next = times(t.arrived + 50, 0, t.nanos + 50 * 4 * MS);
+            let r = g.next(rate, t, next, rate / 2, tick);
+            t = next;
+            r
+        };
+        let mut rate = 8 * FLOOR;
+        let mut ticks = 0;
+        while rate > FLOOR {
+            rate = slow_tick(&mut g, rate);
+            ticks += 1;
+            assert!(ticks < 20, "the rate reaches the floor");
+        }
+        assert_eq!(
+            g.learned, None,
+            "not before {LEARN_TICKS} slow ticks at the floor"
+        );
+        // The tick that cut to the floor counts as the first at it only from the next.
+        for _ in 0..LEARN_TICKS - 1 {
+            assert_eq!(slow_tick(&mut g, rate), FLOOR);
+            assert_eq!(g.learned, None);
+        }
+        assert_eq!(
+            slow_tick(&mut g, rate),
+            FLOOR,
+            "the rate holds as it learns"
+        );
+        let (own, goal) = g.learned.expect("learned");
+        assert_eq!(own, Duration::from_millis(4));
+        assert_eq!(goal, Duration::from_millis(6));
+        assert_eq!(g.goal, goal);
+        // The same writes now are calm (under halfway from 4 to 6 ms): the rate rises.
+        let same = times(t.arrived + 50, 0, t.nanos + 50 * 4 * MS);
+        assert_eq!(g.next(FLOOR, t, same, FLOOR / 2, tick), 2 * FLOOR);
+        // Between 5 and 6 ms it stays.
+        let between = times(same.arrived + 50, 0, same.nanos + 50 * 55 * MS / 10);
+        assert_eq!(g.next(2 * FLOOR, same, between, FLOOR, tick), 2 * FLOOR);
+        // Slower than the new goal: a cut, as before.
+        let slower = times(between.arrived + 50, 0, between.nanos + 50 * 7 * MS);
+        assert_eq!(g.next(2 * FLOOR, between, slower, FLOOR, tick), FLOOR);
+        assert_eq!(g.learned, Some((own, goal)), "one lesson so far");
+
+        // Slow ticks at the floor count in a row: one that is not slow starts over.
+        let mut spells = Guard::new(Duration::from_millis(3), 0);
+        let mut t = times(100, 0, 100 * MS);
+        for i in 0..4 * LEARN_TICKS {
+            let each = if i % LEARN_TICKS == LEARN_TICKS - 1 {
+                2
+            } else {
+                4
+            };
+            let next = times(t.arrived + 50, 0, t.nanos + 50 * each * MS);
+            spells.next(FLOOR, t, next, FLOOR / 2, tick);
+            t = next;
+        }
+        assert_eq!(
+            spells.learned, None,
+            "never {LEARN_TICKS} slow ticks in a row"
+        );
+        // Too few writes to learn from: the ticks go on counting until there are enough.
+        let mut few = Guard::new(Duration::from_millis(3), 0);
+        let mut t = times(100, 0, 100 * MS);
+        for i in 1..=LEARN_WRITES {
+            let next = times(t.arrived + 1, 0, t.nanos + 4 * MS);
+            few.next(FLOOR, t, next, FLOOR / 2, tick);
+            t = next;
+            assert_eq!(few.learned.is_some(), i == LEARN_WRITES, "after {i} writes");
+        }
+        // Any goal far under what the writes take at the floor follows them: 20 ms
+        // configured, 25 ms writes.
+        let mut high = Guard::new(Duration::from_millis(20), 0);
+        let mut t = times(100, 0, 100 * MS);
+        for _ in 0..2 * LEARN_TICKS {
+            let next = times(t.arrived + 50, 0, t.nanos + 50 * 25 * MS);
+            high.next(FLOOR, t, next, FLOOR / 2, tick);
+            t = next;
+        }
+        let (own, goal) = high.learned.expect("25 ms over a 20 ms goal");
+        assert_eq!((own.as_millis(), goal.as_micros()), (25, 37_500));
     }
 
     #[test]

@@ -350,6 +350,13 @@ impl Migration<'_> {
                         humantime::format_duration(self.cfg.migration.write_time_guard)
                     ),
                 };
+                if let Some((own, goal)) = guard.learned {
+                    limit += &format!(
+                        "; the writes took {:.1} ms on average with the streams at their floor, so the guard kept to {:.1} ms (set migration.write_time_guard above the service's usual mean write time)",
+                        own.as_secs_f64() * 1e3,
+                        goal.as_secs_f64() * 1e3
+                    );
+                }
             }
             self.progress.note(&format!(
                 "streamed {shards} shards ({} files, {:.1} MB{limit}) from the source's InfluxDB RPC port into the target's: dump, transfer and restore in one pass",
