@@ -245,6 +245,10 @@ enum Cmd {
         /// and digested on its host (false: through an SSH forward, digested here).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         verify_read_back_on_host: bool,
+        /// The nice value `stateshift migrate` runs at (0-19). On a cloud it runs on the
+        /// SO's VM; here it takes the cores of the writer's server.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
+        orchestrator_nice: u8,
     },
 }
 
@@ -640,6 +644,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             verify_target_first,
             verify_read_back,
             verify_read_back_on_host,
+            orchestrator_nice,
         } => match interruptible(bench::bench(
             &dir,
             &BenchOptions {
@@ -653,6 +658,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                 verify_target_first,
                 verify_read_back,
                 verify_read_back_on_host,
+                orchestrator_nice,
             },
         ))
         .await

@@ -140,6 +140,8 @@ pub struct BenchOptions {
     pub verify_read_back: bool,
     /// `verify.read_back_on_host`.
     pub verify_read_back_on_host: bool,
+    /// The nice value of the `stateshift migrate` process.
+    pub orchestrator_nice: u8,
 }
 
 /// The data-engine benchmark.
@@ -210,6 +212,12 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         "the server the writer is not using runs at nice {} (migration.idle_nice)",
         cfg.migration.idle_nice
     );
+    if o.orchestrator_nice > 0 {
+        println!(
+            "stateshift migrate runs at nice {} (--orchestrator-nice: on a cloud it runs on the SO's VM, apart from the InfluxDB servers)",
+            o.orchestrator_nice
+        );
+    }
     println!(
         "verification reads the target's aggregates {} (verify.target_first)",
         if cfg.verify.target_first {
@@ -315,7 +323,8 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(BASELINE_SECS)).await;
     let idle_to = stateshift::util::now_ms();
     // The migration runs as its own `stateshift migrate` process, so its peak RSS is its own.
-    let (report, migrate_rss_mb) = migrate_subprocess(&cfg_path, &dir.join("report.json")).await;
+    let (report, migrate_rss_mb) =
+        migrate_subprocess(&cfg_path, &dir.join("report.json"), o.orchestrator_nice).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ledger = writer.finish().await;
     let report = report?;
@@ -431,12 +440,15 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
 
 /// Run `stateshift migrate -c CFG --yes --report R` as a child process; return its report
 /// and its peak RSS (VmHWM, polled until it exits).
-async fn migrate_subprocess(cfg: &Path, report: &Path) -> (anyhow::Result<Report>, f64) {
+async fn migrate_subprocess(cfg: &Path, report: &Path, nice: u8) -> (anyhow::Result<Report>, f64) {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => return (Err(e.into()), 0.0),
     };
-    let mut child = match tokio::process::Command::new(exe)
+    // Through coreutils' `nice`, which execs the program: the pid is still its own.
+    let mut child = match tokio::process::Command::new("nice")
+        .args(["-n", &nice.to_string()])
+        .arg(exe)
         .args(["migrate", "--yes", "-c"])
         .arg(cfg)
         .arg("--report")
