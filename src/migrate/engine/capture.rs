@@ -171,23 +171,17 @@ impl Migration<'_> {
         let src = self.src().influx.clone();
         let made = std::mem::take(&mut self.created.source_subscriptions);
         let within = self.cfg.capture.live_timeout;
-        let still = match drop_until_stopped(&src, p, true, name, &made, within).await {
-            Ok(still) => still,
-            Err(e) => {
-                // Some may be left: the rollback drops them (one gone is no error there).
-                self.created.source_subscriptions = made;
-                return Err(e);
-            }
-        };
-        if !still.is_empty() {
-            let n = still.len();
-            self.created.source_subscriptions = still;
+        let left = drop_until_stopped(&src, p, true, name, &made, within).await;
+        if !left.is_empty() {
+            // The rollback drops them again (one gone is no error there).
+            self.created.source_subscriptions = left.subscriptions();
             return Err(MigrateError::Failed {
                 phase: p,
                 msg: format!(
-                    "{}: {n} of {} dropped subscriptions were still running after {within:?}",
+                    "{}: of the {} subscriptions dropped to make them again, {}",
                     src.url(),
                     made.len(),
+                    left.describe(within)
                 ),
             });
         }
@@ -543,29 +537,24 @@ impl Migration<'_> {
             .flat_map(|r| r.earlier.iter().map(|c| c.subscription.as_str()))
             .collect();
         let src = self.src().influx.clone();
-        let mut gone: Vec<(String, Vec<(String, String)>)> = Vec::new();
-        for s in src.subscriptions().await.map_err(Self::influx_err(p))? {
-            if s.database == MONITOR_DB && names.contains(&s.name.as_str()) {
-                let on = (s.database, s.retention_policy);
-                match gone.iter_mut().find(|(n, _)| *n == s.name) {
-                    Some((_, subs)) => subs.push(on),
-                    None => gone.push((s.name, vec![on])),
-                }
-            }
-        }
+        let subs = src.subscriptions().await.map_err(Self::influx_err(p))?;
+        let gone = by_name(
+            subs.into_iter()
+                .filter(|s| s.database == MONITOR_DB && names.contains(&s.name.as_str())),
+        );
         if gone.is_empty() {
             return Ok(());
         }
         let within = self.cfg.capture.live_timeout;
         for (name, subs) in &gone {
-            let still = drop_until_stopped(&src, p, true, name, subs, within).await?;
-            if !still.is_empty() {
+            let left = drop_until_stopped(&src, p, true, name, subs, within).await;
+            if !left.is_empty() {
                 // Its failures would be taken for this capture's drops: the migration
                 // stops on them, safe but needless.
                 tracing::warn!(
                     subscription = name,
-                    still = ?still,
-                    "an interrupted capture's subscription on the source's statistics still runs {within:?} after its DROP (InfluxDB missed it): its failed forwards may be counted against this capture"
+                    "an interrupted capture's subscriptions on the source's statistics: {}; their failed forwards may be counted against this capture",
+                    left.describe(within)
                 );
             }
         }
@@ -618,19 +607,28 @@ impl Migration<'_> {
             last = now;
         }
         let settled = stable_since.elapsed() >= Duration::from_millis(500);
-        for s in src.subscriptions().await.map_err(Self::influx_err(p))? {
-            if s.name == old {
-                let _ = src
-                    .drop_subscription(&s.name, &s.database, &s.retention_policy)
-                    .await;
-            }
-        }
+        // Its receivers are gone: whatever still runs fails every forward.
+        let within = self.cfg.capture.live_timeout;
         let dst = self.dst().influx.clone();
-        for s in dst.subscriptions().await.map_err(Self::influx_err(p))? {
-            if s.name.starts_with(old) {
-                let _ = dst
-                    .drop_subscription(&s.name, &s.database, &s.retention_policy)
-                    .await;
+        for (influx, on_source) in [(&src, true), (&dst, false)] {
+            let subs = influx.subscriptions().await.map_err(Self::influx_err(p))?;
+            let theirs = subs.into_iter().filter(|s| {
+                if on_source {
+                    s.name == old
+                } else {
+                    s.name.starts_with(old)
+                }
+            });
+            for (name, on) in by_name(theirs) {
+                let left = drop_until_stopped(influx, p, on_source, &name, &on, within).await;
+                if !left.is_empty() {
+                    tracing::warn!(
+                        server = %influx.url(),
+                        subscription = name,
+                        "the interrupted capture's subscriptions: {}",
+                        left.describe(within)
+                    );
+                }
             }
         }
         // Of the writers' writes only: the statistics' deliveries are not compared.
@@ -768,6 +766,66 @@ fn fault_once(fault: &str, on_source: bool) -> bool {
     true
 }
 
+/// Subscriptions grouped by name: each name with the `(database, retention policy)`
+/// pairs it is on, in the order first seen.
+pub(super) fn by_name(
+    subs: impl IntoIterator<Item = crate::influx::Subscription>,
+) -> Vec<(String, Vec<(String, String)>)> {
+    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    for s in subs {
+        let on = (s.database, s.retention_policy);
+        match out.iter_mut().find(|(n, _)| *n == s.name) {
+            Some((_, ons)) => ons.push(on),
+            None => out.push((s.name, vec![on])),
+        }
+    }
+    out
+}
+
+/// What [`drop_until_stopped`] could not do.
+#[derive(Debug, Default)]
+pub(super) struct NotStopped {
+    /// Dropped, and still running at the end.
+    pub running: Vec<(String, String)>,
+    /// Those whose DROP failed, with the server's answer: maybe still in its metadata.
+    pub failed: Vec<((String, String), String)>,
+}
+
+impl NotStopped {
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty() && self.failed.is_empty()
+    }
+
+    /// Every subscription concerned, the failed first.
+    pub fn subscriptions(&self) -> Vec<(String, String)> {
+        let failed = self.failed.iter().map(|(sub, _)| sub.clone());
+        failed.chain(self.running.iter().cloned()).collect()
+    }
+
+    /// For an error or a warning: which, and why.
+    pub fn describe(&self, within: Duration) -> String {
+        let mut parts = Vec::new();
+        if !self.running.is_empty() {
+            parts.push(format!(
+                "{} still running {within:?} after their DROP ({})",
+                self.running.len(),
+                on_list(&self.running)
+            ));
+        }
+        for ((db, rp), why) in &self.failed {
+            parts.push(format!("the DROP on {db}.{rp} failed: {why}"));
+        }
+        parts.join("; ")
+    }
+}
+
+fn on_list(subs: &[(String, String)]) -> String {
+    subs.iter()
+        .map(|(db, rp)| format!("{db}.{rp}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Drop the subscriptions `name` on each `(database, retention policy)` of `subs` and
 /// wait, `within` at most, until the server runs none of them. InfluxDB 1.x can miss a
 /// DROP made right after another change of its metadata (the race `subscribe` meets),
@@ -776,7 +834,8 @@ fn fault_once(fault: &str, on_source: bool) -> bool {
 /// drop against the next capture on that server. One still running after
 /// [`remake_after`] is made again with the destination it had (the server keeps the
 /// writer it runs: nothing new starts) and dropped: a change of its own for the server
-/// to take up. Returns those still running at the end; a server's error at once.
+/// to take up. A DROP that fails does not stop the others. What could not be done is
+/// returned, for the caller to fail on or to say.
 pub(super) async fn drop_until_stopped(
     influx: &Influx,
     phase: Phase,
@@ -784,46 +843,65 @@ pub(super) async fn drop_until_stopped(
     name: &str,
     subs: &[(String, String)],
     within: Duration,
-) -> Result<Vec<(String, String)>, MigrateError> {
+) -> NotStopped {
+    let mut out = NotStopped::default();
     if subs.is_empty() {
-        return Ok(Vec::new());
+        return out;
     }
-    let err = |source| MigrateError::Influx { phase, source };
-    // Their destinations, read before they go (the metadata forgets them with the DROP).
-    let destinations: Vec<((String, String), Secret)> = influx
-        .subscriptions()
-        .await
-        .map_err(err)?
-        .into_iter()
-        .filter(|s| s.name == name)
-        .filter_map(|s| {
-            let d = s.destinations.into_iter().next()?;
-            Some(((s.database, s.retention_policy), Secret::new(d)))
-        })
-        .collect();
+    // Their destinations, read before they go (the metadata forgets them with the DROP);
+    // unread, no nudge is possible, and the DROPs go all the same.
+    let destinations: Vec<((String, String), Secret)> = match influx.subscriptions().await {
+        Ok(all) => all
+            .into_iter()
+            .filter(|s| s.name == name)
+            .filter_map(|s| {
+                let d = s.destinations.into_iter().next()?;
+                Some(((s.database, s.retention_policy), Secret::new(d)))
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, server = %influx.url(), "cannot read the subscriptions before dropping ours: one the server misses cannot be made again");
+            Vec::new()
+        }
+    };
     // Fault injection (`STATESHIFT_FAULT=drop_unseen`): the last DROP of the first such
     // round on each side is left out, as if the server had missed it (it runs on, below).
     let unseen = fault_once("drop_unseen", on_source)
         .then(|| subs.last().cloned())
         .flatten();
+    let mut dropped = Vec::new();
     for (db, rp) in subs {
-        if unseen.as_ref() == Some(&(db.clone(), rp.clone())) {
+        let sub = (db.clone(), rp.clone());
+        if unseen.as_ref() == Some(&sub) {
             tracing::warn!(
                 db,
                 rp,
                 on_source,
                 "STATESHIFT_FAULT=drop_unseen: not dropped in the first round"
             );
-        } else {
-            drop_subscription_if_any(influx, phase, name, db, rp).await?;
+        } else if let Err(e) = drop_subscription_if_any(influx, phase, name, db, rp).await {
+            out.failed.push((sub, e.to_string()));
+            continue;
         }
+        dropped.push(sub);
     }
     let dropped_at = Instant::now();
     let deadline = dropped_at + within;
     let mut nudge_at = dropped_at + remake_after(within);
     loop {
-        let running = influx.live_each(name, subs).await.map_err(err)?;
-        let still: Vec<(String, String)> = subs
+        let running = match influx.live_each(name, &dropped).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Whether they stopped is not known: said as not stopped.
+                out.failed.extend(
+                    dropped
+                        .into_iter()
+                        .map(|sub| (sub, format!("cannot read whether it stopped: {e}"))),
+                );
+                return out;
+            }
+        };
+        let still: Vec<(String, String)> = dropped
             .iter()
             .zip(&running)
             .filter(|(_, r)| **r)
@@ -831,24 +909,46 @@ pub(super) async fn drop_until_stopped(
             .collect();
         let now = Instant::now();
         if still.is_empty() || now >= deadline {
-            return Ok(still);
+            out.running = still;
+            return out;
         }
         if now >= nudge_at {
+            let known: Vec<&(String, String)> = still
+                .iter()
+                .filter(|sub| destinations.iter().any(|(s, _)| s == *sub))
+                .collect();
+            // One whose destination is not known cannot be made as it was: only the
+            // server's next change of metadata ends it, which waiting cannot bring.
+            if known.is_empty() {
+                out.running = still;
+                return out;
+            }
             tracing::warn!(
                 on_source,
-                still = ?still,
+                still = %on_list(&still),
                 after_ms = dropped_at.elapsed().as_millis() as u64,
                 "dropped subscriptions still running: made and dropped again (InfluxDB can miss a change made right after another)"
             );
-            for sub in &still {
-                // One whose destination is not known cannot be made as it was: a DROP
-                // of one already gone is no change, so only time can end it.
-                if let Some((_, d)) = destinations.iter().find(|(s, _)| s == sub) {
-                    let (db, rp) = sub;
-                    create_subscription(influx, phase, name, db, rp, d, true).await?;
-                    drop_subscription_if_any(influx, phase, name, db, rp).await?;
+            for sub in known {
+                let (db, rp) = sub;
+                let Some((_, d)) = destinations.iter().find(|(s, _)| s == sub) else {
+                    continue;
+                };
+                if let Err(e) = create_subscription(influx, phase, name, db, rp, d, true).await {
+                    out.failed.push((sub.clone(), e.to_string()));
+                    continue;
+                }
+                // Made again, it is in the metadata: a DROP that fails is tried once more.
+                let mut again = drop_subscription_if_any(influx, phase, name, db, rp).await;
+                if again.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    again = drop_subscription_if_any(influx, phase, name, db, rp).await;
+                }
+                if let Err(e) = again {
+                    out.failed.push((sub.clone(), e.to_string()));
                 }
             }
+            dropped.retain(|sub| !out.failed.iter().any(|(f, _)| f == sub));
             nudge_at = Instant::now() + remake_after(within);
             continue;
         }
@@ -866,7 +966,12 @@ pub(super) async fn drop_subscription_if_any(
 ) -> Result<(), MigrateError> {
     match influx.drop_subscription(name, db, rp).await {
         Ok(()) => Ok(()),
-        Err(crate::influx::InfluxError::Query { msg, .. }) if msg == "subscription not found" => {
+        // Gone, or gone with its database or retention policy.
+        Err(crate::influx::InfluxError::Query { msg, .. })
+            if msg == "subscription not found"
+                || msg.starts_with("database not found")
+                || msg.starts_with("retention policy not found") =>
+        {
             Ok(())
         }
         Err(source) => Err(MigrateError::Influx { phase, source }),

@@ -10,10 +10,14 @@
 //! A goal at or under what the writes take anyway (with the capture on, and whatever
 //! else the server does) would hold the streams at their floor for good (stop 36: 3 ms,
 //! 1 MB/s, a dump of over an hour). So the guard learns: writes still slow after
-//! [`LEARN_TICKS`] ticks with the streams at their floor are the writers' own time, not
-//! the dump's; their mean becomes the baseline, and the goal half again over it (never
-//! under the one configured), said in a warning. Calm is then under halfway from the
-//! baseline to the goal.
+//! [`LEARN_TICKS`] ticks in a row with the streams at their floor are the writers' own
+//! time, not the dump's: the least of those ticks' means becomes the baseline (the least,
+//! so that the writes queued behind the stall that made the last cut do not count), and
+//! the goal half again over it (never under the one configured, never over
+//! [`LEARNED_GOAL_MOST`]), said in a warning. Calm is then under halfway from the
+//! baseline to the goal. A disk's backlog that keeps every write slow for all those
+//! ticks would be taken for the writers' own time too: the guard then spares the
+//! writers less than configured, and says by how much.
 //!
 //! What it measures is what the writers wait for, whatever the cause: the source's CPU,
 //! its disk, or a storage backend the target's volume shares with the source's (a
@@ -49,6 +53,10 @@ const LEARN_TICKS: u32 = 6;
 /// The least writes answered in those ticks for a mean to learn from.
 const LEARN_WRITES: u64 = 10;
 
+/// The most a learned goal may be: half a tick, so that a write served through a whole
+/// tick stays slow by it (in [`Guard::next`]).
+const LEARNED_GOAL_MOST: Duration = Duration::from_millis(250);
+
 /// The guard's state: its goal and what it did.
 #[derive(Debug)]
 pub(super) struct Guard {
@@ -71,8 +79,9 @@ pub(super) struct Guard {
     pub holds: u32,
     /// The writes' own mean time, learned at the floor (none: zero).
     baseline: Duration,
-    /// Slow ticks in a row at the floor, and the writes answered in them, their time.
-    at_floor: (u32, u64, u64),
+    /// Slow ticks in a row at the floor, the writes answered in them, and the least
+    /// mean of one of them (nanoseconds).
+    at_floor: (u32, u64, Option<u64>),
     /// The goal configured, if the guard raised its own: the writes' mean learned at
     /// the floor, and the goal set from it.
     pub learned: Option<(Duration, Duration)>,
@@ -90,7 +99,7 @@ impl Guard {
             held: 0,
             holds: 0,
             baseline: Duration::ZERO,
-            at_floor: (0, 0, 0),
+            at_floor: (0, 0, None),
             learned: None,
         }
     }
@@ -99,22 +108,29 @@ impl Guard {
     /// documentation); whether the goal was raised.
     fn learn(&mut self, rate: u64, slow: bool, answered: u64, nanos: u64) -> bool {
         if !(slow && rate > 0 && rate <= FLOOR) {
-            self.at_floor = (0, 0, 0);
+            self.at_floor = (0, 0, None);
             return false;
         }
-        let (ticks, writes, time) = self.at_floor;
-        self.at_floor = (ticks + 1, writes + answered, time + nanos);
-        let (ticks, writes, time) = self.at_floor;
+        let (ticks, writes, least) = self.at_floor;
+        let mean = nanos.checked_div(answered);
+        let least = match (least, mean) {
+            (Some(l), Some(m)) => Some(l.min(m)),
+            (l, m) => l.or(m),
+        };
+        self.at_floor = (ticks + 1, writes + answered, least);
+        let (ticks, writes, Some(least)) = self.at_floor else {
+            return false;
+        };
         if ticks < LEARN_TICKS || writes < LEARN_WRITES {
             return false;
         }
-        self.at_floor = (0, 0, 0);
-        let own = Duration::from_nanos(time / writes);
-        let goal = own + own / 2;
+        self.at_floor = (0, 0, None);
+        let own = Duration::from_nanos(least);
+        let goal = (own + own / 2).min(LEARNED_GOAL_MOST);
         if goal <= self.goal {
             return false;
         }
-        self.baseline = own;
+        self.baseline = own.min(goal);
         self.goal = goal;
         self.learned = Some((own, goal));
         true
@@ -132,6 +148,7 @@ impl Guard {
     ) -> u64 {
         // Counters that went back: the server restarted, and the tick says nothing.
         if after.arrived < before.arrived || after.nanos < before.nanos {
+            self.at_floor = (0, 0, None);
             return rate;
         }
         self.judged += 1;
@@ -283,8 +300,10 @@ pub(super) async fn watch(source: &Influx, pace: &Pace, guard: &mut Guard) -> In
                     tracing::debug!(error = %why, "the write-time guard could not read the source's counters");
                 }
                 last = None;
-                // The ticks a hold counts are half seconds: a gap in the readings ends it.
+                // The ticks a hold or a lesson counts are half seconds in a row: a gap in
+                // the readings ends both.
                 guard.held = 0;
+                guard.at_floor = (0, 0, None);
             }
         }
         tokio::time::sleep(TICK.saturating_sub(now.elapsed())).await;
@@ -500,6 +519,31 @@ mod tests {
         }
         let (own, goal) = high.learned.expect("25 ms over a 20 ms goal");
         assert_eq!((own.as_millis(), goal.as_micros()), (25, 37_500));
+        // The writes queued behind the stall that made the cut to the floor are not the
+        // writers' own time: the least tick's mean is (3.5 ms, not the 9 ms of them all).
+        let mut stalled = Guard::new(Duration::from_millis(3), 0);
+        let mut t = times(100, 0, 100 * MS);
+        for each in [300, 100, 35, 35, 35, 35] {
+            let next = times(t.arrived + 50, 0, t.nanos + 50 * each * MS / 10);
+            stalled.next(FLOOR, t, next, FLOOR / 2, tick);
+            t = next;
+        }
+        let (own, goal) = stalled.learned.expect("six slow ticks");
+        assert_eq!((own.as_micros(), goal.as_micros()), (3_500, 5_250));
+        // Never over half a tick, where a write served through a whole tick would no
+        // longer be slow; and raised only once there.
+        let mut crawl = Guard::new(Duration::from_millis(60), 0);
+        let mut t = times(100, 0, 100 * MS);
+        for _ in 0..4 * LEARN_TICKS {
+            let next = times(t.arrived + 20, 0, t.nanos + 20 * 400 * MS);
+            crawl.next(FLOOR, t, next, FLOOR / 2, tick);
+            t = next;
+        }
+        assert_eq!(crawl.goal, LEARNED_GOAL_MOST);
+        assert_eq!(
+            crawl.learned,
+            Some((Duration::from_millis(400), LEARNED_GOAL_MOST))
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use super::capture::{by_name, drop_until_stopped};
 use super::context::{Migration, SentShard};
 use super::guard::{self, Guard};
 use super::priority::End;
@@ -619,12 +620,26 @@ impl Migration<'_> {
         let src = self.src().influx.clone();
         let dst = self.dst().influx.clone();
         let err = Self::influx_err(p);
-        // Portable restore carries subscriptions over: ours must not forward from the target.
-        for s in dst.subscriptions().await.map_err(&err)? {
-            if s.name.starts_with("stateshift_") {
-                dst.drop_subscription(&s.name, &s.database, &s.retention_policy)
-                    .await
-                    .map_err(&err)?;
+        // Portable restore carries subscriptions over: ours must not forward from the
+        // target (the capture's would spool the target's own writes), nor run on after a
+        // DROP the server missed.
+        let subs = dst.subscriptions().await.map_err(&err)?;
+        let carried = by_name(
+            subs.into_iter()
+                .filter(|s| s.name.starts_with("stateshift_")),
+        );
+        let within = self.cfg.capture.live_timeout;
+        for (name, subs) in &carried {
+            let left = drop_until_stopped(&dst, p, false, name, subs, within).await;
+            if !left.is_empty() {
+                return Err(MigrateError::Failed {
+                    phase: p,
+                    msg: format!(
+                        "{}: the subscriptions {name} the restore carried over: {}",
+                        dst.url(),
+                        left.describe(within)
+                    ),
+                });
             }
         }
         // Retention policies: restore brings them; make sure defaults and any missing agree.
