@@ -169,19 +169,21 @@ impl Migration<'_> {
         }
         self.spool = Some(spool);
         let src = self.src().influx.clone();
-        let made = std::mem::take(&mut self.created.source_subscriptions);
+        // Kept recorded until dropped: an abort meanwhile leaves them to the rollback's
+        // watched DROPs (found by review).
+        let made = self.created.source_subscriptions.clone();
         let within = self.cfg.capture.live_timeout;
         let left = drop_until_stopped(&src, p, true, name, &made, within).await;
+        // What is left, the rollback drops again (one gone is no error there).
+        self.created.source_subscriptions = left.subscriptions();
         if !left.is_empty() {
-            // The rollback drops them again (one gone is no error there).
-            self.created.source_subscriptions = left.subscriptions();
             return Err(MigrateError::Failed {
                 phase: p,
                 msg: format!(
                     "{}: of the {} subscriptions dropped to make them again, {}",
                     src.url(),
                     made.len(),
-                    left.describe(within)
+                    left.describe()
                 ),
             });
         }
@@ -554,7 +556,7 @@ impl Migration<'_> {
                 tracing::warn!(
                     subscription = name,
                     "an interrupted capture's subscriptions on the source's statistics: {}; their failed forwards may be counted against this capture",
-                    left.describe(within)
+                    left.describe()
                 );
             }
         }
@@ -626,7 +628,7 @@ impl Migration<'_> {
                         server = %influx.url(),
                         subscription = name,
                         "the interrupted capture's subscriptions: {}",
-                        left.describe(within)
+                        left.describe()
                     );
                 }
             }
@@ -787,6 +789,8 @@ pub(super) fn by_name(
 pub(super) struct NotStopped {
     /// Dropped, and still running at the end.
     pub running: Vec<(String, String)>,
+    /// How long after the DROPs the end was.
+    pub waited: Duration,
     /// Those whose DROP failed, with the server's answer: maybe still in its metadata.
     pub failed: Vec<((String, String), String)>,
 }
@@ -803,12 +807,13 @@ impl NotStopped {
     }
 
     /// For an error or a warning: which, and why.
-    pub fn describe(&self, within: Duration) -> String {
+    pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if !self.running.is_empty() {
             parts.push(format!(
-                "{} still running {within:?} after their DROP ({})",
+                "{} still running {} after their DROP ({})",
                 self.running.len(),
+                humantime::format_duration(Duration::from_millis(self.waited.as_millis() as u64)),
                 on_list(&self.running)
             ));
         }
@@ -866,12 +871,23 @@ pub(super) async fn drop_until_stopped(
     };
     // Fault injection (`STATESHIFT_FAULT=drop_unseen`): the last DROP of the first such
     // round on each side is left out, as if the server had missed it (it runs on, below).
-    let unseen = fault_once("drop_unseen", on_source)
+    // Only ours on their own side: the capture's on the source, the watch (`_t`) on the
+    // target, not the copies a portable restore carries over (found by review: they
+    // took the target's turn before the disposal's).
+    let eligible = on_source != name.ends_with("_t");
+    let unseen = (eligible && fault_once("drop_unseen", on_source))
         .then(|| subs.last().cloned())
         .flatten();
     let mut dropped = Vec::new();
+    // A server that does not answer a DROP is not asked the rest: each would wait the
+    // whole request timeout (found by review: a rollback on a hung server took minutes).
+    let mut unanswered: Option<String> = None;
     for (db, rp) in subs {
         let sub = (db.clone(), rp.clone());
+        if let Some(why) = &unanswered {
+            out.failed.push((sub, format!("not sent: {why}")));
+            continue;
+        }
         if unseen.as_ref() == Some(&sub) {
             tracing::warn!(
                 db,
@@ -880,18 +896,31 @@ pub(super) async fn drop_until_stopped(
                 "STATESHIFT_FAULT=drop_unseen: not dropped in the first round"
             );
         } else if let Err(e) = drop_subscription_if_any(influx, phase, name, db, rp).await {
+            if !matches!(
+                e,
+                MigrateError::Influx {
+                    source: crate::influx::InfluxError::Query { .. },
+                    ..
+                }
+            ) {
+                unanswered = Some(format!("an earlier DROP got no answer ({e})"));
+            }
             out.failed.push((sub, e.to_string()));
             continue;
         }
         dropped.push(sub);
     }
     let dropped_at = Instant::now();
+    if dropped.is_empty() {
+        return out;
+    }
     let deadline = dropped_at + within;
     let mut nudge_at = dropped_at + remake_after(within);
     loop {
         let running = match influx.live_each(name, &dropped).await {
             Ok(r) => r,
             Err(e) => {
+                out.waited = dropped_at.elapsed();
                 // Whether they stopped is not known: said as not stopped.
                 out.failed.extend(
                     dropped
@@ -910,19 +939,17 @@ pub(super) async fn drop_until_stopped(
         let now = Instant::now();
         if still.is_empty() || now >= deadline {
             out.running = still;
+            out.waited = dropped_at.elapsed();
             return out;
         }
-        if now >= nudge_at {
-            let known: Vec<&(String, String)> = still
-                .iter()
-                .filter(|sub| destinations.iter().any(|(s, _)| s == *sub))
-                .collect();
-            // One whose destination is not known cannot be made as it was: only the
-            // server's next change of metadata ends it, which waiting cannot bring.
-            if known.is_empty() {
-                out.running = still;
-                return out;
-            }
+        // One whose destination is not known cannot be made as it was: only the
+        // server's next change of metadata ends it (or a DROP slow to take effect),
+        // and the wait goes on to the deadline.
+        let known: Vec<&(String, String)> = still
+            .iter()
+            .filter(|sub| destinations.iter().any(|(s, _)| s == *sub))
+            .collect();
+        if now >= nudge_at && !known.is_empty() {
             tracing::warn!(
                 on_source,
                 still = %on_list(&still),

@@ -108,7 +108,10 @@ impl Migration<'_> {
     pub(super) async fn stop_capture(&mut self, phase: Phase) -> Result<u64, MigrateError> {
         let name = sub_name(&self.id);
         let subs = std::mem::take(&mut self.created.source_subscriptions);
-        self.drop_ours(phase, true, &name, &subs).await;
+        // What is left is dropped again with the rest (`drop_subscriptions_only`): one
+        // made again by a nudge whose DROP failed is back in the metadata (found by
+        // review).
+        self.created.source_subscriptions = self.drop_ours(phase, true, &name, &subs).await;
         // Forwards already in flight still land: wait until arrivals settle (bounded),
         // stop the receiver, and only then replay the last of the spool.
         if let Some(r) = &self.receiver {

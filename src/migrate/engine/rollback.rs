@@ -53,6 +53,7 @@ impl Migration<'_> {
         let dropped = !self.created.source_subscriptions.is_empty()
             || !self.created.target_subscriptions.is_empty();
         let source = std::mem::take(&mut self.created.source_subscriptions);
+        // The last DROPs of a rollback or a disposal: what is left is said, not kept.
         self.drop_ours(phase, true, &name, &source).await;
         let target = std::mem::take(&mut self.created.target_subscriptions);
         self.drop_ours(phase, false, &tname, &target).await;
@@ -67,29 +68,32 @@ impl Migration<'_> {
 
     /// Drop our subscriptions `name` on `subs` of one side and wait until its server
     /// runs none of them ([`drop_until_stopped`]). Never fails: the rollback or the
-    /// disposal goes on; what could not be done is said.
+    /// disposal goes on; what could not be done is said, and returned.
     pub(super) async fn drop_ours(
         &self,
         phase: Phase,
         on_source: bool,
         name: &str,
         subs: &[(String, String)],
-    ) {
+    ) -> Vec<(String, String)> {
         let (side, what) = if on_source {
             (&self.source, "capture subscription on the source")
         } else {
             (&self.target, "watch subscription on the target")
         };
-        let Some(side) = side else { return };
+        let Some(side) = side else {
+            return Vec::new();
+        };
         let within = self.cfg.capture.live_timeout;
         let left = drop_until_stopped(&side.influx, phase, on_source, name, subs, within).await;
         if !left.is_empty() {
             tracing::warn!(
                 server = %side.influx.url(),
                 "the {what}: {}; one still there or still running forwards every write the server takes to a receiver that is gone, each a failed forward (InfluxDB stops a dropped one at its next change of metadata or restart)",
-                left.describe(within)
+                left.describe()
             );
         }
+        left.subscriptions()
     }
 
     /// Stop what a step cut short by an abort left running on a host: a dump, a transfer

@@ -637,7 +637,7 @@ impl Migration<'_> {
                     msg: format!(
                         "{}: the subscriptions {name} the restore carried over: {}",
                         dst.url(),
-                        left.describe(within)
+                        left.describe()
                     ),
                 });
             }
