@@ -893,7 +893,7 @@ async fn recover_locked(
             }
             // Our capture subscription on the source, if it was created.
             let src = provider.source_instance(cfg, &source);
-            drop_our_subscriptions(&Influx::from_config(&src), &id).await;
+            drop_our_subscriptions(cfg, &Influx::from_config(&src), &id, true).await;
             // A streamed dump the killed process started on the source goes on without it,
             // on the live service's disk: stop it and remove what it wrote.
             let dump = format!("{}/dump-{id}", src.work_dir.trim_end_matches('/'));
@@ -1024,8 +1024,8 @@ async fn recover_locked(
             }
             // The count before the drop, for the check before the delete (see `finish`).
             let at_stop = src.http_points_written().await.ok();
-            drop_our_subscriptions(&src, &id).await;
-            drop_our_subscriptions(&dst, &id).await;
+            drop_our_subscriptions(cfg, &src, &id, true).await;
+            drop_our_subscriptions(cfg, &dst, &id, false).await;
             // What the interrupted runs captured but had not replayed yet.
             repair_spools(cfg, &id, progress)?;
             for sid in capture_runs(cfg, &id) {
@@ -1231,7 +1231,7 @@ async fn undo_on_target(
             }
         }
     }
-    drop_our_subscriptions(&influx, id).await;
+    drop_our_subscriptions(cfg, &influx, id, false).await;
     let removed = match &host {
         Ok(h) => h
             .run(&format!("rm -rf {}", crate::util::shell_quote(&scratch)))
@@ -1317,21 +1317,27 @@ fn spool_points(path: &Path) -> Option<u64> {
     Some(n)
 }
 
-/// Drop every subscription a migration `id` made (`stateshift_<id>`, `_t`), best effort.
-async fn drop_our_subscriptions(influx: &Influx, id: &str) {
-    let Ok(subs) = influx.subscriptions().await else {
-        return;
+/// Drop every subscription a migration `id` made on one server (`stateshift_<id>`, `_t`)
+/// and wait until it runs none ([`engine::drop_leftover_subscriptions`]: InfluxDB can
+/// miss a DROP, and one left running forwards every write to a receiver that is gone).
+/// What is left is warned about and the settling goes on: the server stops a dropped
+/// one at its next change of metadata or restart.
+async fn drop_our_subscriptions(cfg: &Config, influx: &Influx, id: &str, on_source: bool) {
+    // Named after the step that makes them: the capture's on the source, the watch
+    // (made at the cutover) on the target.
+    let phase = if on_source {
+        Phase::Capture
+    } else {
+        Phase::Cutover
     };
-    for s in subs
-        .into_iter()
-        .filter(|s| s.name.starts_with(&format!("stateshift_{id}")))
+    let within = cfg.capture.live_timeout;
+    if let Err(left) =
+        engine::drop_leftover_subscriptions(influx, phase, on_source, id, within).await
     {
-        if let Err(e) = influx
-            .drop_subscription(&s.name, &s.database, &s.retention_policy)
-            .await
-        {
-            tracing::warn!(error = %e, "could not drop a leftover capture subscription");
-        }
+        tracing::warn!(
+            server = %influx.url(),
+            "the interrupted migration's subscriptions: {left}; one still there or still running forwards every write the server takes to a receiver that is gone"
+        );
     }
 }
 

@@ -983,6 +983,37 @@ pub(super) async fn drop_until_stopped(
     }
 }
 
+/// Drop every subscription the migration `id` left on one server (`stateshift_<id>`,
+/// the watch `stateshift_<id>_t`, those of its resumed runs) and wait until the server
+/// runs none of them ([`drop_until_stopped`], `within` at most for each name): the crash
+/// recovery's sweep, which finds them by name since a killed process recorded nothing
+/// it can trust. What could not be done is returned, said, for the caller to warn about.
+pub async fn drop_leftover_subscriptions(
+    influx: &Influx,
+    phase: Phase,
+    on_source: bool,
+    id: &str,
+    within: Duration,
+) -> Result<(), String> {
+    let prefix = format!("stateshift_{id}");
+    let subs = influx
+        .subscriptions()
+        .await
+        .map_err(|e| format!("cannot list the subscriptions on {}: {e}", influx.url()))?;
+    let mut left = Vec::new();
+    for (name, on) in by_name(subs.into_iter().filter(|s| s.name.starts_with(&prefix))) {
+        let not = drop_until_stopped(influx, phase, on_source, &name, &on, within).await;
+        if !not.is_empty() {
+            left.push(format!("{name}: {}", not.describe()));
+        }
+    }
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(left.join("; "))
+    }
+}
+
 /// `DROP SUBSCRIPTION name ON db.rp`; one already gone is not an error.
 pub(super) async fn drop_subscription_if_any(
     influx: &Influx,

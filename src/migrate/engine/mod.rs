@@ -39,6 +39,7 @@ mod rollback;
 mod transfer;
 mod verify;
 
+pub use capture::drop_leftover_subscriptions;
 use context::Migration;
 pub use priority::{give_back_after_crash, End};
 pub use replay::{replay_ready, replay_spool_tail};
