@@ -224,7 +224,6 @@ pub async fn fault_hold(phase: &str) {
     }
 }
 
-/// Wall-clock milliseconds since the Unix epoch (0 should the clock be before it).
 /// Run `f` on a thread of its own whose nice value is `nice` (Linux keeps one per
 /// thread): work of this process that the machine's other processes must not wait for,
 /// such as digesting a whole database read back from a server while the writers' server
@@ -252,6 +251,7 @@ pub fn spawn_niced<T: Send + 'static>(
     Ok(rx)
 }
 
+/// Wall-clock milliseconds since the Unix epoch (0 should the clock be before it).
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
