@@ -35,6 +35,7 @@ ETC=/etc/stateshift
 if [ "${1:-}" = report ]; then
   check() {
     mountpoint -q "$STATE" || { echo "the state volume is not mounted on $STATE"; return 1; }
+    systemctl is-enabled --quiet stateshift || { echo "stateshift is not enabled: it would not start after a reboot"; return 1; }
     for _ in $(seq 1 60); do
       code=$(curl -s -o /dev/null -w '%{http_code}' -m 5 --cacert "$STATE/tls/api.crt" "https://$SO_HOST:$API_PORT/healthz")
       # 503: the daemon answers, and waits for an operator (a migration failed past
@@ -220,5 +221,9 @@ install_binary() {
 }
 step "installing stateshift from $BIN_URL" install_binary
 step "checking the configuration" runuser -u stateshift -- /usr/local/bin/stateshift config check -c "$ETC/stateshift.yaml"
-step "starting the daemon" sh -c 'systemctl daemon-reload && systemctl enable --now stateshift.service'
+# The unit file was just written (and may differ from a previous boot's): one reload.
+start_daemon() {
+  systemctl daemon-reload && enable_units stateshift.service && systemctl start stateshift.service
+}
+step "starting the daemon" start_daemon
 log "setup done; the report tells Heat once cloud-init has finished and the API answers"

@@ -25,8 +25,10 @@ if [ "${1:-}" = report ]; then
     for u in $UNITS; do
       systemctl cat "$u.service" >/dev/null 2>&1 || continue
       systemctl is-active --quiet "$u" || { echo "$u is not running: $(journalctl -u "$u" -n 3 --no-pager -o cat | tr '\n' ' ')"; return 1; }
+      systemctl is-enabled --quiet "$u" || { echo "$u is not enabled: it would not start after a reboot"; return 1; }
     done
     systemctl is-active --quiet zabbix-agent || { echo "zabbix-agent is not running"; return 1; }
+    systemctl is-enabled --quiet zabbix-agent || { echo "zabbix-agent is not enabled: it would not start after a reboot"; return 1; }
   }
   report
   exit 0
@@ -79,7 +81,7 @@ PY
 }
 step "giving Cyclops its InfluxDB credentials" credentials
 for u in $UNITS; do
-  systemctl cat "$u.service" >/dev/null 2>&1 && step "enabling $u" systemctl enable "$u"
+  systemctl cat "$u.service" >/dev/null 2>&1 && step "enabling $u" enable_units "$u"
 done
 step "pointing Cyclops at $INFLUXDB_URL and starting it" \
   /opt/stateshift/scripts/configure-cyclops.sh --restart "$INFLUXDB_URL" "$CYCLOPS_DIR"

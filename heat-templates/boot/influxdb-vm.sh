@@ -37,6 +37,9 @@ if [ "${1:-}" = report ]; then
     [ "$code" = 200 ] || { echo "the admin user is refused (HTTP $code)"; return 1; }
     grep -q '^INFLUXDB_SUBSCRIBER_WRITE_CONCURRENCY=1$' /etc/default/influxdb || { echo "subscriber write-concurrency is not 1"; return 1; }
     systemctl is-active --quiet zabbix-agent || { echo "zabbix-agent is not running"; return 1; }
+    for u in influxdb zabbix-agent; do
+      systemctl is-enabled --quiet "$u" || { echo "$u is not enabled: it would not start after a reboot"; return 1; }
+    done
   }
   report
   exit 0
@@ -107,7 +110,7 @@ fi
 rm -f "$BOOT_SECRETS/create-admin.q"
 # 2. Every address, auth enforced.
 influx_env ":$HTTP_PORT"
-step "enabling InfluxDB" systemctl enable influxdb
+step "enabling InfluxDB" enable_units influxdb
 step "restarting InfluxDB on every address" systemctl restart influxdb
 step "waiting for InfluxDB" wait_ping "127.0.0.1:$HTTP_PORT"
 

@@ -100,6 +100,13 @@ install_missing() {
   return $rc
 }
 
+# enable_units UNIT...: start at every boot (starting it now is the caller's). Native
+# units only: no SysV rc.d links (Perl; ignored beside a unit file) and no daemon-reload
+# (the next boot reads the links): 0.3 s instead of 30 s under TCG (docs/benchmarks.md).
+enable_units() {
+  SYSTEMCTL_SKIP_SYSV=1 systemctl enable --no-reload "$@"
+}
+
 # zabbix_agent SERVER HOSTNAME METADATA REFRESH: active checks only (the agent connects to
 # the server; the server needs no route to the VM). HostMetadata lets a Zabbix
 # auto-registration action add the host and link its template.
@@ -113,5 +120,5 @@ zabbix_agent() {
   chmod 0644 /etc/zabbix/zabbix_agentd.conf.d/stateshift.conf
   grep -q '^Include=/etc/zabbix/zabbix_agentd.conf.d/' "$conf" \
     || echo 'Include=/etc/zabbix/zabbix_agentd.conf.d/*.conf' >> "$conf"
-  systemctl enable zabbix-agent && systemctl restart zabbix-agent
+  enable_units zabbix-agent && systemctl restart zabbix-agent
 }
