@@ -22,10 +22,11 @@ UNITS="cyclops-udr cyclops-rc cyclops-billing"
 
 if [ "${1:-}" = report ]; then
   check() {
+    # Running, not checked as enabled: a unit without an [Install] section (the lab's
+    # stand-ins) is "static", which `is-enabled` counts as enabled whatever happens at boot.
     for u in $UNITS; do
       systemctl cat "$u.service" >/dev/null 2>&1 || continue
       systemctl is-active --quiet "$u" || { echo "$u is not running: $(journalctl -u "$u" -n 3 --no-pager -o cat | tr '\n' ' ')"; return 1; }
-      systemctl is-enabled --quiet "$u" || { echo "$u is not enabled: it would not start after a reboot"; return 1; }
     done
     systemctl is-active --quiet zabbix-agent || { echo "zabbix-agent is not running"; return 1; }
     systemctl is-enabled --quiet zabbix-agent || { echo "zabbix-agent is not enabled: it would not start after a reboot"; return 1; }
