@@ -812,7 +812,9 @@ pub struct CaptureConfig {
     /// The old instance must have received no write for this long before the drain.
     #[serde(serialize_with = "ser_duration")]
     pub quiet_period: Duration,
-    /// Give up waiting for quiet after this long (the migration then fails safely).
+    /// Give up waiting for quiet after this long (the migration then fails safely); and
+    /// before the repoint, give up on a replay whose backlog has not shrunk for this long
+    /// (writers faster than the target: a rollback).
     #[serde(serialize_with = "ser_duration")]
     pub quiet_timeout: Duration,
     /// How long to wait for a new subscription to become live.

@@ -901,6 +901,144 @@ async fn interleaved_writes_to_several_databases_are_replayed_in_few_requests_an
     );
 }
 
+/// About 1 MB of line protocol: `lines` points of 1,000 series, times from `t0` (ns).
+fn usage_body(lines: u64, t0: u64) -> (Vec<u8>, u64) {
+    let mut b = String::with_capacity(lines as usize * 40);
+    for i in 0..lines {
+        b.push_str(&format!(
+            "usage,acct=a{} value={i}i {}\n",
+            i % 1_000,
+            t0 + i
+        ));
+    }
+    (b.into_bytes(), lines)
+}
+
+/// Appends `body` to `spool` every `every` until `stop` is set, for `limit` and up to
+/// 1.5 GB in the spool at most (a bounded load); returns the points appended.
+fn spool_writer(
+    spool: std::sync::Arc<stateshift::migrate::spool::SpoolWriter>,
+    body: Vec<u8>,
+    points: u64,
+    every: Duration,
+    limit: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let end = std::time::Instant::now() + limit;
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed)
+            && std::time::Instant::now() < end
+            && spool.len() < 1_500_000_000
+        {
+            spool.append("udr", "autogen", "ns", &body).unwrap();
+            n += points;
+            std::thread::sleep(every);
+        }
+        n
+    })
+}
+
+/// Writers that outpace the replay before the repoint fail it, with the backlog in the
+/// message, instead of keeping the delta (and the source's load) going for ever: a
+/// failure there is a rollback. Here the spool grows by ~130 MB/s, several times what
+/// one InfluxDB on this machine takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_writers_outpace_gives_up_before_the_repoint_naming_the_backlog() {
+    use stateshift::migrate::spool::SpoolWriter;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let lab = lab(LabOptions::default()).await;
+    let dst = lab.target.client();
+    dst.query(None, "CREATE DATABASE udr").await.unwrap();
+    let spool = Arc::new(SpoolWriter::create(&lab.dir.join("outpaced.spool")).unwrap());
+    let mut reader = spool.reader().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (body, points) = usage_body(28_000, 1_700_000_000_000_000_000);
+    let writer = spool_writer(
+        spool.clone(),
+        body,
+        points,
+        Duration::from_millis(10),
+        Duration::from_secs(30),
+        stop.clone(),
+    );
+    // Behind from the start, as a delta after a dump is: 20 MB captured before the replay.
+    while spool.len() < 20_000_000 {
+        assert!(!writer.is_finished(), "the spool writer stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let give_up = Duration::from_secs(1);
+    let r = tokio::time::timeout(
+        Duration::from_secs(25),
+        engine::replay_catching_up(&mut reader, &dst, Phase::Delta, give_up),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let appended = writer.join().unwrap();
+    let r = r.expect("the replay never gave up on writers that outpace it");
+    let Err(MigrateError::Failed { phase, msg }) = r else {
+        panic!("not a failure of the replay: {r:?}");
+    };
+    assert_eq!(phase, Phase::Delta);
+    assert!(
+        msg.contains("not catching up with the writers")
+            && msg.contains("MB captured and not replayed yet")
+            && msg.contains("capture.quiet_timeout"),
+        "{msg}"
+    );
+    assert!(reader.lag() > 0, "{msg}");
+    assert!(appended > 0);
+}
+
+/// A large backlog that shrinks is replayed to the end, however long that takes beyond
+/// the give-up time, while a writer keeps adding to it slowly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_gains_on_the_writers_is_not_given_up_however_long_it_takes() {
+    use stateshift::migrate::spool::SpoolWriter;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let lab = lab(LabOptions::default()).await;
+    let dst = lab.target.client();
+    dst.query(None, "CREATE DATABASE udr").await.unwrap();
+    let spool = Arc::new(SpoolWriter::create(&lab.dir.join("gaining.spool")).unwrap());
+    let mut reader = spool.reader().unwrap();
+    // ~136 MB behind at the start (the same points again and again: counted as replayed
+    // each time): seconds of replay on this machine, each 4 MB request well under one.
+    let (body, n) = usage_body(28_000, 1_700_000_000_000_000_000);
+    let mut backlog = 0;
+    for _ in 0..100 {
+        spool.append("udr", "autogen", "ns", &body).unwrap();
+        backlog += n;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (body, points) = usage_body(200, 1_800_000_000_000_000_000);
+    let writer = spool_writer(
+        spool.clone(),
+        body,
+        points,
+        Duration::from_millis(50),
+        Duration::from_secs(120),
+        stop.clone(),
+    );
+    let give_up = Duration::from_secs(2);
+    let t = std::time::Instant::now();
+    let r = engine::replay_catching_up(&mut reader, &dst, Phase::Delta, give_up).await;
+    let took = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let appended = writer.join().unwrap();
+    let replayed = r.unwrap();
+    assert!(
+        took > give_up,
+        "the backlog took {took:?} to replay, no longer than the give-up time: this test shows nothing"
+    );
+    // What the writer appended after the replay caught up, then everything is accounted for.
+    let rest = engine::replay_ready(&mut reader, &dst, Phase::Delta, None)
+        .await
+        .unwrap();
+    assert_eq!(replayed + rest, backlog + appended);
+}
+
 /// This process's private forward directories (`forwards-<id>` in its own directory,
 /// `$TMPDIR/stateshift-p<pid>-...`).
 fn forward_dirs() -> Vec<std::path::PathBuf> {

@@ -42,7 +42,7 @@ mod verify;
 pub use capture::drop_leftover_subscriptions;
 use context::Migration;
 pub use priority::{give_back_after_crash, End};
-pub use replay::{replay_ready, replay_spool_tail};
+pub use replay::{replay_catching_up, replay_ready, replay_spool_tail};
 
 /// Phases in order (DESIGN.md §3; stack creation, disposal of the old stack and the
 /// window reset belong to the orchestrator around this engine).

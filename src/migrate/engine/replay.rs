@@ -59,7 +59,11 @@ impl Migration<'_> {
             }
             self.report.points_replayed += n;
         }
-        let n = replay_ready(&mut reader, &dst, p, None).await?;
+        // Bounded: writers that outpace the replay would keep the delta going for ever,
+        // while the source goes on taking their points; better a rollback now. (Not in a
+        // resumed run, which is past the repoint.)
+        let limit = (!self.report.cutover_done).then_some(self.cfg.capture.quiet_timeout);
+        let n = replay(&mut reader, &dst, p, None, limit).await?;
         record_offset(&self.cfg.capture.spool_dir, &self.id, reader.offset()).await;
         self.report.points_replayed += n;
         self.report.replay_seconds += t.elapsed().as_secs_f64();
@@ -74,7 +78,14 @@ impl Migration<'_> {
             return Ok(0);
         };
         let t = Instant::now();
-        let n = replay_ready(reader, &dst.influx, phase, self.touched.as_deref()).await?;
+        // Before the repoint, writers that outpace the replay fail it (a rollback); after,
+        // the writers depend on the target and the drain's own deadline bounds it. Without
+        // a cutover command, writers may use the target from the cutover on.
+        let before_repoint = !self.report.cutover_done
+            && (phase == Phase::Delta || self.cfg.cutover.command.is_some());
+        let limit = before_repoint.then_some(self.cfg.capture.quiet_timeout);
+        let track = self.touched.as_deref();
+        let n = replay(reader, &dst.influx, phase, track, limit).await?;
         record_offset(&self.cfg.capture.spool_dir, &self.id, reader.offset()).await;
         self.report.points_replayed += n;
         self.report.replay_seconds += t.elapsed().as_secs_f64();
@@ -104,10 +115,70 @@ pub async fn replay_ready(
     phase: Phase,
     track: Option<&Mutex<KeySet>>,
 ) -> Result<u64, MigrateError> {
+    replay(reader, target, phase, track, None).await
+}
+
+/// [`replay_ready`] for a spool that writers keep filling, which fails when the replay
+/// does not gain on them: when the backlog (bytes captured and not on the target yet) has
+/// not come below its lowest so far for `give_up_after` and more than one request
+/// ([`REPLAY_BATCH_BYTES`]) is unread. A backlog that comes to a new lowest within every
+/// `give_up_after` (each 4 MB request written does that, unless the writers add more
+/// meanwhile) never trips it, however large; one that only grows does after
+/// `give_up_after` (`capture.quiet_timeout`; used before the repoint, where failing is a
+/// safe rollback). Writers that keep exact pace, so that the spool is never empty, end it
+/// after `give_up_after` with less than one request left, for the next catch-up.
+pub async fn replay_catching_up(
+    reader: &mut SpoolReader,
+    target: &Influx,
+    phase: Phase,
+    give_up_after: Duration,
+) -> Result<u64, MigrateError> {
+    replay(reader, target, phase, None, Some(give_up_after)).await
+}
+
+async fn replay(
+    reader: &mut SpoolReader,
+    target: &Influx,
+    phase: Phase,
+    track: Option<&Mutex<KeySet>>,
+    give_up_after: Option<Duration>,
+) -> Result<u64, MigrateError> {
     let mut points = 0u64;
     let mut open: Vec<Batch> = Vec::new();
     let mut held = 0usize;
+    let start = Instant::now();
+    // The lowest backlog seen (captured, not on the target yet: unread, or read and held
+    // in a batch), and when it was seen.
+    let mut lowest = (reader.lag(), start);
     loop {
+        if let Some(limit) = give_up_after {
+            let (lag, behind) = (reader.lag(), reader.lag() + held as u64);
+            if behind < lowest.0 {
+                lowest = (behind, Instant::now());
+            } else if lowest.1.elapsed() >= limit && lag <= REPLAY_BATCH_BYTES as u64 {
+                // Writers as fast as the replay, never leaving the spool empty for a
+                // moment: as caught up as they allow; what is left is one request, for
+                // the next catch-up (after the cutover command, if this was the last).
+                tracing::warn!(
+                    behind_bytes = lag,
+                    "the replay keeps pace with the writers without ever emptying the spool"
+                );
+                break;
+            } else if lowest.1.elapsed() >= limit {
+                return Err(MigrateError::Failed {
+                    phase,
+                    msg: format!(
+                        "the replay is not catching up with the writers: {} MB captured and \
+                         not replayed yet, never fewer than {} MB for {limit:?} \
+                         (capture.quiet_timeout), after {points} points replayed in {:.1} s; \
+                         the writers write faster than the target takes them",
+                        mb(behind),
+                        mb(lowest.0),
+                        start.elapsed().as_secs_f64()
+                    ),
+                });
+            }
+        }
         let ready = reader
             .next_batch(REPLAY_BATCH_BYTES)
             .await
@@ -155,6 +226,11 @@ pub async fn replay_ready(
         points += b.flush(target, phase, track).await?;
     }
     Ok(points)
+}
+
+/// Bytes as MB with one decimal, for messages.
+fn mb(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / 1e6)
 }
 
 /// The open replay batch of one database and retention policy.
