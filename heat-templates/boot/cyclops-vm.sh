@@ -22,11 +22,16 @@ UNITS="cyclops-udr cyclops-rc cyclops-billing"
 
 if [ "${1:-}" = report ]; then
   check() {
-    # Running, not checked as enabled: a unit without an [Install] section (the lab's
-    # stand-ins) is "static", which `is-enabled` counts as enabled whatever happens at boot.
+    # Started at every boot: enabled, generated (a generator's links) or static (no
+    # [Install]: pulled in by another unit, or not at all; the boot warned). `--quiet`
+    # would also pass enabled-runtime, which a reboot forgets, and other states.
     for u in $UNITS; do
       systemctl cat "$u.service" >/dev/null 2>&1 || continue
       systemctl is-active --quiet "$u" || { echo "$u is not running: $(journalctl -u "$u" -n 3 --no-pager -o cat | tr '\n' ' ')"; return 1; }
+      case $(systemctl is-enabled "$u" 2>/dev/null) in
+        enabled|generated|static) ;;
+        *) echo "$u is not enabled ($(systemctl is-enabled "$u" 2>&1)): it would not start after a reboot"; return 1 ;;
+      esac
     done
     systemctl is-active --quiet zabbix-agent || { echo "zabbix-agent is not running"; return 1; }
     systemctl is-enabled --quiet zabbix-agent || { echo "zabbix-agent is not enabled: it would not start after a reboot"; return 1; }
@@ -82,7 +87,10 @@ PY
 }
 step "giving Cyclops its InfluxDB credentials" credentials
 for u in $UNITS; do
-  systemctl cat "$u.service" >/dev/null 2>&1 && step "enabling $u" enable_units "$u"
+  systemctl cat "$u.service" >/dev/null 2>&1 || continue
+  step "enabling $u" enable_units "$u"
+  [ "$(systemctl is-enabled "$u" 2>/dev/null)" != static ] ||
+    log "warning: $u.service has no [Install] section: after a reboot it starts only if another unit of the image pulls it in"
 done
 step "pointing Cyclops at $INFLUXDB_URL and starting it" \
   /opt/stateshift/scripts/configure-cyclops.sh --restart "$INFLUXDB_URL" "$CYCLOPS_DIR"
