@@ -660,6 +660,20 @@ impl Api {
         rb.send().await.unwrap().status().as_u16()
     }
 
+    /// Wait until the status lists `n` migrations, finished or not; the last one.
+    pub(crate) async fn wait_migrations_started(&self, n: usize, timeout: Duration) -> Value {
+        let t = Instant::now();
+        let mut last = Value::Null;
+        while t.elapsed() < timeout {
+            last = self.status().await;
+            if let Some(m) = last["migrations"].as_array().and_then(|a| a.get(n - 1)) {
+                return m.clone();
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        panic!("{n} migration(s) did not start within {timeout:?}; last status: {last:#}");
+    }
+
     /// Wait until the status lists `n` finished migrations; the last one.
     pub(crate) async fn wait_migrations(&self, n: usize, timeout: Duration) -> Value {
         let t = Instant::now();
@@ -950,6 +964,22 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
             .await
             .unwrap();
         let t2 = Instant::now();
+        // The burners stop once the predictor has fired: the VMs booted for the migration
+        // (each an emulated CPU on this machine's two cores) need the core they took.
+        let started = api
+            .wait_migrations_started(2, Duration::from_secs(1800))
+            .await;
+        figure(&format!(
+            "migration 2 started {:.1} s after the load began ({})",
+            t2.elapsed().as_secs_f64(),
+            started["trigger"]
+        ));
+        // `[:]`: the pattern must not match the shell that runs pkill.
+        let stopped = vm1
+            .run("pkill -c -f 'while :; do [:]; done'; true")
+            .await
+            .unwrap();
+        figure(&format!("burner processes stopped: {}", stopped.trim()));
         let m2 = api.wait_migrations(2, Duration::from_secs(1800)).await;
         assert_eq!(m2["outcome"], "succeeded", "{m2:#}\n{}", lab.consoles());
         let trigger = m2["trigger"].as_str().unwrap();
