@@ -660,18 +660,21 @@ impl Api {
         rb.send().await.unwrap().status().as_u16()
     }
 
-    /// Wait until the status lists `n` migrations, finished or not; the last one.
-    pub(crate) async fn wait_migrations_started(&self, n: usize, timeout: Duration) -> Value {
+    /// Wait until the daemon has decided to start migration `n` (its state says
+    /// `migrating` from the decision on, before the target stack is created; the
+    /// migrations list has it only once the engine starts); the status then.
+    pub(crate) async fn wait_migration_decided(&self, n: usize, timeout: Duration) -> Value {
         let t = Instant::now();
         let mut last = Value::Null;
         while t.elapsed() < timeout {
             last = self.status().await;
-            if let Some(m) = last["migrations"].as_array().and_then(|a| a.get(n - 1)) {
-                return m.clone();
+            let listed = last["migrations"].as_array().map_or(0, |a| a.len());
+            if last["state"] == "migrating" || listed >= n {
+                return last;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        panic!("{n} migration(s) did not start within {timeout:?}; last status: {last:#}");
+        panic!("migration {n} was not decided within {timeout:?}; last status: {last:#}");
     }
 
     /// Wait until the status lists `n` finished migrations; the last one.
@@ -966,13 +969,14 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
         let t2 = Instant::now();
         // The burners stop once the predictor has fired: the VMs booted for the migration
         // (each an emulated CPU on this machine's two cores) need the core they took.
-        let started = api
-            .wait_migrations_started(2, Duration::from_secs(1800))
+        let decided = api
+            .wait_migration_decided(2, Duration::from_secs(1800))
             .await;
         figure(&format!(
-            "migration 2 started {:.1} s after the load began ({})",
+            "migration 2 decided {:.1} s after the load began (last decision: {}; window {})",
             t2.elapsed().as_secs_f64(),
-            started["trigger"]
+            decided["last_decision"],
+            decided["window"]
         ));
         // `[:]`: the pattern must not match the shell that runs pkill.
         let stopped = vm1
