@@ -171,6 +171,10 @@ impl Progress for LoopProgress<'_> {
     fn note(&self, msg: &str) {
         self.inner.note(msg);
     }
+    fn journaled(&self) {
+        self.show_journal();
+        self.inner.journaled();
+    }
     fn capture_lost(&self, writes: u64) {
         self.shared.metrics.capture_lost(writes);
         self.inner.capture_lost(writes);

@@ -496,12 +496,16 @@ pub async fn migrate_holding(
     // Phase 1: the target stack.
     let name = format!("{}-influx-{id}", cfg.service.name);
     append(Event::StackCreating { name: name.clone() })?;
+    progress.journaled();
     progress.note(&format!("creating the target stack {name}"));
     let spec = target_spec(cfg, name.clone());
     let created = tokio::select! {
         biased;
         by = abort.requested() => Err(by),
-        r = provider.create(&spec) => Ok(r),
+        r = async {
+            crate::util::fault_hold("target_stack").await;
+            provider.create(&spec).await
+        } => Ok(r),
     };
     let created = match created {
         Ok(r) => r,
@@ -582,6 +586,7 @@ pub async fn migrate_holding(
         target: target.clone(),
     })?;
     crash_point("stack_created");
+    progress.journaled();
     progress.note(&format!(
         "target stack {name} ready at {}",
         target.influx_url
@@ -737,6 +742,7 @@ async fn finish(
             // Phase 9: only now, after verification, the old stack goes.
             append(Event::OldStackDeleting)?;
             crash_point("old_stack_deleting");
+            progress.journaled();
             delete_old_stack(
                 cfg, provider, journal, id, &source, &target, report, progress,
             )

@@ -430,7 +430,10 @@ async fn the_daemon_aborts_on_request_before_cutover_and_refuses_past_it() {
         .args(["daemon", "-c"])
         .arg(&svc.cfg_path)
         .env("STATESHIFT__API__LISTEN", format!("127.0.0.1:{port}"))
-        .env("STATESHIFT_FAULT", "hold:restore,hold:verify")
+        .env(
+            "STATESHIFT_FAULT",
+            "hold:target_stack,hold:restore,hold:verify",
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -513,6 +516,37 @@ async fn the_daemon_aborts_on_request_before_cutover_and_refuses_past_it() {
     );
     let (ok, out) = cli(&["trigger"]);
     assert!(ok, "{out}");
+    // While its target stack is created (3 s here, minutes on a cloud), before any
+    // phase: the migration is listed, saying what it does.
+    let t = Instant::now();
+    let creating = loop {
+        if let Some(st) = status().await {
+            let last = st["migrations"].as_array().and_then(|m| m.last()).cloned();
+            if let Some(m) = last.filter(|m| m["creating"].is_string()) {
+                break (st, m);
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the migration was never listed while its stack was created"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (st, m) = creating;
+    assert_eq!(st["state"], "migrating", "{st:#}");
+    assert_eq!(st["phase"], serde_json::Value::Null, "{st:#}");
+    assert_eq!(m["outcome"], serde_json::Value::Null, "{st:#}");
+    assert_eq!(m["target"], serde_json::Value::Null, "{st:#}");
+    assert_eq!(m["phases"], serde_json::json!([]), "{st:#}");
+    let stack = m["creating"].as_str().unwrap_or_default().to_string();
+    assert!(stack.starts_with("svc-influx-"), "{st:#}");
+    let want = format!("running (creating the target stack {stack})");
+    // The page's own refresh is every 2 s; one now, inside the 3 s hold.
+    b.js("refresh(); return true").await;
+    b.wait_text("migrations", "the stack's creation on the page", |t| {
+        t.contains(&want)
+    })
+    .await;
     wait_phase("restore").await;
     b.wait_text("phase", "the restore on the page", |t| {
         t == "phase: restore"

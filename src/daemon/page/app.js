@@ -114,7 +114,7 @@ function render(st) {
   const avail = st.availability || {};
   $("migrations").replaceChildren(...st.migrations.slice().reverse().map((m) => row([
     m.id, when(m.started_ms), m.trigger,
-    m.outcome ? m.outcome + (m.error ? ": " + m.error : "") : "running (" + (m.current_phase || "") + ")",
+    m.outcome ? m.outcome + (m.error ? ": " + m.error : "") : "running (" + doing(m) + ")",
     phases(m),
     m.id in avail ? timelineLink(m.id, "chart") : "–",
   ])));
@@ -135,6 +135,14 @@ function render(st) {
   $("abort").disabled = st.state !== "migrating" || !!past;
   $("abort").title = past ? "past cutover: writers may use the target, so it cannot be rolled back" : "";
   text("updated", "updated " + new Date().toLocaleTimeString());
+}
+
+// What a migration without an outcome is doing: its phase, or before the engine's first
+// phase, the target stack it is creating (minutes on a cloud).
+function doing(m) {
+  if (m.current_phase) return m.current_phase;
+  if (m.creating && !m.target) return "creating the target stack " + m.creating;
+  return "";
 }
 
 async function refresh() {

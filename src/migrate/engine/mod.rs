@@ -187,6 +187,10 @@ pub trait Progress: Send + Sync {
     fn phase_started(&self, _phase: Phase) {}
     fn phase_done(&self, _phase: Phase, _took: Duration) {}
     fn note(&self, _msg: &str) {}
+    /// The journal recorded a step of the migration outside the engine's phases: the
+    /// migration itself, before its target stack is created (minutes on a cloud), the
+    /// stack created, the old stack being deleted. The daemon shows the journal again.
+    fn journaled(&self) {}
     /// The source failed to forward `writes` captured writes: the capture cannot be
     /// proven complete, and the migration stops (a metric and an alert for the daemon).
     fn capture_lost(&self, _writes: u64) {}
