@@ -249,6 +249,11 @@ enum Cmd {
         /// SO's VM; here it takes the cores of the writer's server.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
         orchestrator_nice: u8,
+        /// Seconds the live writer runs alone before the migration starts: its latency
+        /// then is the baseline, printed beside the migration's. As long as the
+        /// migration, it tells the source's own stalls from the migration's.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        alone: u64,
     },
 }
 
@@ -645,6 +650,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             verify_read_back,
             verify_read_back_on_host,
             orchestrator_nice,
+            alone,
         } => match interruptible(bench::bench(
             &dir,
             &BenchOptions {
@@ -659,6 +665,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                 verify_read_back,
                 verify_read_back_on_host,
                 orchestrator_nice,
+                alone: std::time::Duration::from_secs(alone),
             },
         ))
         .await
