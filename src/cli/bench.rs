@@ -17,6 +17,12 @@ pub fn print_report(r: &Report) {
         say!("  {:<12} {:>8.3}", p.phase.to_string(), p.seconds);
     }
     say!("  {:<12} {:>8.3}", "total", r.total_seconds);
+    if !r.cutover_steps.is_empty() {
+        say!(
+            "  cutover steps: {}",
+            stateshift::migrate::engine::describe_steps(&r.cutover_steps)
+        );
+    }
     say!(
         "  dump {} bytes; captured {} points, replayed {} points ({:.0} points/s)",
         r.dump_bytes,

@@ -1099,6 +1099,15 @@ fn the_service_moves_twice_between_heat_created_vms_by_api_and_by_prediction_los
             all.contains("HTTPS API listening"),
             "the info lines are in the journal: {all}"
         );
+        // Where each cutover's time went (the VMs' cutovers take half a minute).
+        let cutovers: Vec<&str> = all
+            .lines()
+            .filter_map(|l| l.split_once("cutover steps: ").map(|(_, s)| s))
+            .collect();
+        for (i, c) in cutovers.iter().enumerate() {
+            figure(&format!("cutover {} of {}: {c}", i + 1, cutovers.len()));
+        }
+        assert_eq!(cutovers.len(), 2, "one breakdown per migration: {all}");
         assert!(
             !warnings.contains("HTTPS API listening"),
             "an info line is not a warning: {warnings}"

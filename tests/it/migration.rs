@@ -1764,6 +1764,33 @@ async fn a_synchronous_cutover_ends_the_drain_on_the_source_counters_and_loses_n
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ledger = w.finish().await;
     assert!(report.drain_proven, "the drain ended on the counters");
+    // The cutover's time, step by step, adds up to the phase's.
+    let names: Vec<&str> = report
+        .cutover_steps
+        .iter()
+        .map(|s| s.step.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "catch-up",
+            "watch subscription",
+            "target's aggregates",
+            "connect to the writers' host",
+            "target's priority",
+            "catch-up",
+            "command",
+            "catch-up",
+            "drain"
+        ]
+    );
+    let steps: f64 = report.cutover_steps.iter().map(|s| s.seconds).sum();
+    let phase = report.phase_seconds(Phase::Cutover);
+    assert!(
+        steps <= phase && steps > phase - 0.5,
+        "steps {steps} s, phase {phase} s: {:?}",
+        report.cutover_steps
+    );
     assert!(
         report.capture_stop_proven,
         "the capture stopped on the counters"

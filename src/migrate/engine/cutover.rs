@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::capture::Drain;
 use super::context::{sub_name, Migration};
 use super::priority::End;
-use super::{MigrateError, Phase};
+use super::{describe_steps, MigrateError, Phase, Steps};
 use crate::migrate::capture::{KeySet, Receiver, Sink};
 use crate::remote::{Host, Remote, RemoteError};
 use crate::util::shell_quote;
@@ -25,6 +25,7 @@ impl Migration<'_> {
 
     pub(super) async fn cutover(&mut self) -> Result<(), MigrateError> {
         let p = Phase::Cutover;
+        let mut steps = Steps::start();
         // The target gets its priority back before any writer uses it (started with the
         // delta, or after the target's aggregates below; awaited before the repoint).
         if !self.cfg.verify.target_first {
@@ -33,6 +34,7 @@ impl Migration<'_> {
         // Catch up once more so the lag at the switch is as small as possible.
         self.replay_now(p).await?;
         self.check_capture_complete(p).await?;
+        steps.done("catch-up");
         // Watch the target from now on: a writer's overwrite there after cutover may
         // legitimately differ from the source's old value. The watch receiver listens on
         // the capture address, one port above the capture's (a free port when the
@@ -59,6 +61,7 @@ impl Migration<'_> {
         // writes to the target before the repoint.
         self.subscribe(p, false, &format!("{}_t", sub_name(&self.id)), &turl)
             .await?;
+        steps.done("watch subscription");
         // What nothing can change on the source any more is compared from now on, through
         // the command and the drain; whatever a writer touches meanwhile is
         // compared again after them. With verify.target_first, the target's side is read
@@ -67,8 +70,10 @@ impl Migration<'_> {
             let first = self.read_target_first().await;
             self.early_first = Some(first);
             self.raise_priority(End::Target);
+            steps.done("target's aggregates");
         } else {
             self.start_early_verify(Default::default()).await;
+            steps.done("early verification started");
         }
 
         if let Some(cmd) = &self.cfg.cutover.command {
@@ -76,12 +81,15 @@ impl Migration<'_> {
             let host = Host::connect(self.cfg.cutover.ssh.as_ref())
                 .await
                 .map_err(Self::remote_err(p))?;
+            steps.done("connect to the writers' host");
             self.priority_settled(End::Target).await;
+            steps.done("target's priority");
             // Caught up right before the command: a captured write replayed after it could
             // land over a writer's newer write of the same point on the target (the switch
             // window). The reads above (the target's aggregates) take seconds on a large
             // database, during which the writers go on writing to the source.
             self.replay_now(p).await?;
+            steps.done("catch-up");
             // Recorded first: the command must never run unrecorded.
             self.close_abort(p)?;
             self.journal
@@ -103,9 +111,11 @@ impl Migration<'_> {
             let r = tokio::time::timeout(limit + Duration::from_secs(10), host.run(&bounded)).await;
             match r {
                 Ok(Ok(out)) => {
+                    steps.done("command");
                     // Replay at once what arrived during the command, so what a crash right
                     // now would leave unreplayed is as little as possible.
                     self.replay_now(p).await?;
+                    steps.done("catch-up");
                     self.journal.writers_repointed();
                     let said = match out.trim() {
                         "" => String::new(),
@@ -152,7 +162,9 @@ impl Migration<'_> {
             // Writers follow by other means (DNS, a proxy): they may use the target now,
             // and there is no command to wait for.
             self.priority_settled(End::Target).await;
+            steps.done("target's priority");
             self.replay_now(p).await?;
+            steps.done("catch-up");
             self.close_abort(p)?;
             self.journal
                 .writers_repointing()
@@ -238,6 +250,11 @@ impl Migration<'_> {
                 None => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
+        steps.done("drain");
+        let steps = steps.into_vec();
+        self.progress
+            .note(&format!("cutover steps: {}", describe_steps(&steps)));
+        self.report.cutover_steps = steps;
         // The source is quiet: what runs there from now on (verification) yields to the
         // target, which serves the writers.
         self.lower_priority(End::Source);
