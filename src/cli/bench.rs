@@ -17,12 +17,6 @@ pub fn print_report(r: &Report) {
         say!("  {:<12} {:>8.3}", p.phase.to_string(), p.seconds);
     }
     say!("  {:<12} {:>8.3}", "total", r.total_seconds);
-    if !r.cutover_steps.is_empty() {
-        say!(
-            "  cutover steps: {}",
-            stateshift::migrate::engine::describe_steps(&r.cutover_steps)
-        );
-    }
     say!(
         "  dump {} bytes; captured {} points, replayed {} points ({:.0} points/s)",
         r.dump_bytes,
@@ -68,7 +62,12 @@ fn writer_spec(lab: &Lab, db: &str, rate: u32, alone: Duration) -> WriterSpec {
 
 /// The writer's latency p99 and max per migration phase, next to its baseline with
 /// nothing else running: which phase slows the service's writes down, and by how much.
-fn print_writer_phases(ledger: &workload::Ledger, report: &Report, idle: (u64, u64)) {
+fn print_writer_phases(
+    ledger: &workload::Ledger,
+    report: &Report,
+    idle: (u64, u64),
+    migration_to: u64,
+) {
     let row = |name: &str, from: u64, to: u64| {
         let (p99, n) = ledger.latency_ms_between(from, to, 0.99);
         let (max, _) = ledger.latency_ms_between(from, to, 1.0);
@@ -92,7 +91,7 @@ fn print_writer_phases(ledger: &workload::Ledger, report: &Report, idle: (u64, u
         .iter()
         .copied()
         .zip(ledger.sent_unix_ms.iter().copied())
-        .filter(|&(_, at)| at >= idle.0)
+        .filter(|&(_, at)| at >= idle.0 && at < migration_to)
         .collect();
     slow.sort_unstable_by_key(|&(us, _)| std::cmp::Reverse(us));
     let at = |ms: u64| {
@@ -330,6 +329,7 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     // The migration runs as its own `stateshift migrate` process, so its peak RSS is its own.
     let (report, migrate_rss_mb) =
         migrate_subprocess(&cfg_path, &dir.join("report.json"), o.orchestrator_nice).await;
+    let migration_to = stateshift::util::now_ms();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ledger = writer.finish().await;
     let report = report?;
@@ -422,7 +422,7 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
     println!("delta replay throughput: {:.0} points/s ({} points); in this migration: {} points at {:.0} points/s", replay.0, replay.1, report.points_replayed, report.replay_points_per_second);
     // The goal's figures are the writes sent from the migration's start: the writer's
     // time alone is its baseline, printed beside them, not part of them.
-    let during = |q: f64| ledger.latency_ms_between(idle_to, u64::MAX, q).0;
+    let during = |q: f64| ledger.latency_ms_between(idle_to, migration_to, q).0;
     let alone = |q: f64| ledger.latency_ms_between(idle_from, idle_to, q).0;
     println!(
         "writer ({} points/s target): {} points acked, {} failed writes; during the migration: latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} requests); alone for {:.0} s before it: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
@@ -432,13 +432,13 @@ pub async fn bench(dir: &Path, o: &BenchOptions) -> anyhow::Result<()> {
         during(0.5),
         during(0.99),
         during(1.0),
-        ledger.latency_ms_between(idle_to, u64::MAX, 1.0).1,
+        ledger.latency_ms_between(idle_to, migration_to, 1.0).1,
         o.alone.as_secs_f64(),
         alone(0.5),
         alone(0.99),
         alone(1.0),
     );
-    print_writer_phases(&ledger, &report, (idle_from, idle_to));
+    print_writer_phases(&ledger, &report, (idle_from, idle_to), migration_to);
     println!(
         "independent ledger check: {}",
         if problems.is_empty() {

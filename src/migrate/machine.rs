@@ -517,6 +517,7 @@ pub async fn migrate_holding(
                 by: by.clone(),
             })?;
             crash_point("abort_requested");
+            progress.journaled();
             let error = MigrateError::Aborted {
                 phase: Phase::Prepare,
                 by,

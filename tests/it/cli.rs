@@ -239,7 +239,19 @@ async fn a_cutover_command_that_times_out_over_ssh_is_stopped_on_the_writers_hos
     assert!(
         err.contains("did not finish within 1s") && err.contains("was stopped on"),
         "{err}"
-    );
+    ); // The failed cutover still says where its time went: the command's second is
+       // the step that failed.
+    let all = format!("{out}{err}");
+    let steps = all
+        .lines()
+        .find_map(|l| l.split_once("cutover steps: ").map(|(_, s)| s))
+        .unwrap_or_else(|| panic!("no cutover steps: {all}"));
+    assert!(steps.contains("repoint recorded"), "{steps}");
+    let failed: f64 = steps
+        .rsplit_once("until the failure ")
+        .and_then(|(_, s)| s.trim_end_matches(" s").parse().ok())
+        .unwrap_or_else(|| panic!("the last step is the failure's: {steps}"));
+    assert!((0.9..12.0).contains(&failed), "{steps}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -662,7 +662,8 @@ impl Api {
 
     /// Wait until the daemon has decided to start migration `n` (its state says
     /// `migrating` from the decision on, before the target stack is created; the
-    /// migrations list has it only once the engine starts); the status then.
+    /// migrations list has it from its first journal record on, a moment later); the
+    /// status then.
     pub(crate) async fn wait_migration_decided(&self, n: usize, timeout: Duration) -> Value {
         let t = Instant::now();
         let mut last = Value::Null;

@@ -1778,9 +1778,11 @@ async fn a_synchronous_cutover_ends_the_drain_on_the_source_counters_and_loses_n
             "target's aggregates",
             "connect to the writers' host",
             "target's priority",
-            "catch-up",
+            "catch-up before the command",
+            "repoint recorded",
             "command",
-            "catch-up",
+            "catch-up after the command",
+            "early verification started",
             "drain"
         ]
     );

@@ -114,7 +114,7 @@ function render(st) {
   const avail = st.availability || {};
   $("migrations").replaceChildren(...st.migrations.slice().reverse().map((m) => row([
     m.id, when(m.started_ms), m.trigger,
-    m.outcome ? m.outcome + (m.error ? ": " + m.error : "") : "running (" + doing(m) + ")",
+    m.outcome ? m.outcome + (m.error ? ": " + m.error : "") : doing(m, st),
     phases(m),
     m.id in avail ? timelineLink(m.id, "chart") : "–",
   ])));
@@ -138,11 +138,16 @@ function render(st) {
 }
 
 // What a migration without an outcome is doing: its phase, or before the engine's first
-// phase, the target stack it is creating (minutes on a cloud).
-function doing(m) {
-  if (m.current_phase) return m.current_phase;
-  if (m.creating && !m.target) return "creating the target stack " + m.creating;
-  return "";
+// phase, the target stack it is creating (minutes on a cloud). One this daemon is not
+// running is a CLI's, or was interrupted and is settled when the service is next located.
+function doing(m, st) {
+  const last = st.migrations[st.migrations.length - 1];
+  const at = m.current_phase ? " (at " + m.current_phase + ")" : "";
+  if (st.state !== "migrating" || m !== last) return "not run by this daemon: a CLI's, or interrupted" + at;
+  if (m.aborted_by) return "aborted by " + m.aborted_by + ": rolling back";
+  if (m.current_phase) return "running (" + m.current_phase + ")";
+  if (m.creating && !m.target) return "running (creating the target stack " + m.creating + ")";
+  return "running";
 }
 
 async function refresh() {

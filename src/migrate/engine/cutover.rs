@@ -23,9 +23,23 @@ impl Migration<'_> {
             .map_err(|by| MigrateError::Aborted { phase: p, by })
     }
 
+    /// The cutover, its steps timed into the report and a note, whether it succeeds or
+    /// not: a cutover that fails or takes long is the one whose time must be told.
     pub(super) async fn cutover(&mut self) -> Result<(), MigrateError> {
-        let p = Phase::Cutover;
         let mut steps = Steps::start();
+        let r = self.cutover_steps(&mut steps).await;
+        if r.is_err() {
+            steps.done("until the failure");
+        }
+        let steps = steps.into_vec();
+        self.progress
+            .note(&format!("cutover steps: {}", describe_steps(&steps)));
+        self.report.cutover_steps = steps;
+        r
+    }
+
+    async fn cutover_steps(&mut self, steps: &mut Steps) -> Result<(), MigrateError> {
+        let p = Phase::Cutover;
         // The target gets its priority back before any writer uses it (started with the
         // delta, or after the target's aggregates below; awaited before the repoint).
         if !self.cfg.verify.target_first {
@@ -89,12 +103,13 @@ impl Migration<'_> {
             // window). The reads above (the target's aggregates) take seconds on a large
             // database, during which the writers go on writing to the source.
             self.replay_now(p).await?;
-            steps.done("catch-up");
+            steps.done("catch-up before the command");
             // Recorded first: the command must never run unrecorded.
             self.close_abort(p)?;
             self.journal
                 .writers_repointing()
                 .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
+            steps.done("repoint recorded");
             // From here on some writers may already write to the target: a failure must
             // not roll the target back (it may hold acknowledged writes).
             self.report.cutover_done = true;
@@ -115,7 +130,7 @@ impl Migration<'_> {
                     // Replay at once what arrived during the command, so what a crash right
                     // now would leave unreplayed is as little as possible.
                     self.replay_now(p).await?;
-                    steps.done("catch-up");
+                    steps.done("catch-up after the command");
                     self.journal.writers_repointed();
                     let said = match out.trim() {
                         "" => String::new(),
@@ -164,16 +179,18 @@ impl Migration<'_> {
             self.priority_settled(End::Target).await;
             steps.done("target's priority");
             self.replay_now(p).await?;
-            steps.done("catch-up");
+            steps.done("catch-up before the repoint");
             self.close_abort(p)?;
             self.journal
                 .writers_repointing()
                 .map_err(|msg| MigrateError::Failed { phase: p, msg })?;
             self.journal.writers_repointed();
+            steps.done("repoint recorded");
         }
         self.report.cutover_done = true;
         if let Some(first) = self.early_first.take() {
             self.start_early_verify(first).await;
+            steps.done("early verification started");
         }
         // Keep replaying until every point the source took has reached the receiver, and
         // either the command promised no writer will write there again and the source's
@@ -251,10 +268,6 @@ impl Migration<'_> {
             }
         }
         steps.done("drain");
-        let steps = steps.into_vec();
-        self.progress
-            .note(&format!("cutover steps: {}", describe_steps(&steps)));
-        self.report.cutover_steps = steps;
         // The source is quiet: what runs there from now on (verification) yields to the
         // target, which serves the writers.
         self.lower_priority(End::Source);

@@ -276,16 +276,28 @@ impl Migration<'_> {
                     let (c, f, t) = (cancel.clone(), from.clone(), to.clone());
                     let pace = pace.clone();
                     running.spawn_blocking(move || {
+                        let began = std::time::Instant::now();
                         snapshotter::copy_shard(&f, old, &t, new, Some(&*pace), &c)
-                            .map(|got| (db, old, new, got))
+                            .map(|got| (db, old, new, got, began.elapsed()))
                             .map_err(|e| format!("shard {old} (target shard {new}): {e}"))
                     });
                 }
                 let Some(done) = running.join_next().await else {
                     break;
                 };
-                let (database, source, target, got) =
+                let (database, source, target, got, took) =
                     done.map_err(|e| e.to_string()).and_then(|r| r)?;
+                // When each shard's stream ran: what a writer's stall during the dump is
+                // laid against (a source's snapshot of the shard it writes to, say).
+                tracing::info!(
+                    %database,
+                    shard = source,
+                    target_shard = target,
+                    files = got.files,
+                    mb = got.bytes as f64 / 1e6,
+                    seconds = took.as_secs_f64(),
+                    "shard streamed"
+                );
                 total.files += got.files;
                 total.bytes += got.bytes;
                 sent.push(SentShard {
