@@ -42,6 +42,12 @@ impl std::ops::Deref for TestLab {
     }
 }
 
+impl std::ops::DerefMut for TestLab {
+    fn deref_mut(&mut self) -> &mut Lab {
+        &mut self.lab
+    }
+}
+
 pub async fn lab(opts: LabOptions) -> TestLab {
     // Short paths: ssh control sockets must fit in 108 bytes.
     let tmp = tempfile::Builder::new()

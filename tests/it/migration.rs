@@ -1179,6 +1179,70 @@ async fn shards_stream_from_rpc_port_to_rpc_port_with_every_database_and_retenti
     }
 }
 
+/// The shards stream latest shard group first, by their time and not their ids: the
+/// writers write to the current time, and the source answers a shard backup by first
+/// writing that shard's cache to disk, which stalls them (stop 41: the writer's slowest
+/// write of a 100M migration, when their shard streamed last). Here the shard groups are
+/// made in an order their times do not have: today, 20 days ago, 10 days ago.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shard_of_the_current_time_streams_first_whatever_its_id() {
+    let lab = lab(LabOptions::default()).await;
+    let (_, cfg) = lab.write_config("  transfer: shards\n").unwrap();
+    let src = lab.source.client();
+    src.query(
+        None,
+        "CREATE DATABASE billing WITH DURATION INF SHARD DURATION 1d",
+    )
+    .await
+    .unwrap();
+    let now_s = now_ns() / 1_000_000_000;
+    for days in [0, 20, 10] {
+        let lines: Vec<String> = (0..50)
+            .map(|i| {
+                format!(
+                    "invoice,acct=a{} value={i}.5 {}",
+                    i % 7,
+                    now_s - days * 86_400 - i
+                )
+            })
+            .collect();
+        src.write("billing", None, "s", lines.join("\n").into())
+            .await
+            .unwrap();
+    }
+    let mut by_time = shards_of(&src, "billing").await;
+    by_time.reverse();
+    let by_time: Vec<u64> = by_time.iter().map(|s| s.id).collect();
+    let mut by_id = by_time.clone();
+    by_id.sort_unstable();
+    let mut by_id_desc = by_id.clone();
+    by_id_desc.reverse();
+    assert!(
+        by_time != by_id && by_time != by_id_desc,
+        "shard ids out of their time order: {by_time:?}"
+    );
+    let notes = Notes::default();
+    let report = engine::run(&cfg, cfg.target.as_ref().unwrap(), &notes)
+        .await
+        .expect("migration succeeds");
+    let streamed: Vec<u64> = report
+        .shards_streamed
+        .iter()
+        .filter(|s| s.database == "billing")
+        .map(|s| s.shard)
+        .collect();
+    assert_eq!(
+        streamed, by_time,
+        "streamed latest shard group first: {:#?}",
+        report.shards_streamed
+    );
+    assert!(report.shards_streamed.iter().all(|s| s.bytes > 0));
+    assert_eq!(
+        counts(&lab.target.client(), "billing").await,
+        vec![("invoice".to_string(), 150)]
+    );
+}
+
 /// `migration.transfer_rate_limit` bounds the shard streams: the dump takes at least the
 /// bytes read over the limit, says so, and the data arrives whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2863,6 +2927,85 @@ async fn a_shard_changed_on_the_target_costs_the_aggregates_of_its_span_alone() 
     }
     assert_eq!(counts(&lab.target.client(), "cyclops").await, before);
     assert_eq!(counts(&src, "cyclops").await, before);
+}
+
+/// A point the writers overwrite on the target after a migration keeps its new value,
+/// and nothing imported is lost when the target restarts. InfluxDB restores a shard's
+/// files under their names on the source, and its file store does not move its
+/// generation counter past them (`FileStore.replace`, 1.6 to 1.11): were the shard not
+/// reopened after a restore, the target's next cache snapshot would be generation 1,
+/// sorted before the imported files (whose older values would win) or named as one of
+/// them (replacing it on disk). `Shard.Restore` reopens the shard, which reads the
+/// generations (here the target's own file came out as generation 4 after the imported
+/// 1 and 2); this guards that the stream relies on it, against another InfluxDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_after_a_migration_outrank_the_imported_files_and_survive_a_restart() {
+    use stateshift::influx::snapshotter::{self, At, Cancel, Endpoint};
+    let mut lab = lab(LabOptions::default()).await;
+    let (_, cfg) = lab.write_config("  transfer: shards\n").unwrap();
+    let endpoint = |vm: &stateshift::stack::local::LocalVm, name: &str| Endpoint {
+        at: At::Tcp(vm.instance_config(name).rpc_address.parse().unwrap()),
+        name: name.into(),
+    };
+    let src = lab.source.client();
+    src.query(None, "CREATE DATABASE ledger").await.unwrap();
+    let t = now_ns() / 1_000_000_000 - 3600;
+    let value = |influx: Influx, m: &'static str| async move {
+        let rows = influx
+            .query(Some("ledger"), &format!("SELECT value FROM {m}"))
+            .await
+            .unwrap();
+        rows.first()
+            .and_then(|s| s.values.first())
+            .and_then(|r| r.get(1))
+            .and_then(|v| v.as_f64())
+    };
+    // Two generations of files on the source: `x` in the first, `p` = 1 in the second
+    // (a shard backup writes the cache out first).
+    let from = endpoint(&lab.source, "source");
+    for m in ["x", "p"] {
+        src.write("ledger", None, "s", format!("{m} value=1 {t}").into())
+            .await
+            .unwrap();
+        let shard = src.shard_ids("ledger").await.unwrap()[0];
+        snapshotter::shard_files(&from, shard, &Cancel::default()).unwrap();
+    }
+    let notes = Notes::default();
+    engine::run(&cfg, cfg.target.as_ref().unwrap(), &notes)
+        .await
+        .expect("migration succeeds");
+    let dst = lab.target.client();
+    let shard = dst.shard_ids("ledger").await.unwrap()[0];
+    let to = endpoint(&lab.target, "target");
+    let names = |files: Vec<snapshotter::ShardFile>| -> Vec<String> {
+        files.into_iter().map(|f| f.name).collect()
+    };
+    let imported = names(snapshotter::shard_files(&to, shard, &Cancel::default()).unwrap());
+    // A writer overwrites `p` on the target; the target writes its cache out.
+    dst.write("ledger", None, "s", format!("p value=2 {t}").into())
+        .await
+        .unwrap();
+    let after = names(snapshotter::shard_files(&to, shard, &Cancel::default()).unwrap());
+    assert_eq!(
+        after.len(),
+        imported.len() + 1,
+        "the overwrite in a file of its own, next to every imported one: {imported:?} then {after:?}"
+    );
+    assert_eq!(value(dst.clone(), "p").await, Some(2.0), "files {after:?}");
+    assert_eq!(value(dst.clone(), "x").await, Some(1.0), "files {after:?}");
+    lab.target.kill_influxd().await;
+    lab.target.start_influxd().await.unwrap();
+    let dst = lab.target.client();
+    assert_eq!(
+        value(dst.clone(), "p").await,
+        Some(2.0),
+        "after a restart, files {after:?}"
+    );
+    assert_eq!(
+        value(dst.clone(), "x").await,
+        Some(1.0),
+        "after a restart, files {after:?}"
+    );
 }
 
 /// The read-back's comparison on real servers: a shard copied is proven by its files; a

@@ -147,6 +147,18 @@ pub struct StepTiming {
     pub seconds: f64,
 }
 
+/// One shard the dump streamed from the source's RPC port into the target's, in the order
+/// the streams ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardStreamed {
+    pub database: String,
+    /// Its id on the source and on the target.
+    pub shard: u64,
+    pub target_shard: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
 /// The steps of a phase as they end, each timed from the end of the one before.
 pub(crate) struct Steps {
     at: std::time::Instant,
@@ -218,6 +230,11 @@ pub struct Report {
     /// where a cutover's time goes on slow VMs.
     #[serde(default)]
     pub cutover_steps: Vec<StepTiming>,
+    /// The shards streamed, in the order their streams ended (empty when the dump took
+    /// another way): the writers' shard first, and where a writer's stall in the dump
+    /// falls.
+    #[serde(default)]
+    pub shards_streamed: Vec<ShardStreamed>,
 }
 
 impl Report {

@@ -2,14 +2,14 @@
 //! SSH forwards, or made on the source and streamed as tar), restored on the target with
 //! the users, grants, retention policies and continuous queries it does not carry.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use super::capture::{by_name, drop_until_stopped};
 use super::context::{Migration, SentShard};
 use super::guard::{self, Guard};
 use super::priority::End;
-use super::{MigrateError, Phase, TargetObject};
+use super::{MigrateError, Phase, ShardStreamed, TargetObject};
 use crate::config::{InstanceConfig, TransferMode};
 use crate::influx::{ident, literal, snapshotter, InfluxError};
 use crate::remote::{Host, Listen, Pipes, Remote, RemoteError};
@@ -177,13 +177,25 @@ impl Migration<'_> {
         // The shards each database has now, listed before the metadata is read: every one
         // of them is in it, unless retention deleted it in between (its points are gone
         // from the source too).
-        let mut listed = Vec::new();
-        for db in &self.report.databases {
-            match self.src().influx.shard_ids(db).await {
-                Ok(s) => listed.push(s),
-                Err(e) => return Ok(Err(Self::influx_err(p)(e))),
-            }
-        }
+        let all = match self.src().influx.shards().await {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(Self::influx_err(p)(e))),
+        };
+        let listed: Vec<Vec<u64>> = self
+            .report
+            .databases
+            .iter()
+            .map(|db| {
+                let mut ids: Vec<u64> = all
+                    .iter()
+                    .filter(|s| &s.database == db)
+                    .map(|s| s.id)
+                    .collect();
+                ids.sort_unstable();
+                ids
+            })
+            .collect();
+        let ends: HashMap<u64, i64> = all.iter().filter_map(|s| Some((s.id, s.span?.1))).collect();
         // The metadata, with every shard it names; a shard made later holds only points
         // written since the capture started, which the delta replays.
         let c = cancel.clone();
@@ -247,6 +259,14 @@ impl Migration<'_> {
             }
             copies.extend(map.into_iter().map(|(old, new)| (db.clone(), old, new)));
         }
+        // The shards whose groups end last first: the writers write to the current time,
+        // and the source's answer to a shard backup first writes that shard's in-memory
+        // cache out as a TSM file. For the shard the writers use, that is every write
+        // since its last snapshot, and it stalls them while it is written and synced
+        // (stop 41: 127-134 ms at 40 MB/s when that shard came last, 84 % into the dump;
+        // 91.8 ms when it came first). First, its cache holds none of the dump's own
+        // time, and the target has nothing imported yet to write back beside it.
+        copies.sort_by_key(|(_, old, _)| newest_first(*old, ends.get(old).copied()));
         let shards = copies.len();
         let watch_source = async {
             loop {
@@ -266,6 +286,7 @@ impl Migration<'_> {
         let run = async {
             let mut total = snapshotter::Copied::default();
             let mut sent = Vec::new();
+            let mut streamed = Vec::new();
             let mut running = tokio::task::JoinSet::new();
             let mut queue = copies.into_iter();
             loop {
@@ -300,6 +321,13 @@ impl Migration<'_> {
                 );
                 total.files += got.files;
                 total.bytes += got.bytes;
+                streamed.push(ShardStreamed {
+                    database: database.clone(),
+                    shard: source,
+                    target_shard: target,
+                    bytes: got.bytes,
+                    seconds: took.as_secs_f64(),
+                });
                 sent.push(SentShard {
                     database,
                     source,
@@ -307,7 +335,7 @@ impl Migration<'_> {
                     files: got.sent,
                 });
             }
-            Ok::<_, String>((total, sent))
+            Ok::<_, String>((total, sent, streamed))
         };
         let lost = |side: &str, host: &Host| {
             fail(format!(
@@ -341,8 +369,9 @@ impl Migration<'_> {
             }
         };
         cancel.cancel();
-        Ok(r.map(|(total, sent)| {
+        Ok(r.map(|(total, sent, streamed)| {
             self.sent_shards = sent;
+            self.report.shards_streamed = streamed;
             self.report.dump_bytes = total.bytes;
             let mut limit = match self.cfg.migration.transfer_rate_limit {
                 0 => String::new(),
@@ -1014,6 +1043,16 @@ impl Drop for PrivateDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// The order shards are streamed in: by the end of their shard group, latest first, a
+/// shard whose group's end is unknown last; among equal ends, the highest id (the last
+/// created) first.
+fn newest_first(
+    id: u64,
+    end: Option<i64>,
+) -> (std::cmp::Reverse<Option<i64>>, std::cmp::Reverse<u64>) {
+    (std::cmp::Reverse(end), std::cmp::Reverse(id))
 }
 
 /// Cancels the shard copies when dropped: an abort or a failure elsewhere drops the
