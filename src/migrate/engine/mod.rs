@@ -183,6 +183,17 @@ impl Steps {
         self.at = now;
     }
 
+    /// `step` ended at `at` (not before the last step ended): a step that ran beside
+    /// another, timed when it ended rather than when both had.
+    pub(crate) fn done_at(&mut self, step: &str, at: std::time::Instant) {
+        let at = at.max(self.at);
+        self.done.push(StepTiming {
+            step: step.into(),
+            seconds: (at - self.at).as_secs_f64(),
+        });
+        self.at = at;
+    }
+
     pub(crate) fn into_vec(self) -> Vec<StepTiming> {
         self.done
     }
