@@ -389,13 +389,21 @@ impl decide::World for Orchestrator<'_> {
         match machine::state(cfg) {
             Ok(st) => {
                 if st.recovery() != crate::migrate::journal::Recovery::Nothing {
-                    match machine::recover(cfg, self.provider, self.progress).await {
+                    // Through the loop's progress, as a migration it starts: a resumed
+                    // cutover or disposal shows in `/status` while it runs.
+                    let lp = LoopProgress {
+                        shared: &self.shared,
+                        inner: self.progress,
+                        cfg,
+                    };
+                    match machine::recover(cfg, self.provider, &lp).await {
                         // Another process (a CLI migration) holds the service: not ours to settle.
                         Ok(_) | Err(machine::MachineError::Busy(_)) => {}
                         Err(e) => {
                             tracing::error!(error = %e, "an interrupted migration could not be settled yet; retrying")
                         }
                     }
+                    self.shared.set(|s| s.phase = None);
                 }
                 if st
                     .migrations
