@@ -111,15 +111,28 @@ struct Sample {
     scratch: (u64, usize),
 }
 
+/// `SOAK_KEEP=dir`: a copy of the service's directory (both stacks' InfluxDB files, the
+/// journal, the daemon's log) when a migration fails, for a maintainer to inspect (the
+/// test's own directory is removed as it fails).
+fn keep_for_inspection(dir: &Path) {
+    let Some(to) = std::env::var_os("SOAK_KEEP") else {
+        return;
+    };
+    let copied = Command::new("cp").arg("-a").arg(dir).arg(&to).status();
+    println!("SOAK_KEEP: {} copied to {to:?}: {copied:?}", dir.display());
+}
+
 /// A `stateshift daemon` process on the service's config, with its debug log in `log`.
 struct Daemon {
     child: std::process::Child,
     pid: u32,
     api: String,
+    /// The service's directory.
+    dir: std::path::PathBuf,
 }
 
 impl Daemon {
-    async fn start(cfg: &Path, log: &Path, http: &reqwest::Client) -> Daemon {
+    async fn start(dir: &Path, cfg: &Path, log: &Path, http: &reqwest::Client) -> Daemon {
         let port = server_port();
         let child = Command::new(bin())
             .args(["daemon", "-c"])
@@ -140,6 +153,7 @@ impl Daemon {
             pid: child.id(),
             child,
             api: format!("http://127.0.0.1:{port}"),
+            dir: dir.to_path_buf(),
         };
         let t = Instant::now();
         while d.status(http).await.is_none() {
@@ -178,6 +192,9 @@ impl Daemon {
                 .unwrap_or(false);
             if done && st["state"] == "polling" {
                 let last = &st["migrations"][n - 1];
+                if last["outcome"] != "succeeded" {
+                    keep_for_inspection(&self.dir);
+                }
                 assert_eq!(
                     last["outcome"],
                     "succeeded",
@@ -213,7 +230,7 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| svc.dir().join("daemon.log"));
     let http = reqwest::Client::new();
-    let daemon = Daemon::start(&svc.cfg_path, &log_path, &http).await;
+    let daemon = Daemon::start(svc.dir(), &svc.cfg_path, &log_path, &http).await;
     let pid = daemon.pid;
     // `SOAK_RATE=N` points/s (default 1,000): a low rate keeps the data size nearly
     // constant, to tell growth with the data from growth per migration.
@@ -277,7 +294,7 @@ async fn twenty_migrations_in_a_row_lose_nothing_and_leak_nothing() {
     // grows with the run's length, so the soaked daemon is compared with this one, not
     // with itself at its fifth migration: a slow run (CI, sharing the cores with QEMU
     // guests) moves several times the data of a fast one.
-    let fresh = Daemon::start(&svc.cfg_path, &log_path, &http).await;
+    let fresh = Daemon::start(svc.dir(), &svc.cfg_path, &log_path, &http).await;
     let mut fresh_rss = Vec::new();
     for n in migrations + 1..=migrations + 2 {
         let t = Instant::now();
