@@ -9,7 +9,10 @@
 # with the replay and the read-back. When a shard then has enough files, InfluxDB
 # compacts it by itself. The script waits for the files to change (at most 60 s), reads
 # every point again, and prints how many points of the other series changed value.
-# Bounded; the copy and its server are removed at the end.
+# The points written carry the current time: they add files to the shard of the current
+# time only, so a stack whose data has no current shard shows no compaction there.
+# Bounded (every request and backup has a timeout); the copy and its server are removed
+# at the end. The stack must be stopped (a kept copy is), and 127.0.98.9 free.
 set -euo pipefail
 STACK_DIR=${1:?usage: influx-compaction-check.sh STACK_DIR [DATABASE] [MEASUREMENT]}
 DB=${2:-cyclops}
@@ -18,7 +21,8 @@ WRITES=${WRITES:-3}
 IP=127.0.98.9
 [ -d "$STACK_DIR/vm/data" ] || { echo "no $STACK_DIR/vm/data: not a local stack's directory" >&2; exit 2; }
 work=$(mktemp -d /tmp/stateshift-compaction.XXXXXX)
-trap 'pkill -f "config $work/" 2>/dev/null || true; rm -rf "$work"' EXIT
+server=
+trap '[ -z "$server" ] || { kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; }; rm -rf "$work"' EXIT
 cp -a "$STACK_DIR/vm/data" "$STACK_DIR/vm/wal" "$STACK_DIR/vm/meta" "$work/"
 cat > "$work/influxdb.conf" <<EOF
 reporting-disabled = true
@@ -40,11 +44,12 @@ bind-address = "$IP:8088"
   enabled = false
 EOF
 influxd run -config "$work/influxdb.conf" > "$work/influxd.log" 2>&1 &
-for _ in $(seq 1 150); do curl -sf "http://$IP:8086/ping" && break; sleep 0.2; done
-curl -sf "http://$IP:8086/ping" || { echo "influxd did not start: $work/influxd.log" >&2; tail "$work/influxd.log" >&2; exit 1; }
+server=$!
+for _ in $(seq 1 150); do curl -sf -m 2 "http://$IP:8086/ping" && break; sleep 0.2; done
+curl -sf -m 2 "http://$IP:8086/ping" || { echo "influxd did not start: $work/influxd.log" >&2; tail "$work/influxd.log" >&2; exit 1; }
 files() { find "$work/data/$DB" -name '*.tsm' -printf '%P\n' | sort; }
 points() {
-  curl -sf "http://$IP:8086/query" --data-urlencode "db=$DB" --data-urlencode "epoch=ns" \
+  curl -sf -m 120 "http://$IP:8086/query" --data-urlencode "db=$DB" --data-urlencode "epoch=ns" \
     --data-urlencode "q=SELECT * FROM \"$M\" GROUP BY *" |
     python3 -c '
 import json, sys
@@ -57,16 +62,19 @@ files > "$work/files.before"
 points > "$work/points.before"
 echo "before: $(wc -l < "$work/points.before") points of $DB.$M in $(wc -l < "$work/files.before") TSM files"
 for k in $(seq 1 "$WRITES"); do
-  curl -sf -XPOST "http://$IP:8086/write?db=$DB" \
+  curl -sf -m 10 -XPOST "http://$IP:8086/write?db=$DB" \
     --data-binary "$M,host=compaction-check value=$k.5 $(date +%s%N)"
-  influxd backup -portable -host "$IP:8088" -database "$DB" "$work/backup-$k" > /dev/null 2>&1
+  timeout 120 influxd backup -portable -host "$IP:8088" -database "$DB" "$work/backup-$k" > /dev/null 2>&1
   rm -rf "$work/backup-$k"
 done
 files > "$work/files.written"
 for _ in $(seq 1 60); do
   sleep 1
   files > "$work/files.now"
-  if ! cmp -s "$work/files.now" "$work/files.written" && ! grep -q 'Compaction.*(start)' <(tail -n 3 "$work/influxd.log"); then
+  # Changed, and every compaction begun has ended.
+  began=$(grep -c 'msg="TSM compaction (start)"' "$work/influxd.log" || true)
+  ended=$(grep -c 'msg="TSM compaction (end)"' "$work/influxd.log" || true)
+  if ! cmp -s "$work/files.now" "$work/files.written" && [ "$began" = "$ended" ]; then
     break
   fi
 done
