@@ -94,14 +94,16 @@ impl Migration<'_> {
                     None
                 }
             };
+            // The target's priority is raised as soon as its aggregates are read, not
+            // once the connection is up too.
             let read = async {
                 let first = self.read_target_first().await;
+                self.raise_priority(End::Target);
                 (first, Instant::now())
             };
             let ((first, read), host) = tokio::join!(read, connect);
             connected = host;
             self.early_first = Some(first);
-            self.raise_priority(End::Target);
             steps.done_at("target's aggregates", read);
         } else {
             self.start_early_verify(Default::default()).await;

@@ -242,9 +242,11 @@ pub struct Report {
     #[serde(default)]
     pub cutover_steps: Vec<StepTiming>,
     /// The shards streamed, in the order their streams ended (empty when the dump took
-    /// another way): the writers' shard first, and where a writer's stall in the dump
-    /// falls.
-    #[serde(default)]
+    /// another way): the shard group that ends last first, and where a writer's stall in
+    /// the dump falls. Kept out of the journal and `--report` (each shard's line is in
+    /// the log): the journal holds every migration's report, and a source may have
+    /// hundreds of shards.
+    #[serde(skip)]
     pub shards_streamed: Vec<ShardStreamed>,
 }
 
