@@ -116,7 +116,16 @@ fn print_writer_phases(
     let list: Vec<String> = slow
         .iter()
         .take(5)
-        .map(|&(us, ms)| format!("{:.1} ms at {}", us as f64 / 1000.0, at(ms)))
+        .map(|&(us, ms)| {
+            // The wall clock too, to match a write with a trace taken beside the bench.
+            let wall = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+            format!(
+                "{:.1} ms at {} ({})",
+                us as f64 / 1000.0,
+                at(ms),
+                humantime::format_rfc3339_millis(wall)
+            )
+        })
         .collect();
     if !list.is_empty() {
         println!("  slowest writes: {}", list.join("; "));
