@@ -2,7 +2,7 @@
 //! [`crate::tls`]): `/` (the status page, `page/`), `/healthz`, `/livez`, `/readyz`, `/status` (JSON),
 //! `/metrics` (Prometheus text), `/migrations/<id>/timeline.svg|csv` (a daemon migration's
 //! availability timeline),
-//! `POST /migrate` (409 while a migration runs), `POST /migrate/abort` (202 when the running
+//! `POST /migrate` (409 while a migration runs or one is settled), `POST /migrate/abort` (202 when the running
 //! migration stops and rolls back; 409 with the reason when it is past its cutover, an
 //! interrupted earlier migration is being settled first, or none runs). Reading is open; every request that is
 //! not a GET or HEAD, on any route, needs the bearer token (one layer over the whole
@@ -452,7 +452,11 @@ async fn migrate(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
 async fn abort(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     let running = s.abort.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let Some(abort) = running else {
-        let msg = if s.running.load(Ordering::SeqCst) {
+        let recovering =
+            s.status.lock().unwrap_or_else(|p| p.into_inner()).state == super::RECOVERING;
+        let msg = if recovering {
+            "an interrupted migration is being settled (rolled back, or finished past its cutover); that cannot be aborted\n"
+        } else if s.running.load(Ordering::SeqCst) {
             "a migration was requested but has not started yet; abort it once it runs\n"
         } else {
             "no migration is running\n"

@@ -8,7 +8,7 @@ pub mod api;
 pub mod decide;
 pub mod procload;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ pub struct Status {
     pub service: String,
     /// Where the HTTP API listens.
     pub api: String,
-    /// `polling` or `migrating`.
+    /// `polling`, `migrating`, or [`RECOVERING`] (settling an interrupted migration).
     pub state: String,
     pub phase: Option<String>,
     pub source_url: String,
@@ -139,7 +139,16 @@ impl Shared {
     fn set<F: FnOnce(&mut Status)>(&self, f: F) {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
     }
+
+    /// [`Shared::set`] that answers what `f` returns.
+    fn get<T, F: FnOnce(&mut Status) -> T>(&self, f: F) -> T {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
+
+/// `/status` `state` while the daemon settles a migration it found interrupted (a CLI's,
+/// or its own before a restart): rolls it back or finishes it.
+pub const RECOVERING: &str = "recovering";
 
 /// Progress of a migration, shown in `/status` and the metrics.
 struct LoopProgress<'a> {
@@ -390,7 +399,13 @@ impl decide::World for Orchestrator<'_> {
             Ok(st) => {
                 if st.recovery() != crate::migrate::journal::Recovery::Nothing {
                     // Through the loop's progress, as a migration it starts: a resumed
-                    // cutover or disposal shows in `/status` while it runs.
+                    // cutover or disposal shows in `/status` while it runs, as state
+                    // `recovering`, and a trigger meanwhile is refused (409) rather than
+                    // queued behind it. What was shown before comes back after.
+                    let was_running = self.shared.running.swap(true, Ordering::SeqCst);
+                    let was_state = self
+                        .shared
+                        .get(|s| std::mem::replace(&mut s.state, RECOVERING.into()));
                     let lp = LoopProgress {
                         shared: &self.shared,
                         inner: self.progress,
@@ -403,7 +418,11 @@ impl decide::World for Orchestrator<'_> {
                             tracing::error!(error = %e, "an interrupted migration could not be settled yet; retrying")
                         }
                     }
-                    self.shared.set(|s| s.phase = None);
+                    self.shared.set(|s| {
+                        s.phase = None;
+                        s.state = was_state;
+                    });
+                    self.shared.running.store(was_running, Ordering::SeqCst);
                 }
                 if st
                     .migrations

@@ -658,3 +658,97 @@ async fn a_kill_while_repointing_settled_by_recover_waits_for_the_operator() {
     let ledger = w.finish().await;
     assert_nothing_lost(&source, &ledger, 5_000, "every write is on the source").await;
 }
+
+/// A migration the CLI left interrupted past its repoint, found by a daemon that was
+/// running all along: while the daemon settles it, `/status` says `recovering` with the
+/// phase it resumes (not `polling`, which the page read as "not run by this daemon"), a
+/// trigger is refused (409) instead of queued behind it, and an abort is refused with the
+/// reason. Once settled, the daemon polls again, the migration succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_settling_a_cli_migration_it_found_interrupted_says_so_and_refuses_triggers() {
+    let svc = service(141).await;
+    // Looks at the journal once a second (no load source: the look's timer alone).
+    let mut yaml = std::fs::read_to_string(&svc.cfg_path).unwrap();
+    yaml.push_str("monitor:\n  poll_interval: 1s\n");
+    std::fs::write(&svc.cfg_path, yaml).unwrap();
+    // The daemon's resumed verify holds 3 s: long enough to look at it.
+    let (mut daemon, api) = start_daemon_with(&svc, &[("STATESHIFT_FAULT", "hold:verify")]);
+    wait_polling(&svc, &api, "start").await;
+    let (ok, out) = tokio::task::spawn_blocking({
+        let path = svc.cfg_path.clone();
+        move || {
+            let out = Command::new(bin())
+                .args(["migrate", "--yes", "-c"])
+                .arg(&path)
+                .env("STATESHIFT_CRASH_AT", "writers_repointed")
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        !ok && out.contains("dying here"),
+        "the CLI died at the repoint: {out}"
+    );
+    let http = reqwest::Client::new();
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    let st = loop {
+        let st: serde_json::Value = http
+            .get(format!("{api}/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let now = format!("{}/{}", st["state"], st["phase"]);
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        if st["phase"] == "verify" {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the daemon never resumed the verification; states seen: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(st["state"], "recovering", "states seen: {seen:?}");
+    let last = st["migrations"].as_array().and_then(|m| m.last()).cloned();
+    assert!(
+        last.as_ref().is_some_and(|m| m["outcome"].is_null()),
+        "the migration being settled has no outcome yet: {st:#}"
+    );
+    let trigger = http
+        .post(format!("{api}/migrate"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(trigger.status(), 409, "a trigger while settling");
+    let abort = http
+        .post(format!("{api}/migrate/abort"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(abort.status(), 409, "an abort while settling");
+    let why = abort.text().await.unwrap();
+    assert!(why.contains("being settled"), "{why}");
+    let st = wait_polling(&svc, &api, "after the settling").await;
+    stop_daemon(&mut daemon);
+    assert!(st["phase"].is_null(), "{st:#}");
+    let last = st["migrations"].as_array().and_then(|m| m.last()).cloned();
+    assert_eq!(
+        last.map(|m| m["outcome"].clone()),
+        Some(serde_json::json!("succeeded")),
+        "{st:#}"
+    );
+}

@@ -375,6 +375,25 @@ async fn the_status_page_shows_the_live_state_through_a_migration_started_from_i
         .await;
     assert!(overflow.as_i64().is_some_and(|o| o <= 0), "{overflow}");
     b.screenshot("page-phone.png").await;
+
+    // A migration the daemon settles after finding it interrupted (`/status` state
+    // `recovering`: the campaign test brings one about in a real daemon) reads as this
+    // daemon's work, not as "not run by this daemon".
+    let settling = b
+        .js("const st = {state: 'recovering', phase: 'verify', migrations: [{id: 'm1', current_phase: 'verify'}]}; \
+             return [state(st), doing(st.migrations[0], st)]")
+        .await;
+    assert_eq!(
+        settling,
+        json!([
+            [
+                "migrating",
+                "settling an interrupted migration",
+                "phase: verify"
+            ],
+            "interrupted, being settled by this daemon (at verify)"
+        ])
+    );
     b.close().await;
 
     stop.cancel();

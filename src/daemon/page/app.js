@@ -20,6 +20,9 @@ function state(st) {
   if (st.state === "migrating") {
     return ["migrating", "migrating", st.phase ? "phase: " + st.phase : ""];
   }
+  if (st.state === "recovering") {
+    return ["migrating", "settling an interrupted migration", st.phase ? "phase: " + st.phase : ""];
+  }
   if (/^cooling down/.test(st.last_decision || "")) {
     return ["cooldown", "cooldown", st.last_decision];
   }
@@ -127,13 +130,15 @@ function render(st) {
     $("timeline-chart").src = timelineUrl(newest.id);
     $("timeline-link").href = timelineUrl(newest.id);
   }
-  $("trigger").disabled = st.state === "migrating";
+  $("trigger").disabled = st.state === "migrating" || st.state === "recovering";
   // Past the repoint the daemon refuses an abort: say so instead of offering it.
   const running = st.migrations.length && !st.migrations[st.migrations.length - 1].outcome
     ? st.migrations[st.migrations.length - 1] : null;
   const past = running && running.cutover_started;
   $("abort").disabled = st.state !== "migrating" || !!past;
-  $("abort").title = past ? "past cutover: writers may use the target, so it cannot be rolled back" : "";
+  $("abort").title = st.state === "recovering"
+    ? "an interrupted migration is being settled: it cannot be aborted"
+    : past ? "past cutover: writers may use the target, so it cannot be rolled back" : "";
   text("updated", "updated " + new Date().toLocaleTimeString());
 }
 
@@ -143,6 +148,7 @@ function render(st) {
 function doing(m, st) {
   const last = st.migrations[st.migrations.length - 1];
   const at = m.current_phase ? " (at " + m.current_phase + ")" : "";
+  if (st.state === "recovering" && m === last) return "interrupted, being settled by this daemon" + at;
   if (st.state !== "migrating" || m !== last) return "not run by this daemon: a CLI's, or interrupted" + at;
   if (m.aborted_by) return "aborted by " + m.aborted_by + ": rolling back";
   if (m.current_phase) return "running (" + m.current_phase + ")";
